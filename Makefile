@@ -1,0 +1,26 @@
+# kvgate: `make test` sets up .venv and runs the tests; `make bench-store` runs the store
+# micro-benchmark. On a machine without an NVIDIA GPU the CPU build of torch is installed
+# first, so pip never pulls the multi-GB CUDA packages.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+CPU_TORCH ?= torch==2.13.0
+
+.PHONY: setup test bench-store
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	@if ! command -v nvidia-smi >/dev/null 2>&1; then \
+		echo "no NVIDIA GPU: installing the CPU build of torch ($(CPU_TORCH))"; \
+		$(PY) -m pip install -q "$(CPU_TORCH)" || \
+		$(PY) -m pip install -q "$(CPU_TORCH)" --index-url https://download.pytorch.org/whl/cpu; \
+	fi
+	$(PY) -m pip install -q -e ".[test]"
+	touch $@
+
+test: setup
+	$(PY) -m pytest -q
+
+bench-store: setup
+	$(PY) -m store.bench

@@ -1,0 +1,280 @@
+"""Radix index over block keys: which prefixes are cached, where, and what may be evicted.
+
+Every node is one full block. A node's children are keyed by their block key, and a node stores
+its own token ids, compared on every match, so a hash collision can never serve another
+prefix's KV. There is one tree per root key (model fingerprint + cache namespace).
+
+Placement: a node has a copy in any subset of {GPU, HOST, DISK}; its *fastest* tier is the
+lowest-numbered one. Invariants (checked by `check_integrity`):
+  - for every tier T, the nodes whose fastest copy is in T or faster form a prefix-closed set:
+    a parent is always at least as fast as its child, so a cached prefix has no hole;
+  - locks are path-closed: a locked node's parent is locked (sequences lock whole prefixes);
+  - a node without any copy exists only while locked (its disk copy failed to load while a
+    sequence held it); it matches nothing, and is dropped with its subtree when unlocked.
+Eviction is leaf-first: a copy in tier T may go when the node is unlocked and either a faster
+copy remains or no child has a copy in T or faster. Order: (priority, last_access) ascending.
+"""
+from __future__ import annotations
+
+import heapq
+import itertools
+from collections.abc import Iterator
+
+from store.keys import TOKEN_BYTES, chain_key
+from store.pool import Tier
+
+TIERS = (Tier.GPU, Tier.HOST, Tier.DISK)
+
+
+class Node:
+    """One cached block. Fields are written only by RadixIndex (placement, locks) and read by all."""
+    __slots__ = ("key", "token_bytes", "parent", "children", "gpu_slot", "host_slot", "on_disk",
+                 "lock_count", "last_access", "priority", "serial", "depth")
+
+    def __init__(self, key: bytes, token_bytes: bytes, parent: Node | None, priority: int,
+                 serial: int) -> None:
+        self.key = key
+        self.token_bytes = token_bytes   # the block's token ids, uint32 little-endian
+        self.parent = parent             # None only for a root
+        self.children: dict[bytes, Node] = {}
+        self.gpu_slot: int | None = None
+        self.host_slot: int | None = None
+        self.on_disk = False
+        self.lock_count = 0              # sequences (and in-flight loads) holding this block
+        self.last_access = 0             # index tick of the last match or commit
+        self.priority = priority         # retention priority: higher = kept longer
+        self.serial = serial             # creation order; breaks ties in eviction heaps
+        self.depth = -1 if parent is None else parent.depth + 1  # block index in the sequence
+
+    @property
+    def is_root(self) -> bool:
+        return self.parent is None
+
+    def has(self, tier: Tier) -> bool:
+        if tier is Tier.GPU:
+            return self.gpu_slot is not None
+        if tier is Tier.HOST:
+            return self.host_slot is not None
+        return self.on_disk
+
+    @property
+    def fastest(self) -> Tier | None:
+        """The fastest tier holding a copy, or None if there is none."""
+        if self.gpu_slot is not None:
+            return Tier.GPU
+        if self.host_slot is not None:
+            return Tier.HOST
+        return Tier.DISK if self.on_disk else None
+
+    def __repr__(self) -> str:
+        where = ",".join(t.name for t in TIERS if self.has(t)) or "-"
+        return f"Node({self.key.hex()[:8]} {where} lock={self.lock_count} prio={self.priority})"
+
+
+class RadixIndex:
+    """The tree of cached blocks, with lock counts, placement and evictable-leaf tracking."""
+
+    def __init__(self) -> None:
+        self.roots: dict[bytes, Node] = {}
+        self._tick = 0
+        self._serials = itertools.count()
+        self.num_nodes = 0
+        # per tier: copies held by unlocked nodes (cached) and by locked ones (locked)
+        self.num_cached = {t: 0 for t in TIERS}
+        self.num_locked = {t: 0 for t in TIERS}
+        # per tier: nodes whose copy in that tier may be evicted right now
+        self.evictable: dict[Tier, set[Node]] = {t: set() for t in TIERS}
+
+    # ---- lookup and insertion -------------------------------------------------------------
+
+    def tick(self) -> int:
+        self._tick += 1
+        return self._tick
+
+    def match(self, root_key: bytes, tokens: bytes, block_size: int, max_blocks: int) -> list[Node]:
+        """The longest chain of nodes with a copy whose keys and token ids match `tokens`.
+
+        `tokens` are `token_bytes`; keys are computed while walking, so a miss costs one hash.
+        Touches every matched node (LRU)."""
+        node = self.roots.get(root_key)
+        if node is None:
+            return []
+        step = block_size * TOKEN_BYTES
+        now = self.tick()
+        path = []
+        for start in range(0, min(max_blocks, len(tokens) // step) * step, step):
+            block = tokens[start:start + step]
+            child = node.children.get(chain_key(node.key, block))
+            if child is None or child.token_bytes != block or child.fastest is None:
+                break
+            child.last_access = now
+            path.append(child)
+            node = child
+        return path
+
+    def root(self, root_key: bytes) -> Node:
+        node = self.roots.get(root_key)
+        if node is None:
+            node = self.roots[root_key] = Node(root_key, b"", None, 0, next(self._serials))
+        return node
+
+    def insert(self, parent: Node, key: bytes, token_bytes: bytes, priority: int,
+               last_access: int | None = None) -> Node:
+        """A new node without copies under `parent`; the key must be free under it.
+        `last_access` restores an older access order (start-up scan); default: now."""
+        if key in parent.children:
+            raise KeyError(f"block {key.hex()} already indexed")
+        node = Node(key, token_bytes, parent, priority, next(self._serials))
+        if last_access is None:
+            last_access = self.tick()
+        self._tick = max(self._tick, last_access)
+        node.last_access = last_access
+        parent.children[key] = node
+        self.num_nodes += 1
+        return node
+
+    def remove(self, node: Node) -> None:
+        """Detach a leaf that has no copies and no locks."""
+        assert not node.children and node.fastest is None and not node.lock_count, node
+        parent = node.parent
+        assert parent is not None
+        del parent.children[node.key]
+        self.num_nodes -= 1
+        if parent.is_root and not parent.children:
+            del self.roots[parent.key]
+        else:
+            self._refresh(parent)
+
+    def subtree(self, node: Node) -> list[Node]:
+        """`node` and its descendants, children before parents."""
+        out, stack = [], [(node, False)]
+        while stack:
+            n, expanded = stack.pop()
+            if expanded:
+                out.append(n)
+            else:
+                stack.append((n, True))
+                stack.extend((c, False) for c in n.children.values())
+        return out
+
+    def nodes(self) -> Iterator[Node]:
+        for root in self.roots.values():
+            for n in self.subtree(root):
+                if not n.is_root:
+                    yield n
+
+    # ---- locks and placement ----------------------------------------------------------------
+
+    def raise_priority(self, nodes: list[Node], priority: int) -> None:
+        for n in nodes:
+            n.priority = max(n.priority, priority)
+
+    def lock(self, nodes: list[Node]) -> None:
+        for n in nodes:
+            if n.lock_count == 0:
+                self._move_counts(n, self.num_cached, self.num_locked)
+            n.lock_count += 1
+            self._refresh(n)
+
+    def unlock(self, nodes: list[Node]) -> None:
+        for n in nodes:
+            assert n.lock_count > 0, n
+            n.lock_count -= 1
+            if n.lock_count == 0:
+                self._move_counts(n, self.num_locked, self.num_cached)
+            self._refresh(n)
+
+    def set_gpu(self, node: Node, slot: int | None) -> None:
+        self._set(node, Tier.GPU, slot)
+
+    def set_host(self, node: Node, slot: int | None) -> None:
+        self._set(node, Tier.HOST, slot)
+
+    def set_disk(self, node: Node, on_disk: bool) -> None:
+        self._set(node, Tier.DISK, on_disk or None)
+
+    def _set(self, node: Node, tier: Tier, value: int | bool | None) -> None:
+        had = node.has(tier)
+        if tier is Tier.GPU:
+            node.gpu_slot = value
+        elif tier is Tier.HOST:
+            node.host_slot = value
+        else:
+            node.on_disk = bool(value)
+        delta = (value is not None) - had
+        if delta:
+            (self.num_locked if node.lock_count else self.num_cached)[tier] += delta
+        self._refresh(node)
+        if node.parent is not None and not node.parent.is_root:
+            self._refresh(node.parent)
+
+    def _move_counts(self, node: Node, src: dict[Tier, int], dst: dict[Tier, int]) -> None:
+        for t in TIERS:
+            if node.has(t):
+                src[t] -= 1
+                dst[t] += 1
+
+    # ---- eviction ---------------------------------------------------------------------------
+
+    def is_evictable(self, node: Node, tier: Tier, leaving: set[Node] | frozenset = frozenset()) -> bool:
+        """May `node`'s copy in `tier` go, if the nodes in `leaving` have left that tier?"""
+        if node.lock_count or node.is_root or not node.has(tier):
+            return False
+        fastest = node.fastest
+        if fastest < tier:
+            return True  # a faster copy stays: this one is redundant
+        return not any(c not in leaving and c.fastest is not None and c.fastest <= tier
+                       for c in node.children.values())
+
+    def _refresh(self, node: Node) -> None:
+        for t in TIERS:
+            if self.is_evictable(node, t):
+                self.evictable[t].add(node)
+            else:
+                self.evictable[t].discard(node)
+
+    def select_victims(self, tier: Tier, n: int) -> list[Node]:
+        """Up to `n` nodes whose copies in `tier` can go, in eviction order, leaf-first.
+
+        Pure: changes nothing. Victims come lowest priority first, then least recently used;
+        a parent becomes a candidate once all its children in the tier are chosen."""
+        key = lambda v: (v.priority, v.last_access, v.serial, v)  # noqa: E731
+        heap = [key(v) for v in self.evictable[tier]]
+        heapq.heapify(heap)
+        chosen: list[Node] = []
+        leaving: set[Node] = set()
+        while heap and len(chosen) < n:
+            victim = heapq.heappop(heap)[-1]
+            chosen.append(victim)
+            leaving.add(victim)
+            parent = victim.parent
+            if (parent not in leaving and parent not in self.evictable[tier]
+                    and self.is_evictable(parent, tier, leaving)):
+                heapq.heappush(heap, key(parent))
+        return chosen
+
+    # ---- invariants -------------------------------------------------------------------------
+
+    def check_integrity(self) -> None:
+        cached = {t: 0 for t in TIERS}
+        locked = {t: 0 for t in TIERS}
+        count = 0
+        for root in self.roots.values():
+            assert root.is_root and root.children, f"empty or detached root {root}"
+        for n in self.nodes():
+            count += 1
+            p = n.parent
+            assert p.children.get(n.key) is n, f"{n} not linked from its parent"
+            fastest = n.fastest
+            assert fastest is not None or n.lock_count, f"{n} has no copy and no lock"
+            if not p.is_root and fastest is not None and p.fastest is not None:
+                assert p.fastest <= fastest, f"{n} faster than parent {p}"
+            if n.lock_count:
+                assert p.is_root or p.lock_count, f"{n} locked under unlocked {p}"
+            for t in TIERS:
+                if n.has(t):
+                    (locked if n.lock_count else cached)[t] += 1
+                assert (n in self.evictable[t]) == self.is_evictable(n, t), f"{n} evictable[{t.name}]"
+        assert count == self.num_nodes, f"{count} nodes reachable, {self.num_nodes} counted"
+        assert cached == self.num_cached, f"cached copies {cached} != counted {self.num_cached}"
+        assert locked == self.num_locked, f"locked copies {locked} != counted {self.num_locked}"

@@ -1,0 +1,79 @@
+"""Shared helpers: a tiny block layout, stores on a temporary directory, and deterministic
+KV contents derived from each block's key, so a test can tell exactly which block it got."""
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+import torch
+
+from store import BlockLayout, BlockStore, SeqBlocks, StoreConfig, block_keys, token_bytes
+
+BS = 4  # tokens per block in the store tests
+LAYOUT = BlockLayout(num_layers=2, block_size=BS, num_kv_heads=2, head_dim=8, dtype=torch.float32)
+FINGERPRINT = "test-model-fp"
+
+
+def block_content(key: bytes, layout: BlockLayout = LAYOUT) -> torch.Tensor:
+    """The KV a block with this key holds in these tests: random, but a function of the key."""
+    g = torch.Generator().manual_seed(int.from_bytes(key[:8], "little") >> 1)
+    return torch.randn(layout.block_shape, generator=g).to(layout.dtype)
+
+
+def prefix_keys(store: BlockStore, seq: SeqBlocks, tokens: list[int]) -> list[bytes]:
+    return block_keys(seq.root, token_bytes(tokens), store.block_size)
+
+
+def write_kv(store: BlockStore, seq: SeqBlocks, tokens: list[int]) -> None:
+    """Stand-in for a forward pass: fill the blocks that were not cached."""
+    keys = prefix_keys(store, seq, tokens)
+    first = seq.num_cached_tokens // store.block_size
+    for i in range(first, len(seq.slots)):
+        key = keys[i] if i < len(keys) else b"partial-block-%d" % i
+        store.gpu.tensor[seq.slots[i]] = block_content(key, store.layout).to(store.device)
+
+
+def assert_cached_kv(store: BlockStore, seq: SeqBlocks, tokens: list[int]) -> None:
+    """Every cached block of `seq` holds exactly the KV computed for its prefix."""
+    keys = prefix_keys(store, seq, tokens)
+    for i in range(seq.num_cached_tokens // store.block_size):
+        got = store.gpu.tensor[seq.slots[i]].cpu()
+        assert torch.equal(got, block_content(keys[i], store.layout)), f"block {i} holds wrong KV"
+
+
+def make_store(tmp_path=None, gpu: int = 8, host: int = 0, disk_blocks: int = 0,
+               layout: BlockLayout = LAYOUT, **kw) -> BlockStore:
+    disk = {}
+    if disk_blocks:
+        value = layout.block_bytes + 256 + 4 * layout.block_size
+        disk = dict(disk_path=str(tmp_path / "kv"), disk_max_bytes=disk_blocks * value)
+    cfg = StoreConfig(block_size=layout.block_size, gpu_blocks=gpu, host_blocks=host, **disk)
+    return BlockStore(cfg, layout, kw.pop("fingerprint", FINGERPRINT), **kw)
+
+
+def run_request(store: BlockStore, seq_id, tokens: list[int], priority: int = 0) -> SeqBlocks:
+    """Admit, check cached KV, 'compute' the rest, commit, release; integrity after each."""
+    seq = store.admit(seq_id, store.root_key(), tokens, priority)
+    assert_cached_kv(store, seq, tokens)
+    write_kv(store, seq, tokens)
+    store.commit(seq_id, tokens)
+    store.check_integrity()
+    store.release(seq_id)
+    store.check_integrity()
+    return seq
+
+
+@pytest.fixture
+def store_factory(tmp_path) -> Iterator:
+    made: list[BlockStore] = []
+
+    def factory(**kw) -> BlockStore:
+        s = make_store(tmp_path, **kw)
+        made.append(s)
+        return s
+    yield factory
+    for s in made:
+        s.close()
+
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
