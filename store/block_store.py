@@ -291,8 +291,11 @@ class BlockStore:
         """Demote `n` GPU blocks to the host tier in one batched copy (or drop them if the host
         tier has no room: the copy was only a cache)."""
         victims = self.index.select_victims(Tier.GPU, n)
-        need_host = [v for v in victims if v.host_slot is None]
-        host_slots = self._reserve_host(len(need_host))
+        # parents first: if the host tier has too little room, the deepest blocks miss out,
+        # so a parent is never slower than its child
+        need_host = sorted((v for v in victims if v.host_slot is None), key=lambda v: v.depth)
+        # the victims' own host copies must survive making room for the others
+        host_slots = self._reserve_host(len(need_host), keep=set(victims))
         moved = need_host[:len(host_slots)]
         self.copier.to_host([v.gpu_slot for v in moved], host_slots)
         for v, slot in zip(moved, host_slots):
@@ -302,50 +305,54 @@ class BlockStore:
             self.index.set_gpu(v, None)
         self.gpu.free(freed)
         self.counters[Tier.GPU].evictions += len(victims)
-        for v in need_host[len(host_slots):]:
-            if v.fastest is None and v.parent is not None:
+        for v in reversed(need_host[len(host_slots):]):  # no room on the host for these
+            if v.fastest is None:
                 self._forget(v)
+            else:  # only on disk now: no descendant may stay faster than it
+                self._demote_from_host([d for d in self.index.subtree(v)
+                                        if d is not v and d.host_slot is not None])
 
-    def _reserve_host(self, n: int) -> list[int]:
-        """Up to `n` host slots, evicting host blocks (to disk) to make room."""
+    def _reserve_host(self, n: int, keep: set[Node] | frozenset = frozenset()) -> list[int]:
+        """Up to `n` host slots, evicting host blocks (to disk), except those in `keep`."""
         if n > self.host.num_free:
-            self._evict_host(n - self.host.num_free)
+            self._demote_from_host(self.index.select_victims(Tier.HOST, n - self.host.num_free, keep))
         return self.host.allocate(min(n, self.host.num_free))
 
-    def _evict_host(self, n: int) -> None:
-        victims = self.index.select_victims(Tier.HOST, n)
+    def _demote_from_host(self, victims: list[Node]) -> None:
+        """Remove the host copies of `victims` (children before parents), writing those that
+        have no other copy to disk, and dropping those that then have no copy at all."""
         to_disk = [v for v in victims if not v.on_disk and v.gpu_slot is None]
         if to_disk and self.disk is not None:
-            self._make_disk_room(len(to_disk) * self.disk.value_bytes)
+            self._make_disk_room(len(to_disk) * self.disk.value_bytes, keep=set(victims))
             self.copier.host_ready()  # the host copies must have landed before we read them
             for v in to_disk:
-                self._write_to_disk(v)
+                self._write_to_disk(v, self.host.tensor[v.host_slot])
         for v in victims:
             slot = v.host_slot
             self.index.set_host(v, None)
             self.host.free([slot])
         self.counters[Tier.HOST].evictions += len(victims)
         for v in victims:
-            if v.fastest is None and v.parent is not None:
+            if v.fastest is None:
                 self._forget(v)
 
-    def _write_to_disk(self, node: Node) -> bool:
+    def _write_to_disk(self, node: Node, kv: torch.Tensor) -> bool:
+        """Queue `node`'s record (`kv` is its block, in host memory) if the tier has room."""
         disk = self.disk
         if node.key in self._disk_nodes:  # another node under a colliding key holds the record
             return False
-        value = disk.encode(node.parent.key, node.token_bytes, node.depth, node.priority,
-                            self.host.tensor[node.host_slot])
+        value = disk.encode(node.parent.key, node.token_bytes, node.depth, node.priority, kv)
         if disk.used_bytes + len(value) > disk.max_bytes or not disk.put(node.key, value):
             return False
         self.index.set_disk(node, True)
         self._disk_nodes[node.key] = node
         return True
 
-    def _make_disk_room(self, nbytes: int) -> None:
+    def _make_disk_room(self, nbytes: int, keep: set[Node]) -> None:
         excess = self.disk.used_bytes + nbytes - self.disk.max_bytes
         if excess <= 0:
             return
-        victims = self.index.select_victims(Tier.DISK, math.ceil(excess / self.disk.value_bytes))
+        victims = self.index.select_victims(Tier.DISK, math.ceil(excess / self.disk.value_bytes), keep)
         for v in victims:
             self._lose_disk_copy(v)
         self.counters[Tier.DISK].evictions += len(victims)
@@ -368,7 +375,10 @@ class BlockStore:
                 self._lose_disk_copy(node)
 
     def _forget(self, node: Node) -> None:
-        """Remove an unlocked node and its subtree from the index and every tier."""
+        """Remove an unlocked node and its subtree from the index and every tier (if still
+        there: forgetting an ancestor already removed it)."""
+        if node.parent.children.get(node.key) is not node:
+            return
         for n in self.index.subtree(node):
             assert n.lock_count == 0, n
             if n.gpu_slot is not None:
@@ -387,8 +397,7 @@ class BlockStore:
     def _unlock(self, nodes: list[Node]) -> None:
         self.index.unlock(nodes)
         for n in reversed(nodes):  # a load that failed under a lock left a node with no copy
-            if n.fastest is None and n.lock_count == 0 and n.parent is not None and \
-                    n.parent.children.get(n.key) is n:
+            if n.fastest is None and n.lock_count == 0:
                 self._forget(n)
 
     # ---- restart ----------------------------------------------------------------------------
@@ -406,6 +415,26 @@ class BlockStore:
             log.info("disk tier %s: %d cached blocks restored", self.disk.path, len(entries))
 
     # ---- lifecycle, stats, invariants ---------------------------------------------------------
+
+    def persist(self) -> int:
+        """Queue every cached block not yet on disk for writing, shallowest first (a record
+        whose parent is not on disk is useless after a restart), until the tier is full.
+        For a graceful shutdown: blocks the caller while GPU blocks are copied to host memory.
+        Returns the number of blocks queued; `flush` or `close` writes them."""
+        if self.disk is None:
+            return 0
+        todo = sorted((n for n in self.index.nodes() if not n.on_disk and n.fastest is not None),
+                      key=lambda n: (n.depth, -n.priority, -n.last_access))
+        self.copier.host_ready()
+        written = 0
+        for n in todo:
+            if not (n.parent.is_root or n.parent.on_disk):
+                continue  # its prefix did not fit
+            if self.disk.used_bytes + self.disk.value_bytes > self.disk.max_bytes:
+                break
+            kv = self.host.tensor[n.host_slot] if n.host_slot is not None else self.gpu.tensor[n.gpu_slot].cpu()
+            written += self._write_to_disk(n, kv)
+        return written
 
     async def flush(self) -> None:
         """Wait until every queued disk write has reached LMDB."""

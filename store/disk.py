@@ -239,12 +239,20 @@ class DiskTier:
         """Start the background flusher if an event loop runs here (else `flush` does it)."""
         if self._flusher is None or self._flusher.done():
             try:
-                self._flusher = asyncio.get_running_loop().create_task(self.flush())
+                self._flusher = asyncio.get_running_loop().create_task(self._drain())
             except RuntimeError:
                 pass
 
     async def flush(self) -> None:
-        """Write every queued operation to LMDB."""
+        """Write every queued operation to LMDB (and let the background flusher finish)."""
+        while self._ops or (self._flusher is not None and not self._flusher.done()):
+            if self._flusher is not None and not self._flusher.done():
+                await asyncio.shield(self._flusher)
+            else:
+                await self._drain()
+
+    async def _drain(self) -> None:
+        # Several drains may overlap; batches still reach the one I/O thread in queue order.
         loop = asyncio.get_running_loop()
         while self._ops:
             batch = self._take_batch()

@@ -11,8 +11,9 @@ lowest-numbered one. Invariants (checked by `check_integrity`):
   - locks are path-closed: a locked node's parent is locked (sequences lock whole prefixes);
   - a node without any copy exists only while locked (its disk copy failed to load while a
     sequence held it); it matches nothing, and is dropped with its subtree when unlocked.
-Eviction is leaf-first: a copy in tier T may go when the node is unlocked and either a faster
-copy remains or no child has a copy in T or faster. Order: (priority, last_access) ascending.
+Eviction is leaf-first: a copy in tier T may go when a faster copy remains (it is redundant), or
+when the node is unlocked and no child has a copy in T or faster. A lock pins only the fastest
+copy. Order: (priority, last_access) ascending.
 """
 from __future__ import annotations
 
@@ -79,7 +80,7 @@ class RadixIndex:
         self._tick = 0
         self._serials = itertools.count()
         self.num_nodes = 0
-        # per tier: copies held by unlocked nodes (cached) and by locked ones (locked)
+        # per tier: copies pinned by a lock (locked) and all others (cached)
         self.num_cached = {t: 0 for t in TIERS}
         self.num_locked = {t: 0 for t in TIERS}
         # per tier: nodes whose copy in that tier may be evicted right now
@@ -171,17 +172,17 @@ class RadixIndex:
 
     def lock(self, nodes: list[Node]) -> None:
         for n in nodes:
-            if n.lock_count == 0:
-                self._move_counts(n, self.num_cached, self.num_locked)
+            self._count(n, -1)
             n.lock_count += 1
+            self._count(n, +1)
             self._refresh(n)
 
     def unlock(self, nodes: list[Node]) -> None:
         for n in nodes:
             assert n.lock_count > 0, n
+            self._count(n, -1)
             n.lock_count -= 1
-            if n.lock_count == 0:
-                self._move_counts(n, self.num_locked, self.num_cached)
+            self._count(n, +1)
             self._refresh(n)
 
     def set_gpu(self, node: Node, slot: int | None) -> None:
@@ -194,35 +195,38 @@ class RadixIndex:
         self._set(node, Tier.DISK, on_disk or None)
 
     def _set(self, node: Node, tier: Tier, value: int | bool | None) -> None:
-        had = node.has(tier)
+        self._count(node, -1)
         if tier is Tier.GPU:
             node.gpu_slot = value
         elif tier is Tier.HOST:
             node.host_slot = value
         else:
             node.on_disk = bool(value)
-        delta = (value is not None) - had
-        if delta:
-            (self.num_locked if node.lock_count else self.num_cached)[tier] += delta
+        self._count(node, +1)
         self._refresh(node)
         if node.parent is not None and not node.parent.is_root:
             self._refresh(node.parent)
 
-    def _move_counts(self, node: Node, src: dict[Tier, int], dst: dict[Tier, int]) -> None:
+    @staticmethod
+    def is_pinned(node: Node, tier: Tier) -> bool:
+        """A lock pins a node's fastest copy only; slower copies are redundant while it lasts."""
+        return node.lock_count > 0 and tier == node.fastest
+
+    def _count(self, node: Node, sign: int) -> None:
         for t in TIERS:
             if node.has(t):
-                src[t] -= 1
-                dst[t] += 1
+                (self.num_locked if self.is_pinned(node, t) else self.num_cached)[t] += sign
 
     # ---- eviction ---------------------------------------------------------------------------
 
     def is_evictable(self, node: Node, tier: Tier, leaving: set[Node] | frozenset = frozenset()) -> bool:
         """May `node`'s copy in `tier` go, if the nodes in `leaving` have left that tier?"""
-        if node.lock_count or node.is_root or not node.has(tier):
+        if node.is_root or not node.has(tier):
             return False
-        fastest = node.fastest
-        if fastest < tier:
-            return True  # a faster copy stays: this one is redundant
+        if node.fastest < tier:
+            return True  # a faster copy stays: this one is redundant, locked or not
+        if node.lock_count:
+            return False
         return not any(c not in leaving and c.fastest is not None and c.fastest <= tier
                        for c in node.children.values())
 
@@ -233,13 +237,14 @@ class RadixIndex:
             else:
                 self.evictable[t].discard(node)
 
-    def select_victims(self, tier: Tier, n: int) -> list[Node]:
-        """Up to `n` nodes whose copies in `tier` can go, in eviction order, leaf-first.
+    def select_victims(self, tier: Tier, n: int, keep: set[Node] | frozenset = frozenset()) -> list[Node]:
+        """Up to `n` nodes whose copies in `tier` can go, in eviction order, leaf-first,
+        never one in `keep`.
 
         Pure: changes nothing. Victims come lowest priority first, then least recently used;
         a parent becomes a candidate once all its children in the tier are chosen."""
         key = lambda v: (v.priority, v.last_access, v.serial, v)  # noqa: E731
-        heap = [key(v) for v in self.evictable[tier]]
+        heap = [key(v) for v in self.evictable[tier] if v not in keep]
         heapq.heapify(heap)
         chosen: list[Node] = []
         leaving: set[Node] = set()
@@ -248,7 +253,7 @@ class RadixIndex:
             chosen.append(victim)
             leaving.add(victim)
             parent = victim.parent
-            if (parent not in leaving and parent not in self.evictable[tier]
+            if (parent not in leaving and parent not in self.evictable[tier] and parent not in keep
                     and self.is_evictable(parent, tier, leaving)):
                 heapq.heappush(heap, key(parent))
         return chosen
@@ -273,7 +278,7 @@ class RadixIndex:
                 assert p.is_root or p.lock_count, f"{n} locked under unlocked {p}"
             for t in TIERS:
                 if n.has(t):
-                    (locked if n.lock_count else cached)[t] += 1
+                    (locked if self.is_pinned(n, t) else cached)[t] += 1
                 assert (n in self.evictable[t]) == self.is_evictable(n, t), f"{n} evictable[{t.name}]"
         assert count == self.num_nodes, f"{count} nodes reachable, {self.num_nodes} counted"
         assert cached == self.num_cached, f"cached copies {cached} != counted {self.num_cached}"

@@ -1,0 +1,154 @@
+"""A Hypothesis state machine over the whole store: random admissions (with shared prefixes),
+commits, decode steps, releases, prefetches, flushes, corrupted disk records and restarts.
+After every step `check_integrity()` holds, and every cached block a sequence is given holds
+exactly the KV computed for its prefix, whichever tiers it travelled through."""
+import asyncio
+import itertools
+
+import hypothesis.strategies as st
+from hypothesis import HealthCheck, settings
+from hypothesis.stateful import Bundle, RuleBasedStateMachine, invariant, precondition, rule
+
+from store import OutOfBlocks, Tier
+from tests.conftest import BS, assert_cached_kv, make_store, write_kv
+
+# A few shared "system prompts" of different lengths, so requests hit each other's prefixes.
+BASES = [[7] * (3 * BS), [7] * BS + [8] * (2 * BS), [9] * (2 * BS + 1), []]
+# a suffix from a seed: Hypothesis' small examples would otherwise all be zeros
+FRESH = st.builds(lambda base, seed, n: base + [(seed * 31 + i * 7) % 97 for i in range(n)] or [1],
+                  st.sampled_from(BASES), st.integers(0, 1000), st.integers(0, 3 * BS))
+
+
+class StoreMachine(RuleBasedStateMachine):
+    prompts = Bundle("prompts")   # prompts seen before, so later rules can hit their KV
+
+    def __init__(self) -> None:
+        super().__init__()
+        import tempfile
+        from pathlib import Path
+        self.tmp = tempfile.TemporaryDirectory()
+        self.path = Path(self.tmp.name)
+        self.loop = asyncio.new_event_loop()
+        self.store = self._open()
+        self.tokens: dict[int, list[int]] = {}   # running sequences
+        self.ids = itertools.count()
+        self.admitted_since_restart = 0
+
+    def _open(self):
+        return make_store(self.path, gpu=7, host=4, disk_blocks=10)
+
+    def teardown(self) -> None:
+        self.loop.run_until_complete(self.store.flush())
+        self.store.close()
+        self.loop.close()
+        self.tmp.cleanup()
+
+    @rule(target=prompts, tokens=st.one_of(FRESH, prompts), priority=st.integers(0, 2))
+    def admit(self, tokens, priority):
+        tokens = list(tokens)
+        seq_id = next(self.ids)
+        self.admitted_since_restart += 1
+        before = self.store.stats()
+        try:
+            seq = self.store.admit(seq_id, self.store.root_key(), tokens, priority,
+                                   max_cached_tokens=len(tokens) - 1)
+        except OutOfBlocks:
+            assert self.store.stats() == before, "a failed admission changed the store"
+            return tuple(tokens)
+        assert_cached_kv(self.store, seq, tokens)
+        write_kv(self.store, seq, tokens)
+        self.tokens[seq_id] = tokens
+        return tuple(tokens)
+
+    @rule(target=prompts, tokens=st.one_of(FRESH, prompts), priority=st.integers(0, 2))
+    def request(self, tokens, priority):
+        """A whole short request: admit, compute, commit, release."""
+        tokens = self.admit(tokens, priority)
+        seq_id = max(self.tokens, default=None)
+        if seq_id is not None and self.tokens[seq_id] == list(tokens):
+            self.store.commit(seq_id, self.tokens.pop(seq_id))
+            self.store.release(seq_id)
+        return tokens
+
+    @precondition(lambda self: self.tokens)
+    @rule(data=st.data())
+    def commit_some(self, data):
+        seq_id = data.draw(st.sampled_from(sorted(self.tokens)))
+        tokens = self.tokens[seq_id]
+        self.store.commit(seq_id, tokens, data.draw(st.integers(0, len(tokens))))
+
+    @precondition(lambda self: self.tokens)
+    @rule(data=st.data(), token=st.integers(0, 3))
+    def decode_step(self, data, token):
+        seq_id = data.draw(st.sampled_from(sorted(self.tokens)))
+        tokens = self.tokens[seq_id]
+        try:
+            self.store.grow(seq_id, len(tokens) + 1)
+        except OutOfBlocks:
+            return
+        tokens.append(token)
+        write_kv(self.store, self.store._seqs[seq_id], tokens)
+        self.store.commit(seq_id, tokens)
+
+    @precondition(lambda self: self.tokens)
+    @rule(data=st.data())
+    def release(self, data):
+        seq_id = data.draw(st.sampled_from(sorted(self.tokens)))
+        self.store.commit(seq_id, self.tokens.pop(seq_id))
+        self.store.release(seq_id)
+
+    @rule(tokens=prompts)
+    def prefetch(self, tokens):
+        match = self.store.match(self.store.root_key(), list(tokens))
+        before = sum(t is Tier.DISK for t in match.tiers)
+        loaded = self.loop.run_until_complete(self.store.prefetch(match))
+        assert 0 <= loaded <= before
+
+    @rule()
+    def flush(self):
+        self.loop.run_until_complete(self.store.flush())
+
+    @precondition(lambda self: self.store.disk.sizes)
+    @rule(data=st.data())
+    def corrupt_a_record(self, data):
+        self.loop.run_until_complete(self.store.flush())
+        key = data.draw(st.sampled_from(sorted(self.store.disk.sizes)))
+
+        def flip(env=self.store.disk._env):  # on the disk tier's I/O thread
+            with env.begin(write=True) as txn:
+                value = bytearray(txn.get(key))
+                value[-1] ^= 0x55
+                txn.put(key, bytes(value))
+        self.store.disk._io.submit(flip).result()
+
+    @precondition(lambda self: not self.tokens and self.admitted_since_restart >= 8)
+    @rule(graceful=st.booleans())
+    def restart(self, graceful):
+        if graceful:
+            self.store.persist()
+        self.loop.run_until_complete(self.store.flush())
+        # records survive if their whole prefix is on disk; the scan deletes the others
+        survivors = {n.key for n in self.store.index.nodes()
+                     if all(a.on_disk for a in _ancestors_and_self(n))}
+        self.store.close()
+        self.store = self._open()
+        self.admitted_since_restart = 0
+        assert set(self.store.disk.sizes) == survivors, "the restart lost or invented records"
+
+    @invariant()
+    def integrity(self):
+        self.store.check_integrity()
+        if not self.tokens:
+            for t in (Tier.GPU, Tier.HOST):
+                assert self.store.stats().tiers[t].locked == 0, "blocks leaked"
+
+
+def _ancestors_and_self(node):
+    while not node.is_root:
+        yield node
+        node = node.parent
+
+
+StoreMachine.TestCase.settings = settings(max_examples=60, stateful_step_count=50, deadline=None,
+                                          suppress_health_check=[HealthCheck.too_slow])
+TestStoreMachine = StoreMachine.TestCase
