@@ -42,10 +42,10 @@ class StoreConfig:
     host_blocks: int = 0
     disk_path: str = ""
     disk_max_bytes: int = 0
-    staging_blocks: int = 32      # blocks per host<->GPU copy batch through the staging buffer
+    staging_bytes: int = 64 << 20  # GPU staging buffer for copies to/from scattered GPU slots
 
     def __post_init__(self) -> None:
-        for name in ("block_size", "gpu_blocks", "staging_blocks"):
+        for name in ("block_size", "gpu_blocks", "staging_bytes"):
             if getattr(self, name) < 1:
                 raise ValueError(f"store.{name} must be >= 1, got {getattr(self, name)}")
         if self.host_blocks < 0:
@@ -110,7 +110,7 @@ class BlockStore:
         pin = self.device.type == "cuda"
         self.gpu = BlockPool(Tier.GPU, layout, config.gpu_blocks, self.device)
         self.host = BlockPool(Tier.HOST, layout, config.host_blocks, "cpu", pin_memory=pin)
-        self.copier = BlockCopier(self.gpu, self.host, config.staging_blocks, compute_stream)
+        self.copier = BlockCopier(self.gpu, self.host, config.staging_bytes, compute_stream)
         self.index = RadixIndex()
         self.counters = {t: TierCounters() for t in TIERS}
         self.misses = 0                    # prompt blocks not found in any tier at admission

@@ -40,13 +40,13 @@ def slot_runs(slots: list[int]) -> list[tuple[int, int, int]]:
 class BlockCopier:
     """Moves blocks between `host` and `gpu` pools in batches, off the compute stream."""
 
-    def __init__(self, gpu: BlockPool, host: BlockPool, staging_blocks: int = 32,
+    def __init__(self, gpu: BlockPool, host: BlockPool, staging_bytes: int = 64 << 20,
                  compute_stream: torch.cuda.Stream | None = None) -> None:
         self.gpu = gpu
         self.host = host
         self.device = gpu.tensor.device
         self.is_cuda = self.device.type == "cuda"
-        staging_blocks = max(1, min(staging_blocks, gpu.num_blocks))
+        staging_blocks = max(1, min(staging_bytes // gpu.layout.block_bytes, gpu.num_blocks))
         # [staging_blocks, num_layers, 2, block_size, num_kv_heads, head_dim], on the GPU side
         self._staging = torch.empty((staging_blocks, *gpu.layout.block_shape),
                                     dtype=gpu.layout.dtype, device=self.device)
@@ -60,8 +60,9 @@ class BlockCopier:
     def to_gpu(self, host_slots: list[int], gpu_slots: list[int]) -> None:
         """Queue copies host_slots[i] -> gpu_slots[i]."""
         with self._batch():
-            for h, g in self._chunks(host_slots, gpu_slots):
-                if _consecutive(g):
+            index = None if _consecutive(gpu_slots) else self._index(gpu_slots)
+            for start, h, g in self._chunks(host_slots, gpu_slots):
+                if index is None or _consecutive(g):
                     for pos, first, n in slot_runs(h):
                         self.gpu.tensor[g[0] + pos:g[0] + pos + n].copy_(
                             self.host.tensor[first:first + n], non_blocking=True)
@@ -69,17 +70,18 @@ class BlockCopier:
                 staging = self._staging[:len(g)]
                 for pos, first, n in slot_runs(h):
                     staging[pos:pos + n].copy_(self.host.tensor[first:first + n], non_blocking=True)
-                self.gpu.tensor.index_copy_(0, self._index(g), staging)
+                self.gpu.tensor.index_copy_(0, index[start:start + len(g)], staging)
 
     def to_host(self, gpu_slots: list[int], host_slots: list[int]) -> None:
         """Queue copies gpu_slots[i] -> host_slots[i]."""
         with self._batch():
-            for g, h in self._chunks(gpu_slots, host_slots):
-                if _consecutive(g):
+            index = None if _consecutive(gpu_slots) else self._index(gpu_slots)
+            for start, g, h in self._chunks(gpu_slots, host_slots):
+                if index is None or _consecutive(g):
                     source = self.gpu.tensor[g[0]:g[0] + len(g)]
                 else:
                     source = self._staging[:len(g)]
-                    torch.index_select(self.gpu.tensor, 0, self._index(g), out=source)
+                    torch.index_select(self.gpu.tensor, 0, index[start:start + len(g)], out=source)
                 for pos, first, n in slot_runs(h):
                     self.host.tensor[first:first + n].copy_(source[pos:pos + n], non_blocking=True)
 
@@ -115,16 +117,22 @@ class BlockCopier:
         self._last.record(self._side)
         self._compute.wait_event(self._last)
 
-    def _chunks(self, a: list[int], b: list[int]) -> Iterator[tuple[list[int], list[int]]]:
+    def _chunks(self, a: list[int], b: list[int]) -> Iterator[tuple[int, list[int], list[int]]]:
+        """(offset, a chunk, b chunk): pieces that fit the staging buffer."""
         assert len(a) == len(b)
         step = self._staging.shape[0]
         for i in range(0, len(a), step):
-            yield a[i:i + step], b[i:i + step]
+            yield i, a[i:i + step], b[i:i + step]
 
     def _index(self, slots: list[int]) -> torch.Tensor:
-        return torch.tensor(slots, dtype=torch.long).to(self.device, non_blocking=True)
+        """`slots` as a device tensor, uploaded once per batch from pinned memory (a pageable
+        upload would synchronize the stream)."""
+        index = torch.tensor(slots, dtype=torch.long)
+        if self.is_cuda:
+            index = index.pin_memory()
+        return index.to(self.device, non_blocking=True)
 
 
 def _consecutive(slots: list[int]) -> bool:
-    return slots[-1] - slots[0] == len(slots) - 1 and all(
-        b == a + 1 for a, b in zip(slots, slots[1:]))
+    return not slots or (slots[-1] - slots[0] == len(slots) - 1 and all(
+        b == a + 1 for a, b in zip(slots, slots[1:])))

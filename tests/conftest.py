@@ -2,6 +2,7 @@
 KV contents derived from each block's key, so a test can tell exactly which block it got."""
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 
 import pytest
@@ -74,6 +75,12 @@ def store_factory(tmp_path) -> Iterator:
     yield factory
     for s in made:
         s.close()
+
+
+def child_env() -> dict[str, str]:
+    """The environment for a child Python that imports this repository (and what we import)."""
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (repo, os.environ.get("PYTHONPATH")) if p)}
 
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

@@ -14,7 +14,7 @@ import torch
 from store import BlockLayout, DiskTierError, Tier
 from store.disk import DiskTier
 from store.keys import chain_key, token_bytes
-from tests.conftest import BS, FINGERPRINT, LAYOUT, assert_cached_kv, make_store, run_request
+from tests.conftest import child_env, BS, FINGERPRINT, LAYOUT, assert_cached_kv, make_store, run_request
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -200,7 +200,7 @@ def test_full_disk_is_counted_and_the_store_keeps_serving(tmp_path):
     the limit does not touch pytest's own files)."""
     script = textwrap.dedent(f"""
         import asyncio, resource, signal, pathlib
-        from tests.conftest import make_store, run_request
+        from tests.conftest import child_env, make_store, run_request
         from tests.test_store_disk import prompt
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)      # a write past the limit gets EFBIG
         resource.setrlimit(resource.RLIMIT_FSIZE, (48 * 1024, 48 * 1024))
@@ -219,7 +219,7 @@ def test_full_disk_is_counted_and_the_store_keeps_serving(tmp_path):
         asyncio.run(main())
     """)
     out = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True,
-                         env={**os.environ, "PYTHONPATH": REPO}, timeout=120)
+                         env=child_env(), timeout=120)
     assert out.returncode == 0, out.stderr[-3000:]
     words = out.stdout.split()
     assert words[-1] == "ok"

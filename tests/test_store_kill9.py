@@ -8,13 +8,13 @@ import sys
 import textwrap
 
 from store import Tier
-from tests.conftest import BS, assert_cached_kv, make_store
+from tests.conftest import child_env, BS, assert_cached_kv, make_store
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 WRITER = textwrap.dedent("""
     import asyncio, pathlib, sys
-    from tests.conftest import make_store, run_request
+    from tests.conftest import child_env, make_store, run_request
     from tests.test_store_kill9 import prompt
 
     async def main(path, first):
@@ -38,7 +38,7 @@ async def test_killed_writer_never_leaves_a_block_that_is_served_wrong(tmp_path)
     for round_ in range(4):
         first = round_ * 10_000
         child = subprocess.Popen([sys.executable, "-c", WRITER, str(tmp_path), str(first)], cwd=REPO,
-                                 env={**os.environ, "PYTHONPATH": REPO}, stdout=subprocess.PIPE, text=True)
+                                 env=child_env(), stdout=subprocess.PIPE, text=True)
         for _ in range(rng.randint(3, 12)):   # let it write a while, then kill it mid-stream
             last = int(child.stdout.readline())
         child.send_signal(signal.SIGKILL)

@@ -49,7 +49,7 @@ def test_slot_runs():
 def _copier(device, staging=3):
     gpu = BlockPool(Tier.GPU, LAYOUT, 16, device)
     host = BlockPool(Tier.HOST, LAYOUT, 16, "cpu", pin_memory=device != "cpu")
-    return gpu, host, BlockCopier(gpu, host, staging_blocks=staging)
+    return gpu, host, BlockCopier(gpu, host, staging_bytes=staging * LAYOUT.block_bytes)
 
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])

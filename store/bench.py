@@ -1,0 +1,157 @@
+"""Store micro-benchmark: hashing and matching, host<->GPU block copies, LMDB throughput.
+
+    python -m store.bench                      # the 8B shape, GPU if there is one
+    python -m store.bench --layout tiny --copy-blocks 256 --json out.json
+
+Reports medians of repeated runs. Copies: "batched" is the store's copier (runs of
+consecutive host slots in one copy each, GPU side gathered through a staging buffer);
+"per-block" is one copy per block. "scattered" GPU slots are a random permutation.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import random
+import statistics
+import tempfile
+import time
+
+import torch
+
+from store.block_store import BlockStore, StoreConfig
+from store.copier import BlockCopier
+from store.disk import DiskTier
+from store.keys import block_keys, chain_key, token_bytes
+from store.pool import BlockLayout, BlockPool, Tier
+
+LAYOUTS = {  # name -> (num_layers, block_size, num_kv_heads, head_dim, dtype)
+    "llama3-8b": (32, 16, 8, 128, torch.bfloat16),   # 2 MiB per 16-token block
+    "tiny": (4, 16, 2, 32, torch.float32),           # the CPU test model: 32 KiB per block
+}
+
+
+def median_s(fn, repeat: int, sync=lambda: None) -> float:
+    fn()
+    sync()
+    times = []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def bench_hashing(layout: BlockLayout, tokens: int, repeat: int) -> list[tuple[str, str]]:
+    ids = [random.randrange(128256) for _ in range(tokens)]
+    root = chain_key(b"\0" * 16, b"bench")
+    store = BlockStore(StoreConfig(block_size=layout.block_size, gpu_blocks=tokens // layout.block_size + 1),
+                       BlockLayout(1, layout.block_size, 1, 1, torch.float32), "bench", device="cpu")
+    seq = store.admit(0, root, ids)
+    store.commit(0, ids)
+    store.release(0)
+    t_hash = median_s(lambda: block_keys(root, token_bytes(ids), layout.block_size), repeat)
+    t_match = median_s(lambda: store.match(root, ids), repeat)
+    assert len(store.match(root, ids).nodes) == len(seq.slots) - (tokens % layout.block_size > 0)
+    return [(f"hash {tokens} tokens (list -> keys)", f"{t_hash * 1e3:.3f} ms"),
+            (f"match {tokens} tokens, full hit ({tokens // layout.block_size} blocks)", f"{t_match * 1e3:.3f} ms")]
+
+
+def bench_copies(layout: BlockLayout, n: int, device: str, repeat: int) -> list[tuple[str, str]]:
+    cuda = device == "cuda"
+    gpu = BlockPool(Tier.GPU, layout, n, device)
+    host = BlockPool(Tier.HOST, layout, n, "cpu", pin_memory=cuda)
+    copier = BlockCopier(gpu, host)
+    host.tensor.copy_(torch.randn(host.tensor.shape).to(layout.dtype))
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    nbytes = n * layout.block_bytes
+    contiguous = list(range(n))
+    scattered = random.sample(contiguous, n)
+    rows = []
+    for name, slots in (("contiguous", contiguous), ("scattered", scattered)):
+        for direction, batched, per_block in (
+                ("host->gpu", copier.to_gpu, copier.per_block_to_gpu),
+                ("gpu->host", copier.to_host, copier.per_block_to_host)):
+            src, dst = (contiguous, slots) if direction == "host->gpu" else (slots, contiguous)
+            tb = median_s(lambda: batched(src, dst), repeat, sync)
+            tp = median_s(lambda: per_block(src, dst), repeat, sync)
+            rows.append((f"{direction} {n} blocks, {name} GPU slots",
+                         f"batched {nbytes / tb / 1e9:6.1f} GB/s | per-block {nbytes / tp / 1e9:6.1f} GB/s"))
+    copier.to_gpu(contiguous, scattered)
+    copier.host_ready()
+    assert torch.equal(gpu.tensor[scattered].cpu(), host.tensor), "copies moved the wrong blocks"
+    return rows
+
+
+def bench_lmdb(layout: BlockLayout, n: int, path: str) -> list[tuple[str, str]]:
+    disk = DiskTier(path, "bench", layout, max_bytes=4 * n * layout.block_bytes)
+    host = BlockPool(Tier.HOST, layout, n, "cpu")
+    host.tensor.copy_(torch.randn(host.tensor.shape).to(layout.dtype))
+    parent = b"\0" * 16
+    items = []
+
+    async def write() -> None:  # the store's way: queue records, the I/O thread writes behind
+        for i in range(n):
+            toks = token_bytes([i] * layout.block_size)
+            key = chain_key(parent, toks)
+            while not disk.put(key, disk.encode(parent, toks, 0, 0, host.tensor[i])):
+                await disk.flush()  # write queue over its byte budget
+            items.append((key, parent, toks))
+            await asyncio.sleep(0)  # let the flusher run, as the engine's loop would
+        await disk.flush()
+    t = time.perf_counter()
+    asyncio.run(write())
+    write_s = time.perf_counter() - t
+    out = host.tensor.clone()
+
+    def sink(i: int, payload: memoryview) -> None:
+        out[i].view(torch.uint8).numpy().reshape(-1)[:] = payload
+
+    async def read() -> float:
+        t0 = time.perf_counter()
+        ok = await disk.load(items, sink)
+        assert all(ok)
+        return time.perf_counter() - t0
+    read_s = asyncio.run(read())
+    assert torch.equal(out, host.tensor), "LMDB returned different bytes"
+    disk.close()
+    mb = n * layout.block_bytes / 1e6
+    return [(f"LMDB write {n} blocks ({mb:.0f} MB, checksummed, write-behind)",
+             f"{mb / write_s:7.0f} MB/s, {n / write_s:7.0f} blocks/s"),
+            (f"LMDB read+verify {n} blocks into host memory (page cache warm)",
+             f"{mb / read_s:7.0f} MB/s, {n / read_s:7.0f} blocks/s")]
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--layout", choices=sorted(LAYOUTS), default="llama3-8b")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--tokens", type=int, default=32768, help="prompt length for hashing and match")
+    p.add_argument("--copy-blocks", type=int, default=128, help="blocks per copy batch")
+    p.add_argument("--disk-blocks", type=int, default=256, help="blocks written to / read from LMDB")
+    p.add_argument("--disk-dir", default=None, help="LMDB directory (default: a temporary one)")
+    p.add_argument("--repeat", type=int, default=10)
+    p.add_argument("--json", default=None, help="also write the rows to this file")
+    a = p.parse_args(argv)
+    layout = BlockLayout(*LAYOUTS[a.layout])
+    random.seed(0)
+    torch.manual_seed(0)
+    env = f"device={a.device}" + (f" ({torch.cuda.get_device_name()})" if a.device == "cuda" else "")
+    print(f"store micro-benchmark: layout={a.layout} ({layout.block_bytes // 1024} KiB/block), {env}, "
+          f"torch {torch.__version__}")
+    rows = []
+    for part in (lambda: bench_hashing(layout, a.tokens, a.repeat),
+                 lambda: bench_copies(layout, a.copy_blocks, a.device, a.repeat),
+                 lambda: bench_lmdb(layout, a.disk_blocks, a.disk_dir or tmp)):
+        with tempfile.TemporaryDirectory() as tmp:
+            for name, value in part():
+                print(f"  {name:<62}  {value}", flush=True)
+                rows.append((name, value))
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(dict(layout=a.layout, device=env, torch=torch.__version__, rows=rows), f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
