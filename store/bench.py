@@ -46,8 +46,8 @@ def median_s(fn, repeat: int, sync=lambda: None) -> float:
 def bench_hashing(layout: BlockLayout, tokens: int, repeat: int) -> list[tuple[str, str]]:
     ids = [random.randrange(128256) for _ in range(tokens)]
     root = chain_key(b"\0" * 16, b"bench")
-    store = BlockStore(StoreConfig(block_size=layout.block_size, gpu_blocks=tokens // layout.block_size + 1),
-                       BlockLayout(1, layout.block_size, 1, 1, torch.float32), "bench", device="cpu")
+    cfg = StoreConfig(block_size=layout.block_size, gpu_blocks=tokens // layout.block_size + 1)
+    store = BlockStore(cfg, BlockLayout(1, layout.block_size, 1, 1, torch.float32), "bench", device="cpu")
     seq = store.admit(0, root, ids)
     store.commit(0, ids)
     store.release(0)
@@ -55,7 +55,8 @@ def bench_hashing(layout: BlockLayout, tokens: int, repeat: int) -> list[tuple[s
     t_match = median_s(lambda: store.match(root, ids), repeat)
     assert len(store.match(root, ids).nodes) == len(seq.slots) - (tokens % layout.block_size > 0)
     return [(f"hash {tokens} tokens (list -> keys)", f"{t_hash * 1e3:.3f} ms"),
-            (f"match {tokens} tokens, full hit ({tokens // layout.block_size} blocks)", f"{t_match * 1e3:.3f} ms")]
+            (f"match {tokens} tokens, full hit ({tokens // layout.block_size} blocks)",
+             f"{t_match * 1e3:.3f} ms")]
 
 
 def bench_copies(layout: BlockLayout, n: int, device: str, repeat: int) -> list[tuple[str, str]]:

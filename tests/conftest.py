@@ -8,7 +8,14 @@ from collections.abc import Iterator
 import pytest
 import torch
 
-from store import BlockLayout, BlockStore, SeqBlocks, StoreConfig, block_keys, token_bytes
+from store import (
+    BlockLayout,
+    BlockStore,
+    SeqBlocks,
+    StoreConfig,
+    block_keys,
+    token_bytes,
+)
 
 BS = 4  # tokens per block in the store tests
 LAYOUT = BlockLayout(num_layers=2, block_size=BS, num_kv_heads=2, head_dim=8, dtype=torch.float32)

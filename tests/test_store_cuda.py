@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from store import BlockLayout, Tier
-from tests.conftest import cuda, make_store
+from tests.conftest import cuda
 
 pytestmark = cuda
 

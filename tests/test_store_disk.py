@@ -14,7 +14,15 @@ import torch
 from store import BlockLayout, DiskTierError, Tier
 from store.disk import DiskTier
 from store.keys import chain_key, token_bytes
-from tests.conftest import child_env, BS, FINGERPRINT, LAYOUT, assert_cached_kv, make_store, run_request
+from tests.conftest import (
+    BS,
+    FINGERPRINT,
+    LAYOUT,
+    assert_cached_kv,
+    child_env,
+    make_store,
+    run_request,
+)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -141,7 +149,8 @@ async def test_map_grows_instead_of_failing(tmp_path):
     parent = b"\0" * 16
     for i in range(200):
         toks = token_bytes([i] * BS)
-        assert disk.put(chain_key(parent, toks), disk.encode(parent, toks, 0, 0, torch.randn(LAYOUT.block_shape)))
+        value = disk.encode(parent, toks, 0, 0, torch.randn(LAYOUT.block_shape))
+        assert disk.put(chain_key(parent, toks), value)
     await disk.flush()
     assert disk.counters.map_resizes > 0 and disk.counters.writes == 200
     assert disk.counters.write_errors == 0

@@ -8,7 +8,7 @@ import sys
 import textwrap
 
 from store import Tier
-from tests.conftest import child_env, BS, assert_cached_kv, make_store
+from tests.conftest import BS, assert_cached_kv, child_env, make_store
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

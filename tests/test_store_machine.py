@@ -7,7 +7,13 @@ import itertools
 
 import hypothesis.strategies as st
 from hypothesis import HealthCheck, settings
-from hypothesis.stateful import Bundle, RuleBasedStateMachine, invariant, precondition, rule
+from hypothesis.stateful import (
+    Bundle,
+    RuleBasedStateMachine,
+    invariant,
+    precondition,
+    rule,
+)
 
 from store import OutOfBlocks, Tier
 from tests.conftest import BS, assert_cached_kv, make_store, write_kv
