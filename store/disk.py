@@ -209,7 +209,7 @@ class DiskTier:
 
     def put(self, key: bytes, value: bytes | bytearray) -> bool:
         """Queue a record. False (and nothing queued) if the write queue is over budget; the
-        caller must first make room under `max_bytes` (see `BlockStore`)."""
+        caller must first make room under `max_bytes` (see `Placement`)."""
         if self._pending_bytes + len(value) > self.max_pending_bytes:
             self.counters.pending_full += 1
             return False
