@@ -7,7 +7,8 @@ live and how they move between tiers is `Placement`'s job (store/placement.py).
 
 Slot accounting, per pool: every slot is exactly one of
   free | held by an indexed node (locked if it is a locked node's fastest copy, else cached) |
-  owned by a sequence (its uncommitted blocks; locked) | reserved for a load in flight (locked).
+  owned by a sequence (its uncommitted blocks, or all its blocks while swapped out; locked) |
+  reserved for a disk load in flight (locked).
 """
 from __future__ import annotations
 
@@ -81,6 +82,7 @@ class SeqBlocks:
     cached_tokens: dict[Tier, int] # prompt tokens found in each tier at admission (prefetched
                                    # blocks count as host; the caller's match saw them on disk)
     cacheable: bool = True         # False after a key collision: later blocks are not indexed
+    swapped: list[int] = field(default_factory=list)  # host slots of a preempted sequence
 
     @property
     def num_cached_tokens(self) -> int:
@@ -250,10 +252,36 @@ class BlockStore:
         return len(seq.path) - before
 
     def release(self, seq_id: Hashable) -> None:
-        """End a sequence (finished, aborted, failed): its indexed blocks stay cached."""
+        """End a sequence (finished, aborted, failed; running or swapped out): its indexed
+        blocks stay cached."""
         seq = self._seqs.pop(seq_id)
         self.placement.unlock(seq.path)
         self.gpu.free(sorted(seq.owned))
+        self.host.free(seq.swapped)
+
+    def swap_out(self, seq_id: Hashable) -> None:
+        """Preempt a sequence: copy all its blocks to host slots it owns (one batch) and give
+        up its GPU slots. Its indexed blocks stay cached. All or nothing: OutOfBlocks if the
+        host tier cannot take every block."""
+        seq = self._seqs[seq_id]
+        assert not seq.swapped, f"{seq_id!r} is already swapped out"
+        if len(seq.slots) > self.host.num_free + self.index.num_cached[Tier.HOST]:
+            raise OutOfBlocks(f"host tier cannot take the {len(seq.slots)} blocks of {seq_id!r}")
+        host_slots = self.placement.reserve_host(len(seq.slots))
+        assert len(host_slots) == len(seq.slots)
+        self.copier.to_host(seq.slots, host_slots)
+        self.placement.unlock(seq.path)
+        self.gpu.free(sorted(seq.owned))
+        seq.swapped, seq.slots, seq.path, seq.owned = host_slots, [], [], set()
+
+    def swap_in(self, seq_id: Hashable) -> None:
+        """Resume a swapped-out sequence: GPU slots for its blocks, one batched copy back.
+        Its full blocks are re-indexed by the next `commit`. OutOfBlocks changes nothing."""
+        seq = self._seqs[seq_id]
+        slots = self.placement.allocate_gpu(len(seq.swapped))
+        self.copier.to_gpu(seq.swapped, slots)
+        self.host.free(seq.swapped)
+        seq.swapped, seq.slots, seq.owned = [], slots, set(slots)
 
     def block_table(self, seq_id: Hashable) -> list[int]:
         return self._seqs[seq_id].slots
@@ -282,14 +310,15 @@ class BlockStore:
             self.disk.close()
 
     def stats(self) -> StoreStats:
-        loading = sum(len(ld.slots) for ld in set(self._loads.values()))
+        host_held = sum(len(ld.slots) for ld in set(self._loads.values()))
+        host_held += sum(len(s.swapped) for s in self._seqs.values())
         owned = sum(len(s.owned) for s in self._seqs.values())
         disk = self.disk
         disk_capacity = disk.max_bytes // disk.value_bytes if disk else 0
         tiers = {}
         for t, pool_free, capacity, extra in (
                 (Tier.GPU, self.gpu.num_free, self.gpu.num_blocks, owned),
-                (Tier.HOST, self.host.num_free, self.host.num_blocks, loading),
+                (Tier.HOST, self.host.num_free, self.host.num_blocks, host_held),
                 (Tier.DISK, disk_capacity - len(disk.sizes) if disk else 0, disk_capacity, 0)):
             c = self.placement.counters[t]
             tiers[t] = TierStats(capacity=capacity, free=pool_free, cached=self.index.num_cached[t],
@@ -311,7 +340,8 @@ class BlockStore:
         for ld in loads:
             expected_locks.update(ld.path)
         self.placement.check_integrity([s for seq in self._seqs.values() for s in seq.owned],
-                                       [s for ld in loads for s in ld.slots])
+                                       [s for ld in loads for s in ld.slots] +
+                                       [s for seq in self._seqs.values() for s in seq.swapped])
         for seq in self._seqs.values():
             for i, slot in enumerate(seq.slots):
                 assert slot in seq.owned or (i < len(seq.path) and seq.path[i].gpu_slot == slot), \

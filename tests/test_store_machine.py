@@ -6,6 +6,7 @@ import asyncio
 import itertools
 
 import hypothesis.strategies as st
+import torch
 from hypothesis import HealthCheck, settings
 from hypothesis.stateful import (
     Bundle,
@@ -15,8 +16,8 @@ from hypothesis.stateful import (
     rule,
 )
 
-from store import OutOfBlocks, Tier
-from tests.conftest import BS, assert_cached_kv, make_store, write_kv
+from store import OutOfBlocks, Tier, block_keys, token_bytes
+from tests.conftest import BS, assert_cached_kv, block_content, make_store, write_kv
 
 # A few shared "system prompts" of different lengths, so requests hit each other's prefixes.
 BASES = [[7] * (3 * BS), [7] * BS + [8] * (2 * BS), [9] * (2 * BS + 1), []]
@@ -37,6 +38,7 @@ class StoreMachine(RuleBasedStateMachine):
         self.loop = asyncio.new_event_loop()
         self.store = self._open()
         self.tokens: dict[int, list[int]] = {}   # running sequences
+        self.swapped: dict[int, list[int]] = {}  # preempted (swapped out) sequences
         self.ids = itertools.count()
         self.admitted_since_restart = 0
 
@@ -96,12 +98,45 @@ class StoreMachine(RuleBasedStateMachine):
         write_kv(self.store, self.store._seqs[seq_id], tokens)
         self.store.commit(seq_id, tokens)
 
-    @precondition(lambda self: self.tokens)
+    @precondition(lambda self: self.tokens or self.swapped)
     @rule(data=st.data())
     def release(self, data):
-        seq_id = data.draw(st.sampled_from(sorted(self.tokens)))
-        self.store.commit(seq_id, self.tokens.pop(seq_id))
+        seq_id = data.draw(st.sampled_from(sorted(self.tokens) + sorted(self.swapped)))
+        if seq_id in self.tokens:
+            self.store.commit(seq_id, self.tokens.pop(seq_id))
+        else:
+            del self.swapped[seq_id]
         self.store.release(seq_id)
+
+    @precondition(lambda self: self.tokens)
+    @rule(data=st.data())
+    def preempt(self, data):
+        seq_id = data.draw(st.sampled_from(sorted(self.tokens)))
+        before = self.store.stats()
+        try:
+            self.store.swap_out(seq_id)
+        except OutOfBlocks:
+            assert self.store.stats() == before, "a failed swap-out changed the store"
+            return
+        self.swapped[seq_id] = self.tokens.pop(seq_id)
+
+    @precondition(lambda self: self.swapped)
+    @rule(data=st.data())
+    def resume(self, data):
+        seq_id = data.draw(st.sampled_from(sorted(self.swapped)))
+        before = self.store.stats()
+        try:
+            self.store.swap_in(seq_id)
+        except OutOfBlocks:
+            assert self.store.stats() == before, "a failed swap-in changed the store"
+            return
+        tokens = self.tokens[seq_id] = self.swapped.pop(seq_id)
+        seq = self.store._seqs[seq_id]
+        keys = block_keys(seq.root, token_bytes(tokens), BS)
+        for i, slot in enumerate(seq.slots):   # every block came back, the partial one too
+            key = keys[i] if i < len(keys) else b"partial-block-%d" % i
+            assert torch.equal(self.store.gpu.tensor[slot].cpu(), block_content(key)), f"block {i}"
+        self.store.commit(seq_id, tokens)
 
     @rule(tokens=prompts)
     def prefetch(self, tokens):
@@ -127,7 +162,7 @@ class StoreMachine(RuleBasedStateMachine):
                 txn.put(key, bytes(value))
         self.store.disk._io.submit(flip).result()
 
-    @precondition(lambda self: not self.tokens and self.admitted_since_restart >= 8)
+    @precondition(lambda self: not self.tokens and not self.swapped and self.admitted_since_restart >= 8)
     @rule(graceful=st.booleans())
     def restart(self, graceful):
         if graceful:
@@ -144,7 +179,7 @@ class StoreMachine(RuleBasedStateMachine):
     @invariant()
     def integrity(self):
         self.store.check_integrity()
-        if not self.tokens:
+        if not self.tokens and not self.swapped:
             for t in (Tier.GPU, Tier.HOST):
                 assert self.store.stats().tiers[t].locked == 0, "blocks leaked"
 

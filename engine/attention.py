@@ -1,0 +1,82 @@
+"""Paged attention, plugged into transformers through its public `AttentionInterface`.
+
+One step packs every scheduled sequence into a single flat batch of T tokens (batch dim 1).
+For each layer the model hands us the new tokens' query, key and value (after RoPE); we write
+the new K/V into the slots the store gave each sequence, then let each sequence's new queries
+attend over all of its blocks. The model is called with `kvgate=<PagedMetadata>`; transformers
+passes unknown keyword arguments through to the attention function.
+
+`reference_attention` is plain torch and runs everywhere; it is what the CPU tests check
+against `transformers.generate`, and what a faster CUDA kernel would be tested against.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from transformers import AttentionInterface
+
+ATTN_IMPLEMENTATION = "kvgate_paged"
+
+
+@dataclass(frozen=True)
+class SeqSlice:
+    """One sequence's part of the flat batch."""
+    q_start: int                 # first of its new tokens in the flat batch
+    q_len: int                   # number of new tokens
+    ctx_len: int                 # tokens of context after this step (cached + new)
+    block_table: torch.Tensor    # [ceil(ctx_len / block_size)] pool blocks, on the pool's device
+
+
+@dataclass(frozen=True)
+class PagedMetadata:
+    kv_pool: torch.Tensor        # the GPU pool: [num_blocks, num_layers, 2, block_size, kv_heads, head_dim]
+    slot_block: torch.Tensor     # [T] pool block that receives each new token's K/V
+    slot_offset: torch.Tensor    # [T] its position inside that block
+    seqs: tuple[SeqSlice, ...]
+
+
+def paged_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
+                    value: torch.Tensor, attention_mask: torch.Tensor | None, scaling: float | None = None,
+                    sliding_window: int | None = None, kvgate: PagedMetadata | None = None,
+                    **kwargs) -> tuple[torch.Tensor, None]:
+    """query: [1, H, T, D]; key, value: [1, KVH, T, D]. Returns ([1, T, H, D], None)."""
+    if kvgate is None:
+        raise RuntimeError("kvgate paged attention called without its metadata (kvgate=...)")
+    layer = module.layer_idx
+    pool = kvgate.kv_pool
+    # write the new K/V: pool[block, layer, 0 (K) / 1 (V), offset] <- [T, KVH, D]
+    pool[kvgate.slot_block, layer, 0, kvgate.slot_offset] = key[0].transpose(0, 1)
+    pool[kvgate.slot_block, layer, 1, kvgate.slot_offset] = value[0].transpose(0, 1)
+    return reference_attention(query, pool, layer, kvgate.seqs, scaling, sliding_window), None
+
+
+def reference_attention(query: torch.Tensor, pool: torch.Tensor, layer: int, seqs: tuple[SeqSlice, ...],
+                        scaling: float | None, sliding_window: int | None) -> torch.Tensor:
+    """Attention of each sequence's new queries over its blocks. query: [1, H, T, D]."""
+    _, heads, total, head_dim = query.shape
+    out = query.new_empty(1, total, heads, head_dim)
+    for s in seqs:
+        kv = pool[s.block_table, layer]                       # [nb, 2, bs, KVH, D]
+        k = kv[:, 0].flatten(0, 1)[:s.ctx_len].transpose(0, 1)  # [KVH, ctx, D]
+        v = kv[:, 1].flatten(0, 1)[:s.ctx_len].transpose(0, 1)
+        groups = heads // k.shape[0]
+        if groups > 1:
+            k = k.repeat_interleave(groups, dim=0)           # [H, ctx, D]
+            v = v.repeat_interleave(groups, dim=0)
+        q = query[0, :, s.q_start:s.q_start + s.q_len]       # [H, q_len, D]
+        mask = None
+        if s.q_len > 1 or sliding_window:
+            # query i sits at position ctx_len - q_len + i and sees keys j <= that position
+            q_pos = torch.arange(s.ctx_len - s.q_len, s.ctx_len, device=q.device)[:, None]
+            k_pos = torch.arange(s.ctx_len, device=q.device)[None, :]
+            mask = k_pos <= q_pos
+            if sliding_window:
+                mask &= q_pos - k_pos < sliding_window
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling)  # [H, q_len, D]
+        out[0, s.q_start:s.q_start + s.q_len] = o.transpose(0, 1)
+    return out
+
+
+AttentionInterface.register(ATTN_IMPLEMENTATION, paged_attention)

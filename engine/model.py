@@ -1,0 +1,152 @@
+"""Loading models: a local directory, random weights from a config ("dummy"), or the built-in
+tiny demo model, which needs no download. Every load computes the model fingerprint that keys
+the KV cache: architecture config, weights identity, dtype, block size and KV layout version.
+"""
+from __future__ import annotations
+
+import contextlib
+import glob
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+
+import torch
+import xxhash
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+
+from engine.attention import ATTN_IMPLEMENTATION
+from engine.config import ModelConfig
+from store import BlockLayout
+
+KV_LAYOUT_VERSION = 1     # bump when the meaning of a stored block's bytes changes
+SUPPORTED = ("llama", "qwen2", "mistral", "gpt2")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+# Named architectures for load_format = "dummy" without a directory (benchmarks).
+SHAPES = {
+    "llama3-8b": dict(model_type="llama", hidden_size=4096, intermediate_size=14336,
+                      num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+                      vocab_size=128256, max_position_embeddings=8192, rope_theta=500000.0),
+    "tiny": dict(model_type="llama", hidden_size=128, intermediate_size=344, num_hidden_layers=4,
+                 num_attention_heads=4, num_key_value_heads=2, vocab_size=1024,
+                 max_position_embeddings=4096),
+}
+
+
+@dataclass
+class LoadedModel:
+    model: PreTrainedModel          # eval mode, on `device`, attention = kvgate's paged attention
+    tokenizer: object | None        # a transformers tokenizer; None for tokenizer-less dummies
+    name: str
+    device: torch.device
+    dtype: torch.dtype
+    max_model_len: int
+    eos_token_ids: frozenset[int]
+    fingerprint: str
+
+    def block_layout(self, block_size: int) -> BlockLayout:
+        cfg = self.model.config
+        heads = cfg.num_attention_heads
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+        return BlockLayout(num_layers=cfg.num_hidden_layers, block_size=block_size,
+                           num_kv_heads=getattr(cfg, "num_key_value_heads", None) or heads,
+                           head_dim=head_dim, dtype=self.dtype)
+
+
+def load_model(cfg: ModelConfig, block_size: int) -> LoadedModel:
+    """Load the model `cfg` names. Raises ValueError with a clear message for what is wrong."""
+    device = torch.device(cfg.device)
+    dtype = DTYPES[cfg.dtype]
+    if cfg.path.startswith("builtin:"):
+        from engine.demo import build_demo
+        model, tokenizer, identity = build_demo(cfg.path, cfg.seed)
+    elif cfg.load_format == "dummy":
+        model, tokenizer, identity = _dummy(cfg, dtype, device)
+    else:
+        model, tokenizer, identity = _from_directory(cfg, dtype)
+    if model.config.model_type not in SUPPORTED:
+        raise ValueError(f"model type {model.config.model_type!r} is not supported; one of {SUPPORTED}")
+    model = model.to(device=device, dtype=dtype).eval()
+    model.set_attn_implementation(ATTN_IMPLEMENTATION)
+    context = _context_length(model.config)
+    max_len = cfg.max_model_len or context
+    if max_len > context:
+        raise ValueError(f"model.max_model_len {max_len} exceeds the model's context of {context}")
+    eos = model.generation_config.eos_token_id if model.generation_config else None
+    eos = eos if eos is not None else getattr(tokenizer, "eos_token_id", None)
+    eos_ids = frozenset([eos] if isinstance(eos, int) else (eos or []))
+    fingerprint = _fingerprint(model.config, identity, dtype, block_size)
+    name = cfg.name or (cfg.path if cfg.path.startswith(("builtin:", "dummy:")) else os.path.basename(
+        os.path.normpath(cfg.path)))
+    return LoadedModel(model, tokenizer, name, device, dtype, max_len, eos_ids, fingerprint)
+
+
+def _from_directory(cfg: ModelConfig, dtype: torch.dtype):
+    if not os.path.isdir(cfg.path):
+        raise ValueError(f"model.path {cfg.path!r} is not a directory (or use 'builtin:tiny')")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(cfg.path, dtype=dtype,
+                                                     attn_implementation=ATTN_IMPLEMENTATION)
+        tokenizer = AutoTokenizer.from_pretrained(cfg.path)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"cannot load the model in {cfg.path!r}: {e}") from e
+    return model, tokenizer, _weights_identity(cfg.path)
+
+
+def _dummy(cfg: ModelConfig, dtype: torch.dtype, device: torch.device):
+    """Random weights for the architecture of `dummy:<shape>` or of a directory's config.json."""
+    if cfg.path.startswith("dummy:"):
+        shape = cfg.path.removeprefix("dummy:")
+        if shape not in SHAPES:
+            raise ValueError(f"unknown dummy shape {shape!r}; one of {sorted(SHAPES)}")
+        args = dict(SHAPES[shape])
+        config = AutoConfig.for_model(args.pop("model_type"), **args)
+        tokenizer = None
+    else:
+        config = AutoConfig.from_pretrained(cfg.path)
+        tokenizer = AutoTokenizer.from_pretrained(cfg.path) if _has_tokenizer(cfg.path) else None
+    with _seeded(cfg.seed), torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=ATTN_IMPLEMENTATION)
+    return model, tokenizer, f"dummy:seed={cfg.seed}:torch={torch.__version__}:device={device.type}"
+
+
+def _has_tokenizer(path: str) -> bool:
+    return any(os.path.exists(os.path.join(path, f)) for f in ("tokenizer.json", "tokenizer.model"))
+
+
+def _weights_identity(path: str) -> str:
+    """Names, sizes and the first and last MiB of every weight file: cheap, and changes when
+    the weights do (hashing all of an 8B checkpoint at every start would take a minute)."""
+    h = xxhash.xxh3_128()
+    files = sorted(glob.glob(os.path.join(path, "*.safetensors")) + glob.glob(os.path.join(path, "*.bin")))
+    for f in files:
+        size = os.path.getsize(f)
+        h.update(f"{os.path.basename(f)}:{size}".encode())
+        with open(f, "rb") as fh:
+            h.update(fh.read(1 << 20))
+            fh.seek(max(0, size - (1 << 20)))
+            h.update(fh.read(1 << 20))
+    return "files:" + h.hexdigest()
+
+
+def _fingerprint(config, identity: str, dtype: torch.dtype, block_size: int) -> str:
+    volatile = ("_name_or_path", "transformers_version", "dtype", "torch_dtype", "_attn_implementation")
+    arch = {k: v for k, v in config.to_dict().items() if k not in volatile}
+    blob = json.dumps(dict(arch=arch, weights=identity, dtype=str(dtype), block_size=block_size,
+                           kv_layout=KV_LAYOUT_VERSION), sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:32]
+
+
+def _context_length(config) -> int:
+    for key in ("max_position_embeddings", "n_positions"):
+        if getattr(config, key, None):
+            return int(getattr(config, key))
+    raise ValueError("the model config gives no context length (max_position_embeddings)")
+
+
+@contextlib.contextmanager
+def _seeded(seed: int):
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
