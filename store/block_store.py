@@ -79,6 +79,7 @@ class SeqBlocks:
     slots: list[int]               # block table: GPU slot of block i, i = 0 .. len-1
     path: list[Node]               # locked index nodes of blocks 0 .. len(path)-1
     owned: set[int]                # GPU slots freed at release: blocks not (or not first) indexed
+    tiers: tuple[Tier, ...]        # tier each cached block was found in at admission
     cached_tokens: dict[Tier, int] # prompt tokens found in each tier at admission (prefetched
                                    # blocks count as host; the caller's match saw them on disk)
     cacheable: bool = True         # False after a key collision: later blocks are not indexed
@@ -204,8 +205,8 @@ class BlockStore:
             self.placement.counters[t].hits += 1
         self.misses += len(token_ids) // self.block_size - len(nodes)
         owned = slots[len(promote):]
-        seq = SeqBlocks(seq_id, root, priority, [n.gpu_slot for n in nodes] + owned, nodes,
-                        set(owned), {t: match.block_size * sum(x is t for x in tiers) for t in TIERS})
+        seq = SeqBlocks(seq_id, root, priority, [n.gpu_slot for n in nodes] + owned, nodes, set(owned),
+                        tiers, {t: match.block_size * sum(x is t for x in tiers) for t in TIERS})
         self._seqs[seq_id] = seq
         return seq
 

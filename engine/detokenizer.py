@@ -1,0 +1,45 @@
+"""Incremental detokenization with stop strings.
+
+Decodes only a short window of tokens per step (vLLM's prefix/read offsets), so streaming costs
+O(1) per token; holds back text that could still become the start of a stop string, and a
+trailing incomplete UTF-8 sequence (decoded as U+FFFD) until the next token completes it."""
+from __future__ import annotations
+
+
+class Detokenizer:
+    def __init__(self, tokenizer, stop: tuple[str, ...] = ()) -> None:
+        self.tokenizer = tokenizer
+        self.stop = stop
+        self.text = ""            # decoded so far (cut at a stop string once one appears)
+        self._emitted = 0         # characters of `text` already returned
+        self._prefix = 0          # token offsets of the decode window
+        self._read = 0
+        self._holdback = max((len(s) for s in stop), default=1) - 1
+
+    def step(self, output_ids: list[int]) -> tuple[str, bool]:
+        """Text to emit after the newest token, and whether a stop string was reached."""
+        if self.tokenizer is None:
+            return "", False
+        decode = lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
+        before = decode(output_ids[self._prefix:self._read])
+        after = decode(output_ids[self._prefix:])
+        if len(after) > len(before) and not after.endswith("\ufffd"):
+            self.text += after[len(before):]
+            self._prefix, self._read = self._read, len(output_ids)
+        stopped = False
+        if self.stop:
+            start = max(0, self._emitted - self._holdback)
+            hits = [i for i in (self.text.find(s, start) for s in self.stop) if i >= 0]
+            if hits:
+                self.text = self.text[:min(hits)]
+                stopped = True
+        end = len(self.text) if stopped else max(self._emitted, len(self.text) - self._holdback)
+        return self._take(end), stopped
+
+    def flush(self) -> str:
+        """The held-back rest, when the sequence ends for another reason."""
+        return self._take(len(self.text))
+
+    def _take(self, end: int) -> str:
+        out, self._emitted = self.text[self._emitted:end], max(self._emitted, end)
+        return out

@@ -1,0 +1,237 @@
+"""The engine: an asyncio API over continuous batching with a tiered prefix cache.
+
+    stream = engine.add_request(prompt_ids, SamplingParams(...), priority=0, namespace="")
+    async for out in stream: ...           # RequestOutput deltas until finish_reason is set
+
+All engine state lives on the event loop's thread; the forward pass runs on one executor thread
+(`ModelRunner.execute`), so the loop keeps serving while the model computes. Every request ends
+through `_finish`, which releases its blocks: finished, stopped, aborted or failed.
+"""
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import math
+import uuid
+from collections.abc import AsyncIterator, Sequence as Seq
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+
+from engine.config import EngineConfig
+from engine.detokenizer import Detokenizer
+from engine.errors import InvalidRequest
+from engine.model import LoadedModel
+from engine.runner import ModelRunner
+from engine.sampling import SamplingParams
+from engine.scheduler import Chunk, Scheduler
+from engine.sequence import RequestOutput, Sequence, Status
+from store import BlockStore, StoreConfig, Tier
+
+log = logging.getLogger("kvgate.engine")
+
+
+class Engine:
+    def __init__(self, loaded: LoadedModel, config: EngineConfig, store_config: StoreConfig) -> None:
+        if store_config.block_size != config.block_size:
+            raise ValueError(f"store.block_size {store_config.block_size} != engine.block_size {config.block_size}")
+        self.loaded = loaded
+        self.config = config
+        self.store = BlockStore(store_config, loaded.block_layout(config.block_size), loaded.fingerprint,
+                                device=loaded.device)
+        self.scheduler = Scheduler(config, self.store)
+        self.runner = ModelRunner(loaded, self.store)
+        self._forward = ThreadPoolExecutor(1, thread_name_prefix="kvgate-forward")
+        self._requests: dict[str, Sequence] = {}
+        self._in_flight: set[Sequence] = set()
+        self._arrivals = itertools.count()
+        self._wakeup = asyncio.Event()
+        self._loop_task: asyncio.Task | None = None
+        self._prefetches: set[asyncio.Task] = set()
+
+    # ---- lifecycle --------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        if self._loop_task is None:
+            self._loop_task = asyncio.get_running_loop().create_task(self._run())
+
+    async def stop(self) -> None:
+        """Abort what runs, stop the loop, write the store's queued records and close it."""
+        for request_id in list(self._requests):
+            self.abort(request_id)
+        if self._loop_task is not None:
+            self._loop_task.cancel()
+            await asyncio.gather(self._loop_task, return_exceptions=True)
+            self._loop_task = None
+        await asyncio.gather(*self._prefetches, return_exceptions=True)
+        await self.store.flush()
+        self.store.close()
+        self._forward.shutdown()
+
+    # ---- requests ---------------------------------------------------------------------------
+
+    def add_request(self, prompt_ids: Seq[int], params: SamplingParams, priority: int = 0,
+                    namespace: str = "", request_id: str | None = None) -> RequestStream:
+        """Validate and queue a request; raises InvalidRequest. Its disk-resident prefix blocks
+        start loading at once, while it waits."""
+        request_id = request_id or uuid.uuid4().hex
+        self._validate(request_id, prompt_ids, params, priority)
+        prompt = list(prompt_ids)
+        root = self.store.root_key(namespace)
+        generator = None
+        if not params.greedy:
+            generator = torch.Generator(device=self.loaded.device)
+            generator.manual_seed(params.seed if params.seed is not None else torch.seed())
+        match = self.store.match(root, prompt, max_tokens=len(prompt) - 1)
+        seq = Sequence(request_id, prompt, len(prompt), params, priority, next(self._arrivals), root,
+                       Detokenizer(self.loaded.tokenizer, params.stop), generator, found=match.tiers)
+        self._requests[request_id] = seq
+        if Tier.DISK in match.tiers:
+            seq.ready = False
+            task = asyncio.get_running_loop().create_task(self._prefetch(seq, match))
+            self._prefetches.add(task)
+            task.add_done_callback(self._prefetches.discard)
+        self.scheduler.add(seq)
+        self._wakeup.set()
+        return RequestStream(self, seq)
+
+    async def generate(self, prompt_ids: Seq[int], params: SamplingParams, **kw) -> AsyncIterator[RequestOutput]:
+        async for out in self.add_request(prompt_ids, params, **kw):
+            yield out
+
+    def abort(self, request_id: str) -> None:
+        """Cancel a request at any point; a step in flight finishes it when it returns."""
+        seq = self._requests.get(request_id)
+        if seq is not None and seq not in self._in_flight:
+            self._finish(seq, "abort")
+        elif seq is not None:
+            seq.finish_reason = "abort"
+
+    def _validate(self, request_id: str, prompt: Seq[int], params: SamplingParams, priority: int) -> None:
+        if request_id in self._requests:
+            raise InvalidRequest(f"request id {request_id!r} is already running", "request_id")
+        if not isinstance(priority, int):
+            raise InvalidRequest("priority must be an int", "priority")
+        if not prompt:
+            raise InvalidRequest("the prompt is empty", "prompt")
+        vocab = self.loaded.model.config.vocab_size
+        if any(not isinstance(t, int) or not 0 <= t < vocab for t in prompt):
+            raise InvalidRequest(f"prompt token ids must be ints in [0, {vocab})", "prompt")
+        limit = self.loaded.max_model_len
+        if len(prompt) + params.max_tokens > limit:
+            raise InvalidRequest(f"this model's maximum context length is {limit} tokens; the prompt has "
+                                 f"{len(prompt)} and max_tokens is {params.max_tokens}", "max_tokens",
+                                 "context_length_exceeded")
+        blocks = math.ceil((len(prompt) + params.max_tokens) / self.config.block_size)
+        if blocks > self.store.gpu.num_blocks:
+            raise InvalidRequest(f"the request needs {blocks} KV blocks; the GPU pool has "
+                                 f"{self.store.gpu.num_blocks}", "max_tokens", "context_length_exceeded")
+        if params.stop and self.loaded.tokenizer is None:
+            raise InvalidRequest("stop strings need a tokenizer; this model has none", "stop")
+
+    async def _prefetch(self, seq: Sequence, match) -> None:
+        try:
+            await self.store.prefetch(match)
+        except Exception:  # a failed load is only a cache miss
+            log.exception("prefetch for %s failed; its prefix will be recomputed", seq.request_id)
+        seq.ready = True
+        self._wakeup.set()
+
+    # ---- the loop ---------------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        while True:
+            if not await self.step():
+                self._wakeup.clear()
+                await self._wakeup.wait()
+
+    async def step(self) -> bool:
+        """Schedule, run the model, sample, postprocess. False if there was nothing to run."""
+        chunks = self.scheduler.schedule()
+        if not chunks:
+            return False
+        step_input = self.runner.prepare(chunks)
+        self._in_flight = {c.seq for c in chunks}
+        try:
+            loop = asyncio.get_running_loop()
+            tokens = await loop.run_in_executor(self._forward, self.runner.execute, step_input)
+        finally:
+            self._in_flight = set()
+        self._postprocess(chunks, tokens)
+        return True
+
+    def _postprocess(self, chunks: list[Chunk], tokens: list[int]) -> None:
+        sampled = iter(tokens)
+        for c in chunks:
+            seq = c.seq
+            seq.num_computed += c.num_tokens
+            token = next(sampled) if c.samples else None
+            if seq.finish_reason == "abort":          # aborted while the step ran
+                self._finish(seq, "abort")
+                continue
+            if token is not None:
+                seq.token_ids.append(token)
+            self.store.commit(seq.request_id, seq.token_ids, seq.num_computed)
+            if token is not None:
+                self._emit(seq, token)
+
+    def _emit(self, seq: Sequence, token: int) -> None:
+        text, stopped = seq.detokenizer.step(seq.output_ids)
+        p = seq.params
+        reason = None
+        if stopped or token in p.stop_token_ids or (not p.ignore_eos and token in self.loaded.eos_token_ids):
+            reason = "stop"
+        elif seq.num_generated >= p.max_tokens or len(seq.token_ids) >= self.loaded.max_model_len:
+            reason = "length"
+        if reason is None:
+            seq.outputs.put_nowait(self._output(seq, [token], text, None))
+        else:
+            self._finish(seq, reason, [token], text)
+
+    def _finish(self, seq: Sequence, reason: str, tokens: list[int] | None = None, text: str = "") -> None:
+        """The one exit: release the blocks, send the last delta."""
+        self.scheduler.remove(seq)
+        self._requests.pop(seq.request_id, None)
+        seq.finish_reason = reason
+        if reason != "stop":
+            text += seq.detokenizer.flush()
+        seq.outputs.put_nowait(self._output(seq, tokens or [], text, reason))
+
+    def _output(self, seq: Sequence, tokens: list[int], text: str, reason: str | None) -> RequestOutput:
+        cached = seq.cached_tokens or {t: 0 for t in Tier}
+        return RequestOutput(seq.request_id, tokens, text, reason, seq.prompt_len, seq.num_generated,
+                             dict(cached))
+
+    # ---- introspection ----------------------------------------------------------------------
+
+    @property
+    def num_running(self) -> int:
+        return len(self.scheduler.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return self.scheduler.num_waiting
+
+
+class RequestStream:
+    """The async iterator of one request's outputs; leaving it early aborts the request."""
+
+    def __init__(self, engine: Engine, seq: Sequence) -> None:
+        self._engine = engine
+        self._seq = seq
+        self.request_id = seq.request_id
+
+    def __aiter__(self) -> AsyncIterator[RequestOutput]:
+        return self._iterate()
+
+    async def _iterate(self) -> AsyncIterator[RequestOutput]:
+        try:
+            while True:
+                out = await self._seq.outputs.get()
+                yield out
+                if out.finish_reason is not None:
+                    return
+        finally:
+            if self._seq.status is not Status.FINISHED:
+                self._engine.abort(self.request_id)

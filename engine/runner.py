@@ -1,0 +1,76 @@
+"""The model runner: turns a step's chunks into one flat forward pass and samples.
+
+`prepare` runs on the event loop (it reads block tables from the store) and builds CPU tensors;
+`execute` runs on the forward thread: it moves them to the device, runs the model with paged
+attention writing K/V into the store's GPU pool, and samples one token per finishing chunk.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from engine.attention import PagedMetadata, SeqSlice
+from engine.model import LoadedModel
+from engine.sampling import SamplingParams, sample
+from engine.scheduler import Chunk
+from store import BlockStore
+
+
+@dataclass(frozen=True)
+class StepInput:
+    input_ids: torch.Tensor          # [T] the new tokens of every chunk, chunk after chunk
+    positions: torch.Tensor          # [T] their positions in their sequences
+    slot_block: torch.Tensor         # [T] pool block receiving each token's K/V
+    slot_offset: torch.Tensor        # [T] offset inside it
+    seqs: tuple[SeqSlice, ...]       # per chunk (block tables still on the CPU)
+    sample_rows: torch.Tensor        # [N] rows of the flat batch whose logits are sampled
+    params: list[SamplingParams]     # [N]
+    generators: list[torch.Generator | None]  # [N]
+
+
+class ModelRunner:
+    def __init__(self, loaded: LoadedModel, store: BlockStore) -> None:
+        self.model = loaded.model
+        self.device = loaded.device
+        self.store = store
+        self.block_size = store.block_size
+
+    def prepare(self, chunks: list[Chunk]) -> StepInput:
+        ids, positions, blocks, offsets, seqs, rows = [], [], [], [], [], []
+        params, generators = [], []
+        q = 0
+        for c in chunks:
+            seq = c.seq
+            end = c.start + c.num_tokens
+            table = torch.tensor(self.store.block_table(seq.request_id)[:-(-end // self.block_size)])
+            pos = torch.arange(c.start, end)
+            ids.append(torch.tensor(seq.token_ids[c.start:end]))
+            positions.append(pos)
+            blocks.append(table[pos // self.block_size])
+            offsets.append(pos % self.block_size)
+            seqs.append(SeqSlice(q, c.num_tokens, end, table))
+            if c.samples:
+                rows.append(q + c.num_tokens - 1)
+                params.append(seq.params)
+                generators.append(seq.generator)
+            q += c.num_tokens
+        return StepInput(torch.cat(ids), torch.cat(positions), torch.cat(blocks), torch.cat(offsets),
+                         tuple(seqs), torch.tensor(rows, dtype=torch.long), params, generators)
+
+    @torch.inference_mode()
+    def execute(self, step: StepInput) -> list[int]:
+        """One forward pass over the whole step; returns one sampled token per sample row."""
+        dev = self.device
+        meta = PagedMetadata(
+            kv_pool=self.store.gpu.tensor, slot_block=step.slot_block.to(dev), slot_offset=step.slot_offset.to(dev),
+            seqs=tuple(SeqSlice(s.q_start, s.q_len, s.ctx_len, s.block_table.to(dev)) for s in step.seqs))
+        if len(step.sample_rows) == 0:   # only prompt chunks that do not reach their end
+            rows = torch.tensor([step.input_ids.numel() - 1])
+        else:
+            rows = step.sample_rows
+        out = self.model(input_ids=step.input_ids[None].to(dev), position_ids=step.positions[None].to(dev),
+                         use_cache=False, logits_to_keep=rows.to(dev), kvgate=meta)
+        if len(step.sample_rows) == 0:
+            return []
+        return sample(out.logits[0], step.params, step.generators)

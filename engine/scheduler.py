@@ -1,0 +1,161 @@
+"""Continuous batching: which tokens of which sequences run in the next step.
+
+Each step has a token budget (`max_num_batched_tokens`) and a sequence cap (`max_num_seqs`).
+Running sequences go first, most urgent first (priority, then arrival), each taking what it
+still has to compute: one token when decoding, a chunk of its prompt when prefilling, so a long
+prompt is spread over steps instead of stalling the decodes. Then waiting sequences are
+admitted in the same order.
+
+When the GPU pool runs dry, the store first evicts cached blocks; after that the least urgent
+running sequence is preempted: its blocks are swapped to the host tier and come back later
+without recomputation (or, if the host tier cannot take them, dropped and recomputed; the
+prefix cache usually makes that cheap). A waiting request that is more urgent than a running
+one may preempt it the same way.
+"""
+from __future__ import annotations
+
+import heapq
+import logging
+from dataclasses import dataclass
+
+from engine.config import EngineConfig
+from engine.sequence import Sequence, Status
+from store import BlockStore, OutOfBlocks, Tier
+
+log = logging.getLogger("kvgate.engine")
+
+
+@dataclass
+class Chunk:
+    """`num_tokens` tokens of `seq`, from position `start`, computed in this step."""
+    seq: Sequence
+    start: int
+    num_tokens: int
+
+    @property
+    def samples(self) -> bool:
+        """Does this chunk reach the last known token (so the step samples the next one)?"""
+        return self.start + self.num_tokens == len(self.seq.token_ids)
+
+
+class Scheduler:
+    def __init__(self, config: EngineConfig, store: BlockStore) -> None:
+        self.config = config
+        self.store = store
+        self.running: list[Sequence] = []
+        self._waiting: list[tuple[tuple[int, int], Sequence]] = []  # heap by urgency
+        self.num_preemptions = 0
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self._waiting)
+
+    def add(self, seq: Sequence) -> None:
+        heapq.heappush(self._waiting, (seq.urgency(), seq))
+
+    def has_ready_work(self) -> bool:
+        return bool(self.running) or any(s.ready for _, s in self._waiting)
+
+    def schedule(self) -> list[Chunk]:
+        budget = self.config.max_num_batched_tokens
+        chunks: list[Chunk] = []
+        for seq in sorted(self.running, key=Sequence.urgency):
+            if budget == 0:
+                break
+            if seq.status is not Status.RUNNING:   # preempted earlier in this loop
+                continue
+            n = min(len(seq.token_ids) - seq.num_computed, budget)
+            if self._reserve(seq, n, chunks):
+                chunks.append(Chunk(seq, seq.num_computed, n))
+                budget -= n
+        self._admit_waiting(chunks)
+        return chunks
+
+    def _reserve(self, seq: Sequence, n: int, chunks: list[Chunk]) -> bool:
+        """GPU slots for `n` more tokens of `seq`, preempting less urgent sequences that are not
+        scheduled yet (or `seq` itself, as the last resort). False if `seq` was preempted."""
+        while True:
+            try:
+                self.store.grow(seq.request_id, seq.num_computed + n)
+                return True
+            except OutOfBlocks:
+                scheduled = {c.seq for c in chunks}
+                victim = max((s for s in self.running if s not in scheduled), key=Sequence.urgency)
+                self.preempt(victim)
+                if victim is seq:
+                    return False
+
+    def _admit_waiting(self, chunks: list[Chunk]) -> None:
+        skipped = []   # waiting but not ready (prefetching): keep their place
+        budget = lambda: self.config.max_num_batched_tokens - sum(c.num_tokens for c in chunks)  # noqa: E731
+        while self._waiting and budget() > 0 and len(self.running) < self.config.max_num_seqs:
+            _, seq = heapq.heappop(self._waiting)
+            if not seq.ready:
+                skipped.append(seq)
+                continue
+            if not self._admit(seq, chunks):
+                heapq.heappush(self._waiting, (seq.urgency(), seq))
+                break
+            n = min(len(seq.token_ids) - seq.num_computed, budget())
+            chunks.append(Chunk(seq, seq.num_computed, n))
+        for seq in skipped:
+            heapq.heappush(self._waiting, (seq.urgency(), seq))
+
+    def _admit(self, seq: Sequence, chunks: list[Chunk]) -> bool:
+        """Give `seq` its blocks (swap in, or admit with its cached prefix), preempting a less
+        urgent running sequence if that is what it takes. False if it must wait."""
+        while True:
+            try:
+                if seq.status is Status.SWAPPED:
+                    self.store.swap_in(seq.request_id)
+                    self.store.commit(seq.request_id, seq.token_ids, seq.num_computed)
+                else:
+                    blocks = self.store.admit(seq.request_id, seq.root, seq.token_ids, seq.priority,
+                                              max_cached_tokens=len(seq.token_ids) - 1)
+                    seq.num_computed = blocks.num_cached_tokens
+                    if seq.cached_tokens is None:
+                        seq.cached_tokens = _cached_by_tier(seq.found, blocks.tiers, self.store.block_size)
+                break
+            except OutOfBlocks:
+                less_urgent = [c for c in chunks if c.seq.urgency() > seq.urgency()]
+                if not less_urgent:
+                    return False
+                victim = max(less_urgent, key=lambda c: c.seq.urgency())
+                chunks.remove(victim)
+                self.preempt(victim.seq)
+        seq.status = Status.RUNNING
+        self.running.append(seq)
+        return True
+
+    def preempt(self, seq: Sequence) -> None:
+        """Take `seq` off the GPU: swap it out, or drop its KV if the host cannot take it."""
+        self.running.remove(seq)
+        try:
+            self.store.swap_out(seq.request_id)
+            seq.status = Status.SWAPPED
+        except OutOfBlocks:
+            self.store.release(seq.request_id)
+            seq.status, seq.num_computed = Status.WAITING, 0
+            log.info("preempted %s by recomputation (no host room to swap)", seq.request_id)
+        self.num_preemptions += 1
+        self.add(seq)
+
+    def remove(self, seq: Sequence) -> None:
+        """Forget a finished or aborted sequence and release its blocks (the one exit path)."""
+        if seq in self.running:
+            self.running.remove(seq)
+        else:
+            self._waiting = [(k, s) for k, s in self._waiting if s is not seq]
+            heapq.heapify(self._waiting)
+        if seq.status in (Status.RUNNING, Status.SWAPPED):
+            self.store.release(seq.request_id)
+        seq.status = Status.FINISHED
+
+
+def _cached_by_tier(found: tuple[Tier, ...], admitted: tuple[Tier, ...], block_size: int) -> dict[Tier, int]:
+    """Cached prompt tokens per tier: each block counts in the slowest tier it came through
+    (where it was when the request arrived, or where admission found it)."""
+    counts = {t: 0 for t in Tier}
+    for i, tier in enumerate(admitted):
+        counts[max(tier, found[i]) if i < len(found) else tier] += block_size
+    return counts
