@@ -14,7 +14,8 @@ import itertools
 import logging
 import math
 import uuid
-from collections.abc import AsyncIterator, Sequence as Seq
+from collections.abc import AsyncIterator
+from collections.abc import Sequence as Seq
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
@@ -35,7 +36,8 @@ log = logging.getLogger("kvgate.engine")
 class Engine:
     def __init__(self, loaded: LoadedModel, config: EngineConfig, store_config: StoreConfig) -> None:
         if store_config.block_size != config.block_size:
-            raise ValueError(f"store.block_size {store_config.block_size} != engine.block_size {config.block_size}")
+            raise ValueError(f"store.block_size {store_config.block_size} != "
+                             f"engine.block_size {config.block_size}")
         self.loaded = loaded
         self.config = config
         self.store = BlockStore(store_config, loaded.block_layout(config.block_size), loaded.fingerprint,
@@ -96,7 +98,8 @@ class Engine:
         self._wakeup.set()
         return RequestStream(self, seq)
 
-    async def generate(self, prompt_ids: Seq[int], params: SamplingParams, **kw) -> AsyncIterator[RequestOutput]:
+    async def generate(self, prompt_ids: Seq[int], params: SamplingParams,
+                       **kw) -> AsyncIterator[RequestOutput]:
         async for out in self.add_request(prompt_ids, params, **kw):
             yield out
 

@@ -13,7 +13,12 @@ from dataclasses import dataclass
 
 import torch
 import xxhash
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PreTrainedModel,
+)
 
 from engine.attention import ATTN_IMPLEMENTATION
 from engine.config import ModelConfig

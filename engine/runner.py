@@ -63,12 +63,11 @@ class ModelRunner:
         """One forward pass over the whole step; returns one sampled token per sample row."""
         dev = self.device
         meta = PagedMetadata(
-            kv_pool=self.store.gpu.tensor, slot_block=step.slot_block.to(dev), slot_offset=step.slot_offset.to(dev),
+            kv_pool=self.store.gpu.tensor, slot_block=step.slot_block.to(dev),
+            slot_offset=step.slot_offset.to(dev),
             seqs=tuple(SeqSlice(s.q_start, s.q_len, s.ctx_len, s.block_table.to(dev)) for s in step.seqs))
-        if len(step.sample_rows) == 0:   # only prompt chunks that do not reach their end
-            rows = torch.tensor([step.input_ids.numel() - 1])
-        else:
-            rows = step.sample_rows
+        # logits only where a token is sampled (at least one row: prompt chunks may sample none)
+        rows = step.sample_rows if len(step.sample_rows) else torch.tensor([step.input_ids.numel() - 1])
         out = self.model(input_ids=step.input_ids[None].to(dev), position_ids=step.positions[None].to(dev),
                          use_cache=False, logits_to_keep=rows.to(dev), kvgate=meta)
         if len(step.sample_rows) == 0:
