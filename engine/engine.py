@@ -47,6 +47,7 @@ class Engine:
         self._forward = ThreadPoolExecutor(1, thread_name_prefix="kvgate-forward")
         self._requests: dict[str, Sequence] = {}
         self._in_flight: set[Sequence] = set()
+        self._failed_step: list[Sequence] = []
         self._arrivals = itertools.count()
         self._wakeup = asyncio.Event()
         self._loop_task: asyncio.Task | None = None
@@ -58,8 +59,9 @@ class Engine:
         if self._loop_task is None:
             self._loop_task = asyncio.get_running_loop().create_task(self._run())
 
-    async def stop(self) -> None:
-        """Abort what runs, stop the loop, write the store's queued records and close it."""
+    async def stop(self, persist: bool = True) -> None:
+        """Abort what runs, stop the loop, write the cached blocks worth keeping (and every
+        queued record) to the disk tier, and close the store."""
         for request_id in list(self._requests):
             self.abort(request_id)
         if self._loop_task is not None:
@@ -67,6 +69,8 @@ class Engine:
             await asyncio.gather(self._loop_task, return_exceptions=True)
             self._loop_task = None
         await asyncio.gather(*self._prefetches, return_exceptions=True)
+        if persist:
+            self.store.persist()
         await self.store.flush()
         self.store.close()
         self._forward.shutdown()
@@ -145,15 +149,24 @@ class Engine:
 
     async def _run(self) -> None:
         while True:
-            if not await self.step():
-                self._wakeup.clear()
-                await self._wakeup.wait()
+            try:
+                if not await self.step():
+                    self._wakeup.clear()
+                    await self._wakeup.wait()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # a bug must not stall every request: fail the step's, go on
+                log.exception("engine step failed; failing the requests it held")
+                for seq in self._failed_step:
+                    if seq.status is not Status.FINISHED:
+                        self._finish(seq, "error")
 
     async def step(self) -> bool:
         """Schedule, run the model, sample, postprocess. False if there was nothing to run."""
         chunks = self.scheduler.schedule()
         if not chunks:
             return False
+        self._failed_step = [c.seq for c in chunks]   # who to fail if this step raises
         step_input = self.runner.prepare(chunks)
         self._in_flight = {c.seq for c in chunks}
         try:
@@ -218,7 +231,8 @@ class Engine:
 
 
 class RequestStream:
-    """The async iterator of one request's outputs; leaving it early aborts the request."""
+    """The async iterator of one request's outputs. Leaving it early aborts the request:
+    cancelling the task that reads it, `aclose()`, or `async with stream:` around the loop."""
 
     def __init__(self, engine: Engine, seq: Sequence) -> None:
         self._engine = engine
@@ -236,5 +250,14 @@ class RequestStream:
                 if out.finish_reason is not None:
                     return
         finally:
-            if self._seq.status is not Status.FINISHED:
-                self._engine.abort(self.request_id)
+            await self.aclose()
+
+    async def aclose(self) -> None:
+        if self._seq.status is not Status.FINISHED and self._seq.finish_reason is None:
+            self._engine.abort(self.request_id)
+
+    async def __aenter__(self) -> RequestStream:
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.aclose()

@@ -107,7 +107,7 @@ class Scheduler:
         while True:
             try:
                 if seq.status is Status.SWAPPED:
-                    self.store.swap_in(seq.request_id)
+                    self.store.swap_in(seq.request_id, len(seq.token_ids))
                     self.store.commit(seq.request_id, seq.token_ids, seq.num_computed)
                 else:
                     blocks = self.store.admit(seq.request_id, seq.root, seq.token_ids, seq.priority,

@@ -275,12 +275,14 @@ class BlockStore:
         self.gpu.free(sorted(seq.owned))
         seq.swapped, seq.slots, seq.path, seq.owned = host_slots, [], [], set()
 
-    def swap_in(self, seq_id: Hashable) -> None:
-        """Resume a swapped-out sequence: GPU slots for its blocks, one batched copy back.
-        Its full blocks are re-indexed by the next `commit`. OutOfBlocks changes nothing."""
+    def swap_in(self, seq_id: Hashable, num_tokens: int = 0) -> None:
+        """Resume a swapped-out sequence: GPU slots for its blocks (and enough for `num_tokens`),
+        one batched copy back. Its full blocks are re-indexed by the next `commit`.
+        OutOfBlocks changes nothing."""
         seq = self._seqs[seq_id]
-        slots = self.placement.allocate_gpu(len(seq.swapped))
-        self.copier.to_gpu(seq.swapped, slots)
+        n = len(seq.swapped)
+        slots = self.placement.allocate_gpu(max(n, self._blocks_for(num_tokens)))
+        self.copier.to_gpu(seq.swapped, slots[:n])
         self.host.free(seq.swapped)
         seq.swapped, seq.slots, seq.owned = [], slots, set(slots)
 

@@ -67,24 +67,32 @@ class Placement:
         return self.gpu.allocate(n)
 
     def _evict_gpu(self, n: int) -> None:
-        """Demote `n` GPU blocks to the host tier in one batched copy (or drop them if the host
-        tier has no room: the copy was only a cache)."""
+        """Demote `n` GPU blocks to the host tier in one batched copy. Blocks the host tier has
+        no room for (its blocks all pinned) go straight to disk, or are dropped without one."""
         victims = self.index.select_victims(Tier.GPU, n)
         # parents first: if the host tier has too little room, the deepest blocks miss out,
         # so a parent is never slower than its child
         need_host = sorted((v for v in victims if v.host_slot is None), key=lambda v: v.depth)
         # the victims' own host copies must survive making room for the others
         host_slots = self.reserve_host(len(need_host), keep=set(victims))
-        moved = need_host[:len(host_slots)]
+        moved, no_room = need_host[:len(host_slots)], need_host[len(host_slots):]
         self.copier.to_host([v.gpu_slot for v in moved], host_slots)
         for v, slot in zip(moved, host_slots):
             self.index.set_host(v, slot)
+        spill = [v for v in no_room if not v.on_disk]
+        if spill and self.disk is not None:
+            # a synchronous copy on the compute stream: after the kernels that wrote the blocks
+            slots = torch.tensor([v.gpu_slot for v in spill], device=self.gpu.tensor.device)
+            blocks = self.gpu.tensor[slots].cpu()
+            self._make_disk_room(len(spill) * self.disk.value_bytes, keep=set(victims))
+            for v, kv in zip(spill, blocks):
+                self._write_to_disk(v, kv)
         freed = [v.gpu_slot for v in victims]
         for v in victims:
             self.index.set_gpu(v, None)
         self.gpu.free(freed)
         self.counters[Tier.GPU].evictions += len(victims)
-        for v in reversed(need_host[len(host_slots):]):  # no room on the host for these
+        for v in reversed(no_room):
             if v.fastest is None:
                 self.forget(v)
             else:  # only on disk now: no descendant may stay faster than it

@@ -7,6 +7,7 @@ from collections.abc import Iterator
 
 import pytest
 import torch
+import transformers
 
 from store import (
     BlockLayout,
@@ -16,6 +17,9 @@ from store import (
     block_keys,
     token_bytes,
 )
+
+transformers.utils.logging.disable_progress_bar()
+transformers.utils.logging.set_verbosity_error()
 
 BS = 4  # tokens per block in the store tests
 LAYOUT = BlockLayout(num_layers=2, block_size=BS, num_kv_heads=2, head_dim=8, dtype=torch.float32)
@@ -91,3 +95,9 @@ def child_env() -> dict[str, str]:
 
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.fixture(scope="session")
+def model_root(tmp_path_factory) -> str:
+    """Where the tiny test models are saved (built once per test session)."""
+    return str(tmp_path_factory.mktemp("models"))

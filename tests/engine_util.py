@@ -1,0 +1,38 @@
+"""Helpers for engine tests: engines over the tiny test models, and running requests."""
+from __future__ import annotations
+
+from engine.config import EngineConfig, ModelConfig
+from engine.engine import Engine
+from engine.model import load_model
+from engine.sampling import SamplingParams
+from engine.sequence import RequestOutput
+from store import StoreConfig
+
+BS = 4
+
+
+def make_engine(path: str, gpu: int = 64, host: int = 0, disk: str = "", disk_blocks: int = 0,
+                max_batched: int = 32, max_seqs: int = 16) -> Engine:
+    loaded = load_model(ModelConfig(path=path, device="cpu", dtype="float32"), block_size=BS)
+    store = StoreConfig(block_size=BS, gpu_blocks=gpu, host_blocks=host, disk_path=disk,
+                        disk_max_bytes=disk_blocks * (loaded.block_layout(BS).block_bytes + 512))
+    return Engine(loaded, EngineConfig(max_num_seqs=max_seqs, max_num_batched_tokens=max_batched,
+                                       block_size=BS), store)
+
+
+def greedy(n: int, **kw) -> SamplingParams:
+    return SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True, **kw)
+
+
+async def collect(stream) -> tuple[list[int], RequestOutput]:
+    """All tokens of a request stream, and its last output."""
+    tokens, last = [], None
+    async for out in stream:
+        tokens += out.token_ids
+        last = out
+    return tokens, last
+
+
+async def run(engine: Engine, prompt: list[int], params: SamplingParams,
+              **kw) -> tuple[list[int], RequestOutput]:
+    return await collect(engine.add_request(prompt, params, **kw))

@@ -1,0 +1,202 @@
+"""Engine behaviour: aborts free blocks, bad requests get clear errors and the engine keeps
+serving, sampling options, priority, and a failing step does not stall the engine."""
+import asyncio
+import random
+
+import pytest
+
+from engine.errors import InvalidRequest
+from engine.sampling import SamplingParams
+from store import Tier
+from tests.engine_util import collect, greedy, make_engine, run
+from tests.models import build_model_dir, hf_greedy
+
+
+@pytest.fixture
+def llama(model_root) -> str:
+    return build_model_dir(model_root, "llama")
+
+
+def assert_no_blocks_held(engine):
+    engine.store.check_integrity()
+    stats = engine.store.stats().tiers
+    assert stats[Tier.GPU].locked == 0 and stats[Tier.HOST].locked == 0
+
+
+async def test_randomized_run_with_aborts_keeps_integrity_after_every_step(llama):
+    engine = make_engine(llama, gpu=40, host=16, max_batched=20, max_seqs=6)
+    rng = random.Random(7)
+    shared = [rng.randrange(3, 256) for _ in range(10)]
+    streams = []
+    for step in range(150):
+        if rng.random() < 0.3:
+            own = [rng.randrange(3, 256) for _ in range(rng.randrange(1, 25))]
+            p = (shared if rng.random() < 0.5 else []) + own
+            streams.append(engine.add_request(p, greedy(rng.randrange(1, 20))))
+        if streams and rng.random() < 0.1:
+            engine.abort(rng.choice(streams).request_id)
+        await engine.step()
+        engine.store.check_integrity()
+    while await engine.step():
+        engine.store.check_integrity()
+    assert engine.num_running == 0 and engine.num_waiting == 0
+    assert_no_blocks_held(engine)
+    finishes = [o.finish_reason for s in streams for o in [s._seq.outputs._queue[-1]]]
+    assert "abort" in finishes and "length" in finishes
+
+
+async def test_leaving_the_stream_aborts_and_frees_blocks(llama):
+    engine = make_engine(llama)
+    stream = engine.add_request(list(range(3, 30)), greedy(200))
+    async with stream:
+        while (await engine.step()) and stream._seq.num_generated < 3:
+            pass
+        async for out in stream:
+            break                                   # the caller stops reading
+    assert engine.num_running == 0 and not await engine.step()
+    assert_no_blocks_held(engine)
+
+
+async def test_cancelling_the_reader_aborts_even_mid_step(llama):
+    engine = make_engine(llama)
+    stream = engine.add_request(list(range(3, 30)), greedy(200))
+    reader = asyncio.create_task(collect(stream))   # a client that will disconnect
+    for _ in range(4):
+        await engine.step()
+    step = asyncio.create_task(engine.step())       # a step is in flight...
+    await asyncio.sleep(0)
+    reader.cancel()                                 # ...when the client goes away
+    await asyncio.gather(reader, return_exceptions=True)
+    await step                                      # the step finishes the aborted request
+    assert engine.num_running == 0 and not await engine.step()
+    assert_no_blocks_held(engine)
+
+
+@pytest.mark.parametrize("prompt,params,param,code", [
+    ([], greedy(4), "prompt", None),
+    ([1, 2, 99999], greedy(4), "prompt", None),
+    ([1, -2], greedy(4), "prompt", None),
+    ([5] * 1000, greedy(100), "max_tokens", "context_length_exceeded"),
+    ([1, 2, 3], greedy(10_000), "max_tokens", "context_length_exceeded"),
+])
+async def test_invalid_requests_are_rejected_and_the_engine_keeps_serving(llama, prompt, params, param, code):
+    engine = make_engine(llama)
+    await engine.start()
+    with pytest.raises(InvalidRequest) as e:
+        engine.add_request(prompt, params)
+    assert e.value.param == param and e.value.code == code
+    tokens, _ = await run(engine, [5, 6, 7], greedy(3))
+    assert tokens == hf_greedy(llama, [5, 6, 7], 3)
+    assert_no_blocks_held(engine)
+    await engine.stop()
+
+
+async def test_a_request_larger_than_the_gpu_pool_is_rejected(llama):
+    engine = make_engine(llama, gpu=8)          # 32 tokens of KV
+    with pytest.raises(InvalidRequest, match="needs 10 KV blocks; the GPU pool has 8"):
+        engine.add_request(list(range(3, 20)), greedy(20))   # 17 + 20 tokens
+
+
+@pytest.mark.parametrize("kw,bad", [
+    (dict(temperature=-1), "temperature"), (dict(top_p=0.0), "top_p"), (dict(top_k=-3), "top_k"),
+    (dict(max_tokens=0), "max_tokens"), (dict(stop=("",)), "stop"),
+    (dict(stop_token_ids=(-1,)), "stop_token_ids"),
+])
+def test_invalid_sampling_parameters(kw, bad):
+    with pytest.raises(ValueError, match=bad):
+        SamplingParams(**kw)
+
+
+async def test_seeded_sampling_is_reproducible_whatever_shares_the_batch(llama):
+    engine = make_engine(llama)
+    await engine.start()
+    p = SamplingParams(max_tokens=16, temperature=1.5, top_p=0.9, seed=7, ignore_eos=True)
+    alone, _ = await run(engine, [5, 6, 7], p)
+    crowd = await asyncio.gather(run(engine, [9, 9], greedy(16)), run(engine, [5, 6, 7], p),
+                                 run(engine, [8, 1, 2, 3], SamplingParams(max_tokens=16, seed=1)))
+    assert crowd[1][0] == alone
+    other, _ = await run(engine, [5, 6, 7], SamplingParams(max_tokens=16, temperature=1.5, top_p=0.9, seed=8,
+                                                             ignore_eos=True))
+    assert other != alone
+    top1, _ = await run(engine, [5, 6, 7], SamplingParams(max_tokens=16, temperature=1.0, top_k=1,
+                                                           ignore_eos=True))
+    assert top1 == hf_greedy(llama, [5, 6, 7], 16)
+    await engine.stop()
+
+
+async def test_stop_strings_stop_tokens_and_eos(llama):
+    engine = make_engine(llama)
+    await engine.start()
+    prompt = [5, 6, 7]
+    full = [o async for o in engine.add_request(prompt, greedy(24))]
+    tokens = [t for o in full for t in o.token_ids]
+    text = "".join(o.text for o in full)
+    assert text == engine.loaded.tokenizer.decode(tokens, skip_special_tokens=True)
+    stop = text[5:8]                                   # a piece of what it will say
+    outs = [o async for o in engine.add_request(prompt, greedy(24, stop=(stop,)))]
+    assert "".join(o.text for o in outs) == text[:text.index(stop)]
+    assert outs[-1].finish_reason == "stop"
+    toks, last = await run(engine, prompt, greedy(24, stop_token_ids=(tokens[6],)))
+    assert toks == tokens[:tokens.index(tokens[6]) + 1] and last.finish_reason == "stop"
+    engine.loaded.eos_token_ids = frozenset([tokens[4]])   # pretend that token is EOS
+    toks, last = await run(engine, prompt, SamplingParams(max_tokens=24, temperature=0))
+    assert toks == tokens[:tokens.index(tokens[4]) + 1] and last.finish_reason == "stop"
+    toks, last = await run(engine, prompt, SamplingParams(max_tokens=24, temperature=0, ignore_eos=True))
+    assert toks == tokens and last.finish_reason == "length"
+    await engine.stop()
+
+
+async def test_priority_orders_the_waiting_queue(llama):
+    engine = make_engine(llama, max_seqs=1)
+    finished = []
+
+    async def request(name, priority):
+        await collect(engine.add_request([3, 4, 5], greedy(3), priority=priority))
+        finished.append(name)
+    tasks = [asyncio.create_task(request(n, p)) for n, p in (("low1", 0), ("low2", 0), ("high", 5))]
+    await asyncio.sleep(0)            # all three are queued before the engine starts
+    await engine.start()
+    await asyncio.gather(*tasks)
+    assert finished == ["high", "low1", "low2"]
+    await engine.stop()
+
+
+async def test_an_urgent_request_preempts_a_less_urgent_one(llama):
+    engine = make_engine(llama, gpu=14, host=32, max_batched=64)
+    low_prompt = [(7 * i) % 250 + 3 for i in range(40)]
+    low = engine.add_request(low_prompt, greedy(12), priority=0)
+    low_out = asyncio.create_task(collect(low))
+    while low._seq.num_generated < 2:
+        await engine.step()
+    assert engine.store.stats().tiers[Tier.GPU].locked == 11   # of 14: high needs 5
+    high = engine.add_request(list(range(20, 40)), greedy(4), priority=10)
+    high_out = asyncio.create_task(collect(high))
+    while not high_out.done():
+        await engine.step()
+        await asyncio.sleep(0)
+    assert engine.scheduler.num_preemptions == 1 and not low_out.done()  # high went first
+    while await engine.step():
+        await asyncio.sleep(0)
+    assert (await low_out)[0] == hf_greedy(llama, low_prompt, 12)
+    assert (await high_out)[0] == hf_greedy(llama, list(range(20, 40)), 4)
+    assert_no_blocks_held(engine)
+
+
+async def test_a_failing_step_fails_its_requests_and_the_engine_goes_on(llama, monkeypatch):
+    engine = make_engine(llama)
+    real = engine.runner.execute
+    calls = []
+
+    def flaky(step):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("injected fault")
+        return real(step)
+    monkeypatch.setattr(engine.runner, "execute", flaky)
+    await engine.start()
+    _, last = await run(engine, [5, 6, 7], greedy(5))
+    assert last.finish_reason == "error"
+    assert_no_blocks_held(engine)
+    tokens, last = await run(engine, [5, 6, 7], greedy(5))
+    assert last.finish_reason == "length" and tokens == hf_greedy(llama, [5, 6, 7], 5)
+    await engine.stop()

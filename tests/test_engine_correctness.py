@@ -1,0 +1,112 @@
+"""Greedy output, fp32 on the CPU, is token-for-token what `transformers.generate` produces: for
+a miss, for hits from each tier (GPU, host, disk, after a restart), for preempted-and-resumed
+sequences, and with many concurrent requests of different lengths."""
+import asyncio
+import random
+
+import pytest
+
+from store import Tier
+from tests.engine_util import BS, greedy, make_engine, run
+from tests.models import ARCHS, build_model_dir, hf_greedy
+
+
+def prompt(seed: int, n: int) -> list[int]:
+    rng = random.Random(seed)
+    return [rng.randrange(3, 256) for _ in range(n)]
+
+
+@pytest.fixture
+def llama(model_root) -> str:
+    return build_model_dir(model_root, "llama")
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHS))
+async def test_concurrent_misses_match_generate(model_root, arch):
+    path = build_model_dir(model_root, arch)
+    engine = make_engine(path, max_batched=16)      # long prompts are prefilled in chunks
+    await engine.start()
+    prompts = [prompt(1, 5), prompt(2, 17), prompt(3, 33)]
+    results = await asyncio.gather(*(run(engine, p, greedy(12)) for p in prompts))
+    for p, (tokens, last) in zip(prompts, results):
+        assert tokens == hf_greedy(path, p, 12)
+        assert last.finish_reason == "length" and last.num_cached_tokens == 0
+    await engine.stop()
+
+
+async def test_gpu_hit_matches_generate(llama):
+    engine = make_engine(llama)
+    await engine.start()
+    first = prompt(1, 22)
+    tokens, _ = await run(engine, first, greedy(10))
+    follow_up = first + tokens + prompt(2, 5)            # the next chat turn
+    tokens2, last = await run(engine, follow_up, greedy(10))
+    assert tokens2 == hf_greedy(llama, follow_up, 10)
+    # every full block of turn 1 whose KV was computed: all but the last sampled token
+    assert last.cached_tokens[Tier.GPU] == (len(first) + 10 - 1) // BS * BS
+    engine.store.check_integrity()
+    await engine.stop()
+
+
+async def test_host_hit_matches_generate(llama):
+    engine = make_engine(llama, gpu=12, host=32)
+    await engine.start()
+    a, b = prompt(1, 26), prompt(2, 26)
+    await run(engine, a, greedy(8))
+    await run(engine, b, greedy(8))                      # pushes A's blocks to the host
+    tokens, last = await run(engine, a + [7, 8, 9], greedy(8))
+    assert last.cached_tokens[Tier.HOST] > 0
+    assert tokens == hf_greedy(llama, a + [7, 8, 9], 8)
+    engine.store.check_integrity()
+    await engine.stop()
+
+
+async def test_disk_hit_and_restart_match_generate(llama, tmp_path):
+    disk = str(tmp_path / "kv")
+    engine = make_engine(llama, gpu=12, host=8, disk=disk, disk_blocks=256)
+    await engine.start()
+    prompts = [prompt(i, 26) for i in range(4)]
+    for p in prompts:
+        await run(engine, p, greedy(6))                  # the first ones end up on disk
+    tokens, last = await run(engine, prompts[0] + [5], greedy(8))
+    assert last.cached_tokens[Tier.DISK] > 0
+    assert tokens == hf_greedy(llama, prompts[0] + [5], 8)
+    await engine.stop()                                  # persists GPU and host blocks too
+
+    restarted = make_engine(llama, gpu=12, host=8, disk=disk, disk_blocks=256)
+    await restarted.start()
+    tokens, last = await run(restarted, prompts[3] + [9], greedy(8))
+    assert last.cached_tokens[Tier.DISK] == 24           # all 6 full blocks, from the old process
+    assert tokens == hf_greedy(llama, prompts[3] + [9], 8)
+    restarted.store.check_integrity()
+    await restarted.stop()
+
+
+@pytest.mark.parametrize("host", [64, 0], ids=["swap", "recompute"])
+async def test_preempted_sequences_resume_exactly(llama, host):
+    # 4 sequences of 12 + 40 tokens need 52 blocks; the GPU has 30: decodes run out of blocks
+    engine = make_engine(llama, gpu=30, host=host, max_batched=64)
+    await engine.start()
+    prompts = [prompt(10 + i, 12) for i in range(4)]
+    results = await asyncio.gather(*(run(engine, p, greedy(40)) for p in prompts))
+    assert engine.scheduler.num_preemptions > 0
+    for p, (tokens, _) in zip(prompts, results):
+        assert tokens == hf_greedy(llama, p, 40)
+    engine.store.check_integrity()
+    assert engine.store.stats().tiers[Tier.GPU].locked == 0
+    await engine.stop()
+
+
+async def test_many_concurrent_requests_of_different_lengths(llama):
+    engine = make_engine(llama, gpu=80, host=32, max_batched=24, max_seqs=5)
+    await engine.start()
+    rng = random.Random(5)
+    shared = prompt(99, 12)                              # some share a prefix, some do not
+    prompts = [(shared if i % 2 else []) + prompt(i, rng.randrange(1, 30)) for i in range(12)]
+    lengths = [rng.randrange(1, 16) for _ in prompts]
+    results = await asyncio.gather(*(run(engine, p, greedy(n)) for p, n in zip(prompts, lengths)))
+    for p, n, (tokens, last) in zip(prompts, lengths, results):
+        assert tokens == hf_greedy(llama, p, n)
+        assert last.completion_tokens == n
+    engine.store.check_integrity()
+    await engine.stop()

@@ -1,0 +1,70 @@
+"""Model loading: a saved directory, dummy weights, the built-in demo; the fingerprint."""
+import pytest
+import torch
+
+from engine.config import EngineConfig, ModelConfig
+from engine.model import load_model
+from tests.models import build_model_dir
+
+
+def test_builtin_demo_is_deterministic_and_chats(tmp_path):
+    a = load_model(ModelConfig(), block_size=16)
+    b = load_model(ModelConfig(), block_size=16)
+    c = load_model(ModelConfig(seed=1), block_size=16)
+    assert a.name == "builtin:tiny" and a.dtype == torch.float32 and a.max_model_len == 4096
+    assert a.fingerprint == b.fingerprint != c.fingerprint
+    assert all(torch.equal(p, q) for p, q in zip(a.model.parameters(), b.model.parameters()))
+    text = a.tokenizer.apply_chat_template([{"role": "system", "content": "be brief"},
+                                            {"role": "user", "content": "héllo"}],
+                                           add_generation_prompt=True, tokenize=False)
+    assert text == "<|begin|><|system|>be brief<|end|><|user|>héllo<|end|><|assistant|>"
+    ids = a.tokenizer.encode(text, add_special_tokens=False)
+    assert a.tokenizer.decode(ids) == text and a.eos_token_ids == {a.tokenizer.eos_token_id}
+
+
+def test_fingerprint_covers_block_size_dtype_and_weights(model_root):
+    path = build_model_dir(model_root, "llama")
+    base = load_model(ModelConfig(path=path), block_size=4)
+    assert load_model(ModelConfig(path=path), block_size=4).fingerprint == base.fingerprint
+    assert load_model(ModelConfig(path=path), block_size=8).fingerprint != base.fingerprint
+    assert load_model(ModelConfig(path=path, dtype="bfloat16"), block_size=4).fingerprint != base.fingerprint
+    other = build_model_dir(model_root, "llama", seed=1)    # same architecture, other weights
+    assert load_model(ModelConfig(path=other), block_size=4).fingerprint != base.fingerprint
+    assert base.name == "llama-0" and base.block_layout(4).block_shape == (2, 2, 4, 2, 16)
+
+
+def test_dummy_weights_from_a_named_shape_or_a_config():
+    tiny = load_model(ModelConfig(path="dummy:tiny"), block_size=16)
+    assert tiny.tokenizer is None and tiny.model.config.num_hidden_layers == 4
+    assert tiny.fingerprint == load_model(ModelConfig(path="dummy:tiny"), block_size=16).fingerprint
+
+
+@pytest.mark.parametrize("kw,message", [
+    (dict(path="/no/such/dir"), "is not a directory"),
+    (dict(path="builtin:huge"), "unknown built-in model"),
+    (dict(path="dummy:nope"), "unknown dummy shape"),
+    (dict(max_model_len=100_000), "exceeds the model's context"),
+])
+def test_load_errors_are_clear(kw, message):
+    with pytest.raises(ValueError, match=message):
+        load_model(ModelConfig(**kw), block_size=16)
+
+
+@pytest.mark.parametrize("kw,key", [
+    (dict(dtype="float64"), "model.dtype"), (dict(load_format="gguf"), "model.load_format"),
+    (dict(device="tpu"), "model.device"), (dict(max_model_len=-1), "model.max_model_len"),
+])
+def test_model_config_errors_name_the_key(kw, key):
+    with pytest.raises(ValueError, match=key):
+        ModelConfig(**kw)
+
+
+def test_engine_config_errors_name_the_key():
+    with pytest.raises(ValueError, match="engine.max_num_seqs"):
+        EngineConfig(max_num_seqs=0)
+
+
+def test_a_directory_without_weights_is_a_clear_error(tmp_path):
+    (tmp_path / "config.json").write_text('{"model_type": "llama"}')
+    with pytest.raises(ValueError, match="cannot load the model"):
+        load_model(ModelConfig(path=str(tmp_path)), block_size=16)
