@@ -59,23 +59,23 @@ def reference_attention(query: torch.Tensor, pool: torch.Tensor, layer: int, seq
     out = query.new_empty(1, total, heads, head_dim)
     for s in seqs:
         kv = pool[s.block_table, layer]                       # [nb, 2, bs, KVH, D]
-        k = kv[:, 0].flatten(0, 1)[:s.ctx_len].transpose(0, 1)  # [KVH, ctx, D]
-        v = kv[:, 1].flatten(0, 1)[:s.ctx_len].transpose(0, 1)
-        groups = heads // k.shape[0]
-        if groups > 1:
-            k = k.repeat_interleave(groups, dim=0)           # [H, ctx, D]
-            v = v.repeat_interleave(groups, dim=0)
-        q = query[0, :, s.q_start:s.q_start + s.q_len]       # [H, q_len, D]
-        mask = None
-        if s.q_len > 1 or sliding_window:
+        # 4-D tensors: with 3-D ones CPU SDPA leaves its flash kernel for the (9x slower) math one
+        k = kv[:, 0].flatten(0, 1)[:s.ctx_len].transpose(0, 1)[None]  # [1, KVH, ctx, D]
+        v = kv[:, 1].flatten(0, 1)[:s.ctx_len].transpose(0, 1)[None]
+        q = query[:, :, s.q_start:s.q_start + s.q_len]       # [1, H, q_len, D]; H = KVH * groups
+        mask, causal = None, False
+        if s.q_len == s.ctx_len and s.q_len > 1 and not sliding_window:
+            causal = True           # a whole-sequence prefill: the kernel's own causal path
+        elif s.q_len > 1 or sliding_window:
             # query i sits at position ctx_len - q_len + i and sees keys j <= that position
             q_pos = torch.arange(s.ctx_len - s.q_len, s.ctx_len, device=q.device)[:, None]
             k_pos = torch.arange(s.ctx_len, device=q.device)[None, :]
             mask = k_pos <= q_pos
             if sliding_window:
                 mask &= q_pos - k_pos < sliding_window
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling)  # [H, q_len, D]
-        out[0, s.q_start:s.q_start + s.q_len] = o.transpose(0, 1)
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scaling,
+                                           enable_gqa=k.shape[1] != heads)  # [1, H, q_len, D]
+        out[0, s.q_start:s.q_start + s.q_len] = o[0].transpose(0, 1)
     return out
 
 

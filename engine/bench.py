@@ -1,0 +1,180 @@
+"""In-process engine benchmark: the workloads of BENCHMARKS.md through kvgate's engine and
+through transformers on the same weights, in the same run.
+
+    python -m engine.bench                                   # tiny model on the CPU
+    python -m engine.bench --model dummy:llama3-8b --gpu-blocks 16000 --workloads gsp,unique,decode1
+
+Workloads (token ids drawn from a seeded generator, greedy, output length forced):
+  gsp      G groups x 16 requests: a 2048-token group prefix + 128 unique tokens; 128 out
+  unique   64 prompts of 2176 random tokens; 128 out
+  decode1  one 2048-token prompt; 128 out
+--scale multiplies the number of requests (G = max(1, round(8 * scale)) on GPU, 1 on CPU).
+The peer: transformers' continuous batching (`generate_batch`) for gsp and unique, and plain
+`generate` for decode1. kvgate runs each workload on a fresh engine (cold cache).
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import time
+
+import torch
+
+from engine.config import EngineConfig, ModelConfig
+from engine.engine import Engine
+from engine.model import load_model
+from engine.sampling import SamplingParams
+from store import StoreConfig, Tier
+
+
+def workload(name: str, vocab: int, scale: float, gpu: bool, seed: int = 0) -> tuple[list[list[int]], int]:
+    g = torch.Generator().manual_seed(seed)
+    rand = lambda n: torch.randint(0, vocab, (n,), generator=g).tolist()  # noqa: E731
+    if name == "gsp":
+        groups = max(1, round(8 * scale)) if gpu else 1
+        prompts = []
+        for _ in range(groups):
+            system = rand(2048)
+            prompts += [system + rand(128) for _ in range(max(1, round(16 * (scale if not gpu else 1))))]
+        return prompts, 128
+    if name == "unique":
+        return [rand(2176) for _ in range(max(1, round(64 * scale)))], 128
+    if name == "decode1":
+        return [rand(2048)], 128
+    raise ValueError(f"unknown workload {name!r}")
+
+
+async def run_kvgate(engine: Engine, prompts: list[list[int]], out_len: int) -> dict:
+    params = SamplingParams(max_tokens=out_len, temperature=0.0, ignore_eos=True)
+
+    async def one(prompt: list[int]) -> tuple[float, list[float], dict[Tier, int], int]:
+        start, stamps, last = time.perf_counter(), [], None
+        async for out in engine.generate(prompt, params):
+            stamps += [time.perf_counter()] * len(out.token_ids)
+            last = out
+        return stamps[0] - start, stamps, last.cached_tokens, last.completion_tokens
+
+    t = time.perf_counter()
+    results = await asyncio.gather(*(one(p) for p in prompts))
+    wall = time.perf_counter() - t
+    ttft = sorted(r[0] for r in results)
+    tpot = [(r[1][-1] - r[1][0]) / (len(r[1]) - 1) for r in results if len(r[1]) > 1]
+    out_tokens = sum(r[3] for r in results)
+    prompt_tokens = sum(len(p) for p in prompts)
+    cached = {t.name.lower(): sum(r[2][t] for r in results) / prompt_tokens for t in Tier}
+    return dict(requests=len(prompts), out_tokens=out_tokens, wall_s=round(wall, 3),
+                out_tok_s=round(out_tokens / wall, 1), ttft_p50_s=round(_pct(ttft, 50), 4),
+                ttft_p99_s=round(_pct(ttft, 99), 4), tpot_p50_ms=round(statistics.median(tpot) * 1e3, 2),
+                decode_tok_s=round(1 / statistics.median(tpot), 1),
+                cached_fraction={k: round(v, 3) for k, v in cached.items()})
+
+
+def run_peer(model, prompts: list[list[int]], out_len: int, name: str) -> dict:
+    from transformers import GenerationConfig
+    model.set_attn_implementation("sdpa")
+    sync = torch.cuda.synchronize if model.device.type == "cuda" else (lambda: None)
+    try:
+        if name == "decode1":   # plain generate, as the peer script measures it
+            ids = torch.tensor(prompts[:1], device=model.device)
+            gen = lambda n: model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False,  # noqa: E731
+                                           pad_token_id=0)
+            gen(4)
+            sync()
+            t = time.perf_counter()
+            model(ids, use_cache=False, logits_to_keep=1)
+            sync()
+            prefill = time.perf_counter() - t
+            t = time.perf_counter()
+            gen(out_len)
+            sync()
+            total = time.perf_counter() - t
+            return dict(peer="generate", requests=1, out_tokens=out_len, wall_s=round(total, 3),
+                        decode_tok_s=round(out_len / (total - prefill), 1))
+        gc = GenerationConfig(max_new_tokens=out_len, do_sample=False, eos_token_id=-1, pad_token_id=0)
+        sync()
+        t = time.perf_counter()
+        res = model.generate_batch(inputs=prompts, generation_config=gc)
+        sync()
+        wall = time.perf_counter() - t
+        n = sum(len(r.generated_tokens) for r in res.values())
+        return dict(peer="generate_batch", requests=len(prompts), out_tokens=n, wall_s=round(wall, 3),
+                    out_tok_s=round(n / wall, 1))
+    finally:
+        from engine.attention import ATTN_IMPLEMENTATION
+        model.set_attn_implementation(ATTN_IMPLEMENTATION)
+
+
+def _pct(sorted_values: list[float], p: float) -> float:
+    return sorted_values[min(len(sorted_values) - 1, int(round(p / 100 * (len(sorted_values) - 1))))]
+
+
+async def main_async(a: argparse.Namespace) -> list[dict]:
+    loaded = load_model(ModelConfig(path=a.model, device=a.device), block_size=a.block_size)
+    gpu = loaded.device.type == "cuda"
+    vocab = loaded.model.config.vocab_size
+    env = dict(model=a.model, device=str(loaded.device), dtype=str(loaded.dtype).removeprefix("torch."),
+               gpu=torch.cuda.get_device_name() if gpu else None, torch=torch.__version__)
+    rows = []
+    for name in a.workloads.split(","):
+        prompts, out_len = workload(name, vocab, a.scale, gpu)
+        engine = Engine(loaded, EngineConfig(max_num_seqs=a.max_num_seqs, max_num_batched_tokens=a.max_batched,
+                                             block_size=a.block_size),
+                        StoreConfig(block_size=a.block_size, gpu_blocks=a.gpu_blocks))
+        await engine.start()
+        await run_kvgate(engine, [prompts[0][:64]], 4)          # warm-up, then a fresh engine
+        await engine.stop(persist=False)
+        engine = Engine(loaded, EngineConfig(max_num_seqs=a.max_num_seqs, max_num_batched_tokens=a.max_batched,
+                                             block_size=a.block_size),
+                        StoreConfig(block_size=a.block_size, gpu_blocks=a.gpu_blocks))
+        await engine.start()
+        ours = await run_kvgate(engine, prompts, out_len)
+        await engine.stop(persist=False)
+        rows.append(dict(system="kvgate", workload=name, **ours, **env))
+        print(json.dumps(rows[-1]), flush=True)
+        if a.peer:
+            rows.append(dict(system="transformers", workload=name, **run_peer(loaded.model, prompts, out_len, name),
+                             **env))
+            print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def print_table(rows: list[dict]) -> None:
+    print(f"\n{'workload':<9} {'system':<26} {'out tok/s':>10} {'decode tok/s':>12} {'TTFT p50':>9} "
+          f"{'TTFT p99':>9} {'TPOT p50':>9} {'cached':>7}")
+    for r in rows:
+        system = r["system"] + (f" ({r['peer']})" if "peer" in r else "")
+        cached = sum(r.get("cached_fraction", {}).values())
+        print(f"{r['workload']:<9} {system:<26} {r.get('out_tok_s', '-'):>10} {r.get('decode_tok_s', '-'):>12} "
+              f"{_ms(r.get('ttft_p50_s'))} {_ms(r.get('ttft_p99_s'))} "
+              f"{(str(r['tpot_p50_ms']) + ' ms') if 'tpot_p50_ms' in r else '-':>9} "
+              f"{(f'{cached:.0%}') if 'cached_fraction' in r else '-':>7}")
+
+
+def _ms(s: float | None) -> str:
+    return f"{s * 1e3:7.0f}ms" if s is not None else f"{'-':>9}"
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="dummy:tiny")
+    p.add_argument("--device", default="")
+    p.add_argument("--workloads", default="gsp,unique,decode1")
+    p.add_argument("--scale", type=float, default=1.0)
+    p.add_argument("--gpu-blocks", type=int, default=12000)
+    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--max-num-seqs", type=int, default=128)
+    p.add_argument("--max-batched", type=int, default=4096, help="max_num_batched_tokens")
+    p.add_argument("--no-peer", dest="peer", action="store_false", help="skip transformers")
+    p.add_argument("--json", default=None)
+    a = p.parse_args(argv)
+    rows = asyncio.run(main_async(a))
+    print_table(rows)
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(rows, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
