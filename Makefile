@@ -1,12 +1,12 @@
-# kvgate: `make test` sets up .venv and runs the tests; `make bench-store` runs the store
-# micro-benchmark. On a machine without an NVIDIA GPU the CPU build of torch is installed
-# first, so pip never pulls the multi-GB CUDA packages.
+# kvgate: `make test` sets up .venv and runs the tests; `make bench-store` and
+# `make bench-engine` run the benchmarks. On a machine without an NVIDIA GPU the CPU build
+# of torch is installed first, so pip never pulls the multi-GB CUDA packages.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 CPU_TORCH ?= torch==2.13.0
 
-.PHONY: setup test bench-store
+.PHONY: setup test bench-store bench-engine
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
@@ -24,3 +24,6 @@ test: setup
 
 bench-store: setup
 	$(PY) -m store.bench
+
+bench-engine: setup
+	$(PY) -m engine.bench

@@ -117,39 +117,41 @@ async def main_async(a: argparse.Namespace) -> list[dict]:
     env = dict(model=a.model, device=str(loaded.device), dtype=str(loaded.dtype).removeprefix("torch."),
                gpu=torch.cuda.get_device_name() if gpu else None, torch=torch.__version__)
     rows = []
+
+    async def fresh_engine() -> Engine:
+        config = EngineConfig(max_num_seqs=a.max_num_seqs, max_num_batched_tokens=a.max_batched,
+                              block_size=a.block_size)
+        engine = Engine(loaded, config, StoreConfig(block_size=a.block_size, gpu_blocks=a.gpu_blocks))
+        await engine.start()
+        return engine
+
     for name in a.workloads.split(","):
         prompts, out_len = workload(name, vocab, a.scale, gpu)
-        engine = Engine(loaded, EngineConfig(max_num_seqs=a.max_num_seqs, max_num_batched_tokens=a.max_batched,
-                                             block_size=a.block_size),
-                        StoreConfig(block_size=a.block_size, gpu_blocks=a.gpu_blocks))
-        await engine.start()
-        await run_kvgate(engine, [prompts[0][:64]], 4)          # warm-up, then a fresh engine
+        engine = await fresh_engine()
+        await run_kvgate(engine, [prompts[0][:64]], 4)          # warm-up, then a cold cache
         await engine.stop(persist=False)
-        engine = Engine(loaded, EngineConfig(max_num_seqs=a.max_num_seqs, max_num_batched_tokens=a.max_batched,
-                                             block_size=a.block_size),
-                        StoreConfig(block_size=a.block_size, gpu_blocks=a.gpu_blocks))
-        await engine.start()
+        engine = await fresh_engine()
         ours = await run_kvgate(engine, prompts, out_len)
         await engine.stop(persist=False)
         rows.append(dict(system="kvgate", workload=name, **ours, **env))
         print(json.dumps(rows[-1]), flush=True)
         if a.peer:
-            rows.append(dict(system="transformers", workload=name, **run_peer(loaded.model, prompts, out_len, name),
-                             **env))
+            peer = run_peer(loaded.model, prompts, out_len, name)
+            rows.append(dict(system="transformers", workload=name, **peer, **env))
             print(json.dumps(rows[-1]), flush=True)
     return rows
 
 
 def print_table(rows: list[dict]) -> None:
-    print(f"\n{'workload':<9} {'system':<26} {'out tok/s':>10} {'decode tok/s':>12} {'TTFT p50':>9} "
+    print(f"\n{'workload':<9} {'system':<30} {'out tok/s':>10} {'decode tok/s':>12} {'TTFT p50':>9} "
           f"{'TTFT p99':>9} {'TPOT p50':>9} {'cached':>7}")
     for r in rows:
         system = r["system"] + (f" ({r['peer']})" if "peer" in r else "")
-        cached = sum(r.get("cached_fraction", {}).values())
-        print(f"{r['workload']:<9} {system:<26} {r.get('out_tok_s', '-'):>10} {r.get('decode_tok_s', '-'):>12} "
-              f"{_ms(r.get('ttft_p50_s'))} {_ms(r.get('ttft_p99_s'))} "
-              f"{(str(r['tpot_p50_ms']) + ' ms') if 'tpot_p50_ms' in r else '-':>9} "
-              f"{(f'{cached:.0%}') if 'cached_fraction' in r else '-':>7}")
+        tpot = f"{r['tpot_p50_ms']} ms" if "tpot_p50_ms" in r else "-"
+        cached = f"{sum(r['cached_fraction'].values()):.0%}" if "cached_fraction" in r else "-"
+        print(f"{r['workload']:<9} {system:<30} {r.get('out_tok_s', '-'):>10} "
+              f"{r.get('decode_tok_s', '-'):>12} {_ms(r.get('ttft_p50_s'))} {_ms(r.get('ttft_p99_s'))} "
+              f"{tpot:>9} {cached:>7}")
 
 
 def _ms(s: float | None) -> str:

@@ -50,6 +50,15 @@ class LoadedModel:
     eos_token_ids: frozenset[int]
     fingerprint: str
 
+    def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
+        """Token ids of `messages` rendered with the model's chat template, ready for the
+        assistant's turn. (Rendering to text first works the same on every transformers
+        version; tokenizing inside the template returns a dict on some.)"""
+        if self.tokenizer is None or not getattr(self.tokenizer, "chat_template", None):
+            raise ValueError(f"model {self.name!r} has no chat template")
+        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
     def block_layout(self, block_size: int) -> BlockLayout:
         cfg = self.model.config
         heads = cfg.num_attention_heads

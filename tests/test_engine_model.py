@@ -18,7 +18,7 @@ def test_builtin_demo_is_deterministic_and_chats(tmp_path):
                                             {"role": "user", "content": "héllo"}],
                                            add_generation_prompt=True, tokenize=False)
     assert text == "<|begin|><|system|>be brief<|end|><|user|>héllo<|end|><|assistant|>"
-    ids = a.tokenizer.encode(text, add_special_tokens=False)
+    ids = a.encode_chat([{"role": "system", "content": "be brief"}, {"role": "user", "content": "héllo"}])
     assert a.tokenizer.decode(ids) == text and a.eos_token_ids == {a.tokenizer.eos_token_id}
 
 
