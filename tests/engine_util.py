@@ -1,5 +1,10 @@
-"""Helpers for engine tests: engines over the tiny test models, and running requests."""
+"""Helpers for engine tests: engines over the tiny test models, and running requests.
+
+KVGATE_TEST_DEVICE=cuda runs the engine side of these tests on the GPU (fp32, so greedy output
+must still match the CPU reference token for token)."""
 from __future__ import annotations
+
+import os
 
 from engine.config import EngineConfig, ModelConfig
 from engine.engine import Engine
@@ -13,7 +18,8 @@ BS = 4
 
 def make_engine(path: str, gpu: int = 64, host: int = 0, disk: str = "", disk_blocks: int = 0,
                 max_batched: int = 32, max_seqs: int = 16) -> Engine:
-    loaded = load_model(ModelConfig(path=path, device="cpu", dtype="float32"), block_size=BS)
+    device = os.environ.get("KVGATE_TEST_DEVICE", "cpu")
+    loaded = load_model(ModelConfig(path=path, device=device, dtype="float32"), block_size=BS)
     store = StoreConfig(block_size=BS, gpu_blocks=gpu, host_blocks=host, disk_path=disk,
                         disk_max_bytes=disk_blocks * (loaded.block_layout(BS).block_bytes + 512))
     return Engine(loaded, EngineConfig(max_num_seqs=max_seqs, max_num_batched_tokens=max_batched,
