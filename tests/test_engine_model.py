@@ -1,4 +1,5 @@
-"""Model loading: a saved directory, dummy weights, the built-in demo; the fingerprint."""
+"""Model loading: a saved directory, dummy weights, the built-in demo; the fingerprint.
+Pinned to the CPU: the defaults (device, dtype) differ on a GPU machine."""
 import pytest
 import torch
 
@@ -7,10 +8,14 @@ from engine.model import load_model
 from tests.models import build_model_dir
 
 
+def cpu(**kw) -> ModelConfig:
+    return ModelConfig(device="cpu", **kw)
+
+
 def test_builtin_demo_is_deterministic_and_chats(tmp_path):
-    a = load_model(ModelConfig(), block_size=16)
-    b = load_model(ModelConfig(), block_size=16)
-    c = load_model(ModelConfig(seed=1), block_size=16)
+    a = load_model(cpu(), block_size=16)
+    b = load_model(cpu(), block_size=16)
+    c = load_model(cpu(seed=1), block_size=16)
     assert a.name == "builtin:tiny" and a.dtype == torch.float32 and a.max_model_len == 4096
     assert a.fingerprint == b.fingerprint != c.fingerprint
     assert all(torch.equal(p, q) for p, q in zip(a.model.parameters(), b.model.parameters()))
@@ -24,19 +29,19 @@ def test_builtin_demo_is_deterministic_and_chats(tmp_path):
 
 def test_fingerprint_covers_block_size_dtype_and_weights(model_root):
     path = build_model_dir(model_root, "llama")
-    base = load_model(ModelConfig(path=path), block_size=4)
-    assert load_model(ModelConfig(path=path), block_size=4).fingerprint == base.fingerprint
-    assert load_model(ModelConfig(path=path), block_size=8).fingerprint != base.fingerprint
-    assert load_model(ModelConfig(path=path, dtype="bfloat16"), block_size=4).fingerprint != base.fingerprint
+    base = load_model(cpu(path=path), block_size=4)
+    assert load_model(cpu(path=path), block_size=4).fingerprint == base.fingerprint
+    assert load_model(cpu(path=path), block_size=8).fingerprint != base.fingerprint
+    assert load_model(cpu(path=path, dtype="bfloat16"), block_size=4).fingerprint != base.fingerprint
     other = build_model_dir(model_root, "llama", seed=1)    # same architecture, other weights
-    assert load_model(ModelConfig(path=other), block_size=4).fingerprint != base.fingerprint
+    assert load_model(cpu(path=other), block_size=4).fingerprint != base.fingerprint
     assert base.name == "llama-0" and base.block_layout(4).block_shape == (2, 2, 4, 2, 16)
 
 
 def test_dummy_weights_from_a_named_shape_or_a_config():
-    tiny = load_model(ModelConfig(path="dummy:tiny"), block_size=16)
+    tiny = load_model(cpu(path="dummy:tiny"), block_size=16)
     assert tiny.tokenizer is None and tiny.model.config.num_hidden_layers == 4
-    assert tiny.fingerprint == load_model(ModelConfig(path="dummy:tiny"), block_size=16).fingerprint
+    assert tiny.fingerprint == load_model(cpu(path="dummy:tiny"), block_size=16).fingerprint
 
 
 @pytest.mark.parametrize("kw,message", [
@@ -47,7 +52,7 @@ def test_dummy_weights_from_a_named_shape_or_a_config():
 ])
 def test_load_errors_are_clear(kw, message):
     with pytest.raises(ValueError, match=message):
-        load_model(ModelConfig(**kw), block_size=16)
+        load_model(cpu(**kw), block_size=16)
 
 
 @pytest.mark.parametrize("kw,key", [
@@ -67,4 +72,4 @@ def test_engine_config_errors_name_the_key():
 def test_a_directory_without_weights_is_a_clear_error(tmp_path):
     (tmp_path / "config.json").write_text('{"model_type": "llama"}')
     with pytest.raises(ValueError, match="cannot load the model"):
-        load_model(ModelConfig(path=str(tmp_path)), block_size=16)
+        load_model(cpu(path=str(tmp_path)), block_size=16)
