@@ -51,6 +51,7 @@ class Engine:
         self._arrivals = itertools.count()
         self._wakeup = asyncio.Event()
         self._loop_task: asyncio.Task | None = None
+        self._stopping = False
         self._prefetches: set[asyncio.Task] = set()
 
     # ---- lifecycle --------------------------------------------------------------------------
@@ -60,13 +61,15 @@ class Engine:
             self._loop_task = asyncio.get_running_loop().create_task(self._run())
 
     async def stop(self, persist: bool = True) -> None:
-        """Abort what runs, stop the loop, write the cached blocks worth keeping (and every
-        queued record) to the disk tier, and close the store."""
+        """Abort every request, let a step in flight finish (it ends its aborted requests), stop
+        the loop, write the cached blocks worth keeping (and every queued record) to the disk
+        tier, and close the store."""
         for request_id in list(self._requests):
             self.abort(request_id)
+        self._stopping = True
+        self._wakeup.set()
         if self._loop_task is not None:
-            self._loop_task.cancel()
-            await asyncio.gather(self._loop_task, return_exceptions=True)
+            await self._loop_task
             self._loop_task = None
         await asyncio.gather(*self._prefetches, return_exceptions=True)
         if persist:
@@ -148,21 +151,21 @@ class Engine:
     # ---- the loop ---------------------------------------------------------------------------
 
     async def _run(self) -> None:
-        while True:
+        while not self._stopping:
             try:
                 if not await self.step():
                     self._wakeup.clear()
                     await self._wakeup.wait()
-            except asyncio.CancelledError:
-                raise
             except Exception:  # a bug must not stall every request: fail the step's, go on
                 log.exception("engine step failed; failing the requests it held")
-                for seq in self._failed_step:
+                failed = self._failed_step or list(self._requests.values())  # schedule() itself failed
+                for seq in failed:
                     if seq.status is not Status.FINISHED:
                         self._finish(seq, "error")
 
     async def step(self) -> bool:
         """Schedule, run the model, sample, postprocess. False if there was nothing to run."""
+        self._failed_step = []
         chunks = self.scheduler.schedule()
         if not chunks:
             return False

@@ -200,3 +200,17 @@ async def test_a_failing_step_fails_its_requests_and_the_engine_goes_on(llama, m
     tokens, last = await run(engine, [5, 6, 7], greedy(5))
     assert last.finish_reason == "length" and tokens == hf_greedy(llama, [5, 6, 7], 5)
     await engine.stop()
+
+
+async def test_stop_ends_every_request_even_with_a_step_in_flight(llama):
+    engine = make_engine(llama, gpu=128)
+    await engine.start()
+    streams = [engine.add_request(list(range(3, 40)), greedy(100)) for _ in range(3)]
+    readers = [asyncio.create_task(collect(s)) for s in streams]
+    while engine.num_running < 3 or not engine._in_flight:   # stop while a step runs
+        await asyncio.sleep(0)
+    await engine.stop(persist=False)
+    for reader in readers:
+        _, last = await reader                      # no reader is left waiting
+        assert last.finish_reason == "abort"
+    assert engine.num_running == 0 and engine.num_waiting == 0
