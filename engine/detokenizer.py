@@ -16,16 +16,19 @@ class Detokenizer:
         self._read = 0
         self._holdback = max((len(s) for s in stop), default=1) - 1
 
-    def step(self, output_ids: list[int]) -> tuple[str, bool]:
-        """Text to emit after the newest token, and whether a stop string was reached."""
+    def step(self, token_ids: list[int], start: int) -> tuple[str, bool]:
+        """Text to emit after the newest token of `token_ids[start:]` (the output), and whether
+        a stop string was reached. Decodes only the window since the last emitted text."""
         if self.tokenizer is None:
             return "", False
-        decode = lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
-        before = decode(output_ids[self._prefix:self._read])
-        after = decode(output_ids[self._prefix:])
+        decode = lambda a, b: self.tokenizer.decode(token_ids[start + a:start + b],  # noqa: E731
+                                                    skip_special_tokens=True)
+        n = len(token_ids) - start
+        before = decode(self._prefix, self._read)
+        after = decode(self._prefix, n)
         if len(after) > len(before) and not after.endswith("\ufffd"):
             self.text += after[len(before):]
-            self._prefix, self._read = self._read, len(output_ids)
+            self._prefix, self._read = self._read, n
         stopped = False
         if self.stop:
             start = max(0, self._emitted - self._holdback)

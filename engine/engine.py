@@ -196,7 +196,7 @@ class Engine:
                 self._emit(seq, token)
 
     def _emit(self, seq: Sequence, token: int) -> None:
-        text, stopped = seq.detokenizer.step(seq.output_ids)
+        text, stopped = seq.detokenizer.step(seq.token_ids, seq.prompt_len)
         p = seq.params
         reason = None
         if stopped or token in p.stop_token_ids or (not p.ignore_eos and token in self.loaded.eos_token_ids):

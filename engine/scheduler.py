@@ -53,9 +53,6 @@ class Scheduler:
     def add(self, seq: Sequence) -> None:
         heapq.heappush(self._waiting, (seq.urgency(), seq))
 
-    def has_ready_work(self) -> bool:
-        return bool(self.running) or any(s.ready for _, s in self._waiting)
-
     def schedule(self) -> list[Chunk]:
         budget = self.config.max_num_batched_tokens
         chunks: list[Chunk] = []

@@ -59,10 +59,6 @@ class Sequence:
     def num_generated(self) -> int:
         return len(self.token_ids) - self.prompt_len
 
-    @property
-    def output_ids(self) -> list[int]:
-        return self.token_ids[self.prompt_len:]
-
     def urgency(self) -> tuple[int, int]:
         """Sort key: most urgent first."""
         return (-self.priority, self.arrival)

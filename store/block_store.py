@@ -66,9 +66,6 @@ class PrefixMatch:
     def num_tokens(self) -> int:
         return len(self.nodes) * self.block_size
 
-    def tokens_in(self, tier: Tier) -> int:
-        return sum(t is tier for t in self.tiers) * self.block_size
-
 
 @dataclass
 class SeqBlocks:
@@ -80,14 +77,19 @@ class SeqBlocks:
     path: list[Node]               # locked index nodes of blocks 0 .. len(path)-1
     owned: set[int]                # GPU slots freed at release: blocks not (or not first) indexed
     tiers: tuple[Tier, ...]        # tier each cached block was found in at admission
-    cached_tokens: dict[Tier, int] # prompt tokens found in each tier at admission (prefetched
-                                   # blocks count as host; the caller's match saw them on disk)
+    block_size: int
     cacheable: bool = True         # False after a key collision: later blocks are not indexed
     swapped: list[int] = field(default_factory=list)  # host slots of a preempted sequence
 
     @property
+    def cached_tokens(self) -> dict[Tier, int]:
+        """Prompt tokens found in each tier at admission (prefetched blocks count as host;
+        the caller's earlier match saw them on disk)."""
+        return {t: self.block_size * sum(x is t for x in self.tiers) for t in TIERS}
+
+    @property
     def num_cached_tokens(self) -> int:
-        return sum(self.cached_tokens.values())
+        return len(self.tiers) * self.block_size
 
 
 @dataclass(eq=False)
@@ -206,7 +208,7 @@ class BlockStore:
         self.misses += len(token_ids) // self.block_size - len(nodes)
         owned = slots[len(promote):]
         seq = SeqBlocks(seq_id, root, priority, [n.gpu_slot for n in nodes] + owned, nodes, set(owned),
-                        tiers, {t: match.block_size * sum(x is t for x in tiers) for t in TIERS})
+                        tiers, self.block_size)
         self._seqs[seq_id] = seq
         return seq
 

@@ -101,10 +101,6 @@ class BlockCopier:
         if self._last is not None:
             self._last.synchronize()
 
-    def idle(self) -> bool:
-        """True when no queued copy is still running (polls; never blocks)."""
-        return self._last is None or self._last.query()
-
     @contextlib.contextmanager
     def _batch(self) -> Iterator[None]:
         if not self.is_cuda:
