@@ -1,6 +1,6 @@
 """The engine: an asyncio API over continuous batching with a tiered prefix cache.
 
-    stream = engine.add_request(prompt_ids, SamplingParams(...), priority=0, namespace="")
+    stream = engine.submit(prompt_ids, SamplingParams(...), priority=0, namespace="")
     async for out in stream: ...           # RequestOutput deltas until finish_reason is set
 
 All engine state lives on the event loop's thread; the forward pass runs on one executor thread
@@ -80,7 +80,7 @@ class Engine:
 
     # ---- requests ---------------------------------------------------------------------------
 
-    def add_request(self, prompt_ids: Seq[int], params: SamplingParams, priority: int = 0,
+    def submit(self, prompt_ids: Seq[int], params: SamplingParams, priority: int = 0,
                     namespace: str = "", request_id: str | None = None) -> RequestStream:
         """Validate and queue a request; raises InvalidRequest. Its disk-resident prefix blocks
         start loading at once, while it waits."""
@@ -107,7 +107,7 @@ class Engine:
 
     async def generate(self, prompt_ids: Seq[int], params: SamplingParams,
                        **kw) -> AsyncIterator[RequestOutput]:
-        async for out in self.add_request(prompt_ids, params, **kw):
+        async for out in self.submit(prompt_ids, params, **kw):
             yield out
 
     def abort(self, request_id: str) -> None:

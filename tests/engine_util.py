@@ -41,4 +41,4 @@ async def collect(stream) -> tuple[list[int], RequestOutput]:
 
 async def run(engine: Engine, prompt: list[int], params: SamplingParams,
               **kw) -> tuple[list[int], RequestOutput]:
-    return await collect(engine.add_request(prompt, params, **kw))
+    return await collect(engine.submit(prompt, params, **kw))

@@ -32,7 +32,7 @@ async def test_randomized_run_with_aborts_keeps_integrity_after_every_step(llama
         if rng.random() < 0.3:
             own = [rng.randrange(3, 256) for _ in range(rng.randrange(1, 25))]
             p = (shared if rng.random() < 0.5 else []) + own
-            streams.append(engine.add_request(p, greedy(rng.randrange(1, 20))))
+            streams.append(engine.submit(p, greedy(rng.randrange(1, 20))))
         if streams and rng.random() < 0.1:
             engine.abort(rng.choice(streams).request_id)
         await engine.step()
@@ -47,7 +47,7 @@ async def test_randomized_run_with_aborts_keeps_integrity_after_every_step(llama
 
 async def test_leaving_the_stream_aborts_and_frees_blocks(llama):
     engine = make_engine(llama)
-    stream = engine.add_request(list(range(3, 30)), greedy(200))
+    stream = engine.submit(list(range(3, 30)), greedy(200))
     async with stream:
         while (await engine.step()) and stream._seq.num_generated < 3:
             pass
@@ -59,7 +59,7 @@ async def test_leaving_the_stream_aborts_and_frees_blocks(llama):
 
 async def test_cancelling_the_reader_aborts_even_mid_step(llama):
     engine = make_engine(llama)
-    stream = engine.add_request(list(range(3, 30)), greedy(200))
+    stream = engine.submit(list(range(3, 30)), greedy(200))
     reader = asyncio.create_task(collect(stream))   # a client that will disconnect
     for _ in range(4):
         await engine.step()
@@ -83,7 +83,7 @@ async def test_invalid_requests_are_rejected_and_the_engine_keeps_serving(llama,
     engine = make_engine(llama)
     await engine.start()
     with pytest.raises(InvalidRequest) as e:
-        engine.add_request(prompt, params)
+        engine.submit(prompt, params)
     assert e.value.param == param and e.value.code == code
     tokens, _ = await run(engine, [5, 6, 7], greedy(3))
     assert tokens == hf_greedy(llama, [5, 6, 7], 3)
@@ -94,7 +94,7 @@ async def test_invalid_requests_are_rejected_and_the_engine_keeps_serving(llama,
 async def test_a_request_larger_than_the_gpu_pool_is_rejected(llama):
     engine = make_engine(llama, gpu=8)          # 32 tokens of KV
     with pytest.raises(InvalidRequest, match="needs 10 KV blocks; the GPU pool has 8"):
-        engine.add_request(list(range(3, 20)), greedy(20))   # 17 + 20 tokens
+        engine.submit(list(range(3, 20)), greedy(20))   # 17 + 20 tokens
 
 
 @pytest.mark.parametrize("kw,bad", [
@@ -128,12 +128,12 @@ async def test_stop_strings_stop_tokens_and_eos(llama):
     engine = make_engine(llama)
     await engine.start()
     prompt = [5, 6, 7]
-    full = [o async for o in engine.add_request(prompt, greedy(24))]
+    full = [o async for o in engine.submit(prompt, greedy(24))]
     tokens = [t for o in full for t in o.token_ids]
     text = "".join(o.text for o in full)
     assert text == engine.loaded.tokenizer.decode(tokens, skip_special_tokens=True)
     stop = text[5:8]                                   # a piece of what it will say
-    outs = [o async for o in engine.add_request(prompt, greedy(24, stop=(stop,)))]
+    outs = [o async for o in engine.submit(prompt, greedy(24, stop=(stop,)))]
     assert "".join(o.text for o in outs) == text[:text.index(stop)]
     assert outs[-1].finish_reason == "stop"
     toks, last = await run(engine, prompt, greedy(24, stop_token_ids=(tokens[6],)))
@@ -151,7 +151,7 @@ async def test_priority_orders_the_waiting_queue(llama):
     finished = []
 
     async def request(name, priority):
-        await collect(engine.add_request([3, 4, 5], greedy(3), priority=priority))
+        await collect(engine.submit([3, 4, 5], greedy(3), priority=priority))
         finished.append(name)
     tasks = [asyncio.create_task(request(n, p)) for n, p in (("low1", 0), ("low2", 0), ("high", 5))]
     await asyncio.sleep(0)            # all three are queued before the engine starts
@@ -164,12 +164,12 @@ async def test_priority_orders_the_waiting_queue(llama):
 async def test_an_urgent_request_preempts_a_less_urgent_one(llama):
     engine = make_engine(llama, gpu=14, host=32, max_batched=64)
     low_prompt = [(7 * i) % 250 + 3 for i in range(40)]
-    low = engine.add_request(low_prompt, greedy(12), priority=0)
+    low = engine.submit(low_prompt, greedy(12), priority=0)
     low_out = asyncio.create_task(collect(low))
     while low._seq.num_generated < 2:
         await engine.step()
     assert engine.store.stats().tiers[Tier.GPU].locked == 11   # of 14: high needs 5
-    high = engine.add_request(list(range(20, 40)), greedy(4), priority=10)
+    high = engine.submit(list(range(20, 40)), greedy(4), priority=10)
     high_out = asyncio.create_task(collect(high))
     while not high_out.done():
         await engine.step()
@@ -205,7 +205,7 @@ async def test_a_failing_step_fails_its_requests_and_the_engine_goes_on(llama, m
 async def test_stop_ends_every_request_even_with_a_step_in_flight(llama):
     engine = make_engine(llama, gpu=128)
     await engine.start()
-    streams = [engine.add_request(list(range(3, 40)), greedy(100)) for _ in range(3)]
+    streams = [engine.submit(list(range(3, 40)), greedy(100)) for _ in range(3)]
     readers = [asyncio.create_task(collect(s)) for s in streams]
     while engine.num_running < 3 or not engine._in_flight:   # stop while a step runs
         await asyncio.sleep(0)
