@@ -36,4 +36,17 @@ def build_demo(path: str, seed: int) -> tuple[LlamaForCausalLM, PreTrainedTokeni
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = LlamaForCausalLM(config)
-    return model, tokenizer, f"{path}:v1:seed={seed}"
+    # Random weights would mostly emit bytes that are not valid UTF-8 (an empty reply): only
+    # printable ASCII and the end token keep their output rows, scaled up so that sampling
+    # picks them too, and the demo prints readable gibberish.
+    keep = [i for i in range(len(tokenizer))
+            if i == tokenizer.eos_token_id or _printable(tokenizer.decode([i]))]
+    mask = torch.zeros(len(tokenizer), 1)
+    mask[keep] = 10.0
+    with torch.no_grad():
+        model.lm_head.weight.mul_(mask)
+    return model, tokenizer, f"{path}:v2:seed={seed}"
+
+
+def _printable(text: str) -> bool:
+    return len(text) == 1 and text.isascii() and (text.isprintable() or text == "\n")

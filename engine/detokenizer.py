@@ -15,12 +15,14 @@ class Detokenizer:
         self._prefix = 0          # token offsets of the decode window
         self._read = 0
         self._holdback = max((len(s) for s in stop), default=1) - 1
+        self._last: tuple[list[int], int] | None = None   # what step() saw last
 
     def step(self, token_ids: list[int], start: int) -> tuple[str, bool]:
         """Text to emit after the newest token of `token_ids[start:]` (the output), and whether
         a stop string was reached. Decodes only the window since the last emitted text."""
         if self.tokenizer is None:
             return "", False
+        self._last = (token_ids, start)
         decode = lambda a, b: self.tokenizer.decode(token_ids[start + a:start + b],  # noqa: E731
                                                     skip_special_tokens=True)
         n = len(token_ids) - start
@@ -40,7 +42,15 @@ class Detokenizer:
         return self._take(end), stopped
 
     def flush(self) -> str:
-        """The held-back rest, when the sequence ends for another reason."""
+        """The held-back rest, when the sequence ends for another reason (a trailing incomplete
+        UTF-8 sequence comes out as U+FFFD)."""
+        if self._last is not None:
+            token_ids, start = self._last
+            tail = self.tokenizer.decode(token_ids[start + self._prefix:], skip_special_tokens=True)
+            head = self.tokenizer.decode(token_ids[start + self._prefix:start + self._read],
+                                         skip_special_tokens=True)
+            self.text += tail[len(head):]
+            self._prefix = self._read = len(token_ids) - start
         return self._take(len(self.text))
 
     def _take(self, end: int) -> str:

@@ -64,8 +64,7 @@ class Engine:
         """Abort every request, let a step in flight finish (it ends its aborted requests), stop
         the loop, write the cached blocks worth keeping (and every queued record) to the disk
         tier, and close the store."""
-        for request_id in list(self._requests):
-            self.abort(request_id)
+        self.abort_all()
         self._stopping = True
         self._wakeup.set()
         if self._loop_task is not None:
@@ -109,6 +108,10 @@ class Engine:
                        **kw) -> AsyncIterator[RequestOutput]:
         async for out in self.submit(prompt_ids, params, **kw):
             yield out
+
+    def abort_all(self) -> None:
+        for request_id in list(self._requests):
+            self.abort(request_id)
 
     def abort(self, request_id: str) -> None:
         """Cancel a request at any point; a step in flight finishes it when it returns."""

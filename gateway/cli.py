@@ -1,0 +1,53 @@
+"""The `kvgate` command.
+
+    kvgate serve [--config FILE] [--host H] [--port N] [--set section.key=value ...]
+
+With no arguments it serves the built-in demo model on 127.0.0.1:8000 (on the GPU if there is
+one). SIGINT / SIGTERM shut it down gracefully: no new requests, streams in flight end, cached
+GPU and host blocks are written to the disk tier, LMDB is closed.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from aiohttp import web
+
+from gateway.app import init_app
+from gateway.config import ConfigError, load_config
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="kvgate", description="KV-cache-aware OpenAI-compatible LLM server")
+    commands = parser.add_subparsers(dest="command", required=True)
+    serve = commands.add_parser("serve", help="start the server")
+    serve.add_argument("--config", help="TOML configuration file (see configs/default.toml)")
+    serve.add_argument("--host", help="overrides server.host")
+    serve.add_argument("--port", type=int, help="overrides server.port")
+    serve.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                       help="override any configuration key with a TOML value (repeatable)")
+    serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    overrides = list(args.overrides)
+    if args.host:
+        overrides.append(f"server.host={args.host!r}".replace("'", '"'))
+    if args.port:
+        overrides.append(f"server.port={args.port}")
+    try:
+        config = load_config(args.config, overrides)
+    except ConfigError as e:
+        print(f"kvgate: configuration error: {e}", file=sys.stderr)
+        return 2
+    app = init_app(config)
+    server = config.server
+    print(f"kvgate: serving {config.model.path} on http://{server.host}:{server.port}", flush=True)
+    web.run_app(app, host=config.server.host, port=config.server.port, handler_cancellation=True,
+                print=None, shutdown_timeout=10)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,53 @@
+"""Errors at the edge: every failure becomes OpenAI's error object with the right status.
+
+A client's mistake is a 4xx (clients retry 5xx): bad JSON or fields 400, auth 401, unknown model
+or route 404, body too large 413, overload 429. Only a fault of kvgate itself is a 500.
+"""
+from __future__ import annotations
+
+import logging
+
+from aiohttp import web
+
+from engine.errors import InvalidRequest
+from gateway.protocol import error_body
+
+log = logging.getLogger("kvgate.gateway")
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, type_: str, param: str | None = None,
+                 code: str | None = None, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
+        self.headers = headers or {}
+
+    def response(self) -> web.Response:
+        return web.json_response(error_body(self.message, self.type, self.param, self.code),
+                                 status=self.status, headers=self.headers)
+
+
+_HTTP_TYPES = {401: "authentication_error", 404: "not_found_error", 413: "invalid_request_error",
+               429: "rate_limit_error"}
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except APIError as e:
+        return e.response()
+    except InvalidRequest as e:
+        return APIError(400, str(e), "invalid_request_error", e.param, e.code).response()
+    except web.HTTPException as e:      # aiohttp's own: 404 route, 405 method, 413 body size
+        if e.status < 400:
+            raise
+        message = (e.text or e.reason).removeprefix(f"{e.status}: ")
+        return APIError(e.status, message, _HTTP_TYPES.get(
+            e.status, "invalid_request_error"), headers={k: v for k, v in e.headers.items()
+                                                           if k.lower() == "allow"}).response()
+    except ConnectionResetError:
+        raise
+    except Exception:
+        log.exception("internal error serving %s %s", request.method, request.path)
+        return APIError(500, "internal server error", "server_error").response()

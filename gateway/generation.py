@@ -1,0 +1,123 @@
+"""From a validated OpenAI request to engine submissions, and back.
+
+A request becomes one engine request per choice (each prompt x `n`). All are validated before
+any runs; their streams are merged, and leaving the merged stream (the client went away, an
+error) aborts every one of them.
+"""
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from engine.engine import Engine, RequestStream
+from engine.errors import InvalidRequest
+from engine.model import LoadedModel
+from engine.sampling import SamplingParams
+from engine.sequence import RequestOutput
+from gateway.protocol import ChatCompletionRequest, CompletionRequest
+
+
+@dataclass
+class Choice:
+    """One generated sequence of a request, and what the response needs of it."""
+    index: int
+    prompt: list[int]
+    params: SamplingParams
+    stream: RequestStream | None = None
+    text: list[str] = field(default_factory=list)
+    last: RequestOutput | None = None
+    first_token_at: float | None = None
+    last_token_at: float | None = None
+
+
+def chat_prompt(req: ChatCompletionRequest, loaded: LoadedModel) -> list[int]:
+    if req.tools:
+        raise InvalidRequest("tools are not supported by kvgate", "tools")
+    for i, m in enumerate(req.messages):
+        if isinstance(m.content, list) and any(p.get("type") != "text" for p in m.content):
+            raise InvalidRequest("only text content parts are supported", f"messages[{i}].content")
+    try:
+        return loaded.encode_chat([{"role": m.role, "content": m.text()} for m in req.messages])
+    except ValueError as e:
+        raise InvalidRequest(str(e), "messages") from None
+
+
+def completion_prompts(req: CompletionRequest, loaded: LoadedModel) -> list[list[int]]:
+    prompt = req.prompt
+    if isinstance(prompt, list) and isinstance(prompt[0], int):
+        return [prompt]
+    texts = [prompt] if isinstance(prompt, str) else prompt
+    if loaded.tokenizer is None:
+        raise InvalidRequest("this model has no tokenizer: send the prompt as token ids", "prompt")
+    return [loaded.tokenizer.encode(t) for t in texts]
+
+
+def plan(req: ChatCompletionRequest | CompletionRequest, prompts: list[list[int]],
+         max_model_len: int) -> list[Choice]:
+    """One Choice per prompt and sample, with its sampling parameters."""
+    if req.logprobs:
+        raise InvalidRequest("logprobs are not supported by kvgate", "logprobs")
+    choices = []
+    for p, prompt in enumerate(prompts):
+        max_tokens = getattr(req, "max_completion_tokens", None) or req.max_tokens
+        if max_tokens is None:                # chat default: the rest of the context
+            max_tokens = max(1, max_model_len - len(prompt))
+        for i in range(req.n):
+            seed = None if req.seed is None else req.seed + i
+            try:
+                params = SamplingParams(
+                    max_tokens=max_tokens, temperature=float(req.temperature), top_p=float(req.top_p),
+                    top_k=req.top_k, seed=seed, stop=req.stop_strings(),
+                    stop_token_ids=tuple(req.stop_token_ids or ()), ignore_eos=req.ignore_eos)
+            except ValueError as e:
+                raise InvalidRequest(str(e), str(e).split(" ")[0]) from None
+            choices.append(Choice(p * req.n + i, prompt, params))
+    return choices
+
+
+def submit(engine: Engine, choices: list[Choice], priority: int, namespace: str) -> None:
+    """Submit every choice, or none: if one is rejected, the others are aborted."""
+    try:
+        for c in choices:
+            c.stream = engine.submit(c.prompt, c.params, priority=priority, namespace=namespace)
+    except InvalidRequest:
+        for c in choices:
+            if c.stream is not None:
+                engine.abort(c.stream.request_id)
+        raise
+
+
+async def merged(choices: list[Choice]) -> AsyncIterator[tuple[Choice, RequestOutput]]:
+    """Outputs of all choices as they come. Leaving early aborts every unfinished choice."""
+    queue: asyncio.Queue[tuple[Choice, RequestOutput | None]] = asyncio.Queue()
+
+    async def pump(c: Choice) -> None:
+        try:
+            async for out in c.stream:
+                now = time.perf_counter()
+                if out.token_ids:
+                    c.first_token_at = c.first_token_at or now
+                    c.last_token_at = now
+                c.text.append(out.text)
+                c.last = out
+                await queue.put((c, out))
+        finally:
+            await queue.put((c, None))
+
+    tasks = [asyncio.create_task(pump(c)) for c in choices]
+    try:
+        running = len(tasks)
+        while running:
+            c, out = await queue.get()
+            if out is None:
+                running -= 1
+            else:
+                yield c, out
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for c in choices:
+            await c.stream.aclose()

@@ -1,0 +1,26 @@
+"""Typed keys of the app's and each request's state."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from aiohttp import web
+
+from engine.engine import Engine
+from gateway.config import KvgateConfig
+from gateway.metrics import Metrics
+
+
+@dataclass
+class ServerState:
+    started: int                   # unix time, for /v1/models
+    in_flight: int = 0             # generation requests being served
+    stopping: bool = False
+    streams: set = field(default_factory=set)   # response tasks to finish at shutdown
+
+
+CONFIG = web.AppKey("config", KvgateConfig)
+ENGINE = web.AppKey("engine", Engine)
+METRICS = web.AppKey("metrics", Metrics)
+STATE = web.AppKey("state", ServerState)
+# request key: the TenantConfig, or None without tenants (aiohttp < 3.14 has no RequestKey)
+TENANT = web.RequestKey("tenant", object) if hasattr(web, "RequestKey") else "kvgate.tenant"

@@ -1,0 +1,74 @@
+"""Prometheus metrics, on a registry of the app's own (no module-level state).
+
+Counters and histograms are updated as requests finish; block and request gauges are read
+from the engine when /metrics is scraped, so they are never stale.
+"""
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+
+from engine.engine import Engine
+from engine.sequence import RequestOutput
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+_TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28)
+
+
+class Metrics:
+    def __init__(self, engine: Engine) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.prompt_tokens = Counter("kvgate_prompt_tokens", "Prompt tokens of finished requests", registry=r)
+        self.cached_tokens = Counter("kvgate_cached_prompt_tokens", "Prompt tokens served from the KV cache",
+                                     ["tier"], registry=r)
+        self.generation_tokens = Counter("kvgate_generation_tokens", "Generated tokens", registry=r)
+        self.requests_total = Counter("kvgate_requests_finished", "Finished requests", ["finish_reason"],
+                                      registry=r)
+        self.ttft = Histogram("kvgate_time_to_first_token_seconds", "Time from arrival to the first token",
+                              buckets=_LATENCY_BUCKETS, registry=r)
+        self.tpot = Histogram("kvgate_time_per_output_token_seconds", "Mean time per output token after "
+                              "the first, per request", buckets=_TPOT_BUCKETS, registry=r)
+        r.register(_EngineCollector(engine))
+
+    def finished(self, last: RequestOutput, ttft: float | None, decode_seconds: float) -> None:
+        """Account one finished generation (one choice)."""
+        self.prompt_tokens.inc(last.prompt_tokens)
+        for tier, n in last.cached_tokens.items():
+            self.cached_tokens.labels(tier.name.lower()).inc(n)
+        self.generation_tokens.inc(last.completion_tokens)
+        self.requests_total.labels(last.finish_reason or "unknown").inc()
+        if ttft is not None:
+            self.ttft.observe(ttft)
+        if last.completion_tokens > 1:
+            self.tpot.observe(decode_seconds / (last.completion_tokens - 1))
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class _EngineCollector:
+    """kvgate_blocks{tier,state} and kvgate_requests{state}, read at scrape time."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    def describe(self):
+        return []
+
+    def collect(self):
+        blocks = GaugeMetricFamily("kvgate_blocks", "KV blocks per tier and state", labels=["tier", "state"])
+        for tier, s in self.engine.store.stats().tiers.items():
+            for state in ("free", "cached", "locked"):
+                blocks.add_metric([tier.name.lower(), state], getattr(s, state))
+        yield blocks
+        requests = GaugeMetricFamily("kvgate_requests", "Requests in the engine", labels=["state"])
+        requests.add_metric(["running"], self.engine.num_running)
+        requests.add_metric(["waiting"], self.engine.num_waiting)
+        yield requests
+        evictions = GaugeMetricFamily("kvgate_block_evictions", "Copies evicted per tier (running total)",
+                                      labels=["tier"])
+        for tier, s in self.engine.store.stats().tiers.items():
+            evictions.add_metric([tier.name.lower()], s.evictions)
+        yield evictions
+

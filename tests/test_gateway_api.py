@@ -1,0 +1,217 @@
+"""The HTTP API through the app factory: responses in OpenAI's format, cached tokens, every bad
+input as an OpenAI error object with the right status, tenants, the concurrency limit, and a
+client that disconnects mid-stream (its blocks are freed, as /metrics shows)."""
+import asyncio
+import json
+import re
+
+import pytest
+
+from engine.config import ModelConfig
+from engine.model import load_model
+from gateway.app import init_app
+from gateway.config import build_config
+from gateway.keys import ENGINE
+
+MODEL = "builtin:tiny"
+
+
+@pytest.fixture(scope="session")
+def demo():
+    return load_model(ModelConfig(device="cpu"), block_size=16)
+
+
+@pytest.fixture
+def make_client(aiohttp_client, demo):
+    async def make(**sections):
+        doc = {"store": {"gpu": {"num_blocks": 256}}, **sections}
+        app = init_app(build_config(doc), loaded=demo)
+        return await aiohttp_client(app, server_kwargs={"handler_cancellation": True})
+    return make
+
+
+def chat(content="hello", **kw):
+    return {"model": MODEL, "messages": [{"role": "user", "content": content}], "max_tokens": 8,
+            "temperature": 0, **kw}
+
+
+async def sse(resp) -> list:
+    events = []
+    async for line in resp.content:
+        line = line.decode().strip()
+        if line.startswith("data: "):
+            events.append(line[6:] if line[6:] == "[DONE]" else json.loads(line[6:]))
+    return events
+
+
+async def metric(client, name: str, **labels) -> float:
+    """One sample from /metrics, whatever the order of its labels."""
+    text = await (await client.get("/metrics")).text()
+    for m in re.finditer(r"^(\w+)(?:\{(.*)\})? (\S+)$", text, re.M):
+        found = dict(re.findall(r'(\w+)="([^"]*)"', m.group(2) or ""))
+        if m.group(1) == name and found == {k: str(v) for k, v in labels.items()}:
+            return float(m.group(3))
+    raise AssertionError(f"{name}{labels} not in /metrics")
+
+
+async def test_models_and_health(make_client):
+    client = await make_client()
+    assert (await (await client.get("/health")).json()) == {"status": "ok"}
+    body = await (await client.get("/v1/models")).json()
+    assert body["data"][0]["id"] == MODEL and body["object"] == "list"
+
+
+async def test_chat_completion_and_cached_tokens_on_a_repeated_prefix(make_client):
+    client = await make_client()
+    system = {"role": "system", "content": "You are a terse assistant. " * 8}
+    first = await (await client.post("/v1/chat/completions", json={**chat(), "messages": [
+        system, {"role": "user", "content": "first question"}]})).json()
+    assert first["object"] == "chat.completion" and first["choices"][0]["message"]["role"] == "assistant"
+    assert first["choices"][0]["finish_reason"] == "length"
+    u = first["usage"]
+    assert u["completion_tokens"] == 8 and u["total_tokens"] == u["prompt_tokens"] + 8
+    assert u["prompt_tokens_details"]["cached_tokens"] == 0
+    second = await (await client.post("/v1/chat/completions", json={**chat(), "messages": [
+        system, {"role": "user", "content": "another question"}]})).json()
+    details = second["usage"]["prompt_tokens_details"]
+    assert details["cached_tokens"] >= 16 * 13          # the system prompt's full blocks
+    assert details["cached_tokens_by_tier"] == {"gpu": details["cached_tokens"], "host": 0, "disk": 0}
+    assert await metric(client, "kvgate_cached_prompt_tokens_total", tier="gpu") == details["cached_tokens"]
+
+
+async def test_chat_stream_in_openai_format(make_client):
+    client = await make_client()
+    resp = await client.post("/v1/chat/completions",
+                             json=chat(stream=True, stream_options={"include_usage": True}))
+    assert resp.headers["Content-Type"] == "text/event-stream"
+    events = await sse(resp)
+    assert events[-1] == "[DONE]"
+    assert events[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    assert all(e["object"] == "chat.completion.chunk" for e in events[:-1])
+    finishes = [c["finish_reason"] for e in events[:-2] for c in e["choices"] if c["finish_reason"]]
+    assert finishes == ["length"]
+    usage = events[-2]["usage"]
+    assert events[-2]["choices"] == [] and usage["completion_tokens"] == 8
+    assert all(e["usage"] is None for e in events[:-2])
+    text = "".join(c["delta"].get("content", "") for e in events[:-2] for c in e["choices"])
+    full = await (await client.post("/v1/chat/completions", json=chat())).json()
+    assert text == full["choices"][0]["message"]["content"]     # greedy: the same text
+    plain = await sse(await client.post("/v1/chat/completions", json=chat(stream=True)))
+    assert "usage" not in plain[-2]
+
+
+async def test_completions_with_text_token_ids_several_prompts_and_n(make_client):
+    client = await make_client()
+    body = await (await client.post("/v1/completions", json={"model": MODEL, "prompt": "Once upon",
+                                                             "max_tokens": 5, "temperature": 0})).json()
+    assert body["object"] == "text_completion" and body["usage"]["completion_tokens"] == 5
+    ids = await (await client.post("/v1/completions", json={"model": MODEL, "prompt": [10, 20, 30],
+                                                            "max_tokens": 3})).json()
+    assert ids["usage"]["prompt_tokens"] == 3
+    many = await (await client.post("/v1/completions", json={
+        "model": MODEL, "prompt": ["a b c", "d e f"], "n": 2, "max_tokens": 4, "seed": 3,
+        "temperature": 0.9})).json()
+    assert sorted(c["index"] for c in many["choices"]) == [0, 1, 2, 3]
+    assert many["usage"]["completion_tokens"] == 16
+    events = await sse(await client.post("/v1/completions", json={
+        "model": MODEL, "prompt": "x", "max_tokens": 3, "stream": True}))
+    assert events[-1] == "[DONE]" and events[0]["object"] == "text_completion"
+
+
+async def test_extension_fields_and_unknown_fields(make_client):
+    client = await make_client()
+    resp = await client.post("/v1/chat/completions", json=chat(
+        priority=5, top_k=3, ignore_eos=True, max_tokens=6, user="someone", frequency_penalty=0,
+        some_future_field={"x": 1}))
+    assert resp.status == 200 and (await resp.json())["usage"]["completion_tokens"] == 6
+
+
+@pytest.mark.parametrize("body,status,param,code", [
+    (b"{not json", 400, None, None),
+    (b"[1, 2]", 400, None, None),
+    (json.dumps({"model": MODEL}), 400, "messages", None),
+    (json.dumps(chat(max_tokens="8")), 400, "max_tokens", None),
+    (json.dumps(chat(max_tokens=-1)), 400, "max_tokens", None),
+    (json.dumps(chat(max_tokens=10**9)), 400, "max_tokens", "context_length_exceeded"),
+    (json.dumps(chat(temperature=3)), 400, "temperature", None),
+    (json.dumps(chat(top_p=0)), 400, "top_p", None),
+    (json.dumps(chat(priority=1.5)), 400, "priority", None),
+    (json.dumps({**chat(), "messages": [{"role": "wizard", "content": "x"}]}), 400, "messages.0.role", None),
+    (json.dumps(chat(content="word " * 5000)), 400, "max_tokens", "context_length_exceeded"),
+    (json.dumps(chat(tools=[{"type": "function"}])), 400, "tools", None),
+    (json.dumps(chat(logprobs=True)), 400, "logprobs", None),
+    (json.dumps(chat(model="gpt-9")), 404, "model", "model_not_found"),
+])
+async def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(make_client, body, status, param,
+                                                                           code):
+    client = await make_client()
+    resp = await client.post("/v1/chat/completions", data=body, headers={"Content-Type": "application/json"})
+    err = (await resp.json())["error"]
+    assert resp.status == status and set(err) == {"message", "type", "param", "code"}
+    assert err["param"] == param and err["code"] == code and err["message"]
+    assert (await client.post("/v1/chat/completions", json=chat())).status == 200
+
+
+async def test_size_route_and_method_errors(make_client):
+    client = await make_client(server={"max_body_bytes": 4096})
+    resp = await client.post("/v1/completions", json={"model": MODEL, "prompt": "x" * 10000})
+    assert resp.status == 413 and (await resp.json())["error"]["message"]
+    resp = await client.get("/v1/nowhere")
+    assert resp.status == 404 and (await resp.json())["error"]["type"] == "not_found_error"
+    resp = await client.get("/v1/completions")
+    assert resp.status == 405 and "error" in await resp.json()
+
+
+async def test_tenants_need_their_key_and_never_share_a_cache(make_client, monkeypatch):
+    monkeypatch.setenv("KEY_B", "sk-bbb")
+    client = await make_client(tenants=[{"name": "a", "api_key": "sk-aaa", "priority": 1},
+                                        {"name": "b", "api_key_env": "KEY_B"}])
+    prompt = chat(content="a shared document " * 20)
+    for headers in ({}, {"Authorization": "Bearer sk-nope"}, {"Authorization": "sk-aaa"}):
+        resp = await client.post("/v1/chat/completions", json=prompt, headers=headers)
+        assert resp.status == 401 and (await resp.json())["error"]["code"] == "invalid_api_key"
+    assert (await client.get("/health")).status == 200           # open
+    a = {"Authorization": "Bearer sk-aaa"}
+    b = {"Authorization": "Bearer sk-bbb"}
+    await client.post("/v1/chat/completions", json=prompt, headers=a)
+    again_a = await (await client.post("/v1/chat/completions", json=prompt, headers=a)).json()
+    first_b = await (await client.post("/v1/chat/completions", json=prompt, headers=b)).json()
+    assert again_a["usage"]["prompt_tokens_details"]["cached_tokens"] > 0
+    assert first_b["usage"]["prompt_tokens_details"]["cached_tokens"] == 0   # a's prompt is a's
+
+
+async def test_concurrency_limit_answers_429_with_retry_after(make_client):
+    client = await make_client(server={"max_concurrent_requests": 1})
+    long = await client.post("/v1/chat/completions", json=chat(max_tokens=400, ignore_eos=True, stream=True))
+    await long.content.readline()                  # it is running
+    resp = await client.post("/v1/chat/completions", json=chat())
+    assert resp.status == 429 and resp.headers["Retry-After"] == "1"
+    assert (await resp.json())["error"]["type"] == "rate_limit_error"
+    long.close()
+
+
+async def test_client_disconnect_mid_stream_frees_its_blocks(make_client):
+    client = await make_client()
+    resp = await client.post("/v1/chat/completions", json=chat(max_tokens=4000, ignore_eos=True, stream=True))
+    for _ in range(5):
+        await resp.content.readline()              # a few chunks arrive...
+    assert await metric(client, "kvgate_blocks", tier="gpu", state="locked") > 0
+    resp.close()                                   # ...and the client goes away
+    for _ in range(500):                           # the server notices within a step or two
+        if await metric(client, "kvgate_requests", state="running") == 0:
+            break
+        await asyncio.sleep(0.01)
+    assert await metric(client, "kvgate_requests", state="running") == 0
+    assert await metric(client, "kvgate_requests_finished_total", finish_reason="abort") == 1
+    assert await metric(client, "kvgate_blocks", tier="gpu", state="locked") == 0
+    client.app[ENGINE].store.check_integrity()
+
+
+async def test_metrics_count_tokens_and_latency(make_client):
+    client = await make_client()
+    await client.post("/v1/chat/completions", json=chat(max_tokens=5))
+    assert await metric(client, "kvgate_generation_tokens_total") == 5
+    assert await metric(client, "kvgate_prompt_tokens_total") > 0
+    assert await metric(client, "kvgate_time_to_first_token_seconds_count") == 1
+    assert await metric(client, "kvgate_time_per_output_token_seconds_count") == 1
+    assert await metric(client, "kvgate_blocks", tier="gpu", state="free") > 0
