@@ -101,6 +101,9 @@ class KvgateConfig:
         _require(len(set(names)) == len(names), "tenants", "tenants with distinct names")
         keys = [t.key for t in self.tenants]
         _require(len(set(keys)) == len(keys), "tenants", "tenants with distinct api keys")
+        _require(not self.store.disk.path or self.store.host.num_blocks > 0, "store.host.num_blocks",
+                 "> 0 when store.disk.path is set (disk reads are staged through the host tier; give it "
+                 "at least the blocks of the longest prefix you want back from disk)")
 
 
 SECTIONS = {"server": ServerConfig, "model": ModelConfig, "engine": EngineConfig,

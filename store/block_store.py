@@ -52,6 +52,9 @@ class StoreConfig:
             raise ValueError(f"store.host_blocks must be >= 0, got {self.host_blocks}")
         if self.disk_path and self.disk_max_bytes <= 0:
             raise ValueError("store.disk_max_bytes must be > 0 when store.disk_path is set")
+        if self.disk_path and self.host_blocks < 1:
+            raise ValueError("store.host_blocks must be >= 1 when store.disk_path is set: disk reads "
+                             "are staged through the host tier")
 
 
 @dataclass(frozen=True)

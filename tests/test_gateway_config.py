@@ -1,0 +1,80 @@
+"""The configuration file: shipped configs load, default.toml documents every key with its
+true default, and every mistake is an error naming the key."""
+import dataclasses
+import glob
+import os
+import tomllib
+
+import pytest
+
+from gateway.cli import main
+from gateway.config import SECTIONS, ConfigError, KvgateConfig, TenantConfig, build_config, load_config
+
+CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+
+
+@pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(CONFIGS, "*.toml"))), ids=os.path.basename)
+def test_shipped_configs_load(path):
+    assert isinstance(load_config(path), KvgateConfig)
+
+
+def test_default_toml_documents_every_key_with_its_default():
+    with open(os.path.join(CONFIGS, "default.toml"), "rb") as f:
+        doc = tomllib.load(f)
+    for name, cls in SECTIONS.items():
+        table = doc
+        for part in name.split("."):
+            table = table[part]
+        assert set(table) == {f.name for f in dataclasses.fields(cls) if f.init}, name
+    assert build_config(doc) == KvgateConfig()
+    text = open(os.path.join(CONFIGS, "default.toml")).read()     # [[tenants]] is commented out
+    for f in dataclasses.fields(TenantConfig):
+        assert f"# {f.name} =" in text or f"(or {f.name} =" in text, f"tenants.{f.name} undocumented"
+
+
+def test_set_overrides_take_toml_values_or_bare_strings(tmp_path):
+    cfg = load_config(None, ["server.port=9001", "model.path=/models/x", 'model.name="my model"',
+                             "store.host.num_blocks=64", "store.gpu.memory_fraction=0.5"])
+    assert cfg.server.port == 9001 and cfg.model.path == "/models/x" and cfg.model.name == "my model"
+    assert cfg.store.host.num_blocks == 64 and cfg.store.gpu.memory_fraction == 0.5
+
+
+@pytest.mark.parametrize("doc,message", [
+    ({"sever": {}}, r"unknown section \[sever\]"),
+    ({"server": {"prot": 1}},
+     "unknown key server.prot; allowed: host, max_body_bytes, max_concurrent_requests, port"),
+    ({"server": {"port": "8000"}}, "server.port must be int, got str"),
+    ({"server": {"port": 70000}}, "server.port must be an int in 1..65535"),
+    ({"model": {"dtype": "float64"}}, "model.dtype must be one of float32, bfloat16, float16"),
+    ({"engine": {"max_num_seqs": 0}}, "engine.max_num_seqs must be >= 1"),
+    ({"store": {"disk": {"path": "/x"}}}, "store.disk.max_bytes must be an int > 0"),
+    ({"store": {"disk": {"path": "/x", "max_bytes": 10**9}}}, "store.host.num_blocks must be > 0 when"),
+    ({"store": {"gpu": {"memory_fraction": 1.5}}}, "store.gpu.memory_fraction"),
+    ({"store": {"cpu": {}}}, r"unknown section \[store.cpu\]"),
+    ({"tenants": [{"name": "a"}]}, "exactly one of api_key and api_key_env"),
+    ({"tenants": [{"name": "a", "api_key_env": "KVGATE_NO_SUCH_VAR"}]}, "KVGATE_NO_SUCH_VAR.*not set"),
+    ({"tenants": [{"name": "a", "api_key": "k"}, {"name": "a", "api_key": "j"}]}, "distinct names"),
+    ({"tenants": [{"name": "a", "api_key": "k"}, {"name": "b", "api_key": "k"}]}, "distinct api keys"),
+    ({"tenants": {"name": "a"}}, "array of tables"),
+    ({"server": 5}, r"\[server\] must be a table"),
+])
+def test_config_errors_name_the_key(doc, message):
+    with pytest.raises(ConfigError, match=message):
+        build_config(doc)
+
+
+@pytest.mark.parametrize("override", ["server.port", "port=1", "=3"])
+def test_malformed_set_is_an_error(override):
+    with pytest.raises(ConfigError, match="expected section.key=value"):
+        load_config(None, [override])
+
+
+def test_cli_reports_config_errors_and_exits_2(tmp_path, capsys):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[server]\nport = 'x'\n")
+    assert main(["serve", "--config", str(bad)]) == 2
+    assert "server.port must be int" in capsys.readouterr().err
+    assert main(["serve", "--config", str(tmp_path / "missing.toml")]) == 2
+    (tmp_path / "broken.toml").write_text("[server\n")
+    assert main(["serve", "--config", str(tmp_path / "broken.toml")]) == 2
+    assert "not valid TOML" in capsys.readouterr().err

@@ -1,0 +1,96 @@
+"""`kvgate serve` as a real process, driven by the official `openai` client: streaming chat,
+completions, cached tokens on a repeated prefix, errors; then a graceful shutdown (SIGTERM)
+and a second process on the same disk directory that serves the prefix from the disk tier."""
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import openai
+import pytest
+
+from tests.conftest import child_env
+
+SYSTEM = {"role": "system", "content": "You answer questions about the kvgate manual. " * 6}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def serve(tmp_path, port: int) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "gateway", "serve", "--port", str(port), "--log-level", "warning",
+           "--set", 'model.device="cpu"', "--set", "store.gpu.num_blocks=256",
+           "--set", "store.host.num_blocks=64",
+           "--set", f"store.disk.path={tmp_path / 'kv'}", "--set", "store.disk.max_bytes=100000000"]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=child_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:          # poll until it answers (model load, LMDB open)
+        if proc.poll() is not None:
+            pytest.fail(f"kvgate serve exited: {proc.stdout.read()}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1) as r:
+                if r.status == 200:
+                    return proc
+        except OSError:
+            time.sleep(0.1)
+    proc.kill()
+    pytest.fail("kvgate serve did not become healthy")
+
+
+def stop(proc: subprocess.Popen) -> None:
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 0, proc.stdout.read()
+
+
+def ask(client, question: str):
+    return client.chat.completions.create(model="builtin:tiny", max_tokens=12, temperature=0,
+                                          messages=[SYSTEM, {"role": "user", "content": question}])
+
+
+def test_openai_client_against_kvgate_serve_and_a_restart(tmp_path):
+    port = free_port()
+    proc = serve(tmp_path, port)
+    try:
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0)
+        assert [m.id for m in client.models.list()] == ["builtin:tiny"]
+
+        chunks = list(client.chat.completions.create(
+            model="builtin:tiny", messages=[{"role": "user", "content": "Stream, please."}], max_tokens=16,
+            temperature=0, stream=True, stream_options={"include_usage": True}))
+        text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        assert chunks[-1].usage.completion_tokens == 16 and text
+        assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+
+        done = client.completions.create(model="builtin:tiny", prompt="Once upon a time", max_tokens=8,
+                                         temperature=0)
+        assert done.usage.completion_tokens == 8 and done.choices[0].finish_reason == "length"
+
+        first = ask(client, "What is a block?")
+        second = ask(client, "What is a tier?")
+        assert first.usage.prompt_tokens_details.cached_tokens == 0
+        assert second.usage.prompt_tokens_details.cached_tokens >= 16 * 12   # the system prompt
+        assert second.usage.prompt_tokens_details.cached_tokens_by_tier["gpu"] > 0
+
+        with pytest.raises(openai.NotFoundError):
+            client.chat.completions.create(model="gpt-9", messages=[{"role": "user", "content": "x"}])
+        with pytest.raises(openai.BadRequestError) as e:
+            client.chat.completions.create(model="builtin:tiny", messages=[{"role": "user", "content": "x"}],
+                                           temperature=5)
+        assert e.value.body["param"] == "temperature"
+    finally:
+        stop(proc)                               # graceful: cached blocks go to the disk tier
+
+    proc = serve(tmp_path, port)                 # a new process on the same disk directory
+    try:
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0)
+        again = ask(client, "What is a block?")
+        assert again.usage.prompt_tokens_details.cached_tokens_by_tier["disk"] >= 16 * 12
+        assert again.choices[0].message.content == first.choices[0].message.content
+    finally:
+        stop(proc)
