@@ -1,12 +1,13 @@
-# kvgate: `make test` sets up .venv and runs the tests; `make bench-store` and
-# `make bench-engine` run the benchmarks. On a machine without an NVIDIA GPU the CPU build
+# kvgate: `make serve` sets up .venv and starts the server (extra arguments: ARGS="...");
+# `make test` sets up .venv and runs the tests; `make bench-store` and `make bench-engine`
+# run the benchmarks. On a machine without an NVIDIA GPU the CPU build
 # of torch is installed first, so pip never pulls the multi-GB CUDA packages.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 CPU_TORCH ?= torch==2.13.0
 
-.PHONY: setup test bench-store bench-engine
+.PHONY: setup serve test bench-store bench-engine
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
@@ -18,6 +19,9 @@ $(VENV)/.installed: pyproject.toml
 	fi
 	$(PY) -m pip install -q -e ".[test]"
 	touch $@
+
+serve: setup
+	$(VENV)/bin/kvgate serve $(ARGS)
 
 test: setup
 	$(PY) -m pytest -q
