@@ -228,6 +228,12 @@ class Engine:
     # ---- introspection ----------------------------------------------------------------------
 
     @property
+    def max_sequence_tokens(self) -> int:
+        """The longest sequence (prompt + output) this engine can hold: the context length,
+        or the whole GPU pool if that is smaller."""
+        return min(self.loaded.max_model_len, self.store.gpu.num_blocks * self.config.block_size)
+
+    @property
     def num_running(self) -> int:
         return len(self.scheduler.running)
 

@@ -55,15 +55,15 @@ def completion_prompts(req: CompletionRequest, loaded: LoadedModel) -> list[list
 
 
 def plan(req: ChatCompletionRequest | CompletionRequest, prompts: list[list[int]],
-         max_model_len: int) -> list[Choice]:
+         max_sequence_tokens: int) -> list[Choice]:
     """One Choice per prompt and sample, with its sampling parameters."""
     if req.logprobs:
         raise InvalidRequest("logprobs are not supported by kvgate", "logprobs")
     choices = []
     for p, prompt in enumerate(prompts):
         max_tokens = getattr(req, "max_completion_tokens", None) or req.max_tokens
-        if max_tokens is None:                # chat default: the rest of the context
-            max_tokens = max(1, max_model_len - len(prompt))
+        if max_tokens is None:                # chat default: all the room the sequence has left
+            max_tokens = max(1, max_sequence_tokens - len(prompt))
         for i in range(req.n):
             seed = None if req.seed is None else req.seed + i
             try:

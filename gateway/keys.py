@@ -1,7 +1,7 @@
 """Typed keys of the app's and each request's state."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from aiohttp import web
 
@@ -15,7 +15,6 @@ class ServerState:
     started: int                   # unix time, for /v1/models
     in_flight: int = 0             # generation requests being served
     stopping: bool = False
-    streams: set = field(default_factory=set)   # response tasks to finish at shutdown
 
 
 CONFIG = web.AppKey("config", KvgateConfig)

@@ -32,7 +32,7 @@ async def _generate(request: web.Request, req, prompts: list[list[int]], kind: s
         raise APIError(404, f"The model `{req.model}` does not exist", "invalid_request_error",
                        "model", "model_not_found")
     tenant = request[TENANT]
-    choices = plan(req, prompts, engine.loaded.max_model_len)
+    choices = plan(req, prompts, engine.max_sequence_tokens)
     priority = req.priority if req.priority is not None else (tenant.priority if tenant else 0)
     started = time.perf_counter()
     submit(engine, choices, priority, tenant.name if tenant else "")

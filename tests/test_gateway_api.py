@@ -118,6 +118,14 @@ async def test_completions_with_text_token_ids_several_prompts_and_n(make_client
     assert events[-1] == "[DONE]" and events[0]["object"] == "text_completion"
 
 
+async def test_chat_without_max_tokens_fits_a_pool_smaller_than_the_context(make_client):
+    client = await make_client(store={"gpu": {"num_blocks": 8}})    # 128 tokens, context 4096
+    body = {k: v for k, v in chat(ignore_eos=True).items() if k != "max_tokens"}
+    resp = await client.post("/v1/chat/completions", json=body)
+    usage = (await resp.json())["usage"]
+    assert resp.status == 200 and usage["prompt_tokens"] + usage["completion_tokens"] == 128
+
+
 async def test_extension_fields_and_unknown_fields(make_client):
     client = await make_client()
     resp = await client.post("/v1/chat/completions", json=chat(
