@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface
 
+from engine import kernels
+
 ATTN_IMPLEMENTATION = "kvgate_paged"
 
 
@@ -30,11 +32,20 @@ class SeqSlice:
 
 
 @dataclass(frozen=True)
+class DecodeBatch:
+    """Sequences of the step with one new token each, for the batched decode kernel."""
+    rows: torch.Tensor           # [S] their rows in the flat batch
+    block_tables: torch.Tensor   # [S, max_blocks] int32, padded with 0
+    context_lens: torch.Tensor   # [S] int32
+
+
+@dataclass(frozen=True)
 class PagedMetadata:
     kv_pool: torch.Tensor        # the GPU pool: [num_blocks, num_layers, 2, block_size, kv_heads, head_dim]
     slot_block: torch.Tensor     # [T] pool block that receives each new token's K/V
     slot_offset: torch.Tensor    # [T] its position inside that block
-    seqs: tuple[SeqSlice, ...]
+    seqs: tuple[SeqSlice, ...]   # sequences attended by the reference path
+    decode: DecodeBatch | None = None   # sequences attended by the decode kernel
 
 
 def paged_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
@@ -49,14 +60,27 @@ def paged_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Ten
     # write the new K/V: pool[block, layer, 0 (K) / 1 (V), offset] <- [T, KVH, D]
     pool[kvgate.slot_block, layer, 0, kvgate.slot_offset] = key[0].transpose(0, 1)
     pool[kvgate.slot_block, layer, 1, kvgate.slot_offset] = value[0].transpose(0, 1)
-    return reference_attention(query, pool, layer, kvgate.seqs, scaling, sliding_window), None
+    _, heads, total, head_dim = query.shape
+    out = query.new_empty(1, total, heads, head_dim)
+    if kvgate.decode is not None:
+        d = kvgate.decode
+        q = query[0, :, d.rows].transpose(0, 1).contiguous()                    # [S, H, D]
+        o = torch.empty_like(q)
+        kernels.paged_decode(q, pool, layer, d.block_tables, d.context_lens,
+                             scaling if scaling is not None else head_dim ** -0.5, o)
+        out[0, d.rows] = o
+    reference_attention(query, pool, layer, kvgate.seqs, scaling, sliding_window, out)
+    return out, None
 
 
 def reference_attention(query: torch.Tensor, pool: torch.Tensor, layer: int, seqs: tuple[SeqSlice, ...],
-                        scaling: float | None, sliding_window: int | None) -> torch.Tensor:
-    """Attention of each sequence's new queries over its blocks. query: [1, H, T, D]."""
+                        scaling: float | None, sliding_window: int | None,
+                        out: torch.Tensor | None = None) -> torch.Tensor:
+    """Attention of each sequence's new queries over its blocks. query: [1, H, T, D];
+    writes the rows of `seqs` into out: [1, T, H, D] (a new tensor if None)."""
     _, heads, total, head_dim = query.shape
-    out = query.new_empty(1, total, heads, head_dim)
+    if out is None:
+        out = query.new_empty(1, total, heads, head_dim)
     for s in seqs:
         kv = pool[s.block_table, layer]                       # [nb, 2, bs, KVH, D]
         # 4-D tensors: with 3-D ones CPU SDPA leaves its flash kernel for the (9x slower) math one

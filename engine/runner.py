@@ -10,7 +10,8 @@ from dataclasses import dataclass
 
 import torch
 
-from engine.attention import PagedMetadata, SeqSlice
+from engine import kernels
+from engine.attention import DecodeBatch, PagedMetadata, SeqSlice
 from engine.model import LoadedModel
 from engine.sampling import SamplingParams, sample
 from engine.scheduler import Chunk
@@ -23,7 +24,8 @@ class StepInput:
     positions: torch.Tensor          # [T] their positions in their sequences
     slot_block: torch.Tensor         # [T] pool block receiving each token's K/V
     slot_offset: torch.Tensor        # [T] offset inside it
-    seqs: tuple[SeqSlice, ...]       # per chunk (block tables still on the CPU)
+    seqs: tuple[SeqSlice, ...]       # chunks for the reference path (block tables on the CPU)
+    decode: DecodeBatch | None       # one-token chunks for the decode kernel (CPU tensors)
     sample_rows: torch.Tensor        # [N] rows of the flat batch whose logits are sampled
     params: list[SamplingParams]     # [N]
     generators: list[torch.Generator | None]  # [N]
@@ -35,10 +37,15 @@ class ModelRunner:
         self.device = loaded.device
         self.store = store
         self.block_size = store.block_size
+        window = getattr(loaded.model.config, "sliding_window", None)
+        # the decode kernel attends over the whole context: not for windows shorter than it
+        self.use_kernel = kernels.available(self.device) and (
+            not window or window >= loaded.max_model_len)
 
     def prepare(self, chunks: list[Chunk]) -> StepInput:
         ids, positions, blocks, offsets, seqs, rows = [], [], [], [], [], []
         params, generators = [], []
+        decode_rows, decode_tables, decode_lens = [], [], []
         q = 0
         for c in chunks:
             seq = c.seq
@@ -49,14 +56,25 @@ class ModelRunner:
             positions.append(pos)
             blocks.append(table[pos // self.block_size])
             offsets.append(pos % self.block_size)
-            seqs.append(SeqSlice(q, c.num_tokens, end, table))
+            if self.use_kernel and c.num_tokens == 1:
+                decode_rows.append(q)
+                decode_tables.append(table)
+                decode_lens.append(end)
+            else:
+                seqs.append(SeqSlice(q, c.num_tokens, end, table))
             if c.samples:
                 rows.append(q + c.num_tokens - 1)
                 params.append(seq.params)
                 generators.append(seq.generator)
             q += c.num_tokens
+        decode = None
+        if decode_rows:
+            tables = torch.zeros(len(decode_tables), max(len(t) for t in decode_tables), dtype=torch.int32)
+            for i, t in enumerate(decode_tables):
+                tables[i, :len(t)] = t
+            decode = DecodeBatch(torch.tensor(decode_rows), tables, torch.tensor(decode_lens, dtype=torch.int32))
         return StepInput(torch.cat(ids), torch.cat(positions), torch.cat(blocks), torch.cat(offsets),
-                         tuple(seqs), torch.tensor(rows, dtype=torch.long), params, generators)
+                         tuple(seqs), decode, torch.tensor(rows, dtype=torch.long), params, generators)
 
     @torch.inference_mode()
     def execute(self, step: StepInput) -> list[int]:
@@ -65,7 +83,9 @@ class ModelRunner:
         meta = PagedMetadata(
             kv_pool=self.store.gpu.tensor, slot_block=step.slot_block.to(dev),
             slot_offset=step.slot_offset.to(dev),
-            seqs=tuple(SeqSlice(s.q_start, s.q_len, s.ctx_len, s.block_table.to(dev)) for s in step.seqs))
+            seqs=tuple(SeqSlice(s.q_start, s.q_len, s.ctx_len, s.block_table.to(dev)) for s in step.seqs),
+            decode=None if step.decode is None else DecodeBatch(*(x.to(dev) for x in (
+                step.decode.rows, step.decode.block_tables, step.decode.context_lens))))
         # logits only where a token is sampled (at least one row: prompt chunks may sample none)
         rows = step.sample_rows if len(step.sample_rows) else torch.tensor([step.input_ids.numel() - 1])
         out = self.model(input_ids=step.input_ids[None].to(dev), position_ids=step.positions[None].to(dev),
