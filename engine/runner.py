@@ -69,10 +69,9 @@ class ModelRunner:
             q += c.num_tokens
         decode = None
         if decode_rows:
-            tables = torch.zeros(len(decode_tables), max(len(t) for t in decode_tables), dtype=torch.int32)
-            for i, t in enumerate(decode_tables):
-                tables[i, :len(t)] = t
-            decode = DecodeBatch(torch.tensor(decode_rows), tables, torch.tensor(decode_lens, dtype=torch.int32))
+            tables = torch.nn.utils.rnn.pad_sequence(decode_tables, batch_first=True).to(torch.int32)
+            decode = DecodeBatch(torch.tensor(decode_rows), tables,
+                                 torch.tensor(decode_lens, dtype=torch.int32))
         return StepInput(torch.cat(ids), torch.cat(positions), torch.cat(blocks), torch.cat(offsets),
                          tuple(seqs), decode, torch.tensor(rows, dtype=torch.long), params, generators)
 
