@@ -43,7 +43,7 @@ class Engine:
         self.store = BlockStore(store_config, loaded.block_layout(config.block_size), loaded.fingerprint,
                                 device=loaded.device)
         self.scheduler = Scheduler(config, self.store)
-        self.runner = ModelRunner(loaded, self.store)
+        self.runner = ModelRunner(loaded, self.store, config.max_num_seqs)
         self._forward = ThreadPoolExecutor(1, thread_name_prefix="kvgate-forward")
         self._requests: dict[str, Sequence] = {}
         self._in_flight: set[Sequence] = set()

@@ -6,16 +6,21 @@ attention writing K/V into the store's GPU pool, and samples one token per finis
 """
 from __future__ import annotations
 
+import logging
+import math
 from dataclasses import dataclass
 
 import torch
 
 from engine import kernels
 from engine.attention import DecodeBatch, PagedMetadata, SeqSlice
+from engine.graphs import DecodeGraphs
 from engine.model import LoadedModel
 from engine.sampling import SamplingParams, sample
 from engine.scheduler import Chunk
 from store import BlockStore
+
+log = logging.getLogger("kvgate.engine")
 
 
 @dataclass(frozen=True)
@@ -32,7 +37,7 @@ class StepInput:
 
 
 class ModelRunner:
-    def __init__(self, loaded: LoadedModel, store: BlockStore) -> None:
+    def __init__(self, loaded: LoadedModel, store: BlockStore, max_num_seqs: int = 256) -> None:
         self.model = loaded.model
         self.device = loaded.device
         self.store = store
@@ -41,6 +46,10 @@ class ModelRunner:
         # the decode kernel attends over the whole context: not for windows shorter than it
         self.use_kernel = kernels.available(self.device) and (
             not window or window >= loaded.max_model_len)
+        self.graphs = None
+        if self.use_kernel and self.device.type == "cuda":
+            self.graphs = DecodeGraphs(self.model, store.gpu.tensor, max_num_seqs,
+                                       math.ceil(loaded.max_model_len / self.block_size))
 
     def prepare(self, chunks: list[Chunk]) -> StepInput:
         ids, positions, blocks, offsets, seqs, rows = [], [], [], [], [], []
@@ -78,6 +87,13 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, step: StepInput) -> list[int]:
         """One forward pass over the whole step; returns one sampled token per sample row."""
+        if self._graphable(step):
+            try:
+                logits = self._replay(step)
+                return sample(logits[step.sample_rows.to(self.device)], step.params, step.generators)
+            except RuntimeError:
+                log.exception("decode graph failed; running eagerly from now on")
+                self.graphs.broken = True
         dev = self.device
         meta = PagedMetadata(
             kv_pool=self.store.gpu.tensor, slot_block=step.slot_block.to(dev),
@@ -92,3 +108,15 @@ class ModelRunner:
         if len(step.sample_rows) == 0:
             return []
         return sample(out.logits[0], step.params, step.generators)
+
+    def _graphable(self, step: StepInput) -> bool:
+        """A decode-only step that fits a captured batch size."""
+        g = self.graphs
+        return (g is not None and not g.broken and not step.seqs and step.decode is not None
+                and step.input_ids.numel() <= g.max_batch and len(step.sample_rows) > 0)
+
+    def _replay(self, step: StepInput) -> torch.Tensor:
+        dev = self.device
+        d = step.decode
+        return self.graphs.run(step.input_ids.to(dev), step.positions.to(dev), step.slot_block.to(dev),
+                               step.slot_offset.to(dev), d.block_tables.to(dev), d.context_lens.to(dev))
