@@ -106,6 +106,62 @@ def run_peer(model, prompts: list[list[int]], out_len: int, name: str) -> dict:
         model.set_attn_implementation(ATTN_IMPLEMENTATION)
 
 
+def bench_kernel(device: str) -> None:
+    """The decode kernel alone at the 8B shape: time per layer and achieved KV bandwidth."""
+    import triton.testing
+
+    from engine import kernels
+    blocks, bs, kvh, hd, heads = 20000, 16, 8, 128, 32
+    pool = torch.randn(blocks, 1, 2, bs, kvh, hd, device=device, dtype=torch.bfloat16)
+    print(f"\n{'seqs':>5} {'context':>8} {'tile':>5} {'warps':>6} {'stages':>7} {'us/layer':>9} "
+          f"{'KV GB/s':>8}")
+    for seqs, ctx in ((1, 2048), (64, 2176), (128, 2240)):
+        per_seq = -(-ctx // bs)
+        tables = torch.randperm(blocks, device=device)[:seqs * per_seq].view(seqs, per_seq).to(torch.int32)
+        lens = torch.full((seqs,), ctx, dtype=torch.int32, device=device)
+        q = torch.randn(seqs, heads, hd, device=device, dtype=torch.bfloat16)
+        out = torch.empty_like(q)
+        kv_bytes = seqs * ctx * kvh * hd * 2 * 2
+        for tile, warps, stages in ((64, 4, 2), (128, 4, 2), (64, 8, 3), (128, 8, 3), (32, 4, 2)):
+            ms = triton.testing.do_bench(lambda: kernels.paged_decode(
+                q, pool, 0, tables, lens, hd ** -0.5, out, tile, warps, stages), return_mode="median")
+            print(f"{seqs:>5} {ctx:>8} {tile:>5} {warps:>6} {stages:>7} {ms * 1e3:>9.1f} "
+                  f"{kv_bytes / ms / 1e6:>8.0f}")
+
+
+async def profile_step(a: argparse.Namespace) -> None:
+    """Where a decode step's time goes, in steady decode of the unique workload's prompts."""
+    loaded = load_model(ModelConfig(path=a.model, device=a.device), block_size=a.block_size)
+    sync = torch.cuda.synchronize if loaded.device.type == "cuda" else (lambda: None)
+    config = EngineConfig(max_num_seqs=a.max_num_seqs, max_num_batched_tokens=a.max_batched,
+                          block_size=a.block_size)
+    engine = Engine(loaded, config, StoreConfig(block_size=a.block_size, gpu_blocks=a.gpu_blocks))
+    prompts, _ = workload("unique", loaded.model.config.vocab_size, a.scale, loaded.device.type == "cuda")
+    for p in prompts:
+        engine.submit(p, SamplingParams(max_tokens=64, temperature=0.0, ignore_eos=True))
+    parts = ("schedule", "prepare", "execute", "postprocess")
+    times: dict[str, list[float]] = {k: [] for k in parts}
+    while True:
+        stamps = [time.perf_counter()]
+        chunks = engine.scheduler.schedule()
+        if not chunks:
+            break
+        stamps.append(time.perf_counter())
+        step_input = engine.runner.prepare(chunks)
+        stamps.append(time.perf_counter())
+        tokens = engine.runner.execute(step_input)
+        sync()
+        stamps.append(time.perf_counter())
+        engine._postprocess(chunks, tokens)
+        stamps.append(time.perf_counter())
+        if len(chunks) == len(prompts) and all(c.num_tokens == 1 for c in chunks):   # steady decode
+            for k, t0, t1 in zip(parts, stamps, stamps[1:]):
+                times[k].append(t1 - t0)
+    steps = len(times["execute"])
+    print(f"\ndecode steps of {len(prompts)} sequences ({steps} measured), median ms: " + ", ".join(
+        f"{k} {statistics.median(v) * 1e3:.2f}" for k, v in times.items()))
+
+
 def _pct(sorted_values: list[float], p: float) -> float:
     return sorted_values[min(len(sorted_values) - 1, int(round(p / 100 * (len(sorted_values) - 1))))]
 
@@ -170,7 +226,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--max-batched", type=int, default=4096, help="max_num_batched_tokens")
     p.add_argument("--no-peer", dest="peer", action="store_false", help="skip transformers")
     p.add_argument("--json", default=None)
+    p.add_argument("--kernel", action="store_true", help="time the decode kernel alone (CUDA)")
+    p.add_argument("--profile-step", action="store_true", help="time the parts of a decode step")
     a = p.parse_args(argv)
+    if a.kernel:
+        bench_kernel(a.device or "cuda")
+        return
+    if a.profile_step:
+        asyncio.run(profile_step(a))
+        return
     rows = asyncio.run(main_async(a))
     print_table(rows)
     if a.json:

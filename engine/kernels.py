@@ -27,9 +27,11 @@ def available(device: torch.device) -> bool:
 
 
 def paged_decode(query: torch.Tensor, pool: torch.Tensor, layer: int, block_tables: torch.Tensor,
-                 context_lens: torch.Tensor, scale: float, out: torch.Tensor) -> None:
+                 context_lens: torch.Tensor, scale: float, out: torch.Tensor, tile: int = TILE,
+                 num_warps: int = 4, num_stages: int = 2) -> None:
     """query: [S, H, D] (one new token per sequence); pool: [NB, L, 2, BS, KVH, D];
-    block_tables: [S, max_blocks] int32; context_lens: [S] int32; out: [S, H, D]."""
+    block_tables: [S, max_blocks] int32; context_lens: [S] int32; out: [S, H, D].
+    `tile`, `num_warps`, `num_stages`: launch parameters (see `python -m engine.bench --kernel`)."""
     seqs, heads, head_dim = query.shape
     block_size, kv_heads = pool.shape[3], pool.shape[4]
     group = heads // kv_heads
@@ -38,7 +40,8 @@ def paged_decode(query: torch.Tensor, pool: torch.Tensor, layer: int, block_tabl
         query.stride(0), query.stride(1), pool.stride(0), pool.stride(1), pool.stride(2),
         pool.stride(3), pool.stride(4), block_tables.stride(0), out.stride(0), out.stride(1),
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), BLOCK_SIZE=block_size,
-        HEAD_DIM=head_dim, TILE=max(TILE, block_size), IEEE=query.dtype == torch.float32)
+        HEAD_DIM=head_dim, TILE=max(tile, block_size), IEEE=query.dtype == torch.float32,
+        num_warps=num_warps, num_stages=num_stages)
 
 
 if triton is not None:
