@@ -40,12 +40,21 @@ class DecodeBatch:
 
 
 @dataclass(frozen=True)
+class PrefillBatch:
+    """Prompt chunks of the step, for the prefill kernel (int32 tensors)."""
+    tiles: torch.Tensor          # [NT, 2] (chunk index, first query of the tile within the chunk)
+    chunks: torch.Tensor         # [P, 3] (first row in the flat batch, chunk length, context length)
+    block_tables: torch.Tensor   # [P, max_blocks], padded with 0
+
+
+@dataclass(frozen=True)
 class PagedMetadata:
     kv_pool: torch.Tensor        # the GPU pool: [num_blocks, num_layers, 2, block_size, kv_heads, head_dim]
     slot_block: torch.Tensor     # [T] pool block that receives each new token's K/V
     slot_offset: torch.Tensor    # [T] its position inside that block
     seqs: tuple[SeqSlice, ...]   # sequences attended by the reference path
     decode: DecodeBatch | None = None   # sequences attended by the decode kernel
+    prefill: PrefillBatch | None = None  # chunks attended by the prefill kernel
 
 
 def paged_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
@@ -62,12 +71,16 @@ def paged_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Ten
     pool[kvgate.slot_block, layer, 1, kvgate.slot_offset] = value[0].transpose(0, 1)
     _, heads, total, head_dim = query.shape
     out = query.new_empty(1, total, heads, head_dim)
+    scale = scaling if scaling is not None else head_dim ** -0.5
+    if kvgate.prefill is not None:
+        p = kvgate.prefill
+        kernels.paged_prefill(query[0].transpose(0, 1), pool, layer, p.tiles, p.chunks, p.block_tables,
+                              scale, sliding_window or 0, out[0])                # [T, H, D] views
     if kvgate.decode is not None:
         d = kvgate.decode
         q = query[0, :, d.rows].transpose(0, 1).contiguous()                    # [S, H, D]
         o = torch.empty_like(q)
-        kernels.paged_decode(q, pool, layer, d.block_tables, d.context_lens,
-                             scaling if scaling is not None else head_dim ** -0.5, o)
+        kernels.paged_decode(q, pool, layer, d.block_tables, d.context_lens, scale, o)
         out[0, d.rows] = o
     reference_attention(query, pool, layer, kvgate.seqs, scaling, sliding_window, out)
     return out, None

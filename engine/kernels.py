@@ -1,10 +1,16 @@
-"""Paged decode attention in Triton: every decoding sequence of a step, one launch per layer.
+"""Paged attention in Triton, one launch per layer for all sequences of a step.
 
-One program per (sequence, KV head) computes the attention of that KV head's group of query
-heads (GQA) over the sequence's blocks, reading each K/V tile once for the whole group, with an
-online softmax over tiles of TILE tokens gathered through the block table. Tested against
-`engine.attention.reference_attention` on random inputs (tests/test_kernels.py, CUDA only).
-Triton is optional: without it (or without CUDA) the reference implementation is used.
+- `paged_decode`: sequences with one new token. One program per (sequence, KV head) computes
+  the attention of that KV head's group of query heads (GQA) over the sequence's blocks, reading
+  each K/V tile once for the whole group, with an online softmax over tiles of TILE tokens
+  gathered through the block table.
+- `paged_prefill`: prompt chunks (any length, after any cached prefix). One program per
+  (tile of BLOCK_M queries, query head), causal from the chunk's offset in its context, over K/V
+  tiles gathered through the block table; optional sliding window.
+
+Both are tested against `engine.attention.reference_attention` on random inputs
+(tests/test_kernels.py). Triton is optional: without it (or without CUDA) the reference
+implementation is used.
 """
 from __future__ import annotations
 
@@ -44,7 +50,84 @@ def paged_decode(query: torch.Tensor, pool: torch.Tensor, layer: int, block_tabl
         num_warps=num_warps, num_stages=num_stages)
 
 
+def paged_prefill(query: torch.Tensor, pool: torch.Tensor, layer: int, tiles: torch.Tensor,
+                  seqs: torch.Tensor, block_tables: torch.Tensor, scale: float, window: int,
+                  out: torch.Tensor) -> None:
+    """query, out: [T, H, D] (the step's flat batch); tiles: [NT, 2] int32 (sequence index,
+    first query of the tile within its chunk); seqs: [P, 3] int32 (first row in the flat batch,
+    chunk length, context length after the chunk); block_tables: [P, max_blocks] int32;
+    window: sliding window in tokens, 0 = none."""
+    heads, head_dim = query.shape[1], query.shape[2]
+    kv_heads = pool.shape[4]
+    _prefill_kernel[(tiles.shape[0], heads)](
+        query, pool, out, tiles, seqs, block_tables, layer, scale, window,
+        query.stride(0), query.stride(1), pool.stride(0), pool.stride(1), pool.stride(2), pool.stride(3),
+        pool.stride(4), block_tables.stride(0), out.stride(0), out.stride(1),
+        GROUP=heads // kv_heads, BLOCK_SIZE=pool.shape[3], HEAD_DIM=head_dim, BLOCK_M=PREFILL_TILE,
+        BLOCK_N=PREFILL_TILE, IEEE=query.dtype == torch.float32)
+
+
+PREFILL_TILE = 64  # queries per program, and K/V tokens per loop iteration
+
+
 if triton is not None:
+    @triton.jit
+    def _prefill_kernel(Q, Pool, Out, Tiles, Seqs, BlockTables, layer, scale, window,
+                        stride_qt, stride_qh, stride_pb, stride_pl, stride_pkv, stride_pt, stride_ph,
+                        stride_bt, stride_ot, stride_oh,
+                        GROUP: tl.constexpr, BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr):
+        tile = tl.program_id(0)
+        h = tl.program_id(1)
+        s = tl.load(Tiles + tile * 2)
+        m0 = tl.load(Tiles + tile * 2 + 1)
+        row0 = tl.load(Seqs + s * 3)
+        q_len = tl.load(Seqs + s * 3 + 1)
+        ctx = tl.load(Seqs + s * 3 + 2)
+        m = m0 + tl.arange(0, BLOCK_M)
+        d = tl.arange(0, HEAD_DIM)
+        n = tl.arange(0, BLOCK_N)
+        valid_m = m < q_len
+        pos = ctx - q_len + m                          # each query's position in its sequence
+        q = tl.load(Q + (row0 + m)[:, None] * stride_qt + h * stride_qh + d[None, :],
+                    mask=valid_m[:, None], other=0.0)                                 # [BLOCK_M, D]
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+        base = Pool + layer * stride_pl + (h // GROUP) * stride_ph
+        last = tl.minimum(ctx, ctx - q_len + m0 + BLOCK_M)           # causal: no key after the last query
+        first = 0
+        if window > 0:
+            first = tl.maximum(0, (ctx - q_len + m0 - window + 1) // BLOCK_N * BLOCK_N)
+        for start in range(first, last, BLOCK_N):
+            tok = start + n
+            valid_n = tok < ctx
+            block = tl.load(BlockTables + s * stride_bt + tok // BLOCK_SIZE, mask=valid_n, other=0)
+            row = base + block.to(tl.int64) * stride_pb + (tok % BLOCK_SIZE) * stride_pt
+            k = tl.load(row[:, None] + d[None, :], mask=valid_n[:, None], other=0.0)  # [BLOCK_N, D]
+            v = tl.load(row[:, None] + stride_pkv + d[None, :], mask=valid_n[:, None], other=0.0)
+            if IEEE:
+                qk = tl.dot(q, tl.trans(k), input_precision="ieee") * scale
+            else:
+                qk = tl.dot(q, tl.trans(k)) * scale                                    # [BLOCK_M, BLOCK_N]
+            keep = valid_n[None, :] & (tok[None, :] <= pos[:, None])
+            if window > 0:
+                keep = keep & (pos[:, None] - tok[None, :] < window)
+            qk = tl.where(keep, qk, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(qk, 1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)   # rows with nothing seen yet
+            p = tl.exp(qk - m_safe[:, None])
+            alpha = tl.exp(m_i - m_safe)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            if IEEE:
+                acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
+            else:
+                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            m_i = m_new
+        acc = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]     # rows past the chunk: not stored
+        tl.store(Out + (row0 + m)[:, None] * stride_ot + h * stride_oh + d[None, :],
+                 acc.to(Out.dtype.element_ty), mask=valid_m[:, None])
+
     @triton.jit
     def _decode_kernel(Q, Pool, BlockTables, ContextLens, Out, layer, scale,
                        stride_qs, stride_qh, stride_pb, stride_pl, stride_pkv, stride_pt, stride_ph,

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from engine import kernels
-from engine.attention import DecodeBatch, PagedMetadata, SeqSlice
+from engine.attention import DecodeBatch, PagedMetadata, PrefillBatch, SeqSlice
 from engine.graphs import DecodeGraphs
 from engine.model import LoadedModel
 from engine.sampling import SamplingParams, sample
@@ -31,6 +31,7 @@ class StepInput:
     slot_offset: torch.Tensor        # [T] offset inside it
     seqs: tuple[SeqSlice, ...]       # chunks for the reference path (block tables on the CPU)
     decode: DecodeBatch | None       # one-token chunks for the decode kernel (CPU tensors)
+    prefill: PrefillBatch | None     # longer chunks for the prefill kernel (CPU tensors)
     sample_rows: torch.Tensor        # [N] rows of the flat batch whose logits are sampled
     params: list[SamplingParams]     # [N]
     generators: list[torch.Generator | None]  # [N]
@@ -55,6 +56,7 @@ class ModelRunner:
         ids, positions, blocks, offsets, seqs, rows = [], [], [], [], [], []
         params, generators = [], []
         decode_rows, decode_tables, decode_lens = [], [], []
+        tiles, prefill_chunks, prefill_tables = [], [], []
         q = 0
         for c in chunks:
             seq = c.seq
@@ -69,6 +71,10 @@ class ModelRunner:
                 decode_rows.append(q)
                 decode_tables.append(table)
                 decode_lens.append(end)
+            elif self.use_kernel:
+                tiles += [(len(prefill_chunks), m) for m in range(0, c.num_tokens, kernels.PREFILL_TILE)]
+                prefill_chunks.append((q, c.num_tokens, end))
+                prefill_tables.append(table)
             else:
                 seqs.append(SeqSlice(q, c.num_tokens, end, table))
             if c.samples:
@@ -81,8 +87,14 @@ class ModelRunner:
             tables = torch.nn.utils.rnn.pad_sequence(decode_tables, batch_first=True).to(torch.int32)
             decode = DecodeBatch(torch.tensor(decode_rows), tables,
                                  torch.tensor(decode_lens, dtype=torch.int32))
+        prefill = None
+        if prefill_chunks:
+            tables = torch.nn.utils.rnn.pad_sequence(prefill_tables, batch_first=True).to(torch.int32)
+            prefill = PrefillBatch(torch.tensor(tiles, dtype=torch.int32),
+                                   torch.tensor(prefill_chunks, dtype=torch.int32), tables)
         return StepInput(torch.cat(ids), torch.cat(positions), torch.cat(blocks), torch.cat(offsets),
-                         tuple(seqs), decode, torch.tensor(rows, dtype=torch.long), params, generators)
+                         tuple(seqs), decode, prefill, torch.tensor(rows, dtype=torch.long), params,
+                         generators)
 
     @torch.inference_mode()
     def execute(self, step: StepInput) -> list[int]:
@@ -100,7 +112,9 @@ class ModelRunner:
             slot_offset=step.slot_offset.to(dev),
             seqs=tuple(SeqSlice(s.q_start, s.q_len, s.ctx_len, s.block_table.to(dev)) for s in step.seqs),
             decode=None if step.decode is None else DecodeBatch(*(x.to(dev) for x in (
-                step.decode.rows, step.decode.block_tables, step.decode.context_lens))))
+                step.decode.rows, step.decode.block_tables, step.decode.context_lens))),
+            prefill=None if step.prefill is None else PrefillBatch(*(x.to(dev) for x in (
+                step.prefill.tiles, step.prefill.chunks, step.prefill.block_tables))))
         # logits only where a token is sampled (at least one row: prompt chunks may sample none)
         rows = step.sample_rows if len(step.sample_rows) else torch.tensor([step.input_ids.numel() - 1])
         out = self.model(input_ids=step.input_ids[None].to(dev), position_ids=step.positions[None].to(dev),
@@ -112,7 +126,8 @@ class ModelRunner:
     def _graphable(self, step: StepInput) -> bool:
         """A decode-only step that fits a captured batch size."""
         g = self.graphs
-        return (g is not None and not g.broken and not step.seqs and step.decode is not None
+        return (g is not None and not g.broken and not step.seqs and step.prefill is None
+                and step.decode is not None
                 and step.input_ids.numel() <= g.max_batch and len(step.sample_rows) > 0)
 
     def _replay(self, step: StepInput) -> torch.Tensor:

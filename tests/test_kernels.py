@@ -1,5 +1,5 @@
-"""The Triton paged-decode kernel against the reference attention, on fresh random inputs
-(CUDA only; Triton's interpreter can run it on the CPU with TRITON_INTERPRET=1)."""
+"""The Triton paged-attention kernels against the reference attention, on fresh random inputs
+(CUDA only; Triton's interpreter can run them on the CPU with TRITON_INTERPRET=1)."""
 import math
 
 import pytest
@@ -32,6 +32,37 @@ def test_paged_decode_matches_reference(dtype, tolerance, heads, kv_heads, head_
                          scale, out)
     seqs = tuple(SeqSlice(i, 1, n, t.to(DEVICE)) for i, (n, t) in enumerate(zip(lens, tables)))
     ref = reference_attention(q.double().transpose(0, 1)[None], pool.double(), 1, seqs, scale, None)[0]
+    assert not out.isnan().any()
+    error = (out.double() - ref).norm() / ref.norm()
+    assert error < tolerance, f"relative error {error:.2e}"
+
+
+@pytest.mark.parametrize("dtype,tolerance", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
+@pytest.mark.parametrize("heads,kv_heads,head_dim,window", [(8, 8, 64, 0), (32, 8, 128, 0), (4, 1, 32, 40)])
+def test_paged_prefill_matches_reference(dtype, tolerance, heads, kv_heads, head_dim, window):
+    if DEVICE.type == "cpu" and dtype == torch.bfloat16:
+        pytest.skip("Triton's CPU interpreter computes bf16 dot products wrongly")
+    g = torch.Generator().manual_seed(heads * 7 + head_dim + window)
+    blocks, layers, block_size = 400, 2, 16
+    chunks = [(5, 5), (70, 70), (30, 100), (1, 17), (64, 200), (129, 1500)]   # (new tokens, context)
+    pool = torch.randn(blocks, layers, 2, block_size, kv_heads, head_dim, generator=g).to(DEVICE, dtype)
+    total = sum(n for n, _ in chunks)
+    q = torch.randn(total, heads, head_dim, generator=g).to(DEVICE, dtype)
+    tables, rows, tiles, seqs, row = [], [], [], [], 0
+    for i, (n, ctx) in enumerate(chunks):
+        tables.append(torch.randperm(blocks, generator=g)[:math.ceil(ctx / block_size)])
+        rows.append((row, n, ctx))
+        tiles += [(i, m) for m in range(0, n, kernels.PREFILL_TILE)]
+        seqs.append(SeqSlice(row, n, ctx, tables[-1].to(DEVICE)))
+        row += n
+    table = torch.nn.utils.rnn.pad_sequence(tables, batch_first=True).to(torch.int32)
+    out = torch.full_like(q, float("nan"))
+    scale = head_dim ** -0.5
+    kernels.paged_prefill(q, pool, 1, torch.tensor(tiles, dtype=torch.int32, device=DEVICE),
+                          torch.tensor(rows, dtype=torch.int32, device=DEVICE), table.to(DEVICE), scale,
+                          window, out)
+    ref = reference_attention(q.double().transpose(0, 1)[None], pool.double(), 1, tuple(seqs), scale,
+                              window or None)[0]
     assert not out.isnan().any()
     error = (out.double() - ref).norm() / ref.norm()
     assert error < tolerance, f"relative error {error:.2e}"
