@@ -70,8 +70,13 @@ def paged_prefill(query: torch.Tensor, pool: torch.Tensor, layer: int, tiles: to
 PREFILL_TILE = 64  # queries per program, and K/V tokens per loop iteration
 
 
+# Arguments that change from step to step (the layer, table widths, the window) must not be
+# specialized on (Triton compiles a variant per "== 1" / "divisible by 16" value otherwise, which
+# costs a second or more in the middle of serving).
+_VARYING = ["layer", "window", "stride_bt"]
+
 if triton is not None:
-    @triton.jit
+    @triton.jit(do_not_specialize=_VARYING)
     def _prefill_kernel(Q, Pool, Out, Tiles, Seqs, BlockTables, layer, scale, window,
                         stride_qt, stride_qh, stride_pb, stride_pl, stride_pkv, stride_pt, stride_ph,
                         stride_bt, stride_ot, stride_oh,
@@ -128,7 +133,7 @@ if triton is not None:
         tl.store(Out + (row0 + m)[:, None] * stride_ot + h * stride_oh + d[None, :],
                  acc.to(Out.dtype.element_ty), mask=valid_m[:, None])
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["layer", "stride_bt"])
     def _decode_kernel(Q, Pool, BlockTables, ContextLens, Out, layer, scale,
                        stride_qs, stride_qh, stride_pb, stride_pl, stride_pkv, stride_pt, stride_ph,
                        stride_bt, stride_os, stride_oh,
