@@ -76,6 +76,37 @@ PREFILL_TILE = 64  # queries per program, and K/V tokens per loop iteration
 _VARYING = ["layer", "window", "stride_bt"]
 
 if triton is not None:
+    @triton.jit
+    def _kv_tile(base, BlockTables, s, stride_bt, stride_pb, stride_pt, stride_pkv, tok, valid, d,
+                 BLOCK_SIZE: tl.constexpr):
+        """K and V ([N, D] each) of sequence s's tokens `tok` ([N]), through its block table."""
+        block = tl.load(BlockTables + s * stride_bt + tok // BLOCK_SIZE, mask=valid, other=0)
+        row = base + block.to(tl.int64) * stride_pb + (tok % BLOCK_SIZE) * stride_pt      # [N]
+        k = tl.load(row[:, None] + d[None, :], mask=valid[:, None], other=0.0)
+        v = tl.load(row[:, None] + stride_pkv + d[None, :], mask=valid[:, None], other=0.0)
+        return k, v
+
+    @triton.jit
+    def _online_softmax(q, k, v, keep, scale, m_i, l_i, acc, IEEE: tl.constexpr):
+        """Fold one K/V tile into the running (max, sum, output) of the rows of q ([M, D]);
+        `keep` ([M, N]) masks the scores. fp32 inputs use exact products (IEEE), as the
+        reference does; others the tensor cores' native precision."""
+        if IEEE:
+            qk = tl.dot(q, tl.trans(k), input_precision="ieee") * scale
+        else:
+            qk = tl.dot(q, tl.trans(k)) * scale                                         # [M, N]
+        qk = tl.where(keep, qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)   # rows with nothing to see yet
+        p = tl.exp(qk - m_safe[:, None])
+        alpha = tl.exp(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if IEEE:
+            acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
+        else:
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        return m_new, l_i, acc
+
     @triton.jit(do_not_specialize=_VARYING)
     def _prefill_kernel(Q, Pool, Out, Tiles, Seqs, BlockTables, layer, scale, window,
                         stride_qt, stride_qh, stride_pb, stride_pl, stride_pkv, stride_pt, stride_ph,
@@ -100,35 +131,19 @@ if triton is not None:
         l_i = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
         base = Pool + layer * stride_pl + (h // GROUP) * stride_ph
-        last = tl.minimum(ctx, ctx - q_len + m0 + BLOCK_M)           # causal: no key after the last query
+        last = tl.minimum(ctx, ctx - q_len + m0 + BLOCK_M)     # causal: no key after the last query
         first = 0
         if window > 0:
             first = tl.maximum(0, (ctx - q_len + m0 - window + 1) // BLOCK_N * BLOCK_N)
         for start in range(first, last, BLOCK_N):
             tok = start + n
             valid_n = tok < ctx
-            block = tl.load(BlockTables + s * stride_bt + tok // BLOCK_SIZE, mask=valid_n, other=0)
-            row = base + block.to(tl.int64) * stride_pb + (tok % BLOCK_SIZE) * stride_pt
-            k = tl.load(row[:, None] + d[None, :], mask=valid_n[:, None], other=0.0)  # [BLOCK_N, D]
-            v = tl.load(row[:, None] + stride_pkv + d[None, :], mask=valid_n[:, None], other=0.0)
-            if IEEE:
-                qk = tl.dot(q, tl.trans(k), input_precision="ieee") * scale
-            else:
-                qk = tl.dot(q, tl.trans(k)) * scale                                    # [BLOCK_M, BLOCK_N]
+            k, v = _kv_tile(base, BlockTables, s, stride_bt, stride_pb, stride_pt, stride_pkv, tok,
+                            valid_n, d, BLOCK_SIZE)                          # [BLOCK_N, D] each
             keep = valid_n[None, :] & (tok[None, :] <= pos[:, None])
             if window > 0:
                 keep = keep & (pos[:, None] - tok[None, :] < window)
-            qk = tl.where(keep, qk, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(qk, 1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)   # rows with nothing seen yet
-            p = tl.exp(qk - m_safe[:, None])
-            alpha = tl.exp(m_i - m_safe)
-            l_i = l_i * alpha + tl.sum(p, 1)
-            if IEEE:
-                acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
-            else:
-                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-            m_i = m_new
+            m_i, l_i, acc = _online_softmax(q, k, v, keep, scale, m_i, l_i, acc, IEEE)
         acc = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]     # rows past the chunk: not stored
         tl.store(Out + (row0 + m)[:, None] * stride_ot + h * stride_oh + d[None, :],
                  acc.to(Out.dtype.element_ty), mask=valid_m[:, None])
@@ -155,24 +170,9 @@ if triton is not None:
         for start in range(0, ctx, TILE):
             tok = start + t
             valid = tok < ctx
-            block = tl.load(BlockTables + s * stride_bt + tok // BLOCK_SIZE, mask=valid, other=0)
-            row = base + block.to(tl.int64) * stride_pb + (tok % BLOCK_SIZE) * stride_pt  # [TILE]
-            k = tl.load(row[:, None] + d[None, :], mask=valid[:, None], other=0.0)     # [TILE, D]
-            v = tl.load(row[:, None] + stride_pkv + d[None, :], mask=valid[:, None], other=0.0)
-            if IEEE:   # fp32 inputs: exact products, as the reference computes them
-                qk = tl.dot(q, tl.trans(k), input_precision="ieee") * scale         # [GROUP_PAD, TILE]
-            else:
-                qk = tl.dot(q, tl.trans(k)) * scale
-            qk = tl.where(valid[None, :], qk, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(qk, 1))
-            p = tl.exp(qk - m_new[:, None])
-            alpha = tl.exp(m_i - m_new)
-            l_i = l_i * alpha + tl.sum(p, 1)
-            if IEEE:
-                acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
-            else:
-                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-            m_i = m_new
+            k, v = _kv_tile(base, BlockTables, s, stride_bt, stride_pb, stride_pt, stride_pkv, tok, valid, d,
+                            BLOCK_SIZE)                                                # [TILE, D] each
+            m_i, l_i, acc = _online_softmax(q, k, v, valid[None, :], scale, m_i, l_i, acc, IEEE)
         acc = acc / l_i[:, None]
         tl.store(Out + s * stride_os + heads[:, None] * stride_oh + d[None, :], acc.to(Out.dtype.element_ty),
                  mask=(g < GROUP)[:, None])
