@@ -27,6 +27,7 @@ class Choice:
     params: SamplingParams
     stream: RequestStream | None = None
     text: list[str] = field(default_factory=list)
+    token_ids: list[int] = field(default_factory=list)
     last: RequestOutput | None = None
     first_token_at: float | None = None
     last_token_at: float | None = None
@@ -101,6 +102,7 @@ async def merged(choices: list[Choice]) -> AsyncIterator[tuple[Choice, RequestOu
                     c.first_token_at = c.first_token_at or now
                     c.last_token_at = now
                 c.text.append(out.text)
+                c.token_ids += out.token_ids
                 c.last = out
                 await queue.put((c, out))
         finally:

@@ -38,6 +38,7 @@ class _Common(BaseModel):
     top_k: Annotated[StrictInt, Field(ge=0)] = 0
     ignore_eos: StrictBool = False
     stop_token_ids: list[Annotated[StrictInt, Field(ge=0)]] | None = None
+    return_token_ids: StrictBool = False     # add each choice's generated token ids
 
     def stop_strings(self) -> tuple[str, ...]:
         return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())

@@ -40,10 +40,11 @@ async def _generate(request: web.Request, req, prompts: list[list[int]], kind: s
     try:
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            return await _stream(request, choices, kind, response_id, include_usage)
+            return await _stream(request, choices, kind, response_id, include_usage, req.return_token_ids)
         async for _ in merged(choices):
             pass
-        return web.json_response(_full_response(choices, kind, response_id, engine.loaded.name, len(prompts)))
+        return web.json_response(_full_response(choices, kind, response_id, engine.loaded.name,
+                                                req.return_token_ids))
     finally:   # every choice is accounted, also when the client went away mid-way
         metrics = request.app[METRICS]
         for c in choices:
@@ -56,7 +57,7 @@ async def _generate(request: web.Request, req, prompts: list[list[int]], kind: s
             metrics.finished(last, ttft, decode)
 
 
-def _full_response(choices: list[Choice], kind: str, response_id: str, model: str, n_prompts: int) -> dict:
+def _full_response(choices: list[Choice], kind: str, response_id: str, model: str, token_ids: bool) -> dict:
     if any(c.last.finish_reason == "error" for c in choices):
         raise APIError(500, "the engine failed while generating this response", "server_error")
     out = {"id": response_id, "object": kind, "created": now(), "model": model, "choices": [],
@@ -69,11 +70,13 @@ def _full_response(choices: list[Choice], kind: str, response_id: str, model: st
         else:
             out["choices"].append({"index": c.index, "text": text, "logprobs": None,
                                    "finish_reason": c.last.finish_reason})
+        if token_ids:
+            out["choices"][-1]["token_ids"] = c.token_ids
     return out
 
 
 async def _stream(request: web.Request, choices: list[Choice], kind: str, response_id: str,
-                  include_usage: bool) -> web.StreamResponse:
+                  include_usage: bool, token_ids: bool) -> web.StreamResponse:
     engine = request.app[ENGINE]
     resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
     await resp.prepare(request)
@@ -94,13 +97,15 @@ async def _stream(request: web.Request, choices: list[Choice], kind: str, respon
                 "message": "the engine failed while generating this response", "type": "server_error",
                 "param": None, "code": None}}).encode() + b"\n\n")
             continue
-        if not out.text and out.finish_reason is None:
+        if not out.text and out.finish_reason is None and not token_ids:
             continue
         if kind == "chat.completion":
             delta = {"content": out.text} if out.text else {}
             part = {"index": c.index, "delta": delta, "logprobs": None, "finish_reason": out.finish_reason}
         else:
             part = {"index": c.index, "text": out.text, "logprobs": None, "finish_reason": out.finish_reason}
+        if token_ids:
+            part["token_ids"] = out.token_ids
         await send([part])
     if include_usage:
         await resp.write(b"data: " + json.dumps({**base, "choices": [], "usage": _usage(choices)}).encode()

@@ -126,6 +126,17 @@ async def test_chat_without_max_tokens_fits_a_pool_smaller_than_the_context(make
     assert resp.status == 200 and usage["prompt_tokens"] + usage["completion_tokens"] == 128
 
 
+async def test_return_token_ids(make_client):
+    client = await make_client()
+    body = {"model": MODEL, "prompt": [10, 20, 30], "max_tokens": 5, "temperature": 0,
+            "return_token_ids": True}
+    full = await (await client.post("/v1/completions", json=body)).json()
+    assert len(full["choices"][0]["token_ids"]) == 5
+    events = await sse(await client.post("/v1/completions", json={**body, "stream": True}))
+    streamed = [t for e in events[:-1] for c in e["choices"] for t in c.get("token_ids", [])]
+    assert streamed == full["choices"][0]["token_ids"]
+
+
 async def test_extension_fields_and_unknown_fields(make_client):
     client = await make_client()
     resp = await client.post("/v1/chat/completions", json=chat(
