@@ -1,6 +1,7 @@
 """The `kvgate` command.
 
     kvgate serve [--config FILE] [--host H] [--port N] [--set section.key=value ...]
+    kvgate bench [--base-url URL] [--workloads gsp,unique,decode1,chat] [--json F] [--plots DIR]
 
 With no arguments it serves the built-in demo model on 127.0.0.1:8000 (on the GPU if there is
 one). SIGINT / SIGTERM shut it down gracefully: no new requests, streams in flight end, cached
@@ -9,11 +10,13 @@ GPU and host blocks are written to the disk tier, LMDB is closed.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 import sys
 
 from aiohttp import web
 
+from gateway import bench as bench_module
 from gateway.app import init_app
 from gateway.config import ConfigError, load_config
 
@@ -28,7 +31,12 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                        help="override any configuration key with a TOML value (repeatable)")
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    bench = commands.add_parser("bench", help="run the benchmark workloads against a server")
+    bench_module.add_arguments(bench)
     args = parser.parse_args(argv)
+    if args.command == "bench":
+        asyncio.run(bench_module.main_async(args))
+        return 0
     logging.basicConfig(level=args.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     overrides = list(args.overrides)

@@ -148,7 +148,7 @@ async def models(request: web.Request) -> web.Response:
     loaded = request.app[ENGINE].loaded
     return web.json_response({"object": "list", "data": [{
         "id": loaded.name, "object": "model", "created": request.app[STATE].started, "owned_by": "kvgate",
-        "max_model_len": loaded.max_model_len}]})
+        "max_model_len": loaded.max_model_len, "vocab_size": loaded.model.config.vocab_size}]})
 
 
 async def health(request: web.Request) -> web.Response:

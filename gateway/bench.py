@@ -1,0 +1,256 @@
+"""`kvgate bench`: the workloads of BENCHMARKS.md against any OpenAI-compatible server.
+
+    kvgate bench --base-url http://127.0.0.1:8000/v1 --workloads gsp,unique,decode1,chat \\
+                 [--scale 1] [--length-scale 1] [--json out.json] [--plots DIR]
+
+Prompts are random token ids (so any tokenizer works), sent to /v1/completions with greedy
+decoding, `ignore_eos` and streaming; time to first token and time per output token are
+measured on the client. Cached prompt tokens come from `usage.prompt_tokens_details` (per tier
+where the server reports `cached_tokens_by_tier`, as kvgate does).
+
+  gsp      G groups x 16 requests, a 2048-token group prefix + 128 own tokens, 128 out, at once
+  unique   64 prompts of 2176 tokens, 128 out, at once
+  decode1  one 2048-token prompt, 128 out
+  chat     U users with a 1024-token private context; 8 rounds each: +64 user tokens, 128 out,
+           the answer joins the history (needs the server's `return_token_ids`, else random)
+`--scale` multiplies the request counts (G = max(1, round(8 * scale)), U = max(1, round(16 *
+scale))); `--length-scale` multiplies every length (for quick runs).
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+
+import aiohttp
+
+TIERS = ("gpu", "host", "disk")
+
+
+@dataclass
+class Sample:
+    """One request as the client saw it."""
+    workload: str
+    prompt_tokens: int
+    output_tokens: int
+    ttft_s: float
+    decode_s: float                    # first token to last
+    cached: dict[str, int]             # cached prompt tokens per tier ("total" if not reported)
+    round: int = 0                     # chat round (0 elsewhere)
+    token_ids: list[int] = field(default_factory=list, repr=False)
+
+
+class Progress:
+    def __init__(self, label: str, total: int) -> None:
+        self.label, self.total, self.done, self._last = label, total, 0, 0.0
+
+    def step(self) -> None:
+        self.done += 1
+        now = time.monotonic()
+        if now - self._last > 0.1 or self.done == self.total:
+            bar = "#" * (30 * self.done // self.total)
+            print(f"\r{self.label:<8} [{bar:<30}] {self.done}/{self.total}", end="", file=sys.stderr,
+                  flush=True)
+            self._last = now
+        if self.done == self.total:
+            print(file=sys.stderr)
+
+
+class Client:
+    def __init__(self, base_url: str, model: str, api_key: str | None) -> None:
+        self.url = base_url.rstrip("/") + "/completions"
+        self.model = model
+        self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self.session: aiohttp.ClientSession | None = None
+
+    async def complete(self, workload: str, prompt: list[int], max_tokens: int, progress: Progress,
+                       round_: int = 0) -> Sample:
+        body = {"model": self.model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
+                "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True},
+                "return_token_ids": True}
+        start = time.perf_counter()
+        first = last = None
+        tokens: list[int] = []
+        usage = {}
+        async with self.session.post(self.url, json=body, headers=self.headers) as resp:
+            if resp.status != 200:
+                raise RuntimeError(f"{workload}: HTTP {resp.status}: {await resp.text()}")
+            async for line in resp.content:
+                if not line.startswith(b"data: ") or line.strip() == b"data: [DONE]":
+                    continue
+                chunk = json.loads(line[6:])
+                now = time.perf_counter()
+                for choice in chunk.get("choices") or []:
+                    if choice.get("text") or choice.get("token_ids"):
+                        first = first or now
+                        last = now
+                        tokens += choice.get("token_ids") or []
+                usage = chunk.get("usage") or usage
+        progress.step()
+        details = usage.get("prompt_tokens_details") or {}
+        cached = details.get("cached_tokens_by_tier") or {"total": details.get("cached_tokens", 0)}
+        return Sample(workload, usage.get("prompt_tokens", len(prompt)), usage.get("completion_tokens", 0),
+                      (first or time.perf_counter()) - start, (last - first) if first else 0.0, cached,
+                      round_, tokens)
+
+
+def _rand(rng: random.Random, vocab: int, n: int) -> list[int]:
+    return [rng.randrange(vocab) for _ in range(n)]
+
+
+async def run_workload(client: Client, name: str, vocab: int, scale: float,
+                       length: float) -> tuple[list[Sample], float]:
+    """All samples of one workload and its wall time."""
+    rng = random.Random(f"kvgate-bench-{name}")   # workloads never share tokens by accident
+    n = lambda x: max(1, round(x * length))  # noqa: E731
+    if name == "chat":
+        return await _chat(client, rng, vocab, max(1, round(16 * scale)), n)
+    if name == "gsp":
+        prompts = []
+        for _ in range(max(1, round(8 * scale))):
+            prefix = _rand(rng, vocab, n(2048))
+            prompts += [prefix + _rand(rng, vocab, n(128)) for _ in range(16)]
+    elif name == "unique":
+        prompts = [_rand(rng, vocab, n(2176)) for _ in range(max(1, round(64 * scale)))]
+    elif name == "decode1":
+        prompts = [_rand(rng, vocab, n(2048))]
+    else:
+        raise ValueError(f"unknown workload {name!r}; one of gsp, unique, decode1, chat")
+    progress = Progress(name, len(prompts))
+    start = time.perf_counter()
+    samples = await asyncio.gather(*(client.complete(name, p, n(128), progress) for p in prompts))
+    return list(samples), time.perf_counter() - start
+
+
+async def _chat(client: Client, rng: random.Random, vocab: int, users: int, n) -> tuple[list[Sample], float]:
+    progress = Progress("chat", users * 8)
+
+    async def user() -> list[Sample]:
+        history = _rand(rng, vocab, n(1024))
+        samples = []
+        for r in range(1, 9):
+            history += _rand(rng, vocab, n(64))
+            s = await client.complete("chat", history, n(128), progress, r)
+            history += s.token_ids or _rand(rng, vocab, n(128))    # the answer joins the history
+            samples.append(s)
+        return samples
+    start = time.perf_counter()
+    per_user = await asyncio.gather(*(user() for _ in range(users)))
+    return [s for samples in per_user for s in samples], time.perf_counter() - start
+
+
+def summarize(name: str, samples: list[Sample], wall: float) -> dict:
+    ttft = sorted(s.ttft_s for s in samples)
+    tpot = [s.decode_s / (s.output_tokens - 1) for s in samples if s.output_tokens > 1]
+    prompt = sum(s.prompt_tokens for s in samples)
+    tiers = sorted({t for s in samples for t in s.cached})
+    out = sum(s.output_tokens for s in samples)
+    row = dict(workload=name, requests=len(samples), out_tokens=out, wall_s=round(wall, 3),
+               out_tok_s=round(out / wall, 1), ttft_p50_s=round(_pct(ttft, 50), 4),
+               ttft_p99_s=round(_pct(ttft, 99), 4),
+               tpot_p50_ms=round(statistics.median(tpot) * 1e3, 2) if tpot else None,
+               cached_fraction={t: round(sum(s.cached.get(t, 0) for s in samples) / prompt, 3)
+                                for t in tiers})
+    if name == "chat":
+        row["rounds"] = []
+        for r in sorted({s.round for s in samples}):
+            of_round = [s for s in samples if s.round == r]
+            cached = sum(sum(s.cached.values()) for s in of_round) / sum(s.prompt_tokens for s in of_round)
+            ttft_p50 = _pct(sorted(s.ttft_s for s in of_round), 50)
+            row["rounds"].append(dict(round=r, ttft_p50_s=round(ttft_p50, 4),
+                                      cached_fraction=round(cached, 3)))
+    return row
+
+
+def _pct(sorted_values: list[float], p: float) -> float:
+    return sorted_values[min(len(sorted_values) - 1, int(round(p / 100 * (len(sorted_values) - 1))))]
+
+
+def print_table(rows: list[dict]) -> None:
+    print(f"\n{'workload':<9} {'requests':>8} {'out tok/s':>10} {'TTFT p50':>9} {'TTFT p99':>9} "
+          f"{'TPOT p50':>9}  cached (per tier)")
+    for r in rows:
+        cached = " ".join(f"{t} {v:.0%}" for t, v in r["cached_fraction"].items())
+        tpot = f"{r['tpot_p50_ms']} ms" if r["tpot_p50_ms"] is not None else "-"
+        print(f"{r['workload']:<9} {r['requests']:>8} {r['out_tok_s']:>10} {r['ttft_p50_s'] * 1e3:>7.0f}ms "
+              f"{r['ttft_p99_s'] * 1e3:>7.0f}ms {tpot:>9}  {cached}")
+        for rd in r.get("rounds", []):
+            print(f"  round {rd['round']}: TTFT p50 {rd['ttft_p50_s'] * 1e3:.0f} ms, "
+                  f"cached {rd['cached_fraction']:.0%}")
+
+
+def plot(rows: list[dict], directory: str) -> list[str]:
+    """PNG plots: throughput per workload, and TTFT per chat round. Needs matplotlib."""
+    import os
+
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    os.makedirs(directory, exist_ok=True)
+    paths = []
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.bar([r["workload"] for r in rows], [r["out_tok_s"] for r in rows])
+    ax.set_ylabel("output tokens / s")
+    ax.set_title("kvgate bench: throughput per workload")
+    paths.append(os.path.join(directory, "throughput.png"))
+    fig.tight_layout()
+    fig.savefig(paths[-1])
+    for r in rows:
+        if r.get("rounds"):
+            fig, ax = plt.subplots(figsize=(6, 3.5))
+            ax.plot([x["round"] for x in r["rounds"]], [x["ttft_p50_s"] * 1e3 for x in r["rounds"]],
+                    marker="o")
+            ax.set_xlabel("chat round")
+            ax.set_ylabel("TTFT p50 (ms)")
+            ax.set_title("kvgate bench: time to first token per chat round")
+            paths.append(os.path.join(directory, "chat_ttft.png"))
+            fig.tight_layout()
+            fig.savefig(paths[-1])
+    return paths
+
+
+async def main_async(a) -> list[dict]:
+    client = Client(a.base_url, a.model, a.api_key)
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None)) as session:
+        client.session = session
+        if not client.model or not a.vocab:
+            async with session.get(a.base_url.rstrip("/") + "/models", headers=client.headers) as resp:
+                card = (await resp.json())["data"][0]
+            client.model = client.model or card["id"]
+            a.vocab = a.vocab or card.get("vocab_size") or 256
+        rows, samples = [], []
+        for name in a.workloads.split(","):
+            got, wall = await run_workload(client, name, a.vocab, a.scale, a.length_scale)
+            rows.append(summarize(name, got, wall))
+            samples += got
+    print_table(rows)
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(dict(base_url=a.base_url, model=client.model, rows=rows,
+                           samples=[{k: v for k, v in asdict(s).items() if k != "token_ids"}
+                                    for s in samples]),
+                      f, indent=1)
+    if a.plots:
+        try:
+            print("plots:", ", ".join(plot(rows, a.plots)))
+        except ImportError:
+            print("plots skipped: install matplotlib (pip install matplotlib)", file=sys.stderr)
+    return rows
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--base-url", default="http://127.0.0.1:8000/v1")
+    p.add_argument("--model", default="", help="model name (default: the first of /v1/models)")
+    p.add_argument("--api-key", default=None)
+    p.add_argument("--workloads", default="gsp,unique,decode1,chat")
+    p.add_argument("--scale", type=float, default=1.0, help="multiplies the number of requests / users")
+    p.add_argument("--length-scale", type=float, default=1.0,
+                   help="multiplies every prompt and output length")
+    p.add_argument("--vocab", type=int, default=0,
+                   help="token ids are drawn below this (default: from /v1/models)")
+    p.add_argument("--json", default=None, help="write the summary and every request to this file")
+    p.add_argument("--plots", default=None, help="write PNG plots to this directory (needs matplotlib)")
