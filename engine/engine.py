@@ -57,8 +57,11 @@ class Engine:
     # ---- lifecycle --------------------------------------------------------------------------
 
     async def start(self) -> None:
+        """Warm up (CUDA: compile kernels, capture graphs) and start the loop."""
         if self._loop_task is None:
-            self._loop_task = asyncio.get_running_loop().create_task(self._run())
+            loop = asyncio.get_running_loop()
+            await loop.run_in_executor(self._forward, self.runner.warmup)
+            self._loop_task = loop.create_task(self._run())
 
     async def stop(self, persist: bool = True) -> None:
         """Abort every request, let a step in flight finish (it ends its aborted requests), stop

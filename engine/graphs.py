@@ -39,6 +39,16 @@ class DecodeGraphs:
         self._mempool = torch.cuda.graph_pool_handle()
         self.broken = False            # capture failed once: stay eager
 
+    def capture_all(self) -> None:
+        """Capture every bucket now (at start-up: the inputs point at block 0, which holds
+        nothing yet), so that no request waits for a capture."""
+        for buf in (self.input_ids, self.positions, self.slot_block, self.slot_offset, self.tables):
+            buf.zero_()
+        self.lens.fill_(1)
+        for b in self.buckets:
+            if b not in self._graphs:
+                self._graphs[b] = self._capture(b)
+
     def bucket(self, n: int) -> int | None:
         return next((b for b in self.buckets if b >= n), None)
 

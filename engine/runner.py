@@ -123,6 +123,26 @@ class ModelRunner:
             return []
         return sample(out.logits[0], step.params, step.generators)
 
+    @torch.inference_mode()
+    def warmup(self) -> None:
+        """On CUDA, before serving: compile both attention kernels and capture the decode graphs,
+        so that the first requests do not pay for it. Writes K/V only into block 0, which must
+        hold nothing yet."""
+        if not self.use_kernel or self.device.type != "cuda":
+            return
+        assert self.store.gpu.num_free == self.store.gpu.num_blocks, "warm-up needs an empty GPU pool"
+        n, dev = self.block_size, self.device
+        zeros = torch.zeros(n, dtype=torch.long, device=dev)
+        offsets = torch.arange(n, device=dev)
+        prefill = PrefillBatch(torch.zeros(1, 2, dtype=torch.int32, device=dev),
+                               torch.tensor([[0, n, n]], dtype=torch.int32, device=dev),
+                               torch.zeros(1, 1, dtype=torch.int32, device=dev))
+        meta = PagedMetadata(self.store.gpu.tensor, zeros, offsets, (), None, prefill)
+        self.model(input_ids=zeros[None], position_ids=offsets[None], use_cache=False,
+                   logits_to_keep=offsets[-1:], kvgate=meta)
+        if self.graphs is not None:
+            self.graphs.capture_all()
+
     def _graphable(self, step: StepInput) -> bool:
         """A decode-only step that fits a captured batch size."""
         g = self.graphs
