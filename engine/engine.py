@@ -46,8 +46,7 @@ class Engine:
         self.runner = ModelRunner(loaded, self.store, config.max_num_seqs)
         self._forward = ThreadPoolExecutor(1, thread_name_prefix="kvgate-forward")
         self._requests: dict[str, Sequence] = {}
-        self._in_flight: set[Sequence] = set()
-        self._failed_step: list[Sequence] = []
+        self._in_flight: set[Sequence] = set()   # the current step's sequences, until postprocessed
         self._arrivals = itertools.count()
         self._wakeup = asyncio.Event()
         self._loop_task: asyncio.Task | None = None
@@ -164,26 +163,23 @@ class Engine:
                     await self._wakeup.wait()
             except Exception:  # a bug must not stall every request: fail the step's, go on
                 log.exception("engine step failed; failing the requests it held")
-                failed = self._failed_step or list(self._requests.values())  # schedule() itself failed
+                failed = self._in_flight or set(self._requests.values())  # schedule() itself failed
+                self._in_flight = set()
                 for seq in failed:
                     if seq.status is not Status.FINISHED:
                         self._finish(seq, "error")
 
     async def step(self) -> bool:
         """Schedule, run the model, sample, postprocess. False if there was nothing to run."""
-        self._failed_step = []
         chunks = self.scheduler.schedule()
         if not chunks:
             return False
-        self._failed_step = [c.seq for c in chunks]   # who to fail if this step raises
+        self._in_flight = {c.seq for c in chunks}     # aborts wait for the step; a failure fails these
         step_input = self.runner.prepare(chunks)
-        self._in_flight = {c.seq for c in chunks}
-        try:
-            loop = asyncio.get_running_loop()
-            tokens = await loop.run_in_executor(self._forward, self.runner.execute, step_input)
-        finally:
-            self._in_flight = set()
+        loop = asyncio.get_running_loop()
+        tokens = await loop.run_in_executor(self._forward, self.runner.execute, step_input)
         self._postprocess(chunks, tokens)
+        self._in_flight = set()
         return True
 
     def _postprocess(self, chunks: list[Chunk], tokens: list[int]) -> None:
