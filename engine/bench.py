@@ -65,8 +65,9 @@ async def run_kvgate(engine: Engine, prompts: list[list[int]], out_len: int) -> 
     prompt_tokens = sum(len(p) for p in prompts)
     cached = {t.name.lower(): sum(r[2][t] for r in results) / prompt_tokens for t in Tier}
     return dict(requests=len(prompts), out_tokens=out_tokens, wall_s=round(wall, 3),
-                out_tok_s=round(out_tokens / wall, 1), ttft_p50_s=round(_pct(ttft, 50), 4),
-                ttft_p99_s=round(_pct(ttft, 99), 4), tpot_p50_ms=round(statistics.median(tpot) * 1e3, 2),
+                out_tok_s=round(out_tokens / wall, 1), ttft_p50_s=round(percentile(ttft, 50), 4),
+                ttft_p99_s=round(percentile(ttft, 99), 4),
+                tpot_p50_ms=round(statistics.median(tpot) * 1e3, 2),
                 decode_tok_s=round(1 / statistics.median(tpot), 1),
                 cached_fraction={k: round(v, 3) for k, v in cached.items()})
 
@@ -162,7 +163,8 @@ async def profile_step(a: argparse.Namespace) -> None:
         f"{k} {statistics.median(v) * 1e3:.2f}" for k, v in times.items()))
 
 
-def _pct(sorted_values: list[float], p: float) -> float:
+def percentile(sorted_values: list[float], p: float) -> float:
+    """The p-th percentile (nearest rank) of already sorted values."""
     return sorted_values[min(len(sorted_values) - 1, int(round(p / 100 * (len(sorted_values) - 1))))]
 
 

@@ -28,6 +28,8 @@ from dataclasses import asdict, dataclass, field
 
 import aiohttp
 
+from engine.bench import percentile
+
 TIERS = ("gpu", "host", "disk")
 
 
@@ -150,8 +152,8 @@ def summarize(name: str, samples: list[Sample], wall: float) -> dict:
     tiers = sorted({t for s in samples for t in s.cached})
     out = sum(s.output_tokens for s in samples)
     row = dict(workload=name, requests=len(samples), out_tokens=out, wall_s=round(wall, 3),
-               out_tok_s=round(out / wall, 1), ttft_p50_s=round(_pct(ttft, 50), 4),
-               ttft_p99_s=round(_pct(ttft, 99), 4),
+               out_tok_s=round(out / wall, 1), ttft_p50_s=round(percentile(ttft, 50), 4),
+               ttft_p99_s=round(percentile(ttft, 99), 4),
                tpot_p50_ms=round(statistics.median(tpot) * 1e3, 2) if tpot else None,
                cached_fraction={t: round(sum(s.cached.get(t, 0) for s in samples) / prompt, 3)
                                 for t in tiers})
@@ -160,14 +162,10 @@ def summarize(name: str, samples: list[Sample], wall: float) -> dict:
         for r in sorted({s.round for s in samples}):
             of_round = [s for s in samples if s.round == r]
             cached = sum(sum(s.cached.values()) for s in of_round) / sum(s.prompt_tokens for s in of_round)
-            ttft_p50 = _pct(sorted(s.ttft_s for s in of_round), 50)
+            ttft_p50 = percentile(sorted(s.ttft_s for s in of_round), 50)
             row["rounds"].append(dict(round=r, ttft_p50_s=round(ttft_p50, 4),
                                       cached_fraction=round(cached, 3)))
     return row
-
-
-def _pct(sorted_values: list[float], p: float) -> float:
-    return sorted_values[min(len(sorted_values) - 1, int(round(p / 100 * (len(sorted_values) - 1))))]
 
 
 def print_table(rows: list[dict]) -> None:

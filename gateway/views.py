@@ -11,7 +11,7 @@ from pydantic import ValidationError
 from gateway.errors import APIError
 from gateway.generation import Choice, chat_prompt, completion_prompts, merged, plan, submit
 from gateway.keys import ENGINE, METRICS, STATE, TENANT
-from gateway.protocol import ChatCompletionRequest, CompletionRequest, new_id, now, usage
+from gateway.protocol import ChatCompletionRequest, CompletionRequest, error_body, new_id, now, usage
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
@@ -84,18 +84,18 @@ async def _stream(request: web.Request, choices: list[Choice], kind: str, respon
     base = {"id": response_id, "object": chunk_kind, "created": now(), "model": engine.loaded.name}
     extra = {"usage": None} if include_usage else {}
 
-    async def send(choices_part: list[dict], **more) -> None:
-        await resp.write(b"data: " + json.dumps({**base, "choices": choices_part, **extra, **more}).encode()
-                         + b"\n\n")
+    async def event(obj: dict) -> None:
+        await resp.write(b"data: " + json.dumps(obj).encode() + b"\n\n")
+
+    async def send(choices_part: list[dict]) -> None:
+        await event({**base, "choices": choices_part, **extra})
 
     if kind == "chat.completion":
         await send([{"index": c.index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                      "finish_reason": None} for c in choices])
     async for c, out in merged(choices):
         if out.finish_reason == "error":
-            await resp.write(b"data: " + json.dumps({"error": {
-                "message": "the engine failed while generating this response", "type": "server_error",
-                "param": None, "code": None}}).encode() + b"\n\n")
+            await event(error_body("the engine failed while generating this response", "server_error"))
             continue
         if not out.text and out.finish_reason is None and not token_ids:
             continue
@@ -108,8 +108,7 @@ async def _stream(request: web.Request, choices: list[Choice], kind: str, respon
             part["token_ids"] = out.token_ids
         await send([part])
     if include_usage:
-        await resp.write(b"data: " + json.dumps({**base, "choices": [], "usage": _usage(choices)}).encode()
-                         + b"\n\n")
+        await event({**base, "choices": [], "usage": _usage(choices)})
     await resp.write(b"data: [DONE]\n\n")
     await resp.write_eof()
     return resp

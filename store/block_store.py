@@ -63,11 +63,6 @@ class PrefixMatch:
     root: bytes
     nodes: tuple[Node, ...]
     tiers: tuple[Tier, ...]
-    block_size: int
-
-    @property
-    def num_tokens(self) -> int:
-        return len(self.nodes) * self.block_size
 
 
 @dataclass
@@ -139,7 +134,7 @@ class BlockStore:
         limit = len(token_ids) if max_tokens is None else min(max_tokens, len(token_ids))
         nodes = self.index.match(root, token_bytes(token_ids[:limit]), self.block_size,
                                  limit // self.block_size)
-        return PrefixMatch(root, tuple(nodes), tuple(n.fastest for n in nodes), self.block_size)
+        return PrefixMatch(root, tuple(nodes), tuple(n.fastest for n in nodes))
 
     async def prefetch(self, match: PrefixMatch) -> int:
         """Load the disk-only blocks of `match` into the host tier, so that `admit` finds them
