@@ -96,7 +96,7 @@ def reference_attention(query: torch.Tensor, pool: torch.Tensor, layer: int, seq
         out = query.new_empty(1, total, heads, head_dim)
     for s in seqs:
         kv = pool[s.block_table, layer]                       # [nb, 2, bs, KVH, D]
-        # 4-D tensors: with 3-D ones CPU SDPA leaves its flash kernel for the (9x slower) math one
+        # 4-D tensors: with 3-D ones CPU SDPA leaves its flash kernel for the much slower math one
         k = kv[:, 0].flatten(0, 1)[:s.ctx_len].transpose(0, 1)[None]  # [1, KVH, ctx, D]
         v = kv[:, 1].flatten(0, 1)[:s.ctx_len].transpose(0, 1)[None]
         q = query[:, :, s.q_start:s.q_start + s.q_len]       # [1, H, q_len, D]; H = KVH * groups
