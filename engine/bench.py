@@ -114,19 +114,21 @@ def bench_kernel(device: str) -> None:
     from engine import kernels
     blocks, bs, kvh, hd, heads = 20000, 16, 8, 128, 32
     pool = torch.randn(blocks, 1, 2, bs, kvh, hd, device=device, dtype=torch.bfloat16)
-    print(f"\n{'seqs':>5} {'context':>8} {'tile':>5} {'warps':>6} {'stages':>7} {'us/layer':>9} "
+    print(f"\n{'seqs':>5} {'context':>8} {'tile':>5} {'warps':>6} {'stages':>7} {'parts':>6} {'us/layer':>9} "
           f"{'KV GB/s':>8}")
-    for seqs, ctx in ((1, 2048), (64, 2176), (128, 2240)):
+    for seqs, ctx in ((1, 2048), (8, 2048), (64, 2176), (128, 2240)):
         per_seq = -(-ctx // bs)
         tables = torch.randperm(blocks, device=device)[:seqs * per_seq].view(seqs, per_seq).to(torch.int32)
         lens = torch.full((seqs,), ctx, dtype=torch.int32, device=device)
         q = torch.randn(seqs, heads, hd, device=device, dtype=torch.bfloat16)
         out = torch.empty_like(q)
         kv_bytes = seqs * ctx * kvh * hd * 2 * 2
-        for tile, warps, stages in ((64, 4, 2), (128, 4, 2), (64, 8, 3), (128, 8, 3), (32, 4, 2)):
+        auto = kernels._partitions(seqs * kvh, per_seq * bs, kernels.TILE, q.device)
+        for tile, warps, stages, parts in ((64, 4, 2, 1), (64, 4, 2, auto), (128, 4, 2, auto),
+                                           (64, 8, 3, auto), (32, 4, 2, auto)):
             ms = triton.testing.do_bench(lambda: kernels.paged_decode(
-                q, pool, 0, tables, lens, hd ** -0.5, out, tile, warps, stages), return_mode="median")
-            print(f"{seqs:>5} {ctx:>8} {tile:>5} {warps:>6} {stages:>7} {ms * 1e3:>9.1f} "
+                q, pool, 0, tables, lens, hd ** -0.5, out, tile, warps, stages, parts), return_mode="median")
+            print(f"{seqs:>5} {ctx:>8} {tile:>5} {warps:>6} {stages:>7} {parts:>6} {ms * 1e3:>9.1f} "
                   f"{kv_bytes / ms / 1e6:>8.0f}")
 
 

@@ -14,6 +14,7 @@ implementation is used.
 """
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -34,20 +35,49 @@ def available(device: torch.device) -> bool:
 
 def paged_decode(query: torch.Tensor, pool: torch.Tensor, layer: int, block_tables: torch.Tensor,
                  context_lens: torch.Tensor, scale: float, out: torch.Tensor, tile: int = TILE,
-                 num_warps: int = 4, num_stages: int = 2) -> None:
+                 num_warps: int = 4, num_stages: int = 2, partitions: int | None = None) -> None:
     """query: [S, H, D] (one new token per sequence); pool: [NB, L, 2, BS, KVH, D];
     block_tables: [S, max_blocks] int32; context_lens: [S] int32; out: [S, H, D].
+    `partitions` splits each context into that many parts computed by separate programs and
+    combined after (split-K; None: enough to fill the GPU when S x KVH programs would not).
     `tile`, `num_warps`, `num_stages`: launch parameters (see `python -m engine.bench --kernel`)."""
     seqs, heads, head_dim = query.shape
     block_size, kv_heads = pool.shape[3], pool.shape[4]
     group = heads // kv_heads
-    _decode_kernel[(seqs, kv_heads)](
-        query, pool, block_tables, context_lens, out, layer, scale,
+    tile = max(tile, block_size)
+    if partitions is None:
+        partitions = _partitions(seqs * kv_heads, block_tables.shape[1] * block_size, tile, query.device)
+    parts = out
+    if partitions > 1:   # per part: running max and sum [S, H, P], unnormalized output [S, H, P, D]
+        stats = torch.empty(2, seqs, heads, partitions, dtype=torch.float32, device=query.device)
+        parts = torch.empty(seqs, heads, partitions, head_dim, dtype=torch.float32, device=query.device)
+    _decode_kernel[(seqs, kv_heads, partitions)](
+        query, pool, block_tables, context_lens, parts, stats if partitions > 1 else parts, layer, scale,
         query.stride(0), query.stride(1), pool.stride(0), pool.stride(1), pool.stride(2),
-        pool.stride(3), pool.stride(4), block_tables.stride(0), out.stride(0), out.stride(1),
+        pool.stride(3), pool.stride(4), block_tables.stride(0), parts.stride(0), parts.stride(1),
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), BLOCK_SIZE=block_size,
-        HEAD_DIM=head_dim, TILE=max(tile, block_size), IEEE=query.dtype == torch.float32,
+        HEAD_DIM=head_dim, TILE=tile, PARTS=partitions, IEEE=query.dtype == torch.float32,
         num_warps=num_warps, num_stages=num_stages)
+    if partitions > 1:
+        _combine_kernel[(seqs, heads)](stats, parts, out, out.stride(0), out.stride(1), PARTS=partitions,
+                                       PARTS_PAD=triton.next_power_of_2(partitions), HEAD_DIM=head_dim)
+
+
+MAX_PARTITIONS = 32
+
+
+def _partitions(programs: int, max_context: int, tile: int, device: torch.device) -> int:
+    """Split-K factor: none when there are two programs per SM already; otherwise about four
+    programs per SM, at least one tile per part."""
+    sms = _num_sms(device)
+    if programs >= 2 * sms:
+        return 1
+    return max(1, min(MAX_PARTITIONS, -(-4 * sms // programs), -(-max_context // tile)))
+
+
+@functools.cache
+def _num_sms(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
 
 
 def paged_prefill(query: torch.Tensor, pool: torch.Tensor, layer: int, tiles: torch.Tensor,
@@ -149,13 +179,17 @@ if triton is not None:
                  acc.to(Out.dtype.element_ty), mask=valid_m[:, None])
 
     @triton.jit(do_not_specialize=["layer", "stride_bt"])
-    def _decode_kernel(Q, Pool, BlockTables, ContextLens, Out, layer, scale,
+    def _decode_kernel(Q, Pool, BlockTables, ContextLens, Out, Stats, layer, scale,
                        stride_qs, stride_qh, stride_pb, stride_pl, stride_pkv, stride_pt, stride_ph,
                        stride_bt, stride_os, stride_oh,
                        GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-                       HEAD_DIM: tl.constexpr, TILE: tl.constexpr, IEEE: tl.constexpr):
+                       HEAD_DIM: tl.constexpr, TILE: tl.constexpr, PARTS: tl.constexpr, IEEE: tl.constexpr):
+        """One program per (sequence, KV head, part of the context). With PARTS == 1 it writes
+        the output; otherwise Out is [S, H, PARTS, D] (unnormalized) and Stats [2, S, H, PARTS]
+        (running max, sum) for `_combine_kernel`."""
         s = tl.program_id(0)
         kvh = tl.program_id(1)
+        part = tl.program_id(2)
         ctx = tl.load(ContextLens + s)
         g = tl.arange(0, GROUP_PAD)
         d = tl.arange(0, HEAD_DIM)
@@ -167,12 +201,39 @@ if triton is not None:
         l_i = tl.zeros([GROUP_PAD], tl.float32)
         acc = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
         base = Pool + layer * stride_pl + kvh * stride_ph
-        for start in range(0, ctx, TILE):
+        part_len = tl.cdiv(tl.cdiv(ctx, PARTS), TILE) * TILE
+        for start in range(part * part_len, tl.minimum(ctx, (part + 1) * part_len), TILE):
             tok = start + t
             valid = tok < ctx
             k, v = _kv_tile(base, BlockTables, s, stride_bt, stride_pb, stride_pt, stride_pkv, tok, valid, d,
                             BLOCK_SIZE)                                                # [TILE, D] each
             m_i, l_i, acc = _online_softmax(q, k, v, valid[None, :], scale, m_i, l_i, acc, IEEE)
-        acc = acc / l_i[:, None]
-        tl.store(Out + s * stride_os + heads[:, None] * stride_oh + d[None, :], acc.to(Out.dtype.element_ty),
-                 mask=(g < GROUP)[:, None])
+        if PARTS == 1:
+            acc = acc / l_i[:, None]
+            tl.store(Out + s * stride_os + heads[:, None] * stride_oh + d[None, :],
+                     acc.to(Out.dtype.element_ty), mask=(g < GROUP)[:, None])
+        else:   # [S, H, PARTS] row of this part; a part past the context leaves max -inf, sum 0
+            row = (s * tl.num_programs(1) * GROUP + heads) * PARTS + part              # [GROUP_PAD]
+            tl.store(Out + row[:, None] * HEAD_DIM + d[None, :], acc, mask=(g < GROUP)[:, None])
+            tl.store(Stats + row, m_i, mask=g < GROUP)
+            tl.store(Stats + tl.num_programs(0) * tl.num_programs(1) * GROUP * PARTS + row, l_i,
+                     mask=g < GROUP)
+
+    @triton.jit
+    def _combine_kernel(Stats, Parts, Out, stride_os, stride_oh, PARTS: tl.constexpr,
+                        PARTS_PAD: tl.constexpr, HEAD_DIM: tl.constexpr):
+        """Out[s, h] from the PARTS partial results of (sequence s, head h)."""
+        s = tl.program_id(0)
+        h = tl.program_id(1)
+        p = tl.arange(0, PARTS_PAD)
+        d = tl.arange(0, HEAD_DIM)
+        row = (s * tl.num_programs(1) + h) * PARTS
+        total = tl.num_programs(0) * tl.num_programs(1) * PARTS
+        m = tl.load(Stats + row + p, mask=p < PARTS, other=float("-inf"))
+        l_p = tl.load(Stats + total + row + p, mask=p < PARTS, other=0.0)
+        m_max = tl.max(m, 0)
+        w = tl.where(m == float("-inf"), 0.0, tl.exp(m - m_max))                    # [PARTS_PAD]
+        acc = tl.load(Parts + (row + p)[:, None] * HEAD_DIM + d[None, :], mask=(p < PARTS)[:, None],
+                      other=0.0)                                                    # [PARTS_PAD, D]
+        o = tl.sum(acc * w[:, None], 0) / tl.sum(l_p * w, 0)
+        tl.store(Out + s * stride_os + h * stride_oh + d, o.to(Out.dtype.element_ty))

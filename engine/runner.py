@@ -10,6 +10,7 @@ import logging
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from engine import kernels
@@ -53,20 +54,26 @@ class ModelRunner:
                                        math.ceil(loaded.max_model_len / self.block_size))
 
     def prepare(self, chunks: list[Chunk]) -> StepInput:
-        ids, positions, blocks, offsets, seqs, rows = [], [], [], [], [], []
-        params, generators = [], []
+        """The step's inputs as CPU tensors, built from plain lists (a decode step of hundreds of
+        sequences must cost well under a millisecond here: the GPU waits for it)."""
+        bs = self.block_size
+        ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int | np.ndarray] = []  # per chunk: block * block_size + offset of its tokens
+        seqs, rows, params, generators = [], [], [], []
         decode_rows, decode_tables, decode_lens = [], [], []
         tiles, prefill_chunks, prefill_tables = [], [], []
-        q = 0
         for c in chunks:
             seq = c.seq
-            end = c.start + c.num_tokens
-            table = torch.tensor(self.store.block_table(seq.request_id)[:-(-end // self.block_size)])
-            pos = torch.arange(c.start, end)
-            ids.append(torch.tensor(seq.token_ids[c.start:end]))
-            positions.append(pos)
-            blocks.append(table[pos // self.block_size])
-            offsets.append(pos % self.block_size)
+            q, end = len(ids), c.start + c.num_tokens
+            table = self.store.block_table(seq.request_id)[:-(-end // bs)]
+            ids += seq.token_ids[c.start:end]
+            positions += range(c.start, end)
+            if c.num_tokens == 1:
+                slots.append(table[c.start // bs] * bs + c.start % bs)
+            else:
+                pos = np.arange(c.start, end)
+                slots.append(np.asarray(table)[pos // bs] * bs + pos % bs)
             if self.use_kernel and c.num_tokens == 1:
                 decode_rows.append(q)
                 decode_tables.append(table)
@@ -76,25 +83,22 @@ class ModelRunner:
                 prefill_chunks.append((q, c.num_tokens, end))
                 prefill_tables.append(table)
             else:
-                seqs.append(SeqSlice(q, c.num_tokens, end, table))
+                seqs.append(SeqSlice(q, c.num_tokens, end, torch.tensor(table)))
             if c.samples:
                 rows.append(q + c.num_tokens - 1)
                 params.append(seq.params)
                 generators.append(seq.generator)
-            q += c.num_tokens
-        decode = None
+        decode = prefill = None
         if decode_rows:
-            tables = torch.nn.utils.rnn.pad_sequence(decode_tables, batch_first=True).to(torch.int32)
-            decode = DecodeBatch(torch.tensor(decode_rows), tables,
+            decode = DecodeBatch(torch.tensor(decode_rows), _padded(decode_tables),
                                  torch.tensor(decode_lens, dtype=torch.int32))
-        prefill = None
         if prefill_chunks:
-            tables = torch.nn.utils.rnn.pad_sequence(prefill_tables, batch_first=True).to(torch.int32)
             prefill = PrefillBatch(torch.tensor(tiles, dtype=torch.int32),
-                                   torch.tensor(prefill_chunks, dtype=torch.int32), tables)
-        return StepInput(torch.cat(ids), torch.cat(positions), torch.cat(blocks), torch.cat(offsets),
-                         tuple(seqs), decode, prefill, torch.tensor(rows, dtype=torch.long), params,
-                         generators)
+                                   torch.tensor(prefill_chunks, dtype=torch.int32), _padded(prefill_tables))
+        slot = torch.tensor(slots) if len(slots) == len(ids) else torch.from_numpy(
+            np.concatenate([np.atleast_1d(x) for x in slots]))
+        return StepInput(torch.tensor(ids), torch.tensor(positions), slot // bs, slot % bs, tuple(seqs),
+                         decode, prefill, torch.tensor(rows, dtype=torch.long), params, generators)
 
     @torch.inference_mode()
     def execute(self, step: StepInput) -> list[int]:
@@ -155,3 +159,12 @@ class ModelRunner:
         d = step.decode
         return self.graphs.run(step.input_ids.to(dev), step.positions.to(dev), step.slot_block.to(dev),
                                step.slot_offset.to(dev), d.block_tables.to(dev), d.context_lens.to(dev))
+
+
+def _padded(tables: list[list[int]]) -> torch.Tensor:
+    """Block tables as one [n, widest] int32 tensor, padded with block 0."""
+    width = max(map(len, tables))
+    flat = np.zeros((len(tables), width), dtype=np.int32)
+    for i, t in enumerate(tables):
+        flat[i, :len(t)] = t
+    return torch.from_numpy(flat)

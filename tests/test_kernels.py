@@ -13,8 +13,10 @@ pytestmark = pytest.mark.skipif(not kernels.available(DEVICE), reason="needs CUD
 
 
 @pytest.mark.parametrize("dtype,tolerance", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
-@pytest.mark.parametrize("heads,kv_heads,head_dim", [(8, 8, 64), (32, 8, 128), (4, 1, 32)])
-def test_paged_decode_matches_reference(dtype, tolerance, heads, kv_heads, head_dim):
+@pytest.mark.parametrize("heads,kv_heads,head_dim,partitions", [(8, 8, 64, None), (32, 8, 128, None),
+                                                                (4, 1, 32, 1), (32, 8, 128, 5)])
+def test_paged_decode_matches_reference(dtype, tolerance, heads, kv_heads, head_dim, partitions):
+    """Whole contexts per program, and split-K (parts past short contexts stay empty)."""
     if DEVICE.type == "cpu" and dtype == torch.bfloat16:
         pytest.skip("Triton's CPU interpreter computes bf16 dot products wrongly")
     g = torch.Generator().manual_seed(heads * 1000 + head_dim)
@@ -29,7 +31,7 @@ def test_paged_decode_matches_reference(dtype, tolerance, heads, kv_heads, head_
     out = torch.full_like(q, float("nan"))                    # poisoned: every element must be written
     scale = head_dim ** -0.5
     kernels.paged_decode(q, pool, 1, table.to(DEVICE), torch.tensor(lens, dtype=torch.int32, device=DEVICE),
-                         scale, out)
+                         scale, out, partitions=partitions)
     seqs = tuple(SeqSlice(i, 1, n, t.to(DEVICE)) for i, (n, t) in enumerate(zip(lens, tables)))
     ref = reference_attention(q.double().transpose(0, 1)[None], pool.double(), 1, seqs, scale, None)[0]
     assert not out.isnan().any()
