@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 from engine.config import EngineConfig
 from engine.sequence import Sequence, Status
-from store import BlockStore, OutOfBlocks, Tier
+from store import BlockStore, OutOfBlocks, Tier, block_keys, token_bytes
 
 log = logging.getLogger("kvgate.engine")
 
@@ -83,11 +83,13 @@ class Scheduler:
                     return False
 
     def _admit_waiting(self, chunks: list[Chunk]) -> None:
-        skipped = []   # waiting but not ready (prefetching): keep their place
+        skipped = []   # not ready (prefetching), or its prefix is being computed: keeps its place
         budget = lambda: self.config.max_num_batched_tokens - sum(c.num_tokens for c in chunks)  # noqa: E731
+        computing = self._prefix_keys_in_prefill()
         while self._waiting and budget() > 0 and len(self.running) < self.config.max_num_seqs:
             _, seq = heapq.heappop(self._waiting)
-            if not seq.ready:
+            if not seq.ready or (computing and seq.status is Status.WAITING
+                                 and not computing.isdisjoint(self._prompt_keys(seq))):
                 skipped.append(seq)
                 continue
             if not self._admit(seq, chunks):
@@ -95,8 +97,25 @@ class Scheduler:
                 break
             n = min(len(seq.token_ids) - seq.num_computed, budget())
             chunks.append(Chunk(seq, seq.num_computed, n))
+            computing.update(self._prompt_keys(seq)[seq.num_computed // self.store.block_size:])
         for seq in skipped:
             heapq.heappush(self._waiting, (seq.urgency(), seq))
+
+    def _prefix_keys_in_prefill(self) -> set[bytes]:
+        """Keys of the prompt blocks running sequences have yet to compute (this step's chunks
+        included). A new request sharing one of them waits until it is cached instead of
+        computing the same prefix a second time (many users behind one new system prompt)."""
+        keys: set[bytes] = set()
+        for seq in self.running:
+            if seq.num_computed < seq.prompt_len:
+                keys.update(self._prompt_keys(seq)[seq.num_computed // self.store.block_size:])
+        return keys
+
+    def _prompt_keys(self, seq: Sequence) -> list[bytes]:
+        if seq.prompt_keys is None:
+            seq.prompt_keys = block_keys(seq.root, token_bytes(seq.token_ids[:seq.prompt_len]),
+                                         self.store.block_size)
+        return seq.prompt_keys
 
     def _admit(self, seq: Sequence, chunks: list[Chunk]) -> bool:
         """Give `seq` its blocks (swap in, or admit with its cached prefix), preempting a less

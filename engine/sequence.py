@@ -52,6 +52,7 @@ class Sequence:
     num_computed: int = 0             # tokens whose KV is in the cache
     ready: bool = True                # False while its disk blocks are being prefetched
     cached_tokens: dict[Tier, int] | None = None   # set at first admission
+    prompt_keys: list[bytes] | None = None         # keys of the prompt's full blocks (the scheduler's)
     finish_reason: str | None = None
     outputs: asyncio.Queue[RequestOutput] = field(default_factory=asyncio.Queue)
 

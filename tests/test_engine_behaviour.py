@@ -8,7 +8,7 @@ import pytest
 from engine.errors import InvalidRequest
 from engine.sampling import SamplingParams
 from store import Tier
-from tests.engine_util import collect, greedy, make_engine, run
+from tests.engine_util import BS, collect, greedy, make_engine, run
 from tests.models import build_model_dir, hf_greedy
 
 
@@ -214,3 +214,26 @@ async def test_stop_ends_every_request_even_with_a_step_in_flight(llama):
         _, last = await reader                      # no reader is left waiting
         assert last.finish_reason == "abort"
     assert engine.num_running == 0 and engine.num_waiting == 0
+
+
+async def test_requests_behind_a_prefix_being_computed_wait_for_it(llama):
+    """Submitted together, requests sharing a new prefix compute it once: the first computes
+    it, the others wait a step and then find it cached (output unchanged)."""
+    engine = make_engine(llama, gpu=64, max_batched=64, max_seqs=8)
+    shared = list(range(3, 3 + 6 * BS))
+    other = list(range(100, 100 + 6 * BS))                  # another group, admitted meanwhile
+    prompts = [shared + [200 + i] for i in range(3)] + [other + [7]]
+    streams = [engine.submit(p, greedy(3)) for p in prompts]
+    assert await engine.step()
+    first = {s.request_id for s in engine.scheduler.running}
+    assert first == {streams[0].request_id, streams[3].request_id}   # the group's followers wait
+    await engine.start()
+    results = [await collect(s) for s in streams]
+    await engine.stop()
+    cached = [last.num_cached_tokens for _, last in results]
+    assert cached == [0, 6 * BS, 6 * BS, 0]
+    alone = make_engine(llama, gpu=64, max_batched=64, max_seqs=8)
+    await alone.start()
+    for p, (tokens, _) in zip(prompts, results):
+        assert (await run(alone, p, greedy(3)))[0] == tokens
+    await alone.stop()
