@@ -38,8 +38,9 @@ def paged_decode(query: torch.Tensor, pool: torch.Tensor, layer: int, block_tabl
                  num_warps: int = 4, num_stages: int = 2, partitions: int | None = None) -> None:
     """query: [S, H, D] (one new token per sequence); pool: [NB, L, 2, BS, KVH, D];
     block_tables: [S, max_blocks] int32; context_lens: [S] int32; out: [S, H, D].
-    `partitions` splits each context into that many parts computed by separate programs and
-    combined after (split-K; None: enough to fill the GPU when S x KVH programs would not).
+    `partitions` splits each context into up to that many parts (of two tiles or more) computed
+    by separate programs and combined after (split-K; None: enough to fill the GPU when S x KVH
+    programs would not). It is a runtime value: no recompilation as batch sizes change.
     `tile`, `num_warps`, `num_stages`: launch parameters (see `python -m engine.bench --kernel`)."""
     seqs, heads, head_dim = query.shape
     block_size, kv_heads = pool.shape[3], pool.shape[4]
@@ -47,20 +48,21 @@ def paged_decode(query: torch.Tensor, pool: torch.Tensor, layer: int, block_tabl
     tile = max(tile, block_size)
     if partitions is None:
         partitions = _partitions(seqs * kv_heads, block_tables.shape[1] * block_size, tile, query.device)
-    parts = out
-    if partitions > 1:   # per part: running max and sum [S, H, P], unnormalized output [S, H, P, D]
+    assert 1 <= partitions <= MAX_PARTITIONS
+    parts = stats = out
+    if partitions > 1:   # per part: running max and sum [2, S, H, P], unnormalized output [S, H, P, D]
         stats = torch.empty(2, seqs, heads, partitions, dtype=torch.float32, device=query.device)
         parts = torch.empty(seqs, heads, partitions, head_dim, dtype=torch.float32, device=query.device)
     _decode_kernel[(seqs, kv_heads, partitions)](
-        query, pool, block_tables, context_lens, parts, stats if partitions > 1 else parts, layer, scale,
+        query, pool, block_tables, context_lens, parts, stats, layer, scale, partitions,
         query.stride(0), query.stride(1), pool.stride(0), pool.stride(1), pool.stride(2),
         pool.stride(3), pool.stride(4), block_tables.stride(0), parts.stride(0), parts.stride(1),
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), BLOCK_SIZE=block_size,
-        HEAD_DIM=head_dim, TILE=tile, PARTS=partitions, IEEE=query.dtype == torch.float32,
+        HEAD_DIM=head_dim, TILE=tile, SPLIT=partitions > 1, IEEE=query.dtype == torch.float32,
         num_warps=num_warps, num_stages=num_stages)
     if partitions > 1:
-        _combine_kernel[(seqs, heads)](stats, parts, out, out.stride(0), out.stride(1), PARTS=partitions,
-                                       PARTS_PAD=triton.next_power_of_2(partitions), HEAD_DIM=head_dim)
+        _combine_kernel[(seqs, heads)](stats, parts, out, partitions, out.stride(0), out.stride(1),
+                                       MAX_PARTS=MAX_PARTITIONS, HEAD_DIM=head_dim)
 
 
 MAX_PARTITIONS = 32
@@ -72,7 +74,7 @@ def _partitions(programs: int, max_context: int, tile: int, device: torch.device
     sms = _num_sms(device)
     if programs >= 2 * sms:
         return 1
-    return max(1, min(MAX_PARTITIONS, -(-4 * sms // programs), -(-max_context // tile)))
+    return max(1, min(MAX_PARTITIONS, -(-4 * sms // programs), -(-max_context // (2 * tile))))
 
 
 @functools.cache
@@ -178,15 +180,16 @@ if triton is not None:
         tl.store(Out + (row0 + m)[:, None] * stride_ot + h * stride_oh + d[None, :],
                  acc.to(Out.dtype.element_ty), mask=valid_m[:, None])
 
-    @triton.jit(do_not_specialize=["layer", "stride_bt"])
-    def _decode_kernel(Q, Pool, BlockTables, ContextLens, Out, Stats, layer, scale,
+    @triton.jit(do_not_specialize=["layer", "parts", "stride_bt"])
+    def _decode_kernel(Q, Pool, BlockTables, ContextLens, Out, Stats, layer, scale, parts,
                        stride_qs, stride_qh, stride_pb, stride_pl, stride_pkv, stride_pt, stride_ph,
                        stride_bt, stride_os, stride_oh,
                        GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-                       HEAD_DIM: tl.constexpr, TILE: tl.constexpr, PARTS: tl.constexpr, IEEE: tl.constexpr):
-        """One program per (sequence, KV head, part of the context). With PARTS == 1 it writes
-        the output; otherwise Out is [S, H, PARTS, D] (unnormalized) and Stats [2, S, H, PARTS]
-        (running max, sum) for `_combine_kernel`."""
+                       HEAD_DIM: tl.constexpr, TILE: tl.constexpr, SPLIT: tl.constexpr, IEEE: tl.constexpr):
+        """One program per (sequence, KV head, part of the context). Unsplit, it writes the
+        output; split, Out is [S, H, parts, D] (unnormalized) and Stats [2, S, H, parts] (running
+        max, sum) for `_combine_kernel`. A sequence uses at most ctx / (2 TILE) parts; a part
+        it leaves unused keeps max -inf, sum 0, output 0."""
         s = tl.program_id(0)
         kvh = tl.program_id(1)
         part = tl.program_id(2)
@@ -201,39 +204,41 @@ if triton is not None:
         l_i = tl.zeros([GROUP_PAD], tl.float32)
         acc = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
         base = Pool + layer * stride_pl + kvh * stride_ph
-        part_len = tl.cdiv(tl.cdiv(ctx, PARTS), TILE) * TILE
-        for start in range(part * part_len, tl.minimum(ctx, (part + 1) * part_len), TILE):
+        used = tl.minimum(parts, tl.cdiv(ctx, 2 * TILE))
+        part_len = tl.cdiv(tl.cdiv(ctx, used), TILE) * TILE
+        end = tl.where(part < used, tl.minimum(ctx, (part + 1) * part_len), 0)
+        for start in range(part * part_len, end, TILE):
             tok = start + t
             valid = tok < ctx
             k, v = _kv_tile(base, BlockTables, s, stride_bt, stride_pb, stride_pt, stride_pkv, tok, valid, d,
                             BLOCK_SIZE)                                                # [TILE, D] each
             m_i, l_i, acc = _online_softmax(q, k, v, valid[None, :], scale, m_i, l_i, acc, IEEE)
-        if PARTS == 1:
+        if SPLIT:
+            row = (s * tl.num_programs(1) * GROUP + heads) * parts + part              # [GROUP_PAD]
+            tl.store(Out + row[:, None] * HEAD_DIM + d[None, :], acc, mask=(g < GROUP)[:, None])
+            tl.store(Stats + row, m_i, mask=g < GROUP)
+            tl.store(Stats + tl.num_programs(0) * tl.num_programs(1) * GROUP * parts + row, l_i,
+                     mask=g < GROUP)
+        else:
             acc = acc / l_i[:, None]
             tl.store(Out + s * stride_os + heads[:, None] * stride_oh + d[None, :],
                      acc.to(Out.dtype.element_ty), mask=(g < GROUP)[:, None])
-        else:   # [S, H, PARTS] row of this part; a part past the context leaves max -inf, sum 0
-            row = (s * tl.num_programs(1) * GROUP + heads) * PARTS + part              # [GROUP_PAD]
-            tl.store(Out + row[:, None] * HEAD_DIM + d[None, :], acc, mask=(g < GROUP)[:, None])
-            tl.store(Stats + row, m_i, mask=g < GROUP)
-            tl.store(Stats + tl.num_programs(0) * tl.num_programs(1) * GROUP * PARTS + row, l_i,
-                     mask=g < GROUP)
 
-    @triton.jit
-    def _combine_kernel(Stats, Parts, Out, stride_os, stride_oh, PARTS: tl.constexpr,
-                        PARTS_PAD: tl.constexpr, HEAD_DIM: tl.constexpr):
-        """Out[s, h] from the PARTS partial results of (sequence s, head h)."""
+    @triton.jit(do_not_specialize=["parts"])
+    def _combine_kernel(Stats, Parts, Out, parts, stride_os, stride_oh, MAX_PARTS: tl.constexpr,
+                        HEAD_DIM: tl.constexpr):
+        """Out[s, h] from the partial results of (sequence s, head h)."""
         s = tl.program_id(0)
         h = tl.program_id(1)
-        p = tl.arange(0, PARTS_PAD)
+        p = tl.arange(0, MAX_PARTS)
         d = tl.arange(0, HEAD_DIM)
-        row = (s * tl.num_programs(1) + h) * PARTS
-        total = tl.num_programs(0) * tl.num_programs(1) * PARTS
-        m = tl.load(Stats + row + p, mask=p < PARTS, other=float("-inf"))
-        l_p = tl.load(Stats + total + row + p, mask=p < PARTS, other=0.0)
+        row = (s * tl.num_programs(1) + h) * parts
+        total = tl.num_programs(0) * tl.num_programs(1) * parts
+        m = tl.load(Stats + row + p, mask=p < parts, other=float("-inf"))
+        l_p = tl.load(Stats + total + row + p, mask=p < parts, other=0.0)
         m_max = tl.max(m, 0)
-        w = tl.where(m == float("-inf"), 0.0, tl.exp(m - m_max))                    # [PARTS_PAD]
-        acc = tl.load(Parts + (row + p)[:, None] * HEAD_DIM + d[None, :], mask=(p < PARTS)[:, None],
-                      other=0.0)                                                    # [PARTS_PAD, D]
+        w = tl.where(m == float("-inf"), 0.0, tl.exp(m - m_max))                    # [MAX_PARTS]
+        acc = tl.load(Parts + (row + p)[:, None] * HEAD_DIM + d[None, :], mask=(p < parts)[:, None],
+                      other=0.0)                                                    # [MAX_PARTS, D]
         o = tl.sum(acc * w[:, None], 0) / tl.sum(l_p * w, 0)
         tl.store(Out + s * stride_os + h * stride_oh + d, o.to(Out.dtype.element_ty))
