@@ -42,11 +42,13 @@ class EngineConfig:
     max_num_seqs: int = 64              # sequences in one step's batch
     max_num_batched_tokens: int = 2048  # tokens in one step (chunked prefill budget)
     block_size: int = 16
+    load_or_recompute: str = "auto"     # "auto": per cache hit, whichever is faster; "load": always load
 
     def __post_init__(self) -> None:
         for key in ("max_num_seqs", "max_num_batched_tokens", "block_size"):
             if getattr(self, key) < 1:
                 raise ValueError(f"engine.{key} must be >= 1, got {getattr(self, key)}")
+        _one_of("engine.load_or_recompute", self.load_or_recompute, ("auto", "load"))
 
 
 def _one_of(key: str, value: str, allowed: tuple[str, ...]) -> None:

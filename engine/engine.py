@@ -13,6 +13,7 @@ import asyncio
 import itertools
 import logging
 import math
+import time
 import uuid
 from collections.abc import AsyncIterator
 from collections.abc import Sequence as Seq
@@ -21,6 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 
 from engine.config import EngineConfig
+from engine.costs import LoadOrRecompute
 from engine.detokenizer import Detokenizer
 from engine.errors import InvalidRequest
 from engine.model import LoadedModel
@@ -44,6 +46,7 @@ class Engine:
                                 device=loaded.device)
         self.scheduler = Scheduler(config, self.store)
         self.runner = ModelRunner(loaded, self.store, config.max_num_seqs)
+        self.costs = LoadOrRecompute(self.store, config.load_or_recompute)
         self._forward = ThreadPoolExecutor(1, thread_name_prefix="kvgate-forward")
         self._requests: dict[str, Sequence] = {}
         self._in_flight: set[Sequence] = set()   # the current step's sequences, until postprocessed
@@ -59,7 +62,8 @@ class Engine:
         """Warm up (CUDA: compile kernels, capture graphs) and start the loop."""
         if self._loop_task is None:
             loop = asyncio.get_running_loop()
-            await loop.run_in_executor(self._forward, self.runner.warmup)
+            await loop.run_in_executor(self._forward, self.runner.warmup, self.costs,
+                                       self.config.max_num_batched_tokens)
             self._loop_task = loop.create_task(self._run())
 
     async def stop(self, persist: bool = True) -> None:
@@ -95,9 +99,10 @@ class Engine:
             generator.manual_seed(params.seed if params.seed is not None else torch.seed())
         match = self.store.match(root, prompt, max_tokens=len(prompt) - 1)
         seq = Sequence(request_id, prompt, len(prompt), params, priority, next(self._arrivals), root,
-                       Detokenizer(self.loaded.tokenizer, params.stop), generator, found=match.tiers)
+                       Detokenizer(self.loaded.tokenizer, params.stop), generator, found=match.tiers,
+                       max_tier=self.costs.slowest_tier_to_load(match.tiers))
         self._requests[request_id] = seq
-        if Tier.DISK in match.tiers:
+        if Tier.DISK in match.tiers and seq.max_tier is Tier.DISK:
             seq.ready = False
             task = asyncio.get_running_loop().create_task(self._prefetch(seq, match))
             self._prefetches.add(task)
@@ -177,7 +182,11 @@ class Engine:
         self._in_flight = {c.seq for c in chunks}     # aborts wait for the step; a failure fails these
         step_input = self.runner.prepare(chunks)
         loop = asyncio.get_running_loop()
+        start = time.perf_counter()
         tokens = await loop.run_in_executor(self._forward, self.runner.execute, step_input)
+        if tokens or self.loaded.device.type == "cpu":   # a step that samples waited for the GPU
+            self.costs.observe_prefill(sum(c.num_tokens for c in chunks if c.num_tokens > 1),
+                                       time.perf_counter() - start)
         self._postprocess(chunks, tokens)
         self._in_flight = set()
         return True

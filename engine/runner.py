@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -15,6 +16,7 @@ import torch
 
 from engine import kernels
 from engine.attention import DecodeBatch, PagedMetadata, PrefillBatch, SeqSlice
+from engine.costs import LoadOrRecompute
 from engine.graphs import DecodeGraphs
 from engine.model import LoadedModel
 from engine.sampling import SamplingParams, sample
@@ -44,6 +46,7 @@ class ModelRunner:
         self.device = loaded.device
         self.store = store
         self.block_size = store.block_size
+        self.max_model_len = loaded.max_model_len
         window = getattr(loaded.model.config, "sliding_window", None)
         # the decode kernel attends over the whole context: not for windows shorter than it
         self.use_kernel = kernels.available(self.device) and (
@@ -128,24 +131,48 @@ class ModelRunner:
         return sample(out.logits[0], step.params, step.generators)
 
     @torch.inference_mode()
-    def warmup(self) -> None:
+    def warmup(self, costs: LoadOrRecompute, prefill_tokens: int) -> None:
         """On CUDA, before serving: compile both attention kernels and capture the decode graphs,
-        so that the first requests do not pay for it. Writes K/V only into block 0, which must
-        hold nothing yet."""
+        so that the first requests do not pay for it; then seed the load-or-recompute rates by
+        timing a prefill of `prefill_tokens` tokens and a batched host -> GPU copy. Writes K/V
+        only into block 0 and copies into free slots: the GPU pool must hold nothing yet."""
         if not self.use_kernel or self.device.type != "cuda":
             return
         assert self.store.gpu.num_free == self.store.gpu.num_blocks, "warm-up needs an empty GPU pool"
-        n, dev = self.block_size, self.device
-        zeros = torch.zeros(n, dtype=torch.long, device=dev)
-        offsets = torch.arange(n, device=dev)
-        prefill = PrefillBatch(torch.zeros(1, 2, dtype=torch.int32, device=dev),
-                               torch.tensor([[0, n, n]], dtype=torch.int32, device=dev),
-                               torch.zeros(1, 1, dtype=torch.int32, device=dev))
-        meta = PagedMetadata(self.store.gpu.tensor, zeros, offsets, (), None, prefill)
-        self.model(input_ids=zeros[None], position_ids=offsets[None], use_cache=False,
-                   logits_to_keep=offsets[-1:], kvgate=meta)
+        self._dummy_prefill(self.block_size)
         if self.graphs is not None:
             self.graphs.capture_all()
+        n = min(prefill_tokens, self.max_model_len)
+        self._dummy_prefill(n)                                   # compiled for this size too
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        self._dummy_prefill(n)
+        torch.cuda.synchronize()
+        costs.prefill_tokens_per_s = n / (time.perf_counter() - start)
+        blocks = min(64, self.store.host.num_blocks, self.store.gpu.num_blocks)
+        if blocks:
+            slots = list(range(blocks))
+            self.store.copier.to_gpu(slots, slots)               # first use allocates its staging
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            self.store.copier.to_gpu(slots, slots)
+            torch.cuda.synchronize()
+            costs.host_bytes_per_s = blocks * self.store.layout.block_bytes / (time.perf_counter() - start)
+        log.info("measured: prefill %.0f tokens/s, host -> GPU %s", costs.prefill_tokens_per_s,
+                 f"{costs.host_bytes_per_s / 1e9:.1f} GB/s" if blocks else "-")
+
+    def _dummy_prefill(self, n: int) -> None:
+        """A prefill of n tokens at positions 0..n-1 whose K/V all land in block 0."""
+        dev, bs = self.device, self.block_size
+        zeros = torch.zeros(n, dtype=torch.long, device=dev)
+        positions = torch.arange(n, device=dev)
+        tiles = torch.tensor([(0, m) for m in range(0, n, kernels.PREFILL_TILE)], dtype=torch.int32,
+                             device=dev)
+        prefill = PrefillBatch(tiles, torch.tensor([[0, n, n]], dtype=torch.int32, device=dev),
+                               torch.zeros(1, -(-n // bs), dtype=torch.int32, device=dev))
+        meta = PagedMetadata(self.store.gpu.tensor, zeros, positions % bs, (), None, prefill)
+        self.model(input_ids=zeros[None], position_ids=positions[None], use_cache=False,
+                   logits_to_keep=positions[-1:], kvgate=meta)
 
     def _graphable(self, step: StepInput) -> bool:
         """A decode-only step that fits a captured batch size."""

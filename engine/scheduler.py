@@ -127,7 +127,7 @@ class Scheduler:
                     self.store.commit(seq.request_id, seq.token_ids, seq.num_computed)
                 else:
                     blocks = self.store.admit(seq.request_id, seq.root, seq.token_ids, seq.priority,
-                                              max_cached_tokens=len(seq.token_ids) - 1)
+                                              max_cached_tokens=len(seq.token_ids) - 1, max_tier=seq.max_tier)
                     seq.num_computed = blocks.num_cached_tokens
                     if seq.cached_tokens is None:
                         seq.cached_tokens = _cached_by_tier(seq.found, blocks.tiers, self.store.block_size)

@@ -51,6 +51,7 @@ class Sequence:
     status: Status = Status.WAITING
     num_computed: int = 0             # tokens whose KV is in the cache
     ready: bool = True                # False while its disk blocks are being prefetched
+    max_tier: Tier = Tier.HOST        # cached blocks in slower tiers are recomputed (engine/costs.py)
     cached_tokens: dict[Tier, int] | None = None   # set at first admission
     prompt_keys: list[bytes] | None = None         # keys of the prompt's full blocks (the scheduler's)
     finish_reason: str | None = None

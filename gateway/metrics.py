@@ -71,4 +71,17 @@ class _EngineCollector:
         for tier, s in self.engine.store.stats().tiers.items():
             evictions.add_metric([tier.name.lower()], s.evictions)
         yield evictions
+        costs = self.engine.costs
+        recomputed = GaugeMetricFamily("kvgate_hits_recomputed_blocks", "Cached blocks recomputed because "
+                                       "loading them was slower (running total)", labels=["tier"])
+        for tier, n in costs.recomputed_blocks.items():
+            recomputed.add_metric([tier.name.lower()], n)
+        yield recomputed
+        rates = GaugeMetricFamily("kvgate_measured_rate", "Rates the load-or-recompute choice uses "
+                                  "(prefill tokens/s, host/disk bytes/s; absent until measured)",
+                                  labels=["what"])
+        for what, value in costs.rates().items():
+            if value is not None:
+                rates.add_metric([what], value)
+        yield rates
 

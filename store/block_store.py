@@ -17,6 +17,7 @@ import collections
 import dataclasses
 import logging
 import math
+import time
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
 
@@ -119,6 +120,7 @@ class BlockStore:
             if config.disk_path else None
         self.placement = Placement(self.index, self.gpu, self.host, self.copier, self.disk)
         self.misses = 0                    # prompt blocks not found in any tier at admission
+        self.disk_read_rate: float | None = None   # bytes/s of disk -> host loads (moving average)
         self._seqs: dict[Hashable, SeqBlocks] = {}
         self._loads: dict[Node, _Load] = {}
         if self.disk is not None:
@@ -166,6 +168,7 @@ class BlockStore:
                 self.copier.host_ready()
             self.host.tensor[load.slots[i]].view(torch.uint8).numpy().reshape(-1)[:] = payload
         ok: list[bool] | None = None
+        start = time.perf_counter()
         try:
             ok = await self.disk.load([(n.key, n.parent.key, n.token_bytes) for n in load.nodes], sink)
         finally:
@@ -175,21 +178,27 @@ class BlockStore:
             self.placement.unlock(load.path)
         loaded = sum(_is_live(n) and n.host_slot is not None for n in load.nodes)
         self.placement.counters[Tier.DISK].promotions += loaded
+        if ok is not None:   # bytes read (and checked) per second, newest loads weighing most
+            rate = len(ok) * self.layout.block_bytes / max(time.perf_counter() - start, 1e-9)
+            old = self.disk_read_rate
+            self.disk_read_rate = rate if old is None else 0.8 * old + 0.2 * rate
         return loaded
 
     # ---- sequences --------------------------------------------------------------------------
 
     def admit(self, seq_id: Hashable, root: bytes, token_ids: Sequence[int], priority: int = 0,
-              max_cached_tokens: int | None = None) -> SeqBlocks:
-        """Start a sequence: reuse its cached prefix (at most `max_cached_tokens`; blocks still on
-        disk only are not used: `prefetch` first), promote host blocks, and allocate GPU slots
-        for all of `token_ids`. All or nothing: raises OutOfBlocks and changes nothing."""
+              max_cached_tokens: int | None = None, max_tier: Tier = Tier.HOST) -> SeqBlocks:
+        """Start a sequence: reuse its cached prefix (at most `max_cached_tokens`, up to its
+        first block in a tier slower than `max_tier`; blocks still on disk only are never used:
+        `prefetch` first), promote host blocks, and allocate GPU slots for all of `token_ids`.
+        All or nothing: raises OutOfBlocks and changes nothing."""
         if seq_id in self._seqs:
             raise ValueError(f"sequence {seq_id!r} is already admitted")
         if not token_ids:
             raise ValueError("a sequence needs at least one token")
         match = self.match(root, token_ids, max_cached_tokens)
-        nodes = [n for n in match.nodes if n.fastest <= Tier.HOST]
+        # a prefix of the match: a parent is never in a slower tier than its child
+        nodes = [n for n in match.nodes if n.fastest <= min(max_tier, Tier.HOST)]
         tiers = match.tiers[:len(nodes)]
         self.index.lock(nodes)
         promote = [n for n in nodes if n.gpu_slot is None]

@@ -82,6 +82,31 @@ async def test_disk_hit_and_restart_match_generate(llama, tmp_path):
     await restarted.stop()
 
 
+@pytest.mark.parametrize("disk_mb_s,host_mb_s,loaded", [(1e9, 1e9, Tier.DISK), (1e-3, 1e9, Tier.HOST),
+                                                         (1e9, 1e-3, Tier.GPU)])
+async def test_hits_are_recomputed_when_loading_is_slower(llama, tmp_path, disk_mb_s, host_mb_s, loaded):
+    """With measured rates that make a tier slower than prefill, its hits are recomputed (and
+    counted), and the output is unchanged; faster tiers before it are still used."""
+    engine = make_engine(llama, gpu=12, host=8, disk=str(tmp_path / "kv"), disk_blocks=256)
+    await engine.start()
+    prompts = [prompt(i, 26) for i in range(4)]
+    for p in prompts:
+        await run(engine, p, greedy(6))                  # the first ones end up on disk, then host
+    engine.costs.prefill_tokens_per_s = 1e6              # tokens/s: a block recomputes in 4 us
+    engine.costs.host_bytes_per_s = host_mb_s * 1e6
+    engine.store.disk_read_rate = disk_mb_s * 1e6
+    follow_up = prompts[1] + [5]                         # 5 blocks on the host, then 1 on disk
+    found = engine.store.match(engine.store.root_key(), follow_up).tiers
+    assert Tier.DISK in found and Tier.HOST in found
+    tokens, last = await run(engine, follow_up, greedy(8))
+    assert tokens == hf_greedy(llama, follow_up, 8)
+    assert {t for t, n in last.cached_tokens.items() if n} == {t for t in Tier if t <= loaded} - {Tier.GPU}
+    recomputed = {t: sum(x is t for x in found) if t > loaded else 0 for t in (Tier.HOST, Tier.DISK)}
+    assert engine.costs.recomputed_blocks == recomputed
+    engine.store.check_integrity()
+    await engine.stop()
+
+
 @pytest.mark.parametrize("host", [64, 0], ids=["swap", "recompute"])
 async def test_preempted_sequences_resume_exactly(llama, host):
     # 4 sequences of 12 + 40 tokens need 52 blocks; the GPU has 30: decodes run out of blocks

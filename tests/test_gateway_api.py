@@ -234,3 +234,6 @@ async def test_metrics_count_tokens_and_latency(make_client):
     assert await metric(client, "kvgate_time_to_first_token_seconds_count") == 1
     assert await metric(client, "kvgate_time_per_output_token_seconds_count") == 1
     assert await metric(client, "kvgate_blocks", tier="gpu", state="free") > 0
+    assert await metric(client, "kvgate_hits_recomputed_blocks", tier="disk") == 0
+    client.app[ENGINE].costs.prefill_tokens_per_s = 1234.0
+    assert await metric(client, "kvgate_measured_rate", what="prefill_tokens_per_s") == 1234.0
