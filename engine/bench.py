@@ -2,15 +2,19 @@
 through transformers on the same weights, in the same run.
 
     python -m engine.bench                                   # tiny model on the CPU
-    python -m engine.bench --model dummy:llama3-8b --gpu-blocks 16000 --workloads gsp,unique,decode1
+    python -m engine.bench --model dummy:llama3-8b --gpu-blocks 20000 --peer-script PATH/hf_peer.py
+    python -m engine.bench --model dummy:llama3-8b --workloads chat,chat-overflow,restart
 
 Workloads (token ids drawn from a seeded generator, greedy, output length forced):
   gsp      G groups x 16 requests: a 2048-token group prefix + 128 unique tokens; 128 out
   unique   64 prompts of 2176 random tokens; 128 out
   decode1  one 2048-token prompt; 128 out
---scale multiplies the number of requests (G = max(1, round(8 * scale)) on GPU, 1 on CPU).
-The peer: transformers' continuous batching (`generate_batch`) for gsp and unique, and plain
-`generate` for decode1. kvgate runs each workload on a fresh engine (cold cache).
+  chat, chat-overflow, restart: see engine/bench_tiers.py
+--scale multiplies the number of requests (G = max(1, round(8 * scale)) on GPU, 1 on CPU; chat
+users 16 x scale, chat-overflow users 32 x scale). kvgate runs each workload on a fresh engine
+(cold cache). The peer: transformers' continuous batching (`generate_batch`) for gsp and unique,
+and plain `generate` for decode1, in this process on the same weights, or with --peer-script the
+shared hf_peer.py in its own process after kvgate's runs (the side-by-side table of a device run).
 """
 from __future__ import annotations
 
@@ -18,6 +22,8 @@ import argparse
 import asyncio
 import json
 import statistics
+import subprocess
+import sys
 import time
 
 import torch
@@ -29,47 +35,57 @@ from engine.sampling import SamplingParams
 from store import StoreConfig, Tier
 
 
-def workload(name: str, vocab: int, scale: float, gpu: bool, seed: int = 0) -> tuple[list[list[int]], int]:
+def workload(name: str, vocab: int, scale: float, gpu: bool, length: float = 1.0,
+             seed: int = 0) -> tuple[list[list[int]], int]:
     g = torch.Generator().manual_seed(seed)
-    rand = lambda n: torch.randint(0, vocab, (n,), generator=g).tolist()  # noqa: E731
+    n = lambda x: max(1, round(x * length))  # noqa: E731
+    rand = lambda k: torch.randint(0, vocab, (n(k),), generator=g).tolist()  # noqa: E731
     if name == "gsp":
         groups = max(1, round(8 * scale)) if gpu else 1
         prompts = []
         for _ in range(groups):
             system = rand(2048)
             prompts += [system + rand(128) for _ in range(max(1, round(16 * (scale if not gpu else 1))))]
-        return prompts, 128
+        return prompts, n(128)
     if name == "unique":
-        return [rand(2176) for _ in range(max(1, round(64 * scale)))], 128
+        return [rand(2176) for _ in range(max(1, round(64 * scale)))], n(128)
     if name == "decode1":
-        return [rand(2048)], 128
+        return [rand(2048)], n(128)
     raise ValueError(f"unknown workload {name!r}")
 
 
 async def run_kvgate(engine: Engine, prompts: list[list[int]], out_len: int) -> dict:
+    """All prompts at once; the summary of `summarize`."""
     params = SamplingParams(max_tokens=out_len, temperature=0.0, ignore_eos=True)
+    start = time.perf_counter()
+    results = await asyncio.gather(*(timed_request(engine, p, params) for p in prompts))
+    return summarize(results, time.perf_counter() - start)
 
-    async def one(prompt: list[int]) -> tuple[float, list[float], dict[Tier, int], int]:
-        start, stamps, last = time.perf_counter(), [], None
-        async for out in engine.generate(prompt, params):
-            stamps += [time.perf_counter()] * len(out.token_ids)
-            last = out
-        return stamps[0] - start, stamps, last.cached_tokens, last.completion_tokens
 
-    t = time.perf_counter()
-    results = await asyncio.gather(*(one(p) for p in prompts))
-    wall = time.perf_counter() - t
+async def timed_request(engine: Engine, prompt: list[int], params: SamplingParams) -> tuple:
+    """(TTFT, arrival time of each token, cached tokens per tier, prompt tokens, tokens)."""
+    start, stamps, tokens, last = time.perf_counter(), [], [], None
+    async for out in engine.generate(prompt, params):
+        stamps += [time.perf_counter()] * len(out.token_ids)
+        tokens += out.token_ids
+        last = out
+    return stamps[0] - start, stamps, last.cached_tokens, last.prompt_tokens, tokens
+
+
+def summarize(results: list[tuple], wall: float) -> dict:
     ttft = sorted(r[0] for r in results)
     tpot = [(r[1][-1] - r[1][0]) / (len(r[1]) - 1) for r in results if len(r[1]) > 1]
-    out_tokens = sum(r[3] for r in results)
-    prompt_tokens = sum(len(p) for p in prompts)
+    out_tokens = sum(len(r[4]) for r in results)
+    prompt_tokens = sum(r[3] for r in results)
     cached = {t.name.lower(): sum(r[2][t] for r in results) / prompt_tokens for t in Tier}
-    return dict(requests=len(prompts), out_tokens=out_tokens, wall_s=round(wall, 3),
-                out_tok_s=round(out_tokens / wall, 1), ttft_p50_s=round(percentile(ttft, 50), 4),
-                ttft_p99_s=round(percentile(ttft, 99), 4),
-                tpot_p50_ms=round(statistics.median(tpot) * 1e3, 2),
-                decode_tok_s=round(1 / statistics.median(tpot), 1),
-                cached_fraction={k: round(v, 3) for k, v in cached.items()})
+    row = dict(requests=len(results), out_tokens=out_tokens, wall_s=round(wall, 3),
+               out_tok_s=round(out_tokens / wall, 1), ttft_p50_s=round(percentile(ttft, 50), 4),
+               ttft_p99_s=round(percentile(ttft, 99), 4),
+               cached_fraction={k: round(v, 3) for k, v in cached.items()})
+    if tpot:
+        row.update(tpot_p50_ms=round(statistics.median(tpot) * 1e3, 2),
+                   decode_tok_s=round(1 / statistics.median(tpot), 1))
+    return row
 
 
 def run_peer(model, prompts: list[list[int]], out_len: int, name: str) -> dict:
@@ -171,6 +187,7 @@ def percentile(sorted_values: list[float], p: float) -> float:
 
 
 async def main_async(a: argparse.Namespace) -> list[dict]:
+    from engine import bench_tiers
     loaded = load_model(ModelConfig(path=a.model, device=a.device), block_size=a.block_size)
     gpu = loaded.device.type == "cuda"
     vocab = loaded.model.config.vocab_size
@@ -178,47 +195,105 @@ async def main_async(a: argparse.Namespace) -> list[dict]:
                gpu=torch.cuda.get_device_name() if gpu else None, torch=torch.__version__)
     rows = []
 
-    async def fresh_engine() -> Engine:
+    async def fresh_engine(gpu_blocks: int = a.gpu_blocks, host_blocks: int = 0, disk_path: str = "",
+                           load_or_recompute: str = "auto") -> Engine:
         config = EngineConfig(max_num_seqs=a.max_num_seqs, max_num_batched_tokens=a.max_batched,
-                              block_size=a.block_size)
-        engine = Engine(loaded, config, StoreConfig(block_size=a.block_size, gpu_blocks=a.gpu_blocks))
+                              block_size=a.block_size, load_or_recompute=load_or_recompute)
+        store = StoreConfig(block_size=a.block_size, gpu_blocks=gpu_blocks, host_blocks=host_blocks,
+                            disk_path=disk_path, disk_max_bytes=a.disk_gib << 30 if disk_path else 0)
+        engine = Engine(loaded, config, store)
         await engine.start()
         return engine
 
+    def record(name: str, found: dict | list[dict]) -> None:
+        peak = round(torch.cuda.max_memory_allocated() / 2**30, 1) if gpu else None
+        for row in found if isinstance(found, list) else [found]:
+            rows.append(dict(system="kvgate", workload=name, **row, peak_gpu_gib=peak, **env))
+            print(json.dumps(rows[-1]), flush=True)
+
+    engine = await fresh_engine()
+    await run_kvgate(engine, [list(range(64))], 4)                  # warm-up
+    await engine.stop(persist=False)
     for name in a.workloads.split(","):
-        prompts, out_len = workload(name, vocab, a.scale, gpu)
-        engine = await fresh_engine()
-        await run_kvgate(engine, [prompts[0][:64]], 4)          # warm-up, then a cold cache
-        await engine.stop(persist=False)
-        engine = await fresh_engine()
-        ours = await run_kvgate(engine, prompts, out_len)
-        await engine.stop(persist=False)
-        rows.append(dict(system="kvgate", workload=name, **ours, **env))
-        print(json.dumps(rows[-1]), flush=True)
-        if a.peer:
-            peer = run_peer(loaded.model, prompts, out_len, name)
-            rows.append(dict(system="transformers", workload=name, **peer, **env))
+        if gpu:
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+        if name == "chat":
+            engine = await fresh_engine()
+            record(name, await bench_tiers.chat(engine, vocab, max(1, round(16 * a.scale)), a.length))
+            await engine.stop(persist=False)
+        elif name == "chat-overflow":
+            record(name, await bench_tiers.chat_overflow(fresh_engine, vocab, max(2, round(32 * a.scale)),
+                                                         a.block_size, a.length))
+        elif name == "restart":
+            record(name, await bench_tiers.restart(fresh_engine, vocab, max(1, round(8 * a.scale)),
+                                                   a.gpu_blocks, a.length))
+        else:
+            prompts, out_len = workload(name, vocab, a.scale, gpu, a.length)
+            engine = await fresh_engine()                            # a cold cache
+            record(name, await run_kvgate(engine, prompts, out_len))
+            await engine.stop(persist=False)
+            if a.peer and not a.peer_script:
+                peer = run_peer(loaded.model, prompts, out_len, name)
+                rows.append(dict(system="transformers", workload=name, **peer, **env))
+                print(json.dumps(rows[-1]), flush=True)
+    if a.peer_script:
+        del engine, loaded
+        rows += run_peer_script(a, [w for w in a.workloads.split(",") if w in ("gsp", "unique", "decode1")])
+    return rows
+
+
+def run_peer_script(a: argparse.Namespace, workloads: list[str]) -> list[dict]:
+    """The shared peer script (transformers, its own process) on the same workloads; one row per
+    JSON line it prints."""
+    if not workloads:
+        return []
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    shape = a.model.removeprefix("dummy:")
+    cmd = [sys.executable, a.peer_script, "--model", shape, "--workloads", ",".join(workloads),
+           "--scale", str(a.scale)] + (["--device", a.device] if a.device else [])
+    print("$ " + " ".join(cmd), flush=True)
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"the peer script failed:\n{done.stderr[-3000:]}")
+    rows = []
+    for line in done.stdout.splitlines():
+        if line.startswith("{"):
+            r = json.loads(line)
+            rows.append(dict(r, system="transformers", peer="hf_peer.py " + (
+                "generate" if r["workload"] == "decode1" else "generate_batch")))
             print(json.dumps(rows[-1]), flush=True)
     return rows
 
 
 def print_table(rows: list[dict]) -> None:
-    print(f"\n{'workload':<9} {'system':<30} {'out tok/s':>10} {'decode tok/s':>12} {'TTFT p50':>9} "
-          f"{'TTFT p99':>9} {'TPOT p50':>9} {'cached':>7}")
+    print(f"\n{'workload':<13} {'system':<34} {'out tok/s':>10} {'decode tok/s':>12} {'TTFT p50':>9} "
+          f"{'TTFT p99':>9} {'TPOT p50':>9} {'cached gpu/host/disk':>21}")
     for r in rows:
-        system = r["system"] + (f" ({r['peer']})" if "peer" in r else "")
+        system = r["system"] + (f" ({r['peer']})" if "peer" in r else "") + (
+            f" [{r['config']}]" if "config" in r else "")
         tpot = f"{r['tpot_p50_ms']} ms" if "tpot_p50_ms" in r else "-"
-        cached = f"{sum(r['cached_fraction'].values()):.0%}" if "cached_fraction" in r else "-"
-        print(f"{r['workload']:<9} {system:<30} {r.get('out_tok_s', '-'):>10} "
+        fractions = r.get("cached_fraction", {}).values()
+        cached = "/".join(f"{v:.0%}" for v in fractions) or "-"
+        print(f"{r['workload']:<13} {system:<34} {r.get('out_tok_s', '-'):>10} "
               f"{r.get('decode_tok_s', '-'):>12} {_ms(r.get('ttft_p50_s'))} {_ms(r.get('ttft_p99_s'))} "
-              f"{tpot:>9} {cached:>7}")
+              f"{tpot:>9} {cached:>21}")
+    chats = [r for r in rows if "rounds" in r]
+    if chats:
+        print(f"\nchat rounds: TTFT p50 in ms (cached fraction of the prompt)\n{'config':<16} " +
+              " ".join(f"{'round ' + str(i):>12}" for i in range(1, 9)))
+        for r in chats:
+            print(f"{r.get('config', '-'):<16} " + " ".join(
+                f"{x['ttft_p50_s'] * 1e3:>5.0f} ({sum(x['cached_fraction'].values()):>3.0%})"
+                for x in r["rounds"]))
 
 
 def _ms(s: float | None) -> str:
     return f"{s * 1e3:7.0f}ms" if s is not None else f"{'-':>9}"
 
 
-def main(argv: list[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="dummy:tiny")
     p.add_argument("--device", default="")
@@ -229,10 +304,18 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--max-num-seqs", type=int, default=128)
     p.add_argument("--max-batched", type=int, default=4096, help="max_num_batched_tokens")
     p.add_argument("--no-peer", dest="peer", action="store_false", help="skip transformers")
+    p.add_argument("--peer-script", default="", help="run this peer script (hf_peer.py) in its own process "
+                   "after kvgate's runs, instead of the in-process peer")
+    p.add_argument("--length", type=float, default=1.0, help="multiplies every token count (tests)")
+    p.add_argument("--disk-gib", type=int, default=32, help="disk tier cap for chat-overflow and restart")
     p.add_argument("--json", default=None)
     p.add_argument("--kernel", action="store_true", help="time the decode kernel alone (CUDA)")
     p.add_argument("--profile-step", action="store_true", help="time the parts of a decode step")
-    a = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    a = build_parser().parse_args(argv)
     if a.kernel:
         bench_kernel(a.device or "cuda")
         return

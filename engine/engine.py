@@ -30,7 +30,7 @@ from engine.runner import ModelRunner
 from engine.sampling import SamplingParams
 from engine.scheduler import Chunk, Scheduler
 from engine.sequence import RequestOutput, Sequence, Status
-from store import BlockStore, StoreConfig, Tier
+from store import BlockStore, PrefixMatch, StoreConfig, Tier
 
 log = logging.getLogger("kvgate.engine")
 
@@ -44,7 +44,7 @@ class Engine:
         self.config = config
         self.store = BlockStore(store_config, loaded.block_layout(config.block_size), loaded.fingerprint,
                                 device=loaded.device)
-        self.scheduler = Scheduler(config, self.store)
+        self.scheduler = Scheduler(config, self.store, self._prefetch_from_disk)
         self.runner = ModelRunner(loaded, self.store, config.max_num_seqs)
         self.costs = LoadOrRecompute(self.store, config.load_or_recompute)
         self._forward = ThreadPoolExecutor(1, thread_name_prefix="kvgate-forward")
@@ -102,11 +102,7 @@ class Engine:
                        Detokenizer(self.loaded.tokenizer, params.stop), generator, found=match.tiers,
                        max_tier=self.costs.slowest_tier_to_load(match.tiers))
         self._requests[request_id] = seq
-        if Tier.DISK in match.tiers and seq.max_tier is Tier.DISK:
-            seq.ready = False
-            task = asyncio.get_running_loop().create_task(self._prefetch(seq, match))
-            self._prefetches.add(task)
-            task.add_done_callback(self._prefetches.discard)
+        self._prefetch_from_disk(seq, match)
         self.scheduler.add(seq)
         self._wakeup.set()
         return RequestStream(self, seq)
@@ -150,7 +146,25 @@ class Engine:
         if params.stop and self.loaded.tokenizer is None:
             raise InvalidRequest("stop strings need a tokenizer; this model has none", "stop")
 
-    async def _prefetch(self, seq: Sequence, match) -> None:
+    def _prefetch_from_disk(self, seq: Sequence, match: PrefixMatch | None = None) -> bool:
+        """Start loading the disk-resident part of `seq`'s cached prefix (once per request, if
+        loading is worth it); the scheduler admits it when the load is done. Called at submit,
+        and again at admission, when blocks that were faster have since gone to disk."""
+        if seq.prefetched or seq.max_tier is not Tier.DISK:
+            return False
+        if match is None:
+            match = self.store.match(seq.root, seq.token_ids, max_tokens=len(seq.token_ids) - 1)
+            seq.found = tuple(max(t, seq.found[i]) if i < len(seq.found) else t   # slowest seen
+                              for i, t in enumerate(match.tiers))
+        if Tier.DISK not in match.tiers:
+            return False
+        seq.ready, seq.prefetched = False, True
+        task = asyncio.get_running_loop().create_task(self._prefetch(seq, match))
+        self._prefetches.add(task)
+        task.add_done_callback(self._prefetches.discard)
+        return True
+
+    async def _prefetch(self, seq: Sequence, match: PrefixMatch) -> None:
         try:
             await self.store.prefetch(match)
         except Exception:  # a failed load is only a cache miss

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import heapq
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from engine.config import EngineConfig
@@ -39,9 +40,11 @@ class Chunk:
 
 
 class Scheduler:
-    def __init__(self, config: EngineConfig, store: BlockStore) -> None:
+    def __init__(self, config: EngineConfig, store: BlockStore,
+                 prefetch: Callable[[Sequence], bool] = lambda seq: False) -> None:
         self.config = config
         self.store = store
+        self.prefetch = prefetch    # starts loading a request's disk blocks first; True if it did
         self.running: list[Sequence] = []
         self._waiting: list[tuple[tuple[int, int], Sequence]] = []  # heap by urgency
         self.num_preemptions = 0
@@ -88,8 +91,8 @@ class Scheduler:
         computing = self._prefix_keys_in_prefill()
         while self._waiting and budget() > 0 and len(self.running) < self.config.max_num_seqs:
             _, seq = heapq.heappop(self._waiting)
-            if not seq.ready or (computing and seq.status is Status.WAITING
-                                 and not computing.isdisjoint(self._prompt_keys(seq))):
+            if not seq.ready or (seq.status is Status.WAITING and (
+                    self.prefetch(seq) or (computing and not computing.isdisjoint(self._prompt_keys(seq))))):
                 skipped.append(seq)
                 continue
             if not self._admit(seq, chunks):

@@ -51,6 +51,7 @@ class Sequence:
     status: Status = Status.WAITING
     num_computed: int = 0             # tokens whose KV is in the cache
     ready: bool = True                # False while its disk blocks are being prefetched
+    prefetched: bool = False          # a prefetch was started (at most one per request)
     max_tier: Tier = Tier.HOST        # cached blocks in slower tiers are recomputed (engine/costs.py)
     cached_tokens: dict[Tier, int] | None = None   # set at first admission
     prompt_keys: list[bytes] | None = None         # keys of the prompt's full blocks (the scheduler's)

@@ -7,7 +7,7 @@ import random
 import pytest
 
 from store import Tier
-from tests.engine_util import BS, greedy, make_engine, run
+from tests.engine_util import BS, collect, greedy, make_engine, run
 from tests.models import ARCHS, build_model_dir, hf_greedy
 
 
@@ -80,6 +80,23 @@ async def test_disk_hit_and_restart_match_generate(llama, tmp_path):
     assert tokens == hf_greedy(llama, prompts[3] + [9], 8)
     restarted.store.check_integrity()
     await restarted.stop()
+
+
+async def test_a_prefix_that_goes_to_disk_while_waiting_is_loaded_at_admission(llama, tmp_path):
+    engine = make_engine(llama, gpu=12, host=8, disk=str(tmp_path / "kv"), disk_blocks=256, max_seqs=1)
+    await engine.start()
+    a, b = prompt(1, 26), prompt(2, 40)
+    await run(engine, a, greedy(6))
+    await run(engine, prompt(3, 26), greedy(6))          # A's blocks go to the host tier
+    assert Tier.HOST in engine.store.match(engine.store.root_key(), a).tiers
+    first = engine.submit(b, greedy(4))                  # runs first and pushes A's blocks to disk
+    second = engine.submit(a + [5], greedy(8))           # waits (one sequence at a time)
+    await collect(first)
+    tokens, last = await collect(second)
+    assert last.cached_tokens[Tier.DISK] > 0
+    assert tokens == hf_greedy(llama, a + [5], 8)
+    engine.store.check_integrity()
+    await engine.stop()
 
 
 @pytest.mark.parametrize("disk_mb_s,host_mb_s,loaded", [(1e9, 1e9, Tier.DISK), (1e-3, 1e9, Tier.HOST),

@@ -1,0 +1,114 @@
+"""The cache-tier workloads of BENCHMARKS.md, in process (`python -m engine.bench`):
+
+  chat           U users, each a 1024-token private context; 8 rounds of +64 user tokens and
+                 128 generated tokens that join the history; users run concurrently
+  chat-overflow  chat with the GPU pool capped at a fifth of the conversations' final KV, run
+                 GPU-only, GPU + host, and GPU + host + disk (the host then as small as the GPU)
+  restart        compute the gsp group prefixes, stop (the cache is persisted), start a new
+                 engine on the same disk directory and send one new request per group; beside
+                 a cold engine, and with `load_or_recompute` = "load" and "auto"
+
+Each reports throughput, TTFT (p50, p99; per round for chat) and the cached fraction of
+prompt tokens per tier.
+"""
+from __future__ import annotations
+
+import asyncio
+import math
+import random
+import shutil
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+
+from engine.bench import run_kvgate, summarize, timed_request
+from engine.engine import Engine
+from engine.sampling import SamplingParams
+
+# (gpu_blocks, host_blocks, disk_path, load_or_recompute) -> a started engine
+EngineFactory = Callable[..., Awaitable[Engine]]
+
+CONTEXT, TURN, ANSWER, ROUNDS = 1024, 64, 128, 8
+
+
+async def chat(engine: Engine, vocab: int, users: int, length: float = 1.0, seed: int = 0) -> dict:
+    """U concurrent users, 8 rounds each; a summary with a `rounds` list."""
+    n = lambda x: max(1, round(x * length))  # noqa: E731
+    params = SamplingParams(max_tokens=n(ANSWER), temperature=0.0, ignore_eos=True)
+
+    async def user(u: int) -> list[tuple[int, tuple]]:
+        rng = random.Random(f"chat-{seed}-{u}")
+        history = [rng.randrange(vocab) for _ in range(n(CONTEXT))]
+        turns = []
+        for r in range(1, ROUNDS + 1):
+            history += [rng.randrange(vocab) for _ in range(n(TURN))]
+            result = await timed_request(engine, history, params)
+            history += result[4]                           # the answer joins the history
+            turns.append((r, result))
+        return turns
+
+    start = time.perf_counter()
+    turns = [t for per_user in await asyncio.gather(*(user(u) for u in range(users))) for t in per_user]
+    wall = time.perf_counter() - start
+    row = summarize([t[1] for t in turns], wall)
+    row["rounds"] = []
+    for r in range(1, ROUNDS + 1):
+        of_round = summarize([t[1] for t in turns if t[0] == r], wall)
+        row["rounds"].append({k: of_round[k] for k in ("ttft_p50_s", "ttft_p99_s", "cached_fraction")})
+        row["rounds"][-1]["round"] = r
+    return row
+
+
+async def chat_overflow(factory: EngineFactory, vocab: int, users: int, block_size: int,
+                        length: float = 1.0) -> list[dict]:
+    """chat three times on a GPU pool a fifth of the total KV: GPU only, + host, + host + disk."""
+    final = round(CONTEXT * length) + ROUNDS * (round(TURN * length) + round(ANSWER * length))
+    per_user = math.ceil(final / block_size)
+    total = users * per_user
+    gpu = max(total // 5, 2 * per_user)
+    rows = []
+    disk = tempfile.mkdtemp(prefix="kvgate-bench-")
+    try:
+        for config, host, disk_path in (("gpu", 0, ""), ("gpu+host", total + gpu, ""),
+                                        ("gpu+host+disk", gpu, disk)):
+            engine = await factory(gpu_blocks=gpu, host_blocks=host, disk_path=disk_path)
+            row = await chat(engine, vocab, users, length)
+            row.update(config=config, gpu_blocks=gpu, host_blocks=host, conversation_blocks=total,
+                       preemptions=engine.scheduler.num_preemptions)
+            await engine.stop(persist=False)
+            rows.append(row)
+    finally:
+        shutil.rmtree(disk, ignore_errors=True)
+    return rows
+
+
+async def restart(factory: EngineFactory, vocab: int, groups: int, gpu_blocks: int,
+                  length: float = 1.0) -> list[dict]:
+    """One request per gsp group after a restart on the cache's disk directory."""
+    rng = random.Random("restart")
+    n = lambda x: max(1, round(x * length))  # noqa: E731
+    rand = lambda k: [rng.randrange(vocab) for _ in range(k)]  # noqa: E731
+    prefixes = [rand(n(2048)) for _ in range(groups)]
+    requests = {name: [p + rand(n(128)) for p in prefixes] for name in ("first", "cold", "load", "auto")}
+    host = groups * math.ceil(n(2176 + 128) / 16) + 64      # room to stage every prefix
+    disk = tempfile.mkdtemp(prefix="kvgate-bench-")
+    rows = []
+    try:
+        engine = await factory(gpu_blocks=gpu_blocks, host_blocks=host)
+        rows.append(dict(config="cold", **await run_kvgate(engine, requests["cold"], n(128))))
+        await engine.stop(persist=False)
+        engine = await factory(gpu_blocks=gpu_blocks, host_blocks=host, disk_path=disk)
+        await run_kvgate(engine, requests["first"], 1)      # computes the group prefixes
+        await engine.stop()                                 # ...and writes them to disk
+        for mode in ("load", "auto"):
+            start = time.perf_counter()
+            engine = await factory(gpu_blocks=gpu_blocks, host_blocks=host, disk_path=disk,
+                                   load_or_recompute=mode)
+            started = time.perf_counter() - start
+            row = await run_kvgate(engine, requests[mode], n(128))
+            rows.append(dict(config=f"restarted, {mode}", startup_s=round(started, 2),
+                             hits_recomputed=sum(engine.costs.recomputed_blocks.values()), **row))
+            await engine.stop(persist=False)
+    finally:
+        shutil.rmtree(disk, ignore_errors=True)
+    return rows

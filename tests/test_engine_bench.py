@@ -1,0 +1,22 @@
+"""The in-process benchmark's tier workloads run end to end on the CPU (tiny shapes) and report
+what they claim: 8 chat rounds, three overflow configurations, and a restart served from disk."""
+from engine import bench
+
+
+async def test_tier_workloads_report_rounds_configs_and_disk_hits(tmp_path):
+    args = bench.build_parser().parse_args(
+        ["--workloads", "chat,chat-overflow,restart", "--scale", "0.25", "--length", "0.05",
+         "--no-peer", "--gpu-blocks", "256"])
+    rows = await bench.main_async(args)
+    chat = [r for r in rows if r["workload"] == "chat"]
+    assert len(chat) == 1 and [x["round"] for x in chat[0]["rounds"]] == list(range(1, 9))
+    assert chat[0]["rounds"][-1]["cached_fraction"]["gpu"] > 0.5      # the history is reused
+    overflow = {r["config"]: r for r in rows if r["workload"] == "chat-overflow"}
+    assert set(overflow) == {"gpu", "gpu+host", "gpu+host+disk"}
+    assert overflow["gpu"]["cached_fraction"]["host"] == 0
+    assert all(r["conversation_blocks"] >= 4 * r["gpu_blocks"] for r in overflow.values())
+    assert overflow["gpu+host"]["cached_fraction"]["host"] > 0
+    restart = {r["config"]: r for r in rows if r["workload"] == "restart"}
+    assert restart["cold"]["cached_fraction"]["disk"] == 0
+    assert restart["restarted, load"]["cached_fraction"]["disk"] > 0.8
+    assert all(r["out_tokens"] == r["requests"] * 6 for r in restart.values())   # 128 x 0.05
