@@ -14,12 +14,13 @@ Workloads (token ids drawn from a seeded generator, greedy, output length forced
 users 16 x scale, chat-overflow users 32 x scale). kvgate runs each workload on a fresh engine
 (cold cache). The peer: transformers' continuous batching (`generate_batch`) for gsp and unique,
 and plain `generate` for decode1, in this process on the same weights, or with --peer-script the
-shared hf_peer.py in its own process after kvgate's runs (the side-by-side table of a device run).
+shared hf_peer.py in its own process before kvgate's runs (the side-by-side table of a device run).
 """
 from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import statistics
 import subprocess
@@ -197,6 +198,9 @@ async def main_async(a: argparse.Namespace) -> list[dict]:
 
     async def fresh_engine(gpu_blocks: int = a.gpu_blocks, host_blocks: int = 0, disk_path: str = "",
                            load_or_recompute: str = "auto") -> Engine:
+        gc.collect()                      # engines are cyclic garbage: free the last one's pools first
+        if gpu:
+            torch.cuda.empty_cache()
         config = EngineConfig(max_num_seqs=a.max_num_seqs, max_num_batched_tokens=a.max_batched,
                               block_size=a.block_size, load_or_recompute=load_or_recompute)
         store = StoreConfig(block_size=a.block_size, gpu_blocks=gpu_blocks, host_blocks=host_blocks,
@@ -211,11 +215,14 @@ async def main_async(a: argparse.Namespace) -> list[dict]:
             rows.append(dict(system="kvgate", workload=name, **row, peak_gpu_gib=peak, **env))
             print(json.dumps(rows[-1]), flush=True)
 
+    if a.peer_script:   # first, on an idle GPU (its own process: it frees everything it took)
+        rows += run_peer_script(a, [w for w in a.workloads.split(",") if w in ("gsp", "unique", "decode1")])
     engine = await fresh_engine()
     await run_kvgate(engine, [list(range(64))], 4)                  # warm-up
     await engine.stop(persist=False)
     for name in a.workloads.split(","):
         if gpu:
+            gc.collect()
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
         if name == "chat":
@@ -237,9 +244,8 @@ async def main_async(a: argparse.Namespace) -> list[dict]:
                 peer = run_peer(loaded.model, prompts, out_len, name)
                 rows.append(dict(system="transformers", workload=name, **peer, **env))
                 print(json.dumps(rows[-1]), flush=True)
-    if a.peer_script:
-        del engine, loaded
-        rows += run_peer_script(a, [w for w in a.workloads.split(",") if w in ("gsp", "unique", "decode1")])
+    order = a.workloads.split(",")
+    rows.sort(key=lambda r: (order.index(r["workload"]), r["system"] != "kvgate"))   # stable
     return rows
 
 
@@ -248,8 +254,6 @@ def run_peer_script(a: argparse.Namespace, workloads: list[str]) -> list[dict]:
     JSON line it prints."""
     if not workloads:
         return []
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
     shape = a.model.removeprefix("dummy:")
     cmd = [sys.executable, a.peer_script, "--model", shape, "--workloads", ",".join(workloads),
            "--scale", str(a.scale)] + (["--device", a.device] if a.device else [])
