@@ -259,6 +259,11 @@ class DiskTier:
             lost = await loop.run_in_executor(self._io, self._apply, batch)
             self._after_batch(batch, lost)
 
+    def make_queue_room(self, nbytes: int) -> None:
+        """Write queued records now (blocking) if `nbytes` more would not fit the write queue."""
+        if self._pending_bytes + nbytes > self.max_pending_bytes:
+            self.flush_sync()
+
     def flush_sync(self) -> None:
         while self._ops:
             batch = self._take_batch()

@@ -216,6 +216,7 @@ class Placement:
                 continue  # its prefix did not fit
             if self.disk.used_bytes + self.disk.value_bytes > self.disk.max_bytes:
                 break
+            self.disk.make_queue_room(self.disk.value_bytes)   # shutdown may wait; it must not drop
             on_host = n.host_slot is not None
             kv = self.host.tensor[n.host_slot] if on_host else self.gpu.tensor[n.gpu_slot].cpu()
             written += self._write_to_disk(n, kv)

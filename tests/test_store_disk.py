@@ -245,3 +245,18 @@ async def test_write_queue_over_budget_drops_blocks_cleanly(tmp_path):
     store.check_integrity()
     await store.flush()
     store.close()
+
+
+async def test_persist_waits_for_the_write_queue_instead_of_dropping(tmp_path):
+    """At shutdown every cached block is written, even when they are many times the queue."""
+    store = make_store(tmp_path, gpu=16, host=2, disk_blocks=64)
+    store.disk.max_pending_bytes = 2 * store.disk.value_bytes
+    for i in range(1, 4):
+        run_request(store, i, prompt(i, n_blocks=4))   # 12 blocks cached on the GPU
+    assert store.persist() == 12
+    assert store.stats().disk.pending_full == 0
+    store.close()
+    store = make_store(tmp_path, gpu=16, host=2, disk_blocks=64)
+    for i in range(1, 4):
+        assert store.match(store.root_key(), prompt(i, n_blocks=4)).tiers == (Tier.DISK,) * 4
+    store.close()
