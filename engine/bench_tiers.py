@@ -24,6 +24,7 @@ from collections.abc import Awaitable, Callable
 from engine.bench import run_kvgate, summarize, timed_request
 from engine.engine import Engine
 from engine.sampling import SamplingParams
+from store import Tier
 
 # (gpu_blocks, host_blocks, disk_path, load_or_recompute) -> a started engine
 EngineFactory = Callable[..., Awaitable[Engine]]
@@ -73,8 +74,12 @@ async def chat_overflow(factory: EngineFactory, vocab: int, users: int, block_si
                                         ("gpu+host+disk", gpu, disk)):
             engine = await factory(gpu_blocks=gpu, host_blocks=host, disk_path=disk_path)
             row = await chat(engine, vocab, users, length)
+            stats = engine.store.stats()
             row.update(config=config, gpu_blocks=gpu, host_blocks=host, conversation_blocks=total,
-                       preemptions=engine.scheduler.num_preemptions)
+                       preemptions=engine.scheduler.num_preemptions,
+                       prefetched_blocks=stats.tiers[Tier.DISK].promotions,
+                       disk_writes=stats.disk.writes if stats.disk else 0,
+                       disk_writes_dropped=stats.disk.pending_full if stats.disk else 0)
             await engine.stop(persist=False)
             rows.append(row)
     finally:

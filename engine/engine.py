@@ -148,9 +148,13 @@ class Engine:
 
     def _prefetch_from_disk(self, seq: Sequence, match: PrefixMatch | None = None) -> bool:
         """Start loading the disk-resident part of `seq`'s cached prefix (once per request, if
-        loading is worth it); the scheduler admits it when the load is done. Called at submit,
-        and again at admission, when blocks that were faster have since gone to disk."""
+        loading is worth it); the scheduler admits it when the load is done. Called at submit
+        (with its match), where it loads only into free host slots: requests far back in the
+        queue must not evict what the ones before them loaded; and at admission, where it loads
+        what went to disk while the request waited, or what did not fit at submit."""
         if seq.prefetched or seq.max_tier is not Tier.DISK:
+            return False
+        if match is not None and sum(t is Tier.DISK for t in match.tiers) > self.store.host.num_free:
             return False
         if match is None:
             match = self.store.match(seq.root, seq.token_ids, max_tokens=len(seq.token_ids) - 1)
@@ -166,9 +170,11 @@ class Engine:
 
     async def _prefetch(self, seq: Sequence, match: PrefixMatch) -> None:
         try:
-            await self.store.prefetch(match)
+            await self.store.prefetch(match, hold=seq.request_id)   # kept until admitted or finished
         except Exception:  # a failed load is only a cache miss
             log.exception("prefetch for %s failed; its prefix will be recomputed", seq.request_id)
+        if seq.status is Status.FINISHED:
+            self.store.unhold(seq.request_id)
         seq.ready = True
         self._wakeup.set()
 

@@ -168,6 +168,8 @@ class Scheduler:
             heapq.heapify(self._waiting)
         if seq.status in (Status.RUNNING, Status.SWAPPED):
             self.store.release(seq.request_id)
+        else:
+            self.store.unhold(seq.request_id)     # a prefetch may be keeping its prefix
         seq.status = Status.FINISHED
 
 

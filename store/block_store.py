@@ -123,6 +123,7 @@ class BlockStore:
         self.disk_read_rate: float | None = None   # bytes/s of disk -> host loads (moving average)
         self._seqs: dict[Hashable, SeqBlocks] = {}
         self._loads: dict[Node, _Load] = {}
+        self._holds: dict[Hashable, list[Node]] = {}   # prefetched prefixes kept for their request
         if self.disk is not None:
             self.placement.restore()
 
@@ -138,10 +139,31 @@ class BlockStore:
                                  limit // self.block_size)
         return PrefixMatch(root, tuple(nodes), tuple(n.fastest for n in nodes))
 
-    async def prefetch(self, match: PrefixMatch) -> int:
+    async def prefetch(self, match: PrefixMatch, hold: Hashable | None = None) -> int:
         """Load the disk-only blocks of `match` into the host tier, so that `admit` finds them
         there. Returns how many blocks this call loaded. Cancelling the caller does not cancel
-        the load (its slots are written by another thread until it completes)."""
+        the load (its slots are written by another thread until it completes).
+
+        With `hold` (the sequence id that will be admitted), the loaded prefix stays locked
+        until `admit(hold, ...)` or `unhold(hold)`, so that other requests' evictions cannot
+        undo the load while it waits for its turn; but only while all holds together pin at
+        most a quarter of the GPU pool and half of the host pool (a waiting request must never
+        keep the running ones from their blocks)."""
+        loaded = await self._prefetch(match)
+        if hold is not None and hold not in self._seqs:
+            path = [n for n in _live_prefix(match.nodes) if n.fastest <= Tier.HOST]
+            held = collections.Counter(n.fastest for p in [path, *self._holds.values()] for n in p)
+            if held[Tier.GPU] <= self.gpu.num_blocks // 4 and held[Tier.HOST] <= self.host.num_blocks // 2:
+                self.unhold(hold)
+                self.index.lock(path)
+                self._holds[hold] = path
+        return loaded
+
+    def unhold(self, hold: Hashable) -> None:
+        """Let go of what `prefetch(..., hold)` kept (no-op if nothing)."""
+        self.placement.unlock(self._holds.pop(hold, []))
+
+    async def _prefetch(self, match: PrefixMatch) -> int:
         while True:
             path = _live_prefix(match.nodes)
             busy = {self._loads[n].task for n in path if n in self._loads}
@@ -217,6 +239,7 @@ class BlockStore:
         seq = SeqBlocks(seq_id, root, priority, [n.gpu_slot for n in nodes] + owned, nodes, set(owned),
                         tiers, self.block_size)
         self._seqs[seq_id] = seq
+        self.unhold(seq_id)
         return seq
 
     def grow(self, seq_id: Hashable, num_tokens: int) -> list[int]:
@@ -351,6 +374,8 @@ class BlockStore:
         expected_locks = collections.Counter(n for s in self._seqs.values() for n in s.path)
         for ld in loads:
             expected_locks.update(ld.path)
+        for path in self._holds.values():
+            expected_locks.update(path)
         self.placement.check_integrity([s for seq in self._seqs.values() for s in seq.owned],
                                        [s for ld in loads for s in ld.slots] +
                                        [s for seq in self._seqs.values() for s in seq.swapped])
