@@ -22,6 +22,7 @@ from transformers import (
 
 from engine.attention import ATTN_IMPLEMENTATION
 from engine.config import ModelConfig
+from engine.fusion import fuse
 from store import BlockLayout
 
 KV_LAYOUT_VERSION = 1     # bump when the meaning of a stored block's bytes changes
@@ -83,6 +84,8 @@ def load_model(cfg: ModelConfig, block_size: int) -> LoadedModel:
         raise ValueError(f"model type {model.config.model_type!r} is not supported; one of {SUPPORTED}")
     model = model.to(device=device, dtype=dtype).eval()
     model.set_attn_implementation(ATTN_IMPLEMENTATION)
+    if cfg.fuse:
+        fuse(model, compiled=device.type == "cuda")
     context = _context_length(model.config)
     max_len = cfg.max_model_len or context
     if max_len > context:

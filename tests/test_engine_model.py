@@ -73,3 +73,18 @@ def test_a_directory_without_weights_is_a_clear_error(tmp_path):
     (tmp_path / "config.json").write_text('{"model_type": "llama"}')
     with pytest.raises(ValueError, match="cannot load the model"):
         load_model(cpu(path=str(tmp_path)), block_size=16)
+
+
+@pytest.mark.parametrize("arch,fused", [("llama", True), ("qwen2", True), ("mistral", True), ("gpt2", False)])
+def test_llama_family_layers_are_fused_over_the_same_weights(model_root, arch, fused):
+    """(That the fused layers compute what transformers computes is test_engine_correctness.)"""
+    path = build_model_dir(model_root, arch)
+    loaded = load_model(ModelConfig(path=path, device="cpu"), block_size=4)
+    layers = [m for m in loaded.model.modules() if hasattr(m, "ops")]
+    assert bool(layers) == fused
+    for layer in layers:
+        attn = layer.self_attn
+        assert attn.q_proj.weight.data_ptr() == attn.qkv_weight.data_ptr()   # views, not copies
+        assert attn.v_proj.weight.untyped_storage().data_ptr() == attn.qkv_weight.data_ptr()
+    plain = load_model(ModelConfig(path=path, device="cpu", fuse=False), block_size=4)
+    assert not any(hasattr(m, "ops") for m in plain.model.modules())
