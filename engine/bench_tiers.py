@@ -3,7 +3,8 @@
   chat           U users, each a 1024-token private context; 8 rounds of +64 user tokens and
                  128 generated tokens that join the history; users run concurrently
   chat-overflow  chat with the GPU pool capped at a fifth of the conversations' final KV, run
-                 GPU-only, GPU + host, and GPU + host + disk (the host then as small as the GPU)
+                 GPU-only, GPU + host, and GPU + host + disk (the host then as small as the GPU),
+                 the last with `load_or_recompute` = "auto" and "load"
   restart        compute the gsp group prefixes, stop (the cache is persisted), start a new
                  engine on the same disk directory and send one new request per group; beside
                  a cold engine, and with `load_or_recompute` = "load" and "auto"
@@ -70,13 +71,16 @@ async def chat_overflow(factory: EngineFactory, vocab: int, users: int, block_si
     rows = []
     disk = tempfile.mkdtemp(prefix="kvgate-bench-")
     try:
-        for config, host, disk_path in (("gpu", 0, ""), ("gpu+host", total + gpu, ""),
-                                        ("gpu+host+disk", gpu, disk)):
-            engine = await factory(gpu_blocks=gpu, host_blocks=host, disk_path=disk_path)
+        for config, host, disk_path, mode in (("gpu", 0, "", "auto"), ("gpu+host", total + gpu, "", "auto"),
+                                              ("gpu+host+disk", gpu, disk, "auto"),
+                                              ("gpu+host+disk, load", gpu, disk + "-load", "load")):
+            engine = await factory(gpu_blocks=gpu, host_blocks=host, disk_path=disk_path,
+                                   load_or_recompute=mode)
             row = await chat(engine, vocab, users, length)
             stats = engine.store.stats()
             row.update(config=config, gpu_blocks=gpu, host_blocks=host, conversation_blocks=total,
                        preemptions=engine.scheduler.num_preemptions,
+                       hits_recomputed=sum(engine.costs.recomputed_blocks.values()),
                        prefetched_blocks=stats.tiers[Tier.DISK].promotions,
                        disk_writes=stats.disk.writes if stats.disk else 0,
                        disk_writes_dropped=stats.disk.pending_full if stats.disk else 0)
@@ -84,6 +88,7 @@ async def chat_overflow(factory: EngineFactory, vocab: int, users: int, block_si
             rows.append(row)
     finally:
         shutil.rmtree(disk, ignore_errors=True)
+        shutil.rmtree(disk + "-load", ignore_errors=True)
     return rows
 
 

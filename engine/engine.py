@@ -64,6 +64,8 @@ class Engine:
             loop = asyncio.get_running_loop()
             await loop.run_in_executor(self._forward, self.runner.warmup, self.costs,
                                        self.config.max_num_batched_tokens)
+            if await self.store.measure_disk_read() is not None:
+                log.info("measured: disk -> host %.2f GB/s", self.store.disk_read_rate / 1e9)
             self._loop_task = loop.create_task(self._run())
 
     async def stop(self, persist: bool = True) -> None:

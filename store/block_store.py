@@ -159,6 +159,20 @@ class BlockStore:
                 self._holds[hold] = path
         return loaded
 
+    async def measure_disk_read(self, max_bytes: int = 256 << 20) -> float | None:
+        """Seed `disk_read_rate` by reading (and verifying) up to `max_bytes` of records already
+        on disk, as a load would, into no slot; None if the tier is empty or absent. (Records
+        just written may come from the page cache: a lower bound on what loads will cost.)"""
+        if self.disk is None or not self.placement.disk_nodes:
+            return None
+        nodes = list(self.placement.disk_nodes.values())[:max(1, max_bytes // self.layout.block_bytes)]
+        start = time.perf_counter()
+        ok = await self.disk.load([(n.key, n.parent.key, n.token_bytes) for n in nodes], lambda i, p: None)
+        seconds = time.perf_counter() - start
+        if any(ok):
+            self.disk_read_rate = sum(ok) * self.layout.block_bytes / max(seconds, 1e-9)
+        return self.disk_read_rate
+
     def unhold(self, hold: Hashable) -> None:
         """Let go of what `prefetch(..., hold)` kept (no-op if nothing)."""
         self.placement.unlock(self._holds.pop(hold, []))

@@ -12,7 +12,7 @@ async def test_tier_workloads_report_rounds_configs_and_disk_hits(tmp_path):
     assert len(chat) == 1 and [x["round"] for x in chat[0]["rounds"]] == list(range(1, 9))
     assert chat[0]["rounds"][-1]["cached_fraction"]["gpu"] > 0.5      # the history is reused
     overflow = {r["config"]: r for r in rows if r["workload"] == "chat-overflow"}
-    assert set(overflow) == {"gpu", "gpu+host", "gpu+host+disk"}
+    assert set(overflow) == {"gpu", "gpu+host", "gpu+host+disk", "gpu+host+disk, load"}
     assert overflow["gpu"]["cached_fraction"]["host"] == 0
     assert all(r["conversation_blocks"] >= 4 * r["gpu_blocks"] for r in overflow.values())
     assert overflow["gpu+host"]["cached_fraction"]["host"] > 0

@@ -280,3 +280,14 @@ async def test_a_held_prefetch_survives_other_requests_until_admitted(tmp_path):
     store.check_integrity()
     assert store.stats().tiers[Tier.HOST].locked == 0 and store.stats().tiers[Tier.GPU].locked == 0
     store.close()
+
+
+async def test_disk_read_rate_is_measured_at_startup_from_existing_records(tmp_path):
+    assert await make_store(tmp_path, gpu=3, host=3).measure_disk_read() is None   # no disk tier
+    await fill_disk(tmp_path)
+    store = make_store(tmp_path, gpu=3, host=3, disk_blocks=64)
+    rate = await store.measure_disk_read()
+    assert rate is not None and rate > 0 and store.disk_read_rate == rate
+    assert store.stats().disk.reads > 0 and store.stats().tiers[Tier.HOST].locked == 0
+    store.check_integrity()
+    store.close()
