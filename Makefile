@@ -1,13 +1,15 @@
 # kvgate: `make serve` sets up .venv and starts the server (extra arguments: ARGS="...");
 # `make test` sets up .venv and runs the tests; `make bench-store` and `make bench-engine`
-# run the benchmarks. On a machine without an NVIDIA GPU the CPU build
-# of torch is installed first, so pip never pulls the multi-GB CUDA packages.
+# run the benchmarks, `make bench-gpu` the Llama-3-8B shape on a GPU beside the peer script
+# PEER. On a machine without an NVIDIA GPU the CPU build of torch is installed first, so pip
+# never pulls the multi-GB CUDA packages.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 CPU_TORCH ?= torch==2.13.0
+PEER ?= ../shared/bench/hf_peer.py
 
-.PHONY: setup serve test bench-store bench-engine
+.PHONY: setup serve test bench-store bench-engine bench-gpu
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
@@ -31,3 +33,6 @@ bench-store: setup
 
 bench-engine: setup
 	$(PY) -m engine.bench
+
+bench-gpu: setup
+	$(PY) -m engine.bench --model dummy:llama3-8b --gpu-blocks 20000 --peer-script $(PEER)

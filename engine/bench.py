@@ -257,7 +257,7 @@ def run_peer_script(a: argparse.Namespace, workloads: list[str]) -> list[dict]:
     shape = a.model.removeprefix("dummy:")
     cmd = [sys.executable, a.peer_script, "--model", shape, "--workloads", ",".join(workloads),
            "--scale", str(a.scale)] + (["--device", a.device] if a.device else [])
-    print("$ " + " ".join(cmd), flush=True)
+    print("$ python3 " + " ".join(cmd[1:]), flush=True)
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode != 0:
         raise RuntimeError(f"the peer script failed:\n{done.stderr[-3000:]}")
