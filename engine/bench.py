@@ -189,7 +189,7 @@ def percentile(sorted_values: list[float], p: float) -> float:
 
 async def main_async(a: argparse.Namespace) -> list[dict]:
     from engine import bench_tiers
-    loaded = load_model(ModelConfig(path=a.model, device=a.device), block_size=a.block_size)
+    loaded = load_model(ModelConfig(path=a.model, device=a.device, fuse=a.fuse), block_size=a.block_size)
     gpu = loaded.device.type == "cuda"
     vocab = loaded.model.config.vocab_size
     env = dict(model=a.model, device=str(loaded.device), dtype=str(loaded.dtype).removeprefix("torch."),
@@ -310,6 +310,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-peer", dest="peer", action="store_false", help="skip transformers")
     p.add_argument("--peer-script", default="", help="run this peer script (hf_peer.py) in its own process "
                    "after kvgate's runs, instead of the in-process peer")
+    p.add_argument("--no-fuse", dest="fuse", action="store_false", help="transformers' own decoder layers")
     p.add_argument("--length", type=float, default=1.0, help="multiplies every token count (tests)")
     p.add_argument("--disk-gib", type=int, default=32, help="disk tier cap for chat-overflow and restart")
     p.add_argument("--json", default=None)

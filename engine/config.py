@@ -19,7 +19,7 @@ class ModelConfig:
     max_model_len: int = 0         # 0 = the model's context length
     name: str = ""                 # served model name; "" = derived from `path`
     seed: int = 0                  # random weights (dummy, builtin) are a function of this
-    fuse: bool = True              # fused decoder layers for the Llama family (compiled on CUDA)
+    fuse: bool = True              # fused, compiled decoder layers for the Llama family (on CUDA)
 
     def __post_init__(self) -> None:
         if not self.device:

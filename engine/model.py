@@ -84,8 +84,8 @@ def load_model(cfg: ModelConfig, block_size: int) -> LoadedModel:
         raise ValueError(f"model type {model.config.model_type!r} is not supported; one of {SUPPORTED}")
     model = model.to(device=device, dtype=dtype).eval()
     model.set_attn_implementation(ATTN_IMPLEMENTATION)
-    if cfg.fuse:
-        fuse(model, compiled=device.type == "cuda")
+    if cfg.fuse and device.type == "cuda":
+        fuse(model, compiled=True)
     context = _context_length(model.config)
     max_len = cfg.max_model_len or context
     if max_len > context:

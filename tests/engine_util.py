@@ -8,6 +8,7 @@ import os
 
 from engine.config import EngineConfig, ModelConfig
 from engine.engine import Engine
+from engine.fusion import fuse
 from engine.model import load_model
 from engine.sampling import SamplingParams
 from engine.sequence import RequestOutput
@@ -17,9 +18,14 @@ BS = 4
 
 
 def make_engine(path: str, gpu: int = 64, host: int = 0, disk: str = "", disk_blocks: int = 0,
-                max_batched: int = 32, max_seqs: int = 16) -> Engine:
+                max_batched: int = 32, max_seqs: int = 16, fused: bool = True) -> Engine:
+    """On the CPU the engine keeps transformers' layers; `fused` fuses them eagerly anyway, so
+    that the fused arithmetic is what these tests compare with transformers (on CUDA the
+    engine fuses and compiles them itself)."""
     device = os.environ.get("KVGATE_TEST_DEVICE", "cpu")
-    loaded = load_model(ModelConfig(path=path, device=device, dtype="float32"), block_size=BS)
+    loaded = load_model(ModelConfig(path=path, device=device, dtype="float32", fuse=fused), block_size=BS)
+    if fused and loaded.device.type == "cpu":
+        fuse(loaded.model, compiled=False)
     store = StoreConfig(block_size=BS, gpu_blocks=gpu, host_blocks=host, disk_path=disk,
                         disk_max_bytes=disk_blocks * (loaded.block_layout(BS).block_bytes + 512))
     return Engine(loaded, EngineConfig(max_num_seqs=max_seqs, max_num_batched_tokens=max_batched,

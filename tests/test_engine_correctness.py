@@ -21,10 +21,11 @@ def llama(model_root) -> str:
     return build_model_dir(model_root, "llama")
 
 
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "transformers-layers"])
 @pytest.mark.parametrize("arch", sorted(ARCHS))
-async def test_concurrent_misses_match_generate(model_root, arch):
+async def test_concurrent_misses_match_generate(model_root, arch, fused):
     path = build_model_dir(model_root, arch)
-    engine = make_engine(path, max_batched=16)      # long prompts are prefilled in chunks
+    engine = make_engine(path, max_batched=16, fused=fused)      # long prompts are prefilled in chunks
     await engine.start()
     prompts = [prompt(1, 5), prompt(2, 17), prompt(3, 33)]
     results = await asyncio.gather(*(run(engine, p, greedy(12)) for p in prompts))

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from engine.config import EngineConfig, ModelConfig
+from engine.fusion import fuse
 from engine.model import load_model
 from tests.models import build_model_dir
 
@@ -80,11 +81,17 @@ def test_llama_family_layers_are_fused_over_the_same_weights(model_root, arch, f
     """(That the fused layers compute what transformers computes is test_engine_correctness.)"""
     path = build_model_dir(model_root, arch)
     loaded = load_model(ModelConfig(path=path, device="cpu"), block_size=4)
+    assert not any(hasattr(m, "ops") for m in loaded.model.modules())   # the engine fuses on CUDA only
+    assert fuse(loaded.model, compiled=False) == (2 if fused else 0)
     layers = [m for m in loaded.model.modules() if hasattr(m, "ops")]
     assert bool(layers) == fused
     for layer in layers:
         attn = layer.self_attn
         assert attn.q_proj.weight.data_ptr() == attn.qkv_weight.data_ptr()   # views, not copies
         assert attn.v_proj.weight.untyped_storage().data_ptr() == attn.qkv_weight.data_ptr()
-    plain = load_model(ModelConfig(path=path, device="cpu", fuse=False), block_size=4)
-    assert not any(hasattr(m, "ops") for m in plain.model.modules())
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with torch.no_grad():      # without kvgate's metadata a fused layer is transformers' own (the peer)
+        plain = load_model(ModelConfig(path=path, device="cpu"), block_size=4).model
+        plain.set_attn_implementation("sdpa")
+        loaded.model.set_attn_implementation("sdpa")
+        assert torch.allclose(loaded.model(ids).logits, plain(ids).logits, atol=1e-5)
