@@ -12,12 +12,10 @@ Slot accounting, per pool: every slot is exactly one of
 """
 from __future__ import annotations
 
-import asyncio
 import collections
 import dataclasses
 import logging
 import math
-import time
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
 
@@ -27,6 +25,7 @@ from store.copier import BlockCopier
 from store.disk import DiskTier
 from store.errors import OutOfBlocks
 from store.keys import chain_key, root_key, token_bytes
+from store.loader import DiskLoader
 from store.placement import Placement
 from store.pool import BlockLayout, BlockPool, Tier
 from store.radix import TIERS, Node, RadixIndex
@@ -91,15 +90,6 @@ class SeqBlocks:
         return len(self.tiers) * self.block_size
 
 
-@dataclass(eq=False)
-class _Load:
-    """A disk -> host load in flight: its path stays locked and its host slots reserved."""
-    path: list[Node]               # the matched prefix up to the last block loaded
-    nodes: list[Node]              # the blocks being loaded, one per slot
-    slots: list[int]
-    task: asyncio.Task | None = field(default=None, repr=False)
-
-
 class BlockStore:
     def __init__(self, config: StoreConfig, layout: BlockLayout, fingerprint: str,
                  device: str | torch.device | None = None,
@@ -119,11 +109,9 @@ class BlockStore:
         self.disk = DiskTier(config.disk_path, fingerprint, layout, config.disk_max_bytes) \
             if config.disk_path else None
         self.placement = Placement(self.index, self.gpu, self.host, self.copier, self.disk)
+        self.loader = DiskLoader(self.index, self.placement, self.gpu, self.host, self.copier, self.disk)
         self.misses = 0                    # prompt blocks not found in any tier at admission
-        self.disk_read_rate: float | None = None   # bytes/s of disk -> host loads (moving average)
         self._seqs: dict[Hashable, SeqBlocks] = {}
-        self._loads: dict[Node, _Load] = {}
-        self._holds: dict[Hashable, list[Node]] = {}   # prefetched prefixes kept for their request
         if self.disk is not None:
             self.placement.restore()
 
@@ -140,85 +128,24 @@ class BlockStore:
         return PrefixMatch(root, tuple(nodes), tuple(n.fastest for n in nodes))
 
     async def prefetch(self, match: PrefixMatch, hold: Hashable | None = None) -> int:
-        """Load the disk-only blocks of `match` into the host tier, so that `admit` finds them
-        there. Returns how many blocks this call loaded. Cancelling the caller does not cancel
-        the load (its slots are written by another thread until it completes).
-
-        With `hold` (the sequence id that will be admitted), the loaded prefix stays locked
-        until `admit(hold, ...)` or `unhold(hold)`, so that other requests' evictions cannot
-        undo the load while it waits for its turn; but only while all holds together pin at
-        most a quarter of the GPU pool and half of the host pool (a waiting request must never
-        keep the running ones from their blocks)."""
-        loaded = await self._prefetch(match)
-        if hold is not None and hold not in self._seqs:
-            path = [n for n in _live_prefix(match.nodes) if n.fastest <= Tier.HOST]
-            held = collections.Counter(n.fastest for p in [path, *self._holds.values()] for n in p)
-            if held[Tier.GPU] <= self.gpu.num_blocks // 4 and held[Tier.HOST] <= self.host.num_blocks // 2:
-                self.unhold(hold)
-                self.index.lock(path)
-                self._holds[hold] = path
-        return loaded
-
-    async def measure_disk_read(self, max_bytes: int = 256 << 20) -> float | None:
-        """Seed `disk_read_rate` by reading (and verifying) up to `max_bytes` of records already
-        on disk, as a load would, into no slot; None if the tier is empty or absent. (Records
-        just written may come from the page cache: a lower bound on what loads will cost.)"""
-        if self.disk is None or not self.placement.disk_nodes:
-            return None
-        nodes = list(self.placement.disk_nodes.values())[:max(1, max_bytes // self.layout.block_bytes)]
-        start = time.perf_counter()
-        ok = await self.disk.load([(n.key, n.parent.key, n.token_bytes) for n in nodes], lambda i, p: None)
-        seconds = time.perf_counter() - start
-        if any(ok):
-            self.disk_read_rate = sum(ok) * self.layout.block_bytes / max(seconds, 1e-9)
-        return self.disk_read_rate
+        """Load the disk-only blocks of `match` into the host tier (see `DiskLoader.prefetch`):
+        `admit` then finds them there. With `hold`, they stay locked for sequence `hold`."""
+        return await self.loader.prefetch(match, hold if hold not in self._seqs else None)
 
     def unhold(self, hold: Hashable) -> None:
-        """Let go of what `prefetch(..., hold)` kept (no-op if nothing)."""
-        self.placement.unlock(self._holds.pop(hold, []))
+        self.loader.unhold(hold)
 
-    async def _prefetch(self, match: PrefixMatch) -> int:
-        while True:
-            path = _live_prefix(match.nodes)
-            busy = {self._loads[n].task for n in path if n in self._loads}
-            if not busy:
-                break
-            await asyncio.wait(busy)
-        todo = [n for n in path if n.fastest is Tier.DISK]  # a suffix: parents are never slower
-        if not todo or self.disk is None:
-            return 0
-        self.index.lock(path)  # before reserving host slots, which may evict host blocks
-        slots = self.placement.reserve_host(len(todo))
-        if not slots:
-            self.placement.unlock(path)
-            return 0
-        load = _Load(path, todo[:len(slots)], slots)
-        for n in load.nodes:
-            self._loads[n] = load
-        load.task = asyncio.get_running_loop().create_task(self._run_load(load))
-        return await asyncio.shield(load.task)
+    async def measure_disk_read(self) -> float | None:
+        return await self.loader.measure()
 
-    async def _run_load(self, load: _Load) -> int:
-        def sink(i: int, payload: memoryview) -> None:  # on the disk tier's thread
-            if i == 0:
-                self.copier.host_ready()
-            self.host.tensor[load.slots[i]].view(torch.uint8).numpy().reshape(-1)[:] = payload
-        ok: list[bool] | None = None
-        start = time.perf_counter()
-        try:
-            ok = await self.disk.load([(n.key, n.parent.key, n.token_bytes) for n in load.nodes], sink)
-        finally:
-            for n in load.nodes:
-                del self._loads[n]
-            self.placement.loaded(load.nodes, load.slots, ok)
-            self.placement.unlock(load.path)
-        loaded = sum(_is_live(n) and n.host_slot is not None for n in load.nodes)
-        self.placement.counters[Tier.DISK].promotions += loaded
-        if ok is not None:   # bytes read (and checked) per second, newest loads weighing most
-            rate = len(ok) * self.layout.block_bytes / max(time.perf_counter() - start, 1e-9)
-            old = self.disk_read_rate
-            self.disk_read_rate = rate if old is None else 0.8 * old + 0.2 * rate
-        return loaded
+    @property
+    def disk_read_rate(self) -> float | None:
+        """Bytes/s of disk -> host loads (a moving average; None until measured)."""
+        return self.loader.read_rate
+
+    @disk_read_rate.setter
+    def disk_read_rate(self, value: float | None) -> None:
+        self.loader.read_rate = value
 
     # ---- sequences --------------------------------------------------------------------------
 
@@ -253,7 +180,7 @@ class BlockStore:
         seq = SeqBlocks(seq_id, root, priority, [n.gpu_slot for n in nodes] + owned, nodes, set(owned),
                         tiers, self.block_size)
         self._seqs[seq_id] = seq
-        self.unhold(seq_id)
+        self.loader.unhold(seq_id)        # its prefetch's hold, if any: the sequence's locks now
         return seq
 
     def grow(self, seq_id: Hashable, num_tokens: int) -> list[int]:
@@ -359,7 +286,7 @@ class BlockStore:
             self.disk.close()
 
     def stats(self) -> StoreStats:
-        host_held = sum(len(ld.slots) for ld in set(self._loads.values()))
+        host_held = sum(len(ld.slots) for ld in self.loader.loads)
         host_held += sum(len(s.swapped) for s in self._seqs.values())
         owned = sum(len(s.owned) for s in self._seqs.values())
         disk = self.disk
@@ -384,11 +311,9 @@ class BlockStore:
         for t in (Tier.GPU, Tier.HOST):
             s = stats.tiers[t]
             assert s.free + s.cached + s.locked == s.capacity, f"{t.name}: {s}"
-        loads = set(self._loads.values())
+        loads = self.loader.loads
         expected_locks = collections.Counter(n for s in self._seqs.values() for n in s.path)
-        for ld in loads:
-            expected_locks.update(ld.path)
-        for path in self._holds.values():
+        for path in self.loader.locked_paths():
             expected_locks.update(path)
         self.placement.check_integrity([s for seq in self._seqs.values() for s in seq.owned],
                                        [s for ld in loads for s in ld.slots] +
@@ -401,18 +326,3 @@ class BlockStore:
                 assert n.lock_count > 0 and n.gpu_slot is not None, f"{seq.seq_id}: {n}"
         for n in self.index.nodes():
             assert n.lock_count == expected_locks[n], f"{n}: {expected_locks[n]} holders"
-
-
-def _is_live(node: Node) -> bool:
-    """Still indexed (not forgotten since a caller saw it) and holding a copy."""
-    return node.fastest is not None and node.parent.children.get(node.key) is node
-
-
-def _live_prefix(nodes: Sequence[Node]) -> list[Node]:
-    """The leading nodes of a (possibly stale) match that are still live."""
-    live = []
-    for n in nodes:
-        if not _is_live(n):
-            break
-        live.append(n)
-    return live
