@@ -4,8 +4,9 @@ A block in the host tier costs one host -> GPU copy of its bytes; a block on dis
 read into the host tier and that copy; recomputing it costs `block_size` tokens of prefill. The
 rates come from measurements on this machine: prefill speed and host -> GPU bandwidth at
 start-up (`ModelRunner.warmup`), then prefill speed on every step that prefills enough tokens
-to tell, and disk read bandwidth on every disk load (`BlockStore.disk_read_rate`). Until a rate
-is known the policy loads: on a CPU deployment, or with a fast disk, loading wins by far.
+to tell, and disk read bandwidth at start-up and on every disk load (`BlockStore.disk_read_rate`).
+A disk load also waits for the loads queued before it. Until a rate is known the policy loads:
+on a CPU deployment, or with a fast disk, loading wins by far.
 
 Tiers along a cached prefix only get slower (a parent is never in a slower tier than its
 child), so the choice is one cut: load the blocks of every tier worth loading, recompute from
@@ -46,20 +47,25 @@ class LoadOrRecompute:
             seconds += self.block_bytes / self.store.disk_read_rate
         return seconds
 
-    def worth_loading(self, tier: Tier) -> bool:
+    def worth_loading(self, tier: Tier, blocks: int = 1) -> bool:
+        """Is loading `blocks` blocks from `tier` faster than recomputing them? Disk loads queue
+        behind the loads already in flight (one I/O thread), so their bytes count too."""
         if self.mode == "load" or tier is Tier.GPU:
             return True
-        load = self.block_load_seconds(tier)
-        if load is None or self.prefill_tokens_per_s is None:
+        per_block = self.block_load_seconds(tier)
+        if per_block is None or self.prefill_tokens_per_s is None:
             return True
-        return load < self.block_size / self.prefill_tokens_per_s
+        load = blocks * per_block
+        if tier is Tier.DISK:
+            load += self.store.loader.pending_bytes / self.store.disk_read_rate
+        return load < blocks * self.block_size / self.prefill_tokens_per_s
 
     def slowest_tier_to_load(self, tiers: tuple[Tier, ...]) -> Tier:
         """The slowest tier worth loading from, for a prefix whose blocks are in `tiers`
         (recomputation starts at its first block in a slower tier); counts what is recomputed."""
         limit = Tier.GPU
         for tier in (Tier.HOST, Tier.DISK):
-            if not self.worth_loading(tier):
+            if not self.worth_loading(tier, max(1, sum(t is tier for t in tiers))):
                 break
             limit = tier
         for tier in tiers:
