@@ -29,6 +29,7 @@ class LoadOrRecompute:
         self.prefill_tokens_per_s: float | None = None
         self.host_bytes_per_s: float | None = None    # host -> GPU
         self.recomputed_blocks = {Tier.HOST: 0, Tier.DISK: 0}   # hits recomputed instead of loaded
+        self.queued_disk_blocks = 0       # blocks of the disk loads started and not finished (engine's)
 
     def observe_prefill(self, tokens: int, seconds: float) -> None:
         if tokens >= MIN_PREFILL_TOKENS and seconds > 0:
@@ -57,7 +58,7 @@ class LoadOrRecompute:
             return True
         load = blocks * per_block
         if tier is Tier.DISK:
-            load += self.store.loader.pending_bytes / self.store.disk_read_rate
+            load += self.queued_disk_blocks * self.block_bytes / self.store.disk_read_rate
         return load < blocks * self.block_size / self.prefill_tokens_per_s
 
     def slowest_tier_to_load(self, tiers: tuple[Tier, ...]) -> Tier:

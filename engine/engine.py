@@ -156,7 +156,8 @@ class Engine:
         what went to disk while the request waited, or what did not fit at submit."""
         if seq.prefetched or seq.max_tier is not Tier.DISK:
             return False
-        if match is not None and sum(t is Tier.DISK for t in match.tiers) > self.store.host.num_free:
+        free = self.store.host.num_free - self.costs.queued_disk_blocks   # loads not started yet
+        if match is not None and sum(t is Tier.DISK for t in match.tiers) > free:
             return False
         if match is None:
             match = self.store.match(seq.root, seq.token_ids, max_tokens=len(seq.token_ids) - 1)
@@ -165,6 +166,7 @@ class Engine:
         if Tier.DISK not in match.tiers:
             return False
         seq.ready, seq.prefetched = False, True
+        self.costs.queued_disk_blocks += sum(t is Tier.DISK for t in match.tiers)
         task = asyncio.get_running_loop().create_task(self._prefetch(seq, match))
         self._prefetches.add(task)
         task.add_done_callback(self._prefetches.discard)
@@ -175,6 +177,7 @@ class Engine:
             await self.store.prefetch(match, hold=seq.request_id)   # kept until admitted or finished
         except Exception:  # a failed load is only a cache miss
             log.exception("prefetch for %s failed; its prefix will be recomputed", seq.request_id)
+        self.costs.queued_disk_blocks -= sum(t is Tier.DISK for t in match.tiers)
         if seq.status is Status.FINISHED:
             self.store.unhold(seq.request_id)
         seq.ready = True

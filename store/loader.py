@@ -48,11 +48,6 @@ class DiskLoader:
     def loads(self) -> set[_Load]:
         return set(self._loads.values())
 
-    @property
-    def pending_bytes(self) -> int:
-        """Bytes of the loads in flight (a new load waits for them)."""
-        return sum(len(ld.slots) for ld in self.loads) * self.host.layout.block_bytes
-
     def locked_paths(self) -> Iterator[list[Node]]:
         """Every path this loader holds a lock on (for the store's integrity check)."""
         yield from (ld.path for ld in self.loads)

@@ -96,6 +96,7 @@ async def test_a_prefix_that_goes_to_disk_while_waiting_is_loaded_at_admission(l
     tokens, last = await collect(second)
     assert last.cached_tokens[Tier.DISK] > 0
     assert tokens == hf_greedy(llama, a + [5], 8)
+    assert engine.costs.queued_disk_blocks == 0                  # its load was counted, then done
     engine.store.check_integrity()
     await engine.stop()
 

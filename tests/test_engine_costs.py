@@ -8,10 +8,10 @@ MIB = 1 << 20
 
 
 def policy(disk_gb_s: float, pending_mib: int = 0, mode: str = "auto") -> LoadOrRecompute:
-    loader = SimpleNamespace(pending_bytes=pending_mib * MIB)
     store = SimpleNamespace(layout=SimpleNamespace(block_bytes=2 * MIB), block_size=16,
-                            disk_read_rate=disk_gb_s * 1e9, loader=loader)
+                            disk_read_rate=disk_gb_s * 1e9)
     costs = LoadOrRecompute(store, mode)
+    costs.queued_disk_blocks = pending_mib // 2
     costs.prefill_tokens_per_s = 40_000.0       # a block recomputes in 0.4 ms
     costs.host_bytes_per_s = 50e9               # and comes from the host in 0.04 ms
     return costs
