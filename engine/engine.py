@@ -10,6 +10,7 @@ through `_finish`, which releases its blocks: finished, stopped, aborted or fail
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import logging
 import math
@@ -288,9 +289,17 @@ class RequestStream:
         return self._iterate()
 
     async def _iterate(self) -> AsyncIterator[RequestOutput]:
+        """One delta per step while the reader keeps up; a reader that falls behind (a busy
+        event loop serving many streams) gets what piled up as one delta, which costs it one
+        hop instead of one per token."""
+        queue = self._seq.outputs
         try:
             while True:
-                out = await self._seq.outputs.get()
+                out = await queue.get()
+                while not queue.empty() and out.finish_reason is None:
+                    more = queue.get_nowait()
+                    out = dataclasses.replace(more, token_ids=out.token_ids + more.token_ids,
+                                              text=out.text + more.text)
                 yield out
                 if out.finish_reason is not None:
                     return

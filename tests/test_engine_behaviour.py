@@ -237,3 +237,20 @@ async def test_requests_behind_a_prefix_being_computed_wait_for_it(llama):
     for p, (tokens, _) in zip(prompts, results):
         assert (await run(alone, p, greedy(3)))[0] == tokens
     await alone.stop()
+
+
+async def test_a_reader_that_falls_behind_gets_the_backlog_as_one_delta(llama):
+    engine = make_engine(llama)
+    prompt = list(range(3, 20))
+    live = aiter(engine.submit(prompt, greedy(6)))
+    deltas = []
+    while await engine.step():                         # read as the tokens come: one per step
+        deltas.append(await anext(live))
+    late = engine.submit(prompt, greedy(6))
+    while await engine.step():                         # nobody reads meanwhile
+        pass
+    backlog = [out async for out in late]
+    assert [len(d.token_ids) for d in deltas] == [1] * 6
+    assert len(backlog) == 1 and backlog[0].finish_reason == "length"
+    assert backlog[0].token_ids == [t for d in deltas for t in d.token_ids]
+    assert backlog[0].text == "".join(d.text for d in deltas)
