@@ -178,7 +178,8 @@ class Engine:
             await self.store.prefetch(match, hold=seq.request_id)   # kept until admitted or finished
         except Exception:  # a failed load is only a cache miss
             log.exception("prefetch for %s failed; its prefix will be recomputed", seq.request_id)
-        self.costs.queued_disk_blocks -= sum(t is Tier.DISK for t in match.tiers)
+        finally:
+            self.costs.queued_disk_blocks -= sum(t is Tier.DISK for t in match.tiers)
         if seq.status is Status.FINISHED:
             self.store.unhold(seq.request_id)
         seq.ready = True
