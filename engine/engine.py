@@ -155,7 +155,7 @@ class Engine:
         (with its match), where it loads only into free host slots: requests far back in the
         queue must not evict what the ones before them loaded; and at admission, where it loads
         what went to disk while the request waited, or what did not fit at submit."""
-        if seq.prefetched or seq.max_tier is not Tier.DISK:
+        if seq.prefetched or seq.max_tier is not Tier.DISK or self.store.disk is None:
             return False
         free = self.store.host.num_free - self.costs.queued_disk_blocks   # loads not started yet
         if match is not None and sum(t is Tier.DISK for t in match.tiers) > free:

@@ -108,8 +108,10 @@ class ModelRunner:
         """One forward pass over the whole step; returns one sampled token per sample row."""
         if self._graphable(step):
             try:
-                logits = self._replay(step)
-                return sample(logits[step.sample_rows.to(self.device)], step.params, step.generators)
+                logits = self._replay(step)            # [n, V]: usually every row is sampled
+                if len(step.sample_rows) < len(logits):
+                    logits = logits[step.sample_rows.to(self.device)]
+                return sample(logits, step.params, step.generators)
             except RuntimeError:
                 log.exception("decode graph failed; running eagerly from now on")
                 self.graphs.broken = True

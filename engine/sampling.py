@@ -42,12 +42,12 @@ def _check(ok: bool, name: str, what: str) -> None:
 
 def sample(logits: torch.Tensor, params: list[SamplingParams],
            generators: list[torch.Generator | None]) -> list[int]:
-    """One token per row. logits: [N, V]; params and generators: one per row."""
-    logits = logits.float()
+    """One token per row. logits: [N, V]; params and generators: one per row. Greedy rows take
+    the argmax in the logits' own dtype (the same index as in fp32: the conversion is exact)."""
     tokens = logits.argmax(dim=-1)
     for i, (p, g) in enumerate(zip(params, generators)):
         if not p.greedy:
-            tokens[i] = _draw(logits[i] / p.temperature, p, g)
+            tokens[i] = _draw(logits[i].float() / p.temperature, p, g)
     return tokens.tolist()
 
 

@@ -88,7 +88,7 @@ class Scheduler:
     def _admit_waiting(self, chunks: list[Chunk]) -> None:
         skipped = []   # not ready (prefetching), or its prefix is being computed: keeps its place
         budget = lambda: self.config.max_num_batched_tokens - sum(c.num_tokens for c in chunks)  # noqa: E731
-        computing = self._prefix_keys_in_prefill()
+        computing = self._prefix_keys_in_prefill() if self._waiting else set()
         while self._waiting and budget() > 0 and len(self.running) < self.config.max_num_seqs:
             _, seq = heapq.heappop(self._waiting)
             if not seq.ready or (seq.status is Status.WAITING and (
