@@ -163,7 +163,7 @@ async def profile_step(a: argparse.Namespace) -> None:
     times: dict[str, list[float]] = {k: [] for k in parts}
     while True:
         stamps = [time.perf_counter()]
-        chunks = engine.scheduler.schedule()
+        chunks = engine.scheduler.schedule().chunks
         if not chunks:
             break
         stamps.append(time.perf_counter())
@@ -172,7 +172,7 @@ async def profile_step(a: argparse.Namespace) -> None:
         tokens = engine.runner.execute(step_input)
         sync()
         stamps.append(time.perf_counter())
-        engine._postprocess(chunks, tokens)
+        engine._postprocess(chunks, tokens, set())
         stamps.append(time.perf_counter())
         if len(chunks) == len(prompts) and all(c.num_tokens == 1 for c in chunks):   # steady decode
             for k, t0, t1 in zip(parts, stamps, stamps[1:]):

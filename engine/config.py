@@ -44,6 +44,7 @@ class EngineConfig:
     max_num_batched_tokens: int = 2048  # tokens in one step (chunked prefill budget)
     block_size: int = 16
     load_or_recompute: str = "auto"     # "auto": per cache hit, whichever is faster; "load": always load
+    check_integrity: bool = False       # assert every invariant after each step and when idle (tests)
 
     def __post_init__(self) -> None:
         for key in ("max_num_seqs", "max_num_batched_tokens", "block_size"):

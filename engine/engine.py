@@ -22,6 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
+from engine import limits
 from engine.config import EngineConfig
 from engine.costs import LoadOrRecompute
 from engine.detokenizer import Detokenizer
@@ -48,7 +49,7 @@ class Engine:
         self.scheduler = Scheduler(config, self.store, self._prefetch_from_disk)
         self.runner = ModelRunner(loaded, self.store, config.max_num_seqs)
         self.costs = LoadOrRecompute(self.store, config.load_or_recompute)
-        self._forward = ThreadPoolExecutor(1, thread_name_prefix="kvgate-forward")
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="kvgate-forward")   # forward passes
         self._requests: dict[str, Sequence] = {}
         self._in_flight: set[Sequence] = set()   # the current step's sequences, until postprocessed
         self._arrivals = itertools.count()
@@ -56,6 +57,7 @@ class Engine:
         self._loop_task: asyncio.Task | None = None
         self._stopping = False
         self._prefetches: set[asyncio.Task] = set()
+        self.integrity_error: AssertionError | None = None   # the first broken invariant seen
 
     # ---- lifecycle --------------------------------------------------------------------------
 
@@ -63,7 +65,7 @@ class Engine:
         """Warm up (CUDA: compile kernels, capture graphs) and start the loop."""
         if self._loop_task is None:
             loop = asyncio.get_running_loop()
-            await loop.run_in_executor(self._forward, self.runner.warmup, self.costs,
+            await loop.run_in_executor(self._executor, self.runner.warmup, self.costs,
                                        self.config.max_num_batched_tokens)
             if await self.store.measure_disk_read() is not None:
                 log.info("measured: disk -> host %.2f GB/s", self.store.disk_read_rate / 1e9)
@@ -79,19 +81,23 @@ class Engine:
         if self._loop_task is not None:
             await self._loop_task
             self._loop_task = None
-        await asyncio.gather(*self._prefetches, return_exceptions=True)
-        if persist:
-            self.store.persist()
-        await self.store.flush()
-        self.store.close()
-        self._forward.shutdown()
+        try:
+            await asyncio.gather(*self._prefetches, return_exceptions=True)
+            if persist:
+                self.store.persist()
+            await self.store.flush()
+        finally:        # whatever failed above, what reached the disk tier is kept
+            self.store.close()
+            self._executor.shutdown()
+        if self.integrity_error is not None:
+            raise self.integrity_error
 
     # ---- requests ---------------------------------------------------------------------------
 
     def submit(self, prompt_ids: Seq[int], params: SamplingParams, priority: int = 0,
-                    namespace: str = "", request_id: str | None = None) -> RequestStream:
-        """Validate and queue a request; raises InvalidRequest. Its disk-resident prefix blocks
-        start loading at once, while it waits."""
+               namespace: str = "", request_id: str | None = None) -> RequestStream:
+        """Validate and queue a request; raises InvalidRequest (and queues nothing). Its
+        disk-resident prefix blocks start loading at once, while it waits."""
         request_id = request_id or uuid.uuid4().hex
         self._validate(request_id, prompt_ids, params, priority)
         prompt = list(prompt_ids)
@@ -130,8 +136,11 @@ class Engine:
     def _validate(self, request_id: str, prompt: Seq[int], params: SamplingParams, priority: int) -> None:
         if request_id in self._requests:
             raise InvalidRequest(f"request id {request_id!r} is already running", "request_id")
-        if not isinstance(priority, int):
-            raise InvalidRequest("priority must be an int", "priority")
+        if not isinstance(priority, int) or not limits.PRIORITY_MIN <= priority <= limits.PRIORITY_MAX:
+            raise InvalidRequest(f"priority must be an int in [{limits.PRIORITY_MIN}, {limits.PRIORITY_MAX}]",
+                                 "priority")
+        if not isinstance(params, SamplingParams):
+            raise InvalidRequest("params must be SamplingParams", "params")
         if not prompt:
             raise InvalidRequest("the prompt is empty", "prompt")
         vocab = self.loaded.model.config.vocab_size
@@ -191,9 +200,13 @@ class Engine:
         while not self._stopping:
             try:
                 if not await self.step():
+                    if self.config.check_integrity:
+                        self.check_integrity()
                     self._wakeup.clear()
                     await self._wakeup.wait()
-            except Exception:  # a bug must not stall every request: fail the step's, go on
+            except Exception as e:  # a bug outside any one request's part: fail the step's requests
+                if isinstance(e, AssertionError):     # a broken invariant: `stop` raises it again
+                    self.integrity_error = self.integrity_error or e
                 log.exception("engine step failed; failing the requests it held")
                 failed = self._in_flight or set(self._requests.values())  # schedule() itself failed
                 self._in_flight = set()
@@ -202,36 +215,74 @@ class Engine:
                         self._finish(seq, "error")
 
     async def step(self) -> bool:
-        """Schedule, run the model, sample, postprocess. False if there was nothing to run."""
-        chunks = self.scheduler.schedule()
-        if not chunks:
-            return False
-        self._in_flight = {c.seq for c in chunks}     # aborts wait for the step; a failure fails these
+        """Schedule, run the model, sample, postprocess. False if there was nothing to do."""
+        plan = self.scheduler.schedule()
+        for seq in plan.failed:
+            self._finish(seq, "error")
+        if not plan.chunks:
+            return bool(plan.failed)
+        self._in_flight = {c.seq for c in plan.chunks}   # aborts wait for the step
+        tokens, failed = await self._execute(plan.chunks)
+        self._postprocess(plan.chunks, tokens, failed)
+        self._in_flight = set()
+        if self.config.check_integrity:
+            self.check_integrity()
+        return True
+
+    async def _execute(self, chunks: list[Chunk]) -> tuple[list[int | None], set[Sequence]]:
+        """Run one step: a token per sampling chunk (None where sampling that row failed), and
+        the sequences whose chunk failed. If the batched pass fails, each chunk runs again on its
+        own (rewriting the same K/V slots), so that only the request at fault fails."""
+        try:
+            return await self._forward(chunks), set()
+        except Exception:
+            if len(chunks) == 1:
+                log.exception("the step of %s failed; failing it", chunks[0].seq.request_id)
+                return [None] if chunks[0].samples else [], {chunks[0].seq}
+            log.exception("a step of %d chunks failed; running each alone to find the one at fault",
+                          len(chunks))
+        tokens: list[int | None] = []
+        failed: set[Sequence] = set()
+        for c in chunks:
+            try:
+                tokens += await self._forward([c])
+            except Exception:
+                log.exception("the chunk of %s fails on its own; failing it", c.seq.request_id)
+                failed.add(c.seq)
+                tokens += [None] if c.samples else []
+        return tokens, failed
+
+    async def _forward(self, chunks: list[Chunk]) -> list[int | None]:
         step_input = self.runner.prepare(chunks)
-        loop = asyncio.get_running_loop()
         start = time.perf_counter()
-        tokens = await loop.run_in_executor(self._forward, self.runner.execute, step_input)
+        tokens = await asyncio.get_running_loop().run_in_executor(self._executor, self.runner.execute,
+                                                                  step_input)
         if tokens or self.loaded.device.type == "cpu":   # a step that samples waited for the GPU
             self.costs.observe_prefill(sum(c.num_tokens for c in chunks if c.num_tokens > 1),
                                        time.perf_counter() - start)
-        self._postprocess(chunks, tokens)
-        self._in_flight = set()
-        return True
+        return tokens
 
-    def _postprocess(self, chunks: list[Chunk], tokens: list[int]) -> None:
+    def _postprocess(self, chunks: list[Chunk], tokens: list[int | None], failed: set[Sequence]) -> None:
         sampled = iter(tokens)
         for c in chunks:
             seq = c.seq
-            seq.num_computed += c.num_tokens
             token = next(sampled) if c.samples else None
             if seq.finish_reason == "abort":          # aborted while the step ran
                 self._finish(seq, "abort")
-                continue
-            if token is not None:
-                seq.token_ids.append(token)
-            self.store.commit(seq.request_id, seq.token_ids, seq.num_computed)
-            if token is not None:
-                self._emit(seq, token)
+            elif seq in failed or (c.samples and token is None):
+                self._finish(seq, "error")
+            else:
+                try:
+                    seq.num_computed += c.num_tokens
+                    if token is not None:
+                        seq.token_ids.append(token)
+                    self.store.commit(seq.request_id, seq.token_ids, seq.num_computed)
+                    if token is not None:
+                        self._emit(seq, token)
+                except Exception:      # e.g. a tokenizer that cannot decode this output
+                    log.exception("postprocessing %s failed; failing it", seq.request_id)
+                    if seq.status is not Status.FINISHED:
+                        self._finish(seq, "error")
 
     def _emit(self, seq: Sequence, token: int) -> None:
         text, stopped = seq.detokenizer.step(seq.token_ids, seq.prompt_len)
@@ -261,6 +312,25 @@ class Engine:
                              dict(cached))
 
     # ---- introspection ----------------------------------------------------------------------
+
+    def check_integrity(self) -> None:
+        """Assert the engine's invariants, then the store's (nothing locked without an owner,
+        every slot accounted): every live request is in exactly one scheduler queue, the store
+        holds blocks for exactly the admitted ones, and every prefetch hold belongs to a live
+        request still waiting for admission. Run after every step and when idle with
+        `engine.check_integrity` (tests); cheap enough for them, not for production."""
+        self.store.check_integrity()
+        live = set(self._requests)
+        running = {s.request_id for s in self.scheduler.running}
+        waiting = self.scheduler.waiting_ids()
+        assert running.isdisjoint(waiting) and running | waiting == live, \
+            f"scheduler queues {sorted(running)} + {sorted(waiting)} != live requests {sorted(live)}"
+        by_status = {st: {r for r, s in self._requests.items() if s.status is st} for st in Status}
+        assert running == by_status[Status.RUNNING], "running queue != requests with status RUNNING"
+        admitted = by_status[Status.RUNNING] | by_status[Status.SWAPPED]
+        assert self.store.sequence_ids() == admitted, \
+            f"store sequences {sorted(self.store.sequence_ids())} != admitted requests {sorted(admitted)}"
+        assert self.store.hold_ids() <= by_status[Status.WAITING], "a prefetch hold without a waiting owner"
 
     @property
     def max_sequence_tokens(self) -> int:

@@ -1,18 +1,15 @@
 """Loading models: a local directory, random weights from a config ("dummy"), or the built-in
 tiny demo model, which needs no download. Every load computes the model fingerprint that keys
-the KV cache: architecture config, weights identity, dtype, block size and KV layout version.
+the KV cache (engine/fingerprint.py): architecture config, every weight byte, dtype, block size
+and KV layout version.
 """
 from __future__ import annotations
 
 import contextlib
-import glob
-import hashlib
-import json
 import os
 from dataclasses import dataclass
 
 import torch
-import xxhash
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
@@ -21,11 +18,13 @@ from transformers import (
 )
 
 from engine.attention import ATTN_IMPLEMENTATION
+from engine.chat import ChatEncoder
 from engine.config import ModelConfig
+from engine.errors import InvalidRequest
+from engine.fingerprint import fingerprint, weights_identity
 from engine.fusion import fuse
 from store import BlockLayout
 
-KV_LAYOUT_VERSION = 1     # bump when the meaning of a stored block's bytes changes
 SUPPORTED = ("llama", "qwen2", "mistral", "gpt2")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -50,15 +49,15 @@ class LoadedModel:
     max_model_len: int
     eos_token_ids: frozenset[int]
     fingerprint: str
+    chat: ChatEncoder | None = None   # None without a tokenizer or a chat template
 
     def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
         """Token ids of `messages` rendered with the model's chat template, ready for the
-        assistant's turn. (Rendering to text first works the same on every transformers
-        version; tokenizing inside the template returns a dict on some.)"""
-        if self.tokenizer is None or not getattr(self.tokenizer, "chat_template", None):
-            raise ValueError(f"model {self.name!r} has no chat template")
-        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        return self.tokenizer.encode(text, add_special_tokens=False)
+        assistant's turn; special-token text inside a message stays plain text (engine/chat.py).
+        Raises InvalidRequest."""
+        if self.chat is None:
+            raise InvalidRequest(f"model {self.name!r} has no chat template: use /v1/completions", "messages")
+        return self.chat.encode(messages)
 
     def block_layout(self, block_size: int) -> BlockLayout:
         cfg = self.model.config
@@ -93,10 +92,11 @@ def load_model(cfg: ModelConfig, block_size: int) -> LoadedModel:
     eos = model.generation_config.eos_token_id if model.generation_config else None
     eos = eos if eos is not None else getattr(tokenizer, "eos_token_id", None)
     eos_ids = frozenset([eos] if isinstance(eos, int) else (eos or []))
-    fingerprint = _fingerprint(model.config, identity, dtype, block_size)
+    fp = fingerprint(model.config, identity, dtype, block_size)
     name = cfg.name or (cfg.path if cfg.path.startswith(("builtin:", "dummy:")) else os.path.basename(
         os.path.normpath(cfg.path)))
-    return LoadedModel(model, tokenizer, name, device, dtype, max_len, eos_ids, fingerprint)
+    chat = ChatEncoder(tokenizer) if getattr(tokenizer, "chat_template", None) else None
+    return LoadedModel(model, tokenizer, name, device, dtype, max_len, eos_ids, fp, chat)
 
 
 def _from_directory(cfg: ModelConfig, dtype: torch.dtype):
@@ -108,7 +108,7 @@ def _from_directory(cfg: ModelConfig, dtype: torch.dtype):
         tokenizer = AutoTokenizer.from_pretrained(cfg.path)
     except (OSError, ValueError) as e:
         raise ValueError(f"cannot load the model in {cfg.path!r}: {e}") from e
-    return model, tokenizer, _weights_identity(cfg.path)
+    return model, tokenizer, weights_identity(cfg.path)
 
 
 def _dummy(cfg: ModelConfig, dtype: torch.dtype, device: torch.device):
@@ -130,29 +130,6 @@ def _dummy(cfg: ModelConfig, dtype: torch.dtype, device: torch.device):
 
 def _has_tokenizer(path: str) -> bool:
     return any(os.path.exists(os.path.join(path, f)) for f in ("tokenizer.json", "tokenizer.model"))
-
-
-def _weights_identity(path: str) -> str:
-    """Names, sizes and the first and last MiB of every weight file: cheap, and changes when
-    the weights do (hashing all of an 8B checkpoint at every start would take a minute)."""
-    h = xxhash.xxh3_128()
-    files = sorted(glob.glob(os.path.join(path, "*.safetensors")) + glob.glob(os.path.join(path, "*.bin")))
-    for f in files:
-        size = os.path.getsize(f)
-        h.update(f"{os.path.basename(f)}:{size}".encode())
-        with open(f, "rb") as fh:
-            h.update(fh.read(1 << 20))
-            fh.seek(max(0, size - (1 << 20)))
-            h.update(fh.read(1 << 20))
-    return "files:" + h.hexdigest()
-
-
-def _fingerprint(config, identity: str, dtype: torch.dtype, block_size: int) -> str:
-    volatile = ("_name_or_path", "transformers_version", "dtype", "torch_dtype", "_attn_implementation")
-    arch = {k: v for k, v in config.to_dict().items() if k not in volatile}
-    blob = json.dumps(dict(arch=arch, weights=identity, dtype=str(dtype), block_size=block_size,
-                           kv_layout=KV_LAYOUT_VERSION), sort_keys=True, default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()[:32]
 
 
 def _context_length(config) -> int:

@@ -11,13 +11,16 @@ running sequence is preempted: its blocks are swapped to the host tier and come 
 without recomputation (or, if the host tier cannot take them, dropped and recomputed; the
 prefix cache usually makes that cheap). A waiting request that is more urgent than a running
 one may preempt it the same way.
+
+A request whose admission or growth fails for any reason other than a lack of blocks is put in
+the plan's `failed` list (the engine ends it with an error); it never fails the others.
 """
 from __future__ import annotations
 
 import heapq
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from engine.config import EngineConfig
 from engine.sequence import Sequence, Status
@@ -39,6 +42,13 @@ class Chunk:
         return self.start + self.num_tokens == len(self.seq.token_ids)
 
 
+@dataclass
+class Plan:
+    """One step: the chunks to compute, and the requests that could not be scheduled."""
+    chunks: list[Chunk] = field(default_factory=list)
+    failed: list[Sequence] = field(default_factory=list)
+
+
 class Scheduler:
     def __init__(self, config: EngineConfig, store: BlockStore,
                  prefetch: Callable[[Sequence], bool] = lambda seq: False) -> None:
@@ -53,23 +63,33 @@ class Scheduler:
     def num_waiting(self) -> int:
         return len(self._waiting)
 
+    def waiting_ids(self) -> set[str]:
+        return {s.request_id for _, s in self._waiting}
+
     def add(self, seq: Sequence) -> None:
         heapq.heappush(self._waiting, (seq.urgency(), seq))
 
-    def schedule(self) -> list[Chunk]:
+    def schedule(self) -> Plan:
+        plan = Plan()
+        chunks = plan.chunks
         budget = self.config.max_num_batched_tokens
-        chunks: list[Chunk] = []
         for seq in sorted(self.running, key=Sequence.urgency):
             if budget == 0:
                 break
             if seq.status is not Status.RUNNING:   # preempted earlier in this loop
                 continue
             n = min(len(seq.token_ids) - seq.num_computed, budget)
-            if self._reserve(seq, n, chunks):
+            try:
+                reserved = self._reserve(seq, n, chunks)
+            except Exception:
+                log.exception("could not grow %s; failing it", seq.request_id)
+                plan.failed.append(seq)
+                continue
+            if reserved:
                 chunks.append(Chunk(seq, seq.num_computed, n))
                 budget -= n
-        self._admit_waiting(chunks)
-        return chunks
+        self._admit_waiting(plan)
+        return plan
 
     def _reserve(self, seq: Sequence, n: int, chunks: list[Chunk]) -> bool:
         """GPU slots for `n` more tokens of `seq`, preempting less urgent sequences that are not
@@ -85,7 +105,8 @@ class Scheduler:
                 if victim is seq:
                     return False
 
-    def _admit_waiting(self, chunks: list[Chunk]) -> None:
+    def _admit_waiting(self, plan: Plan) -> None:
+        chunks = plan.chunks
         skipped = []   # not ready (prefetching), or its prefix is being computed: keeps its place
         budget = lambda: self.config.max_num_batched_tokens - sum(c.num_tokens for c in chunks)  # noqa: E731
         computing = self._prefix_keys_in_prefill() if self._waiting else set()
@@ -95,7 +116,13 @@ class Scheduler:
                     self.prefetch(seq) or (computing and not computing.isdisjoint(self._prompt_keys(seq))))):
                 skipped.append(seq)
                 continue
-            if not self._admit(seq, chunks):
+            try:
+                admitted = self._admit(seq, chunks)
+            except Exception:
+                log.exception("could not admit %s; failing it", seq.request_id)
+                plan.failed.append(seq)
+                continue
+            if not admitted:
                 heapq.heappush(self._waiting, (seq.urgency(), seq))
                 break
             n = min(len(seq.token_ids) - seq.num_computed, budget())

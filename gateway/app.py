@@ -12,10 +12,10 @@ from engine.engine import Engine
 from engine.model import LoadedModel, load_model
 from gateway import views
 from gateway.config import KvgateConfig
-from gateway.errors import error_middleware
+from gateway.errors import error_middleware, expect_continue
 from gateway.keys import CONFIG, ENGINE, METRICS, STATE, ServerState
 from gateway.metrics import Metrics
-from gateway.middlewares import auth_middleware, limit_middleware
+from gateway.middlewares import auth_middleware
 from store import StoreConfig
 
 log = logging.getLogger("kvgate.gateway")
@@ -25,12 +25,12 @@ CPU_DEFAULT_GPU_BLOCKS = 2048
 def init_app(config: KvgateConfig, loaded: LoadedModel | None = None) -> web.Application:
     """The app for `config`. `loaded` reuses a model already in memory (tests); otherwise the
     model is loaded when the app starts."""
-    app = web.Application(middlewares=[error_middleware, auth_middleware, limit_middleware],
+    app = web.Application(middlewares=[error_middleware, auth_middleware],
                           client_max_size=config.server.max_body_bytes)
     app[CONFIG] = config
     app[STATE] = ServerState(started=int(time.time()))
-    app.router.add_post("/v1/chat/completions", views.chat_completions)
-    app.router.add_post("/v1/completions", views.completions)
+    app.router.add_post("/v1/chat/completions", views.chat_completions, expect_handler=expect_continue)
+    app.router.add_post("/v1/completions", views.completions, expect_handler=expect_continue)
     app.router.add_get("/v1/models", views.models)
     app.router.add_get("/health", views.health)
     app.router.add_get("/metrics", views.metrics)

@@ -14,11 +14,10 @@ import asyncio
 import logging
 import sys
 
-from aiohttp import web
-
 from gateway import bench as bench_module
 from gateway.app import init_app
 from gateway.config import ConfigError, load_config
+from gateway.server import run
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -52,8 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     app = init_app(config)
     server = config.server
     print(f"kvgate: serving {config.model.path} on http://{server.host}:{server.port}", flush=True)
-    web.run_app(app, host=config.server.host, port=config.server.port, handler_cancellation=True,
-                print=None, shutdown_timeout=10)
+    run(app, config.server.host, config.server.port)
     return 0
 
 

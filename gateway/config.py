@@ -13,6 +13,7 @@ import tomllib
 from dataclasses import dataclass, field
 from typing import Any
 
+from engine import limits
 from engine.config import EngineConfig, ModelConfig
 
 
@@ -24,13 +25,31 @@ class ConfigError(ValueError):
 class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 8000
-    max_concurrent_requests: int = 256     # past it: 429 with Retry-After
+    max_concurrent_sequences: int = 256    # sequences generated at once (prompts x n); past it: 429
+    max_sequences_per_request: int = 64    # prompts x n of one request; past it: 400
     max_body_bytes: int = 8 << 20          # past it: 413
+    body_timeout_s: float = 30.0           # a request body must arrive within this; else 408
+    write_timeout_s: float = 60.0          # a client that takes none of the response this long
+                                           # is disconnected and its request aborted
+    admin_api_key: str = ""                # guards /metrics (which it always does with tenants)
+    admin_api_key_env: str = ""            # ... or the environment variable that holds it
 
     def __post_init__(self) -> None:
         _require(0 < self.port < 65536, "server.port", "an int in 1..65535")
-        _require(self.max_concurrent_requests >= 1, "server.max_concurrent_requests", "an int >= 1")
+        _require(self.max_concurrent_sequences >= 1, "server.max_concurrent_sequences", "an int >= 1")
+        _require(1 <= self.max_sequences_per_request <= self.max_concurrent_sequences,
+                 "server.max_sequences_per_request", "an int in 1..server.max_concurrent_sequences")
         _require(self.max_body_bytes >= 1024, "server.max_body_bytes", "an int >= 1024")
+        _require(self.body_timeout_s > 0, "server.body_timeout_s", "a number of seconds > 0")
+        _require(self.write_timeout_s > 0, "server.write_timeout_s", "a number of seconds > 0")
+        _require(not (self.admin_api_key and self.admin_api_key_env), "server.admin_api_key",
+                 "unset when server.admin_api_key_env is set (one of them)")
+        _check_env("server.admin_api_key_env", self.admin_api_key_env)
+
+    @property
+    def admin_key(self) -> str:
+        """The admin API key, "" if none is configured."""
+        return self.admin_api_key or (os.environ[self.admin_api_key_env] if self.admin_api_key_env else "")
 
 
 @dataclass(frozen=True)
@@ -67,14 +86,20 @@ class TenantConfig:
     api_key: str = ""              # the key itself, or ...
     api_key_env: str = ""          # ... the environment variable that holds it
     priority: int = 0              # default priority of this tenant's requests
+    max_priority: int | None = None  # the highest priority its requests may ask for; = priority
 
     def __post_init__(self) -> None:
         _require(bool(self.name), "tenants.name", "a non-empty string")
         _require(bool(self.api_key) != bool(self.api_key_env), f"tenants[{self.name}]",
                  "exactly one of api_key and api_key_env")
-        if self.api_key_env and not os.environ.get(self.api_key_env):
-            raise ConfigError(f"tenants[{self.name}].api_key_env: environment variable "
-                              f"{self.api_key_env!r} is not set or empty")
+        _check_env(f"tenants[{self.name}].api_key_env", self.api_key_env)
+        if self.max_priority is None:
+            object.__setattr__(self, "max_priority", self.priority)
+        for key in ("priority", "max_priority"):
+            _require(limits.PRIORITY_MIN <= getattr(self, key) <= limits.PRIORITY_MAX,
+                     f"tenants[{self.name}].{key}", f"an int in [{limits.PRIORITY_MIN}, {limits.PRIORITY_MAX}]")
+        _require(self.priority <= self.max_priority, f"tenants[{self.name}].max_priority",
+                 f">= its priority ({self.priority})")
 
     @property
     def key(self) -> str:
@@ -101,6 +126,8 @@ class KvgateConfig:
         _require(len(set(names)) == len(names), "tenants", "tenants with distinct names")
         keys = [t.key for t in self.tenants]
         _require(len(set(keys)) == len(keys), "tenants", "tenants with distinct api keys")
+        _require(not self.server.admin_key or self.server.admin_key not in keys, "server.admin_api_key",
+                 "a key no tenant has")
         _require(not self.store.disk.path or self.store.host.num_blocks > 0, "store.host.num_blocks",
                  "> 0 when store.disk.path is set (disk reads are staged through the host tier; give it "
                  "at least the blocks of the longest prefix you want back from disk)")
@@ -193,6 +220,11 @@ def _apply_override(doc: dict[str, Any], item: str) -> None:
         if not isinstance(table, dict):
             raise ConfigError(f"--set {item!r}: {part} is not a table")
     table[parts[-1]] = value
+
+
+def _check_env(key: str, variable: str) -> None:
+    if variable and not os.environ.get(variable):
+        raise ConfigError(f"{key}: environment variable {variable!r} is not set or empty")
 
 
 def _require(ok: bool, key: str, what: str) -> None:

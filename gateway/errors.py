@@ -27,8 +27,12 @@ class APIError(Exception):
                                  status=self.status, headers=self.headers)
 
 
-_HTTP_TYPES = {401: "authentication_error", 404: "not_found_error", 413: "invalid_request_error",
-               429: "rate_limit_error"}
+class ClientGone(Exception):
+    """The client closed the connection, or took none of the response for write_timeout_s."""
+
+
+_HTTP_TYPES = {401: "authentication_error", 403: "permission_error", 404: "not_found_error",
+               413: "invalid_request_error", 429: "rate_limit_error"}
 
 
 @web.middleware
@@ -46,8 +50,21 @@ async def error_middleware(request: web.Request, handler) -> web.StreamResponse:
         return APIError(e.status, message, _HTTP_TYPES.get(
             e.status, "invalid_request_error"), headers={k: v for k, v in e.headers.items()
                                                            if k.lower() == "allow"}).response()
-    except ConnectionResetError:
-        raise
+    except (ClientGone, ConnectionError) as e:    # nobody to answer: not an error of ours
+        log.info("client %s went away during %s %s (%s)", request.remote, request.method, request.path, e)
+        return web.Response(status=499)
     except Exception:
         log.exception("internal error serving %s %s", request.method, request.path)
         return APIError(500, "internal server error", "server_error").response()
+
+
+async def expect_continue(request: web.Request) -> web.StreamResponse | None:
+    """`Expect: 100-continue` is answered as HTTP says; any other expectation is a 417 error
+    object (aiohttp's own answer is plain text)."""
+    expect = request.headers.get("Expect", "")
+    if request.version >= (1, 1) and expect.lower() == "100-continue":
+        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        request.writer.output_size = 0       # the response proper has not started
+        return None
+    return APIError(417, f"unsupported Expect header: {expect!r}", "invalid_request_error",
+                    headers={"Connection": "close"}).response()

@@ -11,6 +11,7 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
+from engine import limits
 from engine.engine import Engine, RequestStream
 from engine.errors import InvalidRequest
 from engine.model import LoadedModel
@@ -33,19 +34,28 @@ class Choice:
     last_token_at: float | None = None
 
 
-def chat_prompt(req: ChatCompletionRequest, loaded: LoadedModel) -> list[int]:
+def chat_prompt(req: ChatCompletionRequest, loaded: LoadedModel) -> list[list[int]]:
     if req.tools:
         raise InvalidRequest("tools are not supported by kvgate", "tools")
+    messages = []
     for i, m in enumerate(req.messages):
-        if isinstance(m.content, list) and any(p.get("type") != "text" for p in m.content):
-            raise InvalidRequest("only text content parts are supported", f"messages[{i}].content")
-    try:
-        return loaded.encode_chat([{"role": m.role, "content": m.text()} for m in req.messages])
-    except ValueError as e:
-        raise InvalidRequest(str(e), "messages") from None
+        if isinstance(m.content, list):
+            for j, part in enumerate(m.content):
+                if part.type != "text":
+                    raise InvalidRequest("only text content parts are supported", f"messages[{i}].content[{j}].type")
+                if part.text is None:
+                    raise InvalidRequest("a text content part needs a string `text`",
+                                         f"messages[{i}].content[{j}].text")
+            text = "".join(p.text for p in m.content)
+        else:
+            text = m.content or ""
+        messages.append({"role": m.role, "content": text})
+    return [loaded.encode_chat(messages)]
 
 
 def completion_prompts(req: CompletionRequest, loaded: LoadedModel) -> list[list[int]]:
+    """The prompts' token ids. A completions prompt is the client's own raw text: special-token
+    text in it is encoded as special tokens (there is no chat structure to forge)."""
     prompt = req.prompt
     if isinstance(prompt, list) and isinstance(prompt[0], int):
         return [prompt]
@@ -57,7 +67,8 @@ def completion_prompts(req: CompletionRequest, loaded: LoadedModel) -> list[list
 
 def plan(req: ChatCompletionRequest | CompletionRequest, prompts: list[list[int]],
          max_sequence_tokens: int) -> list[Choice]:
-    """One Choice per prompt and sample, with its sampling parameters."""
+    """One Choice per prompt and sample, with its sampling parameters (InvalidRequest names the
+    field that is wrong)."""
     if req.logprobs:
         raise InvalidRequest("logprobs are not supported by kvgate", "logprobs")
     choices = []
@@ -66,24 +77,21 @@ def plan(req: ChatCompletionRequest | CompletionRequest, prompts: list[list[int]
         if max_tokens is None:                # chat default: all the room the sequence has left
             max_tokens = max(1, max_sequence_tokens - len(prompt))
         for i in range(req.n):
-            seed = None if req.seed is None else req.seed + i
-            try:
-                params = SamplingParams(
-                    max_tokens=max_tokens, temperature=float(req.temperature), top_p=float(req.top_p),
-                    top_k=req.top_k, seed=seed, stop=req.stop_strings(),
-                    stop_token_ids=tuple(req.stop_token_ids or ()), ignore_eos=req.ignore_eos)
-            except ValueError as e:
-                raise InvalidRequest(str(e), str(e).split(" ")[0]) from None
+            params = SamplingParams(
+                max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p, top_k=req.top_k,
+                seed=None if req.seed is None else limits.generator_seed(req.seed, i),
+                stop=req.stop_strings(), stop_token_ids=tuple(req.stop_token_ids or ()),
+                ignore_eos=req.ignore_eos)
             choices.append(Choice(p * req.n + i, prompt, params))
     return choices
 
 
 def submit(engine: Engine, choices: list[Choice], priority: int, namespace: str) -> None:
-    """Submit every choice, or none: if one is rejected, the others are aborted."""
+    """Submit every choice, or none: if one fails, those already submitted are aborted."""
     try:
         for c in choices:
             c.stream = engine.submit(c.prompt, c.params, priority=priority, namespace=namespace)
-    except InvalidRequest:
+    except BaseException:
         for c in choices:
             if c.stream is not None:
                 engine.abort(c.stream.request_id)

@@ -13,7 +13,7 @@ from gateway.metrics import Metrics
 @dataclass
 class ServerState:
     started: int                   # unix time, for /v1/models
-    in_flight: int = 0             # generation requests being served
+    in_flight: int = 0             # sequences being generated (prompts x n of every request served)
     stopping: bool = False
 
 

@@ -1,4 +1,4 @@
-"""Authentication (tenant per API key) and the concurrency limit."""
+"""Authentication: a tenant per API key on /v1, the admin key on /metrics."""
 from __future__ import annotations
 
 import hmac
@@ -6,22 +6,34 @@ import hmac
 from aiohttp import web
 
 from gateway.errors import APIError
-from gateway.keys import CONFIG, STATE, TENANT
+from gateway.keys import CONFIG, TENANT
 
-OPEN_PATHS = ("/health", "/metrics")
+OPEN_PATHS = ("/health",)
+ADMIN_PATHS = ("/metrics",)
 
 
 @web.middleware
 async def auth_middleware(request: web.Request, handler) -> web.StreamResponse:
     """With tenants configured, /v1 needs `Authorization: Bearer <key>`; the key picks the
-    tenant, and with it the cache namespace and default priority."""
-    tenants = request.app[CONFIG].tenants
+    tenant, and with it the cache namespace and priorities. /metrics (every tenant's traffic)
+    needs the admin key when one is set, and is closed when tenants are configured without one."""
+    config = request.app[CONFIG]
     request[TENANT] = None
-    if tenants and request.path not in OPEN_PATHS:
-        scheme, _, key = request.headers.get("Authorization", "").partition(" ")
+    if request.path in OPEN_PATHS:
+        return await handler(request)
+    key = _bearer(request)
+    if request.path in ADMIN_PATHS:
+        admin = config.server.admin_key
+        if not admin and config.tenants:
+            raise APIError(403, "/metrics is closed: with tenants configured it needs server.admin_api_key",
+                           "permission_error", code="admin_key_not_configured")
+        if admin and not (key is not None and hmac.compare_digest(key, admin.encode())):
+            raise APIError(401, "missing or invalid admin API key (Authorization: Bearer <key>)",
+                           "authentication_error", code="invalid_api_key")
+    elif config.tenants:
         match = None
-        for t in tenants:           # compare with every key, in constant time
-            if hmac.compare_digest(key.strip().encode(), t.key.encode()) and scheme.lower() == "bearer":
+        for t in config.tenants:           # compare with every key, in constant time
+            if hmac.compare_digest(key or b"", t.key.encode()) and key is not None:
                 match = t
         if match is None:
             raise APIError(401, "missing or invalid API key (Authorization: Bearer <key>)",
@@ -30,19 +42,10 @@ async def auth_middleware(request: web.Request, handler) -> web.StreamResponse:
     return await handler(request)
 
 
-@web.middleware
-async def limit_middleware(request: web.Request, handler) -> web.StreamResponse:
-    """At most `server.max_concurrent_requests` generations at once; past it, 429."""
-    if request.method != "POST":
-        return await handler(request)
-    state = request.app[STATE]
-    if state.stopping:
-        raise APIError(503, "the server is shutting down", "server_error", headers={"Retry-After": "5"})
-    if state.in_flight >= request.app[CONFIG].server.max_concurrent_requests:
-        raise APIError(429, "too many concurrent requests; retry later", "rate_limit_error",
-                       headers={"Retry-After": "1"})
-    state.in_flight += 1
-    try:
-        return await handler(request)
-    finally:
-        state.in_flight -= 1
+def _bearer(request: web.Request) -> bytes | None:
+    """The key of `Authorization: Bearer <key>` as bytes (whatever bytes the client sent), or
+    None without one."""
+    scheme, _, key = request.headers.get("Authorization", "").partition(" ")
+    if scheme.lower() != "bearer":
+        return None
+    return key.strip().encode("utf-8", "surrogateescape")

@@ -1,8 +1,9 @@
 """The OpenAI wire format: request schemas (validated with pydantic) and response builders.
 
-Requests: unknown fields are ignored, as OpenAI's API does; known fields with a wrong type are
-rejected (strict types: "5" is not an int). kvgate's extensions: `priority` (int, higher = more
-urgent), `ignore_eos`, `top_k`, `stop_token_ids`.
+Requests: unknown fields are ignored; known fields with a wrong type are rejected (strict types:
+"5" is not an int), and every number is bounded by the limits the engine enforces
+(engine/limits.py). kvgate's extensions: `priority` (int, higher = more urgent), `ignore_eos`,
+`top_k`, `stop_token_ids`, `return_token_ids`.
 """
 from __future__ import annotations
 
@@ -10,11 +11,14 @@ import time
 import uuid
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, field_validator
 
+from engine import limits
 from store import Tier
 
 Number = StrictInt | StrictFloat
+TokenId = Annotated[StrictInt, Field(ge=0, le=2**31 - 1)]
+DEFAULT_COMPLETION_TOKENS = 16      # OpenAI's default for /v1/completions
 
 
 class StreamOptions(BaseModel):
@@ -27,47 +31,58 @@ class _Common(BaseModel):
     model: StrictStr
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
-    temperature: Annotated[Number, Field(ge=0, le=2)] = 1.0
+    temperature: Annotated[Number, Field(ge=0, le=limits.TEMPERATURE_MAX)] = 1.0
     top_p: Annotated[Number, Field(gt=0, le=1)] = 1.0
-    n: Annotated[StrictInt, Field(ge=1, le=16)] = 1
-    stop: StrictStr | list[StrictStr] | None = None
-    seed: StrictInt | None = None
+    n: Annotated[StrictInt, Field(ge=1, le=limits.N_MAX)] = 1
+    stop: StrictStr | Annotated[list[StrictStr], Field(max_length=limits.STOP_MAX)] | None = None
+    seed: Annotated[StrictInt, Field(ge=limits.SEED_MIN, le=limits.SEED_MAX)] | None = None
     logprobs: StrictBool | StrictInt | None = None
     # kvgate extensions
-    priority: StrictInt | None = None
-    top_k: Annotated[StrictInt, Field(ge=0)] = 0
+    priority: Annotated[StrictInt, Field(ge=limits.PRIORITY_MIN, le=limits.PRIORITY_MAX)] | None = None
+    top_k: Annotated[StrictInt, Field(ge=0, le=limits.TOP_K_MAX)] = 0
     ignore_eos: StrictBool = False
-    stop_token_ids: list[Annotated[StrictInt, Field(ge=0)]] | None = None
+    stop_token_ids: Annotated[list[TokenId], Field(max_length=limits.STOP_TOKEN_IDS_MAX)] | None = None
     return_token_ids: StrictBool = False     # add each choice's generated token ids
 
     def stop_strings(self) -> tuple[str, ...]:
         return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
 
 
+class ContentPart(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    type: StrictStr
+    text: StrictStr | None = None       # required when type is "text" (checked by the caller)
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: StrictStr | list[dict] | None = None
+    content: StrictStr | list[ContentPart] | None = None
 
-    def text(self) -> str:
-        """The message's text; content parts other than text are rejected by the caller."""
-        if isinstance(self.content, list):
-            return "".join(p.get("text", "") for p in self.content if p.get("type") == "text")
-        return self.content or ""
+
+MaxTokens = Annotated[StrictInt, Field(ge=1, le=limits.MAX_TOKENS_MAX)]
 
 
 class ChatCompletionRequest(_Common):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
-    max_tokens: Annotated[StrictInt, Field(ge=1)] | None = None
-    max_completion_tokens: Annotated[StrictInt, Field(ge=1)] | None = None
+    max_tokens: MaxTokens | None = None                # None: all the room the sequence has left
+    max_completion_tokens: MaxTokens | None = None
     tools: list | None = None
 
 
 class CompletionRequest(_Common):
-    prompt: StrictStr | Annotated[list[StrictInt], Field(min_length=1)] | \
+    prompt: StrictStr | Annotated[list[TokenId], Field(min_length=1)] | \
         Annotated[list[StrictStr], Field(min_length=1)]
-    max_tokens: Annotated[StrictInt, Field(ge=1)] | None = 16
+    max_tokens: MaxTokens | None = DEFAULT_COMPLETION_TOKENS
     echo: StrictBool = False
+
+    @field_validator("max_tokens")
+    @classmethod
+    def _null_is_the_default(cls, v: int | None) -> int:
+        return DEFAULT_COMPLETION_TOKENS if v is None else v
+
+    def num_prompts(self) -> int:
+        return len(self.prompt) if isinstance(self.prompt, list) and isinstance(self.prompt[0], str) else 1
 
 
 def usage(prompt_tokens: int, completion_tokens: int, cached: dict[Tier, int]) -> dict:

@@ -1,53 +1,77 @@
 """HTTP handlers: the OpenAI endpoints, health and metrics."""
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import dataclasses
 import json
+import logging
 import time
+from collections.abc import Callable
 
 from aiohttp import web
-from pydantic import ValidationError
 
-from gateway.errors import APIError
+from engine.sequence import RequestOutput
+from gateway import intake
+from gateway.errors import APIError, ClientGone
 from gateway.generation import Choice, chat_prompt, completion_prompts, merged, plan, submit
-from gateway.keys import ENGINE, METRICS, STATE, TENANT
+from gateway.keys import CONFIG, ENGINE, METRICS, STATE, TENANT
 from gateway.protocol import ChatCompletionRequest, CompletionRequest, error_body, new_id, now, usage
+
+log = logging.getLogger("kvgate.gateway")
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
-    req = await _parse(request, ChatCompletionRequest)
-    engine = request.app[ENGINE]
-    return await _generate(request, req, [chat_prompt(req, engine.loaded)], "chat.completion")
+    return await _generate(request, ChatCompletionRequest, chat_prompt, "chat.completion")
 
 
 async def completions(request: web.Request) -> web.StreamResponse:
-    req = await _parse(request, CompletionRequest)
-    engine = request.app[ENGINE]
-    return await _generate(request, req, completion_prompts(req, engine.loaded), "text_completion")
+    return await _generate(request, CompletionRequest, completion_prompts, "text_completion")
 
 
-async def _generate(request: web.Request, req, prompts: list[list[int]], kind: str) -> web.StreamResponse:
-    engine = request.app[ENGINE]
+async def _generate(request: web.Request, schema, prompts_of: Callable, kind: str) -> web.StreamResponse:
+    """Read and check the request, hold its sequences' concurrency slots, generate, answer.
+    Every check that needs no tokenization comes before it."""
+    app, server = request.app, request.app[CONFIG].server
+    state, engine = app[STATE], app[ENGINE]
+    if state.stopping:
+        raise APIError(503, "the server is shutting down", "server_error", headers={"Retry-After": "5"})
+    body = await intake.read_body(request, server.body_timeout_s)
+    req = await intake.off_loop_if_large(len(body), intake.parse, body, schema)
     if req.model != engine.loaded.name:
         raise APIError(404, f"The model `{req.model}` does not exist", "invalid_request_error",
                        "model", "model_not_found")
-    tenant = request[TENANT]
-    choices = plan(req, prompts, engine.max_sequence_tokens)
-    priority = req.priority if req.priority is not None else (tenant.priority if tenant else 0)
+    priority = _priority(req, request[TENANT])
+    need = getattr(req, "num_prompts", lambda: 1)() * req.n
+    if need > server.max_sequences_per_request:
+        raise APIError(400, f"this request asks for {need} sequences (prompts x n); the limit is "
+                       f"{server.max_sequences_per_request}", "invalid_request_error", "n")
+    if state.in_flight + need > server.max_concurrent_sequences:
+        raise APIError(429, "too many concurrent sequences; retry later", "rate_limit_error",
+                       headers={"Retry-After": "1"})
+    state.in_flight += need
+    choices: list[Choice] = []
     started = time.perf_counter()
-    submit(engine, choices, priority, tenant.name if tenant else "")
-    response_id = new_id("chatcmpl" if kind == "chat.completion" else "cmpl")
     try:
+        prompts = await intake.off_loop_if_large(len(body), prompts_of, req, engine.loaded)
+        choices = plan(req, prompts, engine.max_sequence_tokens)
+        tenant = request[TENANT]
+        submit(engine, choices, priority, tenant.name if tenant else "")
+        response_id = new_id("chatcmpl" if kind == "chat.completion" else "cmpl")
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             return await _stream(request, choices, kind, response_id, include_usage, req.return_token_ids)
-        async for _ in merged(choices):
-            pass
-        return web.json_response(_full_response(choices, kind, response_id, engine.loaded.name,
-                                                req.return_token_ids))
+        async with contextlib.aclosing(merged(choices)) as outputs:
+            async for _ in outputs:
+                pass
+        return await _send(request, web.json_response(_full_response(
+            choices, kind, response_id, engine.loaded.name, req.return_token_ids)))
     finally:   # every choice is accounted, also when the client went away mid-way
-        metrics = request.app[METRICS]
+        state.in_flight -= need
+        metrics = app[METRICS]
         for c in choices:
+            if c.stream is None:
+                continue
             if c.last is None:
                 metrics.requests_total.labels("abort").inc()
                 continue
@@ -55,6 +79,18 @@ async def _generate(request: web.Request, req, prompts: list[list[int]], kind: s
             ttft = c.first_token_at - started if c.first_token_at else None
             decode = (c.last_token_at - c.first_token_at) if c.first_token_at else 0.0
             metrics.finished(last, ttft, decode)
+
+
+def _priority(req, tenant) -> int:
+    """The request's priority: its own, within its tenant's `max_priority`, or the tenant's."""
+    if tenant is None:
+        return req.priority if req.priority is not None else 0
+    if req.priority is None:
+        return tenant.priority
+    if req.priority > tenant.max_priority:
+        raise APIError(400, f"priority {req.priority} is above this API key's maximum of {tenant.max_priority}",
+                       "invalid_request_error", "priority")
+    return req.priority
 
 
 def _full_response(choices: list[Choice], kind: str, response_id: str, model: str, token_ids: bool) -> dict:
@@ -75,43 +111,72 @@ def _full_response(choices: list[Choice], kind: str, response_id: str, model: st
     return out
 
 
+async def _send(request: web.Request, resp: web.StreamResponse, data: bytes | None = None) -> web.StreamResponse:
+    """Write (the headers on first use, then `data`, or the whole body of a prepared-less
+    response) within the write timeout; a client that takes nothing for that long is gone."""
+    timeout = request.app[CONFIG].server.write_timeout_s
+    try:
+        if data is None:
+            await asyncio.wait_for(_prepare_and_end(request, resp), timeout)
+        else:
+            await asyncio.wait_for(resp.write(data), timeout)
+    except asyncio.TimeoutError:
+        if request.transport is not None:
+            request.transport.close()
+        raise ClientGone(f"took none of the response for {timeout:g} s") from None
+    except ConnectionError as e:
+        raise ClientGone(str(e) or "closed the connection") from None
+    return resp
+
+
+async def _prepare_and_end(request: web.Request, resp: web.StreamResponse) -> None:
+    await resp.prepare(request)
+    await resp.write_eof()
+
+
 async def _stream(request: web.Request, choices: list[Choice], kind: str, response_id: str,
                   include_usage: bool, token_ids: bool) -> web.StreamResponse:
     engine = request.app[ENGINE]
     resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
-    await resp.prepare(request)
     chunk_kind = "chat.completion.chunk" if kind == "chat.completion" else "text_completion"
     base = {"id": response_id, "object": chunk_kind, "created": now(), "model": engine.loaded.name}
     extra = {"usage": None} if include_usage else {}
 
     async def event(obj: dict) -> None:
-        await resp.write(b"data: " + json.dumps(obj).encode() + b"\n\n")
+        await _send(request, resp, b"data: " + json.dumps(obj).encode() + b"\n\n")
 
     async def send(choices_part: list[dict]) -> None:
         await event({**base, "choices": choices_part, **extra})
 
-    if kind == "chat.completion":
-        await send([{"index": c.index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                     "finish_reason": None} for c in choices])
-    async for c, out in merged(choices):
-        if out.finish_reason == "error":
-            await event(error_body("the engine failed while generating this response", "server_error"))
-            continue
-        if not out.text and out.finish_reason is None and not token_ids:
-            continue
+    try:
+        await resp.prepare(request)
         if kind == "chat.completion":
-            delta = {"content": out.text} if out.text else {}
-            part = {"index": c.index, "delta": delta, "logprobs": None, "finish_reason": out.finish_reason}
-        else:
-            part = {"index": c.index, "text": out.text, "logprobs": None, "finish_reason": out.finish_reason}
-        if token_ids:
-            part["token_ids"] = out.token_ids
-        await send([part])
-    if include_usage:
-        await event({**base, "choices": [], "usage": _usage(choices)})
-    await resp.write(b"data: [DONE]\n\n")
-    await resp.write_eof()
+            await send([{"index": c.index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                         "finish_reason": None} for c in choices])
+        async with contextlib.aclosing(merged(choices)) as outputs:
+            async for c, out in outputs:
+                if out.text or out.finish_reason is not None or token_ids:
+                    await send([_chunk_choice(kind, c, out, token_ids)])
+                if out.finish_reason == "error":     # the choice ends, then the error says why
+                    await event(error_body("the engine failed while generating this response", "server_error"))
+        if include_usage:
+            await event({**base, "choices": [], "usage": _usage(choices)})
+        await _send(request, resp, b"data: [DONE]\n\n")
+        await resp.write_eof()
+    except (ClientGone, ConnectionError) as e:     # closing `merged` aborted its requests
+        log.info("client %s went away mid-stream (%s); its requests were aborted", request.remote, e)
     return resp
+
+
+def _chunk_choice(kind: str, c: Choice, out: RequestOutput, token_ids: bool) -> dict:
+    if kind == "chat.completion":
+        part = {"index": c.index, "delta": {"content": out.text} if out.text else {}}
+    else:
+        part = {"index": c.index, "text": out.text}
+    part |= {"logprobs": None, "finish_reason": out.finish_reason}
+    if token_ids:
+        part["token_ids"] = out.token_ids
+    return part
 
 
 def _usage(choices: list[Choice]) -> dict:
@@ -125,22 +190,6 @@ def _usage(choices: list[Choice]) -> dict:
         for tier, n in last.cached_tokens.items():
             cached[tier] = cached.get(tier, 0) + n
     return usage(sum(x.prompt_tokens for x in lasts), sum(c.last.completion_tokens for c in choices), cached)
-
-
-async def _parse(request: web.Request, schema):
-    try:
-        body = await request.json()
-    except json.JSONDecodeError as e:
-        raise APIError(400, f"the body is not valid JSON: {e}", "invalid_request_error") from None
-    if not isinstance(body, dict):
-        raise APIError(400, "the body must be a JSON object", "invalid_request_error")
-    try:
-        return schema.model_validate(body)
-    except ValidationError as e:
-        err = e.errors()[0]
-        # the location, without pydantic's names for union branches ("function-after[...]", ...)
-        param = ".".join(str(p) for p in err["loc"] if isinstance(p, int) or "[" not in p)
-        raise APIError(400, f"{param}: {err['msg']}", "invalid_request_error", param or None) from None
 
 
 async def models(request: web.Request) -> web.Response:

@@ -159,6 +159,8 @@ class BlockStore:
             raise ValueError(f"sequence {seq_id!r} is already admitted")
         if not token_ids:
             raise ValueError("a sequence needs at least one token")
+        if not -2**63 <= priority < 2**63:     # the disk tier's records store it in 64 bits
+            raise ValueError(f"priority {priority} does not fit in 64 bits")
         match = self.match(root, token_ids, max_cached_tokens)
         # a prefix of the match: a parent is never in a slower tier than its child
         nodes = [n for n in match.nodes if n.fastest <= min(max_tier, Tier.HOST)]
@@ -258,6 +260,14 @@ class BlockStore:
         self.copier.to_gpu(seq.swapped, slots[:n])
         self.host.free(seq.swapped)
         seq.swapped, seq.slots, seq.owned = [], slots, set(slots)
+
+    def sequence_ids(self) -> set[Hashable]:
+        """The admitted sequences (running or swapped out)."""
+        return set(self._seqs)
+
+    def hold_ids(self) -> set[Hashable]:
+        """The sequences a prefetched prefix is held for (see `prefetch`)."""
+        return self.loader.hold_ids()
 
     def block_table(self, seq_id: Hashable) -> list[int]:
         return self._seqs[seq_id].slots

@@ -1,30 +1,20 @@
 """The disk tier: KV blocks in LMDB, written behind, read back verified.
 
-One LMDB record per block; key = the block key (16 bytes). Value:
-
-    u32 little-endian header length | msgpack header | raw payload (the block's KV bytes)
-
-    header = {"v": format version, "fp": model fingerprint, "parent": parent key,
-              "tokens": token ids as uint32 LE bytes, "depth": block index in its sequence,
-              "prio": retention priority, "t": unix time written,
-              "dtype": "torch.bfloat16", "shape": [num_layers, 2, block_size, kv_heads, head_dim],
-              "sum": xxh3_64 of the payload}
-
-A value is served only if all of these hold: the header parses, the version, fingerprint, dtype
-and shape are ours, the payload has the expected length and checksum, and
-chain_key(parent, tokens) == the record's key (so parent and tokens are the ones the key names).
-Anything else is a miss: the record is deleted, counted and logged.
+One LMDB record per block; key = the block key (16 bytes), value = a checksummed record
+(store/record.py). A record that fails any check is a miss: it is deleted, counted and logged,
+never served. The environment is opened defensively (store/lmdb_env.py): a directory that is not
+a healthy kvgate tier is moved aside and an empty tier started, so the server always starts.
 
 All LMDB calls run on one thread (`self._io`): a write transaction never leaves the thread that
 opened it, and the map can be grown there safely (no other transaction is open). The event loop
-only queues work and keeps the byte accounting.
+only queues work and keeps the byte accounting. When writes fail (a full disk), the failure is
+logged once, further puts are refused (counted) for `write_retry_s`, and the next successful
+write logs the recovery.
 """
 from __future__ import annotations
 
 import asyncio
 import logging
-import os
-import struct
 import time
 from collections import deque
 from collections.abc import Callable
@@ -32,23 +22,16 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import lmdb
-import msgpack
 import torch
-import xxhash
 
 from store.errors import DiskTierError
-from store.keys import chain_key
+from store.lmdb_env import MARK_KEY, mark_clean, open_env, quarantine
 from store.pool import BlockLayout
+from store.record import CorruptValue, RecordFormat
 
 log = logging.getLogger("kvgate.store.disk")
 
-FORMAT_VERSION = 1
-_HEADER_LEN = struct.Struct("<I")
 _MIB = 1 << 20
-
-
-class CorruptValue(Exception):
-    """A stored value failed a check; the message says which."""
 
 
 @dataclass(frozen=True)
@@ -70,6 +53,7 @@ class DiskCounters:
     deletes: int = 0
     corrupt_dropped: int = 0   # failed a check (checksum, format, fingerprint, key) and deleted
     write_errors: int = 0      # puts lost to an LMDB error (disk full, ...)
+    writes_paused: int = 0     # puts refused while writes are paused after a failure
     pending_full: int = 0      # puts refused because the write queue was over its byte budget
     map_resizes: int = 0
 
@@ -79,12 +63,11 @@ class DiskTier:
 
     def __init__(self, path: str, fingerprint: str, layout: BlockLayout, max_bytes: int, *,
                  initial_map_bytes: int = 64 * _MIB, max_pending_bytes: int = 512 * _MIB,
-                 on_lost: Callable[[list[bytes]], None] | None = None) -> None:
+                 write_retry_s: float = 30.0, on_lost: Callable[[list[bytes]], None] | None = None) -> None:
         if max_bytes <= 0:
             raise DiskTierError(f"disk tier {path!r}: max_bytes must be > 0, got {max_bytes}")
         self.path = path
-        self.fingerprint = fingerprint
-        self.layout = layout
+        self.format = RecordFormat(fingerprint, layout)
         self.max_bytes = max_bytes
         self.max_pending_bytes = max_pending_bytes
         self.on_lost = on_lost or (lambda keys: None)
@@ -96,11 +79,13 @@ class DiskTier:
         self._pending_bytes = 0
         self._ops: deque[tuple[bytes, bytes | bytearray | None]] = deque()  # None = delete
         self._flusher: asyncio.Task | None = None
+        self.write_retry_s = write_retry_s
+        self._writes_paused_until = 0.0    # monotonic time; puts are refused before it
+        self._write_failure: str | None = None   # the failure being reported, until a write succeeds
         self._io = ThreadPoolExecutor(1, thread_name_prefix="kvgate-lmdb")
+        self._initial_map = initial_map_bytes
         try:
-            os.makedirs(path, exist_ok=True)
-            self._env = lmdb.open(path, map_size=initial_map_bytes, subdir=True, sync=False,
-                                  metasync=False, readahead=False, max_dbs=0)
+            self._env = open_env(path, initial_map_bytes)
             # reader slots left by processes that died would pin old pages forever
             self.stale_readers_cleared = self._env.reader_check()
         except (OSError, lmdb.Error) as e:
@@ -109,81 +94,59 @@ class DiskTier:
         self._max_map = max(initial_map_bytes, 2 * max_bytes + 64 * _MIB)
 
     @property
+    def layout(self) -> BlockLayout:
+        return self.format.layout
+
+    @property
     def value_bytes(self) -> int:
         """Size of one record's value (header sizes vary by a few bytes; this bounds them)."""
-        return self.layout.block_bytes + 256 + 4 * self.layout.block_size
-
-    # ---- format -----------------------------------------------------------------------------
+        return self.format.max_bytes
 
     def encode(self, parent: bytes, token_bytes: bytes, depth: int, priority: int,
                payload: torch.Tensor) -> bytearray:
-        """One record's value; `payload` is the block's KV (any dtype, contiguous)."""
-        data = payload.contiguous().view(torch.uint8).reshape(-1)
-        header = msgpack.packb({
-            "v": FORMAT_VERSION, "fp": self.fingerprint, "parent": parent, "tokens": token_bytes,
-            "depth": depth, "prio": priority, "t": time.time(), "dtype": str(self.layout.dtype),
-            "shape": list(self.layout.block_shape), "sum": xxhash.xxh3_64_intdigest(data.numpy())})
-        start = _HEADER_LEN.size + len(header)
-        value = bytearray(start + data.numel())
-        _HEADER_LEN.pack_into(value, 0, len(header))
-        value[_HEADER_LEN.size:start] = header
-        torch.frombuffer(value, dtype=torch.uint8, offset=start).copy_(data)
-        return value
-
-    def _header(self, key: bytes, value: memoryview) -> tuple[dict, int]:
-        """The checked header and where the payload starts; raises CorruptValue."""
-        if len(value) < _HEADER_LEN.size:
-            raise CorruptValue("truncated before the header")
-        (n,) = _HEADER_LEN.unpack_from(value, 0)
-        start = _HEADER_LEN.size + n
-        if start > len(value):
-            raise CorruptValue("truncated header")
-        try:
-            h = msgpack.unpackb(value[_HEADER_LEN.size:start])
-        except Exception as e:  # msgpack raises several unrelated types on garbage
-            raise CorruptValue(f"header does not parse: {e}") from None
-        if not isinstance(h, dict) or h.get("v") != FORMAT_VERSION:
-            raise CorruptValue("unknown format version")
-        if h.get("fp") != self.fingerprint:
-            raise CorruptValue("written by another model (fingerprint differs)")
-        if h.get("dtype") != str(self.layout.dtype) or h.get("shape") != list(self.layout.block_shape):
-            raise CorruptValue("dtype or shape differs from this model's blocks")
-        if len(value) - start != self.layout.block_bytes:
-            raise CorruptValue(f"payload is {len(value) - start} bytes, expected {self.layout.block_bytes}")
-        parent, tokens = h.get("parent"), h.get("tokens")
-        if not isinstance(parent, bytes) or not isinstance(tokens, bytes) or chain_key(parent, tokens) != key:
-            raise CorruptValue("parent and tokens do not hash to the record's key")
-        return h, start
-
-    def _payload(self, key: bytes, value: memoryview, parent: bytes, token_bytes: bytes) -> memoryview:
-        h, start = self._header(key, value)
-        if h["parent"] != parent or h["tokens"] != token_bytes:
-            raise CorruptValue("parent or tokens differ from the index's")
-        payload = value[start:]
-        if xxhash.xxh3_64_intdigest(payload) != h["sum"]:
-            raise CorruptValue("payload checksum mismatch")
-        return payload
+        """One record's value (see store/record.py)."""
+        return self.format.encode(parent, token_bytes, depth, priority, payload)
 
     # ---- start-up scan (synchronous: runs before serving) -----------------------------------
 
     def scan(self) -> list[DiskEntry]:
         """Headers of every valid record, parents before children. Invalid records and
-        records whose chain does not reach a first block are deleted and counted."""
-        return self._io.submit(self._scan).result()
+        records whose chain does not reach a first block are deleted and counted. A tier LMDB
+        fails to read is moved aside and replaced by an empty one."""
+        try:
+            entries, bad, orphans = self._io.submit(self._walk).result()
+        except lmdb.Error as e:
+            self._io.submit(self._replace, f"LMDB failed reading it at start-up ({e})").result()
+            return []
+        if bad:
+            log.warning("disk tier: dropping %d damaged or foreign records (the first: %s)", len(bad),
+                        bad[0][1])
+        if orphans:
+            log.info("disk tier: deleting %d records whose prefix is gone", len(orphans))
+        self.counters.corrupt_dropped += len(bad)
+        self.counters.deletes += len(orphans)
+        self._io.submit(self._delete_now, [k for k, _ in bad] + orphans).result()
+        for e in entries:
+            self.sizes[e.key] = e.nbytes
+            self.used_bytes += e.nbytes
+        return entries
 
-    def _scan(self) -> list[DiskEntry]:
+    def _walk(self) -> tuple[list[DiskEntry], list[tuple[bytes, str]], list[bytes]]:
+        """On the I/O thread: (valid entries in rebuild order, (key, why) of invalid records,
+        keys of valid records whose prefix is gone)."""
         entries: dict[bytes, DiskEntry] = {}
-        bad: list[bytes] = []
+        bad: list[tuple[bytes, str]] = []
         with self._env.begin(buffers=True) as txn:
             for key, value in txn.cursor():
                 key = bytes(key)
+                if key == MARK_KEY:
+                    continue
                 try:
-                    h, _ = self._header(key, value)
-                    entries[key] = DiskEntry(key, h["parent"], h["tokens"], int(h["depth"]),
-                                             int(h["prio"]), float(h["t"]), len(value))
-                except (CorruptValue, KeyError, TypeError, ValueError) as e:
-                    log.warning("disk tier: dropping record %s: %s", key.hex(), e)
-                    bad.append(key)
+                    h, _ = self.format.header(key, value)
+                    entries[key] = DiskEntry(key, h["parent"], h["tokens"], h["depth"], h["prio"], h["t"],
+                                             len(value))
+                except CorruptValue as e:
+                    bad.append((key, str(e)))
         children: dict[bytes, list[DiskEntry]] = {}
         for e in entries.values():
             children.setdefault(e.parent, []).append(e)
@@ -191,25 +154,34 @@ class DiskTier:
         for e in ordered:  # grows while iterating: breadth-first from the first blocks
             ordered.extend(c for c in children.get(e.key, ()) if c.depth == e.depth + 1)
         reached = {e.key for e in ordered}
-        orphans = [k for k in entries if k not in reached]
-        if bad or orphans:
-            with self._env.begin(write=True) as txn:
-                for k in bad + orphans:
-                    txn.delete(k)
-        self.counters.corrupt_dropped += len(bad)
-        self.counters.deletes += len(orphans)
-        if orphans:
-            log.info("disk tier: deleted %d records whose prefix is gone", len(orphans))
-        for e in ordered:
-            self.sizes[e.key] = e.nbytes
-            self.used_bytes += e.nbytes
-        return ordered
+        return ordered, bad, [k for k in entries if k not in reached]
+
+    def _delete_now(self, keys: list[bytes]) -> None:
+        """On the I/O thread. A failure (a full disk) leaves the records to the next start's
+        scan, which drops them again."""
+        if keys:
+            try:
+                with self._env.begin(write=True) as txn:
+                    for k in keys:
+                        txn.delete(k)
+            except lmdb.Error as e:
+                log.warning("disk tier: could not delete %d invalid records: %s", len(keys), e)
+
+    def _replace(self, reason: str) -> None:
+        """On the I/O thread: move this tier aside and open an empty one in its place."""
+        self._env.close()
+        quarantine(self.path, reason)
+        self._env = open_env(self.path, self._initial_map)
 
     # ---- writes (queued on the loop, applied on the I/O thread) -----------------------------
 
     def put(self, key: bytes, value: bytes | bytearray) -> bool:
-        """Queue a record. False (and nothing queued) if the write queue is over budget; the
-        caller must first make room under `max_bytes` (see `Placement`)."""
+        """Queue a record. False (and nothing queued) if the write queue is over budget or
+        writes are paused after a failure; the caller must first make room under `max_bytes`
+        (see `Placement`)."""
+        if time.monotonic() < self._writes_paused_until:
+            self.counters.writes_paused += 1
+            return False
         if self._pending_bytes + len(value) > self.max_pending_bytes:
             self.counters.pending_full += 1
             return False
@@ -256,8 +228,7 @@ class DiskTier:
         loop = asyncio.get_running_loop()
         while self._ops:
             batch = self._take_batch()
-            lost = await loop.run_in_executor(self._io, self._apply, batch)
-            self._after_batch(batch, lost)
+            self._after_batch(batch, *await loop.run_in_executor(self._io, self._apply, batch))
 
     def make_queue_room(self, nbytes: int) -> None:
         """Write queued records now (blocking) if `nbytes` more would not fit the write queue."""
@@ -267,7 +238,7 @@ class DiskTier:
     def flush_sync(self) -> None:
         while self._ops:
             batch = self._take_batch()
-            self._after_batch(batch, self._io.submit(self._apply, batch).result())
+            self._after_batch(batch, *self._io.submit(self._apply, batch).result())
 
     def _take_batch(self, max_bytes: int = 64 * _MIB) -> list[tuple[bytes, bytes | bytearray | None]]:
         batch, size = [], 0
@@ -277,21 +248,36 @@ class DiskTier:
             size += len(op[1]) if op[1] is not None else 0
         return batch
 
-    def _after_batch(self, batch: list, lost: list[bytes]) -> None:
+    def _after_batch(self, batch: list, lost: list[bytes], failure: str | None) -> None:
         for key, value in batch:
             if value is not None and self._pending.get(key) is value:
                 del self._pending[key]
                 self._pending_bytes -= len(value)
+        # a key put again while this batch was written is in the queue anew: not lost
         lost = [k for k in lost if k in self.sizes and k not in self._pending]
         for k in lost:
             self.used_bytes -= self.sizes.pop(k)
         self.counters.write_errors += len(lost)
         if lost:
             self.on_lost(lost)
+        self._report(batch, failure)
 
-    def _apply(self, batch: list[tuple[bytes, bytes | bytearray | None]]) -> list[bytes]:
+    def _report(self, batch: list, failure: str | None) -> None:
+        """Log a write failure once, pause puts for `write_retry_s`; log the recovery."""
+        if failure is not None:
+            self._writes_paused_until = time.monotonic() + self.write_retry_s
+            if self._write_failure is None:
+                log.error("disk tier %s: writes failing (%s); refusing new writes for %g s at a time "
+                          "until one succeeds (counted in kvgate_disk_ops)", self.path, failure,
+                          self.write_retry_s)
+            self._write_failure = failure
+        elif self._write_failure is not None and any(v is not None for _, v in batch):
+            log.warning("disk tier %s: writes succeed again", self.path)
+            self._write_failure = None
+
+    def _apply(self, batch: list[tuple[bytes, bytes | bytearray | None]]) -> tuple[list[bytes], str | None]:
         """Runs on the I/O thread: apply a batch in one transaction. Returns the keys whose
-        puts were lost. MapFullError grows the map and retries; never escapes."""
+        puts were lost and why. MapFullError grows the map and retries; never escapes."""
         while True:
             try:
                 with self._env.begin(write=True) as txn:
@@ -302,25 +288,19 @@ class DiskTier:
                             txn.put(key, value)
                 self.counters.writes += sum(v is not None for _, v in batch)
                 self.counters.deletes += sum(v is None for _, v in batch)
-                return []
+                return [], None
             except lmdb.MapFullError:
                 size = self._env.info()["map_size"]
                 if size >= self._max_map:
-                    log.error("disk tier: LMDB map full at its limit of %d MiB", size // _MIB)
+                    failure = f"LMDB map full at its limit of {size // _MIB} MiB"
                     break
                 self._env.set_mapsize(min(2 * size, self._max_map))
                 self.counters.map_resizes += 1
             except lmdb.Error as e:
-                log.error("disk tier: write of %d records failed: %s", len(batch), e)
+                failure = str(e)
                 break
-        deletes = [k for k, v in batch if v is None]
-        try:  # deletes free space, so they usually still go through
-            with self._env.begin(write=True) as txn:
-                for k in deletes:
-                    txn.delete(k)
-        except lmdb.Error as e:
-            log.error("disk tier: %d deletes failed too: %s", len(deletes), e)
-        return [k for k, v in batch if v is not None]
+        self._delete_now([k for k, v in batch if v is None])   # deletes free space: they may pass
+        return [k for k, v in batch if v is not None], failure
 
     # ---- reads ------------------------------------------------------------------------------
 
@@ -348,7 +328,7 @@ class DiskTier:
                     if value is None:
                         continue
                     try:
-                        sink(i, self._payload(key, value, parent, tokens))
+                        sink(i, self.format.payload(key, value, parent, tokens))
                         ok[i] = True
                     except CorruptValue as e:
                         log.warning("disk tier: record %s is not served: %s", key.hex(), e)
@@ -360,7 +340,8 @@ class DiskTier:
     # ---- lifecycle --------------------------------------------------------------------------
 
     def close(self) -> None:
-        """Write what is queued, sync and close. Call `await flush()` first inside a loop."""
+        """Write what is queued, sync, close, and mark the tier closed cleanly (the next start
+        need not walk it in a child process). Call `await flush()` first inside a loop."""
         if self._io is None:
             return
         self.flush_sync()
@@ -369,8 +350,14 @@ class DiskTier:
         self._io = None
 
     def _close_env(self) -> None:
-        self._env.sync(True)
+        try:
+            self._env.sync(True)
+        except lmdb.Error as e:          # a full disk: the next start walks the file first
+            log.error("disk tier %s: final sync failed: %s", self.path, e)
+            self._env.close()
+            return
         self._env.close()
+        mark_clean(self.path)
 
     def check_integrity(self) -> None:
         assert self.used_bytes == sum(self.sizes.values()), "disk bytes drifted"

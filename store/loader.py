@@ -73,6 +73,9 @@ class DiskLoader:
                 self._holds[hold] = path
         return loaded
 
+    def hold_ids(self) -> set[Hashable]:
+        return set(self._holds)
+
     def unhold(self, hold: Hashable) -> None:
         """Let go of what `prefetch(..., hold)` kept (no-op if nothing)."""
         self.placement.unlock(self._holds.pop(hold, []))

@@ -128,7 +128,11 @@ class Placement:
         disk = self.disk
         if node.key in self.disk_nodes:  # another node under a colliding key holds the record
             return False
-        value = disk.encode(node.parent.key, node.token_bytes, node.depth, node.priority, kv)
+        try:
+            value = disk.encode(node.parent.key, node.token_bytes, node.depth, node.priority, kv)
+        except (OverflowError, ValueError) as e:   # admit refuses what cannot be encoded; never
+            log.error("disk tier: block %s cannot be encoded (%s); not written", node.key.hex(), e)
+            return False                           # let one block stop an eviction half-way
         if disk.used_bytes + len(value) > disk.max_bytes or not disk.put(node.key, value):
             return False
         self.index.set_disk(node, True)

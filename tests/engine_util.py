@@ -29,7 +29,7 @@ def make_engine(path: str, gpu: int = 64, host: int = 0, disk: str = "", disk_bl
     store = StoreConfig(block_size=BS, gpu_blocks=gpu, host_blocks=host, disk_path=disk,
                         disk_max_bytes=disk_blocks * (loaded.block_layout(BS).block_bytes + 512))
     return Engine(loaded, EngineConfig(max_num_seqs=max_seqs, max_num_batched_tokens=max_batched,
-                                       block_size=BS), store)
+                                       block_size=BS, check_integrity=True), store)
 
 
 def greedy(n: int, **kw) -> SamplingParams:

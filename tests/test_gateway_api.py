@@ -24,7 +24,7 @@ def demo():
 @pytest.fixture
 def make_client(aiohttp_client, demo):
     async def make(**sections):
-        doc = {"store": {"gpu": {"num_blocks": 256}}, **sections}
+        doc = {"store": {"gpu": {"num_blocks": 256}}, "engine": {"check_integrity": True}, **sections}
         app = init_app(build_config(doc), loaded=demo)
         return await aiohttp_client(app, server_kwargs={"handler_cancellation": True})
     return make
@@ -200,7 +200,7 @@ async def test_tenants_need_their_key_and_never_share_a_cache(make_client, monke
 
 
 async def test_concurrency_limit_answers_429_with_retry_after(make_client):
-    client = await make_client(server={"max_concurrent_requests": 1})
+    client = await make_client(server={"max_concurrent_sequences": 1, "max_sequences_per_request": 1})
     long = await client.post("/v1/chat/completions", json=chat(max_tokens=400, ignore_eos=True, stream=True))
     await long.content.readline()                  # it is running
     resp = await client.post("/v1/chat/completions", json=chat())

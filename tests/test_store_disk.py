@@ -14,6 +14,7 @@ import torch
 from store import BlockLayout, DiskTierError, Tier
 from store.disk import DiskTier
 from store.keys import chain_key, token_bytes
+from store.lmdb_env import MARK_KEY
 from tests.conftest import (
     BS,
     FINGERPRINT,
@@ -41,10 +42,11 @@ async def fill_disk(tmp_path, n_prompts: int = 4, **kw):
 
 
 def edit_records(tmp_path, edit) -> int:
-    """Apply `edit(key, value) -> new value | None (delete)` to every record; returns count."""
+    """Apply `edit(key, value) -> new value | None (delete)` to every block record (not the
+    tier's mark); returns count."""
     env = lmdb.open(str(tmp_path / "kv"))
     with env.begin(write=True) as txn:
-        records = list(txn.cursor())
+        records = [(k, v) for k, v in txn.cursor() if k != MARK_KEY]
         for key, value in records:
             new = edit(key, value)
             if new is None:

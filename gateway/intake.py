@@ -1,0 +1,91 @@
+"""From the bytes on the wire to a validated request: the body read within a deadline, decoded
+as UTF-8 JSON, checked against the request schema; every way it can be wrong is a 4xx naming
+what is wrong. Large bodies are decoded, validated and tokenized on a worker thread, so one big
+message never stalls the event loop that serves every other stream.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Callable
+from typing import TypeVar
+
+from aiohttp import web
+from pydantic import BaseModel, ValidationError
+
+from engine.errors import InvalidRequest
+from gateway.errors import APIError
+
+OFFLOAD_BYTES = 64 << 10     # bodies larger than this are decoded and tokenized off the loop
+T = TypeVar("T")
+
+
+async def read_body(request: web.Request, timeout_s: float) -> bytes:
+    """The raw body, all of it within `timeout_s` (408 otherwise: a client sending slowly, or
+    less than its Content-Length, gives its connection up)."""
+    charset = request.charset
+    if charset and charset.lower().replace("_", "-") not in ("utf-8", "utf8"):
+        raise APIError(415, f"the body must be UTF-8 JSON; charset={charset} is not supported",
+                       "invalid_request_error", code="unsupported_media_type")
+    try:
+        return await asyncio.wait_for(request.read(), timeout_s)
+    except asyncio.TimeoutError:
+        raise APIError(408, f"the request body did not arrive within {timeout_s:g} s",
+                       "invalid_request_error", code="request_timeout", headers={"Connection": "close"}) from None
+    except web.RequestPayloadError as e:      # a Content-Encoding that does not decode, a broken chunk
+        detail = str(e).split("message:", 1)[-1].strip() or "malformed payload"
+        raise APIError(400, f"the body could not be read: {detail}", "invalid_request_error") from None
+
+
+async def off_loop_if_large(nbytes: int, fn: Callable[..., T], *args) -> T:
+    """`fn(*args)`, on a worker thread when it works on a body of more than OFFLOAD_BYTES."""
+    if nbytes > OFFLOAD_BYTES:
+        return await asyncio.to_thread(fn, *args)
+    return fn(*args)
+
+
+def parse(body: bytes, schema: type[BaseModel]) -> BaseModel:
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise APIError(400, f"the body is not valid UTF-8 (byte {e.start})", "invalid_request_error") from None
+    try:
+        doc = json.loads(text, parse_constant=_reject_constant)
+    except RecursionError:
+        raise APIError(400, "the body's JSON is nested too deeply", "invalid_request_error") from None
+    except ValueError as e:     # JSONDecodeError, an int of too many digits, NaN / Infinity
+        raise APIError(400, f"the body is not valid JSON: {e}", "invalid_request_error") from None
+    if not isinstance(doc, dict):
+        raise APIError(400, "the body must be a JSON object", "invalid_request_error")
+    _check_text(doc)
+    try:
+        req = schema.model_validate(doc)
+    except ValidationError as e:
+        err = e.errors()[0]
+        # the location, without pydantic's names for union branches ("function-after[...]", ...)
+        param = ".".join(str(p) for p in err["loc"] if isinstance(p, int) or "[" not in p)
+        raise APIError(400, f"{param}: {err['msg']}", "invalid_request_error", param or None) from None
+    return req
+
+
+def _reject_constant(name: str) -> None:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _check_text(doc: object) -> None:
+    """Every string must be encodable as UTF-8: JSON's \\ud800 escapes decode to lone surrogates,
+    which no tokenizer takes. (Iterative: the document may be nested as deep as the parser allows.)"""
+    stack = [doc]
+    while stack:
+        value = stack.pop()
+        if isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                raise InvalidRequest("a string in the body holds a lone UTF-16 surrogate (\\ud800-\\udfff)",
+                                     None) from None
+        elif isinstance(value, dict):
+            stack.extend(value.keys())
+            stack.extend(value.values())
+        elif isinstance(value, list):
+            stack.extend(value)

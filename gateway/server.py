@@ -1,0 +1,65 @@
+"""Running the app: aiohttp's server, with the errors it answers by itself (malformed HTTP,
+before any handler runs) as OpenAI error objects instead of plain text, logged without a
+traceback (a client's bad bytes are not a fault of kvgate)."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from http import HTTPStatus
+
+from aiohttp import web
+from aiohttp.web_protocol import RequestHandler
+
+from gateway.protocol import error_body
+
+log = logging.getLogger("kvgate.gateway")
+
+
+class _Handler(RequestHandler):
+    def handle_error(self, request, status: int = 500, exc: BaseException | None = None,
+                     message: str | None = None) -> web.StreamResponse:
+        if status >= 500:
+            log.error("error serving %s", request.remote, exc_info=exc)
+            what, type_ = "internal server error", "server_error"
+        else:
+            what = " ".join((message or HTTPStatus(status).phrase).split())
+            log.info("malformed HTTP from %s: %s", request.remote, what)
+            what, type_ = f"malformed HTTP request: {what}", "invalid_request_error"
+        if request.writer.output_size > 0:
+            raise ConnectionError("a response is already under way; the connection is closed")
+        resp = web.json_response(error_body(what, type_), status=status)
+        resp.force_close()
+        return resp
+
+
+class _Server(web.Server):
+    def __call__(self) -> RequestHandler:
+        return _Handler(self, loop=self._loop, **self._kwargs)
+
+
+class _Runner(web.AppRunner):
+    async def _make_server(self) -> web.Server:
+        server = await super()._make_server()
+        return _Server(server.request_handler, request_factory=server.request_factory,
+                       handler_cancellation=server.handler_cancellation, loop=server._loop, **server._kwargs)
+
+
+async def serve(app: web.Application, host: str, port: int) -> None:
+    """Serve `app` until SIGINT or SIGTERM, then shut down gracefully (the app's shutdown and
+    cleanup: no new requests, streams end, the engine writes its cache to the disk tier)."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    runner = _Runner(app, handler_cancellation=True, shutdown_timeout=10)
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, host, port).start()
+        await stop.wait()
+    finally:
+        await runner.cleanup()
+
+
+def run(app: web.Application, host: str, port: int) -> None:
+    asyncio.run(serve(app, host, port))

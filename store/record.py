@@ -1,0 +1,103 @@
+"""The disk tier's record format: one LMDB value per block, every byte of it checksummed.
+
+    u32 LE header length n | u64 LE xxh3_64 of the header | msgpack header (n bytes) | payload
+
+    header = {"v": format version, "fp": model fingerprint, "parent": parent key,
+              "tokens": token ids as uint32 LE bytes, "depth": block index in its sequence,
+              "prio": retention priority, "t": unix time written,
+              "dtype": "torch.bfloat16", "shape": [num_layers, 2, block_size, kv_heads, head_dim],
+              "sum": xxh3_64 of the payload}
+
+The header checksum covers every field the start-up scan trusts (depth orders the rebuild,
+priority and time order eviction), and the header's "sum" covers the payload. A value is served
+only if all of these hold: both checksums match, the version, fingerprint, dtype and shape are
+ours, the payload has the expected length, and chain_key(parent, tokens) == the record's key (so
+parent and tokens are the ones the key names). Anything else raises CorruptValue.
+"""
+from __future__ import annotations
+
+import struct
+import time
+
+import msgpack
+import torch
+import xxhash
+
+from store.keys import chain_key
+from store.pool import BlockLayout
+
+FORMAT_VERSION = 2
+_PREFIX = struct.Struct("<IQ")     # header length, header checksum
+
+
+class CorruptValue(Exception):
+    """A stored value failed a check; the message says which."""
+
+
+class RecordFormat:
+    """Encodes and checks the records of one model (fingerprint) and block layout."""
+
+    def __init__(self, fingerprint: str, layout: BlockLayout) -> None:
+        self.fingerprint = fingerprint
+        self.layout = layout
+
+    @property
+    def max_bytes(self) -> int:
+        """An upper bound on one record's size (headers vary by a few bytes)."""
+        return self.layout.block_bytes + 256 + 4 * self.layout.block_size
+
+    def encode(self, parent: bytes, token_bytes: bytes, depth: int, priority: int,
+               payload: torch.Tensor) -> bytearray:
+        """One record's value; `payload` is the block's KV (any dtype, contiguous).
+        Raises OverflowError for a priority beyond 64 bits (the store refuses those first)."""
+        data = payload.contiguous().view(torch.uint8).reshape(-1)
+        header = msgpack.packb({
+            "v": FORMAT_VERSION, "fp": self.fingerprint, "parent": parent, "tokens": token_bytes,
+            "depth": depth, "prio": priority, "t": time.time(), "dtype": str(self.layout.dtype),
+            "shape": list(self.layout.block_shape), "sum": xxhash.xxh3_64_intdigest(data.numpy())})
+        start = _PREFIX.size + len(header)
+        value = bytearray(start + data.numel())
+        _PREFIX.pack_into(value, 0, len(header), xxhash.xxh3_64_intdigest(header))
+        value[_PREFIX.size:start] = header
+        torch.frombuffer(value, dtype=torch.uint8, offset=start).copy_(data)
+        return value
+
+    def header(self, key: bytes, value: memoryview | bytes) -> tuple[dict, int]:
+        """The checked header and where the payload starts; raises CorruptValue."""
+        if len(value) < _PREFIX.size:
+            raise CorruptValue("truncated before the header")
+        n, checksum = _PREFIX.unpack_from(value, 0)
+        start = _PREFIX.size + n
+        if start > len(value):
+            raise CorruptValue("truncated header")
+        raw = value[_PREFIX.size:start]
+        if xxhash.xxh3_64_intdigest(raw) != checksum:
+            raise CorruptValue("header checksum mismatch")
+        try:
+            h = msgpack.unpackb(raw)
+        except Exception as e:  # msgpack raises several unrelated types on garbage
+            raise CorruptValue(f"header does not parse: {e}") from None
+        if not isinstance(h, dict) or h.get("v") != FORMAT_VERSION:
+            raise CorruptValue("unknown format version")
+        if h.get("fp") != self.fingerprint:
+            raise CorruptValue("written by another model (fingerprint differs)")
+        if h.get("dtype") != str(self.layout.dtype) or h.get("shape") != list(self.layout.block_shape):
+            raise CorruptValue("dtype or shape differs from this model's blocks")
+        if len(value) - start != self.layout.block_bytes:
+            raise CorruptValue(f"payload is {len(value) - start} bytes, expected {self.layout.block_bytes}")
+        parent, tokens = h.get("parent"), h.get("tokens")
+        if not isinstance(parent, bytes) or not isinstance(tokens, bytes) or chain_key(parent, tokens) != key:
+            raise CorruptValue("parent and tokens do not hash to the record's key")
+        if not all(isinstance(h.get(f), int) for f in ("depth", "prio")) or not isinstance(h.get("t"), float):
+            raise CorruptValue("depth, priority or time is not a number")
+        return h, start
+
+    def payload(self, key: bytes, value: memoryview, parent: bytes, token_bytes: bytes) -> memoryview:
+        """The checked payload of a record the index knows as (parent, token_bytes)."""
+        h, start = self.header(key, value)
+        if h["parent"] != parent or h["tokens"] != token_bytes:
+            raise CorruptValue("parent or tokens differ from the index's")
+        payload = value[start:]
+        if xxhash.xxh3_64_intdigest(payload) != h["sum"]:
+            raise CorruptValue("payload checksum mismatch")
+        return payload
