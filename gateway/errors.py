@@ -23,8 +23,12 @@ class APIError(Exception):
         self.headers = headers or {}
 
     def response(self) -> web.Response:
-        return web.json_response(error_body(self.message, self.type, self.param, self.code),
-                                 status=self.status, headers=self.headers)
+        headers = {k: v for k, v in self.headers.items() if k.lower() != "connection"}
+        resp = web.json_response(error_body(self.message, self.type, self.param, self.code),
+                                 status=self.status, headers=headers)
+        if self.headers.get("Connection", "").lower() == "close":
+            resp.force_close()     # the connection is in no state for another request
+        return resp
 
 
 class ClientGone(Exception):

@@ -34,7 +34,8 @@ async def read_body(request: web.Request, timeout_s: float) -> bytes:
                        "invalid_request_error", code="request_timeout", headers={"Connection": "close"}) from None
     except web.RequestPayloadError as e:      # a Content-Encoding that does not decode, a broken chunk
         detail = str(e).split("message:", 1)[-1].strip() or "malformed payload"
-        raise APIError(400, f"the body could not be read: {detail}", "invalid_request_error") from None
+        raise APIError(400, f"the body could not be read: {detail}", "invalid_request_error",
+                       headers={"Connection": "close"}) from None
 
 
 async def off_loop_if_large(nbytes: int, fn: Callable[..., T], *args) -> T:

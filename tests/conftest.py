@@ -101,3 +101,32 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GP
 def model_root(tmp_path_factory) -> str:
     """Where the tiny test models are saved (built once per test session)."""
     return str(tmp_path_factory.mktemp("models"))
+
+
+@pytest.fixture(scope="session")
+def demo():
+    """The built-in demo model, loaded once for every HTTP test."""
+    from engine.config import ModelConfig
+    from engine.model import load_model
+    return load_model(ModelConfig(device="cpu"), block_size=16)
+
+
+@pytest.fixture
+def make_client(aiohttp_client, demo):
+    """An HTTP client of a kvgate app over the demo model: `await make_client(**sections)`,
+    sections of the configuration on top of a 256-block GPU pool and integrity checks."""
+    from aiohttp.test_utils import TestServer
+
+    from gateway.app import init_app
+    from gateway.config import build_config
+    from gateway.server import make_runner
+
+    class KvgateTestServer(TestServer):      # served as `kvgate serve` serves (gateway/server.py)
+        async def _make_runner(self, **kwargs):
+            return make_runner(self.app, **kwargs)
+
+    async def make(**sections):
+        doc = {"store": {"gpu": {"num_blocks": 256}}, "engine": {"check_integrity": True}, **sections}
+        app = init_app(build_config(doc), loaded=demo)
+        return await aiohttp_client(KvgateTestServer(app))
+    return make

@@ -3,55 +3,11 @@ input as an OpenAI error object with the right status, tenants, the concurrency 
 client that disconnects mid-stream (its blocks are freed, as /metrics shows)."""
 import asyncio
 import json
-import re
 
 import pytest
 
-from engine.config import ModelConfig
-from engine.model import load_model
-from gateway.app import init_app
-from gateway.config import build_config
 from gateway.keys import ENGINE
-
-MODEL = "builtin:tiny"
-
-
-@pytest.fixture(scope="session")
-def demo():
-    return load_model(ModelConfig(device="cpu"), block_size=16)
-
-
-@pytest.fixture
-def make_client(aiohttp_client, demo):
-    async def make(**sections):
-        doc = {"store": {"gpu": {"num_blocks": 256}}, "engine": {"check_integrity": True}, **sections}
-        app = init_app(build_config(doc), loaded=demo)
-        return await aiohttp_client(app, server_kwargs={"handler_cancellation": True})
-    return make
-
-
-def chat(content="hello", **kw):
-    return {"model": MODEL, "messages": [{"role": "user", "content": content}], "max_tokens": 8,
-            "temperature": 0, **kw}
-
-
-async def sse(resp) -> list:
-    events = []
-    async for line in resp.content:
-        line = line.decode().strip()
-        if line.startswith("data: "):
-            events.append(line[6:] if line[6:] == "[DONE]" else json.loads(line[6:]))
-    return events
-
-
-async def metric(client, name: str, **labels) -> float:
-    """One sample from /metrics, whatever the order of its labels."""
-    text = await (await client.get("/metrics")).text()
-    for m in re.finditer(r"^(\w+)(?:\{(.*)\})? (\S+)$", text, re.M):
-        found = dict(re.findall(r'(\w+)="([^"]*)"', m.group(2) or ""))
-        if m.group(1) == name and found == {k: str(v) for k, v in labels.items()}:
-            return float(m.group(3))
-    raise AssertionError(f"{name}{labels} not in /metrics")
+from tests.http_util import MODEL, chat, metric, sse
 
 
 async def test_models_and_health(make_client):
