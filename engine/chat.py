@@ -6,7 +6,8 @@ Messages without special-token text are rendered and tokenized exactly as transf
 `apply_chat_template` does. When a message holds some, its span in the rendered text is found by
 rendering once more with placeholders; the text is then cut at each special-token occurrence
 inside a message, the pieces in between are tokenized as usual (the template's own special
-tokens among them stay special), and each cut-out occurrence is tokenized as plain text.
+tokens among them stay special), and each cut-out occurrence is tokenized as plain text. (With a
+SentencePiece-style tokenizer such a piece starts a word: the model sees a space before it.)
 """
 from __future__ import annotations
 

@@ -199,11 +199,10 @@ class Engine:
     async def _run(self) -> None:
         while not self._stopping:
             try:
-                if not await self.step():
-                    if self.config.check_integrity:
-                        self.check_integrity()
-                    self._wakeup.clear()
-                    await self._wakeup.wait()
+                if await self.step():
+                    continue
+                if self.config.check_integrity and self.integrity_error is None:
+                    self.check_integrity()
             except Exception as e:  # a bug outside any one request's part: fail the step's requests
                 if isinstance(e, AssertionError):     # a broken invariant: `stop` raises it again
                     self.integrity_error = self.integrity_error or e
@@ -213,6 +212,10 @@ class Engine:
                 for seq in failed:
                     if seq.status is not Status.FINISHED:
                         self._finish(seq, "error")
+                if self._requests:
+                    continue
+            self._wakeup.clear()
+            await self._wakeup.wait()
 
     async def step(self) -> bool:
         """Schedule, run the model, sample, postprocess. False if there was nothing to do."""
