@@ -208,7 +208,7 @@ def test_stale_readers_of_a_killed_process_are_cleared(tmp_path):
 
 def test_full_disk_is_counted_and_the_store_keeps_serving(tmp_path):
     """A file-size limit makes LMDB's writes fail as on a full disk (in a child process, so
-    the limit does not touch pytest's own files)."""
+    the limit does not touch pytest's own files). The failure is logged once, not per write."""
     script = textwrap.dedent(f"""
         import asyncio, resource, signal, pathlib
         from tests.conftest import child_env, make_store, run_request
@@ -223,7 +223,7 @@ def test_full_disk_is_counted_and_the_store_keeps_serving(tmp_path):
                 await store.flush()
                 store.check_integrity()
             s = store.stats()
-            print("write_errors", s.disk.write_errors, "writes", s.disk.writes)
+            print("write_errors", s.disk.write_errors, "writes", s.disk.writes, "paused", s.disk.writes_paused)
             run_request(store, "after", prompt(1, n_blocks=2))
             store.close()
             print("ok")
@@ -236,6 +236,9 @@ def test_full_disk_is_counted_and_the_store_keeps_serving(tmp_path):
     assert words[-1] == "ok"
     assert int(words[words.index("write_errors") + 1]) > 0, out.stdout
     assert int(words[words.index("writes") + 1]) > 0, out.stdout
+    # the failure is logged once, and writes pause instead of failing again and again
+    assert int(words[words.index("paused") + 1]) > 0, out.stdout
+    assert out.stderr.count("writes failing") == 1 and "Traceback" not in out.stderr, out.stderr[-3000:]
 
 
 async def test_write_queue_over_budget_drops_blocks_cleanly(tmp_path):
