@@ -1,0 +1,145 @@
+"""Policies, pinned: each test fails when the policy changes, not only when counts stop adding
+up. Scheduling: urgency order, the token budget, the preemption victim, an abort while swapped
+out. Store: which blocks a too-small host tier keeps, what a lock pins, what `persist` writes.
+(The disk record's checksum coverage and the write/re-queue race are in test_store_disk_open.py.)"""
+import asyncio
+
+import pytest
+
+from engine.sequence import Status
+from store import Tier
+from tests.conftest import make_store, run_request, write_kv
+from tests.engine_util import collect, greedy, make_engine
+from tests.models import build_model_dir
+
+
+@pytest.fixture
+def llama(model_root) -> str:
+    return build_model_dir(model_root, "llama")
+
+
+def record_chunks(engine, monkeypatch) -> list[list[tuple[str, int, int]]]:
+    """Every step's chunks as (request name, start, tokens), in the order they run."""
+    steps, real = [], engine.runner.prepare
+    names = {}
+
+    def prepare(chunks):
+        steps.append([(names.get(c.seq.request_id, c.seq.request_id), c.start, c.num_tokens) for c in chunks])
+        return real(chunks)
+    monkeypatch.setattr(engine.runner, "prepare", prepare)
+    return steps, names
+
+
+async def test_running_sequences_are_served_in_urgency_order_within_the_token_budget(llama, monkeypatch):
+    engine = make_engine(llama, max_batched=4, max_seqs=8)
+    steps, names = record_chunks(engine, monkeypatch)
+    for name, priority in (("a", 1), ("b", 3), ("c", 2)):
+        names[engine.submit([10 + priority] * 6, greedy(2), priority=priority).request_id] = name
+    for _ in range(4):
+        await engine.step()
+    assert steps == [
+        [("b", 0, 4)],                        # the most urgent first; the budget cuts its prompt
+        [("b", 4, 2), ("c", 0, 2)],           # running before waiting; the next admitted is chunked
+        [("b", 6, 1), ("c", 2, 3)],           # b decodes, c's prefill takes the rest
+        [("c", 5, 1), ("a", 0, 3)],           # b is done (2 tokens); a, the least urgent, last
+    ]
+    assert all(sum(n for *_, n in s) <= 4 for s in steps)
+
+
+async def test_admission_fills_the_budget_and_chunks_a_long_prompt(llama, monkeypatch):
+    engine = make_engine(llama, max_batched=4, max_seqs=8)
+    steps, names = record_chunks(engine, monkeypatch)
+    names[engine.submit(list(range(3, 13)), greedy(1)).request_id] = "long"
+    names[engine.submit([5, 6, 7], greedy(1)).request_id] = "short"
+    while await engine.step():
+        pass
+    assert steps[:3] == [[("long", 0, 4)], [("long", 4, 4)], [("long", 8, 2), ("short", 0, 2)]]
+    assert steps[3] == [("short", 2, 1)]
+
+
+@pytest.mark.parametrize("priorities,victim", [((0, 5, 3), "a"), ((2, 2, 2), "c"), ((4, 1, 1), "c")])
+async def test_decode_pressure_preempts_the_least_urgent_running_sequence(llama, priorities, victim):
+    """Three running sequences fill the GPU pool but one block; the first to need a new block
+    gets it, the next forces a preemption: of the least urgent (lowest priority, then latest)."""
+    engine = make_engine(llama, gpu=7, host=32, max_batched=64, max_seqs=8)
+    streams = {}
+    for name, priority in zip("abc", priorities):
+        streams[name] = engine.submit([ord(name)] * 8, greedy(4), priority=priority)
+    readers = {n: asyncio.create_task(collect(s)) for n, s in streams.items()}
+    while engine.scheduler.num_preemptions == 0:
+        assert await engine.step()
+    status = {n: s._seq.status for n, s in streams.items()}
+    assert status[victim] is Status.SWAPPED
+    assert all(st is Status.RUNNING for n, st in status.items() if n != victim)
+    while await engine.step():
+        await asyncio.sleep(0)
+    for r in readers.values():
+        assert (await r)[1].finish_reason == "length"
+
+
+async def test_an_abort_while_swapped_out_releases_its_host_blocks(llama):
+    engine = make_engine(llama, gpu=7, host=32, max_batched=64, max_seqs=8)
+    streams = [engine.submit([n] * 8, greedy(20), priority=p) for n, p in ((3, 0), (4, 1), (5, 2))]
+    while engine.scheduler.num_preemptions == 0:
+        await engine.step()
+    swapped = streams[0]
+    assert swapped._seq.status is Status.SWAPPED
+    held = engine.store.stats().tiers[Tier.HOST].locked
+    assert held >= 2                                  # its blocks, in host slots it owns
+    engine.abort(swapped.request_id)
+    assert engine.store.stats().tiers[Tier.HOST].locked < held      # its host slots are free again
+    assert swapped.request_id not in engine.store.sequence_ids()
+    engine.check_integrity()
+    _, last = await collect(swapped)
+    assert last.finish_reason == "abort"
+    while await engine.step():
+        pass
+    stats = engine.store.stats().tiers
+    assert stats[Tier.HOST].locked == 0 and stats[Tier.GPU].locked == 0
+
+
+def test_a_host_tier_too_small_for_a_demoted_prefix_keeps_its_shallow_blocks():
+    store = make_store(gpu=4, host=2)
+    first = list(range(100, 116))                    # 4 blocks
+    run_request(store, "first", first)
+    run_request(store, "second", list(range(200, 216)))   # takes the whole GPU pool
+    match = store.match(store.root_key(), first)
+    assert match.tiers == (Tier.HOST, Tier.HOST)     # blocks 0 and 1: a usable prefix
+    assert store.stats().tiers[Tier.HOST].cached == 2
+    store.close()
+
+
+def test_a_lock_pins_only_the_fastest_copy():
+    store = make_store(gpu=4, host=4)
+    tokens = list(range(100, 108))                   # 2 blocks
+    run_request(store, "warm", tokens)
+    run_request(store, "evict", list(range(200, 216)))     # demotes them to host
+    seq = store.admit("again", store.root_key(), tokens + [1])   # promotes: GPU + host copies
+    assert seq.tiers == (Tier.HOST, Tier.HOST)
+    nodes = list(seq.path)
+    assert all(n.gpu_slot is not None and n.host_slot is not None for n in nodes)
+    index = store.index
+    assert index.num_locked[Tier.GPU] >= 2 and index.num_locked[Tier.HOST] == 0
+    victims = index.select_victims(Tier.HOST, 4)
+    assert set(nodes) <= set(victims)                # the host copies may go while in use
+    store.release("again")
+    store.close()
+
+
+async def test_persist_writes_only_blocks_whose_parent_is_on_disk(tmp_path):
+    store = make_store(tmp_path, gpu=16, host=4, disk_blocks=64)
+    broken, whole = list(range(100, 112)), list(range(300, 312))      # 3 blocks each
+    for name, tokens in (("broken", broken), ("whole", whole)):
+        seq = store.admit(name, store.root_key(), tokens)
+        write_kv(store, seq, tokens)
+        store.commit(name, tokens)
+        store.release(name)
+    refused = store.match(store.root_key(), broken).nodes[0].key
+    real = store.disk.put
+    store.disk.put = lambda key, value: False if key == refused else real(key, value)
+    assert store.persist() == 3                      # whole's 3; none of broken's
+    assert [n.on_disk for n in store.match(store.root_key(), broken).nodes] == [False] * 3
+    assert [n.on_disk for n in store.match(store.root_key(), whole).nodes] == [True] * 3
+    await store.flush()
+    store.check_integrity()
+    store.close()
