@@ -33,15 +33,18 @@ def record_chunks(engine, monkeypatch) -> list[list[tuple[str, int, int]]]:
 async def test_running_sequences_are_served_in_urgency_order_within_the_token_budget(llama, monkeypatch):
     engine = make_engine(llama, max_batched=4, max_seqs=8)
     steps, names = record_chunks(engine, monkeypatch)
-    for name, priority in (("a", 1), ("b", 3), ("c", 2)):
-        names[engine.submit([10 + priority] * 6, greedy(2), priority=priority).request_id] = name
+    names[engine.submit([3, 4], greedy(4), priority=0).request_id] = "low"
+    await engine.step()
+    for name, priority in (("high", 5), ("mid", 2)):
+        names[engine.submit([10 + priority] * 7, greedy(2), priority=priority).request_id] = name
     for _ in range(4):
         await engine.step()
     assert steps == [
-        [("b", 0, 4)],                        # the most urgent first; the budget cuts its prompt
-        [("b", 4, 2), ("c", 0, 2)],           # running before waiting; the next admitted is chunked
-        [("b", 6, 1), ("c", 2, 3)],           # b decodes, c's prefill takes the rest
-        [("c", 5, 1), ("a", 0, 3)],           # b is done (2 tokens); a, the least urgent, last
+        [("low", 0, 2)],
+        [("low", 2, 1), ("high", 0, 3)],      # running first; the most urgent waiting is chunked
+        [("high", 3, 4)],                     # running, most urgent first: low gets no token
+        [("high", 7, 1), ("low", 3, 1), ("mid", 0, 2)],
+        [("mid", 2, 4)],                      # high is done; mid outranks low and takes all 4
     ]
     assert all(sum(n for *_, n in s) <= 4 for s in steps)
 
@@ -69,6 +72,7 @@ async def test_decode_pressure_preempts_the_least_urgent_running_sequence(llama,
     while engine.scheduler.num_preemptions == 0:
         assert await engine.step()
     status = {n: s._seq.status for n, s in streams.items()}
+    assert engine.scheduler.num_preemptions == 1        # the victim, directly
     assert status[victim] is Status.SWAPPED
     assert all(st is Status.RUNNING for n, st in status.items() if n != victim)
     while await engine.step():
