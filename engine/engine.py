@@ -380,9 +380,13 @@ class RequestStream:
         finally:
             await self.aclose()
 
-    async def aclose(self) -> None:
+    def close(self) -> None:
+        """Abort the request unless it has ended."""
         if self._seq.status is not Status.FINISHED and self._seq.finish_reason is None:
             self._engine.abort(self.request_id)
+
+    async def aclose(self) -> None:
+        self.close()
 
     async def __aenter__(self) -> RequestStream:
         return self

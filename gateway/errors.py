@@ -44,9 +44,10 @@ async def error_middleware(request: web.Request, handler) -> web.StreamResponse:
     try:
         return await handler(request)
     except APIError as e:
-        return e.response()
+        return _unread_body_closes(request, e.response())
     except InvalidRequest as e:
-        return APIError(400, str(e), "invalid_request_error", e.param, e.code).response()
+        return _unread_body_closes(request, APIError(400, str(e), "invalid_request_error", e.param,
+                                                     e.code).response())
     except web.HTTPException as e:      # aiohttp's own: 404 route, 405 method, 413 body size
         if e.status < 400:
             raise
@@ -56,10 +57,20 @@ async def error_middleware(request: web.Request, handler) -> web.StreamResponse:
                                                            if k.lower() == "allow"}).response()
     except (ClientGone, ConnectionError) as e:    # nobody to answer: not an error of ours
         log.info("client %s went away during %s %s (%s)", request.remote, request.method, request.path, e)
+        if request.transport is not None:
+            request.transport.close()
         return web.Response(status=499)
     except Exception:
         log.exception("internal error serving %s %s", request.method, request.path)
         return APIError(500, "internal server error", "server_error").response()
+
+
+def _unread_body_closes(request: web.Request, resp: web.Response) -> web.Response:
+    """An error answered before the body was read (auth, limits) closes the connection: the
+    rest of that body, maybe not even decodable, is not worth reading to keep it alive."""
+    if request.body_exists and not request.content.is_eof():
+        resp.force_close()
+    return resp
 
 
 async def expect_continue(request: web.Request) -> web.StreamResponse | None:

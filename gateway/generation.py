@@ -125,9 +125,9 @@ async def merged(choices: list[Choice]) -> AsyncIterator[tuple[Choice, RequestOu
                 running -= 1
             else:
                 yield c, out
-    finally:
+    finally:     # abort first, before any await: a cancellation (the client went away) must not skip it
+        for c in choices:
+            c.stream.close()
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        for c in choices:
-            await c.stream.aclose()

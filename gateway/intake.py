@@ -23,12 +23,8 @@ T = TypeVar("T")
 async def read_body(request: web.Request, timeout_s: float) -> bytes:
     """The raw body, all of it within `timeout_s` (408 otherwise: a client sending slowly, or
     less than its Content-Length, gives its connection up)."""
-    charset = request.charset
-    if charset and charset.lower().replace("_", "-") not in ("utf-8", "utf8"):
-        raise APIError(415, f"the body must be UTF-8 JSON; charset={charset} is not supported",
-                       "invalid_request_error", code="unsupported_media_type")
     try:
-        return await asyncio.wait_for(request.read(), timeout_s)
+        body = await asyncio.wait_for(request.read(), timeout_s)
     except asyncio.TimeoutError:
         raise APIError(408, f"the request body did not arrive within {timeout_s:g} s",
                        "invalid_request_error", code="request_timeout", headers={"Connection": "close"}) from None
@@ -36,6 +32,11 @@ async def read_body(request: web.Request, timeout_s: float) -> bytes:
         detail = str(e).split("message:", 1)[-1].strip() or "malformed payload"
         raise APIError(400, f"the body could not be read: {detail}", "invalid_request_error",
                        headers={"Connection": "close"}) from None
+    charset = request.charset
+    if charset and charset.lower().replace("_", "-") not in ("utf-8", "utf8"):
+        raise APIError(415, f"the body must be UTF-8 JSON; charset={charset} is not supported",
+                       "invalid_request_error", code="unsupported_media_type")
+    return body
 
 
 async def off_loop_if_large(nbytes: int, fn: Callable[..., T], *args) -> T:

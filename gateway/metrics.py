@@ -5,8 +5,10 @@ from the engine when /metrics is scraped, so they are never stale.
 """
 from __future__ import annotations
 
+import dataclasses
+
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from engine.engine import Engine
 from engine.sequence import RequestOutput
@@ -77,6 +79,13 @@ class _EngineCollector:
         for tier, n in costs.recomputed_blocks.items():
             recomputed.add_metric([tier.name.lower()], n)
         yield recomputed
+        disk = self.engine.store.stats().disk
+        if disk is not None:
+            ops = CounterMetricFamily("kvgate_disk_operations", "Disk tier operations by outcome (writes_paused: "
+                                      "puts refused while writes pause after a failure)", labels=["op"])
+            for op, n in dataclasses.asdict(disk).items():
+                ops.add_metric([op], n)
+            yield ops
         rates = GaugeMetricFamily("kvgate_measured_rate", "Rates the load-or-recompute choice uses "
                                   "(prefill tokens/s, host/disk bytes/s; absent until measured)",
                                   labels=["what"])

@@ -66,12 +66,13 @@ async def _generate(request: web.Request, schema, prompts_of: Callable, kind: st
                 pass
         return await _send(request, web.json_response(_full_response(
             choices, kind, response_id, engine.loaded.name, req.return_token_ids)))
-    finally:   # every choice is accounted, also when the client went away mid-way
+    finally:   # every choice is ended and accounted, also when the client went away mid-way
         state.in_flight -= need
         metrics = app[METRICS]
         for c in choices:
             if c.stream is None:
                 continue
+            c.stream.close()          # aborts it unless it has ended
             if c.last is None:
                 metrics.requests_total.labels("abort").inc()
                 continue
@@ -120,9 +121,7 @@ async def _send(request: web.Request, resp: web.StreamResponse, data: bytes | No
             await asyncio.wait_for(_prepare_and_end(request, resp), timeout)
         else:
             await asyncio.wait_for(resp.write(data), timeout)
-    except asyncio.TimeoutError:
-        if request.transport is not None:
-            request.transport.close()
+    except asyncio.TimeoutError:      # the caller aborts its requests, then drops the connection
         raise ClientGone(f"took none of the response for {timeout:g} s") from None
     except ConnectionError as e:
         raise ClientGone(str(e) or "closed the connection") from None
@@ -163,8 +162,10 @@ async def _stream(request: web.Request, choices: list[Choice], kind: str, respon
             await event({**base, "choices": [], "usage": _usage(choices)})
         await _send(request, resp, b"data: [DONE]\n\n")
         await resp.write_eof()
-    except (ClientGone, ConnectionError) as e:     # closing `merged` aborted its requests
-        log.info("client %s went away mid-stream (%s); its requests were aborted", request.remote, e)
+    except (ClientGone, ConnectionError) as e:     # `_generate` aborts its requests
+        log.info("client %s went away mid-stream (%s); its requests are aborted", request.remote, e)
+        if request.transport is not None:
+            request.transport.close()
     return resp
 
 

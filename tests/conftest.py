@@ -125,8 +125,8 @@ def make_client(aiohttp_client, demo):
         async def _make_runner(self, **kwargs):
             return make_runner(self.app, **kwargs)
 
-    async def make(**sections):
+    async def make(loaded=None, **sections):
         doc = {"store": {"gpu": {"num_blocks": 256}}, "engine": {"check_integrity": True}, **sections}
-        app = init_app(build_config(doc), loaded=demo)
+        app = init_app(build_config(doc), loaded=loaded or demo)
         return await aiohttp_client(KvgateTestServer(app))
     return make

@@ -22,13 +22,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def serve(tmp_path, port: int) -> subprocess.Popen:
+def serve(tmp_path, port: int, *settings: str, **popen) -> subprocess.Popen:
+    """`kvgate serve` on the demo model with a disk tier under tmp_path; `settings` are more
+    `--set` overrides (the last one of a key wins)."""
     cmd = [sys.executable, "-m", "gateway", "serve", "--port", str(port), "--log-level", "warning",
            "--set", 'model.device="cpu"', "--set", "store.gpu.num_blocks=256",
            "--set", "store.host.num_blocks=64",
            "--set", f"store.disk.path={tmp_path / 'kv'}", "--set", "store.disk.max_bytes=100000000"]
+    for s in settings:
+        cmd += ["--set", s]
     proc = subprocess.Popen(cmd, cwd=tmp_path, env=child_env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+                            stderr=subprocess.STDOUT, text=True, **popen)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:          # poll until it answers (model load, LMDB open)
         if proc.poll() is not None:
