@@ -50,6 +50,13 @@ class LoadedModel:
     eos_token_ids: frozenset[int]
     fingerprint: str
     chat: ChatEncoder | None = None   # None without a tokenizer or a chat template
+    max_prompt_chars: int = 0         # a longer text cannot fit the context, whatever its tokens
+
+    def check_text_length(self, chars: int, param: str) -> None:
+        """Refuse, before tokenizing it, text too long to fit the context in any tokenization."""
+        if self.max_prompt_chars and chars > self.max_prompt_chars:
+            raise InvalidRequest(f"the text is {chars} characters: more than this model's maximum context of "
+                                 f"{self.max_model_len} tokens can hold", param, "context_length_exceeded")
 
     def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
         """Token ids of `messages` rendered with the model's chat template, ready for the
@@ -96,7 +103,10 @@ def load_model(cfg: ModelConfig, block_size: int) -> LoadedModel:
     name = cfg.name or (cfg.path if cfg.path.startswith(("builtin:", "dummy:")) else os.path.basename(
         os.path.normpath(cfg.path)))
     chat = ChatEncoder(tokenizer) if getattr(tokenizer, "chat_template", None) else None
-    return LoadedModel(model, tokenizer, name, device, dtype, max_len, eos_ids, fp, chat)
+    # a token covers at most as many characters as its vocabulary string has; 4x covers
+    # normalizers that shorten text (composing accents)
+    max_chars = 4 * max_len * max(map(len, tokenizer.get_vocab())) if tokenizer is not None else 0
+    return LoadedModel(model, tokenizer, name, device, dtype, max_len, eos_ids, fp, chat, max_chars)
 
 
 def _from_directory(cfg: ModelConfig, dtype: torch.dtype):

@@ -50,6 +50,7 @@ def chat_prompt(req: ChatCompletionRequest, loaded: LoadedModel) -> list[list[in
         else:
             text = m.content or ""
         messages.append({"role": m.role, "content": text})
+    loaded.check_text_length(sum(len(m["content"]) for m in messages), "messages")
     return [loaded.encode_chat(messages)]
 
 
@@ -62,6 +63,8 @@ def completion_prompts(req: CompletionRequest, loaded: LoadedModel) -> list[list
     texts = [prompt] if isinstance(prompt, str) else prompt
     if loaded.tokenizer is None:
         raise InvalidRequest("this model has no tokenizer: send the prompt as token ids", "prompt")
+    for t in texts:
+        loaded.check_text_length(len(t), "prompt")
     return [loaded.tokenizer.encode(t) for t in texts]
 
 

@@ -87,6 +87,16 @@ async def test_a_failing_step_fails_only_the_request_at_fault(llama, monkeypatch
     assert engine.store.stats().tiers[Tier.GPU].locked == 0
 
 
+async def assert_only_the_bad_one_fails(engine, llama, bad, good) -> None:
+    """Step until idle: `bad` ends with an error, `good` (prompt [6, 7, 8]) exactly as alone."""
+    readers = [asyncio.create_task(collect(s)) for s in (bad, good)]
+    while await engine.step():
+        await asyncio.sleep(0)
+    (_, bad_last), (tokens, good_last) = [await r for r in readers]
+    assert bad_last.finish_reason == "error" and good_last.finish_reason == "length"
+    assert tokens == hf_greedy(llama, [6, 7, 8], 3)
+
+
 async def test_an_admission_that_fails_fails_only_its_request(llama, monkeypatch):
     engine = make_engine(llama)
     real = engine.store.admit
@@ -98,12 +108,7 @@ async def test_an_admission_that_fails_fails_only_its_request(llama, monkeypatch
         return real(seq_id, *a, **kw)
     monkeypatch.setattr(engine.store, "admit", admit)
     good = engine.submit([6, 7, 8], greedy(3))
-    readers = [asyncio.create_task(collect(s)) for s in (bad, good)]
-    while await engine.step():
-        await asyncio.sleep(0)
-    (_, bad_last), (tokens, good_last) = [await r for r in readers]
-    assert bad_last.finish_reason == "error" and good_last.finish_reason == "length"
-    assert tokens == hf_greedy(llama, [6, 7, 8], 3)
+    await assert_only_the_bad_one_fails(engine, llama, bad, good)
 
 
 async def test_a_postprocessing_failure_fails_only_its_request(llama, monkeypatch):
@@ -114,12 +119,7 @@ async def test_a_postprocessing_failure_fails_only_its_request(llama, monkeypatc
     def broken(token_ids, start):
         raise UnicodeError("injected: a tokenizer that cannot decode this output")
     monkeypatch.setattr(bad._seq.detokenizer, "step", broken)
-    readers = [asyncio.create_task(collect(s)) for s in (bad, good)]
-    while await engine.step():
-        await asyncio.sleep(0)
-    (_, bad_last), (tokens, good_last) = [await r for r in readers]
-    assert bad_last.finish_reason == "error" and good_last.finish_reason == "length"
-    assert tokens == hf_greedy(llama, [6, 7, 8], 3)
+    await assert_only_the_bad_one_fails(engine, llama, bad, good)
 
 
 async def test_check_integrity_fails_on_a_lock_without_an_owner_and_stop_reports_it(llama):

@@ -284,6 +284,10 @@ async def test_large_messages_are_tokenized_off_the_event_loop(make_client, monk
     big = await client.post("/v1/chat/completions", json=chat("big " * 50_000))
     await assert_error(big, 400, "max_tokens")       # 200k tokens: longer than the context
     assert threads[0] == threading.get_ident() != threads[1]
+    # 7 MiB cannot fit the context in any tokenization: refused before tokenizing
+    huge = await client.post("/v1/chat/completions", json=chat("x" * (7 << 20)))
+    err = await assert_error(huge, 400, "messages")
+    assert err["code"] == "context_length_exceeded" and len(threads) == 2
 
 
 # ---- tenants and structure ------------------------------------------------------------------

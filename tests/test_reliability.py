@@ -284,6 +284,30 @@ async def test_slow_clients_hold_nothing_and_others_are_served(make_client, monk
     assert aborted >= stalls_n
 
 
+async def test_a_large_message_beside_a_stream(make_client):
+    """A message as long as the context can possibly take is parsed and tokenized off the event
+    loop: a stream beside it goes on. Reports the stream's longest pause between chunks, alone
+    and beside the large message (a figure, not a pass/fail threshold)."""
+    client = await make_client()
+    size = client.app[ENGINE].loaded.max_prompt_chars - 1000      # just inside the refusal bound
+
+    async def longest_pause(beside: bool) -> float:
+        resp = await client.post("/v1/chat/completions", json=chat(max_tokens=200, ignore_eos=True, stream=True))
+        big = asyncio.create_task(client.post("/v1/chat/completions", json=chat("word " * (size // 5)))) \
+            if beside else None
+        last, longest = time.perf_counter(), 0.0
+        async for _ in resp.content:
+            now = time.perf_counter()
+            longest, last = max(longest, now - last), now
+        if big is not None:
+            assert (await big).status == 400           # longer than the context: tokenized, then refused
+        return longest
+    alone = await longest_pause(False)
+    beside = await longest_pause(True)
+    report("large message beside a stream", message_chars=size, longest_pause_alone_s=round(alone, 3),
+           longest_pause_beside_s=round(beside, 3))
+
+
 # ---- a poisoned request beside other tenants' streams ------------------------------------------
 
 async def test_a_poisoned_request_fails_alone_beside_other_tenants_streams(make_client, monkeypatch):
