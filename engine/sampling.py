@@ -67,26 +67,30 @@ def sample(logits: torch.Tensor, params: list[SamplingParams],
            generators: list[torch.Generator | None]) -> list[int | None]:
     """One token per row; None for a row whose sampling failed (its request fails, no other).
     logits: [N, V]; params and generators: one per row. Greedy rows take the argmax in the
-    logits' own dtype (the same index as in fp32: the conversion is exact)."""
-    tokens: list[int | None] = logits.argmax(dim=-1).tolist()
+    logits' own dtype (the same index as in fp32: the conversion is exact). Sampled rows are
+    written into the same tensor, so the step waits for the device once, not once per row."""
+    tokens = logits.argmax(dim=-1)                      # [N]
+    failed = []
     for i, (p, g) in enumerate(zip(params, generators)):
         if not p.greedy:
             try:
                 tokens[i] = _draw(logits[i], p, g)
-            except Exception:   # a bug or a device fault in one row must not fail the others
+            except Exception:   # a bug, or a generator the device refuses: this row only
                 log.exception("sampling failed for one row (temperature=%r top_p=%r top_k=%r)",
                               p.temperature, p.top_p, p.top_k)
-                tokens[i] = None
-    return tokens
+                failed.append(i)
+    out: list[int | None] = tokens.tolist()
+    for i in failed:
+        out[i] = None
+    return out
 
 
-def _draw(logits: torch.Tensor, p: SamplingParams, generator: torch.Generator | None) -> int:
-    """logits: [V]. Scores are float32 and finite where kept: a token that would divide to
-    +-inf (tiny temperatures) or a top-p so small it rounds to 0 still leaves a distribution;
-    a row with no finite score left falls back to its argmax."""
+def _draw(logits: torch.Tensor, p: SamplingParams, generator: torch.Generator | None) -> torch.Tensor:
+    """logits: [V] -> a 0-d token id, on the device, without waiting for it. Whatever the
+    numbers, multinomial gets a valid distribution (a device-side assert would end the whole
+    process's CUDA context): a temperature so small that scores overflow, or a top-p so small it
+    rounds to 0, leaves the argmax."""
     scores = logits.float() / p.temperature
-    if not torch.isfinite(scores).all():          # overflow: the argmax is what it means
-        return int(logits.argmax())
     if p.top_k and p.top_k < scores.numel():
         kth = torch.topk(scores, p.top_k).values[-1]
         scores = scores.masked_fill(scores < kth, float("-inf"))
@@ -96,6 +100,8 @@ def _draw(logits: torch.Tensor, p: SamplingParams, generator: torch.Generator | 
         # drop a token when the tokens before it already reach top_p; the first always stays
         drop = probs.cumsum(-1) - probs >= p.top_p
         drop[0] = False
-        scores = scores.scatter(0, order[drop], float("-inf"))
-    probs = scores.softmax(-1)
-    return int(torch.multinomial(probs, 1, generator=generator)[0])
+        scores = torch.empty_like(scores).scatter_(0, order, sorted_scores.masked_fill(drop, float("-inf")))
+    probs = torch.nan_to_num(scores.softmax(-1), nan=0.0)
+    argmax = torch.zeros_like(probs).scatter_(0, logits.argmax().view(1), 1.0)
+    valid = torch.isfinite(scores).any() & ~torch.isposinf(scores).any() & (probs.sum() > 0)
+    return torch.multinomial(torch.where(valid, probs, argmax), 1, generator=generator)[0]
