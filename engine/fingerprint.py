@@ -118,3 +118,36 @@ def _write_cache(found: str | None, path: str, files: dict) -> None:
             except OSError:
                 pass
     log.warning("could not cache the weights digest of %s; it is hashed again at every start", path)
+
+
+def main() -> None:
+    """`python -m engine.fingerprint DIR [--cold]`: the cost of the weights digest at start-up,
+    first (every file read, from disk with --cold) and then from the cache."""
+    import argparse
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("path", help="a model directory (its *.safetensors / *.bin files are hashed)")
+    parser.add_argument("--cold", action="store_true", help="evict the files from the page cache first")
+    args = parser.parse_args()
+    files = sorted(glob.glob(os.path.join(args.path, "*.safetensors")) + glob.glob(os.path.join(args.path, "*.bin")))
+    size = sum(os.path.getsize(f) for f in files)
+    for f in _cache_paths(args.path):
+        if os.path.isfile(f):
+            os.unlink(f)
+    if args.cold:
+        for f in files:
+            fd = os.open(f, os.O_RDONLY)
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            os.close(fd)
+    start = time.perf_counter()
+    weights_identity(args.path)
+    first = time.perf_counter() - start
+    start = time.perf_counter()
+    weights_identity(args.path)
+    cached = time.perf_counter() - start
+    print(f"{len(files)} files, {size / 1e9:.2f} GB{' (cold)' if args.cold else ''}: hashed in {first:.2f} s "
+          f"({size / first / 1e9:.2f} GB/s); from the cache in {cached * 1e3:.2f} ms")
+
+
+if __name__ == "__main__":
+    main()

@@ -2,6 +2,7 @@
 a failing step is re-run chunk by chunk so only the request at fault fails, and admission or
 postprocessing failures stay with their request. check_integrity can fail, and says so."""
 import asyncio
+import os
 
 import pytest
 import torch
@@ -22,14 +23,17 @@ def llama(model_root) -> str:
 
 
 def test_each_row_is_sampled_on_its_own():
-    logits = torch.randn(5, 300) * 30
+    """On CUDA too (KVGATE_TEST_DEVICE=cuda): no row's numbers trip a device-side assert."""
+    device = os.environ.get("KVGATE_TEST_DEVICE", "cpu")
+    logits = (torch.randn(5, 300) * 30).to(device)
     params = [SamplingParams(temperature=1e-38), SamplingParams(temperature=0.7, top_p=1e-46),
               SamplingParams(temperature=2.0, top_k=2**31 - 1), SamplingParams(temperature=0.0),
               SamplingParams(temperature=0.9)]
 
     class Broken:            # a generator the device refuses: that row fails, no other
         pass
-    gens = [None, torch.Generator().manual_seed(1), torch.Generator().manual_seed(2), None, Broken()]
+    seeded = [torch.Generator(device=device).manual_seed(s) for s in (1, 2)]
+    gens = [None, seeded[0], seeded[1], None, Broken()]
     tokens = sample(logits, params, gens)
     argmax = logits.argmax(-1).tolist()
     assert tokens[0] == argmax[0]            # below limits.GREEDY_BELOW: greedy
