@@ -1,5 +1,6 @@
 # kvgate: `make serve` sets up .venv and starts the server (extra arguments: ARGS="...");
-# `make test` sets up .venv and runs the tests; `make bench-store` and `make bench-engine`
+# `make test` sets up .venv and runs the tests; `make reliability` the long reliability run;
+# `make bench-store` and `make bench-engine`
 # run the benchmarks, `make bench-gpu` the Llama-3-8B shape on a GPU beside the peer script
 # PEER. On a machine without an NVIDIA GPU the CPU build of torch is installed first, so pip
 # never pulls the multi-GB CUDA packages.
@@ -9,7 +10,7 @@ PY := $(VENV)/bin/python
 CPU_TORCH ?= torch==2.13.0
 PEER ?= ../shared/bench/hf_peer.py
 
-.PHONY: setup serve test bench-store bench-engine bench-gpu
+.PHONY: setup serve test reliability bench-store bench-engine bench-gpu
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
@@ -27,6 +28,12 @@ serve: setup
 
 test: setup
 	$(PY) -m pytest -q
+
+# the long run of the reliability suite (docs/reliability.md): thousands of fuzzed requests, real
+# sockets that stop reading; prints one RELIABILITY line per run
+reliability: setup
+	KVGATE_RELIABILITY=long $(PY) -m pytest -q -s tests/test_reliability.py tests/test_store_disk_open.py \
+		--timeout 3600 | grep -E "^RELIABILITY|passed|failed"
 
 bench-store: setup
 	$(PY) -m store.bench

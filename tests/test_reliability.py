@@ -219,8 +219,10 @@ async def test_a_disconnect_storm_leaves_no_block_locked(make_client):
 async def test_slow_clients_hold_nothing_and_others_are_served(make_client, monkeypatch):
     """Bodies that trickle in time out (408) holding no slot; readers that stall are cut off
     and aborted; normal requests meanwhile all succeed."""
-    client = await make_client(server={"body_timeout_s": 0.5, "write_timeout_s": 0.3,
-                                       "max_concurrent_sequences": 8, "max_sequences_per_request": 4})
+    client = await make_client(server={"body_timeout_s": 0.5, "write_timeout_s": 1.0 if LONG else 0.3,
+                                       "max_concurrent_sequences": 128 if LONG else 8,
+                                       "max_sequences_per_request": 4},
+                               engine={"max_num_seqs": 128, "check_integrity": not LONG})
     port = client.server.port
     stalled_marker = "please stall me"
     if not LONG:      # the drain that never completes, for SSE of marked requests (see below for real sockets)

@@ -16,7 +16,7 @@ import msgpack
 import pytest
 import torch
 
-from store import lmdb_env
+from store import Tier, lmdb_env
 from store.disk import DiskTier
 from store.keys import chain_key
 from store.lmdb_env import CLEAN_FILE, MARK_KEY
@@ -259,3 +259,24 @@ def test_a_fresh_tier_carries_the_mark_and_a_clean_close_mark(tmp_path):
     env.close()
     assert (tmp_path / "kv" / CLEAN_FILE).exists()
     assert lmdb_env.check_file(str(tmp_path / "kv")) is None
+
+
+async def test_a_block_whose_record_cannot_be_encoded_is_skipped_and_the_rest_persists(tmp_path):
+    """Defence behind the priority bounds: a record that cannot be encoded (a priority past 64
+    bits reached the index) costs that record, not the eviction or the shutdown's persist."""
+    store = make_store(tmp_path, gpu=6, host=3, disk_blocks=64)
+    run_request(store, 1, prompt(1))
+    run_request(store, 2, prompt(2))
+    bad = store.match(store.root_key(), prompt(2)).nodes
+    for n in bad:
+        n.priority = 2**70                       # what admit now refuses
+    for i in range(3, 6):                        # evictions push blocks through host to disk
+        run_request(store, i, prompt(i))
+    assert store.persist() > 0
+    await store.flush()
+    store.check_integrity()
+    store.close()
+    again = make_store(tmp_path, gpu=6, host=3, disk_blocks=64)
+    assert again.match(again.root_key(), prompt(1)).tiers == (Tier.DISK,) * 3
+    assert again.match(again.root_key(), prompt(2)).tiers == ()
+    again.close()
