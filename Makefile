@@ -32,8 +32,8 @@ test: setup
 # the long run of the reliability suite (docs/reliability.md): thousands of fuzzed requests, real
 # sockets that stop reading; prints one RELIABILITY line per run
 reliability: setup
-	KVGATE_RELIABILITY=long $(PY) -m pytest -q -s tests/test_reliability.py tests/test_store_disk_open.py \
-		--timeout 3600 | grep -E "^RELIABILITY|passed|failed"
+	bash -o pipefail -c 'KVGATE_RELIABILITY=long $(PY) -m pytest -q -s tests/test_reliability.py \
+		tests/test_store_disk_open.py --timeout 3600 | grep -E "^RELIABILITY|passed|failed"'
 
 bench-store: setup
 	$(PY) -m store.bench
