@@ -47,6 +47,10 @@ class _Common(BaseModel):
     def stop_strings(self) -> tuple[str, ...]:
         return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
 
+    def num_sequences(self) -> int:
+        """Sequences this request generates: prompts x n."""
+        return self.n
+
 
 class ContentPart(BaseModel):
     model_config = ConfigDict(extra="ignore")
@@ -81,8 +85,9 @@ class CompletionRequest(_Common):
     def _null_is_the_default(cls, v: int | None) -> int:
         return DEFAULT_COMPLETION_TOKENS if v is None else v
 
-    def num_prompts(self) -> int:
-        return len(self.prompt) if isinstance(self.prompt, list) and isinstance(self.prompt[0], str) else 1
+    def num_sequences(self) -> int:
+        texts = isinstance(self.prompt, list) and isinstance(self.prompt[0], str)
+        return (len(self.prompt) if texts else 1) * self.n
 
 
 def usage(prompt_tokens: int, completion_tokens: int, cached: dict[Tier, int]) -> dict:

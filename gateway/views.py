@@ -42,7 +42,7 @@ async def _generate(request: web.Request, schema, prompts_of: Callable, kind: st
         raise APIError(404, f"The model `{req.model}` does not exist", "invalid_request_error",
                        "model", "model_not_found")
     priority = _priority(req, request[TENANT])
-    need = getattr(req, "num_prompts", lambda: 1)() * req.n
+    need = req.num_sequences()
     if need > server.max_sequences_per_request:
         raise APIError(400, f"this request asks for {need} sequences (prompts x n); the limit is "
                        f"{server.max_sequences_per_request}", "invalid_request_error", "n")
