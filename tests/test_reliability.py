@@ -163,22 +163,24 @@ async def post_and_check(client, tally, path: str, body: bytes, headers: dict | 
     assert leaked == 0, body[:300]
 
 
+async def fuzz_case(fuzzed, path: str, body: bytes, headers: dict | None = None, cases: int = FUZZ_CASES,
+                    name: str = "") -> None:
+    client, tally = fuzzed
+    await post_and_check(client, tally, path, body, headers)
+    if tally["cases"] == cases:
+        report(f"fuzz {name or path}", **tally)
+
+
 @FUZZ
 @given(body=CHAT)
 async def test_fuzzed_chat_completions(fuzzed, body):
-    client, tally = fuzzed
-    await post_and_check(client, tally, "/v1/chat/completions", json.dumps(body).encode())
-    if tally["cases"] == FUZZ_CASES:
-        report("fuzz /v1/chat/completions", **tally)
+    await fuzz_case(fuzzed, "/v1/chat/completions", json.dumps(body).encode())
 
 
 @FUZZ
 @given(body=COMPLETION)
 async def test_fuzzed_completions(fuzzed, body):
-    client, tally = fuzzed
-    await post_and_check(client, tally, "/v1/completions", json.dumps(body).encode())
-    if tally["cases"] == FUZZ_CASES:
-        report("fuzz /v1/completions", **tally)
+    await fuzz_case(fuzzed, "/v1/completions", json.dumps(body).encode())
 
 
 @settings(FUZZ, max_examples=FUZZ_CASES // 2)
@@ -186,14 +188,11 @@ async def test_fuzzed_completions(fuzzed, body):
        charset=st.sampled_from([None, "utf-8", "latin-1", "nope"]),
        encoding=st.sampled_from([None, "gzip", "deflate", "br", "identity"]))
 async def test_fuzzed_bytes_and_headers(fuzzed, raw, charset, encoding):
-    client, tally = fuzzed
     headers = {"Content-Type": "application/json" + (f"; charset={charset}" if charset else "")}
     if encoding:
         headers["Content-Encoding"] = encoding
     path = random.Random(len(raw)).choice(["/v1/chat/completions", "/v1/completions"])
-    await post_and_check(client, tally, path, raw, headers)
-    if tally["cases"] == FUZZ_CASES // 2:
-        report("fuzz raw bytes and headers", **tally)
+    await fuzz_case(fuzzed, path, raw, headers, FUZZ_CASES // 2, "raw bytes and headers")
 
 
 # ---- disconnects and slow clients -------------------------------------------------------------
