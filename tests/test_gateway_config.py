@@ -57,6 +57,15 @@ def test_set_overrides_take_toml_values_or_bare_strings(tmp_path):
     ({"tenants": [{"name": "a", "api_key": "k"}, {"name": "a", "api_key": "j"}]}, "distinct names"),
     ({"tenants": [{"name": "a", "api_key": "k"}, {"name": "b", "api_key": "k"}]}, "distinct api keys"),
     ({"tenants": {"name": "a"}}, "array of tables"),
+    ({"tenants": [{"name": "a", "api_key": "k", "priority": 3, "max_priority": 2}]},
+     r"tenants\[a\].max_priority must be >= its priority \(3\)"),
+    ({"tenants": [{"name": "a", "api_key": "k", "priority": 2**40}]}, r"tenants\[a\].priority must be an int in"),
+    ({"server": {"admin_api_key": "k"}, "tenants": [{"name": "a", "api_key": "k"}]},
+     "server.admin_api_key must be a key no tenant has"),
+    ({"server": {"admin_api_key": "k", "admin_api_key_env": "HOME"}}, "server.admin_api_key must be unset"),
+    ({"server": {"max_concurrent_sequences": 8, "max_sequences_per_request": 9}},
+     "server.max_sequences_per_request must be an int in 1..server.max_concurrent_sequences"),
+    ({"server": {"body_timeout_s": 0}}, "server.body_timeout_s must be a number of seconds > 0"),
     ({"server": 5}, r"\[server\] must be a table"),
 ])
 def test_config_errors_name_the_key(doc, message):
