@@ -366,7 +366,7 @@ async def test_a_poisoned_request_fails_alone_beside_other_tenants_streams(make_
 
 # ---- the real server: kill -9, a damaged tier, a full disk --------------------------------------
 
-SMALL_TIERS = ("store.gpu.num_blocks=48", "store.host.num_blocks=24")
+SMALL_TIERS = ("store.gpu.num_blocks=32", "store.host.num_blocks=16")   # 10 documents do not fit
 
 
 def ask(port: int, question: str):
