@@ -39,9 +39,13 @@ def fingerprint(config, weights: str, dtype: torch.dtype, block_size: int) -> st
     return hashlib.sha256(blob.encode()).hexdigest()[:32]
 
 
+def weight_files(path: str) -> list[str]:
+    return sorted(glob.glob(os.path.join(path, "*.safetensors")) + glob.glob(os.path.join(path, "*.bin")))
+
+
 def weights_identity(path: str) -> str:
     """A digest of every weight file in the model directory `path` (cached, see above)."""
-    files = sorted(glob.glob(os.path.join(path, "*.safetensors")) + glob.glob(os.path.join(path, "*.bin")))
+    files = weight_files(path)
     cache_file, cache = _read_cache(path)
     digests, todo = {}, []
     for f in files:
@@ -128,7 +132,7 @@ def main() -> None:
     parser.add_argument("path", help="a model directory (its *.safetensors / *.bin files are hashed)")
     parser.add_argument("--cold", action="store_true", help="evict the files from the page cache first")
     args = parser.parse_args()
-    files = sorted(glob.glob(os.path.join(args.path, "*.safetensors")) + glob.glob(os.path.join(args.path, "*.bin")))
+    files = weight_files(args.path)
     size = sum(os.path.getsize(f) for f in files)
     for f in _cache_paths(args.path):
         if os.path.isfile(f):

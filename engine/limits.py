@@ -14,9 +14,11 @@ N_MAX = 128                # choices per prompt (OpenAI's bound)
 MAX_TOKENS_MAX = 2**31 - 1 # the context length bounds it further
 STOP_MAX = 16              # stop strings per request
 STOP_TOKEN_IDS_MAX = 1024
+TOKEN_ID_MAX = 2**31 - 1   # token ids in prompts and stop_token_ids (the vocabulary bounds prompts)
+GENERATOR_SEEDS = 2**64    # torch's generator seeds are [0, 2**64)
 
 
 def generator_seed(seed: int, choice: int) -> int:
     """The generator seed of choice `choice` of a request seeded with `seed`: seed + choice,
-    wrapped into torch's accepted range [0, 2**64)."""
-    return (seed + choice) % 2**64
+    wrapped into torch's accepted range [0, GENERATOR_SEEDS)."""
+    return (seed + choice) % GENERATOR_SEEDS

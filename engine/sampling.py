@@ -36,10 +36,10 @@ class SamplingParams:
         _check(_is_number(self.top_p) and 0.0 < self.top_p <= 1.0, "top_p", "a number in (0, 1]")
         _check(_is_int(self.top_k) and 0 <= self.top_k <= limits.TOP_K_MAX, "top_k",
                f"an int in [0, {limits.TOP_K_MAX}] (0 = off)")
-        _check(self.seed is None or (_is_int(self.seed) and 0 <= self.seed < 2**64), "seed",
+        _check(self.seed is None or (_is_int(self.seed) and 0 <= self.seed < limits.GENERATOR_SEEDS), "seed",
                "an int in [0, 2**64)")
         _check(len(self.stop_token_ids) <= limits.STOP_TOKEN_IDS_MAX
-               and all(_is_int(t) and 0 <= t < 2**31 for t in self.stop_token_ids), "stop_token_ids",
+               and all(_is_int(t) and 0 <= t <= limits.TOKEN_ID_MAX for t in self.stop_token_ids), "stop_token_ids",
                f"at most {limits.STOP_TOKEN_IDS_MAX} non-negative ints")
         _check(all(isinstance(s, str) and s for s in self.stop) and len(self.stop) <= limits.STOP_MAX,
                "stop", f"at most {limits.STOP_MAX} non-empty strings")
@@ -101,7 +101,6 @@ def _draw(logits: torch.Tensor, p: SamplingParams, generator: torch.Generator | 
         drop = probs.cumsum(-1) - probs >= p.top_p
         drop[0] = False
         scores = torch.empty_like(scores).scatter_(0, order, sorted_scores.masked_fill(drop, float("-inf")))
-    probs = torch.nan_to_num(scores.softmax(-1), nan=0.0)
+    probs = scores.softmax(-1)     # all NaN if a score overflowed to +inf or none is finite
     argmax = torch.zeros_like(probs).scatter_(0, logits.argmax().view(1), 1.0)
-    valid = torch.isfinite(scores).any() & ~torch.isposinf(scores).any() & (probs.sum() > 0)
-    return torch.multinomial(torch.where(valid, probs, argmax), 1, generator=generator)[0]
+    return torch.multinomial(torch.where(probs.isfinite().all(), probs, argmax), 1, generator=generator)[0]

@@ -1,8 +1,8 @@
 """From a validated OpenAI request to engine submissions, and back.
 
 A request becomes one engine request per choice (each prompt x `n`). All are validated before
-any runs; their streams are merged, and leaving the merged stream (the client went away, an
-error) aborts every one of them.
+any runs; their streams are merged. The handler that submitted them ends them all (aborting the
+unfinished) however it leaves: gateway/views.py, `_generate`.
 """
 from __future__ import annotations
 
@@ -102,7 +102,8 @@ def submit(engine: Engine, choices: list[Choice], priority: int, namespace: str)
 
 
 async def merged(choices: list[Choice]) -> AsyncIterator[tuple[Choice, RequestOutput]]:
-    """Outputs of all choices as they come. Leaving early aborts every unfinished choice."""
+    """Outputs of all choices as they come. Leaving early stops reading them (the caller ends
+    the choices themselves)."""
     queue: asyncio.Queue[tuple[Choice, RequestOutput | None]] = asyncio.Queue()
 
     async def pump(c: Choice) -> None:
@@ -128,9 +129,7 @@ async def merged(choices: list[Choice]) -> AsyncIterator[tuple[Choice, RequestOu
                 running -= 1
             else:
                 yield c, out
-    finally:     # abort first, before any await: a cancellation (the client went away) must not skip it
-        for c in choices:
-            c.stream.close()
+    finally:
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)

@@ -17,7 +17,7 @@ from engine import limits
 from store import Tier
 
 Number = StrictInt | StrictFloat
-TokenId = Annotated[StrictInt, Field(ge=0, le=2**31 - 1)]
+TokenId = Annotated[StrictInt, Field(ge=0, le=limits.TOKEN_ID_MAX)]
 DEFAULT_COMPLETION_TOKENS = 16      # OpenAI's default for /v1/completions
 
 

@@ -268,7 +268,7 @@ class DiskTier:
             self._writes_paused_until = time.monotonic() + self.write_retry_s
             if self._write_failure is None:
                 log.error("disk tier %s: writes failing (%s); refusing new writes for %g s at a time "
-                          "until one succeeds (counted in kvgate_disk_ops)", self.path, failure,
+                          "until one succeeds (counted in kvgate_disk_operations_total)", self.path, failure,
                           self.write_retry_s)
             self._write_failure = failure
         elif self._write_failure is not None and any(v is not None for _, v in batch):
@@ -352,12 +352,13 @@ class DiskTier:
     def _close_env(self) -> None:
         try:
             self._env.sync(True)
+            clean = True
         except lmdb.Error as e:          # a full disk: the next start walks the file first
             log.error("disk tier %s: final sync failed: %s", self.path, e)
-            self._env.close()
-            return
+            clean = False
         self._env.close()
-        mark_clean(self.path)
+        if clean:
+            mark_clean(self.path)
 
     def check_integrity(self) -> None:
         assert self.used_bytes == sum(self.sizes.values()), "disk bytes drifted"
