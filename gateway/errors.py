@@ -23,12 +23,8 @@ class APIError(Exception):
         self.headers = headers or {}
 
     def response(self) -> web.Response:
-        headers = {k: v for k, v in self.headers.items() if k.lower() != "connection"}
-        resp = web.json_response(error_body(self.message, self.type, self.param, self.code),
-                                 status=self.status, headers=headers)
-        if self.headers.get("Connection", "").lower() == "close":
-            resp.force_close()     # the connection is in no state for another request
-        return resp
+        return web.json_response(error_body(self.message, self.type, self.param, self.code),
+                                 status=self.status, headers=self.headers)
 
 
 class ClientGone(Exception):
@@ -66,8 +62,9 @@ async def error_middleware(request: web.Request, handler) -> web.StreamResponse:
 
 
 def _unread_body_closes(request: web.Request, resp: web.Response) -> web.Response:
-    """An error answered before the body was read (auth, limits) closes the connection: the
-    rest of that body, maybe not even decodable, is not worth reading to keep it alive."""
+    """An error answered before the whole body was read (auth, a body that timed out or does not
+    decode) closes the connection: the rest of that body, maybe not even decodable, is not
+    worth reading to keep it alive."""
     if request.body_exists and not request.content.is_eof():
         resp.force_close()
     return resp
@@ -81,5 +78,6 @@ async def expect_continue(request: web.Request) -> web.StreamResponse | None:
         await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         request.writer.output_size = 0       # the response proper has not started
         return None
-    return APIError(417, f"unsupported Expect header: {expect!r}", "invalid_request_error",
-                    headers={"Connection": "close"}).response()
+    resp = APIError(417, f"unsupported Expect header: {expect!r}", "invalid_request_error").response()
+    resp.force_close()         # the body it announced may follow: this connection is done
+    return resp

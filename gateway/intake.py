@@ -27,11 +27,10 @@ async def read_body(request: web.Request, timeout_s: float) -> bytes:
         body = await asyncio.wait_for(request.read(), timeout_s)
     except asyncio.TimeoutError:
         raise APIError(408, f"the request body did not arrive within {timeout_s:g} s",
-                       "invalid_request_error", code="request_timeout", headers={"Connection": "close"}) from None
+                       "invalid_request_error", code="request_timeout") from None
     except web.RequestPayloadError as e:      # a Content-Encoding that does not decode, a broken chunk
         detail = str(e).split("message:", 1)[-1].strip() or "malformed payload"
-        raise APIError(400, f"the body could not be read: {detail}", "invalid_request_error",
-                       headers={"Connection": "close"}) from None
+        raise APIError(400, f"the body could not be read: {detail}", "invalid_request_error") from None
     charset = request.charset
     if charset and charset.lower().replace("_", "-") not in ("utf-8", "utf8"):
         raise APIError(415, f"the body must be UTF-8 JSON; charset={charset} is not supported",
