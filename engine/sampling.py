@@ -88,8 +88,8 @@ def sample(logits: torch.Tensor, params: list[SamplingParams],
 def _draw(logits: torch.Tensor, p: SamplingParams, generator: torch.Generator | None) -> torch.Tensor:
     """logits: [V] -> a 0-d token id, on the device, without waiting for it. Whatever the
     numbers, multinomial gets a valid distribution (a device-side assert would end the whole
-    process's CUDA context): a temperature so small that scores overflow, or a top-p so small it
-    rounds to 0, leaves the argmax."""
+    process's CUDA context): non-finite logits (a model's numeric fault) leave the argmax, and a
+    top-p so small it rounds to 0 still keeps the most likely token."""
     scores = logits.float() / p.temperature
     if p.top_k and p.top_k < scores.numel():
         kth = torch.topk(scores, p.top_k).values[-1]

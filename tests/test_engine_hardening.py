@@ -25,21 +25,25 @@ def llama(model_root) -> str:
 def test_each_row_is_sampled_on_its_own():
     """On CUDA too (KVGATE_TEST_DEVICE=cuda): no row's numbers trip a device-side assert."""
     device = os.environ.get("KVGATE_TEST_DEVICE", "cpu")
-    logits = (torch.randn(5, 300) * 30).to(device)
+    logits = torch.randn(7, 300) * 30
+    logits[5] = float("nan")                 # a model's numeric fault, in a sampled row
+    logits[6, 7] = float("inf")
+    logits = logits.to(device)
     params = [SamplingParams(temperature=1e-38), SamplingParams(temperature=0.7, top_p=1e-46),
               SamplingParams(temperature=2.0, top_k=2**31 - 1), SamplingParams(temperature=0.0),
-              SamplingParams(temperature=0.9)]
+              SamplingParams(temperature=0.9), SamplingParams(temperature=0.5), SamplingParams(temperature=1e-4)]
 
     class Broken:            # a generator the device refuses: that row fails, no other
         pass
     seeded = [torch.Generator(device=device).manual_seed(s) for s in (1, 2)]
-    gens = [None, seeded[0], seeded[1], None, Broken()]
+    gens = [None, seeded[0], seeded[1], None, Broken(), None, None]
     tokens = sample(logits, params, gens)
     argmax = logits.argmax(-1).tolist()
     assert tokens[0] == argmax[0]            # below limits.GREEDY_BELOW: greedy
     assert tokens[1] == argmax[1]            # top_p that rounds to 0 keeps the most likely token
     assert 0 <= tokens[2] < 300 and tokens[3] == argmax[3]
     assert tokens[4] is None
+    assert 0 <= tokens[5] < 300 and tokens[6] == 7   # non-finite scores: the argmax, no exception
     assert SamplingParams(temperature=limits.GREEDY_BELOW / 2).greedy
     assert not SamplingParams(temperature=limits.GREEDY_BELOW).greedy
 
