@@ -11,12 +11,12 @@ from aiohttp import web
 from engine.engine import Engine
 from engine.model import LoadedModel, load_model
 from gateway import views
-from gateway.config import KvgateConfig
+from gateway.config import ConfigError, KvgateConfig
 from gateway.errors import error_middleware, expect_continue
 from gateway.keys import CONFIG, ENGINE, METRICS, STATE, ServerState
 from gateway.metrics import Metrics
 from gateway.middlewares import auth_middleware
-from store import StoreConfig
+from store import DiskTierError, StoreConfig
 
 log = logging.getLogger("kvgate.gateway")
 CPU_DEFAULT_GPU_BLOCKS = 2048
@@ -43,7 +43,10 @@ def _engine_ctx(loaded: LoadedModel | None):
     async def ctx(app: web.Application):
         config = app[CONFIG]
         model = loaded or await asyncio.to_thread(load_model, config.model, config.engine.block_size)
-        engine = Engine(model, config.engine, store_config(config, model))
+        try:
+            engine = Engine(model, config.engine, store_config(config, model))
+        except DiskTierError as e:     # a directory that cannot be made, or moved aside when damaged
+            raise ConfigError(f"store.disk.path: {e}") from None
         app[ENGINE] = engine
         app[METRICS] = Metrics(engine)
         await engine.start()

@@ -48,10 +48,12 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"kvgate: configuration error: {e}", file=sys.stderr)
         return 2
-    app = init_app(config)
-    server = config.server
-    print(f"kvgate: serving {config.model.path} on http://{server.host}:{server.port}", flush=True)
-    run(app, config.server.host, config.server.port)
+    try:
+        run(init_app(config), config.server.host, config.server.port,
+            banner=f"kvgate: serving {config.model.path} on http://{config.server.host}:{config.server.port}")
+    except ConfigError as e:       # found while starting: the disk tier's directory
+        print(f"kvgate: configuration error: {e}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -58,9 +58,10 @@ def make_runner(app: web.Application, **kwargs) -> web.AppRunner:
     return _Runner(app, **{"handler_cancellation": True, **kwargs})
 
 
-async def serve(app: web.Application, host: str, port: int) -> None:
+async def serve(app: web.Application, host: str, port: int, banner: str = "") -> None:
     """Serve `app` until SIGINT or SIGTERM, then shut down gracefully (the app's shutdown and
-    cleanup: no new requests, streams end, the engine writes its cache to the disk tier)."""
+    cleanup: no new requests, streams end, the engine writes its cache to the disk tier).
+    `banner` is printed once the engine has started and the port is open."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -69,10 +70,12 @@ async def serve(app: web.Application, host: str, port: int) -> None:
     await runner.setup()
     try:
         await web.TCPSite(runner, host, port).start()
+        if banner:
+            print(banner, flush=True)
         await stop.wait()
     finally:
         await runner.cleanup()
 
 
-def run(app: web.Application, host: str, port: int) -> None:
-    asyncio.run(serve(app, host, port))
+def run(app: web.Application, host: str, port: int, banner: str = "") -> None:
+    asyncio.run(serve(app, host, port, banner))

@@ -88,3 +88,13 @@ def test_cli_reports_config_errors_and_exits_2(tmp_path, capsys):
     (tmp_path / "broken.toml").write_text("[server\n")
     assert main(["serve", "--config", str(tmp_path / "broken.toml")]) == 2
     assert "not valid TOML" in capsys.readouterr().err
+
+
+def test_a_disk_tier_that_cannot_be_made_is_one_line_and_exit_2(tmp_path, capsys):
+    (tmp_path / "a-file").write_text("not a directory")
+    code = main(["serve", "--port", "8", "--set", 'model.device="cpu"', "--set", "store.host.num_blocks=8",
+                 "--set", f"store.disk.path={tmp_path / 'a-file' / 'kv'}", "--set", "store.disk.max_bytes=1000000"])
+    out = capsys.readouterr()
+    assert code == 2 and "serving" not in out.out
+    lines = out.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("kvgate: configuration error: store.disk.path: cannot open")
