@@ -9,10 +9,10 @@ Workloads (token ids drawn from a seeded generator, greedy, output length forced
   gsp      G groups x 16 requests: a 2048-token group prefix + 128 unique tokens; 128 out
   unique   64 prompts of 2176 random tokens; 128 out
   decode1  one 2048-token prompt; 128 out
-  chat, chat-overflow, restart: see engine/bench_tiers.py
+  chat, chat-overflow, restart, chat-think: see engine/bench_tiers.py
 --scale multiplies the number of requests (G = max(1, round(8 * scale)) on GPU, 1 on CPU; chat
-users 16 x scale, chat-overflow users 32 x scale). kvgate runs each workload on a fresh engine
-(cold cache). The peer: transformers' continuous batching (`generate_batch`) for gsp and unique,
+users 16 x scale, chat-overflow users 32 x scale, chat-think users 64 x scale). kvgate runs each
+workload on a fresh engine (cold cache). The peer: transformers' continuous batching (`generate_batch`) for gsp and unique,
 and plain `generate` for decode1, in this process on the same weights, or with --peer-script the
 shared hf_peer.py in its own process before kvgate's runs (the side-by-side table of a device run).
 """
@@ -232,6 +232,10 @@ async def main_async(a: argparse.Namespace) -> list[dict]:
         elif name == "chat-overflow":
             record(name, await bench_tiers.chat_overflow(fresh_engine, vocab, max(2, round(32 * a.scale)),
                                                          a.block_size, a.length))
+        elif name == "chat-think":
+            rows_ = await bench_tiers.chat_think(fresh_engine, vocab, max(2, round(64 * a.scale)), a.block_size,
+                                                 a.length, a.think_s, configs=a.think_configs)
+            record(name, rows_)
         elif name == "restart":
             record(name, await bench_tiers.restart(fresh_engine, vocab, max(1, round(8 * a.scale)),
                                                    a.gpu_blocks, a.length))
@@ -293,6 +297,45 @@ def print_table(rows: list[dict]) -> None:
                 for x in r["rounds"]))
 
 
+def print_think_table(rows: list[dict]) -> None:
+    rows = [r for r in rows if r["workload"] == "chat-think"]
+    if not rows:
+        return
+    gpu = next((r for r in rows if r["config"] == "gpu"), None)
+    print(f"\nchat-think, rounds >= 2 (think {rows[0]['think_s']} s mean)\n{'config':<16} {'TTFT p50':>9} "
+          f"{'p90':>8} {'÷ gpu':>6} {'queue p50':>9} {'out tok/s':>9} {'cached gpu/host/disk':>21} {'preempt':>7} "
+          f"{'disk writes':>11} {'skipped':>8} {'recomputed':>10} {'schedule s':>10}")
+    for r in rows:
+        ratio = f"{r['ttft_later_p50_s'] / gpu['ttft_later_p50_s']:.2f}" if gpu else "-"
+        cached = "/".join(f"{v:.0%}" for v in r["cached_fraction"].values())
+        print(f"{r['config']:<16} {_ms(r['ttft_later_p50_s'])} {_ms(r['ttft_later_p90_s'])[1:]} {ratio:>6} "
+              f"{_ms(r['queue_later_p50_s'])} {r['out_tok_s']:>9} {cached:>21} {r['preemptions']:>7} "
+              f"{r['disk_writes']:>11} {sum(r['disk_writes_skipped'].values()):>8} {r['hits_recomputed']:>10} "
+              f"{r.get('schedule_s', '-'):>10}")
+
+
+def plot_rounds(rows: list[dict], directory: str) -> str:
+    """TTFT p50 per chat round, one line per configuration (needs matplotlib)."""
+    import os
+
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    os.makedirs(directory, exist_ok=True)
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for r in rows:
+        if r.get("rounds"):
+            ax.plot([x["round"] for x in r["rounds"]], [x["ttft_p50_s"] * 1e3 for x in r["rounds"]], marker="o",
+                    label=f"{r['workload']} {r.get('config', '')}")
+    ax.set_xlabel("chat round")
+    ax.set_ylabel("TTFT p50 (ms)")
+    ax.legend(fontsize=7)
+    path = os.path.join(directory, "chat_ttft_per_round.png")
+    fig.tight_layout()
+    fig.savefig(path)
+    return path
+
+
 def _ms(s: float | None) -> str:
     return f"{s * 1e3:7.0f}ms" if s is not None else f"{'-':>9}"
 
@@ -313,6 +356,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-fuse", dest="fuse", action="store_false", help="transformers' own decoder layers")
     p.add_argument("--length", type=float, default=1.0, help="multiplies every token count (tests)")
     p.add_argument("--disk-gib", type=int, default=32, help="disk tier cap for chat-overflow and restart")
+    p.add_argument("--think-s", type=float, default=5.0, help="chat-think: mean think time between turns")
+    p.add_argument("--think-configs", default="gpu,host,small-host+disk,host+disk",
+                   help="chat-think: tier configurations to run")
+    p.add_argument("--plots", default=None, help="write PNG plots (TTFT per chat round) to this directory")
     p.add_argument("--json", default=None)
     p.add_argument("--kernel", action="store_true", help="time the decode kernel alone (CUDA)")
     p.add_argument("--profile-step", action="store_true", help="time the parts of a decode step")
@@ -329,6 +376,12 @@ def main(argv: list[str] | None = None) -> None:
         return
     rows = asyncio.run(main_async(a))
     print_table(rows)
+    print_think_table(rows)
+    if a.plots:
+        try:
+            print("plot:", plot_rounds(rows, a.plots))
+        except ImportError:
+            print("plots skipped: install matplotlib (pip install matplotlib)", file=sys.stderr)
     if a.json:
         with open(a.json, "w") as f:
             json.dump(rows, f, indent=1)

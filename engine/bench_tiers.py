@@ -8,6 +8,9 @@
   restart        compute the gsp group prefixes, stop (the cache is persisted), start a new
                  engine on the same disk directory and send one new request per group; beside
                  a cold engine, and with `load_or_recompute` = "load" and "auto"
+  chat-think     chat users who think between turns (seeded exponential think time, mean
+                 `think_s`; first turns spread over one think period), the GPU pool a quarter of
+                 all histories; run GPU-only, + host, small host + disk, host + disk
 
 Each reports throughput, TTFT (p50, p99; per round for chat) and the cached fraction of
 prompt tokens per tier.
@@ -22,7 +25,7 @@ import tempfile
 import time
 from collections.abc import Awaitable, Callable
 
-from engine.bench import run_kvgate, summarize, timed_request
+from engine.bench import percentile, run_kvgate, summarize, timed_request
 from engine.engine import Engine
 from engine.sampling import SamplingParams
 from store import Tier
@@ -122,3 +125,91 @@ async def restart(factory: EngineFactory, vocab: int, groups: int, gpu_blocks: i
     finally:
         shutil.rmtree(disk, ignore_errors=True)
     return rows
+
+
+async def chat_think(factory: EngineFactory, vocab: int, users: int, block_size: int, length: float = 1.0,
+                     think_s: float = 5.0, seed: int = 0, configs: str = "gpu,host,small-host+disk,host+disk"
+                     ) -> list[dict]:
+    """One row per tier configuration: TTFT p50/p90 of rounds >= 2 (and of each round), queue
+    time, throughput, cached fraction per tier, preemptions, disk writes and hits recomputed."""
+    n = lambda x: max(1, round(x * length))  # noqa: E731
+    per_user = math.ceil((n(CONTEXT) + ROUNDS * (n(TURN) + n(ANSWER))) / block_size)
+    total = users * per_user
+    gpu = max(total // 4, 2 * per_user)          # all histories together: >= 4x the GPU pool
+    sizes = {"gpu": (0, False), "host": (total + gpu, False), "small-host+disk": (gpu // 2, True),
+             "host+disk": (total + gpu, True)}
+    rows = []
+    for config in configs.split(","):
+        host, with_disk = sizes[config]
+        disk = tempfile.mkdtemp(prefix="kvgate-bench-") if with_disk else ""
+        try:
+            engine = await factory(gpu_blocks=gpu, host_blocks=host, disk_path=disk)
+            loop_time = _time_schedule(engine)
+            row = await _think_users(engine, vocab, users, n, think_s, seed)
+            row.update(schedule_s=round(loop_time["schedule"], 3), steps=loop_time["steps"])
+            stats = engine.store.stats()
+            row.update(config=config, gpu_blocks=gpu, host_blocks=host, conversation_blocks=total,
+                       preemptions=engine.scheduler.num_preemptions,
+                       hits_recomputed=sum(engine.costs.recomputed_blocks.values()),
+                       disk_writes=stats.disk.writes if stats.disk else 0,
+                       disk_writes_skipped=dict(stats.writes_skipped, queue_full=stats.disk.pending_full,
+                                                paused=stats.disk.writes_paused) if stats.disk else {})
+            await engine.stop(persist=False)
+        finally:
+            if disk:
+                shutil.rmtree(disk, ignore_errors=True)
+        rows.append(row)
+    return rows
+
+
+def _time_schedule(engine: Engine) -> dict:
+    """Seconds the event loop spends in `Scheduler.schedule` (admission, promotions, evictions,
+    disk write queueing), summed over the run: where a tier's bookkeeping would cost."""
+    spent = {"schedule": 0.0, "steps": 0}
+    schedule = engine.scheduler.schedule
+
+    def timed():
+        start = time.perf_counter()
+        try:
+            return schedule()
+        finally:
+            spent["schedule"] += time.perf_counter() - start
+            spent["steps"] += 1
+    engine.scheduler.schedule = timed
+    return spent
+
+
+async def _think_users(engine: Engine, vocab: int, users: int, n, think_s: float, seed: int) -> dict:
+    params = SamplingParams(max_tokens=n(ANSWER), temperature=0.0, ignore_eos=True)
+
+    async def user(u: int) -> list[tuple[int, float, tuple]]:
+        rng = random.Random(f"chat-think-{seed}-{u}")
+        history = [rng.randrange(vocab) for _ in range(n(CONTEXT))]
+        await asyncio.sleep(rng.uniform(0, think_s))             # arrivals spread over one period
+        turns = []
+        for r in range(1, ROUNDS + 1):
+            history += [rng.randrange(vocab) for _ in range(n(TURN))]
+            stream = engine.submit(history, params)
+            start, stamps, tokens, last = time.perf_counter(), [], [], None
+            async for out in stream:
+                stamps += [time.perf_counter()] * len(out.token_ids)
+                tokens += out.token_ids
+                last = out
+            turns.append((r, last.queued_s, (stamps[0] - start, stamps, last.cached_tokens,
+                                             last.prompt_tokens, tokens)))
+            history += tokens
+            await asyncio.sleep(rng.expovariate(1 / think_s) if think_s > 0 else 0)
+        return turns
+
+    start = time.perf_counter()
+    turns = [t for per_user in await asyncio.gather(*(user(u) for u in range(users))) for t in per_user]
+    row = summarize([t[2] for t in turns], time.perf_counter() - start)
+    later = sorted(t[2][0] for t in turns if t[0] >= 2)
+    queued = sorted(t[1] for t in turns if t[0] >= 2)
+    row.update(ttft_later_p50_s=round(percentile(later, 50), 4), ttft_later_p90_s=round(percentile(later, 90), 4),
+               queue_later_p50_s=round(percentile(queued, 50), 4), think_s=think_s, rounds=[])
+    for r in range(1, ROUNDS + 1):
+        of_round = summarize([t[2] for t in turns if t[0] == r], 1.0)
+        row["rounds"].append(dict(round=r, ttft_p50_s=of_round["ttft_p50_s"],
+                                  cached_fraction=of_round["cached_fraction"]))
+    return row

@@ -312,7 +312,7 @@ class Engine:
     def _output(self, seq: Sequence, tokens: list[int], text: str, reason: str | None) -> RequestOutput:
         cached = seq.cached_tokens or {t: 0 for t in Tier}
         return RequestOutput(seq.request_id, tokens, text, reason, seq.prompt_len, seq.num_generated,
-                             dict(cached))
+                             dict(cached), seq.queued_s)
 
     # ---- introspection ----------------------------------------------------------------------
 

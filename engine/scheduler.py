@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import heapq
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -161,6 +162,7 @@ class Scheduler:
                     seq.num_computed = blocks.num_cached_tokens
                     if seq.cached_tokens is None:
                         seq.cached_tokens = _cached_by_tier(seq.found, blocks.tiers, self.store.block_size)
+                        seq.queued_s = time.monotonic() - seq.submitted_at
                 break
             except OutOfBlocks:
                 less_urgent = [c for c in chunks if c.seq.urgency() > seq.urgency()]

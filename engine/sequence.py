@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -30,6 +31,7 @@ class RequestOutput:
     prompt_tokens: int
     completion_tokens: int
     cached_tokens: dict[Tier, int]
+    queued_s: float | None = None         # from submission to first admission (None until then)
 
     @property
     def num_cached_tokens(self) -> int:
@@ -54,6 +56,8 @@ class Sequence:
     prefetched: bool = False          # a prefetch was started (at most one per request)
     max_tier: Tier = Tier.HOST        # cached blocks in slower tiers are recomputed (engine/costs.py)
     cached_tokens: dict[Tier, int] | None = None   # set at first admission
+    submitted_at: float = field(default_factory=time.monotonic)
+    queued_s: float | None = None                  # submission to first admission
     prompt_keys: list[bytes] | None = None         # keys of the prompt's full blocks (the scheduler's)
     finish_reason: str | None = None
     outputs: asyncio.Queue[RequestOutput] = field(default_factory=asyncio.Queue)

@@ -15,6 +15,7 @@ from typing import Any
 
 from engine import limits
 from engine.config import EngineConfig, ModelConfig
+from store import WRITE_POLICIES
 
 
 class ConfigError(ValueError):
@@ -64,20 +65,33 @@ class GpuTierConfig:
 
 @dataclass(frozen=True)
 class HostTierConfig:
-    num_blocks: int = 0            # 0 = no host tier
+    enabled: bool = True           # false = no host tier
+    num_blocks: int = 0            # 0 = automatic: memory_fraction of the available memory
+    memory_fraction: float = 0.2   # of the memory available at start-up (automatic size only)
 
     def __post_init__(self) -> None:
-        _require(self.num_blocks >= 0, "store.host.num_blocks", "an int >= 0 (0 = no host tier)")
+        _require(self.num_blocks >= 0, "store.host.num_blocks", "an int >= 0 (0 = automatic)")
+        _require(0.0 < self.memory_fraction <= 0.9, "store.host.memory_fraction", "a float in (0, 0.9]")
+
+
 
 
 @dataclass(frozen=True)
 class DiskTierConfig:
-    path: str = ""                 # "" = no disk tier
-    max_bytes: int = 0
+    enabled: bool = True           # false = no disk tier
+    path: str = ""                 # "" = the user cache directory, one tier per model fingerprint
+    max_bytes: int = 0             # 0 = automatic: free_space_fraction of the free space
+    free_space_fraction: float = 0.25   # of the free space at start-up (automatic size only)
+    write_policy: str = "auto"    # which blocks leaving the host tier are written (docs/store.md)
 
     def __post_init__(self) -> None:
-        _require(not self.path or self.max_bytes > 0, "store.disk.max_bytes",
-                 "an int > 0 when store.disk.path is set")
+        _require(self.max_bytes >= 0, "store.disk.max_bytes", "an int >= 0 (0 = automatic)")
+        _require(0.0 < self.free_space_fraction <= 0.9, "store.disk.free_space_fraction",
+                 "a float in (0, 0.9]")
+        _require(self.write_policy in WRITE_POLICIES, "store.disk.write_policy",
+                 f"one of {', '.join(WRITE_POLICIES)}")
+        _require(self.enabled or not self.path, "store.disk.path",
+                 "unset when store.disk.enabled = false (or enable the tier)")
 
 
 @dataclass(frozen=True)
@@ -128,9 +142,6 @@ class KvgateConfig:
         _require(len(set(keys)) == len(keys), "tenants", "tenants with distinct api keys")
         _require(not self.server.admin_key or self.server.admin_key not in keys, "server.admin_api_key",
                  "a key no tenant has")
-        _require(not self.store.disk.path or self.store.host.num_blocks > 0, "store.host.num_blocks",
-                 "> 0 when store.disk.path is set (disk reads are staged through the host tier; give it "
-                 "at least the blocks of the longest prefix you want back from disk)")
 
 
 SECTIONS = {"server": ServerConfig, "model": ModelConfig, "engine": EngineConfig,

@@ -8,6 +8,7 @@ from aiohttp import web
 from engine.engine import Engine
 from gateway.config import KvgateConfig
 from gateway.metrics import Metrics
+from gateway.tiers import TierReport
 
 
 @dataclass
@@ -21,5 +22,6 @@ CONFIG = web.AppKey("config", KvgateConfig)
 ENGINE = web.AppKey("engine", Engine)
 METRICS = web.AppKey("metrics", Metrics)
 STATE = web.AppKey("state", ServerState)
+TIERS = web.AppKey("tiers", list[TierReport])   # what each KV tier got at start-up
 # request key: the TenantConfig, or None without tenants (aiohttp < 3.14 has no RequestKey)
 TENANT = web.RequestKey("tenant", object) if hasattr(web, "RequestKey") else "kvgate.tenant"

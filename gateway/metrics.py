@@ -7,18 +7,19 @@ from __future__ import annotations
 
 import dataclasses
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from engine.engine import Engine
 from engine.sequence import RequestOutput
+from gateway.tiers import TierReport
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 _TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28)
 
 
 class Metrics:
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, tiers: list[TierReport] = ()) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
         self.prompt_tokens = Counter("kvgate_prompt_tokens", "Prompt tokens of finished requests", registry=r)
@@ -29,9 +30,17 @@ class Metrics:
                                       registry=r)
         self.ttft = Histogram("kvgate_time_to_first_token_seconds", "Time from arrival to the first token",
                               buckets=_LATENCY_BUCKETS, registry=r)
+        self.queue_time = Histogram("kvgate_request_queue_time_seconds", "Time from arrival in the engine to "
+                                    "admission (its KV blocks granted)", buckets=_LATENCY_BUCKETS, registry=r)
         self.tpot = Histogram("kvgate_time_per_output_token_seconds", "Mean time per output token after "
                               "the first, per request", buckets=_TPOT_BUCKETS, registry=r)
         r.register(_EngineCollector(engine))
+        enabled = Gauge("kvgate_tier_enabled", "1 if the KV tier is on, 0 if off (an off tier is not an "
+                        "empty one)", ["tier"], registry=r)
+        capacity = Gauge("kvgate_tier_capacity_bytes", "Bytes the KV tier got at start-up", ["tier"], registry=r)
+        for t in tiers:
+            enabled.labels(t.tier).set(int(t.enabled))
+            capacity.labels(t.tier).set(t.bytes)
 
     def finished(self, last: RequestOutput, ttft: float | None, decode_seconds: float) -> None:
         """Account one finished generation (one choice)."""
@@ -42,6 +51,8 @@ class Metrics:
         self.requests_total.labels(last.finish_reason or "unknown").inc()
         if ttft is not None:
             self.ttft.observe(ttft)
+        if last.queued_s is not None:
+            self.queue_time.observe(last.queued_s)
         if last.completion_tokens > 1:
             self.tpot.observe(decode_seconds / (last.completion_tokens - 1))
 
@@ -52,7 +63,7 @@ class Metrics:
 class _EngineCollector:
     """kvgate_blocks{tier,state} and kvgate_requests{state}, read at scrape time."""
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, tiers: list[TierReport] = ()) -> None:
         self.engine = engine
 
     def describe(self):
@@ -79,8 +90,18 @@ class _EngineCollector:
         for tier, n in costs.recomputed_blocks.items():
             recomputed.add_metric([tier.name.lower()], n)
         yield recomputed
-        disk = self.engine.store.stats().disk
+        stats = self.engine.store.stats()
+        disk = stats.disk
         if disk is not None:
+            skipped = CounterMetricFamily("kvgate_disk_writes_skipped", "Blocks that left the host tier without "
+                                          "being written, by reason (policy: the write policy; no_room: no room "
+                                          "in the host or disk tier; queue_full: the write queue full; paused: "
+                                          "writes paused after a failure)", labels=["reason"])
+            reasons = {"policy": 0, "no_room": 0, **stats.writes_skipped,
+                       "queue_full": disk.pending_full, "paused": disk.writes_paused}
+            for reason, n in reasons.items():
+                skipped.add_metric([reason], n)
+            yield skipped
             ops = CounterMetricFamily("kvgate_disk_operations", "Disk tier operations by outcome (writes_paused: "
                                       "puts refused while writes pause after a failure)", labels=["op"])
             for op, n in dataclasses.asdict(disk).items():

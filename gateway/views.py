@@ -15,7 +15,7 @@ from engine.sequence import RequestOutput
 from gateway import intake
 from gateway.errors import APIError, ClientGone
 from gateway.generation import Choice, chat_prompt, completion_prompts, merged, plan, submit
-from gateway.keys import CONFIG, ENGINE, METRICS, STATE, TENANT
+from gateway.keys import CONFIG, ENGINE, METRICS, STATE, TENANT, TIERS
 from gateway.protocol import ChatCompletionRequest, CompletionRequest, error_body, new_id, now, usage
 
 log = logging.getLogger("kvgate.gateway")
@@ -203,7 +203,8 @@ async def models(request: web.Request) -> web.Response:
 async def health(request: web.Request) -> web.Response:
     if request.app[STATE].stopping:
         return web.json_response({"status": "stopping"}, status=503)
-    return web.json_response({"status": "ok"})
+    tiers = {r.tier: {k: v for k, v in r.as_dict().items() if k != "path"} for r in request.app.get(TIERS, [])}
+    return web.json_response({"status": "ok", "tiers": tiers})
 
 
 async def metrics(request: web.Request) -> web.Response:

@@ -26,7 +26,7 @@ from store.disk import DiskTier
 from store.errors import OutOfBlocks
 from store.keys import chain_key, root_key, token_bytes
 from store.loader import DiskLoader
-from store.placement import Placement
+from store.placement import WRITE_POLICIES, Placement
 from store.pool import BlockLayout, BlockPool, Tier
 from store.radix import TIERS, Node, RadixIndex
 from store.stats import StoreStats, TierStats
@@ -42,6 +42,7 @@ class StoreConfig:
     host_blocks: int = 0
     disk_path: str = ""
     disk_max_bytes: int = 0
+    write_policy: str = "auto"   # which blocks leaving the host tier go to disk (Placement)
     staging_bytes: int = 64 << 20  # GPU staging buffer for copies to/from scattered GPU slots
 
     def __post_init__(self) -> None:
@@ -52,9 +53,20 @@ class StoreConfig:
             raise ValueError(f"store.host_blocks must be >= 0, got {self.host_blocks}")
         if self.disk_path and self.disk_max_bytes <= 0:
             raise ValueError("store.disk_max_bytes must be > 0 when store.disk_path is set")
-        if self.disk_path and self.host_blocks < 1:
-            raise ValueError("store.host_blocks must be >= 1 when store.disk_path is set: disk reads "
-                             "are staged through the host tier")
+        if self.write_policy not in WRITE_POLICIES:
+            raise ValueError(f"store.write_policy must be one of {', '.join(WRITE_POLICIES)}")
+
+
+# Without a host tier, a disk tier stages its reads and writes through this much host memory
+# (which then also serves as a small host tier): at least 16 blocks, at most 1024.
+DISK_STAGING_BYTES = 512 << 20
+
+
+def host_pool_blocks(config: StoreConfig, layout: BlockLayout) -> int:
+    """Blocks of the host pool: the host tier, or the disk tier's staging area without one."""
+    if config.host_blocks or not config.disk_path:
+        return config.host_blocks
+    return max(16, min(1024, DISK_STAGING_BYTES // layout.block_bytes))
 
 
 @dataclass(frozen=True)
@@ -103,12 +115,14 @@ class BlockStore:
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         pin = self.device.type == "cuda"
         self.gpu = BlockPool(Tier.GPU, layout, config.gpu_blocks, self.device)
-        self.host = BlockPool(Tier.HOST, layout, config.host_blocks, "cpu", pin_memory=pin)
+        self.host = BlockPool(Tier.HOST, layout, host_pool_blocks(config, layout), "cpu", pin_memory=pin)
         self.copier = BlockCopier(self.gpu, self.host, config.staging_bytes, compute_stream)
         self.index = RadixIndex()
-        self.disk = DiskTier(config.disk_path, fingerprint, layout, config.disk_max_bytes) \
-            if config.disk_path else None
-        self.placement = Placement(self.index, self.gpu, self.host, self.copier, self.disk)
+        self.disk = None
+        if config.disk_path:
+            self.disk = DiskTier(config.disk_path, fingerprint, layout, config.disk_max_bytes,
+                                 payload_ready=self.copier.host_ready)
+        self.placement = Placement(self.index, self.gpu, self.host, self.copier, self.disk, config.write_policy)
         self.loader = DiskLoader(self.index, self.placement, self.gpu, self.host, self.copier, self.disk)
         self.misses = 0                    # prompt blocks not found in any tier at admission
         self._seqs: dict[Hashable, SeqBlocks] = {}
@@ -165,7 +179,7 @@ class BlockStore:
         # a prefix of the match: a parent is never in a slower tier than its child
         nodes = [n for n in match.nodes if n.fastest <= min(max_tier, Tier.HOST)]
         tiers = match.tiers[:len(nodes)]
-        self.index.lock(nodes)
+        self.placement.lock(nodes)
         promote = [n for n in nodes if n.gpu_slot is None]
         try:
             need = len(promote) + self._blocks_for(len(token_ids)) - len(nodes)
@@ -174,9 +188,8 @@ class BlockStore:
             self.placement.unlock(nodes)
             raise
         self.placement.promote(promote, slots[:len(promote)])
-        self.index.raise_priority(nodes, priority)
-        for t in tiers:
-            self.placement.counters[t].hits += 1
+        self.index.use(nodes, priority)
+        self.placement.count_hits(tiers)
         self.misses += len(token_ids) // self.block_size - len(nodes)
         owned = slots[len(promote):]
         seq = SeqBlocks(seq_id, root, priority, [n.gpu_slot for n in nodes] + owned, nodes, set(owned),
@@ -222,8 +235,8 @@ class BlockStore:
             elif node.gpu_slot is None:   # cached but not on the GPU: adopt our copy
                 self.index.set_gpu(node, slot)
                 seq.owned.discard(slot)
-            self.index.lock([node])
-            self.index.raise_priority([node], seq.priority)
+            self.placement.lock([node])
+            self.index.use([node], seq.priority)
             seq.path.append(node)
         return len(seq.path) - before
 
@@ -237,14 +250,17 @@ class BlockStore:
 
     def swap_out(self, seq_id: Hashable) -> None:
         """Preempt a sequence: copy all its blocks to host slots it owns (one batch) and give
-        up its GPU slots. Its indexed blocks stay cached. All or nothing: OutOfBlocks if the
-        host tier cannot take every block."""
+        up its GPU slots, evicting cached host blocks for the room. Its indexed blocks stay
+        cached. All or nothing for the sequence: OutOfBlocks if the host tier cannot take every
+        block (the host blocks evicted for it stay evicted)."""
         seq = self._seqs[seq_id]
         assert not seq.swapped, f"{seq_id!r} is already swapped out"
         if len(seq.slots) > self.host.num_free + self.index.num_cached[Tier.HOST]:
             raise OutOfBlocks(f"host tier cannot take the {len(seq.slots)} blocks of {seq_id!r}")
         host_slots = self.placement.reserve_host(len(seq.slots))
-        assert len(host_slots) == len(seq.slots)
+        if len(host_slots) < len(seq.slots):   # blocks being written hold the rest of the room
+            self.host.free(host_slots)
+            raise OutOfBlocks(f"host tier: {len(host_slots)} of the {len(seq.slots)} blocks of {seq_id!r} free")
         self.copier.to_host(seq.slots, host_slots)
         self.placement.unlock(seq.path)
         self.gpu.free(sorted(seq.owned))
@@ -297,7 +313,7 @@ class BlockStore:
 
     def stats(self) -> StoreStats:
         host_held = sum(len(ld.slots) for ld in self.loader.loads)
-        host_held += sum(len(s.swapped) for s in self._seqs.values())
+        host_held += sum(len(s.swapped) for s in self._seqs.values()) + len(self.placement.writing_slots)
         owned = sum(len(s.owned) for s in self._seqs.values())
         disk = self.disk
         disk_capacity = disk.max_bytes // disk.value_bytes if disk else 0
@@ -312,7 +328,8 @@ class BlockStore:
                                  evictions=c.evictions, promotions=c.promotions)
         return StoreStats(tiers=tiers, misses=self.misses, dropped=self.placement.dropped,
                           disk_bytes=disk.used_bytes if disk else 0,
-                          disk=dataclasses.replace(disk.counters) if disk else None)
+                          disk=dataclasses.replace(disk.counters) if disk else None,
+                          writes_skipped=dict(self.placement.writes_skipped))
 
     def check_integrity(self) -> None:
         """Assert every invariant of the index, pools, sequences and disk accounting."""

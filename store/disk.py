@@ -5,9 +5,12 @@ One LMDB record per block; key = the block key (16 bytes), value = a checksummed
 never served. The environment is opened defensively (store/lmdb_env.py): a directory that is not
 a healthy kvgate tier is moved aside and an empty tier started, so the server always starts.
 
-All LMDB calls run on one thread (`self._io`): a write transaction never leaves the thread that
-opened it, and the map can be grown there safely (no other transaction is open). The event loop
-only queues work and keeps the byte accounting. When writes fail (a full disk), the failure is
+Writes run on one thread (`self._io`): a write transaction never leaves the thread that opened
+it, and the map can be grown there. A block queued for writing is encoded (header, checksum,
+copy) on that thread, from host memory its owner keeps unchanged until the write is done. Reads
+run on a few threads of their own (`READ_THREADS`; LMDB readers never block each other or the
+writer), each verifying its share of a load. The event loop only queues work and keeps the byte
+accounting. When writes fail (a full disk), the failure is
 logged once, further puts are refused (counted) for `write_retry_s`, and the next successful
 write logs the recovery.
 """
@@ -15,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from collections import deque
 from collections.abc import Callable
@@ -25,13 +29,29 @@ import lmdb
 import torch
 
 from store.errors import DiskTierError
-from store.lmdb_env import MARK_KEY, mark_clean, open_env, quarantine
+from store.lmdb_env import MARK_KEY, lock_tier, mark_clean, open_env, quarantine, still_locked
 from store.pool import BlockLayout
-from store.record import CorruptValue, RecordFormat
+from store.record import CorruptValue, RecordFormat, check_payload
 
 log = logging.getLogger("kvgate.store.disk")
 
 _MIB = 1 << 20
+READ_THREADS = 4          # concurrent LMDB readers per load
+
+
+@dataclass(frozen=True, eq=False)
+class BlockRecord:
+    """A block to write, encoded on the I/O thread. `payload` (its KV in host memory) must stay
+    unchanged until `done(written)` is called on the event loop."""
+    parent: bytes
+    token_bytes: bytes
+    depth: int
+    priority: int
+    payload: torch.Tensor
+    done: Callable[[bool], None] = lambda written: None
+
+
+Value = bytes | bytearray | BlockRecord    # an encoded record, or one to encode
 
 
 @dataclass(frozen=True)
@@ -62,34 +82,46 @@ class DiskTier:
     """KV blocks in an LMDB directory, capped at `max_bytes` of values."""
 
     def __init__(self, path: str, fingerprint: str, layout: BlockLayout, max_bytes: int, *,
-                 initial_map_bytes: int = 64 * _MIB, max_pending_bytes: int = 512 * _MIB,
-                 write_retry_s: float = 30.0, on_lost: Callable[[list[bytes]], None] | None = None) -> None:
+                 initial_map_bytes: int = 64 * _MIB, max_pending_bytes: int = 1024 * _MIB,
+                 write_retry_s: float = 30.0, payload_ready: Callable[[], None] = lambda: None) -> None:
         if max_bytes <= 0:
             raise DiskTierError(f"disk tier {path!r}: max_bytes must be > 0, got {max_bytes}")
         self.path = path
         self.format = RecordFormat(fingerprint, layout)
         self.max_bytes = max_bytes
         self.max_pending_bytes = max_pending_bytes
-        self.on_lost = on_lost or (lambda keys: None)
+        self.payload_ready = payload_ready   # blocks until queued copies into host memory landed
         self.counters = DiskCounters()
         # loop-side view of the records: in LMDB or queued to be written; key -> value bytes
         self.sizes: dict[bytes, int] = {}
         self.used_bytes = 0
-        self._pending: dict[bytes, bytes | bytearray] = {}   # queued puts, readable at once
+        self._pending: dict[bytes, Value] = {}   # queued puts, readable at once
         self._pending_bytes = 0
-        self._ops: deque[tuple[bytes, bytes | bytearray | None]] = deque()  # None = delete
+        # BlockRecords a load is reading from memory: their `done` waits for the load (it frees
+        # the memory); record -> [loads reading it, the `done` argument once written]
+        self._reading: dict[BlockRecord, list] = {}
+        self._ops: deque[tuple[bytes, Value | None]] = deque()  # None = delete
         self._flusher: asyncio.Task | None = None
         self.write_retry_s = write_retry_s
         self._writes_paused_until = 0.0    # monotonic time; puts are refused before it
         self._write_failure: str | None = None   # the failure being reported, until a write succeeds
         self._io = ThreadPoolExecutor(1, thread_name_prefix="kvgate-lmdb")
+        self._readers = ThreadPoolExecutor(READ_THREADS, thread_name_prefix="kvgate-lmdb-read")
         self._initial_map = initial_map_bytes
+        self._lock_fd: int | None = None
         try:
+            self._lock_fd = lock_tier(path)
             self._env = open_env(path, initial_map_bytes)
+            if not still_locked(path, self._lock_fd):    # moved aside with the damaged tier
+                os.close(self._lock_fd)
+                self._lock_fd = lock_tier(path)
             # reader slots left by processes that died would pin old pages forever
             self.stale_readers_cleared = self._env.reader_check()
         except (OSError, lmdb.Error) as e:
             self._io.shutdown()
+            self._readers.shutdown()
+            if self._lock_fd is not None:
+                os.close(self._lock_fd)
             raise DiskTierError(f"cannot open disk tier at {path!r}: {e}") from e
         self._max_map = max(initial_map_bytes, 2 * max_bytes + 64 * _MIB)
 
@@ -101,6 +133,7 @@ class DiskTier:
     def value_bytes(self) -> int:
         """Size of one record's value (header sizes vary by a few bytes; this bounds them)."""
         return self.format.max_bytes
+
 
     def encode(self, parent: bytes, token_bytes: bytes, depth: int, priority: int,
                payload: torch.Tensor) -> bytearray:
@@ -171,29 +204,52 @@ class DiskTier:
         """On the I/O thread: move this tier aside and open an empty one in its place."""
         self._env.close()
         quarantine(self.path, reason)
+        os.close(self._lock_fd)           # it locked the copy moved aside
+        self._lock_fd = lock_tier(self.path)
         self._env = open_env(self.path, self._initial_map)
 
     # ---- writes (queued on the loop, applied on the I/O thread) -----------------------------
 
-    def put(self, key: bytes, value: bytes | bytearray) -> bool:
-        """Queue a record. False (and nothing queued) if the write queue is over budget or
-        writes are paused after a failure; the caller must first make room under `max_bytes`
-        (see `Placement`)."""
+    def put(self, key: bytes, value: Value) -> bool:
+        """Queue a record. False (and nothing queued; a BlockRecord's `done` is not called) if
+        the write queue is over budget or writes are paused after a failure; the caller must
+        first make room under `max_bytes` (see `Placement`)."""
         if time.monotonic() < self._writes_paused_until:
             self.counters.writes_paused += 1
             return False
-        if self._pending_bytes + len(value) > self.max_pending_bytes:
+        size = self._size(value)
+        if self._pending_bytes + size > self.max_pending_bytes:
             self.counters.pending_full += 1
             return False
         if key in self.sizes:
             self._forget(key)
-        self.sizes[key] = len(value)
-        self.used_bytes += len(value)
+        self.sizes[key] = size
+        self.used_bytes += size
         self._pending[key] = value
-        self._pending_bytes += len(value)
+        self._pending_bytes += size
         self._ops.append((key, value))
         self._kick()
         return True
+
+    @property
+    def queue_fill(self) -> float:
+        """How full the write queue is, 0..1 (of `max_pending_bytes`)."""
+        return self._pending_bytes / self.max_pending_bytes
+
+    def _size(self, value: Value) -> int:
+        return self.value_bytes if isinstance(value, BlockRecord) else len(value)
+
+    def replace_queued(self, key: bytes, old: BlockRecord, new: BlockRecord) -> bool:
+        """Swap a queued record for `new` (the same block, e.g. with a private copy of the
+        payload) if the I/O thread has not taken it and no load reads it; True if swapped."""
+        if self._pending.get(key) is not old or old in self._reading:
+            return False
+        for i, (k, v) in enumerate(self._ops):
+            if v is old:
+                self._ops[i] = (k, new)
+                self._pending[key] = new
+                return True
+        return False
 
     def delete(self, key: bytes) -> None:
         if key in self.sizes:
@@ -205,7 +261,7 @@ class DiskTier:
         self.used_bytes -= self.sizes.pop(key)
         value = self._pending.pop(key, None)
         if value is not None:
-            self._pending_bytes -= len(value)
+            self._pending_bytes -= self._size(value)
 
     def _kick(self) -> None:
         """Start the background flusher if an event loop runs here (else `flush` does it)."""
@@ -240,26 +296,32 @@ class DiskTier:
             batch = self._take_batch()
             self._after_batch(batch, *self._io.submit(self._apply, batch).result())
 
-    def _take_batch(self, max_bytes: int = 64 * _MIB) -> list[tuple[bytes, bytes | bytearray | None]]:
+    def _take_batch(self, max_bytes: int = 64 * _MIB) -> list[tuple[bytes, Value | None]]:
+        """Queued operations for one transaction: everything queued, up to `max_bytes`."""
         batch, size = [], 0
         while self._ops and (not batch or size < max_bytes):
             op = self._ops.popleft()
             batch.append(op)
-            size += len(op[1]) if op[1] is not None else 0
+            size += self._size(op[1]) if op[1] is not None else 0
         return batch
 
     def _after_batch(self, batch: list, lost: list[bytes], failure: str | None) -> None:
         for key, value in batch:
             if value is not None and self._pending.get(key) is value:
                 del self._pending[key]
-                self._pending_bytes -= len(value)
+                self._pending_bytes -= self._size(value)
+        failed = set(lost)
         # a key put again while this batch was written is in the queue anew: not lost
         lost = [k for k in lost if k in self.sizes and k not in self._pending]
         for k in lost:
             self.used_bytes -= self.sizes.pop(k)
         self.counters.write_errors += len(lost)
-        if lost:
-            self.on_lost(lost)
+        for key, value in batch:
+            if isinstance(value, BlockRecord):
+                if value in self._reading:
+                    self._reading[value][1] = key not in failed
+                else:
+                    value.done(key not in failed)
         self._report(batch, failure)
 
     def _report(self, batch: list, failure: str | None) -> None:
@@ -275,20 +337,25 @@ class DiskTier:
             log.warning("disk tier %s: writes succeed again", self.path)
             self._write_failure = None
 
-    def _apply(self, batch: list[tuple[bytes, bytes | bytearray | None]]) -> tuple[list[bytes], str | None]:
-        """Runs on the I/O thread: apply a batch in one transaction. Returns the keys whose
-        puts were lost and why. MapFullError grows the map and retries; never escapes."""
+    def _apply(self, batch: list[tuple[bytes, Value | None]]) -> tuple[list[bytes], str | None]:
+        """Runs on the I/O thread: encode the batch's blocks and apply it in one transaction.
+        Returns the keys whose puts were lost and why. MapFullError grows the map and retries;
+        never escapes."""
+        if any(isinstance(v, BlockRecord) for _, v in batch):
+            self.payload_ready()
+        encoded = [self._encoded(key, v) if v is not None else None for key, v in batch]
+        unencodable = [key for (key, v), e in zip(batch, encoded) if v is not None and e is None]
         while True:
             try:
                 with self._env.begin(write=True) as txn:
-                    for key, value in batch:
+                    for (key, value), data in zip(batch, encoded):
                         if value is None:
                             txn.delete(key)
-                        else:
-                            txn.put(key, value)
-                self.counters.writes += sum(v is not None for _, v in batch)
+                        elif data is not None:
+                            txn.put(key, data)
+                self.counters.writes += sum(e is not None for e in encoded)
                 self.counters.deletes += sum(v is None for _, v in batch)
-                return [], None
+                return unencodable, None
             except lmdb.MapFullError:
                 size = self._env.info()["map_size"]
                 if size >= self._max_map:
@@ -302,34 +369,72 @@ class DiskTier:
         self._delete_now([k for k, v in batch if v is None])   # deletes free space: they may pass
         return [k for k, v in batch if v is not None], failure
 
+    def _encoded(self, key: bytes, value: Value) -> bytes | bytearray | None:
+        """On the I/O thread: the record's bytes; None (logged) if it cannot be encoded."""
+        if not isinstance(value, BlockRecord):
+            return value
+        try:
+            return self.format.encode(value.parent, value.token_bytes, value.depth, value.priority,
+                                      value.payload)
+        except (OverflowError, ValueError) as e:   # the store refuses such priorities first
+            log.error("disk tier: block %s cannot be encoded (%s); not written", key.hex(), e)
+            return None
+
     # ---- reads ------------------------------------------------------------------------------
 
     async def load(self, items: list[tuple[bytes, bytes, bytes]],
                    sink: Callable[[int, memoryview], None]) -> list[bool]:
-        """Read and verify records `(key, parent, token_bytes)`; for each valid one, call
-        `sink(i, payload)` on the I/O thread (payload valid only during the call). Returns
-        which succeeded; failed records are deleted and counted."""
+        """Read and verify records `(key, parent, token_bytes)`, split over the reader threads;
+        for each valid one, call `sink(i, payload)` on a reader thread (payload valid only
+        during the call). Returns which succeeded; failed records are deleted and counted."""
         pending = [self._pending.get(k) for k, _, _ in items]
+        in_memory = [v for v in pending if isinstance(v, BlockRecord)]
+        for v in in_memory:
+            self._reading.setdefault(v, [0, None])[0] += 1
         loop = asyncio.get_running_loop()
-        ok, corrupt = await loop.run_in_executor(self._io, self._load, items, pending, sink)
-        for k in corrupt:
-            self.counters.corrupt_dropped += 1
-            self.delete(k)
+        share = -(-len(items) // READ_THREADS) or 1
+        try:
+            parts = await asyncio.gather(*(
+                loop.run_in_executor(self._readers, self._load, items, pending, sink, i,
+                                     min(i + share, len(items)))
+                for i in range(0, len(items), share)))
+        finally:
+            for v in in_memory:
+                entry = self._reading[v]
+                entry[0] -= 1
+                if entry[0] == 0:
+                    del self._reading[v]
+                    if entry[1] is not None:     # written meanwhile: its memory may go now
+                        v.done(entry[1])
+        self.counters.reads += len(items)
+        ok = [x for part_ok, _ in parts for x in part_ok]
+        for _, corrupt in parts:
+            for k in corrupt:
+                self.counters.corrupt_dropped += 1
+                self.delete(k)
         return ok
 
-    def _load(self, items: list[tuple[bytes, bytes, bytes]], pending: list,
-              sink: Callable[[int, memoryview], None]) -> tuple[list[bool], list[bytes]]:
-        ok, corrupt = [False] * len(items), []
+    def _load(self, items: list[tuple[bytes, bytes, bytes]], pending: list[Value | None],
+              sink: Callable[[int, memoryview], None], first: int, end: int) -> tuple[list[bool], list[bytes]]:
+        """On a reader thread: items[first:end]."""
+        ok, corrupt = [False] * (end - first), []
+        self.payload_ready()      # copies queued into host memory (the sink's slots, too) have landed
         try:
             with self._env.begin(buffers=True) as txn:
-                for i, ((key, parent, tokens), queued) in enumerate(zip(items, pending)):
+                for i in range(first, end):
+                    (key, parent, tokens), queued = items[i], pending[i]
+                    if isinstance(queued, BlockRecord):     # not written yet: straight from memory
+                        sink(i, memoryview(queued.payload.contiguous().view(torch.uint8).reshape(-1).numpy()))
+                        ok[i - first] = True
+                        continue
                     value = memoryview(queued) if queued is not None else txn.get(key)
-                    self.counters.reads += 1
                     if value is None:
                         continue
                     try:
-                        sink(i, self.format.payload(key, value, parent, tokens))
-                        ok[i] = True
+                        payload, checksum = self.format.unchecked_payload(key, value, parent, tokens)
+                        sink(i, payload)            # a copy: faults the pages in without the GIL
+                        check_payload(payload, checksum)   # until this passes, nothing is served
+                        ok[i - first] = True
                     except CorruptValue as e:
                         log.warning("disk tier: record %s is not served: %s", key.hex(), e)
                         corrupt.append(key)
@@ -345,6 +450,7 @@ class DiskTier:
         if self._io is None:
             return
         self.flush_sync()
+        self._readers.shutdown()
         self._io.submit(self._close_env).result()
         self._io.shutdown()
         self._io = None
@@ -359,8 +465,9 @@ class DiskTier:
         self._env.close()
         if clean:
             mark_clean(self.path)
+        os.close(self._lock_fd)           # releases the lock
 
     def check_integrity(self) -> None:
         assert self.used_bytes == sum(self.sizes.values()), "disk bytes drifted"
-        assert self._pending_bytes == sum(len(v) for v in self._pending.values())
+        assert self._pending_bytes == sum(self._size(v) for v in self._pending.values())
         assert all(k in self.sizes for k in self._pending), "pending record not accounted"

@@ -17,6 +17,7 @@ Errors while the tier is scanned later (lmdb.Error) also move it aside (`DiskTie
 """
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
@@ -33,6 +34,7 @@ log = logging.getLogger("kvgate.store.disk")
 MARK_KEY = b"kvgate-disk-tier"        # never a block key: those are 16 bytes
 MARK_VALUE = b"kvgate disk tier: KV blocks, see store/record.py"
 CLEAN_FILE = "kvgate-clean"           # beside data.mdb: its size, mtime and inode at a clean close
+LOCK_FILE = "kvgate.lock"             # beside data.mdb: held (flock) by the one process using the tier
 _LMDB_MAGIC = 0xBEEFC0DE
 # LMDB 0.9's meta page on a 64-bit build: a 16-byte page header, then MDB_meta (magic, version,
 # address, map size, two MDB_db records of 48 bytes whose first holds the page size in md_pad,
@@ -47,6 +49,32 @@ with env.begin(buffers=True) as txn:
     n = sum(1 for key, value in txn.cursor() if len(value) == 0 or value[0] >= 0)
 print(n)
 """
+
+
+class TierInUse(OSError):
+    """Another process holds the tier's lock."""
+
+
+def lock_tier(path: str) -> int:
+    """Take the tier's lock (created with the directory if missing) before LMDB or the checks
+    touch it: one process per tier, so no second server moves a live tier aside. Returns the
+    file descriptor that holds it; raises TierInUse."""
+    os.makedirs(path, exist_ok=True)
+    fd = os.open(os.path.join(path, LOCK_FILE), os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise TierInUse(f"{path} is in use by another process (it holds {LOCK_FILE})") from None
+    return fd
+
+
+def still_locked(path: str, fd: int) -> bool:
+    """Does `fd` still lock the tier at `path` (not a copy moved aside by `quarantine`)?"""
+    try:
+        return os.path.samestat(os.fstat(fd), os.stat(os.path.join(path, LOCK_FILE)))
+    except OSError:
+        return False
 
 
 def open_env(path: str, map_size: int) -> lmdb.Environment:

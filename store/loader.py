@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import itertools
 import time
 from collections.abc import Hashable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -69,7 +70,7 @@ class DiskLoader:
             held = collections.Counter(n.fastest for p in [path, *self._holds.values()] for n in p)
             if held[Tier.GPU] <= self.gpu.num_blocks // 4 and held[Tier.HOST] <= self.host.num_blocks // 2:
                 self.unhold(hold)
-                self.index.lock(path)
+                self.placement.lock(path)
                 self._holds[hold] = path
         return loaded
 
@@ -84,10 +85,10 @@ class DiskLoader:
         """Seed `read_rate` by reading (and verifying) up to `max_bytes` of records already on
         disk, as a load would, into no slot; None if the tier is empty or absent. (Records just
         written may come from the page cache: then loads will be slower than measured.)"""
-        if self.disk is None or not self.placement.disk_nodes:
+        if self.disk is None or not self.disk.sizes:
             return None
         block_bytes = self.host.layout.block_bytes
-        nodes = list(self.placement.disk_nodes.values())[:max(1, max_bytes // block_bytes)]
+        nodes = list(itertools.islice((n for n in self.index.nodes() if n.on_disk), max(1, max_bytes // block_bytes)))
         start = time.perf_counter()
         ok = await self.disk.load([(n.key, n.parent.key, n.token_bytes) for n in nodes], lambda i, p: None)
         if any(ok):
@@ -104,7 +105,7 @@ class DiskLoader:
         todo = [n for n in path if n.fastest is Tier.DISK]  # a suffix: parents are never slower
         if not todo or self.disk is None:
             return 0
-        self.index.lock(path)  # before reserving host slots, which may evict host blocks
+        self.placement.lock(path)  # before reserving host slots, which may evict host blocks
         slots = self.placement.reserve_host(len(todo))
         if not slots:
             self.placement.unlock(path)
@@ -116,9 +117,7 @@ class DiskLoader:
         return await asyncio.shield(load.task)
 
     async def _run(self, load: _Load) -> int:
-        def sink(i: int, payload: memoryview) -> None:  # on the disk tier's thread
-            if i == 0:
-                self.copier.host_ready()
+        def sink(i: int, payload: memoryview) -> None:  # on a reader thread, after `host_ready`
             self.host.tensor[load.slots[i]].view(torch.uint8).numpy().reshape(-1)[:] = payload
         ok: list[bool] | None = None
         start = time.perf_counter()
@@ -130,7 +129,6 @@ class DiskLoader:
             self.placement.loaded(load.nodes, load.slots, ok)
             self.placement.unlock(load.path)
         loaded = sum(_is_live(n) and n.host_slot is not None for n in load.nodes)
-        self.placement.counters[Tier.DISK].promotions += loaded
         if ok is not None:   # bytes read (and checked) per second, newest loads weighing most
             rate = len(ok) * self.host.layout.block_bytes / max(time.perf_counter() - start, 1e-9)
             self.read_rate = rate if self.read_rate is None else 0.8 * self.read_rate + 0.2 * rate

@@ -3,19 +3,27 @@
     GPU pool ──evict (demote)──► host pool ──evict (write)──► LMDB ──evict──► gone
              ◄─────promote──────           ◄──prefetch (load)─
 
-Owns the pools, the copier, the disk tier and its record map, and the per-tier counters.
-Keeps the radix index's placement invariants (a parent is never slower than its child) through
-every move, including the ones that fail half-way for lack of room.
+Owns the pools, the copier, the disk tier, the lock counts of the index's nodes (raised and
+lowered here alone) and the per-tier counters. Keeps the radix index's placement invariants (a
+parent is never slower than its child) through every move, including the ones that fail
+half-way for lack of room.
+
+Disk writes: a block leaving the host tier is written only if the write policy says it is worth
+disk bandwidth (`_worth_writing`; "auto" by default; `persist` writes the rest at shutdown). Its host slot stays reserved until the disk tier's thread has
+encoded it from there (no copy, no encoding on the event loop). Every block not written is
+counted in `writes_skipped` by reason.
 """
 from __future__ import annotations
 
+import collections
+import dataclasses
 import logging
 import math
 
 import torch
 
 from store.copier import BlockCopier
-from store.disk import DiskTier
+from store.disk import BlockRecord, DiskTier
 from store.errors import OutOfBlocks
 from store.pool import BlockPool, Tier
 from store.radix import TIERS, Node, RadixIndex
@@ -23,20 +31,50 @@ from store.stats import TierCounters
 
 log = logging.getLogger("kvgate.store")
 
+WRITE_POLICIES = ("auto", "all", "second-use", "shutdown")
+
 
 class Placement:
     def __init__(self, index: RadixIndex, gpu: BlockPool, host: BlockPool, copier: BlockCopier,
-                 disk: DiskTier | None) -> None:
+                 disk: DiskTier | None, write_policy: str = "auto") -> None:
+        if write_policy not in WRITE_POLICIES:
+            raise ValueError(f"write_policy must be one of {WRITE_POLICIES}, got {write_policy!r}")
         self.index = index
         self.gpu = gpu
         self.host = host
         self.copier = copier
         self.disk = disk
+        self.write_policy = write_policy
         self.counters = {t: TierCounters() for t in TIERS}
         self.dropped = 0                   # blocks that left the index (no tier would keep them)
-        self.disk_nodes: dict[bytes, Node] = {}  # key -> the node whose record is on disk
-        if disk is not None:
-            disk.on_lost = self._on_disk_lost
+        # blocks that left the cache's fast tiers unwritten, by reason: "policy" (not worth
+        # it), "no_room" (the disk tier full of pinned blocks); the disk tier counts the puts
+        # it refuses itself (write queue full, writes paused)
+        self.writes_skipped: collections.Counter[str] = collections.Counter()
+        # host slot -> the node being written from it, and its record
+        self._writing: dict[int, tuple[Node, BlockRecord]] = {}
+
+    # ---- locks and counters -----------------------------------------------------------------
+
+    def lock(self, nodes: list[Node]) -> None:
+        self.index.lock(nodes)
+
+    def unlock(self, nodes: list[Node]) -> None:
+        self.index.unlock(nodes)
+        for n in reversed(nodes):  # a load that failed under a lock left a node with no copy
+            if n.fastest is None and n.lock_count == 0:
+                self.forget(n)
+
+    def count_hits(self, tiers: tuple[Tier, ...]) -> None:
+        for t in tiers:
+            self.counters[t].hits += 1
+
+    @property
+    def writing_slots(self) -> list[int]:
+        """Host slots reserved for disk writes in flight."""
+        return list(self._writing)
+
+    # ---- moves ------------------------------------------------------------------------------
 
     def promote(self, nodes: list[Node], gpu_slots: list[int]) -> None:
         """Copy host-resident `nodes` into the (allocated) `gpu_slots`, one batch."""
@@ -51,9 +89,10 @@ class Placement:
         for i, (n, slot) in enumerate(zip(nodes, host_slots)):
             if ok is not None and ok[i]:
                 self.index.set_host(n, slot)
+                self.counters[Tier.DISK].promotions += 1
             else:
                 self.host.free([slot])
-                if ok is not None:  # missing or corrupt record (already deleted)
+                if ok is not None and not ok[i]:  # missing or corrupt record (already deleted)
                     self.lose_disk_copy(n)
 
     def allocate_gpu(self, n: int) -> list[int]:
@@ -68,7 +107,7 @@ class Placement:
 
     def _evict_gpu(self, n: int) -> None:
         """Demote `n` GPU blocks to the host tier in one batched copy. Blocks the host tier has
-        no room for (its blocks all pinned) go straight to disk, or are dropped without one."""
+        no room for (its slots pinned or being written) are spilled to disk, or dropped."""
         victims = self.index.select_victims(Tier.GPU, n)
         # parents first: if the host tier has too little room, the deepest blocks miss out,
         # so a parent is never slower than its child
@@ -81,12 +120,7 @@ class Placement:
             self.index.set_host(v, slot)
         spill = [v for v in no_room if not v.on_disk]
         if spill and self.disk is not None:
-            # a synchronous copy on the compute stream: after the kernels that wrote the blocks
-            slots = torch.tensor([v.gpu_slot for v in spill], device=self.gpu.tensor.device)
-            blocks = self.gpu.tensor[slots].cpu()
-            self._make_disk_room(len(spill) * self.disk.value_bytes, keep=set(victims))
-            for v, kv in zip(spill, blocks):
-                self._write_to_disk(v, kv)
+            self._spill(spill, keep=set(victims))
         freed = [v.gpu_slot for v in victims]
         for v in victims:
             self.index.set_gpu(v, None)
@@ -99,45 +133,105 @@ class Placement:
                 self._demote_from_host([d for d in self.index.subtree(v)
                                         if d is not v and d.host_slot is not None])
 
+    def _spill(self, nodes: list[Node], keep: set[Node]) -> None:
+        """Write GPU blocks the host tier has no room for (its slots pinned or being written)
+        straight to disk, through a private copy: a synchronous copy on this thread, after the
+        kernels that wrote them. The overload path; the policy still decides what is worth it."""
+        worth = [v for v in nodes if self._worth_writing(v)]
+        self.writes_skipped["policy"] += len(nodes) - len(worth)
+        if not worth:
+            return
+        self._make_disk_room(len(worth) * self.disk.value_bytes, keep)
+        slots = torch.tensor([v.gpu_slot for v in worth], device=self.gpu.tensor.device)
+        for v, kv in zip(worth, self.gpu.tensor[slots].cpu()):
+            self._write(v, None, kv)
+
     def reserve_host(self, n: int, keep: set[Node] | frozenset = frozenset()) -> list[int]:
-        """Up to `n` host slots, evicting host blocks (to disk), except those in `keep`."""
+        """Up to `n` host slots, evicting host blocks (to disk), except those in `keep`. A block
+        being written keeps its slot until the write is done, so this evicts until enough
+        slots are free or nothing evictable is left."""
+        while n > self.host.num_free:
+            victims = self.index.select_victims(Tier.HOST, n - self.host.num_free, keep)
+            if not victims:
+                break
+            self._demote_from_host(victims)
         if n > self.host.num_free:
-            self._demote_from_host(self.index.select_victims(Tier.HOST, n - self.host.num_free, keep))
+            self._detach_writes(n - self.host.num_free)
         return self.host.allocate(min(n, self.host.num_free))
+
+    def _detach_writes(self, n: int) -> None:
+        """Free up to `n` host slots held by queued writes by giving those records a private
+        copy of their block (a copy on this thread: only when the host tier runs short)."""
+        self.copier.host_ready()
+        for slot, (node, record) in list(self._writing.items()):
+            if n <= 0:
+                break
+            copy = dataclasses.replace(record, payload=record.payload.clone(),
+                                       done=lambda ok, node=node: self._written(node, None, ok))
+            if self.disk.replace_queued(node.key, record, copy):
+                del self._writing[slot]
+                self.host.free([slot])
+                n -= 1
 
     def _demote_from_host(self, victims: list[Node]) -> None:
         """Remove the host copies of `victims` (children before parents), writing those that
-        have no other copy to disk, and dropping those that then have no copy at all."""
-        to_disk = [v for v in victims if not v.on_disk and v.gpu_slot is None]
-        if to_disk and self.disk is not None:
-            self._make_disk_room(len(to_disk) * self.disk.value_bytes, keep=set(victims))
-            self.copier.host_ready()  # the host copies must have landed before we read them
-            for v in to_disk:
-                self._write_to_disk(v, self.host.tensor[v.host_slot])
+        have no other copy to disk if the write policy wants them, and dropping those that
+        then have no copy at all."""
+        to_write = []
+        if self.disk is not None:
+            unwritten = [v for v in victims if not v.on_disk and v.gpu_slot is None]
+            to_write = [v for v in unwritten if self._worth_writing(v)]
+            self.writes_skipped["policy"] += len(unwritten) - len(to_write)
+            if to_write:
+                self._make_disk_room(len(to_write) * self.disk.value_bytes, keep=set(victims))
+        writing = set(to_write)
         for v in victims:
             slot = v.host_slot
+            if not (v in writing and self._write(v, slot)):
+                self.host.free([slot])
             self.index.set_host(v, None)
-            self.host.free([slot])
         self.counters[Tier.HOST].evictions += len(victims)
         for v in victims:
             if v.fastest is None:
                 self.forget(v)
 
-    def _write_to_disk(self, node: Node, kv: torch.Tensor) -> bool:
-        """Queue `node`'s record (`kv` is its block, in host memory) if the tier has room."""
+    def _worth_writing(self, node: Node) -> bool:
+        """The write policy: "all" writes every block; "second-use" those used by two or more
+        sequences; "auto" every block while the write queue is under half full, then only
+        reused ones, so that disk bandwidth goes to what is worth keeping; "shutdown" none."""
+        if self.write_policy == "all":
+            return True
+        if self.write_policy == "auto" and self.disk.queue_fill < 0.5:
+            return True
+        return self.write_policy in ("auto", "second-use") and node.uses >= 2
+
+    def _write(self, node: Node, host_slot: int | None, payload: torch.Tensor | None = None) -> bool:
+        """Queue `node`'s record, encoded from `host_slot` (kept reserved until it is written)
+        or from `payload`, a private copy."""
         disk = self.disk
-        if node.key in self.disk_nodes:  # another node under a colliding key holds the record
+        if node.key in disk.sizes:        # another node under a colliding key holds the record
             return False
-        try:
-            value = disk.encode(node.parent.key, node.token_bytes, node.depth, node.priority, kv)
-        except (OverflowError, ValueError) as e:   # admit refuses what cannot be encoded; never
-            log.error("disk tier: block %s cannot be encoded (%s); not written", node.key.hex(), e)
-            return False                           # let one block stop an eviction half-way
-        if disk.used_bytes + len(value) > disk.max_bytes or not disk.put(node.key, value):
+        if disk.used_bytes + disk.value_bytes > disk.max_bytes:
+            self.writes_skipped["no_room"] += 1
+            return False
+        record = BlockRecord(node.parent.key, node.token_bytes, node.depth, node.priority,
+                             self.host.tensor[host_slot] if payload is None else payload,
+                             done=lambda ok: self._written(node, host_slot, ok))
+        if not disk.put(node.key, record):   # counted by the disk tier (queue full, or paused)
             return False
         self.index.set_disk(node, True)
-        self.disk_nodes[node.key] = node
+        if host_slot is not None:
+            self._writing[host_slot] = (node, record)
         return True
+
+    def _written(self, node: Node, host_slot: int | None, ok: bool) -> None:
+        """The disk tier is done with `host_slot` (None: the record had its own copy); if the
+        write failed, the record is lost."""
+        if host_slot is not None:
+            del self._writing[host_slot]
+            self.host.free([host_slot])
+        if not ok and node.on_disk and node.key not in self.disk.sizes:
+            self.lose_disk_copy(node)
 
     def _make_disk_room(self, nbytes: int, keep: set[Node]) -> None:
         excess = self.disk.used_bytes + nbytes - self.disk.max_bytes
@@ -151,19 +245,11 @@ class Placement:
     def lose_disk_copy(self, node: Node) -> None:
         """The node's disk record is gone (evicted, corrupt, failed to write): update the index,
         and drop the node if that was its last copy and nobody holds it."""
-        if self.disk_nodes.get(node.key) is node:
-            del self.disk_nodes[node.key]
-            self.disk.delete(node.key)
         if node.on_disk:
+            self.disk.delete(node.key)
             self.index.set_disk(node, False)
         if node.fastest is None and node.lock_count == 0 and node.parent is not None:
             self.forget(node)
-
-    def _on_disk_lost(self, keys: list[bytes]) -> None:
-        for key in keys:
-            node = self.disk_nodes.get(key)
-            if node is not None:
-                self.lose_disk_copy(node)
 
     def forget(self, node: Node) -> None:
         """Remove an unlocked node and its subtree from the index and every tier (if still
@@ -179,30 +265,25 @@ class Placement:
                 self.host.free([n.host_slot])
                 self.index.set_host(n, None)
             if n.on_disk:
-                self.disk_nodes.pop(n.key, None)
                 self.disk.delete(n.key)
                 self.index.set_disk(n, False)
             self.index.remove(n)
             self.dropped += 1
 
-    def unlock(self, nodes: list[Node]) -> None:
-        self.index.unlock(nodes)
-        for n in reversed(nodes):  # a load that failed under a lock left a node with no copy
-            if n.fastest is None and n.lock_count == 0:
-                self.forget(n)
+    # ---- start-up and shutdown --------------------------------------------------------------
 
     def restore(self) -> None:
         """Rebuild the index from the disk tier's records (parents first), at start-up."""
         entries = self.disk.scan()
         rank = {e.key: i + 1 for i, e in enumerate(sorted(entries, key=lambda e: e.written_at))}
+        nodes: dict[bytes, Node] = {}
         for e in entries:
-            parent = self.index.root(e.parent) if e.depth == 0 else self.disk_nodes[e.parent]
-            node = self.index.insert(parent, e.key, e.token_bytes, e.priority, last_access=rank[e.key])
+            parent = self.index.root(e.parent) if e.depth == 0 else nodes[e.parent]
+            node = nodes[e.key] = self.index.insert(parent, e.key, e.token_bytes, e.priority,
+                                                    last_access=rank[e.key])
             self.index.set_disk(node, True)
-            self.disk_nodes[e.key] = node
         if entries:
             log.info("disk tier %s: %d cached blocks restored", self.disk.path, len(entries))
-
 
     def persist(self) -> int:
         """Queue every cached block not yet on disk for writing, shallowest first (a record
@@ -216,28 +297,35 @@ class Placement:
         self.copier.host_ready()
         written = 0
         for n in todo:
-            if not (n.parent.is_root or n.parent.on_disk):
-                continue  # its prefix did not fit
+            if not (n.parent.is_root or n.parent.on_disk) or n.key in self.disk.sizes:
+                continue  # its prefix did not fit, or a colliding key holds the record
             if self.disk.used_bytes + self.disk.value_bytes > self.disk.max_bytes:
                 break
             self.disk.make_queue_room(self.disk.value_bytes)   # shutdown may wait; it must not drop
             on_host = n.host_slot is not None
             kv = self.host.tensor[n.host_slot] if on_host else self.gpu.tensor[n.gpu_slot].cpu()
-            written += self._write_to_disk(n, kv)
+            record = BlockRecord(n.parent.key, n.token_bytes, n.depth, n.priority, kv,
+                                 done=lambda ok, n=n: self._written(n, None, ok))
+            if self.disk.put(n.key, record):
+                self.index.set_disk(n, True)
+                written += 1
         return written
 
     def check_integrity(self, owned_gpu: list[int], reserved_host: list[int]) -> None:
-        """Every slot is free, held by one node, or in `owned_gpu` / `reserved_host`; the disk
-        records are exactly the disk-resident nodes' and within the cap."""
+        """Every slot is free, held by one node, or in `owned_gpu` / `reserved_host` / a disk
+        write in flight; the disk records are exactly the disk-resident nodes' and within the cap."""
         nodes = list(self.index.nodes())
         _check_slots(self.gpu, [n.gpu_slot for n in nodes if n.gpu_slot is not None], owned_gpu)
-        _check_slots(self.host, [n.host_slot for n in nodes if n.host_slot is not None], reserved_host)
+        _check_slots(self.host, [n.host_slot for n in nodes if n.host_slot is not None],
+                     reserved_host + self.writing_slots)
         on_disk = {n.key for n in nodes if n.on_disk}
-        assert on_disk == set(self.disk_nodes), "disk-resident nodes != disk node map"
+        assert len(on_disk) == sum(n.on_disk for n in nodes), "two disk-resident nodes share a key"
         if self.disk is not None:
             self.disk.check_integrity()
             assert set(self.disk.sizes) == on_disk, "disk records != disk-resident nodes"
             assert self.disk.used_bytes <= self.disk.max_bytes, "disk tier over its cap"
+        else:
+            assert not on_disk, "disk-resident nodes without a disk tier"
 
 
 def _check_slots(pool: BlockPool, indexed: list[int], other: list[int]) -> None:

@@ -30,7 +30,7 @@ TIERS = (Tier.GPU, Tier.HOST, Tier.DISK)
 class Node:
     """One cached block. Fields are written only by RadixIndex (placement, locks) and read by all."""
     __slots__ = ("key", "token_bytes", "parent", "children", "gpu_slot", "host_slot", "on_disk",
-                 "lock_count", "last_access", "priority", "serial", "depth")
+                 "lock_count", "last_access", "priority", "serial", "depth", "uses")
 
     def __init__(self, key: bytes, token_bytes: bytes, parent: Node | None, priority: int,
                  serial: int) -> None:
@@ -46,6 +46,7 @@ class Node:
         self.priority = priority         # retention priority: higher = kept longer
         self.serial = serial             # creation order; breaks ties in eviction heaps
         self.depth = -1 if parent is None else parent.depth + 1  # block index in the sequence
+        self.uses = 0                    # sequences that used it (computed it, or found it cached)
 
     @property
     def is_root(self) -> bool:
@@ -166,8 +167,10 @@ class RadixIndex:
 
     # ---- locks and placement ----------------------------------------------------------------
 
-    def raise_priority(self, nodes: list[Node], priority: int) -> None:
+    def use(self, nodes: list[Node], priority: int) -> None:
+        """A sequence of `priority` computed or found `nodes`: count the use, raise the priority."""
         for n in nodes:
+            n.uses += 1
             n.priority = max(n.priority, priority)
 
     def lock(self, nodes: list[Node]) -> None:

@@ -94,10 +94,21 @@ class RecordFormat:
 
     def payload(self, key: bytes, value: memoryview, parent: bytes, token_bytes: bytes) -> memoryview:
         """The checked payload of a record the index knows as (parent, token_bytes)."""
+        payload, checksum = self.unchecked_payload(key, value, parent, token_bytes)
+        check_payload(payload, checksum)
+        return payload
+
+    def unchecked_payload(self, key: bytes, value: memoryview, parent: bytes,
+                          token_bytes: bytes) -> tuple[memoryview, int]:
+        """The payload of a record whose header checks out, and the checksum it must have:
+        `check_payload` before serving it (a reader copies first, so that page faults happen
+        outside the interpreter lock, then checks the copy's source)."""
         h, start = self.header(key, value)
         if h["parent"] != parent or h["tokens"] != token_bytes:
             raise CorruptValue("parent or tokens differ from the index's")
-        payload = value[start:]
-        if xxhash.xxh3_64_intdigest(payload) != h["sum"]:
-            raise CorruptValue("payload checksum mismatch")
-        return payload
+        return value[start:], h["sum"]
+
+
+def check_payload(payload: memoryview, checksum: int) -> None:
+    if xxhash.xxh3_64_intdigest(payload) != checksum:
+        raise CorruptValue("payload checksum mismatch")

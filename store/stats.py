@@ -9,7 +9,7 @@ from store.pool import Tier
 
 @dataclass
 class TierCounters:
-    """Running totals for one tier (mutated only by BlockStore)."""
+    """Running totals for one tier (mutated only by Placement)."""
     hits: int = 0         # prompt blocks found at admission whose fastest copy was here
     evictions: int = 0    # copies removed from this tier to make room
     promotions: int = 0   # blocks brought up from this tier (host -> GPU, disk -> host)
@@ -35,3 +35,4 @@ class StoreStats:
     dropped: int                # blocks that left the index because no tier would keep them
     disk_bytes: int             # bytes of records on disk (or queued to be written)
     disk: DiskCounters | None   # I/O counters of the disk tier, None without one
+    writes_skipped: dict[str, int]   # blocks that left the host tier unwritten, by reason (Placement)

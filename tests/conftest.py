@@ -2,7 +2,10 @@
 KV contents derived from each block's key, so a test can tell exactly which block it got."""
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import tempfile
 from collections.abc import Iterator
 
 import pytest
@@ -17,6 +20,11 @@ from store import (
     block_keys,
     token_bytes,
 )
+
+# The tests (and the servers they start) never touch the user's cache directory, where the
+# default disk tier and the weight-fingerprint cache live.
+os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="kvgate-tests-cache-")
+atexit.register(shutil.rmtree, os.environ["XDG_CACHE_HOME"], True)
 
 transformers.utils.logging.disable_progress_bar()
 transformers.utils.logging.set_verbosity_error()
@@ -54,16 +62,20 @@ def assert_cached_kv(store: BlockStore, seq: SeqBlocks, tokens: list[int]) -> No
 
 
 def make_store(tmp_path=None, gpu: int = 8, host: int = 0, disk_blocks: int = 0,
-               layout: BlockLayout = LAYOUT, **kw) -> BlockStore:
+               layout: BlockLayout = LAYOUT, write_policy: str = "all", **kw) -> BlockStore:
+    """A store; its disk tier (if any) writes every block leaving the host tier, unless a test
+    picks another `write_policy` (the policies have tests of their own)."""
     disk = {}
     if disk_blocks:
         value = layout.block_bytes + 256 + 4 * layout.block_size
         disk = dict(disk_path=str(tmp_path / "kv"), disk_max_bytes=disk_blocks * value)
-    cfg = StoreConfig(block_size=layout.block_size, gpu_blocks=gpu, host_blocks=host, **disk)
+    cfg = StoreConfig(block_size=layout.block_size, gpu_blocks=gpu, host_blocks=host,
+                      write_policy=write_policy, **disk)
     return BlockStore(cfg, layout, kw.pop("fingerprint", FINGERPRINT), **kw)
 
 
-def run_request(store: BlockStore, seq_id, tokens: list[int], priority: int = 0) -> SeqBlocks:
+def run_request(store: BlockStore, seq_id, tokens: list[int], priority: int = 0,
+                flush: bool = True) -> SeqBlocks:
     """Admit, check cached KV, 'compute' the rest, commit, release; integrity after each."""
     seq = store.admit(seq_id, store.root_key(), tokens, priority)
     assert_cached_kv(store, seq, tokens)
@@ -71,6 +83,8 @@ def run_request(store: BlockStore, seq_id, tokens: list[int], priority: int = 0)
     store.commit(seq_id, tokens)
     store.check_integrity()
     store.release(seq_id)
+    if flush and store.disk is not None:   # time passes between requests: its writes land
+        store.disk.flush_sync()
     store.check_integrity()
     return seq
 
@@ -114,7 +128,8 @@ def demo():
 @pytest.fixture
 def make_client(aiohttp_client, demo):
     """An HTTP client of a kvgate app over the demo model: `await make_client(**sections)`,
-    sections of the configuration on top of a 256-block GPU pool and integrity checks."""
+    sections of the configuration on top of a 256-block GPU pool, no host or disk tier (a
+    test turns them on with explicit sizes) and integrity checks."""
     from aiohttp.test_utils import TestServer
 
     from gateway.app import init_app
@@ -126,7 +141,9 @@ def make_client(aiohttp_client, demo):
             return make_runner(self.app, **kwargs)
 
     async def make(loaded=None, **sections):
-        doc = {"store": {"gpu": {"num_blocks": 256}}, "engine": {"check_integrity": True}, **sections}
+        store = {"gpu": {"num_blocks": 256}, "host": {"enabled": False}, "disk": {"enabled": False}}
+        store.update(sections.pop("store", {}))
+        doc = {"store": store, "engine": {"check_integrity": True}, **sections}
         app = init_app(build_config(doc), loaded=loaded or demo)
         return await aiohttp_client(KvgateTestServer(app))
     return make

@@ -18,7 +18,8 @@ BS = 4
 
 
 def make_engine(path: str, gpu: int = 64, host: int = 0, disk: str = "", disk_blocks: int = 0,
-                max_batched: int = 32, max_seqs: int = 16, fused: bool = True) -> Engine:
+                max_batched: int = 32, max_seqs: int = 16, fused: bool = True,
+                write_policy: str = "all") -> Engine:
     """On the CPU the engine keeps transformers' layers; `fused` fuses them eagerly anyway, so
     that the fused arithmetic is what these tests compare with transformers (on CUDA the
     engine fuses and compiles them itself)."""
@@ -27,7 +28,8 @@ def make_engine(path: str, gpu: int = 64, host: int = 0, disk: str = "", disk_bl
     if fused and loaded.device.type == "cpu":
         fuse(loaded.model, compiled=False)
     store = StoreConfig(block_size=BS, gpu_blocks=gpu, host_blocks=host, disk_path=disk,
-                        disk_max_bytes=disk_blocks * (loaded.block_layout(BS).block_bytes + 512))
+                        disk_max_bytes=disk_blocks * (loaded.block_layout(BS).block_bytes + 512),
+                        write_policy=write_policy)
     return Engine(loaded, EngineConfig(max_num_seqs=max_seqs, max_num_batched_tokens=max_batched,
                                        block_size=BS, check_integrity=True), store)
 

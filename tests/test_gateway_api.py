@@ -12,7 +12,12 @@ from tests.http_util import MODEL, chat, metric, sse
 
 async def test_models_and_health(make_client):
     client = await make_client()
-    assert (await (await client.get("/health")).json()) == {"status": "ok"}
+    health = await (await client.get("/health")).json()
+    assert health["status"] == "ok"          # and what each tier got (make_client turns host and disk off)
+    block_bytes = client.app[ENGINE].store.layout.block_bytes
+    assert health["tiers"]["gpu"] == {"enabled": True, "blocks": 256, "bytes": 256 * block_bytes, "sized": "configured"}
+    assert health["tiers"]["host"] == {"enabled": False, "blocks": 0, "bytes": 0, "note": "store.host.enabled = false"}
+    assert health["tiers"]["disk"] == {"enabled": False, "blocks": 0, "bytes": 0, "note": "store.disk.enabled = false"}
     body = await (await client.get("/v1/models")).json()
     assert body["data"][0]["id"] == MODEL and body["object"] == "list"
 

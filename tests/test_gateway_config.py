@@ -48,8 +48,9 @@ def test_set_overrides_take_toml_values_or_bare_strings(tmp_path):
     ({"server": {"port": 70000}}, "server.port must be an int in 1..65535"),
     ({"model": {"dtype": "float64"}}, "model.dtype must be one of float32, bfloat16, float16"),
     ({"engine": {"max_num_seqs": 0}}, "engine.max_num_seqs must be >= 1"),
-    ({"store": {"disk": {"path": "/x"}}}, "store.disk.max_bytes must be an int > 0"),
-    ({"store": {"disk": {"path": "/x", "max_bytes": 10**9}}}, "store.host.num_blocks must be > 0 when"),
+    ({"store": {"disk": {"write_policy": "lru"}}}, "store.disk.write_policy must be one of auto, all, second-use"),
+    ({"store": {"disk": {"enabled": False, "path": "/x"}}}, "store.disk.path must be unset when store.disk.en"),
+    ({"store": {"host": {"memory_fraction": 0}}}, r"store.host.memory_fraction must be a float in \(0, 0.9\]"),
     ({"store": {"gpu": {"memory_fraction": 1.5}}}, "store.gpu.memory_fraction"),
     ({"store": {"cpu": {}}}, r"unknown section \[store.cpu\]"),
     ({"tenants": [{"name": "a"}]}, "exactly one of api_key and api_key_env"),
@@ -97,4 +98,5 @@ def test_a_disk_tier_that_cannot_be_made_is_one_line_and_exit_2(tmp_path, capsys
     out = capsys.readouterr()
     assert code == 2 and "serving" not in out.out
     lines = out.err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("kvgate: configuration error: store.disk.path: cannot open")
+    assert len(lines) == 1 and lines[0].startswith("kvgate: configuration error: store.disk.path: ")
+    assert lines[0].endswith("is not a directory")

@@ -245,7 +245,7 @@ async def test_write_queue_over_budget_drops_blocks_cleanly(tmp_path):
     store = make_store(tmp_path, gpu=2, host=2, disk_blocks=64)
     store.disk.max_pending_bytes = 2 * store.disk.value_bytes
     for i in range(1, 6):
-        run_request(store, i, prompt(i, n_blocks=2))   # no flush: the queue fills up
+        run_request(store, i, prompt(i, n_blocks=2), flush=False)   # the queue fills up
     assert store.stats().disk.pending_full > 0
     store.check_integrity()
     await store.flush()
@@ -282,6 +282,7 @@ async def test_a_held_prefetch_survives_other_requests_until_admitted(tmp_path):
     m = store.match(store.root_key(), prompt(2))
     await store.prefetch(m, hold="aborted")
     store.unhold("aborted")                              # the request ended before admission
+    await store.flush()                                  # host blocks it evicted, being written
     store.check_integrity()
     assert store.stats().tiers[Tier.HOST].locked == 0 and store.stats().tiers[Tier.GPU].locked == 0
     store.close()

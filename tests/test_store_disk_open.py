@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from store import Tier, lmdb_env
-from store.disk import DiskTier
+from store.disk import BlockRecord, DiskTier
 from store.keys import chain_key
 from store.lmdb_env import CLEAN_FILE, MARK_KEY
 from store.record import _PREFIX, RecordFormat
@@ -231,22 +231,27 @@ def test_write_failures_are_logged_once_pause_the_writes_and_recover(tmp_path, c
 
 def test_a_failed_write_racing_a_requeue_keeps_the_accounting(tmp_path):
     lost = []
-    disk = DiskTier(str(tmp_path / "kv"), FINGERPRINT, LAYOUT, max_bytes=1 << 20, on_lost=lost.extend)
+    disk = DiskTier(str(tmp_path / "kv"), FINGERPRINT, LAYOUT, max_bytes=1 << 20)
     key, other = chain_key(b"\x00" * 16, b"a" * 16), chain_key(b"\x00" * 16, b"b" * 16)
-    v1 = disk.encode(b"\x00" * 16, b"a" * 16, 0, 0, torch.zeros(LAYOUT.block_shape))
-    v2 = disk.encode(b"\x00" * 16, b"a" * 16, 0, 5, torch.ones(LAYOUT.block_shape))
-    disk.put(key, v1)
-    disk.put(other, disk.encode(b"\x00" * 16, b"b" * 16, 0, 0, torch.zeros(LAYOUT.block_shape)))
+
+    def record(tokens, priority, fill):
+        return BlockRecord(b"\x00" * 16, tokens, 0, priority, torch.full(LAYOUT.block_shape, fill),
+                           done=lambda ok: ok or lost.append(tokens))
+    v2 = record(b"a" * 16, 5, 1.0)
+    disk.put(key, record(b"a" * 16, 0, 0.0))
+    disk.put(other, record(b"b" * 16, 0, 0.0))
     batch = disk._take_batch()                 # on its way to LMDB ...
     disk.put(key, v2)                          # ... when the block is queued again
     disk._after_batch(batch, [key, other], "injected failure")
-    assert lost == [other]                     # the re-queued record is not lost
-    assert disk.sizes == {key: len(v2)} and disk.used_bytes == len(v2)
-    assert disk._pending[key] is v2
+    assert lost == [b"a" * 16, b"b" * 16]      # both writes failed ...
+    assert disk.sizes == {key: disk.value_bytes} and disk.used_bytes == disk.value_bytes
+    assert disk._pending[key] is v2            # ... but the re-queued record is still accounted
     disk.check_integrity()
     disk.flush_sync()
     with disk._env.begin() as txn:
-        assert bytes(txn.get(key)) == bytes(v2) and txn.get(other) is None
+        assert txn.get(other) is None
+        h, start = disk.format.header(key, txn.get(key))          # the second record, whole
+        assert h["prio"] == 5 and bytes(txn.get(key))[start:] == v2.payload.numpy().tobytes()
     disk.close()
 
 
