@@ -1,16 +1,17 @@
-"""Load or recompute: for each cache hit, the faster way to get its KV back onto the GPU.
+"""Load or recompute: for each cache hit, how its KV gets back onto the GPU.
 
-A block in the host tier costs one host -> GPU copy of its bytes; a block on disk costs a disk
-read into the host tier and that copy; recomputing it costs `block_size` tokens of prefill. The
-rates come from measurements on this machine: prefill speed and host -> GPU bandwidth at
-start-up (`ModelRunner.warmup`), then prefill speed on every step that prefills enough tokens
-to tell, and disk read bandwidth at start-up and on every disk load (`BlockStore.disk_read_rate`).
-A disk load also waits for the loads queued before it. Until a rate is known the policy loads:
-on a CPU deployment, or with a fast disk, loading wins by far.
+A block in the host tier costs one host -> GPU copy of its bytes; recomputing it costs
+`block_size` tokens of prefill. The rates come from measurements on this machine: prefill
+speed and host -> GPU bandwidth at start-up (`ModelRunner.warmup`), then prefill speed on every
+step that prefills enough tokens to tell. Until a rate is known the policy loads: on a CPU
+deployment loading wins by far. Tiers along a cached prefix only get slower (a parent is never
+in a slower tier than its child), so the choice is one cut: load the host part, or recompute
+from its first block.
 
-Tiers along a cached prefix only get slower (a parent is never in a slower tier than its
-child), so the choice is one cut: load the blocks of every tier worth loading, recompute from
-the first block that is not.
+The disk part of a prefix is not a choice between the two: it is computed from the front while
+it is read from the back (store/loader.py), and whichever is faster covers more of it. In "load"
+mode the sequence waits for the read instead. `recomputed_blocks` counts the hits that were
+computed rather than loaded, per tier.
 """
 from __future__ import annotations
 
@@ -29,50 +30,36 @@ class LoadOrRecompute:
         self.prefill_tokens_per_s: float | None = None
         self.host_bytes_per_s: float | None = None    # host -> GPU
         self.recomputed_blocks = {Tier.HOST: 0, Tier.DISK: 0}   # hits recomputed instead of loaded
-        self.queued_disk_blocks = 0       # blocks of the disk loads started and not finished (engine's)
 
     def observe_prefill(self, tokens: int, seconds: float) -> None:
         if tokens >= MIN_PREFILL_TOKENS and seconds > 0:
             self.prefill_tokens_per_s = _ema(self.prefill_tokens_per_s, tokens / seconds)
 
-    def block_load_seconds(self, tier: Tier) -> float | None:
-        """Time to bring one block from `tier` to the GPU; None if not measured yet."""
-        if tier is Tier.GPU:
-            return 0.0
-        if self.host_bytes_per_s is None:
-            return None
-        seconds = self.block_bytes / self.host_bytes_per_s
-        if tier is Tier.DISK:
-            if self.store.disk_read_rate is None:
-                return None
-            seconds += self.block_bytes / self.store.disk_read_rate
-        return seconds
-
-    def worth_loading(self, tier: Tier, blocks: int = 1) -> bool:
-        """Is loading `blocks` blocks from `tier` faster than recomputing them? Disk loads queue
-        behind the loads already in flight (one I/O thread), so their bytes count too."""
-        if self.mode == "load" or tier is Tier.GPU:
+    def worth_loading_from_host(self, blocks: int = 1) -> bool:
+        """Is copying `blocks` host blocks faster than recomputing them?"""
+        if self.mode == "load" or self.host_bytes_per_s is None or self.prefill_tokens_per_s is None:
             return True
-        per_block = self.block_load_seconds(tier)
-        if per_block is None or self.prefill_tokens_per_s is None:
-            return True
-        load = blocks * per_block
-        if tier is Tier.DISK:
-            load += self.queued_disk_blocks * self.block_bytes / self.store.disk_read_rate
-        return load < blocks * self.block_size / self.prefill_tokens_per_s
+        return blocks * self.block_bytes / self.host_bytes_per_s < blocks * self.block_size / self.prefill_tokens_per_s
 
     def slowest_tier_to_load(self, tiers: tuple[Tier, ...]) -> Tier:
-        """The slowest tier worth loading from, for a prefix whose blocks are in `tiers`
-        (recomputation starts at its first block in a slower tier); counts what is recomputed."""
-        limit = Tier.GPU
-        for tier in (Tier.HOST, Tier.DISK):
-            if not self.worth_loading(tier, max(1, sum(t is tier for t in tiers))):
-                break
-            limit = tier
+        """HOST if the host part of a prefix whose blocks are in `tiers` is worth loading (the
+        disk part is then loaded and computed at once), else GPU: everything past the GPU part
+        is recomputed, and counted."""
+        if self.worth_loading_from_host(max(1, sum(t is Tier.HOST for t in tiers))):
+            return Tier.HOST
         for tier in tiers:
-            if tier > limit:
+            if tier > Tier.GPU:
                 self.recomputed_blocks[tier] += 1
-        return limit
+        return Tier.GPU
+
+    def compute_share(self) -> float:
+        """The share of a disk part the front should compute while the rest is read: the
+        computing rate over both rates (in KV bytes/s), so that both finish together."""
+        read = self.store.disk_read_rate
+        if self.prefill_tokens_per_s is None or read is None:
+            return 0.5
+        compute = self.prefill_tokens_per_s * self.block_bytes / self.block_size
+        return compute / (compute + read)
 
     def rates(self) -> dict[str, float | None]:
         return dict(prefill_tokens_per_s=self.prefill_tokens_per_s, host_bytes_per_s=self.host_bytes_per_s,

@@ -32,7 +32,7 @@ from engine.runner import ModelRunner
 from engine.sampling import SamplingParams
 from engine.scheduler import Chunk, Scheduler
 from engine.sequence import RequestOutput, Sequence, Status
-from store import BlockStore, PrefixMatch, StoreConfig, Tier
+from store import BlockStore, StoreConfig, Tier
 
 log = logging.getLogger("kvgate.engine")
 
@@ -46,17 +46,16 @@ class Engine:
         self.config = config
         self.store = BlockStore(store_config, loaded.block_layout(config.block_size), loaded.fingerprint,
                                 device=loaded.device)
-        self.scheduler = Scheduler(config, self.store, self._prefetch_from_disk)
-        self.runner = ModelRunner(loaded, self.store, config.max_num_seqs)
         self.costs = LoadOrRecompute(self.store, config.load_or_recompute)
+        self._wakeup = asyncio.Event()
+        self.scheduler = Scheduler(config, self.store, self.costs, self._wakeup.set)
+        self.runner = ModelRunner(loaded, self.store, config.max_num_seqs)
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="kvgate-forward")   # forward passes
         self._requests: dict[str, Sequence] = {}
         self._in_flight: set[Sequence] = set()   # the current step's sequences, until postprocessed
         self._arrivals = itertools.count()
-        self._wakeup = asyncio.Event()
         self._loop_task: asyncio.Task | None = None
         self._stopping = False
-        self._prefetches: set[asyncio.Task] = set()
         self.integrity_error: AssertionError | None = None   # the first broken invariant seen
 
     # ---- lifecycle --------------------------------------------------------------------------
@@ -82,7 +81,6 @@ class Engine:
             await self._loop_task
             self._loop_task = None
         try:
-            await asyncio.gather(*self._prefetches, return_exceptions=True)
             if persist:
                 self.store.persist()
             await self.store.flush()
@@ -97,7 +95,8 @@ class Engine:
     def submit(self, prompt_ids: Seq[int], params: SamplingParams, priority: int = 0,
                namespace: str = "", request_id: str | None = None) -> RequestStream:
         """Validate and queue a request; raises InvalidRequest (and queues nothing). Its
-        disk-resident prefix blocks start loading at once, while it waits."""
+        disk-resident prefix blocks start loading at once, from the last one back, while it
+        waits and then while it computes the first ones (store/loader.py)."""
         request_id = request_id or uuid.uuid4().hex
         self._validate(request_id, prompt_ids, params, priority)
         prompt = list(prompt_ids)
@@ -111,7 +110,8 @@ class Engine:
                        Detokenizer(self.loaded.tokenizer, params.stop), generator, found=match.tiers,
                        max_tier=self.costs.slowest_tier_to_load(match.tiers))
         self._requests[request_id] = seq
-        self._prefetch_from_disk(seq, match)
+        if seq.max_tier is Tier.HOST and Tier.DISK in match.tiers:   # compute and load at once
+            self.store.start_load(request_id, match, on_progress=self._wakeup.set)
         self.scheduler.add(seq)
         self._wakeup.set()
         return RequestStream(self, seq)
@@ -157,42 +157,6 @@ class Engine:
                                  f"{self.store.gpu.num_blocks}", "max_tokens", "context_length_exceeded")
         if params.stop and self.loaded.tokenizer is None:
             raise InvalidRequest("stop strings need a tokenizer; this model has none", "stop")
-
-    def _prefetch_from_disk(self, seq: Sequence, match: PrefixMatch | None = None) -> bool:
-        """Start loading the disk-resident part of `seq`'s cached prefix (once per request, if
-        loading is worth it); the scheduler admits it when the load is done. Called at submit
-        (with its match), where it loads only into free host slots: requests far back in the
-        queue must not evict what the ones before them loaded; and at admission, where it loads
-        what went to disk while the request waited, or what did not fit at submit."""
-        if seq.prefetched or seq.max_tier is not Tier.DISK or self.store.disk is None:
-            return False
-        free = self.store.host.num_free - self.costs.queued_disk_blocks   # loads not started yet
-        if match is not None and sum(t is Tier.DISK for t in match.tiers) > free:
-            return False
-        if match is None:
-            match = self.store.match(seq.root, seq.token_ids, max_tokens=len(seq.token_ids) - 1)
-            seq.found = tuple(max(t, seq.found[i]) if i < len(seq.found) else t   # slowest seen
-                              for i, t in enumerate(match.tiers))
-        if Tier.DISK not in match.tiers:
-            return False
-        seq.ready, seq.prefetched = False, True
-        self.costs.queued_disk_blocks += sum(t is Tier.DISK for t in match.tiers)
-        task = asyncio.get_running_loop().create_task(self._prefetch(seq, match))
-        self._prefetches.add(task)
-        task.add_done_callback(self._prefetches.discard)
-        return True
-
-    async def _prefetch(self, seq: Sequence, match: PrefixMatch) -> None:
-        try:
-            await self.store.prefetch(match, hold=seq.request_id)   # kept until admitted or finished
-        except Exception:  # a failed load is only a cache miss
-            log.exception("prefetch for %s failed; its prefix will be recomputed", seq.request_id)
-        finally:
-            self.costs.queued_disk_blocks -= sum(t is Tier.DISK for t in match.tiers)
-        if seq.status is Status.FINISHED:
-            self.store.unhold(seq.request_id)
-        seq.ready = True
-        self._wakeup.set()
 
     # ---- the loop ---------------------------------------------------------------------------
 
@@ -319,8 +283,8 @@ class Engine:
     def check_integrity(self) -> None:
         """Assert the engine's invariants, then the store's (nothing locked without an owner,
         every slot accounted): every live request is in exactly one scheduler queue, the store
-        holds blocks for exactly the admitted ones, and every prefetch hold belongs to a live
-        request still waiting for admission. Run after every step and when idle with
+        holds blocks for exactly the admitted ones, and every disk load belongs to a live
+        request. Run after every step and when idle with
         `engine.check_integrity` (tests); cheap enough for them, not for production."""
         self.store.check_integrity()
         live = set(self._requests)
@@ -333,7 +297,7 @@ class Engine:
         admitted = by_status[Status.RUNNING] | by_status[Status.SWAPPED]
         assert self.store.sequence_ids() == admitted, \
             f"store sequences {sorted(self.store.sequence_ids())} != admitted requests {sorted(admitted)}"
-        assert self.store.hold_ids() <= by_status[Status.WAITING], "a prefetch hold without a waiting owner"
+        assert self.store.load_ids() <= live, "a disk load without a live request"
 
     @property
     def max_sequence_tokens(self) -> int:

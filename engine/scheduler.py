@@ -12,6 +12,10 @@ without recomputation (or, if the host tier cannot take them, dropped and recomp
 prefix cache usually makes that cheap). A waiting request that is more urgent than a running
 one may preempt it the same way.
 
+A prompt whose cached prefix is partly on disk computes from the front while the store reads
+the disk part from the back; when the computed front reaches the blocks read, they are copied
+in and the prompt jumps ahead (`_tokens_to_compute`).
+
 A request whose admission or growth fails for any reason other than a lack of blocks is put in
 the plan's `failed` list (the engine ends it with an error); it never fails the others.
 """
@@ -19,11 +23,13 @@ from __future__ import annotations
 
 import heapq
 import logging
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from engine.config import EngineConfig
+from engine.costs import LoadOrRecompute
 from engine.sequence import Sequence, Status
 from store import BlockStore, OutOfBlocks, Tier, block_keys, token_bytes
 
@@ -51,11 +57,12 @@ class Plan:
 
 
 class Scheduler:
-    def __init__(self, config: EngineConfig, store: BlockStore,
-                 prefetch: Callable[[Sequence], bool] = lambda seq: False) -> None:
+    def __init__(self, config: EngineConfig, store: BlockStore, costs: LoadOrRecompute,
+                 wakeup: Callable[[], None] = lambda: None) -> None:
         self.config = config
         self.store = store
-        self.prefetch = prefetch    # starts loading a request's disk blocks first; True if it did
+        self.costs = costs
+        self.wakeup = wakeup        # a disk load made progress: schedule again
         self.running: list[Sequence] = []
         self._waiting: list[tuple[tuple[int, int], Sequence]] = []  # heap by urgency
         self.num_preemptions = 0
@@ -79,7 +86,9 @@ class Scheduler:
                 break
             if seq.status is not Status.RUNNING:   # preempted earlier in this loop
                 continue
-            n = min(len(seq.token_ids) - seq.num_computed, budget)
+            n = self._tokens_to_compute(seq, budget)
+            if n == 0:                              # waiting for its disk blocks ("load" mode)
+                continue
             try:
                 reserved = self._reserve(seq, n, chunks)
             except Exception:
@@ -108,13 +117,12 @@ class Scheduler:
 
     def _admit_waiting(self, plan: Plan) -> None:
         chunks = plan.chunks
-        skipped = []   # not ready (prefetching), or its prefix is being computed: keeps its place
+        skipped = []   # its prefix is being computed by another: keeps its place
         budget = lambda: self.config.max_num_batched_tokens - sum(c.num_tokens for c in chunks)  # noqa: E731
         computing = self._prefix_keys_in_prefill() if self._waiting else set()
         while self._waiting and budget() > 0 and len(self.running) < self.config.max_num_seqs:
             _, seq = heapq.heappop(self._waiting)
-            if not seq.ready or (seq.status is Status.WAITING and (
-                    self.prefetch(seq) or (computing and not computing.isdisjoint(self._prompt_keys(seq))))):
+            if seq.status is Status.WAITING and computing and not computing.isdisjoint(self._prompt_keys(seq)):
                 skipped.append(seq)
                 continue
             try:
@@ -126,11 +134,39 @@ class Scheduler:
             if not admitted:
                 heapq.heappush(self._waiting, (seq.urgency(), seq))
                 break
-            n = min(len(seq.token_ids) - seq.num_computed, budget())
-            chunks.append(Chunk(seq, seq.num_computed, n))
+            n = self._tokens_to_compute(seq, budget())
+            if n:
+                chunks.append(Chunk(seq, seq.num_computed, n))
             computing.update(self._prompt_keys(seq)[seq.num_computed // self.store.block_size:])
         for seq in skipped:
             heapq.heappush(self._waiting, (seq.urgency(), seq))
+
+    def _tokens_to_compute(self, seq: Sequence, budget: int) -> int:
+        """The tokens `seq` computes this step: what it has left, within `budget`. A prompt whose
+        disk blocks are being read takes the blocks read once its front has reached them, and
+        meanwhile computes its share of the gap (`LoadOrRecompute.compute_share`; "load" mode:
+        none) each time the read makes progress. 0 = it waits for its blocks this step."""
+        limit = len(seq.token_ids)
+        if seq.num_computed < seq.prompt_len:
+            step = self.store.advance_load(seq.request_id, seq.num_computed)
+            if step is not None and step.filled:
+                front = seq.num_computed // self.store.block_size
+                seq.num_computed = (front + step.filled) * self.store.block_size
+                seq.cached_tokens[Tier.DISK] += step.filled * self.store.block_size
+                self.costs.recomputed_blocks[Tier.DISK] += front - step.first
+            elif step is not None and step.compute_until is None:    # read nothing: computes all
+                self.costs.recomputed_blocks[Tier.DISK] += step.end - step.first
+            elif step is not None and step.reading_done:    # the rest will not come: compute to it
+                limit = step.compute_until
+            elif step is not None and step.batches != seq.load_batches_seen:
+                # the read moved (or just began): the front takes its share of the gap left, so
+                # that both would end together; then it waits for the read's next batch
+                seq.load_batches_seen = step.batches
+                share = 0 if self.costs.mode == "load" else self.costs.compute_share()
+                limit = seq.num_computed + math.ceil((step.compute_until - seq.num_computed) * share)
+            elif step is not None:
+                limit = seq.num_computed
+        return max(0, min(limit - seq.num_computed, budget))
 
     def _prefix_keys_in_prefill(self) -> set[bytes]:
         """Keys of the prompt blocks running sequences have yet to compute (this step's chunks
@@ -160,6 +196,8 @@ class Scheduler:
                     blocks = self.store.admit(seq.request_id, seq.root, seq.token_ids, seq.priority,
                                               max_cached_tokens=len(seq.token_ids) - 1, max_tier=seq.max_tier)
                     seq.num_computed = blocks.num_cached_tokens
+                    if len(blocks.tiers) < len(seq.found) and seq.max_tier is Tier.HOST:
+                        self._load_rest(seq)      # part of its prefix went to disk while it waited
                     if seq.cached_tokens is None:
                         seq.cached_tokens = _cached_by_tier(seq.found, blocks.tiers, self.store.block_size)
                         seq.queued_s = time.monotonic() - seq.submitted_at
@@ -174,6 +212,12 @@ class Scheduler:
         seq.status = Status.RUNNING
         self.running.append(seq)
         return True
+
+    def _load_rest(self, seq: Sequence) -> None:
+        """Start reading the disk part of an admitted sequence's prefix, if it has one now."""
+        match = self.store.match(seq.root, seq.token_ids, max_tokens=seq.prompt_len - 1)
+        if Tier.DISK in match.tiers and seq.request_id not in self.store.load_ids():
+            self.store.start_load(seq.request_id, match, on_progress=self.wakeup)
 
     def preempt(self, seq: Sequence) -> None:
         """Take `seq` off the GPU: swap it out, or drop its KV if the host cannot take it."""
@@ -198,7 +242,7 @@ class Scheduler:
         if seq.status in (Status.RUNNING, Status.SWAPPED):
             self.store.release(seq.request_id)
         else:
-            self.store.unhold(seq.request_id)     # a prefetch may be keeping its prefix
+            self.store.drop_load(seq.request_id)    # a disk load may have started at submit
         seq.status = Status.FINISHED
 
 

@@ -23,7 +23,7 @@ class Status(enum.Enum):
 @dataclass(frozen=True)
 class RequestOutput:
     """One streamed delta. `cached_tokens` counts prompt tokens served from the cache, by the
-    slowest tier each block came through (a disk hit prefetched to host counts as disk)."""
+    slowest tier each block came through (a block read from disk counts as disk)."""
     request_id: str
     token_ids: list[int]                  # new tokens in this delta
     text: str                             # new text in this delta
@@ -52,13 +52,12 @@ class Sequence:
     found: tuple[Tier, ...] = ()      # where each prefix block was when the request arrived
     status: Status = Status.WAITING
     num_computed: int = 0             # tokens whose KV is in the cache
-    ready: bool = True                # False while its disk blocks are being prefetched
-    prefetched: bool = False          # a prefetch was started (at most one per request)
     max_tier: Tier = Tier.HOST        # cached blocks in slower tiers are recomputed (engine/costs.py)
     cached_tokens: dict[Tier, int] | None = None   # set at first admission
     submitted_at: float = field(default_factory=time.monotonic)
     queued_s: float | None = None                  # submission to first admission
     prompt_keys: list[bytes] | None = None         # keys of the prompt's full blocks (the scheduler's)
+    load_batches_seen: int = -1                    # its disk read's progress when last scheduled
     finish_reason: str | None = None
     outputs: asyncio.Queue[RequestOutput] = field(default_factory=asyncio.Queue)
 

@@ -2,7 +2,7 @@
 
 Knows nothing of models or HTTP. See docs/store.md.
 """
-from store.block_store import BlockStore, PrefixMatch, SeqBlocks, StoreConfig
+from store.block_store import BlockStore, LoadStep, PrefixMatch, SeqBlocks, StoreConfig
 from store.errors import DiskTierError, OutOfBlocks, StoreError
 from store.keys import block_keys, chain_key, root_key, token_bytes
 from store.placement import WRITE_POLICIES
@@ -10,7 +10,7 @@ from store.pool import BlockLayout, Tier
 from store.stats import StoreStats, TierStats
 
 __all__ = [
-    "BlockLayout", "BlockStore", "DiskTierError", "OutOfBlocks", "PrefixMatch", "SeqBlocks",
+    "BlockLayout", "BlockStore", "LoadStep", "DiskTierError", "OutOfBlocks", "PrefixMatch", "SeqBlocks",
     "StoreConfig", "StoreError", "StoreStats", "Tier", "TierStats", "block_keys", "chain_key",
     "root_key", "token_bytes", "WRITE_POLICIES",
 ]

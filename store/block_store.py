@@ -16,7 +16,7 @@ import collections
 import dataclasses
 import logging
 import math
-from collections.abc import Hashable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -75,6 +75,17 @@ class PrefixMatch:
     root: bytes
     nodes: tuple[Node, ...]
     tiers: tuple[Tier, ...]
+
+
+@dataclass(frozen=True)
+class LoadStep:
+    """Where a sequence's load stands (`BlockStore.advance_load`)."""
+    first: int                     # its first disk block: blocks first .. front-1 were computed
+    end: int                       # the end of its disk part
+    filled: int                    # blocks just copied in at the computed front (the load ended)
+    compute_until: int | None      # the front may compute up to this token (the loaded part's start)
+    reading_done: bool             # no more blocks will be read
+    batches: int = 0               # batches read so far (the read's progress)
 
 
 @dataclass
@@ -141,13 +152,47 @@ class BlockStore:
                                  limit // self.block_size)
         return PrefixMatch(root, tuple(nodes), tuple(n.fastest for n in nodes))
 
-    async def prefetch(self, match: PrefixMatch, hold: Hashable | None = None) -> int:
+    async def prefetch(self, match: PrefixMatch) -> int:
         """Load the disk-only blocks of `match` into the host tier (see `DiskLoader.prefetch`):
-        `admit` then finds them there. With `hold`, they stay locked for sequence `hold`."""
-        return await self.loader.prefetch(match, hold if hold not in self._seqs else None)
+        `admit` then finds them there."""
+        return await self.loader.prefetch(match)
 
-    def unhold(self, hold: Hashable) -> None:
-        self.loader.unhold(hold)
+    # ---- compute and load at once (see store/loader.py) --------------------------------------
+
+    def start_load(self, seq_id: Hashable, match: PrefixMatch, on_progress: Callable[[], None] = lambda: None) -> int:
+        """Start reading the disk-only blocks of `match` (the cached prefix of sequence `seq_id`'s
+        prompt) from the back, while the sequence computes from the front (`advance_load`).
+        All sequences' loads together hold at most 3/4 of the host pool; `on_progress` is called
+        on the event loop as blocks arrive and when the load ends. Returns the blocks to read."""
+        first = next((i for i, t in enumerate(match.tiers) if t is Tier.DISK), len(match.tiers))
+        held = sum(len(sl.slots) for sl in self.loader.sequence_loads())
+        load = self.loader.start(seq_id, list(match.nodes), first, self.host.num_blocks * 3 // 4 - held,
+                                 on_progress)
+        return len(load.items) if load else 0
+
+    def advance_load(self, seq_id: Hashable, num_computed: int) -> LoadStep | None:
+        """For an admitted sequence with a load: once its computed front (`num_computed`
+        tokens) has reached the loaded blocks, copy them into its GPU slots and end the load.
+        None if it has no load."""
+        front = num_computed // self.block_size
+        load = self.loader.progress(seq_id, front)
+        if load is None:
+            return None
+        first, end = load.first, load.end
+        front, host_slots = self.loader.take(seq_id, front)
+        if host_slots:
+            seq = self._seqs[seq_id]
+            self.copier.to_gpu(host_slots, seq.slots[front:front + len(host_slots)])
+            self.host.free(host_slots)   # later copies into them queue behind this one
+            self.placement.count_promotions(Tier.DISK, len(host_slots))
+            return LoadStep(first, end, len(host_slots), None, True)
+        if front >= end or load.done and load.loaded_from >= end:   # computed past it, or read nothing
+            self.loader.drop(seq_id)
+            return LoadStep(first, end, 0, None, True)
+        return LoadStep(first, end, 0, load.loaded_from * self.block_size, load.done, load.batches)
+
+    def drop_load(self, seq_id: Hashable) -> None:
+        self.loader.drop(seq_id)
 
     async def measure_disk_read(self) -> float | None:
         return await self.loader.measure()
@@ -195,7 +240,6 @@ class BlockStore:
         seq = SeqBlocks(seq_id, root, priority, [n.gpu_slot for n in nodes] + owned, nodes, set(owned),
                         tiers, self.block_size)
         self._seqs[seq_id] = seq
-        self.loader.unhold(seq_id)        # its prefetch's hold, if any: the sequence's locks now
         return seq
 
     def grow(self, seq_id: Hashable, num_tokens: int) -> list[int]:
@@ -244,6 +288,7 @@ class BlockStore:
         """End a sequence (finished, aborted, failed; running or swapped out): its indexed
         blocks stay cached."""
         seq = self._seqs.pop(seq_id)
+        self.loader.drop(seq_id)
         self.placement.unlock(seq.path)
         self.gpu.free(sorted(seq.owned))
         self.host.free(seq.swapped)
@@ -255,6 +300,7 @@ class BlockStore:
         block (the host blocks evicted for it stay evicted)."""
         seq = self._seqs[seq_id]
         assert not seq.swapped, f"{seq_id!r} is already swapped out"
+        self.loader.drop(seq_id)          # it recomputes from its front when resumed
         if len(seq.slots) > self.host.num_free + self.index.num_cached[Tier.HOST]:
             raise OutOfBlocks(f"host tier cannot take the {len(seq.slots)} blocks of {seq_id!r}")
         host_slots = self.placement.reserve_host(len(seq.slots))
@@ -281,9 +327,9 @@ class BlockStore:
         """The admitted sequences (running or swapped out)."""
         return set(self._seqs)
 
-    def hold_ids(self) -> set[Hashable]:
-        """The sequences a prefetched prefix is held for (see `prefetch`)."""
-        return self.loader.hold_ids()
+    def load_ids(self) -> set[Hashable]:
+        """The sequences with a load in progress (see `start_load`)."""
+        return self.loader.sequence_load_ids()
 
     def block_table(self, seq_id: Hashable) -> list[int]:
         return self._seqs[seq_id].slots
@@ -312,8 +358,8 @@ class BlockStore:
             self.disk.close()
 
     def stats(self) -> StoreStats:
-        host_held = sum(len(ld.slots) for ld in self.loader.loads)
-        host_held += sum(len(s.swapped) for s in self._seqs.values()) + len(self.placement.writing_slots)
+        host_held = len(self.loader.reserved_slots()) + len(self.placement.writing_slots)
+        host_held += sum(len(s.swapped) for s in self._seqs.values())
         owned = sum(len(s.owned) for s in self._seqs.values())
         disk = self.disk
         disk_capacity = disk.max_bytes // disk.value_bytes if disk else 0
@@ -338,12 +384,11 @@ class BlockStore:
         for t in (Tier.GPU, Tier.HOST):
             s = stats.tiers[t]
             assert s.free + s.cached + s.locked == s.capacity, f"{t.name}: {s}"
-        loads = self.loader.loads
         expected_locks = collections.Counter(n for s in self._seqs.values() for n in s.path)
         for path in self.loader.locked_paths():
             expected_locks.update(path)
         self.placement.check_integrity([s for seq in self._seqs.values() for s in seq.owned],
-                                       [s for ld in loads for s in ld.slots] +
+                                       self.loader.reserved_slots() +
                                        [s for seq in self._seqs.values() for s in seq.swapped])
         for seq in self._seqs.values():
             for i, slot in enumerate(seq.slots):

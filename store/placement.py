@@ -69,6 +69,10 @@ class Placement:
         for t in tiers:
             self.counters[t].hits += 1
 
+    def count_promotions(self, tier: Tier, n: int) -> None:
+        """Blocks brought up from `tier` outside the index's moves (a sequence's own load)."""
+        self.counters[tier].promotions += n
+
     @property
     def writing_slots(self) -> list[int]:
         """Host slots reserved for disk writes in flight."""

@@ -147,3 +147,69 @@ async def test_persist_writes_only_blocks_whose_parent_is_on_disk(tmp_path):
     await store.flush()
     store.check_integrity()
     store.close()
+
+
+def blocks(seed: int, n: int = 2) -> list[int]:
+    """A prompt of `n` full blocks of the store tests' size (4 tokens)."""
+    return [seed * 100 + i for i in range(4 * n)]
+
+
+@pytest.mark.parametrize("policy,written,skipped", [
+    ("all", ["a", "b", "reused"], 0),                  # every block that leaves the host tier
+    ("second-use", ["reused"], 6),                     # only blocks two sequences used
+    ("shutdown", [], 8),                               # none while serving
+])
+async def test_the_write_policy_decides_which_blocks_leaving_the_host_tier_are_written(
+        tmp_path, policy, written, skipped):
+    store = make_store(tmp_path, gpu=2, host=2, disk_blocks=32, write_policy=policy)
+    prompts = {"a": blocks(1), "b": blocks(2), "reused": blocks(3)}
+    run_request(store, "a", prompts["a"])
+    run_request(store, "reused", prompts["reused"])
+    run_request(store, "reused-again", prompts["reused"])        # its second use
+    run_request(store, "b", prompts["b"])
+    for i in range(4, 7):             # pushes all three down and out (and blocks(4) through host)
+        run_request(store, i, blocks(i))
+    on_disk = [name for name, p in prompts.items()
+               if store.match(store.root_key(), p).tiers == (Tier.DISK,) * 2]
+    assert on_disk == written
+    assert store.stats().writes_skipped.get("policy", 0) == skipped
+    store.check_integrity()
+    if policy == "shutdown":                                     # ... and everything at the end
+        assert store.persist() == 4 and store.stats().disk.pending_full == 0
+    await store.flush()
+    store.close()
+
+
+async def test_auto_writes_everything_until_the_queue_is_half_full_then_only_reused_blocks(tmp_path):
+    store = make_store(tmp_path, gpu=2, host=2, disk_blocks=64, write_policy="auto")
+    store.disk.max_pending_bytes = 4 * store.disk.value_bytes    # half full = 2 records queued
+    run_request(store, "single", blocks(1), flush=False)
+    run_request(store, "reused", blocks(2), flush=False)
+    run_request(store, "reused-again", blocks(2), flush=False)   # used twice
+    for i in range(3, 6):                                        # no time for the writes to land
+        run_request(store, i, blocks(i), flush=False)
+    on_disk = [i for i in range(1, 6) if store.match(store.root_key(), blocks(i)).tiers == (Tier.DISK,) * 2]
+    # blocks(1) left the host tier while the queue was empty and filled it to half; blocks(2)
+    # were reused, so written all the same; blocks(3) were not: skipped and counted
+    assert on_disk == [1, 2]
+    assert store.stats().writes_skipped["policy"] == 2
+    await store.flush()
+    store.check_integrity()
+    store.close()
+
+
+async def test_a_full_host_tier_still_takes_a_preempted_sequence_by_evicting_cached_blocks(tmp_path):
+    """Preemption swaps to the host tier whenever the host tier could hold it: cached host blocks
+    (even ones still being written to disk) make room; recomputation is the last resort."""
+    store = make_store(tmp_path, gpu=4, host=4, disk_blocks=64)
+    for i in range(1, 5):
+        run_request(store, i, blocks(i), flush=False)            # the host tier fills with cached blocks
+    assert store.stats().tiers[Tier.HOST].free == 0
+    seq = store.admit("running", store.root_key(), blocks(9, 4))
+    write_kv(store, seq, blocks(9, 4))
+    store.swap_out("running")                                    # 4 blocks: every cached host block goes
+    assert len(store._seqs["running"].swapped) == 4
+    store.check_integrity()
+    store.release("running")
+    await store.flush()
+    store.close()

@@ -1,0 +1,95 @@
+"""Compute and load at once: a prompt whose cached prefix is on disk computes its share of it
+from the front while the rest is read from the back; the two meet, the blocks read are copied
+in, and the output is still exactly `transformers.generate`'s. And the "load" mode, which waits."""
+import asyncio
+import random
+
+import pytest
+
+from store import Tier
+from tests.engine_util import BS, collect, greedy, make_engine, run
+from tests.models import build_model_dir, hf_greedy
+
+
+def prompt(seed: int, n: int) -> list[int]:
+    rng = random.Random(seed)
+    return [rng.randrange(3, 256) for _ in range(n)]
+
+
+@pytest.fixture
+def llama(model_root) -> str:
+    return build_model_dir(model_root, "llama")
+
+
+async def restarted_with_a_gated_disk(llama, tmp_path, cached: list[int], mode: str = "auto"):
+    """An engine whose disk tier holds `cached` (and nothing else), with disk reads held at a
+    gate until the test opens it, and rates that make computing and reading equally fast."""
+    disk = str(tmp_path / "kv")
+    first = make_engine(llama, gpu=64, host=16, disk=disk, disk_blocks=256)
+    await first.start()
+    await run(first, cached, greedy(1))
+    await first.stop()                                # persists it
+    engine = make_engine(llama, gpu=64, host=16, disk=disk, disk_blocks=256, max_batched=64)
+    engine.costs.mode = mode
+    await engine.start()
+    engine.costs.prefill_tokens_per_s = 1000.0        # tokens/s; a block's KV is read as fast:
+    engine.store.disk_read_rate = 1000.0 * engine.store.layout.block_bytes / BS   # share 1/2
+    gate = asyncio.Event()
+    real = engine.store.disk.load
+
+    async def gated(items, sink):
+        await gate.wait()
+        return await real(items, sink)
+    engine.store.disk.load = gated
+    return engine, gate
+
+
+async def settle(engine, seq, until) -> None:
+    """Let the engine run (its steps run on a thread) until `until(seq)` holds, for 10 s at most."""
+    for _ in range(2000):
+        if until(seq):
+            return
+        await asyncio.sleep(0.005)
+    raise AssertionError(f"engine did not reach the state: num_computed={seq.num_computed}")
+
+
+@pytest.mark.parametrize("mode,computed_first", [("auto", 12), ("load", 0)])
+async def test_the_front_computes_its_share_then_takes_the_blocks_read(llama, tmp_path, mode, computed_first):
+    document = prompt(1, 24)                          # 6 full blocks, all on disk after the restart
+    engine, gate = await restarted_with_a_gated_disk(llama, tmp_path, document, mode)
+    follow_up = document + [7, 9]
+    assert engine.store.match(engine.store.root_key(), follow_up).tiers == (Tier.DISK,) * 6
+    stream = engine.submit(follow_up, greedy(6))
+    seq = engine._requests[stream.request_id]
+    # "auto": half of the 24 cached tokens computed from the front, then it waits for the read
+    await settle(engine, seq, lambda s: s.num_computed == computed_first and s.request_id in
+                 {r.request_id for r in engine.scheduler.running})
+    await asyncio.sleep(0.05)                         # the engine is idle: nothing more happens
+    assert seq.num_computed == computed_first and not seq.num_generated
+    gate.set()                                        # the back half arrives and is copied in
+    tokens, last = await collect(stream)
+    assert tokens == hf_greedy(llama, follow_up, 6)
+    assert last.cached_tokens[Tier.DISK] == 24 - computed_first
+    assert engine.costs.recomputed_blocks[Tier.DISK] == computed_first // BS
+    assert not engine.store.load_ids()
+    engine.store.check_integrity()
+    await engine.stop()
+
+
+async def test_a_read_that_never_comes_is_computed_and_an_abort_frees_the_load(llama, tmp_path):
+    document = prompt(2, 24)
+    engine, gate = await restarted_with_a_gated_disk(llama, tmp_path, document)
+    waiting = engine.submit(document + [5], greedy(4))
+    seq = engine._requests[waiting.request_id]
+    await settle(engine, seq, lambda s: s.num_computed == 12)
+    waiting.close()                                   # aborted while its read is held
+    await settle(engine, seq, lambda s: s.finish_reason == "abort")
+    gate.set()
+    for _ in range(2000):                             # the read lands; its slots are freed
+        if not engine.store.load_ids():
+            break
+        await asyncio.sleep(0.005)
+    assert not engine.store.load_ids()
+    engine.store.check_integrity()
+    assert engine.store.stats().tiers[Tier.HOST].locked == 0
+    await engine.stop()
