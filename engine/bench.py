@@ -12,8 +12,8 @@ Workloads (token ids drawn from a seeded generator, greedy, output length forced
   chat, chat-overflow, restart, chat-think: see engine/bench_tiers.py
 --scale multiplies the number of requests (G = max(1, round(8 * scale)) on GPU, 1 on CPU; chat
 users 16 x scale, chat-overflow users 32 x scale, chat-think users 64 x scale). kvgate runs each
-workload on a fresh engine (cold cache). The peer: transformers' continuous batching (`generate_batch`) for gsp and unique,
-and plain `generate` for decode1, in this process on the same weights, or with --peer-script the
+workload on a fresh engine (cold cache). The peer: transformers' continuous batching
+(`generate_batch`) for gsp and unique, and plain `generate` for decode1, in this process on the same weights, or with --peer-script the
 shared hf_peer.py in its own process before kvgate's runs (the side-by-side table of a device run).
 """
 from __future__ import annotations
@@ -304,14 +304,16 @@ def print_think_table(rows: list[dict]) -> None:
     gpu = next((r for r in rows if r["config"] == "gpu"), None)
     print(f"\nchat-think, rounds >= 2 (think {rows[0]['think_s']} s mean)\n{'config':<16} {'TTFT p50':>9} "
           f"{'p90':>8} {'÷ gpu':>6} {'queue p50':>9} {'out tok/s':>9} {'cached gpu/host/disk':>21} {'preempt':>7} "
-          f"{'disk writes':>11} {'skipped':>8} {'recomputed':>10} {'schedule s':>10}")
+          f"{'disk writes':>11} {'skipped':>8} {'recomputed':>10} {'schedule s':>10} {'1st-token step':>14} "
+          f"{'step p50':>8}")
     for r in rows:
         ratio = f"{r['ttft_later_p50_s'] / gpu['ttft_later_p50_s']:.2f}" if gpu else "-"
         cached = "/".join(f"{v:.0%}" for v in r["cached_fraction"].values())
         print(f"{r['config']:<16} {_ms(r['ttft_later_p50_s'])} {_ms(r['ttft_later_p90_s'])[1:]} {ratio:>6} "
               f"{_ms(r['queue_later_p50_s'])} {r['out_tok_s']:>9} {cached:>21} {r['preemptions']:>7} "
               f"{r['disk_writes']:>11} {sum(r['disk_writes_skipped'].values()):>8} {r['hits_recomputed']:>10} "
-              f"{r.get('schedule_s', '-'):>10}")
+              f"{r.get('schedule_s', '-'):>10} {r['first_token_step_ms']:>7} ms/{r['first_token_step_prefill']:>5} "
+              f"{r['step_ms_p50']:>5} ms")
 
 
 def plot_rounds(rows: list[dict], directory: str) -> str:

@@ -18,9 +18,11 @@ prompt tokens per tier.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import math
 import random
 import shutil
+import statistics
 import tempfile
 import time
 from collections.abc import Awaitable, Callable
@@ -144,9 +146,10 @@ async def chat_think(factory: EngineFactory, vocab: int, users: int, block_size:
         disk = tempfile.mkdtemp(prefix="kvgate-bench-") if with_disk else ""
         try:
             engine = await factory(gpu_blocks=gpu, host_blocks=host, disk_path=disk)
-            loop_time = _time_schedule(engine)
-            row = await _think_users(engine, vocab, users, n, think_s, seed)
-            row.update(schedule_s=round(loop_time["schedule"], 3), steps=loop_time["steps"])
+            trace = _time_schedule(engine)
+            row, first_tokens = await _think_users(engine, vocab, users, n, think_s, seed)
+            row.update(schedule_s=round(trace["schedule"], 3), steps=trace["steps"],
+                       **_first_token_steps(trace["forwards"], first_tokens))
             stats = engine.store.stats()
             row.update(config=config, gpu_blocks=gpu, host_blocks=host, conversation_blocks=total,
                        preemptions=engine.scheduler.num_preemptions,
@@ -163,10 +166,11 @@ async def chat_think(factory: EngineFactory, vocab: int, users: int, block_size:
 
 
 def _time_schedule(engine: Engine) -> dict:
-    """Seconds the event loop spends in `Scheduler.schedule` (admission, promotions, evictions,
-    disk write queueing), summed over the run: where a tier's bookkeeping would cost."""
-    spent = {"schedule": 0.0, "steps": 0}
-    schedule = engine.scheduler.schedule
+    """A trace of the run: seconds the event loop spends in `Scheduler.schedule` (admission,
+    promotions, evictions, disk write queueing), and every forward pass as (start, end, prompt
+    tokens computed, sequences) — to see what a request's first token waited for."""
+    spent = {"schedule": 0.0, "steps": 0, "forwards": []}
+    schedule, forward = engine.scheduler.schedule, engine._forward
 
     def timed():
         start = time.perf_counter()
@@ -175,12 +179,33 @@ def _time_schedule(engine: Engine) -> dict:
         finally:
             spent["schedule"] += time.perf_counter() - start
             spent["steps"] += 1
+
+    async def timed_forward(chunks):
+        start = time.perf_counter()
+        try:
+            return await forward(chunks)
+        finally:
+            spent["forwards"].append((start, time.perf_counter(), sum(c.num_tokens for c in chunks if c.num_tokens > 1),
+                                      len(chunks)))
     engine.scheduler.schedule = timed
+    engine._forward = timed_forward
     return spent
+
+
+def _first_token_steps(forwards: list[tuple], first_tokens: list[float]) -> dict:
+    """For each first token, the forward pass that produced it (the last one ending before it):
+    median duration and prompt tokens of those passes, against all passes."""
+    ends = [f[1] for f in forwards]
+    picked = [forwards[bisect.bisect_right(ends, t) - 1] for t in first_tokens if bisect.bisect_right(ends, t)]
+    med = lambda xs: statistics.median(xs) if xs else 0.0  # noqa: E731
+    return dict(first_token_step_ms=round(med([(f[1] - f[0]) * 1e3 for f in picked]), 1),
+                first_token_step_prefill=round(med([f[2] for f in picked])),
+                step_ms_p50=round(med([(f[1] - f[0]) * 1e3 for f in forwards]), 1))
 
 
 async def _think_users(engine: Engine, vocab: int, users: int, n, think_s: float, seed: int) -> dict:
     params = SamplingParams(max_tokens=n(ANSWER), temperature=0.0, ignore_eos=True)
+    first_tokens: list[float] = []     # when each first token of rounds >= 2 arrived
 
     async def user(u: int) -> list[tuple[int, float, tuple]]:
         rng = random.Random(f"chat-think-{seed}-{u}")
@@ -197,6 +222,8 @@ async def _think_users(engine: Engine, vocab: int, users: int, n, think_s: float
                 last = out
             turns.append((r, last.queued_s, (stamps[0] - start, stamps, last.cached_tokens,
                                              last.prompt_tokens, tokens)))
+            if r >= 2:
+                first_tokens.append(stamps[0])
             history += tokens
             await asyncio.sleep(rng.expovariate(1 / think_s) if think_s > 0 else 0)
         return turns
@@ -212,4 +239,4 @@ async def _think_users(engine: Engine, vocab: int, users: int, n, think_s: float
         of_round = summarize([t[2] for t in turns if t[0] == r], 1.0)
         row["rounds"].append(dict(round=r, ttft_p50_s=of_round["ttft_p50_s"],
                                   cached_fraction=of_round["cached_fraction"]))
-    return row
+    return row, sorted(first_tokens)

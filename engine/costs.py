@@ -54,10 +54,11 @@ class LoadOrRecompute:
 
     def compute_share(self) -> float:
         """The share of a disk part the front should compute while the rest is read: the
-        computing rate over both rates (in KV bytes/s), so that both finish together."""
+        computing rate over both rates (in KV bytes/s), so that both finish together. Until
+        both are measured: 0 (load)."""
         read = self.store.disk_read_rate
         if self.prefill_tokens_per_s is None or read is None:
-            return 0.5
+            return 0.0
         compute = self.prefill_tokens_per_s * self.block_bytes / self.block_size
         return compute / (compute + read)
 

@@ -13,6 +13,10 @@ where the server reports `cached_tokens_by_tier`, as kvgate does).
   decode1  one 2048-token prompt, 128 out
   chat     U users with a 1024-token private context; 8 rounds each: +64 user tokens, 128 out,
            the answer joins the history (needs the server's `return_token_ids`, else random)
+  chat-think  chat with think time between a user's turns (seeded exponential, mean --think-s;
+           first turns spread over one think period), 64 x scale users; TTFT p50/p90 of
+           rounds >= 2 is what a returning user feels. The tiers are the server's: run it once
+           per server configuration (docs/benchmarks.md)
 `--scale` multiplies the request counts (G = max(1, round(8 * scale)), U = max(1, round(16 *
 scale))); `--length-scale` multiplies every length (for quick runs).
 """
@@ -105,12 +109,14 @@ def _rand(rng: random.Random, vocab: int, n: int) -> list[int]:
 
 
 async def run_workload(client: Client, name: str, vocab: int, scale: float,
-                       length: float) -> tuple[list[Sample], float]:
+                       length: float, think_s: float = 5.0) -> tuple[list[Sample], float]:
     """All samples of one workload and its wall time."""
     rng = random.Random(f"kvgate-bench-{name}")   # workloads never share tokens by accident
     n = lambda x: max(1, round(x * length))  # noqa: E731
     if name == "chat":
         return await _chat(client, rng, vocab, max(1, round(16 * scale)), n)
+    if name == "chat-think":
+        return await _chat(client, rng, vocab, max(2, round(64 * scale)), n, think_s, name)
     if name == "gsp":
         prompts = []
         for _ in range(max(1, round(8 * scale))):
@@ -121,27 +127,33 @@ async def run_workload(client: Client, name: str, vocab: int, scale: float,
     elif name == "decode1":
         prompts = [_rand(rng, vocab, n(2048))]
     else:
-        raise ValueError(f"unknown workload {name!r}; one of gsp, unique, decode1, chat")
+        raise ValueError(f"unknown workload {name!r}; one of gsp, unique, decode1, chat, chat-think")
     progress = Progress(name, len(prompts))
     start = time.perf_counter()
     samples = await asyncio.gather(*(client.complete(name, p, n(128), progress) for p in prompts))
     return list(samples), time.perf_counter() - start
 
 
-async def _chat(client: Client, rng: random.Random, vocab: int, users: int, n) -> tuple[list[Sample], float]:
-    progress = Progress("chat", users * 8)
+async def _chat(client: Client, rng: random.Random, vocab: int, users: int, n, think_s: float = 0.0,
+                name: str = "chat") -> tuple[list[Sample], float]:
+    progress = Progress(name, users * 8)
 
-    async def user() -> list[Sample]:
+    async def user(u: int) -> list[Sample]:
+        own = random.Random(f"{name}-{u}")           # each user's think times, whatever the others do
         history = _rand(rng, vocab, n(1024))
         samples = []
+        if think_s:
+            await asyncio.sleep(own.uniform(0, think_s))
         for r in range(1, 9):
             history += _rand(rng, vocab, n(64))
-            s = await client.complete("chat", history, n(128), progress, r)
+            s = await client.complete(name, history, n(128), progress, r)
             history += s.token_ids or _rand(rng, vocab, n(128))    # the answer joins the history
             samples.append(s)
+            if think_s:
+                await asyncio.sleep(own.expovariate(1 / think_s))
         return samples
     start = time.perf_counter()
-    per_user = await asyncio.gather(*(user() for _ in range(users)))
+    per_user = await asyncio.gather(*(user(u) for u in range(users)))
     return [s for samples in per_user for s in samples], time.perf_counter() - start
 
 
@@ -157,7 +169,10 @@ def summarize(name: str, samples: list[Sample], wall: float) -> dict:
                tpot_p50_ms=round(statistics.median(tpot) * 1e3, 2) if tpot else None,
                cached_fraction={t: round(sum(s.cached.get(t, 0) for s in samples) / prompt, 3)
                                 for t in tiers})
-    if name == "chat":
+    if name == "chat-think":
+        later = sorted(s.ttft_s for s in samples if s.round >= 2)
+        row.update(ttft_later_p50_s=round(percentile(later, 50), 4), ttft_later_p90_s=round(percentile(later, 90), 4))
+    if name in ("chat", "chat-think"):
         row["rounds"] = []
         for r in sorted({s.round for s in samples}):
             of_round = [s for s in samples if s.round == r]
@@ -176,6 +191,9 @@ def print_table(rows: list[dict]) -> None:
         tpot = f"{r['tpot_p50_ms']} ms" if r["tpot_p50_ms"] is not None else "-"
         print(f"{r['workload']:<9} {r['requests']:>8} {r['out_tok_s']:>10} {r['ttft_p50_s'] * 1e3:>7.0f}ms "
               f"{r['ttft_p99_s'] * 1e3:>7.0f}ms {tpot:>9}  {cached}")
+        if "ttft_later_p50_s" in r:
+            print(f"  rounds >= 2: TTFT p50 {r['ttft_later_p50_s'] * 1e3:.0f} ms, "
+                  f"p90 {r['ttft_later_p90_s'] * 1e3:.0f} ms")
         for rd in r.get("rounds", []):
             print(f"  round {rd['round']}: TTFT p50 {rd['ttft_p50_s'] * 1e3:.0f} ms, "
                   f"cached {rd['cached_fraction']:.0%}")
@@ -205,7 +223,7 @@ def plot(rows: list[dict], directory: str) -> list[str]:
             ax.set_xlabel("chat round")
             ax.set_ylabel("TTFT p50 (ms)")
             ax.set_title("kvgate bench: time to first token per chat round")
-            paths.append(os.path.join(directory, "chat_ttft.png"))
+            paths.append(os.path.join(directory, f"{r['workload']}_ttft.png"))
             fig.tight_layout()
             fig.savefig(paths[-1])
     return paths
@@ -222,7 +240,7 @@ async def main_async(a) -> list[dict]:
             a.vocab = a.vocab or card.get("vocab_size") or 256
         rows, samples = [], []
         for name in a.workloads.split(","):
-            got, wall = await run_workload(client, name, a.vocab, a.scale, a.length_scale)
+            got, wall = await run_workload(client, name, a.vocab, a.scale, a.length_scale, a.think_s)
             rows.append(summarize(name, got, wall))
             samples += got
     print_table(rows)
@@ -250,5 +268,6 @@ def add_arguments(p) -> None:
                    help="multiplies every prompt and output length")
     p.add_argument("--vocab", type=int, default=0,
                    help="token ids are drawn below this (default: from /v1/models)")
+    p.add_argument("--think-s", type=float, default=5.0, help="chat-think: mean think time between turns")
     p.add_argument("--json", default=None, help="write the summary and every request to this file")
     p.add_argument("--plots", default=None, help="write PNG plots to this directory (needs matplotlib)")

@@ -16,7 +16,6 @@ Two kinds:
 from __future__ import annotations
 
 import asyncio
-import collections
 import itertools
 import time
 from collections.abc import Callable, Hashable, Iterator, Sequence
@@ -29,7 +28,6 @@ from store.disk import DiskTier
 from store.placement import Placement
 from store.pool import BlockPool, Tier
 from store.radix import Node, RadixIndex
-
 
 BACK_BATCH = 32          # blocks per read batch of a sequence's load (64 MiB at the 8B shape)
 

@@ -9,9 +9,9 @@ parent is never slower than its child) through every move, including the ones th
 half-way for lack of room.
 
 Disk writes: a block leaving the host tier is written only if the write policy says it is worth
-disk bandwidth (`_worth_writing`; "auto" by default; `persist` writes the rest at shutdown). Its host slot stays reserved until the disk tier's thread has
-encoded it from there (no copy, no encoding on the event loop). Every block not written is
-counted in `writes_skipped` by reason.
+disk bandwidth (`_worth_writing`; "auto" by default; `persist` writes the rest at shutdown). Its
+host slot stays reserved until the disk tier's thread has encoded it from there (no copy, no
+encoding on the event loop). Every block not written is counted in `writes_skipped` by reason.
 """
 from __future__ import annotations
 

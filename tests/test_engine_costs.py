@@ -34,4 +34,4 @@ def test_the_front_computes_its_share_of_a_disk_part():
     assert abs(costs.compute_share() - 5.24 / 15.24) < 0.01
     assert abs(policy(disk_gb_s=1).compute_share() - 5.24 / 6.24) < 0.01
     costs.prefill_tokens_per_s = None
-    assert costs.compute_share() == 0.5           # nothing measured yet: half and half
+    assert costs.compute_share() == 0.0           # nothing measured yet: it loads

@@ -11,19 +11,23 @@ from gateway.config import build_config
 
 async def test_bench_runs_every_workload_over_http(aiohttp_server, tmp_path, capsys):
     demo = load_model(ModelConfig(device="cpu"), block_size=16)
-    config = build_config({"store": {"gpu": {"num_blocks": 512}}})
+    config = build_config({"store": {"gpu": {"num_blocks": 512}, "host": {"num_blocks": 256},
+                                     "disk": {"enabled": False}}})
     server = await aiohttp_server(init_app(config, loaded=demo))
     args = argparse.Namespace(base_url=f"http://127.0.0.1:{server.port}/v1", model="", api_key=None,
-                              workloads="gsp,unique,decode1,chat", scale=0.125, length_scale=0.06,
-                              vocab=0, json=str(tmp_path / "out.json"), plots=None)
+                              workloads="gsp,unique,decode1,chat,chat-think", scale=0.125, length_scale=0.06,
+                              vocab=0, json=str(tmp_path / "out.json"), plots=None, think_s=0.002)
     rows = {r["workload"]: r for r in await bench.main_async(args)}
-    assert set(rows) == {"gsp", "unique", "decode1", "chat"}
+    assert set(rows) == {"gsp", "unique", "decode1", "chat", "chat-think"}
     assert rows["gsp"]["requests"] == 16 and rows["gsp"]["out_tokens"] == 16 * 8
     assert rows["gsp"]["cached_fraction"]["gpu"] > 0.5          # the group prefix, computed once
     assert rows["unique"]["cached_fraction"]["gpu"] == 0
     rounds = rows["chat"]["rounds"]
     assert len(rounds) == 8 and rounds[0]["cached_fraction"] == 0
     assert all(r["cached_fraction"] > 0.5 for r in rounds[1:])   # each turn hits the history
+    think = rows["chat-think"]                                  # 8 users, 8 rounds, thinking between
+    assert think["requests"] == 64 and len(think["rounds"]) == 8 and think["ttft_later_p90_s"] >= think["ttft_later_p50_s"]
+    assert all(r["cached_fraction"] > 0.5 for r in think["rounds"][1:])
     saved = json.loads((tmp_path / "out.json").read_text())
-    assert saved["model"] == "builtin:tiny" and len(saved["samples"]) == 16 + 8 + 1 + 2 * 8
+    assert saved["model"] == "builtin:tiny" and len(saved["samples"]) == 16 + 8 + 1 + 2 * 8 + 64
     assert "out tok/s" in capsys.readouterr().out

@@ -267,27 +267,6 @@ async def test_persist_waits_for_the_write_queue_instead_of_dropping(tmp_path):
     store.close()
 
 
-async def test_a_held_prefetch_survives_other_requests_until_admitted(tmp_path):
-    await fill_disk(tmp_path)
-    store = make_store(tmp_path, gpu=4, host=8, disk_blocks=64)
-    m = store.match(store.root_key(), prompt(1))
-    assert await store.prefetch(m, hold="waiting") == 3
-    assert store.stats().tiers[Tier.HOST].locked == 3
-    for i in range(5, 9):                                # traffic that would evict host blocks
-        run_request(store, i, prompt(i))
-    assert store.match(store.root_key(), prompt(1)).tiers == (Tier.HOST,) * 3
-    seq = run_request(store, "waiting", prompt(1))       # admission takes over the hold
-    assert seq.cached_tokens[Tier.HOST] == 3 * BS
-    assert store.stats().tiers[Tier.HOST].locked == 0
-    m = store.match(store.root_key(), prompt(2))
-    await store.prefetch(m, hold="aborted")
-    store.unhold("aborted")                              # the request ended before admission
-    await store.flush()                                  # host blocks it evicted, being written
-    store.check_integrity()
-    assert store.stats().tiers[Tier.HOST].locked == 0 and store.stats().tiers[Tier.GPU].locked == 0
-    store.close()
-
-
 async def test_disk_read_rate_is_measured_at_startup_from_existing_records(tmp_path):
     assert await make_store(tmp_path, gpu=3, host=3).measure_disk_read() is None   # no disk tier
     await fill_disk(tmp_path)
