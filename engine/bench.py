@@ -13,8 +13,9 @@ Workloads (token ids drawn from a seeded generator, greedy, output length forced
 --scale multiplies the number of requests (G = max(1, round(8 * scale)) on GPU, 1 on CPU; chat
 users 16 x scale, chat-overflow users 32 x scale, chat-think users 64 x scale). kvgate runs each
 workload on a fresh engine (cold cache). The peer: transformers' continuous batching
-(`generate_batch`) for gsp and unique, and plain `generate` for decode1, in this process on the same weights, or with --peer-script the
-shared hf_peer.py in its own process before kvgate's runs (the side-by-side table of a device run).
+(`generate_batch`) for gsp and unique, and plain `generate` for decode1, in this process on the
+same weights, or with --peer-script the shared hf_peer.py in its own process before kvgate's
+runs (the side-by-side table of a device run).
 """
 from __future__ import annotations
 

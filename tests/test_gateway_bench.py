@@ -26,7 +26,8 @@ async def test_bench_runs_every_workload_over_http(aiohttp_server, tmp_path, cap
     assert len(rounds) == 8 and rounds[0]["cached_fraction"] == 0
     assert all(r["cached_fraction"] > 0.5 for r in rounds[1:])   # each turn hits the history
     think = rows["chat-think"]                                  # 8 users, 8 rounds, thinking between
-    assert think["requests"] == 64 and len(think["rounds"]) == 8 and think["ttft_later_p90_s"] >= think["ttft_later_p50_s"]
+    assert think["requests"] == 64 and len(think["rounds"]) == 8
+    assert think["ttft_later_p90_s"] >= think["ttft_later_p50_s"] > 0
     assert all(r["cached_fraction"] > 0.5 for r in think["rounds"][1:])
     saved = json.loads((tmp_path / "out.json").read_text())
     assert saved["model"] == "builtin:tiny" and len(saved["samples"]) == 16 + 8 + 1 + 2 * 8 + 64
