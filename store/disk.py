@@ -6,7 +6,8 @@ never served. The environment is opened defensively (store/lmdb_env.py): a direc
 a healthy kvgate tier is moved aside and an empty tier started, so the server always starts.
 
 Writes run on one thread (`self._io`): a write transaction never leaves the thread that opened
-it, and the map can be grown there. A block queued for writing is encoded (header, checksum,
+it, and the map can be grown there (while no read is in progress: growing remaps the file under
+every open read transaction). A block queued for writing is encoded (header, checksum,
 copy) on that thread, from host memory its owner keeps unchanged until the write is done. Reads
 run on a few threads of their own (`READ_THREADS`; LMDB readers never block each other or the
 writer), each verifying its share of a load. The event loop only queues work and keeps the byte
@@ -19,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import threading
 import time
 from collections import deque
 from collections.abc import Callable
@@ -107,6 +109,11 @@ class DiskTier:
         self._write_failure: str | None = None   # the failure being reported, until a write succeeds
         self._io = ThreadPoolExecutor(1, thread_name_prefix="kvgate-lmdb")
         self._readers = ThreadPoolExecutor(READ_THREADS, thread_name_prefix="kvgate-lmdb-read")
+        # growing the map remaps it under every open read transaction: readers and the resize
+        # exclude each other (a count of reads in progress, and a flag the resize holds)
+        self._map_lock = threading.Condition()
+        self._reads_in_progress = 0
+        self._resizing = False
         self._initial_map = initial_map_bytes
         self._lock_fd: int | None = None
         try:
@@ -361,7 +368,15 @@ class DiskTier:
                 if size >= self._max_map:
                     failure = f"LMDB map full at its limit of {size // _MIB} MiB"
                     break
-                self._env.set_mapsize(min(2 * size, self._max_map))
+                with self._map_lock:
+                    self._resizing = True
+                    self._map_lock.wait_for(lambda: self._reads_in_progress == 0)
+                try:
+                    self._env.set_mapsize(min(2 * size, self._max_map))
+                finally:
+                    with self._map_lock:
+                        self._resizing = False
+                        self._map_lock.notify_all()
                 self.counters.map_resizes += 1
             except lmdb.Error as e:
                 failure = str(e)
@@ -419,6 +434,9 @@ class DiskTier:
         """On a reader thread: items[first:end]."""
         ok, corrupt = [False] * (end - first), []
         self.payload_ready()      # copies queued into host memory (the sink's slots, too) have landed
+        with self._map_lock:
+            self._map_lock.wait_for(lambda: not self._resizing)
+            self._reads_in_progress += 1
         try:
             with self._env.begin(buffers=True) as txn:
                 for i in range(first, end):
@@ -440,6 +458,10 @@ class DiskTier:
                         corrupt.append(key)
         except lmdb.Error as e:  # the environment itself failed: what was not read is a miss
             log.error("disk tier: read failed: %s", e)
+        finally:
+            with self._map_lock:
+                self._reads_in_progress -= 1
+                self._map_lock.notify_all()
         return ok, corrupt
 
     # ---- lifecycle --------------------------------------------------------------------------

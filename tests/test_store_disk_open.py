@@ -285,3 +285,46 @@ async def test_a_block_whose_record_cannot_be_encoded_is_skipped_and_the_rest_pe
     assert again.match(again.root_key(), prompt(1)).tiers == (Tier.DISK,) * 3
     assert again.match(again.root_key(), prompt(2)).tiers == ()
     again.close()
+
+
+async def test_the_map_grows_only_while_no_read_is_in_progress(tmp_path):
+    """Growing LMDB's map remaps the file under open read transactions (reads on other threads
+    then fail or crash): a resize waits for the reads in progress, and reads wait for it."""
+    import asyncio
+    import threading
+    disk = DiskTier(str(tmp_path / "kv"), FINGERPRINT, LAYOUT, max_bytes=64 << 20, initial_map_bytes=1 << 20)
+    key = chain_key(b"\x00" * 16, b"r" * 16)
+    disk.put(key, disk.encode(b"\x00" * 16, b"r" * 16, 0, 0, torch.zeros(LAYOUT.block_shape)))
+    await disk.flush()
+    in_sink, release = threading.Event(), threading.Event()
+
+    def sink(i, payload):                     # a reader, holding its read transaction open
+        in_sink.set()
+        release.wait(10)
+    reading = asyncio.ensure_future(disk.load([(key, b"\x00" * 16, b"r" * 16)], sink))
+    await asyncio.to_thread(in_sink.wait, 10)
+    during = []
+
+    class Env:                                # the environment, noting each resize
+        def __init__(self, env):
+            self.env = env
+
+        def __getattr__(self, name):
+            return getattr(self.env, name)
+
+        def set_mapsize(self, size):
+            during.append(disk._reads_in_progress)
+            self.env.set_mapsize(size)
+    disk._env = Env(disk._env)
+    for i in range(1500):                     # 1.5 MiB of records: more than the 1 MiB map holds
+        tokens = b"%04d" % i * 4
+        disk.put(chain_key(b"\x00" * 16, tokens), disk.encode(b"\x00" * 16, tokens, 0, 0,
+                                                             torch.ones(LAYOUT.block_shape)))
+    flushing = asyncio.ensure_future(disk.flush())
+    await asyncio.sleep(0.05)
+    assert not during and not flushing.done()  # the resize waits for the read ...
+    release.set()
+    assert await reading == [True]
+    await flushing                             # ... then grows the map
+    assert during and set(during) == {0} and disk.counters.map_resizes > 0
+    disk.close()
