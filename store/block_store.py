@@ -162,11 +162,11 @@ class BlockStore:
     def start_load(self, seq_id: Hashable, match: PrefixMatch, on_progress: Callable[[], None] = lambda: None) -> int:
         """Start reading the disk-only blocks of `match` (the cached prefix of sequence `seq_id`'s
         prompt) from the back, while the sequence computes from the front (`advance_load`).
-        All sequences' loads together hold at most 3/4 of the host pool; `on_progress` is called
+        All sequences' loads together hold at most 1/4 of the host pool; `on_progress` is called
         on the event loop as blocks arrive and when the load ends. Returns the blocks to read."""
         first = next((i for i, t in enumerate(match.tiers) if t is Tier.DISK), len(match.tiers))
         held = sum(len(sl.slots) for sl in self.loader.sequence_loads())
-        load = self.loader.start(seq_id, list(match.nodes), first, self.host.num_blocks * 3 // 4 - held,
+        load = self.loader.start(seq_id, list(match.nodes), first, self.host.num_blocks // 4 - held,
                                  on_progress)
         return len(load.items) if load else 0
 

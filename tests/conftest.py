@@ -117,6 +117,13 @@ def model_root(tmp_path_factory) -> str:
     return str(tmp_path_factory.mktemp("models"))
 
 
+@pytest.fixture
+def llama(model_root) -> str:
+    """The tiny Llama checkpoint the engine tests compare with `transformers.generate`."""
+    from tests.models import build_model_dir
+    return build_model_dir(model_root, "llama")
+
+
 @pytest.fixture(scope="session")
 def demo():
     """The built-in demo model, loaded once for every HTTP test."""

@@ -5,6 +5,7 @@ must still match the CPU reference token for token)."""
 from __future__ import annotations
 
 import os
+import random
 
 from engine.config import EngineConfig, ModelConfig
 from engine.engine import Engine
@@ -32,6 +33,12 @@ def make_engine(path: str, gpu: int = 64, host: int = 0, disk: str = "", disk_bl
                         write_policy=write_policy)
     return Engine(loaded, EngineConfig(max_num_seqs=max_seqs, max_num_batched_tokens=max_batched,
                                        block_size=BS, check_integrity=True), store)
+
+
+def prompt(seed: int, n: int) -> list[int]:
+    """`n` token ids drawn from a seeded generator (3..255: clear of the special ids)."""
+    rng = random.Random(seed)
+    return [rng.randrange(3, 256) for _ in range(n)]
 
 
 def greedy(n: int, **kw) -> SamplingParams:

@@ -9,12 +9,7 @@ from engine.errors import InvalidRequest
 from engine.sampling import SamplingParams
 from store import Tier
 from tests.engine_util import BS, collect, greedy, make_engine, run
-from tests.models import build_model_dir, hf_greedy
-
-
-@pytest.fixture
-def llama(model_root) -> str:
-    return build_model_dir(model_root, "llama")
+from tests.models import hf_greedy
 
 
 def assert_no_blocks_held(engine):

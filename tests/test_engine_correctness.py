@@ -7,18 +7,8 @@ import random
 import pytest
 
 from store import Tier
-from tests.engine_util import BS, collect, greedy, make_engine, run
+from tests.engine_util import BS, collect, greedy, make_engine, prompt, run
 from tests.models import ARCHS, build_model_dir, hf_greedy
-
-
-def prompt(seed: int, n: int) -> list[int]:
-    rng = random.Random(seed)
-    return [rng.randrange(3, 256) for _ in range(n)]
-
-
-@pytest.fixture
-def llama(model_root) -> str:
-    return build_model_dir(model_root, "llama")
 
 
 @pytest.mark.parametrize("fused", [True, False], ids=["fused", "transformers-layers"])
@@ -74,7 +64,7 @@ async def test_disk_hit_and_restart_match_generate(llama, tmp_path):
     assert tokens == hf_greedy(llama, prompts[0] + [5], 8)
     await engine.stop()                                  # persists GPU and host blocks too
 
-    restarted = make_engine(llama, gpu=12, host=8, disk=disk, disk_blocks=256)
+    restarted = make_engine(llama, gpu=12, host=32, disk=disk, disk_blocks=256)   # reads: a quarter
     await restarted.start()
     restarted.costs.prefill_tokens_per_s = 1.0          # computing is slow: the disk part is read
     tokens, last = await run(restarted, prompts[3] + [9], greedy(8))

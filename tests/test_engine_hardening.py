@@ -12,14 +12,9 @@ from engine.errors import InvalidRequest
 from engine.sampling import SamplingParams, sample
 from store import Tier
 from tests.engine_util import collect, greedy, make_engine, run
-from tests.models import build_model_dir, hf_greedy
+from tests.models import hf_greedy
 
 POISON = 250          # a token id only the poisoned request's prompt holds
-
-
-@pytest.fixture
-def llama(model_root) -> str:
-    return build_model_dir(model_root, "llama")
 
 
 def test_each_row_is_sampled_on_its_own():

@@ -2,23 +2,12 @@
 from the front while the rest is read from the back; the two meet, the blocks read are copied
 in, and the output is still exactly `transformers.generate`'s. And the "load" mode, which waits."""
 import asyncio
-import random
 
 import pytest
 
 from store import Tier
-from tests.engine_util import BS, collect, greedy, make_engine, run
-from tests.models import build_model_dir, hf_greedy
-
-
-def prompt(seed: int, n: int) -> list[int]:
-    rng = random.Random(seed)
-    return [rng.randrange(3, 256) for _ in range(n)]
-
-
-@pytest.fixture
-def llama(model_root) -> str:
-    return build_model_dir(model_root, "llama")
+from tests.engine_util import BS, collect, greedy, make_engine, prompt, run
+from tests.models import hf_greedy
 
 
 async def restarted_with_a_gated_disk(llama, tmp_path, cached: list[int], mode: str = "auto"):
@@ -29,7 +18,7 @@ async def restarted_with_a_gated_disk(llama, tmp_path, cached: list[int], mode: 
     await first.start()
     await run(first, cached, greedy(1))
     await first.stop()                                # persists it
-    engine = make_engine(llama, gpu=64, host=16, disk=disk, disk_blocks=256, max_batched=64)
+    engine = make_engine(llama, gpu=64, host=32, disk=disk, disk_blocks=256, max_batched=64)
     engine.costs.mode = mode
     await engine.start()
     engine.costs.prefill_tokens_per_s = 1000.0        # tokens/s; a block's KV is read as fast:

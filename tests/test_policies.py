@@ -10,12 +10,6 @@ from engine.sequence import Status
 from store import Tier
 from tests.conftest import make_store, run_request, write_kv
 from tests.engine_util import collect, greedy, make_engine
-from tests.models import build_model_dir
-
-
-@pytest.fixture
-def llama(model_root) -> str:
-    return build_model_dir(model_root, "llama")
 
 
 def record_chunks(engine, monkeypatch) -> list[list[tuple[str, int, int]]]:
