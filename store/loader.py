@@ -38,6 +38,7 @@ class SequenceLoad:
     `slots` (host slots this load owns, in block order)."""
     seq_id: Hashable
     first: int
+    nodes: list[Node]                          # blocks first .. end-1, as matched
     items: list[tuple[bytes, bytes, bytes]]    # (key, parent key, token bytes) of each block
     loaded_from: int = 0
     slots: list[int] = field(default_factory=list)
@@ -111,7 +112,8 @@ class DiskLoader:
         copies of nodes[:first]. None if there is nothing to read."""
         if self.disk is None or first >= len(nodes) or seq_id in self._seq_loads or max_slots < 1:
             return None
-        load = SequenceLoad(seq_id, first, [(n.key, n.parent.key, n.token_bytes) for n in nodes[first:]],
+        load = SequenceLoad(seq_id, first, nodes[first:], [(n.key, n.parent.key, n.token_bytes)
+                                                            for n in nodes[first:]],
                             on_progress=on_progress, keep=frozenset(nodes[:first]))
         load.loaded_from, load.front = load.end, first
         self._seq_loads[seq_id] = load
@@ -170,6 +172,9 @@ class DiskLoader:
                 ok = await self.disk.load(items, sink)
                 load.reading = []
                 self._observe(sum(ok), time.perf_counter() - start)
+                for node, read in zip(load.nodes[lo - load.first:], ok):
+                    if not read and node.on_disk and node.key not in self.disk.sizes:
+                        self.placement.lose_disk_copy(node)      # a corrupt record, deleted
                 good = len(ok)                  # the loaded part must reach the end unbroken
                 while good and ok[good - 1]:
                     good -= 1

@@ -147,6 +147,36 @@ class StoreMachine(RuleBasedStateMachine):
         loaded = self.loop.run_until_complete(self.store.prefetch(match))
         assert 0 <= loaded <= before
 
+    @rule(target=prompts, tokens=prompts, computed=st.integers(0, 3))
+    def compute_and_load(self, tokens, computed):
+        """A whole request whose disk part is read from the back while `computed` blocks are
+        computed from the front: the blocks copied in hold exactly their prefix's KV."""
+        tokens, seq_id = list(tokens), next(self.ids)
+        match = self.store.match(self.store.root_key(), tokens, len(tokens) - 1)
+        async def read_it_all():                    # the read runs on the loop's reader threads
+            if self.store.start_load(seq_id, match):
+                await next(sl.task for sl in self.store.loader.sequence_loads() if sl.seq_id == seq_id)
+        self.loop.run_until_complete(read_it_all())
+        try:
+            seq = self.store.admit(seq_id, self.store.root_key(), tokens, max_cached_tokens=len(tokens) - 1)
+        except OutOfBlocks:
+            self.store.drop_load(seq_id)
+            return tuple(tokens)
+        front = seq.num_cached_tokens // BS + computed  # the front computed `computed` blocks;
+        for slot in seq.slots[front:]:                   # the rest is not written yet
+            self.store.gpu.tensor[slot].zero_()
+        step = self.store.advance_load(seq_id, front * BS)
+        if step is not None and step.filled:             # what was read fills in after the front
+            keys = block_keys(seq.root, token_bytes(tokens), BS)
+            for i in range(front, front + step.filled):
+                got = self.store.gpu.tensor[seq.slots[i]].cpu()
+                assert torch.equal(got, block_content(keys[i])), f"block {i} read wrong"
+        self.store.drop_load(seq_id)
+        write_kv(self.store, seq, tokens)                # the forward pass, for the commit below
+        self.store.commit(seq_id, tokens)
+        self.store.release(seq_id)
+        return tuple(tokens)
+
     @rule()
     def flush(self):
         self.loop.run_until_complete(self.store.flush())
