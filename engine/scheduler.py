@@ -144,8 +144,9 @@ class Scheduler:
     def _tokens_to_compute(self, seq: Sequence, budget: int) -> int:
         """The tokens `seq` computes this step: what it has left, within `budget`. A prompt whose
         disk blocks are being read takes the blocks read once its front has reached them, and
-        meanwhile computes its share of the gap (`LoadOrRecompute.compute_share`; "load" mode:
-        none) each time the read makes progress. 0 = it waits for its blocks this step."""
+        meanwhile computes, each step, its share of the gap left (`LoadOrRecompute.compute_share`;
+        "load" mode: none): it never idles behind a slow or queued read, and a read that never
+        comes is computed in a few steps. 0 = it waits for its blocks this step."""
         limit = len(seq.token_ids)
         if seq.num_computed < seq.prompt_len:
             step = self.store.advance_load(seq.request_id, seq.num_computed)
@@ -158,14 +159,9 @@ class Scheduler:
                 self.costs.recomputed_blocks[Tier.DISK] += step.end - step.first
             elif step is not None and step.reading_done:    # the rest will not come: compute to it
                 limit = step.compute_until
-            elif step is not None and step.batches != seq.load_batches_seen:
-                # the read moved (or just began): the front takes its share of the gap left, so
-                # that both would end together; then it waits for the read's next batch
-                seq.load_batches_seen = step.batches
-                share = 0 if self.costs.mode == "load" else self.costs.compute_share()
+            elif step is not None:      # the front's share of the gap left, so that both would
+                share = 0 if self.costs.mode == "load" else self.costs.compute_share()   # end together
                 limit = seq.num_computed + math.ceil((step.compute_until - seq.num_computed) * share)
-            elif step is not None:
-                limit = seq.num_computed
         return max(0, min(limit - seq.num_computed, budget))
 
     def _prefix_keys_in_prefill(self) -> set[bytes]:

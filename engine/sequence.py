@@ -57,7 +57,6 @@ class Sequence:
     submitted_at: float = field(default_factory=time.monotonic)
     queued_s: float | None = None                  # submission to first admission
     prompt_keys: list[bytes] | None = None         # keys of the prompt's full blocks (the scheduler's)
-    load_batches_seen: int = -1                    # its disk read's progress when last scheduled
     finish_reason: str | None = None
     outputs: asyncio.Queue[RequestOutput] = field(default_factory=asyncio.Queue)
 

@@ -85,7 +85,6 @@ class LoadStep:
     filled: int                    # blocks just copied in at the computed front (the load ended)
     compute_until: int | None      # the front may compute up to this token (the loaded part's start)
     reading_done: bool             # no more blocks will be read
-    batches: int = 0               # batches read so far (the read's progress)
 
 
 @dataclass
@@ -189,7 +188,7 @@ class BlockStore:
         if front >= end or load.done and load.loaded_from >= end:   # computed past it, or read nothing
             self.loader.drop(seq_id)
             return LoadStep(first, end, 0, None, True)
-        return LoadStep(first, end, 0, load.loaded_from * self.block_size, load.done, load.batches)
+        return LoadStep(first, end, 0, load.loaded_from * self.block_size, load.done)
 
     def drop_load(self, seq_id: Hashable) -> None:
         self.loader.drop(seq_id)

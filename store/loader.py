@@ -46,7 +46,6 @@ class SequenceLoad:
     front: int = 0                 # the sequence's computed blocks: reading below it is useless
     on_progress: Callable[[], None] = lambda: None   # after each batch read, and at the end
     keep: frozenset[Node] = frozenset()   # the prefix before `first`: its host copies stay
-    batches: int = 0               # batches read so far
     done: bool = False             # nothing more will be read (all read, a record failed, or ended)
     dropped: bool = False          # the sequence ended or took its blocks: free slots when done
     task: asyncio.Task | None = field(default=None, repr=False)
@@ -181,7 +180,6 @@ class DiskLoader:
                 self.host.free(slots[:good])
                 load.slots[:0] = slots[good:]
                 load.loaded_from -= len(ok) - good
-                load.batches += 1
                 if good:
                     break
                 load.on_progress()

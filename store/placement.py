@@ -159,7 +159,7 @@ class Placement:
             if not victims:
                 break
             self._demote_from_host(victims)
-        if n > self.host.num_free:
+        if n > self.host.num_free and self._writing:
             self._detach_writes(n - self.host.num_free)
         return self.host.allocate(min(n, self.host.num_free))
 

@@ -10,17 +10,19 @@ from tests.engine_util import BS, collect, greedy, make_engine, prompt, run
 from tests.models import hf_greedy
 
 
-async def restarted_with_a_gated_disk(llama, tmp_path, cached: list[int], mode: str = "auto"):
+async def restarted_with_a_gated_disk(llama, tmp_path, cached: list[int], mode: str = "auto", start=False):
     """An engine whose disk tier holds `cached` (and nothing else), with disk reads held at a
-    gate until the test opens it, and rates that make computing and reading equally fast."""
+    gate until the test opens it, and rates that make computing and reading equally fast
+    (the front's share is 1/2). Not started unless `start`: the test runs its steps."""
     disk = str(tmp_path / "kv")
-    first = make_engine(llama, gpu=64, host=16, disk=disk, disk_blocks=256)
+    first = make_engine(llama, gpu=64, host=32, disk=disk, disk_blocks=256)
     await first.start()
     await run(first, cached, greedy(1))
     await first.stop()                                # persists it
     engine = make_engine(llama, gpu=64, host=32, disk=disk, disk_blocks=256, max_batched=64)
     engine.costs.mode = mode
-    await engine.start()
+    if start:
+        await engine.start()
     engine.costs.prefill_tokens_per_s = 1000.0        # tokens/s; a block's KV is read as fast:
     engine.store.disk_read_rate = 1000.0 * engine.store.layout.block_bytes / BS   # share 1/2
     gate = asyncio.Event()
@@ -42,24 +44,53 @@ async def settle(engine, seq, until) -> None:
     raise AssertionError(f"engine did not reach the state: num_computed={seq.num_computed}")
 
 
-@pytest.mark.parametrize("mode,computed_first", [("auto", 12), ("load", 0)])
-async def test_the_front_computes_its_share_then_takes_the_blocks_read(llama, tmp_path, mode, computed_first):
+async def read_lands(engine, gate) -> None:
+    gate.set()
+    await asyncio.gather(*(sl.task for sl in engine.store.loader.sequence_loads()))
+
+
+@pytest.mark.parametrize("mode,first_step,read", [("auto", 12, 12), ("load", 0, 24)])
+async def test_the_front_computes_its_share_then_takes_the_blocks_read(llama, tmp_path, mode, first_step, read):
     document = prompt(1, 24)                          # 6 full blocks, all on disk after the restart
     engine, gate = await restarted_with_a_gated_disk(llama, tmp_path, document, mode)
     follow_up = document + [7, 9]
     assert engine.store.match(engine.store.root_key(), follow_up).tiers == (Tier.DISK,) * 6
     stream = engine.submit(follow_up, greedy(6))
     seq = engine._requests[stream.request_id]
-    # "auto": half of the 24 cached tokens computed from the front, then it waits for the read
-    await settle(engine, seq, lambda s: s.num_computed == computed_first and s.request_id in
-                 {r.request_id for r in engine.scheduler.running})
-    await asyncio.sleep(0.05)                         # the engine is idle: nothing more happens
-    assert seq.num_computed == computed_first and not seq.num_generated
-    gate.set()                                        # the back half arrives and is copied in
+    await engine.step()                               # admitted; the front computes its share
+    assert seq.num_computed == first_step and not seq.num_generated
+    await read_lands(engine, gate)                    # the back arrives ...
+    await engine.step()                               # ... is copied in, and the rest computed
+    assert seq.num_computed == len(follow_up) and seq.num_generated == 1
+    await engine.start()
     tokens, last = await collect(stream)
     assert tokens == hf_greedy(llama, follow_up, 6)
-    assert last.cached_tokens[Tier.DISK] == 24 - computed_first
-    assert engine.costs.recomputed_blocks[Tier.DISK] == computed_first // BS
+    assert last.cached_tokens[Tier.DISK] == read
+    assert engine.costs.recomputed_blocks[Tier.DISK] == (24 - read) // BS
+    assert not engine.store.load_ids()
+    engine.store.check_integrity()
+    await engine.stop()
+
+
+async def test_the_front_never_idles_behind_a_read_that_does_not_come(llama, tmp_path):
+    """Each step the front takes half of the gap left (the share), so a stalled read costs a few
+    steps, never a wait: 24 cached tokens are computed in 12, 6, 3, 2, 1."""
+    document = prompt(3, 24)
+    engine, gate = await restarted_with_a_gated_disk(llama, tmp_path, document)
+    follow_up = document + [7, 9]
+    stream = engine.submit(follow_up, greedy(4))
+    seq = engine._requests[stream.request_id]
+    computed = []
+    while not seq.num_generated:
+        await engine.step()
+        computed.append(seq.num_computed)
+    assert computed == [12, 18, 21, 23, 24, 26]
+    assert engine.costs.recomputed_blocks[Tier.DISK] == 6          # the front passed the end: dropped
+    await read_lands(engine, gate)
+    await engine.start()
+    tokens, last = await collect(stream)
+    assert tokens == hf_greedy(llama, follow_up, 4) and last.cached_tokens[Tier.DISK] == 0
+    assert engine.costs.recomputed_blocks[Tier.DISK] == 6
     assert not engine.store.load_ids()
     engine.store.check_integrity()
     await engine.stop()
@@ -67,10 +98,10 @@ async def test_the_front_computes_its_share_then_takes_the_blocks_read(llama, tm
 
 async def test_a_read_that_never_comes_is_computed_and_an_abort_frees_the_load(llama, tmp_path):
     document = prompt(2, 24)
-    engine, gate = await restarted_with_a_gated_disk(llama, tmp_path, document)
-    waiting = engine.submit(document + [5], greedy(4))
+    engine, gate = await restarted_with_a_gated_disk(llama, tmp_path, document, start=True)
+    waiting = engine.submit(document + [5], greedy(100))
     seq = engine._requests[waiting.request_id]
-    await settle(engine, seq, lambda s: s.num_computed == 12)
+    await settle(engine, seq, lambda s: s.num_computed >= 12)
     waiting.close()                                   # aborted while its read is held
     await settle(engine, seq, lambda s: s.finish_reason == "abort")
     gate.set()
