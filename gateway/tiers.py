@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 
@@ -62,7 +62,7 @@ def plan_tiers(config: KvgateConfig, model: LoadedModel) -> tuple[StoreConfig, l
                         write_policy=config.store.disk.write_policy)
     staging = host_pool_blocks(store, model.block_layout(config.engine.block_size))
     if disk.enabled and not host.enabled:
-        host = TierReport("host", False, note=f"{staging} blocks staged for the disk tier only")
+        host = replace(host, note=f"{host.note}; {staging} blocks staged for the disk tier only")
     return store, [gpu, host, disk]
 
 
@@ -143,6 +143,7 @@ def open_engine(config: KvgateConfig, model: LoadedModel, make_engine):
         if config.store.disk.path:
             raise ConfigError(f"store.disk.path: {e}") from None
         log.warning("disk tier off: %s", e)
+        reports[1] = replace(reports[1], note=reports[1].note.split(";")[0])   # nothing staged now
         reports[2] = TierReport("disk", False, path=store.disk_path, note=str(e))
         store = StoreConfig(block_size=store.block_size, gpu_blocks=store.gpu_blocks,
                             host_blocks=store.host_blocks, write_policy=store.write_policy)
