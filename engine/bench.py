@@ -380,7 +380,7 @@ def main(argv: list[str] | None = None) -> None:
     rows = asyncio.run(main_async(a))
     print_table(rows)
     print_think_table(rows)
-    if a.plots:
+    if a.plots and any(r.get("rounds") for r in rows):
         try:
             print("plot:", plot_rounds(rows, a.plots))
         except ImportError:
