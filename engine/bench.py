@@ -65,13 +65,14 @@ async def run_kvgate(engine: Engine, prompts: list[list[int]], out_len: int) -> 
 
 
 async def timed_request(engine: Engine, prompt: list[int], params: SamplingParams) -> tuple:
-    """(TTFT, arrival time of each token, cached tokens per tier, prompt tokens, tokens)."""
+    """(TTFT, arrival time of each token, cached tokens per tier, prompt tokens, tokens, time
+    queued before admission)."""
     start, stamps, tokens, last = time.perf_counter(), [], [], None
     async for out in engine.generate(prompt, params):
         stamps += [time.perf_counter()] * len(out.token_ids)
         tokens += out.token_ids
         last = out
-    return stamps[0] - start, stamps, last.cached_tokens, last.prompt_tokens, tokens
+    return stamps[0] - start, stamps, last.cached_tokens, last.prompt_tokens, tokens, last.queued_s
 
 
 def summarize(results: list[tuple], wall: float) -> dict:

@@ -207,36 +207,30 @@ async def _think_users(engine: Engine, vocab: int, users: int, n, think_s: float
     params = SamplingParams(max_tokens=n(ANSWER), temperature=0.0, ignore_eos=True)
     first_tokens: list[float] = []     # when each first token of rounds >= 2 arrived
 
-    async def user(u: int) -> list[tuple[int, float, tuple]]:
+    async def user(u: int) -> list[tuple[int, tuple]]:
         rng = random.Random(f"chat-think-{seed}-{u}")
         history = [rng.randrange(vocab) for _ in range(n(CONTEXT))]
         await asyncio.sleep(rng.uniform(0, think_s))             # arrivals spread over one period
         turns = []
         for r in range(1, ROUNDS + 1):
             history += [rng.randrange(vocab) for _ in range(n(TURN))]
-            stream = engine.submit(history, params)
-            start, stamps, tokens, last = time.perf_counter(), [], [], None
-            async for out in stream:
-                stamps += [time.perf_counter()] * len(out.token_ids)
-                tokens += out.token_ids
-                last = out
-            turns.append((r, last.queued_s, (stamps[0] - start, stamps, last.cached_tokens,
-                                             last.prompt_tokens, tokens)))
+            result = await timed_request(engine, history, params)
+            turns.append((r, result))
             if r >= 2:
-                first_tokens.append(stamps[0])
-            history += tokens
+                first_tokens.append(result[1][0])
+            history += result[4]
             await asyncio.sleep(rng.expovariate(1 / think_s) if think_s > 0 else 0)
         return turns
 
     start = time.perf_counter()
     turns = [t for per_user in await asyncio.gather(*(user(u) for u in range(users))) for t in per_user]
-    row = summarize([t[2] for t in turns], time.perf_counter() - start)
-    later = sorted(t[2][0] for t in turns if t[0] >= 2)
-    queued = sorted(t[1] for t in turns if t[0] >= 2)
+    row = summarize([t[1] for t in turns], time.perf_counter() - start)
+    later = sorted(t[1][0] for t in turns if t[0] >= 2)
+    queued = sorted(t[1][5] for t in turns if t[0] >= 2)
     row.update(ttft_later_p50_s=round(percentile(later, 50), 4), ttft_later_p90_s=round(percentile(later, 90), 4),
                queue_later_p50_s=round(percentile(queued, 50), 4), think_s=think_s, rounds=[])
     for r in range(1, ROUNDS + 1):
-        of_round = summarize([t[2] for t in turns if t[0] == r], 1.0)
+        of_round = summarize([t[1] for t in turns if t[0] == r], 1.0)
         row["rounds"].append(dict(round=r, ttft_p50_s=of_round["ttft_p50_s"],
                                   cached_fraction=of_round["cached_fraction"]))
     return row, sorted(first_tokens)

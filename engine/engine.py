@@ -110,9 +110,7 @@ class Engine:
                        Detokenizer(self.loaded.tokenizer, params.stop), generator, found=match.tiers,
                        max_tier=self.costs.slowest_tier_to_load(match.tiers))
         self._requests[request_id] = seq
-        if seq.max_tier is Tier.HOST and Tier.DISK in match.tiers:   # compute and load at once
-            self.store.start_load(request_id, match, on_progress=self._wakeup.set)
-        self.scheduler.add(seq)
+        self.scheduler.add(seq, match)
         self._wakeup.set()
         return RequestStream(self, seq)
 

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from engine.config import EngineConfig
 from engine.costs import LoadOrRecompute
 from engine.sequence import Sequence, Status
-from store import BlockStore, OutOfBlocks, Tier, block_keys, token_bytes
+from store import BlockStore, OutOfBlocks, PrefixMatch, Tier, block_keys, token_bytes
 
 log = logging.getLogger("kvgate.engine")
 
@@ -74,8 +74,11 @@ class Scheduler:
     def waiting_ids(self) -> set[str]:
         return {s.request_id for _, s in self._waiting}
 
-    def add(self, seq: Sequence) -> None:
+    def add(self, seq: Sequence, match: PrefixMatch | None = None) -> None:
+        """Queue `seq`; with the `match` of a new request, start reading its disk part."""
         heapq.heappush(self._waiting, (seq.urgency(), seq))
+        if match is not None:
+            self._start_load(seq, match)
 
     def schedule(self) -> Plan:
         plan = Plan()
@@ -192,8 +195,8 @@ class Scheduler:
                     blocks = self.store.admit(seq.request_id, seq.root, seq.token_ids, seq.priority,
                                               max_cached_tokens=len(seq.token_ids) - 1, max_tier=seq.max_tier)
                     seq.num_computed = blocks.num_cached_tokens
-                    if len(blocks.tiers) < len(seq.found) and seq.max_tier is Tier.HOST:
-                        self._load_rest(seq)      # part of its prefix went to disk while it waited
+                    if len(blocks.tiers) < len(seq.found):   # part of it went to disk while it waited
+                        self._start_load(seq, self.store.match(seq.root, seq.token_ids, seq.prompt_len - 1))
                     if seq.cached_tokens is None:
                         seq.cached_tokens = _cached_by_tier(seq.found, blocks.tiers, self.store.block_size)
                         seq.queued_s = time.monotonic() - seq.submitted_at
@@ -209,10 +212,10 @@ class Scheduler:
         self.running.append(seq)
         return True
 
-    def _load_rest(self, seq: Sequence) -> None:
-        """Start reading the disk part of an admitted sequence's prefix, if it has one now."""
-        match = self.store.match(seq.root, seq.token_ids, max_tokens=seq.prompt_len - 1)
-        if Tier.DISK in match.tiers and seq.request_id not in self.store.load_ids():
+    def _start_load(self, seq: Sequence, match: PrefixMatch) -> None:
+        """Compute and load at once: start reading the disk part of `match` (`seq`'s cached
+        prefix) from the back, if the host part is worth loading at all and it has one."""
+        if seq.max_tier is Tier.HOST and Tier.DISK in match.tiers:
             self.store.start_load(seq.request_id, match, on_progress=self.wakeup)
 
     def preempt(self, seq: Sequence) -> None:

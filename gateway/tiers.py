@@ -20,6 +20,7 @@ from engine.model import LoadedModel
 from gateway.config import ConfigError, KvgateConfig
 from store import DiskTierError, StoreConfig
 from store.block_store import host_pool_blocks
+from store.record import RecordFormat
 
 log = logging.getLogger("kvgate.gateway")
 
@@ -56,7 +57,7 @@ def plan_tiers(config: KvgateConfig, model: LoadedModel) -> tuple[StoreConfig, l
     block_bytes = model.block_layout(config.engine.block_size).block_bytes
     gpu = _gpu(config, model, block_bytes)
     host = _host(config, block_bytes)
-    disk = _disk(config, model, block_bytes)
+    disk = _disk(config, model)
     store = StoreConfig(block_size=config.engine.block_size, gpu_blocks=gpu.blocks, host_blocks=host.blocks,
                         disk_path=disk.path if disk.enabled else "", disk_max_bytes=disk.bytes,
                         write_policy=config.store.disk.write_policy)
@@ -97,11 +98,11 @@ def _host(config: KvgateConfig, block_bytes: int) -> TierReport:
     return TierReport("host", True, blocks, blocks * block_bytes, "auto")
 
 
-def _disk(config: KvgateConfig, model: LoadedModel, block_bytes: int) -> TierReport:
+def _disk(config: KvgateConfig, model: LoadedModel) -> TierReport:
     tier = config.store.disk
     if not tier.enabled:
         return TierReport("disk", False, note="store.disk.enabled = false")
-    record_bytes = block_bytes + 256 + 4 * config.engine.block_size     # RecordFormat.max_bytes
+    record_bytes = RecordFormat(model.fingerprint, model.block_layout(config.engine.block_size)).max_bytes
     if tier.path:
         path = os.path.abspath(os.path.expanduser(tier.path))
         parent = path if os.path.isdir(path) else os.path.dirname(path)

@@ -161,13 +161,12 @@ class BlockStore:
     def start_load(self, seq_id: Hashable, match: PrefixMatch, on_progress: Callable[[], None] = lambda: None) -> int:
         """Start reading the disk-only blocks of `match` (the cached prefix of sequence `seq_id`'s
         prompt) from the back, while the sequence computes from the front (`advance_load`).
-        All sequences' loads together hold at most 1/4 of the host pool; `on_progress` is called
-        on the event loop as blocks arrive and when the load ends. Returns the blocks to read."""
+        All sequences' loads together hold at most a quarter of the host pool; `on_progress` is
+        called on the event loop as blocks arrive and when the load ends. Returns the blocks to
+        read."""
         first = next((i for i, t in enumerate(match.tiers) if t is Tier.DISK), len(match.tiers))
-        held = sum(len(sl.slots) for sl in self.loader.sequence_loads())
-        load = self.loader.start(seq_id, list(match.nodes), first, self.host.num_blocks // 4 - held,
-                                 on_progress)
-        return len(load.items) if load else 0
+        load = self.loader.start(seq_id, list(match.nodes), first, on_progress)
+        return len(load.nodes) if load else 0
 
     def advance_load(self, seq_id: Hashable, num_computed: int) -> LoadStep | None:
         """For an admitted sequence with a load: once its computed front (`num_computed`
@@ -178,7 +177,7 @@ class BlockStore:
         if load is None:
             return None
         first, end = load.first, load.end
-        front, host_slots = self.loader.take(seq_id, front)
+        host_slots = self.loader.take(seq_id, front)
         if host_slots:
             seq = self._seqs[seq_id]
             self.copier.to_gpu(host_slots, seq.slots[front:front + len(host_slots)])

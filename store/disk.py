@@ -141,7 +141,6 @@ class DiskTier:
         """Size of one record's value (header sizes vary by a few bytes; this bounds them)."""
         return self.format.max_bytes
 
-
     def encode(self, parent: bytes, token_bytes: bytes, depth: int, priority: int,
                payload: torch.Tensor) -> bytearray:
         """One record's value (see store/record.py)."""

@@ -30,6 +30,7 @@ from store.pool import BlockPool, Tier
 from store.radix import Node, RadixIndex
 
 BACK_BATCH = 32          # blocks per read batch of a sequence's load (64 MiB at the 8B shape)
+SEQUENCE_SHARE = 4       # all sequences' loads together hold at most 1/SEQUENCE_SHARE of the host pool
 
 
 @dataclass(eq=False)
@@ -39,7 +40,6 @@ class SequenceLoad:
     seq_id: Hashable
     first: int
     nodes: list[Node]                          # blocks first .. end-1, as matched
-    items: list[tuple[bytes, bytes, bytes]]    # (key, parent key, token bytes) of each block
     loaded_from: int = 0
     slots: list[int] = field(default_factory=list)
     reading: list[int] = field(default_factory=list)   # host slots of the batch being read
@@ -52,7 +52,7 @@ class SequenceLoad:
 
     @property
     def end(self) -> int:
-        return self.first + len(self.items)
+        return self.first + len(self.nodes)
 
 
 @dataclass(eq=False)
@@ -104,16 +104,17 @@ class DiskLoader:
 
     # ---- a sequence's load: compute and load at once ------------------------------------------
 
-    def start(self, seq_id: Hashable, nodes: list[Node], first: int, max_slots: int,
+    def start(self, seq_id: Hashable, nodes: list[Node], first: int,
               on_progress: Callable[[], None] = lambda: None) -> SequenceLoad | None:
         """Start reading nodes[first:] (blocks of sequence `seq_id`'s prompt) from the back,
-        holding at most `max_slots` host slots; the room is never made by evicting the host
-        copies of nodes[:first]. None if there is nothing to read."""
+        within what the other sequences' loads leave of their share of the host pool; the room
+        is never made by evicting the host copies of nodes[:first]. None if there is nothing to
+        read."""
+        held = sum(len(sl.slots) + len(sl.reading) for sl in self._seq_loads.values())
+        max_slots = self.host.num_blocks // SEQUENCE_SHARE - held
         if self.disk is None or first >= len(nodes) or seq_id in self._seq_loads or max_slots < 1:
             return None
-        load = SequenceLoad(seq_id, first, nodes[first:], [(n.key, n.parent.key, n.token_bytes)
-                                                            for n in nodes[first:]],
-                            on_progress=on_progress, keep=frozenset(nodes[:first]))
+        load = SequenceLoad(seq_id, first, nodes[first:], on_progress=on_progress, keep=frozenset(nodes[:first]))
         load.loaded_from, load.front = load.end, first
         self._seq_loads[seq_id] = load
         load.task = asyncio.get_running_loop().create_task(self._read_back(load, max_slots))
@@ -126,17 +127,17 @@ class DiskLoader:
             load.front = max(load.front, front)
         return load
 
-    def take(self, seq_id: Hashable, front: int) -> tuple[int, list[int]]:
-        """If the computed front (a block index) has reached the loaded blocks: (front, the host
-        slots of blocks front .. end-1), handed to the caller, who frees them once copied; the
-        load ends. Else (front, [])."""
+    def take(self, seq_id: Hashable, front: int) -> list[int]:
+        """If the computed front (a block index) has reached the loaded blocks: the host slots
+        of blocks front .. end-1, handed to the caller, who frees them once copied; the load
+        ends. Else []."""
         load = self._seq_loads.get(seq_id)
         if load is None or front < load.loaded_from or front >= load.end:
-            return front, []
+            return []
         k = front - load.loaded_from
         taken, load.slots = load.slots[k:], load.slots[:k]
         self.drop(seq_id)
-        return front, taken
+        return taken
 
     def drop(self, seq_id: Hashable) -> None:
         """End the sequence's load; its slots are freed now, or when its read in flight ends."""
@@ -162,16 +163,13 @@ class DiskLoader:
                 if not slots:
                     break
                 lo = load.loaded_from - len(slots)
-                items = load.items[lo - load.first:load.loaded_from - load.first]
-
-                def sink(i: int, payload: memoryview, slots=slots) -> None:   # on a reader thread
-                    self.host.tensor[slots[i]].view(torch.uint8).numpy().reshape(-1)[:] = payload
+                nodes = load.nodes[lo - load.first:load.loaded_from - load.first]
                 start = time.perf_counter()
                 load.reading = slots
-                ok = await self.disk.load(items, sink)
+                ok = await self.disk.load(_records(nodes), self._sink(slots))
                 load.reading = []
                 self._observe(sum(ok), time.perf_counter() - start)
-                for node, read in zip(load.nodes[lo - load.first:], ok):
+                for node, read in zip(nodes, ok):
                     if not read and node.on_disk and node.key not in self.disk.sizes:
                         self.placement.lose_disk_copy(node)      # a corrupt record, deleted
                 good = len(ok)                  # the loaded part must reach the end unbroken
@@ -191,6 +189,13 @@ class DiskLoader:
                 self._release(load)
             load.on_progress()
 
+    def _sink(self, slots: list[int]) -> Callable[[int, memoryview], None]:
+        """Where a read puts record i's payload: host slot slots[i] (called on a reader thread,
+        after `host_ready`)."""
+        def sink(i: int, payload: memoryview) -> None:
+            self.host.tensor[slots[i]].view(torch.uint8).numpy().reshape(-1)[:] = payload
+        return sink
+
     def _observe(self, blocks: int, seconds: float) -> None:
         """Bytes/s read and checked, newest loads weighing most."""
         if blocks:
@@ -206,7 +211,7 @@ class DiskLoader:
         block_bytes = self.host.layout.block_bytes
         nodes = list(itertools.islice((n for n in self.index.nodes() if n.on_disk), max(1, max_bytes // block_bytes)))
         start = time.perf_counter()
-        ok = await self.disk.load([(n.key, n.parent.key, n.token_bytes) for n in nodes], lambda i, p: None)
+        ok = await self.disk.load(_records(nodes), lambda i, p: None)
         if any(ok):
             self.read_rate = sum(ok) * block_bytes / max(time.perf_counter() - start, 1e-9)
         return self.read_rate
@@ -233,12 +238,10 @@ class DiskLoader:
         return await asyncio.shield(load.task)
 
     async def _run(self, load: _Load) -> int:
-        def sink(i: int, payload: memoryview) -> None:  # on a reader thread, after `host_ready`
-            self.host.tensor[load.slots[i]].view(torch.uint8).numpy().reshape(-1)[:] = payload
         ok: list[bool] | None = None
         start = time.perf_counter()
         try:
-            ok = await self.disk.load([(n.key, n.parent.key, n.token_bytes) for n in load.nodes], sink)
+            ok = await self.disk.load(_records(load.nodes), self._sink(load.slots))
         finally:
             for n in load.nodes:
                 del self._loads[n]
@@ -247,6 +250,11 @@ class DiskLoader:
         if ok is not None:
             self._observe(len(ok), time.perf_counter() - start)
         return sum(_is_live(n) and n.host_slot is not None for n in load.nodes)
+
+
+def _records(nodes: Sequence[Node]) -> list[tuple[bytes, bytes, bytes]]:
+    """What a read checks each record against: (key, parent key, token bytes) of its node."""
+    return [(n.key, n.parent.key, n.token_bytes) for n in nodes]
 
 
 def _is_live(node: Node) -> bool:

@@ -301,18 +301,14 @@ class Placement:
         self.copier.host_ready()
         written = 0
         for n in todo:
-            if not (n.parent.is_root or n.parent.on_disk) or n.key in self.disk.sizes:
-                continue  # its prefix did not fit, or a colliding key holds the record
+            if not (n.parent.is_root or n.parent.on_disk):
+                continue  # its prefix did not fit
             if self.disk.used_bytes + self.disk.value_bytes > self.disk.max_bytes:
                 break
             self.disk.make_queue_room(self.disk.value_bytes)   # shutdown may wait; it must not drop
             on_host = n.host_slot is not None
             kv = self.host.tensor[n.host_slot] if on_host else self.gpu.tensor[n.gpu_slot].cpu()
-            record = BlockRecord(n.parent.key, n.token_bytes, n.depth, n.priority, kv,
-                                 done=lambda ok, n=n: self._written(n, None, ok))
-            if self.disk.put(n.key, record):
-                self.index.set_disk(n, True)
-                written += 1
+            written += self._write(n, None, kv)     # the host copy stays indexed: no slot to hold
         return written
 
     def check_integrity(self, owned_gpu: list[int], reserved_host: list[int]) -> None:
