@@ -178,14 +178,15 @@ async def test_auto_writes_everything_until_the_queue_is_half_full_then_only_reu
     store = make_store(tmp_path, gpu=2, host=2, disk_blocks=64, write_policy="auto")
     store.disk.max_pending_bytes = 4 * store.disk.value_bytes    # half full = 2 records queued
     run_request(store, "single", blocks(1), flush=False)
-    run_request(store, "reused", blocks(2), flush=False)
-    run_request(store, "reused-again", blocks(2), flush=False)   # used twice
-    for i in range(3, 6):                                        # no time for the writes to land
+    run_request(store, "other", blocks(2), flush=False)
+    run_request(store, "reused", blocks(3), flush=False)
+    run_request(store, "reused-again", blocks(3), flush=False)   # used twice
+    for i in (4, 5):                                             # no time for the writes to land
         run_request(store, i, blocks(i), flush=False)
     on_disk = [i for i in range(1, 6) if store.match(store.root_key(), blocks(i)).tiers == (Tier.DISK,) * 2]
-    # blocks(1) left the host tier while the queue was empty and filled it to half; blocks(2)
-    # were reused, so written all the same; blocks(3) were not: skipped and counted
-    assert on_disk == [1, 2]
+    # blocks(1) left the host tier while the queue was empty and filled it to half; blocks(2),
+    # single-use, left at half full: skipped and counted; blocks(3) were reused: written all the same
+    assert on_disk == [1, 3]
     assert store.stats().writes_skipped["policy"] == 2
     await store.flush()
     store.check_integrity()
