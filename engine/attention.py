@@ -36,7 +36,8 @@ class DecodeBatch:
     """Sequences of the step with one new token each, for the batched decode kernel."""
     rows: torch.Tensor           # [S] their rows in the flat batch
     block_tables: torch.Tensor   # [S, max_blocks] int32, padded with 0
-    context_lens: torch.Tensor   # [S] int32
+    context_lens: torch.Tensor   # [S] int32; 0: a padding row (a graph's), which computes nothing
+    partitions: int | None = None  # split-K parts of the decode kernel (None: chosen from S)
 
 
 @dataclass(frozen=True)
@@ -80,7 +81,8 @@ def paged_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Ten
         d = kvgate.decode
         q = query[0, :, d.rows].transpose(0, 1).contiguous()                    # [S, H, D]
         o = torch.empty_like(q)
-        kernels.paged_decode(q, pool, layer, d.block_tables, d.context_lens, scale, o)
+        kernels.paged_decode(q, pool, layer, d.block_tables, d.context_lens, scale, o,
+                             partitions=d.partitions)
         out[0, d.rows] = o
     reference_attention(query, pool, layer, kvgate.seqs, scaling, sliding_window, out)
     return out, None

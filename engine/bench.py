@@ -152,36 +152,79 @@ def bench_kernel(device: str) -> None:
 
 
 async def profile_step(a: argparse.Namespace) -> None:
-    """Where a decode step's time goes, in steady decode of the unique workload's prompts."""
-    loaded = load_model(ModelConfig(path=a.model, device=a.device), block_size=a.block_size)
-    sync = torch.cuda.synchronize if loaded.device.type == "cuda" else (lambda: None)
+    """Where a step's time goes: the unique workload's prompts (`--scale`) in steady decode, then
+    the same decode batch joined by one returning user (a cached context of 1,024 tokens plus
+    `--profile-prefill` new ones). Each step's inputs are prepared once and executed again and
+    again (it rewrites the same K/V slots), eagerly and in its CUDA graph; then the mixed step
+    under torch.profiler (CUDA): the kernels that take its time, and the CPU time of the
+    launches."""
+    loaded = load_model(ModelConfig(path=a.model, device=a.device, fuse=a.fuse), block_size=a.block_size)
+    cuda = loaded.device.type == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
     config = EngineConfig(max_num_seqs=a.max_num_seqs, max_num_batched_tokens=a.max_batched,
                           block_size=a.block_size)
     engine = Engine(loaded, config, StoreConfig(block_size=a.block_size, gpu_blocks=a.gpu_blocks))
-    prompts, _ = workload("unique", loaded.model.config.vocab_size, a.scale, loaded.device.type == "cuda")
-    for p in prompts:
-        engine.submit(p, SamplingParams(max_tokens=64, temperature=0.0, ignore_eos=True))
-    parts = ("schedule", "prepare", "execute", "postprocess")
-    times: dict[str, list[float]] = {k: [] for k in parts}
-    while True:
-        stamps = [time.perf_counter()]
+    await engine.start()
+    engine._stopping = True          # stop the loop: the steps below are driven by hand
+    engine._wakeup.set()
+    await engine._loop_task
+    engine._loop_task, engine._stopping = None, False
+
+    def step() -> list:
         chunks = engine.scheduler.schedule().chunks
-        if not chunks:
-            break
-        stamps.append(time.perf_counter())
-        step_input = engine.runner.prepare(chunks)
-        stamps.append(time.perf_counter())
-        tokens = engine.runner.execute(step_input)
-        sync()
-        stamps.append(time.perf_counter())
-        engine._postprocess(chunks, tokens, set())
-        stamps.append(time.perf_counter())
-        if len(chunks) == len(prompts) and all(c.num_tokens == 1 for c in chunks):   # steady decode
-            for k, t0, t1 in zip(parts, stamps, stamps[1:]):
-                times[k].append(t1 - t0)
-    steps = len(times["execute"])
-    print(f"\ndecode steps of {len(prompts)} sequences ({steps} measured), median ms: " + ", ".join(
-        f"{k} {statistics.median(v) * 1e3:.2f}" for k, v in times.items()))
+        engine._postprocess(chunks, engine.runner.execute(engine.runner.prepare(chunks)), set())
+        return chunks
+    vocab = loaded.model.config.vocab_size
+    prompts, _ = workload("unique", vocab, a.scale, cuda)
+    context = prompts[-1][:1024]
+    engine.submit(context, SamplingParams(max_tokens=1, temperature=0.0))
+    while engine.num_running or engine.num_waiting:                  # computed, cached, finished
+        step()
+    for p in prompts[:-1]:
+        engine.submit(p, SamplingParams(max_tokens=256, temperature=0.0, ignore_eos=True))
+    while not all(c.num_tokens == 1 for c in step()):                # prefill, then one decode step
+        pass
+    decode = engine.scheduler.schedule().chunks
+    returning = engine.submit(context + torch.randint(0, vocab, (a.profile_prefill,)).tolist(),
+                              SamplingParams(max_tokens=1, temperature=0.0))
+    mixed = engine.scheduler.schedule().chunks
+    prefill = [c for c in mixed if c.num_tokens > 1]
+    assert len(prefill) == 1 and len(mixed) == len(decode) + 1, "the returning user was not scheduled as one chunk"
+
+    def timed(chunks: list, graphs: bool = True, reps: int = 20) -> float:
+        step = engine.runner.prepare(chunks)
+        broken = engine.runner.graphs.broken if engine.runner.graphs else None
+        if engine.runner.graphs:
+            engine.runner.graphs.broken = not graphs
+        times = []
+        for _ in range(reps + 2):
+            sync()
+            t0 = time.perf_counter()
+            engine.runner.execute(step)
+            sync()
+            times.append(time.perf_counter() - t0)
+        if engine.runner.graphs:
+            engine.runner.graphs.broken = broken
+        return statistics.median(times[2:]) * 1e3
+
+    ctx = prefill[0].start
+    print(f"\nsteps of {len(decode)} decoding sequences (contexts {decode[0].start}) and one returning user "
+          f"({ctx} cached + {prefill[0].num_tokens} new tokens), median of 20 executions, ms:")
+    for name, chunks in (("decode", decode), ("decode + returning user", mixed), ("returning user alone", prefill)):
+        graph = engine.runner.graphs.choose(engine.runner.prepare(chunks)) if engine.runner.graphs else None
+        print(f"  {name:<26} eager {timed(chunks, False):8.2f}   graph {graph and '%s %d' % graph or '-':>12} "
+              f"{timed(chunks, True) if graph else float('nan'):8.2f}")
+    if cuda:
+        from torch.profiler import ProfilerActivity, profile
+        step = engine.runner.prepare(mixed)
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            for _ in range(3):
+                engine.runner.execute(step)
+            sync()
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=12, max_name_column_width=60))
+    returning.close()
+    engine._stopping = False
+    await engine.stop(persist=False)
 
 
 def percentile(sorted_values: list[float], p: float) -> float:
@@ -366,7 +409,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plots", default=None, help="write PNG plots (TTFT per chat round) to this directory")
     p.add_argument("--json", default=None)
     p.add_argument("--kernel", action="store_true", help="time the decode kernel alone (CUDA)")
-    p.add_argument("--profile-step", action="store_true", help="time the parts of a decode step")
+    p.add_argument("--profile-step", action="store_true",
+                   help="time a decode step and a mixed step (decode + one returning user)")
+    p.add_argument("--profile-prefill", type=int, default=80, help="--profile-step: the returning user's new tokens")
     return p
 
 

@@ -49,7 +49,7 @@ class Engine:
         self.costs = LoadOrRecompute(self.store, config.load_or_recompute)
         self._wakeup = asyncio.Event()
         self.scheduler = Scheduler(config, self.store, self.costs, self._wakeup.set)
-        self.runner = ModelRunner(loaded, self.store, config.max_num_seqs)
+        self.runner = ModelRunner(loaded, self.store, config.max_num_seqs, config.max_num_batched_tokens)
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="kvgate-forward")   # forward passes
         self._requests: dict[str, Sequence] = {}
         self._in_flight: set[Sequence] = set()   # the current step's sequences, until postprocessed

@@ -1,89 +1,231 @@
-"""CUDA graphs of the model's forward pass for decode-only steps.
+"""CUDA graphs of the model's forward pass, for decode steps and for mixed steps.
 
-A decode step of B sequences launches hundreds of small kernels from Python; replaying a
-captured graph launches them in one go. One graph per batch-size bucket, captured on first use
-against static input buffers. A step of n sequences runs in the smallest bucket >= n; the
-padding rows repeat row 0 (same token, position and KV slot), so they rewrite identical K/V into
-the same slot and their logits are ignored.
+Run eagerly, a step of the 8B shape spends 20-30 ms of CPU launching hundreds of small kernels
+from Python, whatever its size; replaying a captured graph launches them in one go. Every graph
+is captured at start-up against static input buffers; a step copies its inputs into them and
+replays the graph of its bucket. Two kinds:
+
+- **decode**, one graph per batch-size bucket (BUCKETS): steps whose every chunk is one token.
+  A step of n sequences runs in the smallest bucket >= n; the padding rows repeat row 0 (same
+  token, position and KV slot), so they rewrite identical K/V into the same slot and their
+  logits are ignored.
+- **mixed**, one graph per token bucket T (MIXED_BUCKETS): steps with prompt chunks (at most
+  MAX_CHUNKS) beside any decode rows, fewer than T tokens in all: a returning user's new turn
+  joining the running batch. The kernels' grids are fixed at capture and sized for T, so a
+  replay pads everything to that size: padding tokens write their K/V into the pool's scratch
+  block (a block no sequence owns), unused decode rows have context 0 and unused prefill tiles
+  point at an empty chunk, so both compute nothing, and row T-1, always padding, takes their
+  (ignored) output. Padding rows never mix with real ones: every op but attention is per row.
+
+Larger steps run eagerly: there the GPU's work hides the launches.
 """
 from __future__ import annotations
 
 import logging
+from collections import Counter
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
-from engine.attention import DecodeBatch, PagedMetadata
+from engine import kernels
+from engine.attention import DecodeBatch, PagedMetadata, PrefillBatch
+
+if TYPE_CHECKING:
+    from engine.runner import StepInput
 
 log = logging.getLogger("kvgate.engine")
 
 BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256)
+MIXED_BUCKETS = (64, 128, 256, 512, 1024)
+MAX_CHUNKS = 8            # prompt chunks in a graphed mixed step
+# split-K parts of the decode kernel in a mixed graph (its grid is fixed at capture): enough to
+# fill the GPU with this many sequences; a shorter context uses fewer parts
+MIXED_DECODE_FILL = 16
 
 
-class DecodeGraphs:
-    def __init__(self, model: torch.nn.Module, pool: torch.Tensor, max_batch: int, max_blocks: int) -> None:
+@dataclass(frozen=True)
+class MixedShape:
+    """The capacities of the mixed graph of bucket `tokens`."""
+    tokens: int           # T: rows of the flat batch; the last is always padding
+    decode: int           # decode rows
+    tiles: int            # prefill tiles (each chunk adds at most one partial tile)
+    samples: int          # rows whose logits are computed
+
+    @classmethod
+    def of(cls, tokens: int, max_batch: int) -> MixedShape:
+        decode = min(tokens - 1, max_batch)
+        return cls(tokens, decode, tokens // kernels.PREFILL_TILE + MAX_CHUNKS,
+                   min(tokens - 1, decode + MAX_CHUNKS))
+
+
+def mixed_bucket(buckets: tuple[int, ...], max_batch: int, tokens: int, decode_rows: int,
+                 chunks: int) -> int | None:
+    """The smallest mixed bucket a step of `tokens` tokens (`decode_rows` of them one-token
+    chunks, `chunks` prompt chunks) fits: fewer tokens than T (row T-1 stays padding), no more
+    decode rows than it has, at most MAX_CHUNKS prompt chunks. None: run it eagerly."""
+    if chunks > MAX_CHUNKS:
+        return None
+    return next((t for t in buckets if tokens < t and decode_rows <= MixedShape.of(t, max_batch).decode), None)
+
+
+class StepGraphs:
+    def __init__(self, model: torch.nn.Module, pool: torch.Tensor, scratch: int, max_batch: int,
+                 max_blocks: int, max_tokens: int) -> None:
+        """pool: the GPU pool, whose block `scratch` no sequence owns; max_batch: most sequences
+        in a step; max_blocks: the widest block table; max_tokens: most tokens in a step."""
         self.model = model
         self.pool = pool
+        self.scratch = scratch
         self.buckets = [b for b in BUCKETS if b < max_batch] + [min(max_batch, BUCKETS[-1])]
         self.max_batch = self.buckets[-1]
+        mixed = []
+        for t in MIXED_BUCKETS:       # up to the first bucket that holds the largest step
+            mixed.append(t)
+            if t > max_tokens:
+                break
+        self.mixed = tuple(mixed)
+        self.decode_parts = kernels._partitions(MIXED_DECODE_FILL * pool.shape[4], max_blocks * pool.shape[3],
+                                                kernels.TILE, pool.device)
+        top = MixedShape.of(self.mixed[-1], self.max_batch)
         dev = pool.device
-        n = self.max_batch
-        # static inputs, [max_batch] (tables: [max_batch, max_blocks]); a replay reads their first B rows
-        self.input_ids = torch.zeros(n, dtype=torch.long, device=dev)
-        self.positions = torch.zeros(n, dtype=torch.long, device=dev)
-        self.slot_block = torch.zeros(n, dtype=torch.long, device=dev)
-        self.slot_offset = torch.zeros(n, dtype=torch.long, device=dev)
-        self.tables = torch.zeros(n, max_blocks, dtype=torch.int32, device=dev)
-        self.lens = torch.ones(n, dtype=torch.int32, device=dev)
-        self.rows = torch.arange(n, device=dev)
-        self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        n = max(self.max_batch, top.tokens)
+        i32 = dict(dtype=torch.int32, device=dev)
+        # static inputs; a replay reads the first rows of each
+        self.input_ids = torch.zeros(n, dtype=torch.long, device=dev)            # [n]
+        self.positions = torch.zeros(n, dtype=torch.long, device=dev)            # [n]
+        self.slot_block = torch.zeros(n, dtype=torch.long, device=dev)           # [n]
+        self.slot_offset = torch.zeros(n, dtype=torch.long, device=dev)          # [n]
+        self.tables = torch.zeros(self.max_batch, max_blocks, **i32)             # decode rows' block tables
+        self.lens = torch.ones(self.max_batch, **i32)                            # their context lengths
+        self.rows = torch.arange(n, device=dev)                                  # 0..n-1 (decode graphs)
+        self.decode_rows = torch.zeros(self.max_batch, dtype=torch.long, device=dev)  # mixed: decode rows
+        self.sample_rows = torch.zeros(top.samples, dtype=torch.long, device=dev)     # mixed: rows sampled
+        self.tiles = torch.zeros(top.tiles, 2, **i32)                            # mixed: prefill tiles
+        # mixed: prompt chunks (first row, length, context); entry MAX_CHUNKS stays empty (0, 0, 0)
+        self.chunks = torch.zeros(MAX_CHUNKS + 1, 3, **i32)
+        self.chunk_tables = torch.zeros(MAX_CHUNKS + 1, max_blocks, **i32)
+        self._empty_tile = torch.tensor([MAX_CHUNKS, 0], **i32)                 # a tile of the empty chunk
+        self._graphs: dict[tuple[str, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self._mempool = torch.cuda.graph_pool_handle()
-        self.broken = False            # capture failed once: stay eager
+        self.replays: Counter[str] = Counter()     # per kind: how many steps each ran
+        self.broken = False            # a capture or replay failed once: stay eager
 
     def capture_all(self) -> None:
-        """Capture every bucket now (at start-up: the inputs point at block 0, which holds
-        nothing yet), so that no request waits for a capture."""
-        for buf in (self.input_ids, self.positions, self.slot_block, self.slot_offset, self.tables):
+        """Capture every graph now (at start-up), so that no request waits for a capture. The
+        inputs point at the scratch block and at contexts of length 0 (mixed) or 1 (decode)."""
+        for buf in (self.input_ids, self.positions, self.slot_offset, self.tables, self.tiles):
             buf.zero_()
+        self.slot_block.fill_(self.scratch)
         self.lens.fill_(1)
+        self.tables.fill_(self.scratch)
         for b in self.buckets:
-            if b not in self._graphs:
-                self._graphs[b] = self._capture(b)
+            self._capture(("decode", b))
+        self.tiles[:, 0] = MAX_CHUNKS
+        self.lens.zero_()
+        for t in self.mixed:
+            self.decode_rows.fill_(t - 1)
+            self.sample_rows.fill_(t - 1)
+            self._capture(("mixed", t))
 
-    def bucket(self, n: int) -> int | None:
-        return next((b for b in self.buckets if b >= n), None)
+    def choose(self, step: StepInput) -> tuple[str, int] | None:
+        """The graph that runs `step`, or None (run it eagerly)."""
+        n = step.input_ids.numel()
+        decode_rows = 0 if step.decode is None else step.decode.rows.numel()
+        if step.seqs or (step.prefill is None and step.decode is None):
+            return None
+        if step.prefill is None:
+            b = next((b for b in self.buckets if b >= n), None)
+            return None if b is None or not len(step.sample_rows) else ("decode", b)
+        t = mixed_bucket(self.mixed, self.max_batch, n, decode_rows, step.prefill.chunks.shape[0])
+        return None if t is None else ("mixed", t)
 
-    def run(self, ids: torch.Tensor, positions: torch.Tensor, slot_block: torch.Tensor,
-            slot_offset: torch.Tensor, tables: torch.Tensor, lens: torch.Tensor) -> torch.Tensor:
-        """Logits [n, vocab] of one decode step of n sequences (inputs on the device)."""
-        n = ids.numel()
-        b = self.bucket(n)
-        for buf, src in ((self.input_ids, ids), (self.positions, positions), (self.slot_block, slot_block),
-                         (self.slot_offset, slot_offset), (self.lens, lens)):
-            buf[:n] = src
-            buf[n:b] = src[0]
-        self.tables[:n, :tables.shape[1]] = tables
-        self.tables[n:b, :tables.shape[1]] = tables[0]
-        if b not in self._graphs:
-            self._graphs[b] = self._capture(b)
-        graph, logits = self._graphs[b]
+    def run(self, key: tuple[str, int], step: StepInput) -> torch.Tensor:
+        """Logits [number of sample rows, vocab] of `step` (CPU inputs), replayed in graph `key`."""
+        kind, size = key
+        n = step.input_ids.numel()
+        if kind == "decode":
+            d = step.decode
+            for buf, src in ((self.input_ids, step.input_ids), (self.positions, step.positions),
+                             (self.slot_block, step.slot_block), (self.slot_offset, step.slot_offset),
+                             (self.lens, d.context_lens)):
+                _fill(buf, src, size, buf[0])
+            _fill_rows(self.tables, d.block_tables, size, pad_with_first=True)
+        else:
+            self._fill_mixed(step, MixedShape.of(size, self.max_batch))
+        if key not in self._graphs:          # not captured at start-up (an engine driven by hand)
+            self._capture(key)
+        graph, logits = self._graphs[key]
         graph.replay()
+        self.replays[kind] += 1
+        if kind == "mixed":                      # its graph computed the sample rows' logits only
+            return logits[:len(step.sample_rows)]
+        if len(step.sample_rows) < n:            # a one-token prompt chunk that samples nothing
+            return logits[step.sample_rows.to(logits.device)]
         return logits[:n]
 
-    def _forward(self, b: int) -> torch.Tensor:
-        meta = PagedMetadata(self.pool, self.slot_block[:b], self.slot_offset[:b], seqs=(),
-                             decode=DecodeBatch(self.rows[:b], self.tables[:b], self.lens[:b]))
-        return self.model(input_ids=self.input_ids[:b][None], position_ids=self.positions[:b][None],
-                          use_cache=False, logits_to_keep=self.rows[:b], kvgate=meta).logits[0]
+    def _fill_mixed(self, step: StepInput, shape: MixedShape) -> None:
+        last = shape.tokens - 1                                           # a padding row
+        _fill(self.input_ids, step.input_ids, shape.tokens, 0)
+        _fill(self.positions, step.positions, shape.tokens, 0)
+        _fill(self.slot_block, step.slot_block, shape.tokens, self.scratch)
+        _fill(self.slot_offset, step.slot_offset, shape.tokens, 0)
+        d = step.decode
+        rows, lens = (d.rows, d.context_lens) if d is not None else (torch.zeros(0, dtype=torch.long),) * 2
+        _fill(self.decode_rows, rows, shape.decode, last)
+        _fill(self.lens, lens, shape.decode, 0)
+        if d is not None:
+            _fill_rows(self.tables, d.block_tables, len(rows))
+        p = step.prefill
+        _fill(self.tiles, p.tiles, shape.tiles, self._empty_tile)
+        self.chunks[:len(p.chunks)] = p.chunks.to(self.chunks.device)
+        _fill_rows(self.chunk_tables, p.block_tables, len(p.chunks))
+        _fill(self.sample_rows, step.sample_rows, shape.samples, last)
 
-    def _capture(self, b: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+    def _forward(self, key: tuple[str, int]) -> torch.Tensor:
+        kind, size = key
+        if kind == "decode":
+            meta = PagedMetadata(self.pool, self.slot_block[:size], self.slot_offset[:size], seqs=(),
+                                 decode=DecodeBatch(self.rows[:size], self.tables[:size], self.lens[:size]))
+            rows = self.rows[:size]
+        else:
+            s = MixedShape.of(size, self.max_batch)
+            meta = PagedMetadata(
+                self.pool, self.slot_block[:size], self.slot_offset[:size], seqs=(),
+                decode=DecodeBatch(self.decode_rows[:s.decode], self.tables[:s.decode], self.lens[:s.decode],
+                                   self.decode_parts),
+                prefill=PrefillBatch(self.tiles[:s.tiles], self.chunks, self.chunk_tables))
+            rows = self.sample_rows[:s.samples]
+        return self.model(input_ids=self.input_ids[:size][None], position_ids=self.positions[:size][None],
+                          use_cache=False, logits_to_keep=rows, kvgate=meta).logits[0]
+
+    def _capture(self, key: tuple[str, int]) -> None:
         side = torch.cuda.Stream(self.pool.device)
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):        # warm-up outside the graph (Triton compiles here)
-            self._forward(b)
+            self._forward(key)
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         # thread-local: the event loop and the disk thread keep using CUDA while we capture
         with torch.cuda.graph(graph, pool=self._mempool, capture_error_mode="thread_local"):
-            logits = self._forward(b)
-        log.info("captured the decode graph for batch size %d", b)
-        return graph, logits
+            logits = self._forward(key)
+        self._graphs[key] = graph, logits
+        log.info("captured the %s graph for %d %s", key[0], key[1], "sequences" if key[0] == "decode" else "tokens")
+
+
+def _fill(buf: torch.Tensor, src: torch.Tensor, size: int, pad) -> None:
+    """buf[:len(src)] = src (copied from the CPU), buf[len(src):size] = pad."""
+    n = len(src)
+    buf[:n] = src.to(buf.device, non_blocking=True)
+    if size > n:
+        buf[n:size] = pad
+
+
+def _fill_rows(buf: torch.Tensor, src: torch.Tensor, size: int, pad_with_first: bool = False) -> None:
+    """The first columns of buf's first rows = src ([rows, width]); with pad_with_first, rows
+    len(src)..size-1 repeat src's first row. Columns past `width` keep stale entries: a
+    context length never reaches them."""
+    n, width = src.shape
+    buf[:n, :width] = src.to(buf.device, non_blocking=True)
+    if pad_with_first and size > n:
+        buf[n:size, :width] = buf[0, :width]

@@ -37,7 +37,8 @@ def paged_decode(query: torch.Tensor, pool: torch.Tensor, layer: int, block_tabl
                  context_lens: torch.Tensor, scale: float, out: torch.Tensor, tile: int = TILE,
                  num_warps: int = 4, num_stages: int = 2, partitions: int | None = None) -> None:
     """query: [S, H, D] (one new token per sequence); pool: [NB, L, 2, BS, KVH, D];
-    block_tables: [S, max_blocks] int32; context_lens: [S] int32; out: [S, H, D].
+    block_tables: [S, max_blocks] int32; context_lens: [S] int32 (0: the row computes nothing
+    useful and reads no K/V); out: [S, H, D].
     `partitions` splits each context into up to that many parts (of two tiles or more) computed
     by separate programs and combined after (split-K; None: enough to fill the GPU when S x KVH
     programs would not). It is a runtime value: no recompilation as batch sizes change.
@@ -204,7 +205,7 @@ if triton is not None:
         l_i = tl.zeros([GROUP_PAD], tl.float32)
         acc = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
         base = Pool + layer * stride_pl + kvh * stride_ph
-        used = tl.minimum(parts, tl.cdiv(ctx, 2 * TILE))
+        used = tl.maximum(1, tl.minimum(parts, tl.cdiv(ctx, 2 * TILE)))   # ctx 0 (padding): no tile
         part_len = tl.cdiv(tl.cdiv(ctx, used), TILE) * TILE
         end = tl.where(part < used, tl.minimum(ctx, (part + 1) * part_len), 0)
         for start in range(part * part_len, end, TILE):

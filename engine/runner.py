@@ -17,7 +17,7 @@ import torch
 from engine import kernels
 from engine.attention import DecodeBatch, PagedMetadata, PrefillBatch, SeqSlice
 from engine.costs import LoadOrRecompute
-from engine.graphs import DecodeGraphs
+from engine.graphs import StepGraphs
 from engine.model import LoadedModel
 from engine.sampling import SamplingParams, sample
 from engine.scheduler import Chunk
@@ -41,7 +41,8 @@ class StepInput:
 
 
 class ModelRunner:
-    def __init__(self, loaded: LoadedModel, store: BlockStore, max_num_seqs: int = 256) -> None:
+    def __init__(self, loaded: LoadedModel, store: BlockStore, max_num_seqs: int = 256,
+                 max_num_batched_tokens: int = 4096) -> None:
         self.model = loaded.model
         self.device = loaded.device
         self.store = store
@@ -53,8 +54,8 @@ class ModelRunner:
             not window or window >= loaded.max_model_len)
         self.graphs = None
         if self.use_kernel and self.device.type == "cuda":
-            self.graphs = DecodeGraphs(self.model, store.gpu.tensor, max_num_seqs,
-                                       math.ceil(loaded.max_model_len / self.block_size))
+            self.graphs = StepGraphs(self.model, store.gpu.tensor, store.gpu.scratch, max_num_seqs,
+                                     math.ceil(loaded.max_model_len / self.block_size), max_num_batched_tokens)
 
     def prepare(self, chunks: list[Chunk]) -> StepInput:
         """The step's inputs as CPU tensors, built from plain lists (a decode step of hundreds of
@@ -106,14 +107,13 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, step: StepInput) -> list[int]:
         """One forward pass over the whole step; returns one sampled token per sample row."""
-        if self._graphable(step):
+        graph = None if self.graphs is None or self.graphs.broken else self.graphs.choose(step)
+        if graph is not None:
             try:
-                logits = self._replay(step)            # [n, V]: usually every row is sampled
-                if len(step.sample_rows) < len(logits):
-                    logits = logits[step.sample_rows.to(self.device)]
+                logits = self.graphs.run(graph, step)       # [sample rows, V]
                 return sample(logits, step.params, step.generators)
             except RuntimeError:
-                log.exception("decode graph failed; running eagerly from now on")
+                log.exception("replaying a CUDA graph failed; running eagerly from now on")
                 self.graphs.broken = True
         dev = self.device
         meta = PagedMetadata(
@@ -134,7 +134,7 @@ class ModelRunner:
 
     @torch.inference_mode()
     def warmup(self, costs: LoadOrRecompute, prefill_tokens: int) -> None:
-        """On CUDA, before serving: compile both attention kernels and capture the decode graphs,
+        """On CUDA, before serving: compile both attention kernels and capture the CUDA graphs,
         so that the first requests do not pay for it; then seed the load-or-recompute rates by
         timing a prefill of `prefill_tokens` tokens and a batched host -> GPU copy. Writes K/V
         only into block 0 and copies into free slots: the GPU pool must hold nothing yet."""
@@ -175,19 +175,6 @@ class ModelRunner:
         meta = PagedMetadata(self.store.gpu.tensor, zeros, positions % bs, (), None, prefill)
         self.model(input_ids=zeros[None], position_ids=positions[None], use_cache=False,
                    logits_to_keep=positions[-1:], kvgate=meta)
-
-    def _graphable(self, step: StepInput) -> bool:
-        """A decode-only step that fits a captured batch size."""
-        g = self.graphs
-        return (g is not None and not g.broken and not step.seqs and step.prefill is None
-                and step.decode is not None
-                and step.input_ids.numel() <= g.max_batch and len(step.sample_rows) > 0)
-
-    def _replay(self, step: StepInput) -> torch.Tensor:
-        dev = self.device
-        d = step.decode
-        return self.graphs.run(step.input_ids.to(dev), step.positions.to(dev), step.slot_block.to(dev),
-                               step.slot_offset.to(dev), d.block_tables.to(dev), d.context_lens.to(dev))
 
 
 def _padded(tables: list[list[int]]) -> torch.Tensor:

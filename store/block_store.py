@@ -124,7 +124,7 @@ class BlockStore:
         self.block_size = config.block_size
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         pin = self.device.type == "cuda"
-        self.gpu = BlockPool(Tier.GPU, layout, config.gpu_blocks, self.device)
+        self.gpu = BlockPool(Tier.GPU, layout, config.gpu_blocks, self.device, scratch=True)
         self.host = BlockPool(Tier.HOST, layout, host_pool_blocks(config, layout), "cpu", pin_memory=pin)
         self.copier = BlockCopier(self.gpu, self.host, config.staging_bytes, compute_stream)
         self.index = RadixIndex()

@@ -49,18 +49,21 @@ class BlockPool:
     """`num_blocks` KV blocks in one tensor, and which of them are free.
 
     Allocation hands out the lowest free slots first, so blocks allocated together tend to be
-    contiguous and move between tiers in few large copies.
+    contiguous and move between tiers in few large copies. With `scratch`, the tensor has one
+    block more, `self.scratch` (= num_blocks), which is never allocated: writes that must land
+    somewhere but belong to no sequence (the padding rows of a CUDA graph's step) go there.
     """
 
     def __init__(self, tier: Tier, layout: BlockLayout, num_blocks: int,
-                 device: torch.device | str, pin_memory: bool = False) -> None:
+                 device: torch.device | str, pin_memory: bool = False, scratch: bool = False) -> None:
         if num_blocks < 0:
             raise ValueError(f"{tier.name.lower()} pool: num_blocks must be >= 0, got {num_blocks}")
         self.tier = tier
         self.layout = layout
         self.num_blocks = num_blocks
-        # [num_blocks, num_layers, 2, block_size, num_kv_heads, head_dim]
-        self.tensor = torch.empty((num_blocks, *layout.block_shape), dtype=layout.dtype,
+        self.scratch = num_blocks if scratch else None
+        # [num_blocks (+ 1 scratch), num_layers, 2, block_size, num_kv_heads, head_dim]
+        self.tensor = torch.empty((num_blocks + bool(scratch), *layout.block_shape), dtype=layout.dtype,
                                   device=device, pin_memory=pin_memory)
         self._free_heap = list(range(num_blocks))  # already a valid min-heap
         self._is_free = bytearray(b"\x01") * num_blocks
