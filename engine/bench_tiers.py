@@ -156,7 +156,8 @@ async def chat_think(factory: EngineFactory, vocab: int, users: int, block_size:
                        hits_recomputed=sum(engine.costs.recomputed_blocks.values()),
                        disk_writes=stats.disk.writes if stats.disk else 0,
                        disk_writes_skipped=dict(stats.writes_skipped, queue_full=stats.disk.pending_full,
-                                                paused=stats.disk.writes_paused) if stats.disk else {})
+                                                paused=stats.disk.writes_paused) if stats.disk else {},
+                       overload=stats.overload)
             await engine.stop(persist=False)
         finally:
             if disk:

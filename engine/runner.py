@@ -137,10 +137,10 @@ class ModelRunner:
         """On CUDA, before serving: compile both attention kernels and capture the CUDA graphs,
         so that the first requests do not pay for it; then seed the load-or-recompute rates by
         timing a prefill of `prefill_tokens` tokens and a batched host -> GPU copy. Writes K/V
-        only into block 0 and copies into free slots: the GPU pool must hold nothing yet."""
+        only into the GPU pool's scratch block and copies into free slots: what the pool holds
+        is left as it was."""
         if not self.use_kernel or self.device.type != "cuda":
             return
-        assert self.store.gpu.num_free == self.store.gpu.num_blocks, "warm-up needs an empty GPU pool"
         self._dummy_prefill(self.block_size)
         if self.graphs is not None:
             self.graphs.capture_all()
@@ -151,28 +151,29 @@ class ModelRunner:
         self._dummy_prefill(n)
         torch.cuda.synchronize()
         costs.prefill_tokens_per_s = n / (time.perf_counter() - start)
-        blocks = min(64, self.store.host.num_blocks, self.store.gpu.num_blocks)
+        blocks = min(64, self.store.host.num_blocks, self.store.gpu.num_free)
         if blocks:
-            slots = list(range(blocks))
-            self.store.copier.to_gpu(slots, slots)               # first use allocates its staging
+            free = sorted(self.store.gpu.free_slots())[:blocks]
+            self.store.copier.to_gpu(list(range(blocks)), free)  # first use allocates its staging
             torch.cuda.synchronize()
             start = time.perf_counter()
-            self.store.copier.to_gpu(slots, slots)
+            self.store.copier.to_gpu(list(range(blocks)), free)
             torch.cuda.synchronize()
             costs.host_bytes_per_s = blocks * self.store.layout.block_bytes / (time.perf_counter() - start)
         log.info("measured: prefill %.0f tokens/s, host -> GPU %s", costs.prefill_tokens_per_s,
                  f"{costs.host_bytes_per_s / 1e9:.1f} GB/s" if blocks else "-")
 
     def _dummy_prefill(self, n: int) -> None:
-        """A prefill of n tokens at positions 0..n-1 whose K/V all land in block 0."""
+        """A prefill of n tokens at positions 0..n-1 whose K/V all land in the scratch block."""
         dev, bs = self.device, self.block_size
         zeros = torch.zeros(n, dtype=torch.long, device=dev)
+        scratch = torch.full((n,), self.store.gpu.scratch, dtype=torch.long, device=dev)
         positions = torch.arange(n, device=dev)
         tiles = torch.tensor([(0, m) for m in range(0, n, kernels.PREFILL_TILE)], dtype=torch.int32,
                              device=dev)
         prefill = PrefillBatch(tiles, torch.tensor([[0, n, n]], dtype=torch.int32, device=dev),
-                               torch.zeros(1, -(-n // bs), dtype=torch.int32, device=dev))
-        meta = PagedMetadata(self.store.gpu.tensor, zeros, positions % bs, (), None, prefill)
+                               scratch[:-(-n // bs)][None].to(torch.int32))
+        meta = PagedMetadata(self.store.gpu.tensor, scratch, positions % bs, (), None, prefill)
         self.model(input_ids=zeros[None], position_ids=positions[None], use_cache=False,
                    logits_to_keep=positions[-1:], kvgate=meta)
 

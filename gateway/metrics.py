@@ -102,6 +102,13 @@ class _EngineCollector:
             for reason, n in reasons.items():
                 skipped.add_metric([reason], n)
             yield skipped
+            overload = CounterMetricFamily("kvgate_host_overload_blocks", "Blocks copied on the event loop "
+                                           "because the host tier ran short (spilled: GPU blocks written to disk "
+                                           "through a synchronous copy; detached: queued writes given a private copy)",
+                                           labels=["action"])
+            for action, n in {"spilled": 0, "detached": 0, **stats.overload}.items():
+                overload.add_metric([action], n)
+            yield overload
             ops = CounterMetricFamily("kvgate_disk_operations", "Disk tier operations by outcome (writes_paused: "
                                       "puts refused while writes pause after a failure)", labels=["op"])
             for op, n in dataclasses.asdict(disk).items():

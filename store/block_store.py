@@ -373,7 +373,8 @@ class BlockStore:
         return StoreStats(tiers=tiers, misses=self.misses, dropped=self.placement.dropped,
                           disk_bytes=disk.used_bytes if disk else 0,
                           disk=dataclasses.replace(disk.counters) if disk else None,
-                          writes_skipped=dict(self.placement.writes_skipped))
+                          writes_skipped=dict(self.placement.writes_skipped),
+                          overload=dict(self.placement.overload))
 
     def check_integrity(self) -> None:
         """Assert every invariant of the index, pools, sequences and disk accounting."""

@@ -51,6 +51,10 @@ class Placement:
         # it), "no_room" (the disk tier full of pinned blocks); the disk tier counts the puts
         # it refuses itself (write queue full, writes paused)
         self.writes_skipped: collections.Counter[str] = collections.Counter()
+        # work done on the event loop because the host tier ran short: "spilled", GPU blocks
+        # written to disk through a synchronous copy; "detached", queued writes given a private
+        # copy so that their host slots could be reused
+        self.overload: collections.Counter[str] = collections.Counter()
         # host slot -> the node being written from it, and its record
         self._writing: dict[int, tuple[Node, BlockRecord]] = {}
 
@@ -146,6 +150,7 @@ class Placement:
         if not worth:
             return
         self._make_disk_room(len(worth) * self.disk.value_bytes, keep)
+        self.overload["spilled"] += len(worth)
         slots = torch.tensor([v.gpu_slot for v in worth], device=self.gpu.tensor.device)
         for v, kv in zip(worth, self.gpu.tensor[slots].cpu()):
             self._write(v, None, kv)
@@ -175,6 +180,7 @@ class Placement:
             if self.disk.replace_queued(node.key, record, copy):
                 del self._writing[slot]
                 self.host.free([slot])
+                self.overload["detached"] += 1
                 n -= 1
 
     def _demote_from_host(self, victims: list[Node]) -> None:

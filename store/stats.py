@@ -36,3 +36,4 @@ class StoreStats:
     disk_bytes: int             # bytes of records on disk (or queued to be written)
     disk: DiskCounters | None   # I/O counters of the disk tier, None without one
     writes_skipped: dict[str, int]   # blocks that left the host tier unwritten, by reason (Placement)
+    overload: dict[str, int]         # blocks copied on the event loop as the host tier ran short (Placement)

@@ -114,6 +114,7 @@ async def test_health_and_metrics_say_what_each_tier_got(make_client, tmp_path, 
     metrics = await (await client.get("/metrics")).text()
     assert 'kvgate_tier_enabled{tier="disk"} 1.0' in metrics and 'kvgate_tier_enabled{tier="host"} 1.0' in metrics
     assert 'kvgate_disk_writes_skipped_total{reason="policy"} 0.0' in metrics
+    assert 'kvgate_host_overload_blocks_total{action="spilled"} 0.0' in metrics
     off = await make_client()
     metrics = await (await off.get("/metrics")).text()
     assert 'kvgate_tier_enabled{tier="disk"} 0.0' in metrics

@@ -204,6 +204,9 @@ async def test_a_full_host_tier_still_takes_a_preempted_sequence_by_evicting_cac
     write_kv(store, seq, blocks(9, 4))
     store.swap_out("running")                                    # 4 blocks: every cached host block goes
     assert len(store._seqs["running"].swapped) == 4
+    # the writes were still queued: the admission's demotion (1 and 2 -> disk) and the swap's
+    # (3 and 4 -> disk) each took 4 host slots back from them, by a private copy on this thread
+    assert store.stats().overload == {"detached": 8}
     store.check_integrity()
     store.release("running")
     await store.flush()
