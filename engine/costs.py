@@ -9,8 +9,9 @@ in a slower tier than its child), so the choice is one cut: load the host part, 
 from its first block.
 
 The disk part of a prefix is not a choice between the two: it is computed from the front while
-it is read from the back (store/loader.py), and whichever is faster covers more of it. In "load"
-mode the sequence waits for the read instead. `recomputed_blocks` counts the hits that were
+it is read from the back (store/loader.py), and whichever is faster covers more of it — while
+the GPU has few other sequences to delay (`compute_share`). In "load" mode the sequence waits
+for the read instead. `recomputed_blocks` counts the hits that were
 computed rather than loaded, per tier.
 """
 from __future__ import annotations
@@ -52,14 +53,21 @@ class LoadOrRecompute:
                 self.recomputed_blocks[tier] += 1
         return Tier.GPU
 
-    def compute_share(self) -> float:
-        """The share of a disk part the front should compute while the rest is read: the
-        computing rate over both rates (in KV bytes/s), so that both finish together. Until
-        both are measured: 0 (load)."""
+    def compute_share(self, others: int = 0) -> float:
+        """The share of a disk part the front should compute while the rest is read, with
+        `others` other sequences in the step. Alone on the GPU: the computing rate over both
+        rates (in KV bytes/s), so that both finish together. But every sequence in a step waits
+        for the tokens computed in it, while a read costs them nothing: computing a fraction x
+        of a gap G saves its own sequence x*G/read and costs the others others*x*G/compute. So
+        once `others` >= compute / read the front computes none of it and waits for the read
+        (a saturated GPU: many decoding sequences, or many prompts at once). Until both rates
+        are measured: 0 (load)."""
         read = self.store.disk_read_rate
         if self.prefill_tokens_per_s is None or read is None:
             return 0.0
         compute = self.prefill_tokens_per_s * self.block_bytes / self.block_size
+        if others >= compute / read:
+            return 0.0
         return compute / (compute + read)
 
     def rates(self) -> dict[str, float | None]:

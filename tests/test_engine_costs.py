@@ -35,3 +35,14 @@ def test_the_front_computes_its_share_of_a_disk_part():
     assert abs(policy(disk_gb_s=1).compute_share() - 5.24 / 6.24) < 0.01
     costs.prefill_tokens_per_s = None
     assert costs.compute_share() == 0.0           # nothing measured yet: it loads
+
+
+def test_the_front_computes_nothing_once_it_would_delay_others_more_than_it_saves():
+    """Computing x of a gap G saves its sequence x*G/read and costs each other sequence in the
+    step x*G/compute: the front computes its share only while others < compute / read."""
+    slow_disk = policy(disk_gb_s=1)               # compute 5.24 GB/s of KV: 5.24x the read
+    assert abs(slow_disk.compute_share(others=5) - 5.24 / 6.24) < 0.01
+    assert slow_disk.compute_share(others=6) == 0.0
+    fast_disk = policy(disk_gb_s=10)              # compute / read = 0.52: only alone
+    assert abs(fast_disk.compute_share(others=0) - 5.24 / 15.24) < 0.01
+    assert fast_disk.compute_share(others=1) == 0.0

@@ -72,6 +72,31 @@ async def test_the_front_computes_its_share_then_takes_the_blocks_read(llama, tm
     await engine.stop()
 
 
+async def test_the_front_waits_for_its_read_while_computing_would_delay_another_sequence(llama, tmp_path):
+    """Computing as fast as reading: half the gap computed saves the sequence what it costs one
+    other sequence in the step. With another one running, the front computes none of the disk
+    part: it waits for the read, and nothing is recomputed."""
+    document = prompt(5, 24)
+    engine, gate = await restarted_with_a_gated_disk(llama, tmp_path, document)
+    other = engine.submit(prompt(6, 5), greedy(8))
+    await engine.step()                               # the other one computes, and keeps decoding
+    follow_up = document + [7, 9]
+    stream = engine.submit(follow_up, greedy(4))
+    seq = engine._requests[stream.request_id]
+    await engine.step()
+    assert seq.num_computed == 0 and len(engine.scheduler.running) == 2
+    await read_lands(engine, gate)
+    await engine.step()                               # all 24 read, copied in; 2 tokens computed
+    assert seq.num_computed == len(follow_up) and seq.num_generated == 1
+    await engine.start()
+    tokens, last = await collect(stream)
+    assert tokens == hf_greedy(llama, follow_up, 4) and last.cached_tokens[Tier.DISK] == 24
+    assert engine.costs.recomputed_blocks[Tier.DISK] == 0
+    assert (await collect(other))[0] == hf_greedy(llama, prompt(6, 5), 8)
+    engine.store.check_integrity()
+    await engine.stop()
+
+
 async def test_the_front_never_idles_behind_a_read_that_does_not_come(llama, tmp_path):
     """Each step the front takes half of the gap left (the share), so a stalled read costs a few
     steps, never a wait: 24 cached tokens are computed in 12, 6, 3, 2, 1."""
