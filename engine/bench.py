@@ -152,8 +152,9 @@ def bench_kernel(device: str) -> None:
 
 
 async def profile_step(a: argparse.Namespace) -> None:
-    """Where a step's time goes: the unique workload's prompts (`--scale`) in steady decode, then
-    the same decode batch joined by one returning user (a cached context of 1,024 tokens plus
+    """Where a step's time goes: the unique workload's prompts (`--scale`) in steady decode
+    (schedule / prepare / execute / postprocess of 20 steps), then the same decode batch joined
+    by one returning user (a cached context of 1,024 tokens plus
     `--profile-prefill` new ones). Each step's inputs are prepared once and executed again and
     again (it rewrites the same K/V slots), eagerly and in its CUDA graph; then the mixed step
     under torch.profiler (CUDA): the kernels that take its time, and the CPU time of the
@@ -175,7 +176,7 @@ async def profile_step(a: argparse.Namespace) -> None:
         engine._postprocess(chunks, engine.runner.execute(engine.runner.prepare(chunks)), set())
         return chunks
     vocab = loaded.model.config.vocab_size
-    prompts, _ = workload("unique", vocab, a.scale, cuda)
+    prompts, _ = workload("unique", vocab, a.scale, cuda, a.length)
     context = prompts[-1][:1024]
     engine.submit(context, SamplingParams(max_tokens=1, temperature=0.0))
     while engine.num_running or engine.num_waiting:                  # computed, cached, finished
@@ -184,6 +185,23 @@ async def profile_step(a: argparse.Namespace) -> None:
         engine.submit(p, SamplingParams(max_tokens=256, temperature=0.0, ignore_eos=True))
     while not all(c.num_tokens == 1 for c in step()):                # prefill, then one decode step
         pass
+    parts = ("schedule", "prepare", "execute", "postprocess")
+    times: dict[str, list[float]] = {k: [] for k in parts}
+    for _ in range(20):                                               # steady decode, part by part
+        stamps = [time.perf_counter()]
+        chunks = engine.scheduler.schedule().chunks
+        stamps.append(time.perf_counter())
+        step_input = engine.runner.prepare(chunks)
+        stamps.append(time.perf_counter())
+        tokens = engine.runner.execute(step_input)
+        sync()
+        stamps.append(time.perf_counter())
+        engine._postprocess(chunks, tokens, set())
+        stamps.append(time.perf_counter())
+        for k, t0, t1 in zip(parts, stamps, stamps[1:]):
+            times[k].append(t1 - t0)
+    print(f"\ndecode steps of {len(prompts) - 1} sequences, median ms: " + ", ".join(
+        f"{k} {statistics.median(v) * 1e3:.2f}" for k, v in times.items()))
     decode = engine.scheduler.schedule().chunks
     returning = engine.submit(context + torch.randint(0, vocab, (a.profile_prefill,)).tolist(),
                               SamplingParams(max_tokens=1, temperature=0.0))
@@ -208,7 +226,7 @@ async def profile_step(a: argparse.Namespace) -> None:
         return statistics.median(times[2:]) * 1e3
 
     ctx = prefill[0].start
-    print(f"\nsteps of {len(decode)} decoding sequences (contexts {decode[0].start}) and one returning user "
+    print(f"steps of {len(decode)} decoding sequences (contexts {decode[0].start}) and one returning user "
           f"({ctx} cached + {prefill[0].num_tokens} new tokens), median of 20 executions, ms:")
     for name, chunks in (("decode", decode), ("decode + returning user", mixed), ("returning user alone", prefill)):
         graph = engine.runner.graphs.choose(engine.runner.prepare(chunks)) if engine.runner.graphs else None

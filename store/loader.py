@@ -76,6 +76,9 @@ class DiskLoader:
         self.read_rate: float | None = None            # bytes/s read and verified (moving average)
         self._loads: dict[Node, _Load] = {}
         self._seq_loads: dict[Hashable, SequenceLoad] = {}   # by sequence id
+        # loads their sequences dropped while a read was in flight: its slots stay reserved
+        # until it ends (then `_release`)
+        self._dropped: set[SequenceLoad] = set()
 
     @property
     def loads(self) -> set[_Load]:
@@ -87,14 +90,16 @@ class DiskLoader:
 
     def reserved_slots(self) -> list[int]:
         """Host slots of loads in flight and of sequences' loads."""
-        return [s for ld in self.loads for s in ld.slots] + [s for sl in self._seq_loads.values()
+        return [s for ld in self.loads for s in ld.slots] + [s for sl in self.sequence_loads()
                                                              for s in sl.slots + sl.reading]
 
     def sequence_load_ids(self) -> set[Hashable]:
+        """The sequences with a load (not the loads they dropped)."""
         return set(self._seq_loads)
 
     def sequence_loads(self) -> list[SequenceLoad]:
-        return list(self._seq_loads.values())
+        """Every sequence load whose read may still be in flight, dropped ones included."""
+        return [*self._seq_loads.values(), *self._dropped]
 
     async def prefetch(self, match) -> int:
         """Load the disk-only blocks of `match` (a PrefixMatch) into the host tier. Returns how
@@ -110,7 +115,7 @@ class DiskLoader:
         within what the other sequences' loads leave of their share of the host pool; the room
         is never made by evicting the host copies of nodes[:first]. None if there is nothing to
         read."""
-        held = sum(len(sl.slots) + len(sl.reading) for sl in self._seq_loads.values())
+        held = sum(len(sl.slots) + len(sl.reading) for sl in self.sequence_loads())
         max_slots = self.host.num_blocks // SEQUENCE_SHARE - held
         if self.disk is None or first >= len(nodes) or seq_id in self._seq_loads or max_slots < 1:
             return None
@@ -141,18 +146,19 @@ class DiskLoader:
 
     def drop(self, seq_id: Hashable) -> None:
         """End the sequence's load; its slots are freed now, or when its read in flight ends."""
-        load = self._seq_loads.get(seq_id)
+        load = self._seq_loads.pop(seq_id, None)
         if load is None:
             return
         load.dropped = True
         if load.done:
             self._release(load)
+        else:
+            self._dropped.add(load)
 
     def _release(self, load: SequenceLoad) -> None:
         self.host.free(load.slots)
         load.slots = []
-        if self._seq_loads.get(load.seq_id) is load:
-            del self._seq_loads[load.seq_id]
+        self._dropped.discard(load)
 
     async def _read_back(self, load: SequenceLoad, max_slots: int) -> None:
         try:

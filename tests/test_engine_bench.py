@@ -20,3 +20,15 @@ async def test_tier_workloads_report_rounds_configs_and_disk_hits(tmp_path):
     assert restart["cold"]["cached_fraction"]["disk"] == 0
     assert restart["restarted, load"]["cached_fraction"]["disk"] > 0.8
     assert all(r["out_tokens"] == r["requests"] * 6 for r in restart.values())   # 128 x 0.05
+
+
+def test_profile_step_times_decode_and_mixed_steps(capsys):
+    from engine.bench import main
+    main(["--profile-step", "--scale", "0.05", "--length", "0.1", "--profile-prefill", "24"])
+    out = capsys.readouterr().out
+    assert "decode steps of 2 sequences, median ms: schedule" in out
+    # 20 profiled decode steps after one; the returning user hits every full block of its context
+    assert "steps of 2 decoding sequences (contexts 239) and one returning user (208 cached + 34 new tokens)" in out
+    rows = [line.split() for line in out.splitlines() if " eager " in line]
+    # on the CPU every step runs eagerly: a time each, no graph
+    assert [r[-3:] for r in rows] == [["graph", "-", "nan"]] * 3 and len(rows) == 3

@@ -5,6 +5,7 @@ import asyncio
 
 import pytest
 
+from engine.sequence import Status
 from store import Tier
 from tests.engine_util import BS, collect, greedy, make_engine, prompt, run
 from tests.models import hf_greedy
@@ -130,13 +131,14 @@ async def test_a_read_that_never_comes_is_computed_and_an_abort_frees_the_load(l
     seq = engine._requests[waiting.request_id]
     await settle(engine, seq, lambda s: s.num_computed >= 12)
     waiting.close()                                   # aborted while its read is held
-    await settle(engine, seq, lambda s: s.finish_reason == "abort")
+    await settle(engine, seq, lambda s: s.status is Status.FINISHED)
+    engine.check_integrity()                          # its read, still in flight, is no request's load
     gate.set()
     for _ in range(2000):                             # the read lands; its slots are freed
-        if not engine.store.load_ids():
+        if not engine.store.loader.sequence_loads():
             break
         await asyncio.sleep(0.005)
-    assert not engine.store.load_ids()
+    assert not engine.store.loader.sequence_loads() and not engine.store.load_ids()
     engine.store.check_integrity()
     assert engine.store.stats().tiers[Tier.HOST].locked == 0
     await engine.stop()

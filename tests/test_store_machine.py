@@ -3,6 +3,7 @@ commits, decode steps, releases, prefetches, flushes, corrupted disk records and
 After every step `check_integrity()` holds, and every cached block a sequence is given holds
 exactly the KV computed for its prefix, whichever tiers it travelled through."""
 import asyncio
+import dataclasses
 import itertools
 
 import hypothesis.strategies as st
@@ -24,6 +25,12 @@ BASES = [[7] * (3 * BS), [7] * BS + [8] * (2 * BS), [9] * (2 * BS + 1), []]
 # a suffix from a seed: Hypothesis' small examples would otherwise all be zeros
 FRESH = st.builds(lambda base, seed, n: base + [(seed * 31 + i * 7) % 97 for i in range(n)] or [1],
                   st.sampled_from(BASES), st.integers(0, 1000), st.integers(0, 3 * BS))
+
+
+def _placed(stats):
+    """What the store's own calls change: its stats without the disk tier's I/O counters, which
+    its threads update on their own (a write still in flight after the last loop run)."""
+    return dataclasses.replace(stats, disk=None)
 
 
 class StoreMachine(RuleBasedStateMachine):
@@ -61,7 +68,7 @@ class StoreMachine(RuleBasedStateMachine):
             seq = self.store.admit(seq_id, self.store.root_key(), tokens, priority,
                                    max_cached_tokens=len(tokens) - 1)
         except OutOfBlocks:
-            assert self.store.stats() == before, "a failed admission changed the store"
+            assert _placed(self.store.stats()) == _placed(before), "a failed admission changed the store"
             return tuple(tokens)
         assert_cached_kv(self.store, seq, tokens)
         write_kv(self.store, seq, tokens)
@@ -130,7 +137,7 @@ class StoreMachine(RuleBasedStateMachine):
         try:
             self.store.swap_in(seq_id)
         except OutOfBlocks:
-            assert self.store.stats() == before, "a failed swap-in changed the store"
+            assert _placed(self.store.stats()) == _placed(before), "a failed swap-in changed the store"
             return
         tokens = self.tokens[seq_id] = self.swapped.pop(seq_id)
         seq = self.store._seqs[seq_id]
