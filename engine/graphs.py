@@ -69,6 +69,37 @@ def mixed_bucket(buckets: tuple[int, ...], max_batch: int, tokens: int, decode_r
     return next((t for t in buckets if tokens < t and decode_rows <= MixedShape.of(t, max_batch).decode), None)
 
 
+def padded_mixed_inputs(step: StepInput, shape: MixedShape, scratch: int) -> dict[str, torch.Tensor]:
+    """What the static buffers of the mixed graph `shape` hold for `step` (CPU tensors, named
+    as the buffers): the step's inputs padded to the graph's capacities. Padding tokens write
+    their K/V into block `scratch`; padding decode rows have context 0 and take row T-1, which
+    is always padding, as do the padding sample rows; padding tiles point at the empty chunk
+    (entry MAX_CHUNKS). Block tables are the step's own width (columns past it are never read)."""
+    last = shape.tokens - 1
+    long = torch.zeros(0, dtype=torch.long)
+    d, p = step.decode, step.prefill
+    return dict(
+        input_ids=_padded(step.input_ids, shape.tokens, 0),
+        positions=_padded(step.positions, shape.tokens, 0),
+        slot_block=_padded(step.slot_block, shape.tokens, scratch),
+        slot_offset=_padded(step.slot_offset, shape.tokens, 0),
+        decode_rows=_padded(d.rows if d is not None else long, shape.decode, last),
+        lens=_padded(d.context_lens if d is not None else long.int(), shape.decode, 0),
+        tables=d.block_tables if d is not None else torch.zeros(0, 1, dtype=torch.int32),
+        tiles=_padded(p.tiles, shape.tiles, torch.tensor([MAX_CHUNKS, 0], dtype=torch.int32)),
+        chunks=p.chunks,
+        chunk_tables=p.block_tables,
+        sample_rows=_padded(step.sample_rows, shape.samples, last))
+
+
+def _padded(src: torch.Tensor, size: int, pad) -> torch.Tensor:
+    """src ([n] or [n, k]) followed by rows of `pad` up to `size` rows."""
+    out = torch.empty((size, *src.shape[1:]), dtype=src.dtype)
+    out[:len(src)] = src
+    out[len(src):] = pad
+    return out
+
+
 class StepGraphs:
     def __init__(self, model: torch.nn.Module, pool: torch.Tensor, scratch: int, max_batch: int,
                  max_blocks: int, max_tokens: int) -> None:
@@ -105,7 +136,6 @@ class StepGraphs:
         # mixed: prompt chunks (first row, length, context); entry MAX_CHUNKS stays empty (0, 0, 0)
         self.chunks = torch.zeros(MAX_CHUNKS + 1, 3, **i32)
         self.chunk_tables = torch.zeros(MAX_CHUNKS + 1, max_blocks, **i32)
-        self._empty_tile = torch.tensor([MAX_CHUNKS, 0], **i32)                 # a tile of the empty chunk
         self._graphs: dict[tuple[str, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self._mempool = torch.cuda.graph_pool_handle()
         self.replays: Counter[str] = Counter()     # per kind: how many steps each ran
@@ -144,15 +174,13 @@ class StepGraphs:
         """Logits [number of sample rows, vocab] of `step` (CPU inputs), replayed in graph `key`."""
         kind, size = key
         n = step.input_ids.numel()
-        if kind == "decode":
+        if kind == "decode":                     # padding rows repeat row 0
             d = step.decode
-            for buf, src in ((self.input_ids, step.input_ids), (self.positions, step.positions),
-                             (self.slot_block, step.slot_block), (self.slot_offset, step.slot_offset),
-                             (self.lens, d.context_lens)):
-                _fill(buf, src, size, buf[0])
-            _fill_rows(self.tables, d.block_tables, size, pad_with_first=True)
+            inputs = dict(input_ids=step.input_ids, positions=step.positions, slot_block=step.slot_block,
+                          slot_offset=step.slot_offset, lens=d.context_lens, tables=d.block_tables)
+            self._copy_in({name: _padded(src, size, src[0]) for name, src in inputs.items()})
         else:
-            self._fill_mixed(step, MixedShape.of(size, self.max_batch))
+            self._copy_in(padded_mixed_inputs(step, MixedShape.of(size, self.max_batch), self.scratch))
         if key not in self._graphs:          # not captured at start-up (an engine driven by hand)
             self._capture(key)
         graph, logits = self._graphs[key]
@@ -164,23 +192,12 @@ class StepGraphs:
             return logits[step.sample_rows.to(logits.device)]
         return logits[:n]
 
-    def _fill_mixed(self, step: StepInput, shape: MixedShape) -> None:
-        last = shape.tokens - 1                                           # a padding row
-        _fill(self.input_ids, step.input_ids, shape.tokens, 0)
-        _fill(self.positions, step.positions, shape.tokens, 0)
-        _fill(self.slot_block, step.slot_block, shape.tokens, self.scratch)
-        _fill(self.slot_offset, step.slot_offset, shape.tokens, 0)
-        d = step.decode
-        rows, lens = (d.rows, d.context_lens) if d is not None else (torch.zeros(0, dtype=torch.long),) * 2
-        _fill(self.decode_rows, rows, shape.decode, last)
-        _fill(self.lens, lens, shape.decode, 0)
-        if d is not None:
-            _fill_rows(self.tables, d.block_tables, len(rows))
-        p = step.prefill
-        _fill(self.tiles, p.tiles, shape.tiles, self._empty_tile)
-        self.chunks[:len(p.chunks)] = p.chunks.to(self.chunks.device)
-        _fill_rows(self.chunk_tables, p.block_tables, len(p.chunks))
-        _fill(self.sample_rows, step.sample_rows, shape.samples, last)
+    def _copy_in(self, inputs: dict[str, torch.Tensor]) -> None:
+        """One copy into the first rows (and columns) of each named static buffer."""
+        for name, src in inputs.items():
+            buf = getattr(self, name)
+            dst = buf[:src.shape[0], :src.shape[1]] if src.dim() == 2 else buf[:src.shape[0]]
+            dst.copy_(src, non_blocking=True)
 
     def _forward(self, key: tuple[str, int]) -> torch.Tensor:
         kind, size = key
@@ -211,21 +228,3 @@ class StepGraphs:
             logits = self._forward(key)
         self._graphs[key] = graph, logits
         log.info("captured the %s graph for %d %s", key[0], key[1], "sequences" if key[0] == "decode" else "tokens")
-
-
-def _fill(buf: torch.Tensor, src: torch.Tensor, size: int, pad) -> None:
-    """buf[:len(src)] = src (copied from the CPU), buf[len(src):size] = pad."""
-    n = len(src)
-    buf[:n] = src.to(buf.device, non_blocking=True)
-    if size > n:
-        buf[n:size] = pad
-
-
-def _fill_rows(buf: torch.Tensor, src: torch.Tensor, size: int, pad_with_first: bool = False) -> None:
-    """The first columns of buf's first rows = src ([rows, width]); with pad_with_first, rows
-    len(src)..size-1 repeat src's first row. Columns past `width` keep stale entries: a
-    context length never reaches them."""
-    n, width = src.shape
-    buf[:n, :width] = src.to(buf.device, non_blocking=True)
-    if pad_with_first and size > n:
-        buf[n:size, :width] = buf[0, :width]

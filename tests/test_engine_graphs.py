@@ -3,12 +3,15 @@ a graphed mixed step (a returning user joining running decodes) gives transforme
 the eager step does."""
 import os
 from collections import Counter
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 from engine import kernels
-from engine.graphs import MAX_CHUNKS, MixedShape, mixed_bucket
+from engine.attention import DecodeBatch, PrefillBatch
+from engine.graphs import MAX_CHUNKS, MixedShape, StepGraphs, mixed_bucket, padded_mixed_inputs
+from engine.runner import StepInput
 from tests.engine_util import collect, greedy, make_engine, prompt
 from tests.models import hf_greedy
 
@@ -37,6 +40,38 @@ def test_a_mixed_graph_is_sized_for_its_worst_step():
     assert (s.tokens, s.decode, s.tiles, s.samples) == (128, 127, 128 // kernels.PREFILL_TILE + MAX_CHUNKS, 127)
     s = MixedShape.of(512, max_batch=32)
     assert (s.decode, s.samples) == (32, 32 + MAX_CHUNKS)
+
+
+def test_a_mixed_step_is_padded_so_that_padding_touches_no_real_row_or_block():
+    """Decode rows A, B, C around a 70-token prompt chunk (30 tokens cached): 73 tokens, the
+    128-token graph. Every padding token writes into the scratch block, every padding decode
+    row has context 0 and lands on row 127, every padding tile points at the empty chunk."""
+    t = lambda xs, dtype=torch.long: torch.tensor(xs, dtype=dtype)  # noqa: E731
+    i32 = torch.int32
+    n, scratch = 73, 999
+    step = StepInput(
+        input_ids=torch.arange(100, 100 + n), positions=torch.arange(n), slot_block=torch.full((n,), 5),
+        slot_offset=torch.arange(n) % 4, seqs=(),
+        decode=DecodeBatch(t([0, 71, 72]), t([[1, 2], [3, 0], [4, 0]], i32), t([7, 2, 3], i32)),
+        prefill=PrefillBatch(t([[0, 0], [0, 64]], i32), t([[1, 70, 100]], i32), t([[6, 7, 8]], i32)),
+        sample_rows=t([0, 70, 71, 72]), params=[], generators=[])
+    assert mixed_bucket(BUCKETS, 16, n, 3, 1) == 128
+    shape = MixedShape.of(128, max_batch=16)
+    got = padded_mixed_inputs(step, shape, scratch)
+    assert got["input_ids"].tolist() == list(range(100, 173)) + [0] * 55
+    assert got["slot_block"].tolist() == [5] * n + [scratch] * 55            # never a real block
+    assert got["decode_rows"].tolist() == [0, 71, 72] + [127] * 13          # shape.decode = 16
+    assert got["lens"].tolist() == [7, 2, 3] + [0] * 13
+    assert got["tiles"].tolist() == [[0, 0], [0, 64]] + [[MAX_CHUNKS, 0]] * 8
+    assert got["sample_rows"].tolist() == [0, 70, 71, 72] + [127] * 20      # in the step's order
+    assert got["chunks"].tolist() == [[1, 70, 100]] and got["tables"].shape == (3, 2)
+    # copied into static buffers of the graph's full sizes (stale values elsewhere stay)
+    bufs = SimpleNamespace(**{k: torch.full((200, 9) if v.dim() == 2 else (200,), -1, dtype=v.dtype)
+                              for k, v in got.items()})
+    StepGraphs._copy_in(bufs, got)
+    assert bufs.slot_block[:128].tolist() == got["slot_block"].tolist() and bufs.slot_block[128] == -1
+    assert bufs.tables[:3, :2].tolist() == [[1, 2], [3, 0], [4, 0]] and bufs.tables[0, 2] == -1
+    assert bufs.chunk_tables[0, :3].tolist() == [6, 7, 8] and bufs.tiles[:10, :2].tolist() == got["tiles"].tolist()
 
 
 cuda = pytest.mark.skipif(os.environ.get("KVGATE_TEST_DEVICE") != "cuda" or not kernels.available(torch.device("cuda")),
