@@ -143,7 +143,11 @@ class ModelRunner:
             return
         self._dummy_prefill(self.block_size)
         if self.graphs is not None:
-            self.graphs.capture_all()
+            try:
+                self.graphs.capture_all()
+            except RuntimeError:             # e.g. out of memory: serve, eagerly
+                log.exception("capturing the CUDA graphs failed; every step runs eagerly")
+                self.graphs.broken = True
         n = min(prefill_tokens, self.max_model_len)
         self._dummy_prefill(n)                                   # compiled for this size too
         torch.cuda.synchronize()
