@@ -144,7 +144,7 @@ class StepGraphs:
     def capture_all(self) -> None:
         """Capture every graph now (at start-up), so that no request waits for a capture. The
         inputs point at the scratch block and at contexts of length 0 (mixed) or 1 (decode)."""
-        for buf in (self.input_ids, self.positions, self.slot_offset, self.tables, self.tiles):
+        for buf in (self.input_ids, self.positions, self.slot_offset, self.tiles):
             buf.zero_()
         self.slot_block.fill_(self.scratch)
         self.lens.fill_(1)
