@@ -22,7 +22,6 @@ Larger steps run eagerly: there the GPU's work hides the launches.
 from __future__ import annotations
 
 import logging
-from collections import Counter
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -138,7 +137,6 @@ class StepGraphs:
         self.chunk_tables = torch.zeros(MAX_CHUNKS + 1, max_blocks, **i32)
         self._graphs: dict[tuple[str, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self._mempool = torch.cuda.graph_pool_handle()
-        self.replays: Counter[str] = Counter()     # per kind: how many steps each ran
         self.broken = False            # a capture or replay failed once: stay eager
 
     def capture_all(self) -> None:
@@ -185,7 +183,6 @@ class StepGraphs:
             self._capture(key)
         graph, logits = self._graphs[key]
         graph.replay()
-        self.replays[kind] += 1
         if kind == "mixed":                      # its graph computed the sample rows' logits only
             return logits[:len(step.sample_rows)]
         if len(step.sample_rows) < n:            # a one-token prompt chunk that samples nothing

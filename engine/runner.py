@@ -6,6 +6,7 @@ attention writing K/V into the store's GPU pool, and samples one token per finis
 """
 from __future__ import annotations
 
+import collections
 import logging
 import math
 import time
@@ -53,6 +54,7 @@ class ModelRunner:
         self.use_kernel = kernels.available(self.device) and (
             not window or window >= loaded.max_model_len)
         self.graphs = None
+        self.steps: collections.Counter[str] = collections.Counter()   # forward passes: decode, mixed (graphs), eager
         if self.use_kernel and self.device.type == "cuda":
             self.graphs = StepGraphs(self.model, store.gpu.tensor, store.gpu.scratch, max_num_seqs,
                                      math.ceil(loaded.max_model_len / self.block_size), max_num_batched_tokens)
@@ -111,10 +113,12 @@ class ModelRunner:
         if graph is not None:
             try:
                 logits = self.graphs.run(graph, step)       # [sample rows, V]
+                self.steps[graph[0]] += 1
                 return sample(logits, step.params, step.generators)
             except RuntimeError:
                 log.exception("replaying a CUDA graph failed; running eagerly from now on")
                 self.graphs.broken = True
+        self.steps["eager"] += 1
         dev = self.device
         meta = PagedMetadata(
             kv_pool=self.store.gpu.tensor, slot_block=step.slot_block.to(dev),

@@ -114,6 +114,11 @@ class _EngineCollector:
             for op, n in dataclasses.asdict(disk).items():
                 ops.add_metric([op], n)
             yield ops
+        steps = CounterMetricFamily("kvgate_engine_steps", "Forward passes, by how they ran (decode, mixed: "
+                                    "replayed from a CUDA graph; eager: launched op by op)", labels=["run"])
+        for run, n in {"decode": 0, "mixed": 0, "eager": 0, **self.engine.runner.steps}.items():
+            steps.add_metric([run], n)
+        yield steps
         rates = GaugeMetricFamily("kvgate_measured_rate", "Rates the load-or-recompute choice uses "
                                   "(prefill tokens/s, host/disk bytes/s; absent until measured)",
                                   labels=["what"])

@@ -196,5 +196,8 @@ async def test_metrics_count_tokens_and_latency(make_client):
     assert await metric(client, "kvgate_time_per_output_token_seconds_count") == 1
     assert await metric(client, "kvgate_blocks", tier="gpu", state="free") > 0
     assert await metric(client, "kvgate_hits_recomputed_blocks", tier="disk") == 0
+    # on the CPU every step runs eagerly: one prompt step (the demo prompt fits one), then 4 decodes
+    assert await metric(client, "kvgate_engine_steps_total", run="eager") == 5
+    assert await metric(client, "kvgate_engine_steps_total", run="mixed") == 0
     client.app[ENGINE].costs.prefill_tokens_per_s = 1234.0
     assert await metric(client, "kvgate_measured_rate", what="prefill_tokens_per_s") == 1234.0
