@@ -2,15 +2,17 @@
 # `make test` sets up .venv and runs the tests; `make reliability` the long reliability run;
 # `make bench-store` and `make bench-engine`
 # run the benchmarks, `make bench-gpu` the Llama-3-8B shape on a GPU beside the peer script
-# PEER. On a machine without an NVIDIA GPU the CPU build of torch is installed first, so pip
+# PEER, `make bench-tiers-gpu` the tier workloads on that shape (JSON and plots in BENCH_OUT),
+# `make profile-gpu` one decode and one mixed step, eagerly and graphed. On a machine without an NVIDIA GPU the CPU build of torch is installed first, so pip
 # never pulls the multi-GB CUDA packages.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 CPU_TORCH ?= torch==2.13.0
 PEER ?= ../shared/bench/hf_peer.py
+BENCH_OUT ?= bench-out
 
-.PHONY: setup serve test reliability bench-store bench-engine bench-gpu
+.PHONY: setup serve test reliability bench-store bench-engine bench-gpu bench-tiers-gpu profile-gpu
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
@@ -43,3 +45,13 @@ bench-engine: setup
 
 bench-gpu: setup
 	$(PY) -m engine.bench --model dummy:llama3-8b --gpu-blocks 20000 --peer-script $(PEER)
+
+bench-tiers-gpu: setup
+	mkdir -p $(BENCH_OUT)
+	for w in chat-think chat-overflow restart; do \
+		$(PY) -m engine.bench --model dummy:llama3-8b --workloads $$w --no-peer \
+			--json $(BENCH_OUT)/$$w.json --plots $(BENCH_OUT)/$$w || exit 1; \
+	done
+
+profile-gpu: setup
+	$(PY) -m engine.bench --model dummy:llama3-8b --gpu-blocks 20000 --profile-step --scale 0.5
