@@ -157,7 +157,8 @@ async def chat_think(factory: EngineFactory, vocab: int, users: int, block_size:
                        disk_writes=stats.disk.writes if stats.disk else 0,
                        disk_writes_skipped=dict(stats.writes_skipped, queue_full=stats.disk.pending_full,
                                                 paused=stats.disk.writes_paused) if stats.disk else {},
-                       overload=stats.overload)
+                       overload=stats.overload, admissions_blocked=engine.scheduler.num_blocked_admissions,
+                       steps_by_run=dict(engine.runner.steps))
             await engine.stop(persist=False)
         finally:
             if disk:

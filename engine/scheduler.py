@@ -66,6 +66,7 @@ class Scheduler:
         self.running: list[Sequence] = []
         self._waiting: list[tuple[tuple[int, int], Sequence]] = []  # heap by urgency
         self.num_preemptions = 0
+        self.num_blocked_admissions = 0   # steps whose most urgent waiting request found no KV room
 
     @property
     def num_waiting(self) -> int:
@@ -136,6 +137,7 @@ class Scheduler:
                 continue
             if not admitted:
                 heapq.heappush(self._waiting, (seq.urgency(), seq))
+                self.num_blocked_admissions += 1
                 break
             n = self._tokens_to_compute(seq, budget())
             if n:

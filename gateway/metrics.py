@@ -114,6 +114,15 @@ class _EngineCollector:
             for op, n in dataclasses.asdict(disk).items():
                 ops.add_metric([op], n)
             yield ops
+        scheduler = self.engine.scheduler
+        for name, help_text, value in (
+                ("kvgate_preemptions", "Running requests preempted for KV room (swapped out to the host tier, or "
+                 "dropped to be recomputed)", scheduler.num_preemptions),
+                ("kvgate_admissions_blocked", "Steps in which the most urgent waiting request could not get its KV "
+                 "blocks (it waits; so do the requests behind it)", scheduler.num_blocked_admissions)):
+            family = CounterMetricFamily(name, help_text)
+            family.add_metric([], value)
+            yield family
         steps = CounterMetricFamily("kvgate_engine_steps", "Forward passes, by how they ran (decode, mixed: "
                                     "replayed from a CUDA graph; eager: launched op by op)", labels=["run"])
         for run, n in {"decode": 0, "mixed": 0, "eager": 0, **self.engine.runner.steps}.items():

@@ -199,5 +199,7 @@ async def test_metrics_count_tokens_and_latency(make_client):
     # on the CPU every step runs eagerly: one prompt step (the demo prompt fits one), then 4 decodes
     assert await metric(client, "kvgate_engine_steps_total", run="eager") == 5
     assert await metric(client, "kvgate_engine_steps_total", run="mixed") == 0
+    assert await metric(client, "kvgate_preemptions_total") == 0
+    assert await metric(client, "kvgate_admissions_blocked_total") == 0
     client.app[ENGINE].costs.prefill_tokens_per_s = 1234.0
     assert await metric(client, "kvgate_measured_rate", what="prefill_tokens_per_s") == 1234.0

@@ -9,7 +9,7 @@ import pytest
 from engine.sequence import Status
 from store import Tier
 from tests.conftest import make_store, run_request, write_kv
-from tests.engine_util import collect, greedy, make_engine
+from tests.engine_util import collect, greedy, make_engine, prompt
 
 
 def record_chunks(engine, monkeypatch) -> list[list[tuple[str, int, int]]]:
@@ -73,6 +73,21 @@ async def test_decode_pressure_preempts_the_least_urgent_running_sequence(llama,
         await asyncio.sleep(0)
     for r in readers.values():
         assert (await r)[1].finish_reason == "length"
+
+
+async def test_a_request_that_finds_no_kv_room_waits_and_each_blocked_step_is_counted(llama):
+    """A 3-block GPU pool: the first request takes 2 blocks for its prompt and a third as it
+    decodes; the second, needing 2, waits 4 steps, until the first finishes and its blocks
+    become evictable. It cannot preempt the first: it is less urgent (it came later)."""
+    engine = make_engine(llama, gpu=3, max_batched=64, max_seqs=8)
+    engine.submit(prompt(1, 8), greedy(4))
+    second = engine._requests[engine.submit(prompt(2, 8), greedy(4)).request_id]
+    steps = 0
+    while second.status is Status.WAITING and steps < 10:
+        await engine.step()
+        steps += 1
+    assert steps == 5 and engine.scheduler.num_blocked_admissions == 4
+    assert engine.scheduler.num_preemptions == 0
 
 
 async def test_an_abort_while_swapped_out_releases_its_host_blocks(llama):
