@@ -142,10 +142,11 @@ async def chat_think(factory: EngineFactory, vocab: int, users: int, block_size:
              "host+disk": (total + gpu, True)}
     rows = []
     for config in configs.split(","):
-        host, with_disk = sizes[config]
+        tiers, _, mode = config.partition("/")      # "small-host+disk/load": that load_or_recompute mode
+        host, with_disk = sizes[tiers]
         disk = tempfile.mkdtemp(prefix="kvgate-bench-") if with_disk else ""
         try:
-            engine = await factory(gpu_blocks=gpu, host_blocks=host, disk_path=disk)
+            engine = await factory(gpu_blocks=gpu, host_blocks=host, disk_path=disk, load_or_recompute=mode or "auto")
             trace = _time_schedule(engine)
             row, first_tokens = await _think_users(engine, vocab, users, n, think_s, seed)
             row.update(schedule_s=round(trace["schedule"], 3), steps=trace["steps"],

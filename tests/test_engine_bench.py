@@ -22,6 +22,21 @@ async def test_tier_workloads_report_rounds_configs_and_disk_hits(tmp_path):
     assert all(r["out_tokens"] == r["requests"] * 6 for r in restart.values())   # 128 x 0.05
 
 
+async def test_chat_think_runs_each_tier_configuration_and_a_load_mode(capsys):
+    args = bench.build_parser().parse_args(
+        ["--workloads", "chat-think", "--scale", "0.0625", "--length", "0.05", "--think-s", "0.02",
+         "--think-configs", "gpu,small-host+disk/load", "--no-peer"])
+    rows = {r["config"]: r for r in await bench.main_async(args)}
+    assert set(rows) == {"gpu", "small-host+disk/load"}
+    gpu, disk = rows["gpu"], rows["small-host+disk/load"]
+    assert [x["round"] for x in gpu["rounds"]] == list(range(1, 9)) and gpu["cached_fraction"]["disk"] == 0
+    assert disk["host_blocks"] == disk["gpu_blocks"] // 2 and disk["disk_writes"] > 0
+    assert disk["cached_fraction"]["disk"] > 0           # returning users read their history back
+    assert set(disk["steps_by_run"]) == {"eager"} and {"admissions_blocked", "overload"} <= set(disk)
+    bench.print_think_table(list(rows.values()))
+    assert "small-host+disk/load" in capsys.readouterr().out
+
+
 def test_profile_step_times_decode_and_mixed_steps(capsys):
     from engine.bench import main
     main(["--profile-step", "--scale", "0.05", "--length", "0.1", "--profile-prefill", "24"])
