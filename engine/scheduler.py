@@ -150,10 +150,10 @@ class Scheduler:
         """The tokens `seq` computes this step: what it has left, within `budget`. A prompt whose
         disk blocks are being read takes the blocks read once its front has reached them, and
         meanwhile computes, each step, its share of the gap left (`LoadOrRecompute.compute_share`:
-        none in "load" mode, or while enough other sequences run that computing would delay
-        them more than it saves): with the GPU to itself it never idles behind a slow or queued
-        read, and a read that never comes is computed in a few steps. 0 = it waits for its
-        blocks this step."""
+        none in "load" mode, or while enough other sequences compute that doing so would delay
+        them more than it saves; sequences reading their own prompts count as idle): with the
+        GPU to itself it never idles behind a slow or queued read, and a read that never comes
+        is computed in a few steps. 0 = it waits for its blocks this step."""
         limit = len(seq.token_ids)
         if seq.num_computed < seq.prompt_len:
             step = self.store.advance_load(seq.request_id, seq.num_computed)
@@ -167,7 +167,10 @@ class Scheduler:
             elif step is not None and step.reading_done:    # the rest will not come: compute to it
                 limit = step.compute_until
             elif step is not None:      # the front's share of the gap left, so that both would
-                others = len(self.running) - 1       # every one of them waits for what it computes
+                # the others that compute in this step wait for what it computes; those waiting
+                # for their own reads (with a load, like it) do not
+                loading = self.store.load_ids()
+                others = sum(s.request_id not in loading for s in self.running)
                 share = 0 if self.costs.mode == "load" else self.costs.compute_share(others)
                 limit = seq.num_computed + math.ceil((step.compute_until - seq.num_computed) * share)
         return max(0, min(limit - seq.num_computed, budget))

@@ -11,14 +11,16 @@ from tests.engine_util import BS, collect, greedy, make_engine, prompt, run
 from tests.models import hf_greedy
 
 
-async def restarted_with_a_gated_disk(llama, tmp_path, cached: list[int], mode: str = "auto", start=False):
-    """An engine whose disk tier holds `cached` (and nothing else), with disk reads held at a
+async def restarted_with_a_gated_disk(llama, tmp_path, cached: list[int], mode: str = "auto", start=False,
+                                      also: tuple[list[int], ...] = ()):
+    """An engine whose disk tier holds `cached` (and `also`, nothing else), with disk reads held at a
     gate until the test opens it, and rates that make computing and reading equally fast
     (the front's share is 1/2). Not started unless `start`: the test runs its steps."""
     disk = str(tmp_path / "kv")
     first = make_engine(llama, gpu=64, host=32, disk=disk, disk_blocks=256)
     await first.start()
-    await run(first, cached, greedy(1))
+    for p in (cached, *also):
+        await run(first, p, greedy(1))
     await first.stop()                                # persists it
     engine = make_engine(llama, gpu=64, host=32, disk=disk, disk_blocks=256, max_batched=64)
     engine.costs.mode = mode
@@ -94,6 +96,25 @@ async def test_the_front_waits_for_its_read_while_computing_would_delay_another_
     assert tokens == hf_greedy(llama, follow_up, 4) and last.cached_tokens[Tier.DISK] == 24
     assert engine.costs.recomputed_blocks[Tier.DISK] == 0
     assert (await collect(other))[0] == hf_greedy(llama, prompt(6, 5), 8)
+    engine.store.check_integrity()
+    await engine.stop()
+
+
+async def test_sequences_waiting_for_their_own_reads_do_not_stop_each_other_computing(llama, tmp_path):
+    """Two returning users with their histories on disk and nothing else running: neither one's
+    front delays a sequence that computes (the other only waits for its read), so each front
+    computes its share, half the gap, in the first step."""
+    a, b = prompt(7, 24), prompt(8, 24)
+    engine, gate = await restarted_with_a_gated_disk(llama, tmp_path, a, also=(b,))
+    streams = [engine.submit(d + [7, 9], greedy(4)) for d in (a, b)]
+    seqs = [engine._requests[s.request_id] for s in streams]
+    await engine.step()
+    assert [s.num_computed for s in seqs] == [12, 12]
+    await read_lands(engine, gate)
+    await engine.start()
+    for d, stream in zip((a, b), streams):
+        tokens, last = await collect(stream)
+        assert tokens == hf_greedy(llama, d + [7, 9], 4) and last.cached_tokens[Tier.DISK] == 12
     engine.store.check_integrity()
     await engine.stop()
 
