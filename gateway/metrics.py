@@ -61,78 +61,60 @@ class Metrics:
 
 
 class _EngineCollector:
-    """kvgate_blocks{tier,state} and kvgate_requests{state}, read at scrape time."""
+    """The engine's and the store's state and running totals, read at scrape time."""
 
-    def __init__(self, engine: Engine, tiers: list[TierReport] = ()) -> None:
+    def __init__(self, engine: Engine) -> None:
         self.engine = engine
 
     def describe(self):
         return []
 
     def collect(self):
+        engine, stats = self.engine, self.engine.store.stats()
         blocks = GaugeMetricFamily("kvgate_blocks", "KV blocks per tier and state", labels=["tier", "state"])
-        for tier, s in self.engine.store.stats().tiers.items():
+        for tier, s in stats.tiers.items():
             for state in ("free", "cached", "locked"):
                 blocks.add_metric([tier.name.lower(), state], getattr(s, state))
         yield blocks
-        requests = GaugeMetricFamily("kvgate_requests", "Requests in the engine", labels=["state"])
-        requests.add_metric(["running"], self.engine.num_running)
-        requests.add_metric(["waiting"], self.engine.num_waiting)
-        yield requests
-        evictions = GaugeMetricFamily("kvgate_block_evictions", "Copies evicted per tier (running total)",
-                                      labels=["tier"])
-        for tier, s in self.engine.store.stats().tiers.items():
-            evictions.add_metric([tier.name.lower()], s.evictions)
-        yield evictions
-        costs = self.engine.costs
-        recomputed = GaugeMetricFamily("kvgate_hits_recomputed_blocks", "Cached blocks recomputed because "
-                                       "loading them was slower (running total)", labels=["tier"])
-        for tier, n in costs.recomputed_blocks.items():
-            recomputed.add_metric([tier.name.lower()], n)
-        yield recomputed
-        stats = self.engine.store.stats()
+        yield _family(GaugeMetricFamily, "kvgate_requests", "Requests in the engine", "state",
+                      {"running": engine.num_running, "waiting": engine.num_waiting})
+        yield _family(GaugeMetricFamily, "kvgate_block_evictions", "Copies evicted per tier (running total)", "tier",
+                      {tier.name.lower(): s.evictions for tier, s in stats.tiers.items()})
+        yield _family(GaugeMetricFamily, "kvgate_hits_recomputed_blocks", "Cached blocks recomputed because "
+                      "loading them was slower (running total)", "tier",
+                      {tier.name.lower(): n for tier, n in engine.costs.recomputed_blocks.items()})
         disk = stats.disk
         if disk is not None:
-            skipped = CounterMetricFamily("kvgate_disk_writes_skipped", "Blocks that left the host tier without "
-                                          "being written, by reason (policy: the write policy; no_room: no room "
-                                          "in the host or disk tier; queue_full: the write queue full; paused: "
-                                          "writes paused after a failure)", labels=["reason"])
-            reasons = {"policy": 0, "no_room": 0, **stats.writes_skipped,
-                       "queue_full": disk.pending_full, "paused": disk.writes_paused}
-            for reason, n in reasons.items():
-                skipped.add_metric([reason], n)
-            yield skipped
-            overload = CounterMetricFamily("kvgate_host_overload_blocks", "Blocks copied on the event loop "
-                                           "because the host tier ran short (spilled: GPU blocks written to disk "
-                                           "through a synchronous copy; detached: queued writes given a private copy)",
-                                           labels=["action"])
-            for action, n in {"spilled": 0, "detached": 0, **stats.overload}.items():
-                overload.add_metric([action], n)
-            yield overload
-            ops = CounterMetricFamily("kvgate_disk_operations", "Disk tier operations by outcome (writes_paused: "
-                                      "puts refused while writes pause after a failure)", labels=["op"])
-            for op, n in dataclasses.asdict(disk).items():
-                ops.add_metric([op], n)
-            yield ops
-        scheduler = self.engine.scheduler
-        for name, help_text, value in (
-                ("kvgate_preemptions", "Running requests preempted for KV room (swapped out to the host tier, or "
-                 "dropped to be recomputed)", scheduler.num_preemptions),
-                ("kvgate_admissions_blocked", "Steps in which the most urgent waiting request could not get its KV "
-                 "blocks (it waits; so do the requests behind it)", scheduler.num_blocked_admissions)):
-            family = CounterMetricFamily(name, help_text)
-            family.add_metric([], value)
-            yield family
-        steps = CounterMetricFamily("kvgate_engine_steps", "Forward passes, by how they ran (decode, mixed: "
-                                    "replayed from a CUDA graph; eager: launched op by op)", labels=["run"])
-        for run, n in {"decode": 0, "mixed": 0, "eager": 0, **self.engine.runner.steps}.items():
-            steps.add_metric([run], n)
-        yield steps
-        rates = GaugeMetricFamily("kvgate_measured_rate", "Rates the load-or-recompute choice uses "
-                                  "(prefill tokens/s, host/disk bytes/s; absent until measured)",
-                                  labels=["what"])
-        for what, value in costs.rates().items():
-            if value is not None:
-                rates.add_metric([what], value)
-        yield rates
+            yield _family(CounterMetricFamily, "kvgate_disk_writes_skipped", "Blocks that left the host tier "
+                          "without being written, by reason (policy: the write policy; no_room: no room in the "
+                          "host or disk tier; queue_full: the write queue full; paused: writes paused after a "
+                          "failure)", "reason", {"policy": 0, "no_room": 0, **stats.writes_skipped,
+                                                 "queue_full": disk.pending_full, "paused": disk.writes_paused})
+            yield _family(CounterMetricFamily, "kvgate_host_overload_blocks", "Blocks copied on the event loop "
+                          "because the host tier ran short (spilled: GPU blocks written to disk through a "
+                          "synchronous copy; detached: queued writes given a private copy)", "action",
+                          {"spilled": 0, "detached": 0, **stats.overload})
+            yield _family(CounterMetricFamily, "kvgate_disk_operations", "Disk tier operations by outcome "
+                          "(writes_paused: puts refused while writes pause after a failure)", "op",
+                          dataclasses.asdict(disk))
+        yield _family(CounterMetricFamily, "kvgate_preemptions", "Running requests preempted for KV room (swapped "
+                      "out to the host tier, or dropped to be recomputed)", None,
+                      {"": engine.scheduler.num_preemptions})
+        yield _family(CounterMetricFamily, "kvgate_admissions_blocked", "Steps in which the most urgent waiting "
+                      "request could not get its KV blocks (it waits; so do the requests behind it)", None,
+                      {"": engine.scheduler.num_blocked_admissions})
+        yield _family(CounterMetricFamily, "kvgate_engine_steps", "Forward passes, by how they ran (decode, "
+                      "mixed: replayed from a CUDA graph; eager: launched op by op)", "run",
+                      {"decode": 0, "mixed": 0, "eager": 0, **engine.runner.steps})
+        yield _family(GaugeMetricFamily, "kvgate_measured_rate", "Rates the load-or-recompute choice uses "
+                      "(prefill tokens/s, host/disk bytes/s; absent until measured)", "what",
+                      {what: v for what, v in engine.costs.rates().items() if v is not None})
 
+
+def _family(kind, name: str, help_text: str, label: str | None, values: dict):
+    """A metric family of `kind` with one sample per value, labelled by its key (no label: one
+    sample, the key ignored)."""
+    family = kind(name, help_text, labels=[label] if label else None)
+    for key, value in values.items():
+        family.add_metric([key] if label else [], value)
+    return family
