@@ -10,9 +10,9 @@ from its first block.
 
 The disk part of a prefix is not a choice between the two: it is computed from the front while
 it is read from the back (store/loader.py), and whichever is faster covers more of it — while
-the GPU has few other sequences computing to delay (`compute_share`). In "load" mode the sequence waits
-for the read instead. `recomputed_blocks` counts the hits that were
-computed rather than loaded, per tier.
+the GPU has few other sequences computing to delay (`compute_share`). In "load" mode the
+sequence waits for the read instead. `recomputed_blocks` counts the hits that were computed
+rather than loaded, per tier.
 """
 from __future__ import annotations
 
@@ -57,10 +57,11 @@ class LoadOrRecompute:
         """The share of a disk part the front should compute while the rest is read, with
         `others` other sequences computing in the step. Alone on the GPU: the computing rate
         over both rates (in KV bytes/s), so that both finish together. But every sequence that
-        computes in a step waits for the tokens computed in it, while a read costs it nothing: computing a fraction x
-        of a gap G saves its own sequence x*G/read and costs the others others*x*G/compute. So
-        once `others` >= compute / read the front computes none of it and waits for the read
-        (a busy GPU: many decoding sequences). Until both rates are measured: 0 (load)."""
+        computes in a step waits for the tokens computed in it, while a read costs it nothing:
+        computing a fraction x of a gap G saves its own sequence x*G/read and costs the others
+        others*x*G/compute. So once `others` >= compute / read the front computes none of it and
+        waits for the read (a busy GPU: many decoding sequences). Until both rates are measured:
+        0 (load)."""
         read = self.store.disk_read_rate
         if self.prefill_tokens_per_s is None or read is None:
             return 0.0

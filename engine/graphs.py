@@ -78,20 +78,20 @@ def padded_mixed_inputs(step: StepInput, shape: MixedShape, scratch: int) -> dic
     long = torch.zeros(0, dtype=torch.long)
     d, p = step.decode, step.prefill
     return dict(
-        input_ids=_padded(step.input_ids, shape.tokens, 0),
-        positions=_padded(step.positions, shape.tokens, 0),
-        slot_block=_padded(step.slot_block, shape.tokens, scratch),
-        slot_offset=_padded(step.slot_offset, shape.tokens, 0),
-        decode_rows=_padded(d.rows if d is not None else long, shape.decode, last),
-        lens=_padded(d.context_lens if d is not None else long.int(), shape.decode, 0),
+        input_ids=_pad_rows(step.input_ids, shape.tokens, 0),
+        positions=_pad_rows(step.positions, shape.tokens, 0),
+        slot_block=_pad_rows(step.slot_block, shape.tokens, scratch),
+        slot_offset=_pad_rows(step.slot_offset, shape.tokens, 0),
+        decode_rows=_pad_rows(d.rows if d is not None else long, shape.decode, last),
+        lens=_pad_rows(d.context_lens if d is not None else long.int(), shape.decode, 0),
         tables=d.block_tables if d is not None else torch.zeros(0, 1, dtype=torch.int32),
-        tiles=_padded(p.tiles, shape.tiles, torch.tensor([MAX_CHUNKS, 0], dtype=torch.int32)),
+        tiles=_pad_rows(p.tiles, shape.tiles, torch.tensor([MAX_CHUNKS, 0], dtype=torch.int32)),
         chunks=p.chunks,
         chunk_tables=p.block_tables,
-        sample_rows=_padded(step.sample_rows, shape.samples, last))
+        sample_rows=_pad_rows(step.sample_rows, shape.samples, last))
 
 
-def _padded(src: torch.Tensor, size: int, pad) -> torch.Tensor:
+def _pad_rows(src: torch.Tensor, size: int, pad) -> torch.Tensor:
     """src ([n] or [n, k]) followed by rows of `pad` up to `size` rows."""
     out = torch.empty((size, *src.shape[1:]), dtype=src.dtype)
     out[:len(src)] = src
@@ -176,7 +176,7 @@ class StepGraphs:
             d = step.decode
             inputs = dict(input_ids=step.input_ids, positions=step.positions, slot_block=step.slot_block,
                           slot_offset=step.slot_offset, lens=d.context_lens, tables=d.block_tables)
-            self._copy_in({name: _padded(src, size, src[0]) for name, src in inputs.items()})
+            self._copy_in({name: _pad_rows(src, size, src[0]) for name, src in inputs.items()})
         else:
             self._copy_in(padded_mixed_inputs(step, MixedShape.of(size, self.max_batch), self.scratch))
         if key not in self._graphs:          # not captured at start-up (an engine driven by hand)

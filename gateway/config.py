@@ -74,8 +74,6 @@ class HostTierConfig:
         _require(0.0 < self.memory_fraction <= 0.9, "store.host.memory_fraction", "a float in (0, 0.9]")
 
 
-
-
 @dataclass(frozen=True)
 class DiskTierConfig:
     enabled: bool = True           # false = no disk tier
