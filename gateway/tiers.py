@@ -18,7 +18,7 @@ import torch
 
 from engine.model import LoadedModel
 from gateway.config import ConfigError, KvgateConfig
-from store import DiskTierError, StoreConfig
+from store import BlockLayout, DiskTierError, StoreConfig
 from store.block_store import host_pool_blocks
 from store.record import RecordFormat
 
@@ -54,6 +54,11 @@ class TierReport:
 def plan_tiers(config: KvgateConfig, model: LoadedModel) -> tuple[StoreConfig, list[TierReport]]:
     """The store's configuration for this machine, and a report per tier. Raises ConfigError
     naming the key when a configured size cannot be had."""
+    store, reports = _plan(config, model)
+    return store, _noting_staging(store, reports, model.block_layout(config.engine.block_size))
+
+
+def _plan(config: KvgateConfig, model: LoadedModel) -> tuple[StoreConfig, list[TierReport]]:
     block_bytes = model.block_layout(config.engine.block_size).block_bytes
     gpu = _gpu(config, model, block_bytes)
     host = _host(config, block_bytes)
@@ -61,10 +66,16 @@ def plan_tiers(config: KvgateConfig, model: LoadedModel) -> tuple[StoreConfig, l
     store = StoreConfig(block_size=config.engine.block_size, gpu_blocks=gpu.blocks, host_blocks=host.blocks,
                         disk_path=disk.path if disk.enabled else "", disk_max_bytes=disk.bytes,
                         write_policy=config.store.disk.write_policy)
-    staging = host_pool_blocks(store, model.block_layout(config.engine.block_size))
-    if disk.enabled and not host.enabled:
-        host = replace(host, note=f"{host.note}; {staging} blocks staged for the disk tier only")
     return store, [gpu, host, disk]
+
+
+def _noting_staging(store: StoreConfig, reports: list[TierReport], layout: BlockLayout) -> list[TierReport]:
+    """The reports, the host tier's saying what a disk tier without one stages through."""
+    gpu, host, disk = reports
+    if store.disk_path and not host.enabled:
+        staging = host_pool_blocks(store, layout)
+        host = replace(host, note=f"{host.note}; {staging} blocks staged for the disk tier only")
+    return [gpu, host, disk]
 
 
 def _gpu(config: KvgateConfig, model: LoadedModel, block_bytes: int) -> TierReport:
@@ -137,18 +148,17 @@ def open_engine(config: KvgateConfig, model: LoadedModel, make_engine):
     """`make_engine(store_config)` on the planned tiers; a disk tier kvgate chose that cannot be
     opened (another kvgate holds it, ...) is turned off with a warning, a configured one is a
     ConfigError naming store.disk.path. Returns (engine, reports)."""
-    store, reports = plan_tiers(config, model)
+    store, reports = _plan(config, model)
     try:
-        return make_engine(store), reports
+        engine = make_engine(store)
     except DiskTierError as e:
         if config.store.disk.path:
             raise ConfigError(f"store.disk.path: {e}") from None
         log.warning("disk tier off: %s", e)
-        reports[1] = replace(reports[1], note=reports[1].note.split(";")[0])   # nothing staged now
         reports[2] = TierReport("disk", False, path=store.disk_path, note=str(e))
-        store = StoreConfig(block_size=store.block_size, gpu_blocks=store.gpu_blocks,
-                            host_blocks=store.host_blocks, write_policy=store.write_policy)
-        return make_engine(store), reports
+        store = replace(store, disk_path="", disk_max_bytes=0)
+        engine = make_engine(store)
+    return engine, _noting_staging(store, reports, model.block_layout(config.engine.block_size))
 
 
 def user_cache_dir() -> str:
