@@ -84,11 +84,8 @@ async def chat_overflow(factory: EngineFactory, vocab: int, users: int, block_si
             row = await chat(engine, vocab, users, length)
             stats = engine.store.stats()
             row.update(config=config, gpu_blocks=gpu, host_blocks=host, conversation_blocks=total,
-                       preemptions=engine.scheduler.num_preemptions,
-                       hits_recomputed=sum(engine.costs.recomputed_blocks.values()),
                        prefetched_blocks=stats.tiers[Tier.DISK].promotions,
-                       disk_writes=stats.disk.writes if stats.disk else 0,
-                       disk_writes_dropped=stats.disk.pending_full if stats.disk else 0)
+                       disk_writes_dropped=stats.disk.pending_full if stats.disk else 0, **_counts(engine))
             await engine.stop(persist=False)
             rows.append(row)
     finally:
@@ -151,21 +148,26 @@ async def chat_think(factory: EngineFactory, vocab: int, users: int, block_size:
             row, first_tokens = await _think_users(engine, vocab, users, n, think_s, seed)
             row.update(schedule_s=round(trace["schedule"], 3), steps=trace["steps"],
                        **_first_token_steps(trace["forwards"], first_tokens))
-            stats = engine.store.stats()
             row.update(config=config, gpu_blocks=gpu, host_blocks=host, conversation_blocks=total,
-                       preemptions=engine.scheduler.num_preemptions,
-                       hits_recomputed=sum(engine.costs.recomputed_blocks.values()),
-                       disk_writes=stats.disk.writes if stats.disk else 0,
-                       disk_writes_skipped=dict(stats.writes_skipped, queue_full=stats.disk.pending_full,
-                                                paused=stats.disk.writes_paused) if stats.disk else {},
-                       overload=stats.overload, admissions_blocked=engine.scheduler.num_blocked_admissions,
-                       steps_by_run=dict(engine.runner.steps))
+                       **_counts(engine))
             await engine.stop(persist=False)
         finally:
             if disk:
                 shutil.rmtree(disk, ignore_errors=True)
         rows.append(row)
     return rows
+
+
+def _counts(engine: Engine) -> dict:
+    """What a tier configuration's run cost, from the engine's running totals."""
+    stats = engine.store.stats()
+    return dict(preemptions=engine.scheduler.num_preemptions,
+                hits_recomputed=sum(engine.costs.recomputed_blocks.values()),
+                disk_writes=stats.disk.writes if stats.disk else 0,
+                disk_writes_skipped=dict(stats.writes_skipped, queue_full=stats.disk.pending_full,
+                                         paused=stats.disk.writes_paused) if stats.disk else {},
+                overload=stats.overload, admissions_blocked=engine.scheduler.num_blocked_admissions,
+                steps_by_run=dict(engine.runner.steps))
 
 
 def _time_schedule(engine: Engine) -> dict:
