@@ -177,9 +177,8 @@ async def main_async(a: argparse.Namespace) -> list[dict]:
             record(name, await bench_tiers.chat_overflow(fresh_engine, vocab, max(2, round(32 * a.scale)),
                                                          a.block_size, a.length))
         elif name == "chat-think":
-            rows_ = await bench_tiers.chat_think(fresh_engine, vocab, max(2, round(64 * a.scale)), a.block_size,
-                                                 a.length, a.think_s, configs=a.think_configs)
-            record(name, rows_)
+            record(name, await bench_tiers.chat_think(fresh_engine, vocab, max(2, round(64 * a.scale)),
+                                                      a.block_size, a.length, a.think_s, configs=a.think_configs))
         elif name == "restart":
             record(name, await bench_tiers.restart(fresh_engine, vocab, max(1, round(8 * a.scale)),
                                                    a.gpu_blocks, a.length))
