@@ -247,7 +247,7 @@ def print_think_table(rows: list[dict]) -> None:
     gpu = next((r for r in rows if r["config"] == "gpu"), None)
     print(f"\nchat-think, rounds >= 2 (think {rows[0]['think_s']} s mean)\n{'config':<20} {'TTFT p50':>9} "
           f"{'p90':>8} {'÷ gpu':>6} {'queue p50':>9} {'out tok/s':>9} {'cached gpu/host/disk':>21} {'preempt':>7} "
-          f"{'blocked':>7} "
+          f"{'blocked':>7} {'read waits':>10} "
           f"{'disk writes':>11} {'skipped':>8} {'recomputed':>10} {'schedule s':>10} {'1st-token step':>14} "
           f"{'step p50':>8}")
     for r in rows:
@@ -255,7 +255,7 @@ def print_think_table(rows: list[dict]) -> None:
         cached = "/".join(f"{v:.0%}" for v in r["cached_fraction"].values())
         print(f"{r['config']:<20} {_ms(r['ttft_later_p50_s'])} {_ms(r['ttft_later_p90_s'])[1:]} {ratio:>6} "
               f"{_ms(r['queue_later_p50_s'])} {r['out_tok_s']:>9} {cached:>21} {r['preemptions']:>7} "
-              f"{r['admissions_blocked']:>7} "
+              f"{r['admissions_blocked']:>7} {r['read_waits']:>10} "
               f"{r['disk_writes']:>11} {sum(r['disk_writes_skipped'].values()):>8} {r['hits_recomputed']:>10} "
               f"{r.get('schedule_s', '-'):>10} {r['first_token_step_ms']:>7} ms/{r['first_token_step_prefill']:>5} "
               f"{r['step_ms_p50']:>5} ms")

@@ -167,6 +167,7 @@ def _counts(engine: Engine) -> dict:
                 disk_writes_skipped=dict(stats.writes_skipped, queue_full=stats.disk.pending_full,
                                          paused=stats.disk.writes_paused) if stats.disk else {},
                 overload=stats.overload, admissions_blocked=engine.scheduler.num_blocked_admissions,
+                read_waits=engine.scheduler.num_read_waits,
                 steps_by_run=dict(engine.runner.steps))
 
 

@@ -7,10 +7,15 @@ prompt is spread over steps instead of stalling the decodes. Then waiting sequen
 admitted in the same order.
 
 When the GPU pool runs dry, the store first evicts cached blocks; after that the least urgent
-running sequence is preempted: its blocks are swapped to the host tier and come back later
-without recomputation (or, if the host tier cannot take them, dropped and recomputed; the
-prefix cache usually makes that cheap). A waiting request that is more urgent than a running
-one may preempt it the same way.
+running sequence is preempted: it gives its blocks back to the cache (its full blocks, prompt
+and generated, are indexed) and waits again. They are evicted like any cached blocks, so just
+as many as the GPU needs move to the host tier (least recently used first; the preempted ones
+were used last) and on to disk, and the sequence resumes with an ordinary prefix hit: from the
+GPU if its blocks were not needed after all, else from the host tier or disk; it recomputes
+only its last, partial block and what the tiers could not keep. (A swap to host slots the
+sequence owns would copy all its blocks, keep them out of the cache, and need them all back
+on the GPU at once to resume.) A waiting request that is more urgent than a running one may
+preempt it the same way.
 
 A prompt whose cached prefix is partly on disk computes from the front while the store reads
 the disk part from the back; when the computed front reaches the blocks read, they are copied
@@ -67,6 +72,7 @@ class Scheduler:
         self._waiting: list[tuple[tuple[int, int], Sequence]] = []  # heap by urgency
         self.num_preemptions = 0
         self.num_blocked_admissions = 0   # steps whose most urgent waiting request found no KV room
+        self.num_read_waits = 0           # steps a running sequence sat out, waiting for its disk read
 
     @property
     def num_waiting(self) -> int:
@@ -91,7 +97,8 @@ class Scheduler:
             if seq.status is not Status.RUNNING:   # preempted earlier in this loop
                 continue
             n = self._tokens_to_compute(seq, budget)
-            if n == 0:                              # waiting for its disk blocks ("load" mode)
+            if n == 0:                              # waiting for its disk blocks
+                self.num_read_waits += 1
                 continue
             try:
                 reserved = self._reserve(seq, n, chunks)
@@ -147,32 +154,33 @@ class Scheduler:
             heapq.heappush(self._waiting, (seq.urgency(), seq))
 
     def _tokens_to_compute(self, seq: Sequence, budget: int) -> int:
-        """The tokens `seq` computes this step: what it has left, within `budget`. A prompt whose
-        disk blocks are being read takes the blocks read once its front has reached them, and
-        meanwhile computes, each step, its share of the gap left (`LoadOrRecompute.compute_share`:
-        none in "load" mode, or while enough other sequences compute that doing so would delay
-        them more than it saves; sequences reading their own prompts count as idle): with the
-        GPU to itself it never idles behind a slow or queued read, and a read that never comes
-        is computed in a few steps. 0 = it waits for its blocks this step."""
+        """The tokens `seq` computes this step: what it has left, within `budget`. A prompt (or a
+        preempted sequence, resumed) whose disk blocks are being read takes the blocks read once
+        its front has reached them, and meanwhile computes, each step, its share of the gap left
+        (`LoadOrRecompute.compute_share`: none in "load" mode, or while enough other sequences
+        compute that doing so would delay them more than it saves; sequences reading their own
+        prompts count as idle): with the GPU to itself it never idles behind a slow or queued
+        read, and a read that never comes is computed in a few steps. 0 = it waits for its
+        blocks this step."""
         limit = len(seq.token_ids)
-        if seq.num_computed < seq.prompt_len:
-            step = self.store.advance_load(seq.request_id, seq.num_computed)
-            if step is not None and step.filled:
-                front = seq.num_computed // self.store.block_size
-                seq.num_computed = (front + step.filled) * self.store.block_size
+        step = self.store.advance_load(seq.request_id, seq.num_computed)   # None: no load
+        if step is not None and step.filled:
+            front = seq.num_computed // self.store.block_size
+            seq.num_computed = (front + step.filled) * self.store.block_size
+            if not seq.preemptions:         # the prompt's cached tokens, as first admitted
                 seq.cached_tokens[Tier.DISK] += step.filled * self.store.block_size
-                self.costs.recomputed_blocks[Tier.DISK] += front - step.first
-            elif step is not None and step.compute_until is None:    # read nothing: computes all
-                self.costs.recomputed_blocks[Tier.DISK] += step.end - step.first
-            elif step is not None and step.reading_done:    # the rest will not come: compute to it
-                limit = step.compute_until
-            elif step is not None:      # the front's share of the gap left, so that both would
-                # the others that compute in this step wait for what it computes; those waiting
-                # for their own reads (with a load, like it) do not
-                loading = self.store.load_ids()
-                others = sum(s.request_id not in loading for s in self.running)
-                share = 0 if self.costs.mode == "load" else self.costs.compute_share(others)
-                limit = seq.num_computed + math.ceil((step.compute_until - seq.num_computed) * share)
+            self.costs.recomputed_blocks[Tier.DISK] += front - step.first
+        elif step is not None and step.compute_until is None:    # read nothing: computes all
+            self.costs.recomputed_blocks[Tier.DISK] += step.end - step.first
+        elif step is not None and step.reading_done:    # the rest will not come: compute to it
+            limit = step.compute_until
+        elif step is not None:      # the front's share of the gap left, so that both would finish
+            # together; the others that compute in this step wait for what it computes, those
+            # waiting for their own reads (with a load, like it) do not
+            loading = self.store.load_ids()
+            others = sum(s.request_id not in loading for s in self.running)
+            share = 0 if self.costs.mode == "load" else self.costs.compute_share(others)
+            limit = seq.num_computed + math.ceil((step.compute_until - seq.num_computed) * share)
         return max(0, min(limit - seq.num_computed, budget))
 
     def _prefix_keys_in_prefill(self) -> set[bytes]:
@@ -192,22 +200,20 @@ class Scheduler:
         return seq.prompt_keys
 
     def _admit(self, seq: Sequence, chunks: list[Chunk]) -> bool:
-        """Give `seq` its blocks (swap in, or admit with its cached prefix), preempting a less
-        urgent running sequence if that is what it takes. False if it must wait."""
+        """Give `seq` its blocks, with its cached prefix, preempting a less urgent running
+        sequence if that is what it takes. False if it must wait."""
         while True:
             try:
-                if seq.status is Status.SWAPPED:
-                    self.store.swap_in(seq.request_id, len(seq.token_ids))
-                    self.store.commit(seq.request_id, seq.token_ids, seq.num_computed)
-                else:
-                    blocks = self.store.admit(seq.request_id, seq.root, seq.token_ids, seq.priority,
-                                              max_cached_tokens=len(seq.token_ids) - 1, max_tier=seq.max_tier)
-                    seq.num_computed = blocks.num_cached_tokens
-                    if len(blocks.tiers) < len(seq.found):   # part of it went to disk while it waited
-                        self._start_load(seq, self.store.match(seq.root, seq.token_ids, seq.prompt_len - 1))
-                    if seq.cached_tokens is None:
-                        seq.cached_tokens = _cached_by_tier(seq.found, blocks.tiers, self.store.block_size)
-                        seq.queued_s = time.monotonic() - seq.submitted_at
+                last = len(seq.token_ids) - 1         # computed again to sample the next token
+                blocks = self.store.admit(seq.request_id, seq.root, seq.token_ids, seq.priority,
+                                          max_cached_tokens=last, max_tier=seq.max_tier)
+                seq.num_computed = blocks.num_cached_tokens
+                # part of its prefix went to disk while it waited (or while it was preempted)
+                if len(blocks.tiers) < len(seq.found) or seq.num_generated:
+                    self._start_load(seq, self.store.match(seq.root, seq.token_ids, last))
+                if seq.cached_tokens is None:
+                    seq.cached_tokens = _cached_by_tier(seq.found, blocks.tiers, self.store.block_size)
+                    seq.queued_s = time.monotonic() - seq.submitted_at
                 break
             except OutOfBlocks:
                 less_urgent = [c for c in chunks if c.seq.urgency() > seq.urgency()]
@@ -227,15 +233,11 @@ class Scheduler:
             self.store.start_load(seq.request_id, match, on_progress=self.wakeup)
 
     def preempt(self, seq: Sequence) -> None:
-        """Take `seq` off the GPU: swap it out, or drop its KV if the host cannot take it."""
+        """Take `seq` off the GPU: its full blocks stay cached (see the module's docstring)."""
         self.running.remove(seq)
-        try:
-            self.store.swap_out(seq.request_id)
-            seq.status = Status.SWAPPED
-        except OutOfBlocks:
-            self.store.release(seq.request_id)
-            seq.status, seq.num_computed = Status.WAITING, 0
-            log.info("preempted %s by recomputation (no host room to swap)", seq.request_id)
+        self.store.release(seq.request_id)
+        seq.status, seq.num_computed = Status.WAITING, 0
+        seq.preemptions += 1
         self.num_preemptions += 1
         self.add(seq)
 
@@ -246,7 +248,7 @@ class Scheduler:
         else:
             self._waiting = [(k, s) for k, s in self._waiting if s is not seq]
             heapq.heapify(self._waiting)
-        if seq.status in (Status.RUNNING, Status.SWAPPED):
+        if seq.status is Status.RUNNING:
             self.store.release(seq.request_id)
         else:
             self.store.drop_load(seq.request_id)    # a disk load may have started at submit

@@ -14,9 +14,8 @@ from store import Tier
 
 
 class Status(enum.Enum):
-    WAITING = "waiting"      # not admitted (new, or preempted with its KV dropped)
+    WAITING = "waiting"      # not admitted (new, or preempted: its KV left in the cache)
     RUNNING = "running"      # admitted: blocks on the GPU
-    SWAPPED = "swapped"      # preempted: blocks in host slots it owns
     FINISHED = "finished"
 
 
@@ -52,6 +51,7 @@ class Sequence:
     found: tuple[Tier, ...] = ()      # where each prefix block was when the request arrived
     status: Status = Status.WAITING
     num_computed: int = 0             # tokens whose KV is in the cache
+    preemptions: int = 0              # times it was preempted (it resumes from the cache)
     max_tier: Tier = Tier.HOST        # cached blocks in slower tiers are recomputed (engine/costs.py)
     cached_tokens: dict[Tier, int] | None = None   # set at first admission
     submitted_at: float = field(default_factory=time.monotonic)

@@ -97,8 +97,8 @@ class _EngineCollector:
             yield _family(CounterMetricFamily, "kvgate_disk_operations", "Disk tier operations by outcome "
                           "(writes_paused: puts refused while writes pause after a failure)", "op",
                           dataclasses.asdict(disk))
-        yield _family(CounterMetricFamily, "kvgate_preemptions", "Running requests preempted for KV room (swapped "
-                      "out to the host tier, or dropped to be recomputed)", None,
+        yield _family(CounterMetricFamily, "kvgate_preemptions", "Running requests preempted for KV room (their "
+                      "blocks stay cached: moved to host or disk as the GPU needs the room)", None,
                       {"": engine.scheduler.num_preemptions})
         yield _family(CounterMetricFamily, "kvgate_admissions_blocked", "Steps in which the most urgent waiting "
                       "request could not get its KV blocks (it waits; so do the requests behind it)", None,

@@ -7,7 +7,7 @@ live and how they move between tiers is `Placement`'s job (store/placement.py).
 
 Slot accounting, per pool: every slot is exactly one of
   free | held by an indexed node (locked if it is a locked node's fastest copy, else cached) |
-  owned by a sequence (its uncommitted blocks, or all its blocks while swapped out; locked) |
+  owned by a sequence (its uncommitted blocks; locked) |
   reserved for a disk load in flight (locked).
 """
 from __future__ import annotations
@@ -17,7 +17,7 @@ import dataclasses
 import logging
 import math
 from collections.abc import Callable, Hashable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -99,7 +99,6 @@ class SeqBlocks:
     tiers: tuple[Tier, ...]        # tier each cached block was found in at admission
     block_size: int
     cacheable: bool = True         # False after a key collision: later blocks are not indexed
-    swapped: list[int] = field(default_factory=list)  # host slots of a preempted sequence
 
     @property
     def cached_tokens(self) -> dict[Tier, int]:
@@ -283,46 +282,15 @@ class BlockStore:
         return len(seq.path) - before
 
     def release(self, seq_id: Hashable) -> None:
-        """End a sequence (finished, aborted, failed; running or swapped out): its indexed
-        blocks stay cached."""
+        """End a sequence (finished, aborted, failed, or preempted): its indexed blocks stay
+        cached, to be evicted like any others."""
         seq = self._seqs.pop(seq_id)
         self.loader.drop(seq_id)
         self.placement.unlock(seq.path)
         self.gpu.free(sorted(seq.owned))
-        self.host.free(seq.swapped)
-
-    def swap_out(self, seq_id: Hashable) -> None:
-        """Preempt a sequence: copy all its blocks to host slots it owns (one batch) and give
-        up its GPU slots, evicting cached host blocks for the room. Its indexed blocks stay
-        cached. All or nothing for the sequence: OutOfBlocks if the host tier cannot take every
-        block (the host blocks evicted for it stay evicted)."""
-        seq = self._seqs[seq_id]
-        assert not seq.swapped, f"{seq_id!r} is already swapped out"
-        self.loader.drop(seq_id)          # it recomputes from its front when resumed
-        if len(seq.slots) > self.host.num_free + self.index.num_cached[Tier.HOST]:
-            raise OutOfBlocks(f"host tier cannot take the {len(seq.slots)} blocks of {seq_id!r}")
-        host_slots = self.placement.reserve_host(len(seq.slots))
-        if len(host_slots) < len(seq.slots):   # blocks being written hold the rest of the room
-            self.host.free(host_slots)
-            raise OutOfBlocks(f"host tier: {len(host_slots)} of the {len(seq.slots)} blocks of {seq_id!r} free")
-        self.copier.to_host(seq.slots, host_slots)
-        self.placement.unlock(seq.path)
-        self.gpu.free(sorted(seq.owned))
-        seq.swapped, seq.slots, seq.path, seq.owned = host_slots, [], [], set()
-
-    def swap_in(self, seq_id: Hashable, num_tokens: int = 0) -> None:
-        """Resume a swapped-out sequence: GPU slots for its blocks (and enough for `num_tokens`),
-        one batched copy back. Its full blocks are re-indexed by the next `commit`.
-        OutOfBlocks changes nothing."""
-        seq = self._seqs[seq_id]
-        n = len(seq.swapped)
-        slots = self.placement.allocate_gpu(max(n, self._blocks_for(num_tokens)))
-        self.copier.to_gpu(seq.swapped, slots[:n])
-        self.host.free(seq.swapped)
-        seq.swapped, seq.slots, seq.owned = [], slots, set(slots)
 
     def sequence_ids(self) -> set[Hashable]:
-        """The admitted sequences (running or swapped out)."""
+        """The admitted sequences."""
         return set(self._seqs)
 
     def load_ids(self) -> set[Hashable]:
@@ -357,7 +325,6 @@ class BlockStore:
 
     def stats(self) -> StoreStats:
         host_held = len(self.loader.reserved_slots()) + len(self.placement.writing_slots)
-        host_held += sum(len(s.swapped) for s in self._seqs.values())
         owned = sum(len(s.owned) for s in self._seqs.values())
         disk = self.disk
         disk_capacity = disk.max_bytes // disk.value_bytes if disk else 0
@@ -387,8 +354,7 @@ class BlockStore:
         for path in self.loader.locked_paths():
             expected_locks.update(path)
         self.placement.check_integrity([s for seq in self._seqs.values() for s in seq.owned],
-                                       self.loader.reserved_slots() +
-                                       [s for seq in self._seqs.values() for s in seq.swapped])
+                                       self.loader.reserved_slots())
         for seq in self._seqs.values():
             for i, slot in enumerate(seq.slots):
                 assert slot in seq.owned or (i < len(seq.path) and seq.path[i].gpu_slot == slot), \

@@ -32,7 +32,7 @@ async def test_chat_think_runs_each_tier_configuration_and_a_load_mode(capsys):
     assert [x["round"] for x in gpu["rounds"]] == list(range(1, 9)) and gpu["cached_fraction"]["disk"] == 0
     assert disk["host_blocks"] == disk["gpu_blocks"] // 2 and disk["disk_writes"] > 0
     assert disk["cached_fraction"]["disk"] > 0           # returning users read their history back
-    assert set(disk["steps_by_run"]) == {"eager"} and {"admissions_blocked", "overload"} <= set(disk)
+    assert set(disk["steps_by_run"]) == {"eager"} and {"admissions_blocked", "read_waits", "overload"} <= set(disk)
     bench.print_think_table(list(rows.values()))
     assert "small-host+disk/load" in capsys.readouterr().out
 

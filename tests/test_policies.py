@@ -1,6 +1,6 @@
 """Policies, pinned: each test fails when the policy changes, not only when counts stop adding
-up. Scheduling: urgency order, the token budget, the preemption victim, an abort while swapped
-out. Store: which blocks a too-small host tier keeps, what a lock pins, what `persist` writes.
+up. Scheduling: urgency order, the token budget, the preemption victim and where its KV goes,
+an abort while preempted. Store: which blocks a too-small host tier keeps, what a lock pins, what `persist` writes.
 (The disk record's checksum coverage and the write/re-queue race are in test_store_disk_open.py.)"""
 import asyncio
 
@@ -55,22 +55,32 @@ async def test_admission_fills_the_budget_and_chunks_a_long_prompt(llama, monkey
 
 
 @pytest.mark.parametrize("priorities,victim", [((0, 5, 3), "a"), ((2, 2, 2), "c"), ((4, 1, 1), "c")])
-async def test_decode_pressure_preempts_the_least_urgent_running_sequence(llama, priorities, victim):
+async def test_decode_pressure_preempts_the_least_urgent_running_sequence(llama, priorities, victim, monkeypatch):
     """Three running sequences fill the GPU pool but one block; the first to need a new block
-    gets it, the next forces a preemption: of the least urgent (lowest priority, then latest)."""
+    gets it, the next forces a preemption: of the least urgent (lowest priority, then latest).
+    The victim waits again with its full blocks cached, and comes back with them: it computes
+    only its last, partial block again."""
     engine = make_engine(llama, gpu=7, host=32, max_batched=64, max_seqs=8)
+    steps, names = record_chunks(engine, monkeypatch)
     streams = {}
     for name, priority in zip("abc", priorities):
         streams[name] = engine.submit([ord(name)] * 8, greedy(4), priority=priority)
+        names[streams[name].request_id] = name
     readers = {n: asyncio.create_task(collect(s)) for n, s in streams.items()}
     while engine.scheduler.num_preemptions == 0:
         assert await engine.step()
     status = {n: s._seq.status for n, s in streams.items()}
     assert engine.scheduler.num_preemptions == 1        # the victim, directly
-    assert status[victim] is Status.SWAPPED
+    assert status[victim] is Status.WAITING
     assert all(st is Status.RUNNING for n, st in status.items() if n != victim)
+    seq = streams[victim]._seq
+    assert len(seq.token_ids) == 9                      # its prompt and the token it sampled
+    assert len(engine.store.match(seq.root, seq.token_ids).nodes) == 2      # both full blocks cached
+    preempted_at = len(steps)
     while await engine.step():
         await asyncio.sleep(0)
+    resumed = [(start, n) for step in steps[preempted_at:] for name, start, n in step if name == victim]
+    assert resumed[0] == (8, 1)                         # from its cached blocks, not from token 0
     for r in readers.values():
         assert (await r)[1].finish_reason == "length"
 
@@ -90,21 +100,19 @@ async def test_a_request_that_finds_no_kv_room_waits_and_each_blocked_step_is_co
     assert engine.scheduler.num_preemptions == 0
 
 
-async def test_an_abort_while_swapped_out_releases_its_host_blocks(llama):
+async def test_an_abort_while_preempted_leaves_its_blocks_cached_and_owned_by_none(llama):
     engine = make_engine(llama, gpu=7, host=32, max_batched=64, max_seqs=8)
     streams = [engine.submit([n] * 8, greedy(20), priority=p) for n, p in ((3, 0), (4, 1), (5, 2))]
     while engine.scheduler.num_preemptions == 0:
         await engine.step()
-    swapped = streams[0]
-    assert swapped._seq.status is Status.SWAPPED
-    held = engine.store.stats().tiers[Tier.HOST].locked
-    assert held >= 2                                  # its blocks, in host slots it owns
-    engine.abort(swapped.request_id)
-    assert engine.store.stats().tiers[Tier.HOST].locked < held      # its host slots are free again
-    assert swapped.request_id not in engine.store.sequence_ids()
+    preempted = streams[0]
+    assert preempted._seq.status is Status.WAITING
+    assert preempted.request_id not in engine.store.sequence_ids()     # it holds no slot
+    engine.abort(preempted.request_id)
     engine.check_integrity()
-    _, last = await collect(swapped)
+    _, last = await collect(preempted)
     assert last.finish_reason == "abort"
+    assert len(engine.store.match(preempted._seq.root, [3] * 8).nodes) == 2       # still cached
     while await engine.step():
         pass
     stats = engine.store.stats().tiers
@@ -208,21 +216,25 @@ async def test_auto_writes_everything_until_the_queue_is_half_full_then_only_reu
     store.close()
 
 
-async def test_a_full_host_tier_still_takes_a_preempted_sequence_by_evicting_cached_blocks(tmp_path):
-    """Preemption swaps to the host tier whenever the host tier could hold it: cached host blocks
-    (even ones still being written to disk) make room; recomputation is the last resort."""
+async def test_a_preempted_sequences_blocks_take_a_full_host_tier_from_older_cached_ones(tmp_path):
+    """Preemption leaves a sequence's blocks cached, used last: when the GPU needs their room
+    they move to the host tier, and older cached host blocks (even ones still being written to
+    disk) make room for them; recomputation is the last resort."""
     store = make_store(tmp_path, gpu=4, host=4, disk_blocks=64)
     for i in range(1, 5):
-        run_request(store, i, blocks(i), flush=False)            # the host tier fills with cached blocks
+        run_request(store, i, blocks(i), flush=False)            # GPU: 3, 4; host: 1, 2 (full)
     assert store.stats().tiers[Tier.HOST].free == 0
-    seq = store.admit("running", store.root_key(), blocks(9, 4))
+    seq = store.admit("running", store.root_key(), blocks(9, 4))  # 3 and 4 -> host, 1 and 2 -> disk
     write_kv(store, seq, blocks(9, 4))
-    store.swap_out("running")                                    # 4 blocks: every cached host block goes
-    assert len(store._seqs["running"].swapped) == 4
-    # the writes were still queued: the admission's demotion (1 and 2 -> disk) and the swap's
-    # (3 and 4 -> disk) each took 4 host slots back from them, by a private copy on this thread
+    store.commit("running", blocks(9, 4))
+    store.release("running")                                     # preempted
+    run_request(store, "other", blocks(8, 4), flush=False)       # needs the GPU: running's 4 go to host
+    tiers = lambda p: store.match(store.root_key(), p).tiers  # noqa: E731
+    assert tiers(blocks(9, 4)) == (Tier.HOST,) * 4
+    assert [tiers(blocks(i)) for i in range(1, 5)] == [(Tier.DISK,) * 2] * 4
+    # the writes were still queued: each demotion to a full host tier took 4 host slots back
+    # from them, by a private copy on this thread
     assert store.stats().overload == {"detached": 8}
     store.check_integrity()
-    store.release("running")
     await store.flush()
     store.close()

@@ -1,9 +1,8 @@
 import pytest
-import torch
 
 from store import OutOfBlocks, Tier
 from store.keys import chain_key, token_bytes
-from tests.conftest import BS, assert_cached_kv, block_content, prefix_keys, run_request, write_kv
+from tests.conftest import BS, assert_cached_kv, run_request, write_kv
 
 
 def prompt(seed: int, n_blocks: int = 3, extra: int = 0) -> list[int]:
@@ -200,36 +199,3 @@ def test_priority_of_a_cached_prefix_is_raised_by_its_users(store_factory):
     assert node.priority == 7
 
 
-def test_swap_out_and_in_keeps_every_block_and_frees_the_gpu(store_factory):
-    store = store_factory(gpu=6, host=6)
-    tokens = prompt(1, n_blocks=2, extra=2)       # 2 full blocks + a partial one
-    seq = store.admit("a", store.root_key(), tokens)
-    write_kv(store, seq, tokens)
-    store.commit("a", tokens)
-    partial = store.gpu.tensor[seq.slots[2]].clone()
-    store.swap_out("a")
-    assert seq.slots == [] and len(seq.swapped) == 3
-    assert store.stats().tiers[Tier.GPU].locked == 0 and store.stats().tiers[Tier.HOST].locked == 3
-    store.check_integrity()
-    run_request(store, "other", prompt(2, n_blocks=5))   # needs the GPU: A's cached blocks go
-    store.swap_in("a")
-    store.commit("a", tokens)                     # re-attaches the indexed prefix
-    keys = prefix_keys(store, seq, tokens)
-    for i in range(2):                            # the full blocks came back...
-        assert torch.equal(store.gpu.tensor[seq.slots[i]].cpu(), block_content(keys[i]))
-    assert torch.equal(store.gpu.tensor[seq.slots[2]], partial)     # ...and the partial one
-    assert len(seq.path) == 2
-    store.check_integrity()
-    store.release("a")
-    assert_idle(store)
-
-
-def test_swap_out_without_host_room_changes_nothing(store_factory):
-    store = store_factory(gpu=6, host=1)
-    store.admit("a", store.root_key(), prompt(1, n_blocks=3))
-    before = store.stats()
-    with pytest.raises(OutOfBlocks, match="host tier cannot take"):
-        store.swap_out("a")
-    assert store.stats() == before
-    store.release("a")
-    assert_idle(store)

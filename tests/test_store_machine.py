@@ -45,7 +45,6 @@ class StoreMachine(RuleBasedStateMachine):
         self.loop = asyncio.new_event_loop()
         self.store = self._open()
         self.tokens: dict[int, list[int]] = {}   # running sequences
-        self.swapped: dict[int, list[int]] = {}  # preempted (swapped out) sequences
         self.ids = itertools.count()
         self.admitted_since_restart = 0
 
@@ -105,47 +104,12 @@ class StoreMachine(RuleBasedStateMachine):
         write_kv(self.store, self.store._seqs[seq_id], tokens)
         self.store.commit(seq_id, tokens)
 
-    @precondition(lambda self: self.tokens or self.swapped)
-    @rule(data=st.data())
-    def release(self, data):
-        seq_id = data.draw(st.sampled_from(sorted(self.tokens) + sorted(self.swapped)))
-        if seq_id in self.tokens:
-            self.store.commit(seq_id, self.tokens.pop(seq_id))
-        else:
-            del self.swapped[seq_id]
-        self.store.release(seq_id)
-
     @precondition(lambda self: self.tokens)
     @rule(data=st.data())
-    def preempt(self, data):
+    def release(self, data):   # finished, aborted, or preempted (it would come back as a new admission)
         seq_id = data.draw(st.sampled_from(sorted(self.tokens)))
-        before = self.store.stats()
-        try:
-            self.store.swap_out(seq_id)
-        except OutOfBlocks:   # it may have evicted cached host blocks (some are being written)
-            after = self.store.stats()
-            assert after.tiers[Tier.GPU] == before.tiers[Tier.GPU], "a failed swap-out changed the GPU"
-            assert seq_id in self.store.sequence_ids() and self.store._seqs[seq_id].slots
-            return
-        self.swapped[seq_id] = self.tokens.pop(seq_id)
-
-    @precondition(lambda self: self.swapped)
-    @rule(data=st.data())
-    def resume(self, data):
-        seq_id = data.draw(st.sampled_from(sorted(self.swapped)))
-        before = self.store.stats()
-        try:
-            self.store.swap_in(seq_id)
-        except OutOfBlocks:
-            assert _placed(self.store.stats()) == _placed(before), "a failed swap-in changed the store"
-            return
-        tokens = self.tokens[seq_id] = self.swapped.pop(seq_id)
-        seq = self.store._seqs[seq_id]
-        keys = block_keys(seq.root, token_bytes(tokens), BS)
-        for i, slot in enumerate(seq.slots):   # every block came back, the partial one too
-            key = keys[i] if i < len(keys) else b"partial-block-%d" % i
-            assert torch.equal(self.store.gpu.tensor[slot].cpu(), block_content(key)), f"block {i}"
-        self.store.commit(seq_id, tokens)
+        self.store.commit(seq_id, self.tokens.pop(seq_id))
+        self.store.release(seq_id)
 
     @rule(tokens=prompts)
     def prefetch(self, tokens):
@@ -201,7 +165,7 @@ class StoreMachine(RuleBasedStateMachine):
                 txn.put(key, bytes(value))
         self.store.disk._io.submit(flip).result()
 
-    @precondition(lambda self: not self.tokens and not self.swapped and self.admitted_since_restart >= 8)
+    @precondition(lambda self: not self.tokens and self.admitted_since_restart >= 8)
     @rule(graceful=st.booleans())
     def restart(self, graceful):
         if graceful:
@@ -218,7 +182,7 @@ class StoreMachine(RuleBasedStateMachine):
     @invariant()
     def integrity(self):
         self.store.check_integrity()
-        if not self.tokens and not self.swapped:
+        if not self.tokens:
             writing = len(self.store.placement.writing_slots)   # freed when their writes are done
             for t, held in ((Tier.GPU, 0), (Tier.HOST, writing)):
                 assert self.store.stats().tiers[t].locked == held, "blocks leaked"
