@@ -117,11 +117,12 @@ async def _send(request: web.Request, resp: web.StreamResponse, data: bytes | No
     response) within the write timeout; a client that takes nothing for that long is gone."""
     timeout = request.app[CONFIG].server.write_timeout_s
     try:
-        if data is None:
-            await asyncio.wait_for(_prepare_and_end(request, resp), timeout)
-        else:
-            await asyncio.wait_for(resp.write(data), timeout)
-    except asyncio.TimeoutError:      # the caller aborts its requests, then drops the connection
+        async with asyncio.timeout(timeout):   # no task per write, unlike wait_for (3x the cost)
+            if data is None:
+                await _prepare_and_end(request, resp)
+            else:
+                await resp.write(data)
+    except TimeoutError:              # the caller aborts its requests, then drops the connection
         raise ClientGone(f"took none of the response for {timeout:g} s") from None
     except ConnectionError as e:
         raise ClientGone(str(e) or "closed the connection") from None

@@ -2,6 +2,8 @@
 import argparse
 import json
 
+import pytest
+
 from engine.config import ModelConfig
 from engine.model import load_model
 from gateway import bench
@@ -32,3 +34,29 @@ async def test_bench_runs_every_workload_over_http(aiohttp_server, tmp_path, cap
     saved = json.loads((tmp_path / "out.json").read_text())
     assert saved["model"] == "builtin:tiny" and len(saved["samples"]) == 16 + 8 + 1 + 2 * 8 + 64
     assert "out tok/s" in capsys.readouterr().out
+
+
+async def test_bench_serving_runs_the_same_workload_in_process_and_over_a_served_process(tmp_path, capsys):
+    """`python -m gateway.bench_serving`: the workload code is kvgate bench's on both paths, so
+    both see the same requests; the served one is a real `kvgate serve` subprocess."""
+    from gateway import bench_serving
+    settings = ["store.gpu.num_blocks=256", "store.host.enabled=false", "store.disk.enabled=false"]
+    args = argparse.Namespace(workloads="gsp", scale=0.125, length_scale=0.06, overrides=settings, port=0,
+                              json=str(tmp_path / "serving.json"))
+    args.port = _free_port()
+    (row,) = await bench_serving.main_async(args)
+    local, http = row["in_process"], row["http"]
+    for x in (local, http):
+        assert x["requests"] == 16 and x["out_tokens"] == 16 * 8
+        assert x["cached_fraction"]["gpu"] > 0.5               # the group prefix, computed once
+    # the same prompts on the same engine settings (requests over HTTP arrive spread out)
+    assert local["cached_fraction"]["gpu"] == pytest.approx(http["cached_fraction"]["gpu"], abs=0.02)
+    assert "http ÷ in" in capsys.readouterr().out
+    assert json.loads((tmp_path / "serving.json").read_text())["settings"] == settings
+
+
+def _free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
