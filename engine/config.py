@@ -1,7 +1,7 @@
 """Frozen, validated configuration of the engine layer. Errors name the key and what is allowed."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -38,19 +38,47 @@ class ModelConfig:
             raise ValueError(f"model.max_model_len must be >= 0, got {self.max_model_len}")
 
 
+AUTO_MAX_NUM_SEQS = 256          # on a GPU: the largest decode step replayed from a graph (engine/graphs.py)
+AUTO_MIN_BLOCKS_PER_SEQ = 16     # ... but no more sequences than give each 16 KV blocks of the pool
+AUTO_LARGE_GPU_BYTES = 40 << 30  # a GPU at least this large computes 4,096 tokens per step by default
+
+
 @dataclass(frozen=True)
 class EngineConfig:
-    max_num_seqs: int = 64              # sequences in one step's batch
-    max_num_batched_tokens: int = 2048  # tokens in one step (chunked prefill budget)
+    max_num_seqs: int = 0               # sequences in one step's batch; 0 = fit the machine (`resolved`)
+    max_num_batched_tokens: int = 0     # tokens in one step (chunked prefill budget); 0 = fit the machine
     block_size: int = 16
     load_or_recompute: str = "auto"     # "auto": per cache hit, whichever is faster; "load": always load
     check_integrity: bool = False       # assert every invariant after each step and when idle (tests)
 
     def __post_init__(self) -> None:
-        for key in ("max_num_seqs", "max_num_batched_tokens", "block_size"):
-            if getattr(self, key) < 1:
-                raise ValueError(f"engine.{key} must be >= 1, got {getattr(self, key)}")
+        for key in ("max_num_seqs", "max_num_batched_tokens"):
+            if getattr(self, key) < 0:
+                raise ValueError(f"engine.{key} must be >= 0 (0 = chosen from the machine), got {getattr(self, key)}")
+        if self.block_size < 1:
+            raise ValueError(f"engine.block_size must be >= 1, got {self.block_size}")
         _one_of("engine.load_or_recompute", self.load_or_recompute, ("auto", "load"))
+
+    def resolved(self, gpu_memory_bytes: int | None, gpu_blocks: int) -> EngineConfig:
+        """This configuration with each 0 replaced by what fits the machine. On the CPU
+        (`gpu_memory_bytes` None): 64 sequences and 2,048 tokens per step (compute-bound: a
+        larger step only delays the decodes in it). On a GPU: as many sequences as a decode
+        graph takes (256), but no more than give each 16 blocks of the `gpu_blocks` pool (so a
+        small pool does not admit sequences only to preempt them); 4,096 tokens per step on a
+        GPU of at least 40 GiB, else 2,048. The H200 figures behind them: docs/benchmarks.md."""
+        if gpu_memory_bytes is None:
+            seqs, tokens = 64, 2048
+        else:
+            seqs = max(1, min(AUTO_MAX_NUM_SEQS, gpu_blocks // AUTO_MIN_BLOCKS_PER_SEQ))
+            tokens = 4096 if gpu_memory_bytes >= AUTO_LARGE_GPU_BYTES else 2048
+        return replace(self, max_num_seqs=self.max_num_seqs or seqs,
+                       max_num_batched_tokens=self.max_num_batched_tokens or tokens)
+
+    def describe(self, configured: EngineConfig) -> str:
+        """For the start-up log: the step limits, and which were chosen from the machine."""
+        how = lambda key: "configured" if getattr(configured, key) else "auto"  # noqa: E731
+        return (f"max_num_seqs={self.max_num_seqs} ({how('max_num_seqs')}), "
+                f"max_num_batched_tokens={self.max_num_batched_tokens} ({how('max_num_batched_tokens')})")
 
 
 def _one_of(key: str, value: str, allowed: tuple[str, ...]) -> None:

@@ -43,7 +43,10 @@ class Engine:
             raise ValueError(f"store.block_size {store_config.block_size} != "
                              f"engine.block_size {config.block_size}")
         self.loaded = loaded
-        self.config = config
+        cuda = loaded.device.type == "cuda"
+        gpu_memory = torch.cuda.get_device_properties(loaded.device).total_memory if cuda else None
+        self.configured = config                     # as given: 0 = chosen from the machine
+        self.config = config = config.resolved(gpu_memory, store_config.gpu_blocks)
         self.store = BlockStore(store_config, loaded.block_layout(config.block_size), loaded.fingerprint,
                                 device=loaded.device)
         self.costs = LoadOrRecompute(self.store, config.load_or_recompute)

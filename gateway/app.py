@@ -46,8 +46,8 @@ def _engine_ctx(loaded: LoadedModel | None):
         app[TIERS] = reports
         app[METRICS] = Metrics(engine, reports)
         await engine.start()
-        log.info("serving %s on %s; KV tiers: %s", model.name, model.device,
-                 ", ".join(r.describe() for r in reports))
+        log.info("serving %s on %s; KV tiers: %s; steps: %s", model.name, model.device,
+                 ", ".join(r.describe() for r in reports), engine.config.describe(engine.configured))
         yield
         app[STATE].stopping = True
         await engine.stop(persist=True)     # aborts what is left, writes cached blocks to disk

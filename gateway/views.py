@@ -205,7 +205,9 @@ async def health(request: web.Request) -> web.Response:
     if request.app[STATE].stopping:
         return web.json_response({"status": "stopping"}, status=503)
     tiers = {r.tier: {k: v for k, v in r.as_dict().items() if k != "path"} for r in request.app.get(TIERS, [])}
-    return web.json_response({"status": "ok", "tiers": tiers})
+    config = request.app[ENGINE].config
+    steps = {"max_num_seqs": config.max_num_seqs, "max_num_batched_tokens": config.max_num_batched_tokens}
+    return web.json_response({"status": "ok", "tiers": tiers, "engine": steps})
 
 
 async def metrics(request: web.Request) -> web.Response:

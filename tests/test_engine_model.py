@@ -66,8 +66,10 @@ def test_model_config_errors_name_the_key(kw, key):
 
 
 def test_engine_config_errors_name_the_key():
-    with pytest.raises(ValueError, match="engine.max_num_seqs"):
-        EngineConfig(max_num_seqs=0)
+    with pytest.raises(ValueError, match="engine.max_num_seqs must be >= 0"):
+        EngineConfig(max_num_seqs=-1)
+    with pytest.raises(ValueError, match="engine.block_size must be >= 1"):
+        EngineConfig(block_size=0)
 
 
 def test_a_directory_without_weights_is_a_clear_error(tmp_path):

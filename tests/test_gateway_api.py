@@ -18,6 +18,7 @@ async def test_models_and_health(make_client):
     assert health["tiers"]["gpu"] == {"enabled": True, "blocks": 256, "bytes": 256 * block_bytes, "sized": "configured"}
     assert health["tiers"]["host"] == {"enabled": False, "blocks": 0, "bytes": 0, "note": "store.host.enabled = false"}
     assert health["tiers"]["disk"] == {"enabled": False, "blocks": 0, "bytes": 0, "note": "store.disk.enabled = false"}
+    assert health["engine"] == {"max_num_seqs": 64, "max_num_batched_tokens": 2048}   # chosen for the CPU
     body = await (await client.get("/v1/models")).json()
     assert body["data"][0]["id"] == MODEL and body["object"] == "list"
 

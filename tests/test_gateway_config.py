@@ -47,7 +47,6 @@ def test_set_overrides_take_toml_values_or_bare_strings(tmp_path):
     ({"server": {"port": "8000"}}, "server.port must be int, got str"),
     ({"server": {"port": 70000}}, "server.port must be an int in 1..65535"),
     ({"model": {"dtype": "float64"}}, "model.dtype must be one of float32, bfloat16, float16"),
-    ({"engine": {"max_num_seqs": 0}}, "engine.max_num_seqs must be >= 1"),
     ({"store": {"disk": {"write_policy": "lru"}}}, "store.disk.write_policy must be one of auto, all, second-use"),
     ({"store": {"disk": {"enabled": False, "path": "/x"}}}, "store.disk.path must be unset when store.disk.en"),
     ({"store": {"host": {"memory_fraction": 0}}}, r"store.host.memory_fraction must be a float in \(0, 0.9\]"),
@@ -68,6 +67,7 @@ def test_set_overrides_take_toml_values_or_bare_strings(tmp_path):
      "server.max_sequences_per_request must be an int in 1..server.max_concurrent_sequences"),
     ({"server": {"body_timeout_s": 0}}, "server.body_timeout_s must be a number of seconds > 0"),
     ({"server": 5}, r"\[server\] must be a table"),
+    ({"engine": {"max_num_seqs": -1}}, r"engine.max_num_seqs must be >= 0 \(0 = chosen from the machine\)"),
 ])
 def test_config_errors_name_the_key(doc, message):
     with pytest.raises(ConfigError, match=message):
@@ -100,3 +100,25 @@ def test_a_disk_tier_that_cannot_be_made_is_one_line_and_exit_2(tmp_path, capsys
     lines = out.err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("kvgate: configuration error: store.disk.path: ")
     assert lines[0].endswith("is not a directory")
+
+
+@pytest.mark.parametrize("gpu_memory,gpu_blocks,expected", [
+    (None, 2048, (64, 2048)),             # the CPU: compute-bound, small steps
+    (141 << 30, 50_000, (256, 4096)),     # an H200: as many sequences as a decode graph takes
+    (80 << 30, 2_000, (125, 4096)),       # a small pool: 16 blocks a sequence at least
+    (24 << 30, 10_000, (256, 2048)),      # a GPU under 40 GiB: 2,048 tokens a step
+    (24 << 30, 8, (1, 2048)),
+])
+def test_step_limits_left_at_0_are_chosen_from_the_machine(gpu_memory, gpu_blocks, expected):
+    from engine.config import EngineConfig
+    auto = EngineConfig().resolved(gpu_memory, gpu_blocks)
+    assert (auto.max_num_seqs, auto.max_num_batched_tokens) == expected
+    mine = EngineConfig(max_num_seqs=3, max_num_batched_tokens=100).resolved(gpu_memory, gpu_blocks)
+    assert (mine.max_num_seqs, mine.max_num_batched_tokens) == (3, 100)        # set: kept
+    assert auto.describe(EngineConfig(max_num_seqs=3)).startswith(f"max_num_seqs={expected[0]} (configured)")
+
+
+def test_the_largest_automatic_batch_is_the_largest_decode_graph():
+    from engine.config import AUTO_MAX_NUM_SEQS
+    from engine.graphs import BUCKETS
+    assert AUTO_MAX_NUM_SEQS == BUCKETS[-1]
