@@ -163,7 +163,9 @@ class Scheduler:
         read, and a read that never comes is computed in a few steps. 0 = it waits for its
         blocks this step."""
         limit = len(seq.token_ids)
-        step = self.store.advance_load(seq.request_id, seq.num_computed)   # None: no load
+        # None: no load (a decoding sequence, all but its last token computed, never has one:
+        # every branch below stops the front at the loaded blocks until they are taken)
+        step = self.store.advance_load(seq.request_id, seq.num_computed) if seq.num_computed < limit - 1 else None
         if step is not None and step.filled:
             front = seq.num_computed // self.store.block_size
             seq.num_computed = (front + step.filled) * self.store.block_size
