@@ -10,10 +10,8 @@ through `_finish`, which releases its blocks: finished, stopped, aborted or fail
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import itertools
 import logging
-import math
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -31,7 +29,7 @@ from engine.model import LoadedModel
 from engine.runner import ModelRunner
 from engine.sampling import SamplingParams
 from engine.scheduler import Chunk, Scheduler
-from engine.sequence import RequestOutput, Sequence, Status
+from engine.sequence import RequestOutput, Sequence, Status, coalesced
 from store import BlockStore, StoreConfig, Tier
 
 log = logging.getLogger("kvgate.engine")
@@ -137,27 +135,7 @@ class Engine:
     def _validate(self, request_id: str, prompt: Seq[int], params: SamplingParams, priority: int) -> None:
         if request_id in self._requests:
             raise InvalidRequest(f"request id {request_id!r} is already running", "request_id")
-        if not isinstance(priority, int) or not limits.PRIORITY_MIN <= priority <= limits.PRIORITY_MAX:
-            raise InvalidRequest(f"priority must be an int in [{limits.PRIORITY_MIN}, {limits.PRIORITY_MAX}]",
-                                 "priority")
-        if not isinstance(params, SamplingParams):
-            raise InvalidRequest("params must be SamplingParams", "params")
-        if not prompt:
-            raise InvalidRequest("the prompt is empty", "prompt")
-        vocab = self.loaded.model.config.vocab_size
-        if any(not isinstance(t, int) or not 0 <= t < vocab for t in prompt):
-            raise InvalidRequest(f"prompt token ids must be ints in [0, {vocab})", "prompt")
-        limit = self.loaded.max_model_len
-        if len(prompt) + params.max_tokens > limit:
-            raise InvalidRequest(f"this model's maximum context length is {limit} tokens; the prompt has "
-                                 f"{len(prompt)} and max_tokens is {params.max_tokens}", "max_tokens",
-                                 "context_length_exceeded")
-        blocks = math.ceil((len(prompt) + params.max_tokens) / self.config.block_size)
-        if blocks > self.store.gpu.num_blocks:
-            raise InvalidRequest(f"the request needs {blocks} KV blocks; the GPU pool has "
-                                 f"{self.store.gpu.num_blocks}", "max_tokens", "context_length_exceeded")
-        if params.stop and self.loaded.tokenizer is None:
-            raise InvalidRequest("stop strings need a tokenizer; this model has none", "stop")
+        limits.check_request(self.bounds, prompt, params, priority)
 
     # ---- the loop ---------------------------------------------------------------------------
 
@@ -300,6 +278,12 @@ class Engine:
         assert self.store.load_ids() <= live, "a disk load without a live request"
 
     @property
+    def bounds(self) -> limits.RequestBounds:
+        return limits.RequestBounds(self.loaded.model.config.vocab_size, self.loaded.max_model_len,
+                                    self.config.block_size, self.store.gpu.num_blocks,
+                                    self.loaded.tokenizer is not None)
+
+    @property
     def max_sequence_tokens(self) -> int:
         """The longest sequence (prompt + output) this engine can hold: the context length,
         or the whole GPU pool if that is smaller."""
@@ -327,20 +311,9 @@ class RequestStream:
         return self._iterate()
 
     async def _iterate(self) -> AsyncIterator[RequestOutput]:
-        """One delta per step while the reader keeps up; a reader that falls behind (a busy
-        event loop serving many streams) gets what piled up as one delta, which costs it one
-        hop instead of one per token."""
-        queue = self._seq.outputs
         try:
-            while True:
-                out = await queue.get()
-                while not queue.empty() and out.finish_reason is None:
-                    more = queue.get_nowait()
-                    out = dataclasses.replace(more, token_ids=out.token_ids + more.token_ids,
-                                              text=out.text + more.text)
+            async for out in coalesced(self._seq.outputs):
                 yield out
-                if out.finish_reason is not None:
-                    return
         finally:
             await self.aclose()
 

@@ -4,6 +4,10 @@ lets through is one the engine runs, and one the engine refuses never reaches it
 """
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
 PRIORITY_MIN, PRIORITY_MAX = -(2**31), 2**31 - 1    # a 32-bit int; higher = more urgent
 SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1            # a 64-bit int, as vLLM takes it
 TEMPERATURE_MAX = 2.0                               # OpenAI's range is [0, 2]
@@ -22,3 +26,41 @@ def generator_seed(seed: int, choice: int) -> int:
     """The generator seed of choice `choice` of a request seeded with `seed`: seed + choice,
     wrapped into torch's accepted range [0, GENERATOR_SEEDS)."""
     return (seed + choice) % GENERATOR_SEEDS
+
+
+@dataclass(frozen=True)
+class RequestBounds:
+    """What a request must fit, known once the engine has started: checked by the engine
+    (`Engine.submit`) and, with the same code, by the API process before anything is sent to
+    the engine process (gateway/frontend.py), so the client gets its 400 at once."""
+    vocab_size: int
+    max_model_len: int
+    block_size: int
+    gpu_blocks: int
+    has_tokenizer: bool
+
+
+def check_request(bounds: RequestBounds, prompt: Sequence, params, priority: int) -> None:
+    """Raise InvalidRequest naming the field when the prompt, its sampling parameters (an
+    engine.sampling.SamplingParams) or its priority do not fit `bounds`."""
+    from engine.errors import InvalidRequest
+    from engine.sampling import SamplingParams
+    if not isinstance(priority, int) or not PRIORITY_MIN <= priority <= PRIORITY_MAX:
+        raise InvalidRequest(f"priority must be an int in [{PRIORITY_MIN}, {PRIORITY_MAX}]", "priority")
+    if not isinstance(params, SamplingParams):
+        raise InvalidRequest("params must be SamplingParams", "params")
+    if not prompt:
+        raise InvalidRequest("the prompt is empty", "prompt")
+    if any(not isinstance(t, int) or not 0 <= t < bounds.vocab_size for t in prompt):
+        raise InvalidRequest(f"prompt token ids must be ints in [0, {bounds.vocab_size})", "prompt")
+    limit = bounds.max_model_len
+    if len(prompt) + params.max_tokens > limit:
+        raise InvalidRequest(f"this model's maximum context length is {limit} tokens; the prompt has "
+                             f"{len(prompt)} and max_tokens is {params.max_tokens}", "max_tokens",
+                             "context_length_exceeded")
+    blocks = math.ceil((len(prompt) + params.max_tokens) / bounds.block_size)
+    if blocks > bounds.gpu_blocks:
+        raise InvalidRequest(f"the request needs {blocks} KV blocks; the GPU pool has {bounds.gpu_blocks}",
+                             "max_tokens", "context_length_exceeded")
+    if params.stop and not bounds.has_tokenizer:
+        raise InvalidRequest("stop strings need a tokenizer; this model has none", "stop")

@@ -40,17 +40,22 @@ SHAPES = {
 
 
 @dataclass
-class LoadedModel:
-    model: PreTrainedModel          # eval mode, on `device`, attention = kvgate's paged attention
-    tokenizer: object | None        # a transformers tokenizer; None for tokenizer-less dummies
+class Prompts:
+    """What turns a request's text into token ids and back: the part of a model the API process
+    needs (gateway/frontend.py), without the weights."""
     name: str
-    device: torch.device
-    dtype: torch.dtype
+    tokenizer: object | None        # a transformers tokenizer; None for tokenizer-less dummies
     max_model_len: int
-    eos_token_ids: frozenset[int]
-    fingerprint: str
     chat: ChatEncoder | None = None   # None without a tokenizer or a chat template
     max_prompt_chars: int = 0         # a longer text cannot fit the context, whatever its tokens
+
+    @classmethod
+    def of(cls, name: str, tokenizer, max_model_len: int) -> Prompts:
+        chat = ChatEncoder(tokenizer) if getattr(tokenizer, "chat_template", None) else None
+        # a token covers at most as many characters as its vocabulary string has; 4x covers
+        # normalizers that shorten text (composing accents)
+        max_chars = 4 * max_model_len * max(map(len, tokenizer.get_vocab())) if tokenizer is not None else 0
+        return cls(name, tokenizer, max_model_len, chat, max_chars)
 
     def check_text_length(self, chars: int, param: str) -> None:
         """Refuse, before tokenizing it, text too long to fit the context in any tokenization."""
@@ -65,6 +70,15 @@ class LoadedModel:
         if self.chat is None:
             raise InvalidRequest(f"model {self.name!r} has no chat template: use /v1/completions", "messages")
         return self.chat.encode(messages)
+
+
+@dataclass(kw_only=True)
+class LoadedModel(Prompts):
+    model: PreTrainedModel          # eval mode, on `device`, attention = kvgate's paged attention
+    device: torch.device
+    dtype: torch.dtype
+    eos_token_ids: frozenset[int]
+    fingerprint: str
 
     def block_layout(self, block_size: int) -> BlockLayout:
         cfg = self.model.config
@@ -100,13 +114,33 @@ def load_model(cfg: ModelConfig, block_size: int) -> LoadedModel:
     eos = eos if eos is not None else getattr(tokenizer, "eos_token_id", None)
     eos_ids = frozenset([eos] if isinstance(eos, int) else (eos or []))
     fp = fingerprint(model.config, identity, dtype, block_size)
-    name = cfg.name or (cfg.path if cfg.path.startswith(("builtin:", "dummy:")) else os.path.basename(
-        os.path.normpath(cfg.path)))
-    chat = ChatEncoder(tokenizer) if getattr(tokenizer, "chat_template", None) else None
-    # a token covers at most as many characters as its vocabulary string has; 4x covers
-    # normalizers that shorten text (composing accents)
-    max_chars = 4 * max_len * max(map(len, tokenizer.get_vocab())) if tokenizer is not None else 0
-    return LoadedModel(model, tokenizer, name, device, dtype, max_len, eos_ids, fp, chat, max_chars)
+    prompts = Prompts.of(model_name(cfg), tokenizer, max_len)
+    return LoadedModel(**vars(prompts), model=model, device=device, dtype=dtype, eos_token_ids=eos_ids,
+                       fingerprint=fp)
+
+
+def model_name(cfg: ModelConfig) -> str:
+    """The served model name: `model.name`, else the path's last part (or the whole
+    builtin:/dummy: name)."""
+    if cfg.name:
+        return cfg.name
+    return cfg.path if cfg.path.startswith(("builtin:", "dummy:")) else os.path.basename(os.path.normpath(cfg.path))
+
+
+def load_tokenizer(cfg: ModelConfig):
+    """The tokenizer of the model `cfg` names, without its weights (None for a dummy shape or
+    a directory without tokenizer files). Raises ValueError as load_model does."""
+    if cfg.path.startswith("builtin:"):
+        from engine.demo import DEMOS, build_tokenizer
+        if cfg.path not in DEMOS:
+            raise ValueError(f"unknown built-in model {cfg.path!r}; one of {sorted(DEMOS)}")
+        return build_tokenizer()
+    if cfg.path.startswith("dummy:") or not _has_tokenizer(cfg.path):
+        return None
+    try:
+        return AutoTokenizer.from_pretrained(cfg.path)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"cannot load the tokenizer in {cfg.path!r}: {e}") from e
 
 
 def _from_directory(cfg: ModelConfig, dtype: torch.dtype):

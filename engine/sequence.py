@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import enum
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 import torch
@@ -67,3 +69,17 @@ class Sequence:
     def urgency(self) -> tuple[int, int]:
         """Sort key: most urgent first."""
         return (-self.priority, self.arrival)
+
+
+async def coalesced(queue: asyncio.Queue[RequestOutput]) -> AsyncIterator[RequestOutput]:
+    """A request's deltas from `queue` until the last: one per step while the reader keeps up;
+    a reader that falls behind (a busy event loop serving many streams) gets what piled up as
+    one delta, which costs it one hop instead of one per token."""
+    while True:
+        out = await queue.get()
+        while not queue.empty() and out.finish_reason is None:
+            more = queue.get_nowait()
+            out = dataclasses.replace(more, token_ids=out.token_ids + more.token_ids, text=out.text + more.text)
+        yield out
+        if out.finish_reason is not None:
+            return

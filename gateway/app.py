@@ -1,4 +1,6 @@
-"""The aiohttp application: `init_app(config)` builds it; the engine starts and stops with it."""
+"""The aiohttp application: `init_app(config)` builds it. It is the API process: HTTP, auth,
+tokenization, chat templates and SSE. The engine runs in its own process (gateway/
+engine_process.py), started and stopped with the app."""
 from __future__ import annotations
 
 import asyncio
@@ -7,22 +9,24 @@ import time
 
 from aiohttp import web
 
-from engine.engine import Engine
-from engine.model import LoadedModel, load_model
+from engine.model import Prompts, load_tokenizer
 from gateway import views
 from gateway.config import KvgateConfig
+from gateway.engine_client import EngineClient, EngineProcess
 from gateway.errors import error_middleware, expect_continue
-from gateway.keys import CONFIG, ENGINE, METRICS, STATE, TIERS, ServerState
+from gateway.keys import CONFIG, ENGINE, METRICS, PROMPTS, STATE, TIERS, ServerState
 from gateway.metrics import Metrics
 from gateway.middlewares import auth_middleware
-from gateway.tiers import open_engine
+from gateway.tiers import TierReport
 
 log = logging.getLogger("kvgate.gateway")
 
 
-def init_app(config: KvgateConfig, loaded: LoadedModel | None = None) -> web.Application:
-    """The app for `config`. `loaded` reuses a model already in memory (tests); otherwise the
-    model is loaded when the app starts."""
+def init_app(config: KvgateConfig, engine_process: EngineProcess | None = None,
+             log_level: str = "info") -> web.Application:
+    """The app for `config`. It starts its own engine process, unless given one already
+    started (tests: one process, reopened for each configuration, serves many apps in turn;
+    the app then leaves it running)."""
     app = web.Application(middlewares=[error_middleware, auth_middleware],
                           client_max_size=config.server.max_body_bytes)
     app[CONFIG] = config
@@ -32,25 +36,34 @@ def init_app(config: KvgateConfig, loaded: LoadedModel | None = None) -> web.App
     app.router.add_get("/v1/models", views.models)
     app.router.add_get("/health", views.health)
     app.router.add_get("/metrics", views.metrics)
-    app.cleanup_ctx.append(_engine_ctx(loaded))
+    app.cleanup_ctx.append(_engine_ctx(engine_process, log_level))
     app.on_shutdown.append(_on_shutdown)
     return app
 
 
-def _engine_ctx(loaded: LoadedModel | None):
+def _engine_ctx(given: EngineProcess | None, log_level: str):
     async def ctx(app: web.Application):
-        config = app[CONFIG]
-        model = loaded or await asyncio.to_thread(load_model, config.model, config.engine.block_size)
-        engine, reports = open_engine(config, model, lambda store: Engine(model, config.engine, store))
+        config, state = app[CONFIG], app[STATE]
+        process = given or EngineProcess(config, log_level)
+        tokenizer = asyncio.create_task(asyncio.to_thread(load_tokenizer, config.model))
+        if given is None:
+            try:
+                await process.start()
+            except BaseException:
+                tokenizer.cancel()
+                await process.stop(persist=False)
+                raise
+        engine = EngineClient(process, on_death=lambda why: state.request_stop(1))
         app[ENGINE] = engine
-        app[TIERS] = reports
-        app[METRICS] = Metrics(engine, reports)
-        await engine.start()
-        log.info("serving %s on %s; KV tiers: %s; steps: %s", model.name, model.device,
-                 ", ".join(r.describe() for r in reports), engine.config.describe(engine.configured))
+        app[PROMPTS] = Prompts.of(engine.name, await tokenizer, engine.bounds.max_model_len)
+        app[TIERS] = reports = [TierReport(**t) for t in engine.tiers]
+        app[METRICS] = Metrics(reports)
         yield
-        app[STATE].stopping = True
-        await engine.stop(persist=True)     # aborts what is left, writes cached blocks to disk
+        state.stopping = True
+        if given is None:
+            await engine.close(persist=True)   # aborts what is left, writes cached blocks to disk
+        else:
+            await engine.detach()
     return ctx
 
 

@@ -17,6 +17,7 @@ import sys
 from gateway import bench as bench_module
 from gateway.app import init_app
 from gateway.config import ConfigError, load_config
+from gateway.engine_client import EngineStartError
 from gateway.server import run
 
 
@@ -49,12 +50,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"kvgate: configuration error: {e}", file=sys.stderr)
         return 2
     try:
-        run(init_app(config), config.server.host, config.server.port,
-            banner=f"kvgate: serving {config.model.path} on http://{config.server.host}:{config.server.port}")
-    except ConfigError as e:       # found while starting: the disk tier's directory
+        return run(init_app(config, log_level=args.log_level), config.server.host, config.server.port,
+                   banner=f"kvgate: serving {config.model.path} on http://{config.server.host}:{config.server.port}")
+    except ConfigError as e:       # found while starting: the model, the disk tier's directory
         print(f"kvgate: configuration error: {e}", file=sys.stderr)
         return 2
-    return 0
+    except EngineStartError as e:
+        print(f"kvgate: the engine could not start: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

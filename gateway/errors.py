@@ -27,6 +27,10 @@ class APIError(Exception):
                                  status=self.status, headers=self.headers)
 
 
+class EngineDead(Exception):
+    """The engine process has exited: requests get 503 until the server is restarted."""
+
+
 class ClientGone(Exception):
     """The client closed the connection, or took none of the response for write_timeout_s."""
 
@@ -41,6 +45,9 @@ async def error_middleware(request: web.Request, handler) -> web.StreamResponse:
         return await handler(request)
     except APIError as e:
         return _unread_body_closes(request, e.response())
+    except EngineDead as e:
+        return APIError(503, f"the engine is not running ({e}); the server is exiting for its supervisor "
+                        "to restart it", "server_error", headers={"Retry-After": "10"}).response()
     except InvalidRequest as e:
         return _unread_body_closes(request, APIError(400, str(e), "invalid_request_error", e.param,
                                                      e.code).response())

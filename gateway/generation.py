@@ -12,11 +12,11 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from engine import limits
-from engine.engine import Engine, RequestStream
 from engine.errors import InvalidRequest
-from engine.model import LoadedModel
+from engine.model import Prompts
 from engine.sampling import SamplingParams
 from engine.sequence import RequestOutput
+from gateway.engine_client import EngineClient, RemoteStream
 from gateway.protocol import ChatCompletionRequest, CompletionRequest
 
 
@@ -26,7 +26,7 @@ class Choice:
     index: int
     prompt: list[int]
     params: SamplingParams
-    stream: RequestStream | None = None
+    stream: RemoteStream | None = None
     text: list[str] = field(default_factory=list)
     token_ids: list[int] = field(default_factory=list)
     last: RequestOutput | None = None
@@ -34,7 +34,7 @@ class Choice:
     last_token_at: float | None = None
 
 
-def chat_prompt(req: ChatCompletionRequest, loaded: LoadedModel) -> list[list[int]]:
+def chat_prompt(req: ChatCompletionRequest, prompts: Prompts) -> list[list[int]]:
     if req.tools:
         raise InvalidRequest("tools are not supported by kvgate", "tools")
     messages = []
@@ -50,22 +50,22 @@ def chat_prompt(req: ChatCompletionRequest, loaded: LoadedModel) -> list[list[in
         else:
             text = m.content or ""
         messages.append({"role": m.role, "content": text})
-    loaded.check_text_length(sum(len(m["content"]) for m in messages), "messages")
-    return [loaded.encode_chat(messages)]
+    prompts.check_text_length(sum(len(m["content"]) for m in messages), "messages")
+    return [prompts.encode_chat(messages)]
 
 
-def completion_prompts(req: CompletionRequest, loaded: LoadedModel) -> list[list[int]]:
+def completion_prompts(req: CompletionRequest, prompts: Prompts) -> list[list[int]]:
     """The prompts' token ids. A completions prompt is the client's own raw text: special-token
     text in it is encoded as special tokens (there is no chat structure to forge)."""
     prompt = req.prompt
     if isinstance(prompt, list) and isinstance(prompt[0], int):
         return [prompt]
     texts = [prompt] if isinstance(prompt, str) else prompt
-    if loaded.tokenizer is None:
+    if prompts.tokenizer is None:
         raise InvalidRequest("this model has no tokenizer: send the prompt as token ids", "prompt")
     for t in texts:
-        loaded.check_text_length(len(t), "prompt")
-    return [loaded.tokenizer.encode(t) for t in texts]
+        prompts.check_text_length(len(t), "prompt")
+    return [prompts.tokenizer.encode(t) for t in texts]
 
 
 def plan(req: ChatCompletionRequest | CompletionRequest, prompts: list[list[int]],
@@ -89,7 +89,7 @@ def plan(req: ChatCompletionRequest | CompletionRequest, prompts: list[list[int]
     return choices
 
 
-def submit(engine: Engine, choices: list[Choice], priority: int, namespace: str) -> None:
+def submit(engine: EngineClient, choices: list[Choice], priority: int, namespace: str) -> None:
     """Submit every choice, or none: if one fails, those already submitted are aborted."""
     try:
         for c in choices:

@@ -1,12 +1,14 @@
 """Typed keys of the app's and each request's state."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+import asyncio
+from dataclasses import dataclass, field
 
 from aiohttp import web
 
-from engine.engine import Engine
+from engine.model import Prompts
 from gateway.config import KvgateConfig
+from gateway.engine_client import EngineClient
 from gateway.metrics import Metrics
 from gateway.tiers import TierReport
 
@@ -16,10 +18,21 @@ class ServerState:
     started: int                   # unix time, for /v1/models
     in_flight: int = 0             # sequences being generated (prompts x n of every request served)
     stopping: bool = False
+    exit_code: int = 0             # what `kvgate serve` exits with once stopped
+    stop_requested: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def request_stop(self, exit_code: int) -> None:
+        """Shut the server down (SIGTERM: exit 0; the engine process died: exit 1). The first
+        reason wins: an engine that exits on the SIGTERM its server also got is no failure."""
+        if not self.stop_requested.is_set():
+            self.exit_code = exit_code
+        self.stopping = True
+        self.stop_requested.set()
 
 
 CONFIG = web.AppKey("config", KvgateConfig)
-ENGINE = web.AppKey("engine", Engine)
+ENGINE = web.AppKey("engine", EngineClient)
+PROMPTS = web.AppKey("prompts", Prompts)         # tokenizer and chat template, in this process
 METRICS = web.AppKey("metrics", Metrics)
 STATE = web.AppKey("state", ServerState)
 TIERS = web.AppKey("tiers", list[TierReport])   # what each KV tier got at start-up

@@ -1,7 +1,8 @@
 """Prometheus metrics, on a registry of the app's own (no module-level state).
 
-Counters and histograms are updated as requests finish; block and request gauges are read
-from the engine when /metrics is scraped, so they are never stale.
+Counters and histograms are updated as requests finish, in the API process. Block and request
+gauges and the engine's running totals are read from the engine process when /metrics is
+scraped (`snapshot`, computed there and sent over the pipe), so they are never stale.
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ _TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64,
 
 
 class Metrics:
-    def __init__(self, engine: Engine, tiers: list[TierReport] = ()) -> None:
+    def __init__(self, tiers: list[TierReport] = ()) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
         self.prompt_tokens = Counter("kvgate_prompt_tokens", "Prompt tokens of finished requests", registry=r)
@@ -34,7 +35,8 @@ class Metrics:
                                     "admission (its KV blocks granted)", buckets=_LATENCY_BUCKETS, registry=r)
         self.tpot = Histogram("kvgate_time_per_output_token_seconds", "Mean time per output token after "
                               "the first, per request", buckets=_TPOT_BUCKETS, registry=r)
-        r.register(_EngineCollector(engine))
+        self._engine = _EngineCollector()
+        r.register(self._engine)
         enabled = Gauge("kvgate_tier_enabled", "1 if the KV tier is on, 0 if off (an off tier is not an "
                         "empty one)", ["tier"], registry=r)
         capacity = Gauge("kvgate_tier_capacity_bytes", "Bytes the KV tier got at start-up", ["tier"], registry=r)
@@ -56,59 +58,82 @@ class Metrics:
         if last.completion_tokens > 1:
             self.tpot.observe(decode_seconds / (last.completion_tokens - 1))
 
-    def render(self) -> bytes:
+    def render(self, engine_snapshot: dict) -> bytes:
+        """The exposition text, with the engine's part from `engine_snapshot` (`snapshot`)."""
+        self._engine.latest = engine_snapshot
         return generate_latest(self.registry)
 
 
-class _EngineCollector:
-    """The engine's and the store's state and running totals, read at scrape time."""
+def snapshot(engine: Engine) -> dict:
+    """The engine's and the store's state and running totals, as plain values (msgpack can
+    carry them): what /metrics and /health read, computed in the engine process."""
+    stats = engine.store.stats()
+    name = lambda tier: tier.name.lower()  # noqa: E731
+    disk = stats.disk
+    return {
+        "blocks": {name(t): {k: getattr(s, k) for k in ("free", "cached", "locked")} for t, s in stats.tiers.items()},
+        "requests": {"running": engine.num_running, "waiting": engine.num_waiting},
+        "evictions": {name(t): s.evictions for t, s in stats.tiers.items()},
+        "recomputed": {name(t): n for t, n in engine.costs.recomputed_blocks.items()},
+        "disk": None if disk is None else {
+            "skipped": {"policy": 0, "no_room": 0, **stats.writes_skipped, "queue_full": disk.pending_full,
+                        "paused": disk.writes_paused},
+            "overload": {"spilled": 0, "detached": 0, **stats.overload},
+            "operations": dataclasses.asdict(disk)},
+        "preemptions": engine.scheduler.num_preemptions,
+        "admissions_blocked": engine.scheduler.num_blocked_admissions,
+        "steps": {"decode": 0, "mixed": 0, "eager": 0, **engine.runner.steps},
+        "rates": {what: v for what, v in engine.costs.rates().items() if v is not None},
+        "integrity_error": None if engine.integrity_error is None else str(engine.integrity_error),
+    }
 
-    def __init__(self, engine: Engine) -> None:
-        self.engine = engine
+
+class _EngineCollector:
+    """The engine process's snapshot (`snapshot`) as metric families."""
+
+    def __init__(self) -> None:
+        self.latest: dict = {}
 
     def describe(self):
         return []
 
     def collect(self):
-        engine, stats = self.engine, self.engine.store.stats()
+        snap = self.latest
+        if not snap:
+            return
         blocks = GaugeMetricFamily("kvgate_blocks", "KV blocks per tier and state", labels=["tier", "state"])
-        for tier, s in stats.tiers.items():
-            for state in ("free", "cached", "locked"):
-                blocks.add_metric([tier.name.lower(), state], getattr(s, state))
+        for tier, states in snap["blocks"].items():
+            for state, n in states.items():
+                blocks.add_metric([tier, state], n)
         yield blocks
-        yield _family(GaugeMetricFamily, "kvgate_requests", "Requests in the engine", "state",
-                      {"running": engine.num_running, "waiting": engine.num_waiting})
+        yield _family(GaugeMetricFamily, "kvgate_requests", "Requests in the engine", "state", snap["requests"])
         yield _family(GaugeMetricFamily, "kvgate_block_evictions", "Copies evicted per tier (running total)", "tier",
-                      {tier.name.lower(): s.evictions for tier, s in stats.tiers.items()})
+                      snap["evictions"])
         yield _family(GaugeMetricFamily, "kvgate_hits_recomputed_blocks", "Cached blocks recomputed because "
-                      "loading them was slower (running total)", "tier",
-                      {tier.name.lower(): n for tier, n in engine.costs.recomputed_blocks.items()})
-        disk = stats.disk
+                      "loading them was slower (running total)", "tier", snap["recomputed"])
+        disk = snap["disk"]
         if disk is not None:
             yield _family(CounterMetricFamily, "kvgate_disk_writes_skipped", "Blocks that left the host tier "
                           "without being written, by reason (policy: the write policy; no_room: no room in the "
                           "host or disk tier; queue_full: the write queue full; paused: writes paused after a "
-                          "failure)", "reason", {"policy": 0, "no_room": 0, **stats.writes_skipped,
-                                                 "queue_full": disk.pending_full, "paused": disk.writes_paused})
+                          "failure)", "reason", disk["skipped"])
             yield _family(CounterMetricFamily, "kvgate_host_overload_blocks", "Blocks copied on the event loop "
                           "because the host tier ran short (spilled: GPU blocks written to disk through a "
                           "synchronous copy; detached: queued writes given a private copy)", "action",
-                          {"spilled": 0, "detached": 0, **stats.overload})
+                          disk["overload"])
             yield _family(CounterMetricFamily, "kvgate_disk_operations", "Disk tier operations by outcome "
                           "(writes_paused: puts refused while writes pause after a failure)", "op",
-                          dataclasses.asdict(disk))
+                          disk["operations"])
         yield _family(CounterMetricFamily, "kvgate_preemptions", "Running requests preempted for KV room (their "
                       "blocks stay cached: moved to host or disk as the GPU needs the room)", None,
-                      {"": engine.scheduler.num_preemptions})
+                      {"": snap["preemptions"]})
         yield _family(CounterMetricFamily, "kvgate_admissions_blocked", "Steps in which the most urgent waiting "
                       "request could not get its KV blocks (it waits; so do the requests behind it)", None,
-                      {"": engine.scheduler.num_blocked_admissions})
+                      {"": snap["admissions_blocked"]})
         yield _family(CounterMetricFamily, "kvgate_engine_steps", "Forward passes, by how they ran (decode, "
-                      "mixed: replayed from a CUDA graph; eager: launched op by op)", "run",
-                      {"decode": 0, "mixed": 0, "eager": 0, **engine.runner.steps})
+                      "mixed: replayed from a CUDA graph; eager: launched op by op)", "run", snap["steps"])
         yield _family(GaugeMetricFamily, "kvgate_measured_rate", "Rates the load-or-recompute choice uses "
-                      "(prefill tokens/s, host/disk bytes/s; absent until measured)", "what",
-                      {what: v for what, v in engine.costs.rates().items() if v is not None})
+                      "(prefill tokens/s, host/disk bytes/s; absent until measured)", "what", snap["rates"])
 
 
 def _family(kind, name: str, help_text: str, label: str | None, values: dict):

@@ -11,6 +11,7 @@ from http import HTTPStatus
 from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
 
+from gateway.keys import STATE
 from gateway.protocol import error_body
 
 log = logging.getLogger("kvgate.gateway")
@@ -58,24 +59,26 @@ def make_runner(app: web.Application, **kwargs) -> web.AppRunner:
     return _Runner(app, **{"handler_cancellation": True, **kwargs})
 
 
-async def serve(app: web.Application, host: str, port: int, banner: str = "") -> None:
-    """Serve `app` until SIGINT or SIGTERM, then shut down gracefully (the app's shutdown and
-    cleanup: no new requests, streams end, the engine writes its cache to the disk tier).
-    `banner` is printed once the engine has started and the port is open."""
-    stop = asyncio.Event()
+async def serve(app: web.Application, host: str, port: int, banner: str = "") -> int:
+    """Serve `app` until SIGINT or SIGTERM (or the app asks to stop: its engine process died),
+    then shut down gracefully (the app's shutdown and cleanup: no new requests, streams end, the
+    engine writes its cache to the disk tier). `banner` is printed once the engine has started
+    and the port is open. Returns the exit code."""
+    state = app[STATE]
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, state.request_stop, 0)
     runner = make_runner(app, shutdown_timeout=10)
     await runner.setup()
     try:
         await web.TCPSite(runner, host, port).start()
         if banner:
             print(banner, flush=True)
-        await stop.wait()
+        await state.stop_requested.wait()
     finally:
         await runner.cleanup()
+    return app[STATE].exit_code
 
 
-def run(app: web.Application, host: str, port: int, banner: str = "") -> None:
-    asyncio.run(serve(app, host, port, banner))
+def run(app: web.Application, host: str, port: int, banner: str = "") -> int:
+    return asyncio.run(serve(app, host, port, banner))

@@ -15,7 +15,7 @@ from engine.sequence import RequestOutput
 from gateway import intake
 from gateway.errors import APIError, ClientGone
 from gateway.generation import Choice, chat_prompt, completion_prompts, merged, plan, submit
-from gateway.keys import CONFIG, ENGINE, METRICS, STATE, TENANT, TIERS
+from gateway.keys import CONFIG, ENGINE, METRICS, PROMPTS, STATE, TENANT, TIERS
 from gateway.protocol import ChatCompletionRequest, CompletionRequest, error_body, new_id, now, usage
 
 log = logging.getLogger("kvgate.gateway")
@@ -33,12 +33,12 @@ async def _generate(request: web.Request, schema, prompts_of: Callable, kind: st
     """Read and check the request, hold its sequences' concurrency slots, generate, answer.
     Every check that needs no tokenization comes before it."""
     app, server = request.app, request.app[CONFIG].server
-    state, engine = app[STATE], app[ENGINE]
+    state, engine, prompts = app[STATE], app[ENGINE], app[PROMPTS]
     if state.stopping:
         raise APIError(503, "the server is shutting down", "server_error", headers={"Retry-After": "5"})
     body = await intake.read_body(request, server.body_timeout_s)
     req = await intake.off_loop_if_large(len(body), intake.parse, body, schema)
-    if req.model != engine.loaded.name:
+    if req.model != prompts.name:
         raise APIError(404, f"The model `{req.model}` does not exist", "invalid_request_error",
                        "model", "model_not_found")
     priority = _priority(req, request[TENANT])
@@ -53,8 +53,8 @@ async def _generate(request: web.Request, schema, prompts_of: Callable, kind: st
     choices: list[Choice] = []
     started = time.perf_counter()
     try:
-        prompts = await intake.off_loop_if_large(len(body), prompts_of, req, engine.loaded)
-        choices = plan(req, prompts, engine.max_sequence_tokens)
+        prompt_ids = await intake.off_loop_if_large(len(body), prompts_of, req, prompts)
+        choices = plan(req, prompt_ids, engine.max_sequence_tokens)
         tenant = request[TENANT]
         submit(engine, choices, priority, tenant.name if tenant else "")
         response_id = new_id("chatcmpl" if kind == "chat.completion" else "cmpl")
@@ -65,7 +65,7 @@ async def _generate(request: web.Request, schema, prompts_of: Callable, kind: st
             async for _ in outputs:
                 pass
         return await _send(request, web.json_response(_full_response(
-            choices, kind, response_id, engine.loaded.name, req.return_token_ids)))
+            choices, kind, response_id, prompts.name, req.return_token_ids)))
     finally:   # every choice is ended and accounted, also when the client went away mid-way
         state.in_flight -= need
         metrics = app[METRICS]
@@ -136,10 +136,9 @@ async def _prepare_and_end(request: web.Request, resp: web.StreamResponse) -> No
 
 async def _stream(request: web.Request, choices: list[Choice], kind: str, response_id: str,
                   include_usage: bool, token_ids: bool) -> web.StreamResponse:
-    engine = request.app[ENGINE]
     resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
     chunk_kind = "chat.completion.chunk" if kind == "chat.completion" else "text_completion"
-    base = {"id": response_id, "object": chunk_kind, "created": now(), "model": engine.loaded.name}
+    base = {"id": response_id, "object": chunk_kind, "created": now(), "model": request.app[PROMPTS].name}
     extra = {"usage": None} if include_usage else {}
 
     async def event(obj: dict) -> None:
@@ -195,21 +194,23 @@ def _usage(choices: list[Choice]) -> dict:
 
 
 async def models(request: web.Request) -> web.Response:
-    loaded = request.app[ENGINE].loaded
+    bounds = request.app[ENGINE].bounds
     return web.json_response({"object": "list", "data": [{
-        "id": loaded.name, "object": "model", "created": request.app[STATE].started, "owned_by": "kvgate",
-        "max_model_len": loaded.max_model_len, "vocab_size": loaded.model.config.vocab_size}]})
+        "id": request.app[PROMPTS].name, "object": "model", "created": request.app[STATE].started,
+        "owned_by": "kvgate", "max_model_len": bounds.max_model_len, "vocab_size": bounds.vocab_size}]})
 
 
 async def health(request: web.Request) -> web.Response:
+    engine = request.app[ENGINE]
+    if engine.dead:
+        return web.json_response({"status": "engine_dead", "reason": engine.dead}, status=503)
     if request.app[STATE].stopping:
         return web.json_response({"status": "stopping"}, status=503)
     tiers = {r.tier: {k: v for k, v in r.as_dict().items() if k != "path"} for r in request.app.get(TIERS, [])}
-    config = request.app[ENGINE].config
-    steps = {"max_num_seqs": config.max_num_seqs, "max_num_batched_tokens": config.max_num_batched_tokens}
-    return web.json_response({"status": "ok", "tiers": tiers, "engine": steps})
+    return web.json_response({"status": "ok", "tiers": tiers, "engine": engine.steps})
 
 
 async def metrics(request: web.Request) -> web.Response:
-    return web.Response(body=request.app[METRICS].render(),
+    snapshot = await request.app[ENGINE].stats()
+    return web.Response(body=request.app[METRICS].render(snapshot),
                         headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})

@@ -2,6 +2,7 @@
 KV contents derived from each block's key, so a test can tell exactly which block it got."""
 from __future__ import annotations
 
+import asyncio
 import atexit
 import os
 import shutil
@@ -126,17 +127,50 @@ def llama(model_root) -> str:
 
 @pytest.fixture(scope="session")
 def demo():
-    """The built-in demo model, loaded once for every HTTP test."""
+    """The built-in demo model, loaded once for the tests that drive an engine in-process."""
     from engine.config import ModelConfig
     from engine.model import load_model
     return load_model(ModelConfig(device="cpu"), block_size=16)
 
 
+class EngineProcesses:
+    """Engine processes shared by the HTTP tests: one per model section, started on first use
+    and reopened (`EngineProcess.reopen`: a new engine and store in the same process, the model
+    kept in memory) for each test's configuration. One app uses a process at a time."""
+
+    def __init__(self) -> None:
+        self._running: dict = {}
+
+    async def get(self, config):
+        from gateway.engine_client import EngineProcess
+        key = (config.model, config.engine.block_size)
+        process = self._running.get(key)
+        if process is not None and process.alive:
+            await process.reopen(config)
+            return process
+        process = EngineProcess(config, log_level="warning")
+        await process.start()
+        self._running[key] = process
+        return process
+
+    def stop_all(self) -> None:
+        for process in self._running.values():
+            asyncio.run(process.stop(persist=False))
+
+
+@pytest.fixture(scope="session")
+def engine_processes():
+    processes = EngineProcesses()
+    yield processes
+    processes.stop_all()
+
+
 @pytest.fixture
-def make_client(aiohttp_client, demo):
-    """An HTTP client of a kvgate app over the demo model: `await make_client(**sections)`,
-    sections of the configuration on top of a 256-block GPU pool, no host or disk tier (a
-    test turns them on with explicit sizes) and integrity checks."""
+def make_client(aiohttp_client, engine_processes):
+    """An HTTP client of a kvgate app over the demo model, served as `kvgate serve` serves it,
+    its engine in a (shared) engine process: `await make_client(**sections)`, sections of the
+    configuration on top of a 256-block GPU pool, no host or disk tier (a test turns them on
+    with explicit sizes) and integrity checks."""
     from aiohttp.test_utils import TestServer
 
     from gateway.app import init_app
@@ -147,10 +181,31 @@ def make_client(aiohttp_client, demo):
         async def _make_runner(self, **kwargs):
             return make_runner(self.app, **kwargs)
 
-    async def make(loaded=None, **sections):
+    async def make(**sections):
         store = {"gpu": {"num_blocks": 256}, "host": {"enabled": False}, "disk": {"enabled": False}}
         store.update(sections.pop("store", {}))
-        doc = {"store": store, "engine": {"check_integrity": True}, **sections}
-        app = init_app(build_config(doc), loaded=loaded or demo)
+        engine = {"check_integrity": True, **sections.pop("engine", {})}
+        model = {"device": "cpu", **sections.pop("model", {})}
+        config = build_config({"store": store, "engine": engine, "model": model, **sections})
+        app = init_app(config, engine_process=await engine_processes.get(config))
         return await aiohttp_client(KvgateTestServer(app))
     return make
+
+
+async def engine_stats(client) -> dict:
+    """The engine process's snapshot (gateway/metrics.py), with no broken invariant in it."""
+    from gateway.keys import ENGINE
+    stats = await client.app[ENGINE].stats()
+    assert stats["integrity_error"] is None, stats["integrity_error"]
+    return stats
+
+
+async def wait_idle(client) -> dict:
+    """Wait until the engine has no request running or waiting (aborts reach it over the pipe);
+    its snapshot then."""
+    for _ in range(500):
+        stats = await engine_stats(client)
+        if stats["requests"] == {"running": 0, "waiting": 0}:
+            return stats
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"the engine is not idle: {stats['requests']}")

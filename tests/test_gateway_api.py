@@ -6,7 +6,10 @@ import json
 
 import pytest
 
-from gateway.keys import ENGINE
+import torch
+
+from store import BlockLayout
+from tests.conftest import engine_stats
 from tests.http_util import MODEL, chat, metric, sse
 
 
@@ -14,7 +17,8 @@ async def test_models_and_health(make_client):
     client = await make_client()
     health = await (await client.get("/health")).json()
     assert health["status"] == "ok"          # and what each tier got (make_client turns host and disk off)
-    block_bytes = client.app[ENGINE].store.layout.block_bytes
+    # the demo model: 4 layers, 2 KV heads of 32, float32 on the CPU
+    block_bytes = BlockLayout(num_layers=4, block_size=16, num_kv_heads=2, head_dim=32, dtype=torch.float32).block_bytes
     assert health["tiers"]["gpu"] == {"enabled": True, "blocks": 256, "bytes": 256 * block_bytes, "sized": "configured"}
     assert health["tiers"]["host"] == {"enabled": False, "blocks": 0, "bytes": 0, "note": "store.host.enabled = false"}
     assert health["tiers"]["disk"] == {"enabled": False, "blocks": 0, "bytes": 0, "note": "store.disk.enabled = false"}
@@ -185,7 +189,7 @@ async def test_client_disconnect_mid_stream_frees_its_blocks(make_client):
     assert await metric(client, "kvgate_requests", state="running") == 0
     assert await metric(client, "kvgate_requests_finished_total", finish_reason="abort") == 1
     assert await metric(client, "kvgate_blocks", tier="gpu", state="locked") == 0
-    client.app[ENGINE].store.check_integrity()
+    await engine_stats(client)                     # no broken invariant in the engine process
 
 
 async def test_metrics_count_tokens_and_latency(make_client):
@@ -202,5 +206,7 @@ async def test_metrics_count_tokens_and_latency(make_client):
     assert await metric(client, "kvgate_engine_steps_total", run="mixed") == 0
     assert await metric(client, "kvgate_preemptions_total") == 0
     assert await metric(client, "kvgate_admissions_blocked_total") == 0
-    client.app[ENGINE].costs.prefill_tokens_per_s = 1234.0
-    assert await metric(client, "kvgate_measured_rate", what="prefill_tokens_per_s") == 1234.0
+    assert await metric(client, "kvgate_measured_rate", what="prefill_tokens_per_s", default=-1) == -1
+    # a prefill of at least engine.costs.MIN_PREFILL_TOKENS is timed: the rate is measured
+    await client.post("/v1/completions", json={"model": MODEL, "prompt": [65] * 300, "max_tokens": 1})
+    assert await metric(client, "kvgate_measured_rate", what="prefill_tokens_per_s") > 0

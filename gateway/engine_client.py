@@ -1,0 +1,302 @@
+"""The API process's side of the engine process: start it, submit to it, stream from it, stop it.
+
+    process = EngineProcess(config); await process.start()    # spawns; waits for "ready"
+    client = EngineClient(process)
+    stream = client.submit(prompt_ids, params, priority, namespace)   # checked here first
+    async for out in stream: ...                                      # RequestOutput deltas
+    await client.stats(); await process.stop(persist=True)
+
+One reader task takes every message off the pipe and hands each output to its request's queue.
+If the engine process dies, every open stream ends with finish_reason "error", new submissions
+raise EngineDead (503 at the HTTP edge) and `on_death` is called (the server then exits 1, for
+its supervisor to restart it).
+"""
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import multiprocessing
+import os
+import pickle
+import shutil
+import tempfile
+import uuid
+from collections.abc import AsyncIterator, Callable
+
+import zmq
+import zmq.asyncio
+
+from engine import limits
+from engine.sampling import SamplingParams
+from engine.sequence import RequestOutput, coalesced
+from gateway import engine_process
+from gateway import engine_wire as wire
+from gateway.config import ConfigError, KvgateConfig
+from gateway.errors import EngineDead
+
+log = logging.getLogger("kvgate.gateway")
+STOP_TIMEOUT_S = 120.0      # persisting a large cache to disk takes a while
+
+
+class EngineStartError(RuntimeError):
+    """The engine process could not start (the message is its one-line cause)."""
+
+
+class EngineProcess:
+    """The engine process and its two pipes. `start` spawns it and waits until its engine is
+    ready; `reopen` (tests) swaps the engine inside for one of another configuration."""
+
+    def __init__(self, config: KvgateConfig, log_level: str = "info") -> None:
+        self.config = config
+        self.log_level = log_level
+        self.info: dict = {}
+        self._gen = itertools.count()
+        self._dir = ""
+        self._process: multiprocessing.Process | None = None
+        self._exit_waiters: set[asyncio.Future] = set()
+        self._ctx: zmq.asyncio.Context | None = None
+        self.to_engine: zmq.Socket | None = None
+        self.from_engine: zmq.asyncio.Socket | None = None
+
+    async def start(self) -> None:
+        self._dir = tempfile.mkdtemp(prefix="kvgate-")        # mode 0700: only this user reaches the pipes
+        inbox, outbox = (f"ipc://{os.path.join(self._dir, n)}" for n in ("in", "out"))
+        self._ctx = zmq.asyncio.Context()
+        self.to_engine = zmq.Context.instance().socket(zmq.PUSH)
+        self.to_engine.setsockopt(zmq.SNDHWM, 0)
+        self.to_engine.bind(inbox)
+        self.from_engine = self._ctx.socket(zmq.PULL)
+        self.from_engine.bind(outbox)
+        spawn = multiprocessing.get_context("spawn")
+        self._process = spawn.Process(target=engine_process.main, name="kvgate-engine", daemon=False,
+                                      args=(self.config, inbox, outbox, self.log_level, os.getpid()))
+        self._process.start()
+        next(self._gen)
+        await self._await_ready(0)
+
+    async def reopen(self, config: KvgateConfig) -> None:
+        """Stop the engine inside (nothing persisted) and open one for `config` in the same
+        process: tests reuse one process, and its loaded model, for many configurations."""
+        self.send("stop", False, True)
+        await self._receive("stopped")
+        gen = next(self._gen)
+        self.config = config
+        self.send("reopen", gen, pickle.dumps(config))
+        await self._await_ready(gen)
+
+    async def _await_ready(self, gen: int) -> None:
+        while True:
+            msg = await self._receive("ready", "failed")
+            if msg[-1] != gen and msg[0] == "failed" or msg[0] == "ready" and msg[1] != gen:
+                continue                              # an answer to an earlier reopen
+            if msg[0] == "ready":
+                self.info = msg[2]
+                return
+            _, message, is_config, _ = msg
+            raise (ConfigError if is_config else EngineStartError)(message)
+
+    async def _receive(self, *kinds: str) -> list:
+        """The next message of one of `kinds` (others are dropped: nothing else is in flight
+        while starting or stopping); EngineStartError if the process exits first."""
+        while True:
+            poll = asyncio.ensure_future(self.from_engine.recv())
+            exited = asyncio.ensure_future(self.wait_exit())
+            await asyncio.wait([poll, exited], return_when=asyncio.FIRST_COMPLETED)
+            exited.cancel()
+            if not poll.done():
+                poll.cancel()
+                raise EngineStartError(f"the engine process exited with code {self._process.exitcode}")
+            msg = wire.unpack(poll.result())
+            if msg[0] in kinds:
+                return msg
+
+    async def wait_exit(self) -> None:
+        """Return when the process has exited. Any number of tasks may wait: one reader on the
+        process's sentinel wakes them all."""
+        loop = asyncio.get_running_loop()
+        waiter = loop.create_future()
+        if not self._exit_waiters:
+            loop.add_reader(self._process.sentinel, self._exited)
+        self._exit_waiters.add(waiter)
+        try:
+            await waiter
+        finally:
+            self._exit_waiters.discard(waiter)
+            if not self._exit_waiters:
+                loop.remove_reader(self._process.sentinel)
+
+    def _exited(self) -> None:
+        for waiter in self._exit_waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+
+    @property
+    def alive(self) -> bool:
+        return self._process is not None and self._process.is_alive()
+
+    @property
+    def exitcode(self) -> int | None:
+        return None if self._process is None else self._process.exitcode
+
+    def send(self, *message) -> None:
+        self.to_engine.send(wire.pack(*message))
+
+    async def stop(self, persist: bool = True) -> None:
+        """Ask the engine to abort what is left, persist its cache (if `persist`) and exit;
+        kill it if it has not within STOP_TIMEOUT_S. Idempotent."""
+        if self._process is None:
+            return
+        try:
+            if self._process.is_alive():
+                self.send("stop", persist, False)
+                try:
+                    async with asyncio.timeout(STOP_TIMEOUT_S):
+                        await self.wait_exit()
+                except TimeoutError:
+                    log.error("the engine process did not stop within %g s; killing it", STOP_TIMEOUT_S)
+                    self._process.kill()
+            await asyncio.to_thread(self._process.join)
+        finally:
+            self._process = None
+            self.to_engine.close(linger=0)
+            self.from_engine.close(linger=0)
+            self._ctx.term()
+            shutil.rmtree(self._dir, ignore_errors=True)
+
+
+class EngineClient:
+    """Requests to one engine process: the API process's view of the engine."""
+
+    def __init__(self, process: EngineProcess, on_death: Callable[[str], None] | None = None) -> None:
+        info = process.info
+        self.process = process
+        self.name: str = info["name"]
+        self.bounds = limits.RequestBounds(*info["bounds"])
+        self.max_sequence_tokens: int = info["max_sequence_tokens"]
+        self.steps: dict = info["steps"]
+        self.tiers: list[dict] = info["tiers"]
+        self.dead: str | None = None          # why the engine process is gone
+        self._on_death = on_death
+        self._streams: dict[str, asyncio.Queue[RequestOutput]] = {}
+        self._stats: dict[int, asyncio.Future] = {}
+        self._tokens = itertools.count()
+        self._reader = asyncio.create_task(self._read())
+        self._watch = asyncio.create_task(self._watch_process())
+
+    def submit(self, prompt_ids: list[int], params: SamplingParams, priority: int = 0,
+               namespace: str = "") -> RemoteStream:
+        """Check the request against the engine's bounds (InvalidRequest), then send it."""
+        if self.dead:
+            raise EngineDead(self.dead)
+        limits.check_request(self.bounds, prompt_ids, params, priority)
+        request_id = uuid.uuid4().hex
+        queue: asyncio.Queue[RequestOutput] = asyncio.Queue()
+        self._streams[request_id] = queue
+        self.process.send("submit", request_id, list(prompt_ids), wire.params_to_wire(params), priority, namespace)
+        return RemoteStream(self, request_id, queue)
+
+    def abort(self, request_id: str) -> None:
+        if self._streams.pop(request_id, None) is not None and not self.dead:
+            self.process.send("abort", [request_id])
+
+    def abort_all(self) -> None:
+        ids = list(self._streams)
+        self._streams.clear()
+        if ids and not self.dead:
+            self.process.send("abort", ids)
+
+    async def stats(self) -> dict:
+        """The engine's snapshot (gateway/metrics.py `snapshot`); EngineDead if it is gone."""
+        if self.dead:
+            raise EngineDead(self.dead)
+        token = next(self._tokens)
+        self._stats[token] = asyncio.get_running_loop().create_future()
+        self.process.send("stats", token)
+        try:
+            return await self._stats[token]
+        finally:
+            self._stats.pop(token, None)
+
+    async def close(self, persist: bool = True) -> None:
+        """Stop the engine process (persisting the cache) and the reader."""
+        self._watch.cancel()
+        await self.process.stop(persist)
+        self._end_all("the engine was stopped")
+        self._reader.cancel()
+        await asyncio.gather(self._reader, self._watch, return_exceptions=True)
+
+    async def detach(self) -> None:
+        """Abort what is left and stop reading, leaving the process running (tests: the next
+        app reopens it)."""
+        self.abort_all()
+        self._watch.cancel()
+        self._reader.cancel()
+        await asyncio.gather(self._reader, self._watch, return_exceptions=True)
+
+    async def _read(self) -> None:
+        while True:
+            msg = wire.unpack(await self.process.from_engine.recv())
+            kind = msg[0]
+            if kind == "out":
+                for row in msg[1]:
+                    queue = self._streams.get(row[0])
+                    if queue is not None:
+                        out = wire.output_from_wire(row)
+                        queue.put_nowait(out)
+                        if out.finish_reason is not None:
+                            del self._streams[row[0]]
+            elif kind == "stats":
+                future = self._stats.get(msg[1])
+                if future is not None and not future.done():
+                    future.set_result(msg[2])
+            elif kind == "rejected":
+                log.error("the engine refused request %s that the API process let through: %s", msg[1], msg[2])
+                self._end(msg[1], "error")
+
+    async def _watch_process(self) -> None:
+        await self.process.wait_exit()
+        self.dead = f"the engine process exited (code {self.process.exitcode})"
+        log.error("%s; in-flight requests fail and new ones get 503", self.dead)
+        self._end_all(self.dead)
+        if self._on_death is not None:
+            self._on_death(self.dead)
+
+    def _end_all(self, why: str) -> None:
+        for request_id in list(self._streams):
+            self._end(request_id, "error")
+        for future in self._stats.values():
+            if not future.done():
+                future.set_exception(EngineDead(why))
+
+    def _end(self, request_id: str, reason: str) -> None:
+        queue = self._streams.pop(request_id, None)
+        if queue is not None:
+            queue.put_nowait(RequestOutput(request_id, [], "", reason, 0, 0, {}))
+
+
+class RemoteStream:
+    """One request's outputs from the engine process. Leaving it early aborts the request."""
+
+    def __init__(self, client: EngineClient, request_id: str, queue: asyncio.Queue[RequestOutput]) -> None:
+        self._client = client
+        self._queue = queue
+        self.request_id = request_id
+        self.finished = False
+
+    def __aiter__(self) -> AsyncIterator[RequestOutput]:
+        return self._iterate()
+
+    async def _iterate(self) -> AsyncIterator[RequestOutput]:
+        try:
+            async for out in coalesced(self._queue):
+                self.finished = out.finish_reason is not None
+                yield out
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        """Abort the request unless it has ended."""
+        if not self.finished:
+            self.finished = True
+            self._client.abort(self.request_id)

@@ -1,0 +1,184 @@
+"""The engine process: it loads the model, owns the engine loop and the KV store, and talks to
+the API process over the pipes of gateway/engine_wire.py. Nothing else runs on its event loop,
+so HTTP parsing, tokenization and SSE writing in the API process never delay a step.
+
+It ignores SIGINT (a terminal's Ctrl-C reaches the whole process group; the API process then
+asks it to stop). SIGTERM, and the API process dying (PR_SET_PDEATHSIG), stop it as "stop" does:
+requests aborted, the cache persisted to the disk tier, the store closed.
+"""
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import logging
+import os
+import pickle
+import signal
+import sys
+
+import zmq
+import zmq.asyncio
+
+from engine.engine import Engine
+from engine.errors import InvalidRequest
+from engine.model import LoadedModel, load_model
+from gateway import engine_wire as wire
+from gateway.config import ConfigError, KvgateConfig
+from gateway.metrics import snapshot
+from gateway.tiers import open_engine
+
+log = logging.getLogger("kvgate.engine")
+_PR_SET_PDEATHSIG = 1
+
+
+def main(config: KvgateConfig, inbox: str, outbox: str, log_level: str, parent_pid: int) -> None:
+    """The process's entry point (multiprocessing, spawned): serve until told to stop."""
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if sys.platform == "linux":
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != parent_pid:        # the API process died before the line above
+        return
+    asyncio.run(_serve(config, inbox, outbox))
+
+
+class _Models:
+    """Models loaded so far, by what determines them: a "reopen" with the same model section
+    reuses the weights in memory."""
+
+    def __init__(self) -> None:
+        self._loaded: dict[tuple, LoadedModel] = {}
+
+    async def get(self, config: KvgateConfig) -> LoadedModel:
+        key = (config.model, config.engine.block_size)
+        if key not in self._loaded:
+            self._loaded = {key: await asyncio.to_thread(load_model, config.model, config.engine.block_size)}
+        return self._loaded[key]
+
+
+async def _serve(config: KvgateConfig, inbox: str, outbox: str) -> None:
+    ctx = zmq.asyncio.Context()
+    pull = ctx.socket(zmq.PULL)
+    pull.connect(inbox)
+    push = zmq.Context.instance().socket(zmq.PUSH)    # sends never wait: no high-water mark
+    push.setsockopt(zmq.SNDHWM, 0)
+    push.setsockopt(zmq.LINGER, 5000)
+    push.connect(outbox)
+    terminated = asyncio.Event()
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, terminated.set)
+    models = _Models()
+    core = await EngineCore.open(config, models, push, gen=0)
+    receive = asyncio.ensure_future(pull.recv())
+    term = asyncio.ensure_future(terminated.wait())
+    try:
+        while True:
+            await asyncio.wait([receive, term], return_when=asyncio.FIRST_COMPLETED)
+            if term.done():
+                log.info("SIGTERM: stopping the engine and writing the cache to the disk tier")
+                if core is not None:
+                    await core.stop(persist=True)
+                push.send(wire.pack("stopped"))
+                return
+            msg = wire.unpack(receive.result())
+            receive = asyncio.ensure_future(pull.recv())
+            kind = msg[0]
+            if kind == "stop":
+                _, persist, keep_process = msg
+                if core is not None:
+                    await core.stop(persist)
+                    core = None
+                push.send(wire.pack("stopped"))
+                if not keep_process:
+                    return
+            elif kind == "reopen":
+                _, gen, pickled = msg
+                core = await EngineCore.open(pickle.loads(pickled), models, push, gen)
+            elif core is None:
+                log.warning("engine message %r while no engine is open; ignored", kind)
+            else:
+                core.handle(msg)
+    finally:
+        receive.cancel()
+        term.cancel()
+        pull.close(linger=0)
+        push.close()
+
+
+class EngineCore:
+    """One open engine and the requests it streams back: outputs are gathered over one turn of
+    the event loop (every sequence of a step puts its delta in the same turn) and sent as one
+    message."""
+
+    def __init__(self, engine: Engine, push: zmq.Socket) -> None:
+        self.engine = engine
+        self.push = push
+        self._pending: list[list] = []
+        self._pumps: set[asyncio.Task] = set()
+
+    @classmethod
+    async def open(cls, config: KvgateConfig, models: _Models, push: zmq.Socket, gen: int) -> EngineCore | None:
+        """Load (or reuse) the model, open the store, start the engine; says "ready" with what
+        the API process needs, or "failed" with one line (None then)."""
+        try:
+            model = await models.get(config)
+            engine, reports = open_engine(config, model, lambda store: Engine(model, config.engine, store))
+            await engine.start()
+        except (ConfigError, ValueError) as e:
+            log.error("engine start-up failed: %s", e)
+            push.send(wire.pack("failed", str(e), isinstance(e, ConfigError), gen))
+            return None
+        except Exception as e:
+            log.exception("engine start-up failed")
+            push.send(wire.pack("failed", f"{type(e).__name__}: {e}", False, gen))
+            return None
+        log.info("serving %s on %s; KV tiers: %s; steps: %s", model.name, model.device,
+                 ", ".join(r.describe() for r in reports), engine.config.describe(engine.configured))
+        b = engine.bounds
+        info = {"name": model.name, "device": str(model.device), "max_sequence_tokens": engine.max_sequence_tokens,
+                "bounds": [b.vocab_size, b.max_model_len, b.block_size, b.gpu_blocks, b.has_tokenizer],
+                "tiers": [{"tier": r.tier, **r.as_dict()} for r in reports],
+                "steps": {"max_num_seqs": engine.config.max_num_seqs,
+                          "max_num_batched_tokens": engine.config.max_num_batched_tokens}}
+        push.send(wire.pack("ready", gen, info))
+        return cls(engine, push)
+
+    def handle(self, msg: list) -> None:
+        kind = msg[0]
+        if kind == "submit":
+            _, request_id, prompt, params, priority, namespace = msg
+            try:
+                stream = self.engine.submit(prompt, wire.params_from_wire(params), priority=priority,
+                                            namespace=namespace, request_id=request_id)
+            except InvalidRequest as e:
+                self.push.send(wire.pack("rejected", request_id, str(e)))
+                return
+            task = asyncio.create_task(self._pump(stream))
+            self._pumps.add(task)
+            task.add_done_callback(self._pumps.discard)
+        elif kind == "abort":
+            for request_id in msg[1]:
+                self.engine.abort(request_id)
+        elif kind == "stats":
+            self.push.send(wire.pack("stats", msg[1], snapshot(self.engine)))
+        else:
+            log.warning("unknown engine message %r; ignored", kind)
+
+    async def _pump(self, stream) -> None:
+        async for out in stream:
+            if not self._pending:
+                asyncio.get_running_loop().call_soon(self._flush)
+            self._pending.append(wire.output_to_wire(out))
+
+    def _flush(self) -> None:
+        self.push.send(wire.pack("out", self._pending))
+        self._pending = []
+
+    async def stop(self, persist: bool) -> None:
+        """Abort what is left (its last outputs are sent), stop the loop, persist, close."""
+        try:
+            await self.engine.stop(persist=persist)
+        except AssertionError:
+            log.exception("the engine's invariants were broken")
+        await asyncio.gather(*self._pumps, return_exceptions=True)
+        if self._pending:
+            self._flush()

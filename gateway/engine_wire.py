@@ -1,0 +1,57 @@
+"""The messages between the API process and the engine process (gateway/engine_process.py).
+
+Two one-way ZMQ pipes (PUSH -> PULL over ipc sockets in a directory only this user can enter),
+one msgpack array per message, its first item the kind:
+
+    API -> engine                                   engine -> API
+    ["submit", id, prompt, params, priority, ns]    ["ready", gen, info]        started
+    ["abort", [id, ...]]                            ["out", [output, ...]]      one per engine loop turn
+    ["stats", token]                                ["rejected", id, message]   refused at submit
+    ["stop", persist, keep_process]                 ["stats", token, snapshot]  gateway/metrics.py
+    ["reopen", gen, config]                         ["failed", message, is_config_error, gen]
+                                                    ["stopped"]
+
+`params` is SamplingParams as a dict; an output is RequestOutput as an array, cached tokens one
+count per Tier. "reopen" (tests: one process, many configurations, the model loaded once) carries
+the pickled KvgateConfig: only the API process that started the engine can write to the pipe.
+Everything a client sends was validated in the API process before it is put on the pipe; the
+engine validates it again (`Engine.submit`).
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import msgpack
+
+from engine.sampling import SamplingParams
+from engine.sequence import RequestOutput
+from store import Tier
+
+TIERS = tuple(Tier)
+
+
+def pack(*message) -> bytes:
+    return msgpack.packb(message, use_bin_type=True)
+
+
+def unpack(data: bytes) -> list:
+    return msgpack.unpackb(data, raw=False, strict_map_key=False)
+
+
+def params_to_wire(params: SamplingParams) -> dict:
+    return {f.name: getattr(params, f.name) for f in dataclasses.fields(params) if f.init}
+
+
+def params_from_wire(values: dict) -> SamplingParams:
+    return SamplingParams(**values)          # validates again: raises InvalidRequest
+
+
+def output_to_wire(out: RequestOutput) -> list:
+    return [out.request_id, out.token_ids, out.text, out.finish_reason, out.prompt_tokens,
+            out.completion_tokens, [out.cached_tokens.get(t, 0) for t in TIERS], out.queued_s]
+
+
+def output_from_wire(row: list) -> RequestOutput:
+    request_id, token_ids, text, reason, prompt_tokens, completion_tokens, cached, queued_s = row
+    return RequestOutput(request_id, token_ids, text, reason, prompt_tokens, completion_tokens,
+                         dict(zip(TIERS, cached)), queued_s)
