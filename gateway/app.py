@@ -60,10 +60,9 @@ def _engine_ctx(given: EngineProcess | None, log_level: str):
         app[METRICS] = Metrics(reports)
         yield
         state.stopping = True
-        if given is None:
-            await engine.close(persist=True)   # aborts what is left, writes cached blocks to disk
-        else:
-            await engine.detach()
+        # aborts what is left, writes cached blocks to disk; a given process stays for the next app
+        await engine.close(persist=True, keep_process=given is not None)
+        process.in_use = False
     return ctx
 
 

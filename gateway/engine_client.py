@@ -4,7 +4,7 @@
     client = EngineClient(process)
     stream = client.submit(prompt_ids, params, priority, namespace)   # checked here first
     async for out in stream: ...                                      # RequestOutput deltas
-    await client.stats(); await process.stop(persist=True)
+    await client.stats(); await client.close(persist=True)   # stops the process too
 
 One reader task takes every message off the pipe and hands each output to its request's queue.
 If the engine process dies, every open stream ends with finish_reason "error", new submissions
@@ -51,6 +51,7 @@ class EngineProcess:
         self.config = config
         self.log_level = log_level
         self.info: dict = {}
+        self.in_use = False           # held by an app that was given it (tests), until its cleanup
         self._gen = itertools.count()
         self._dir = ""
         self._process: multiprocessing.Process | None = None
@@ -136,6 +137,10 @@ class EngineProcess:
         return self._process is not None and self._process.is_alive()
 
     @property
+    def pid(self) -> int | None:
+        return None if self._process is None else self._process.pid
+
+    @property
     def exitcode(self) -> int | None:
         return None if self._process is None else self._process.exitcode
 
@@ -176,11 +181,13 @@ class EngineClient:
         self.max_sequence_tokens: int = info["max_sequence_tokens"]
         self.steps: dict = info["steps"]
         self.tiers: list[dict] = info["tiers"]
+        self.fingerprint: str = info["fingerprint"]
         self.dead: str | None = None          # why the engine process is gone
         self._on_death = on_death
         self._streams: dict[str, asyncio.Queue[RequestOutput]] = {}
         self._stats: dict[int, asyncio.Future] = {}
         self._tokens = itertools.count()
+        self._stopped: asyncio.Future | None = None      # set by "stopped", while `close` waits for it
         self._reader = asyncio.create_task(self._read())
         self._watch = asyncio.create_task(self._watch_process())
 
@@ -218,21 +225,26 @@ class EngineClient:
         finally:
             self._stats.pop(token, None)
 
-    async def close(self, persist: bool = True) -> None:
-        """Stop the engine process (persisting the cache) and the reader."""
+    async def close(self, persist: bool = True, keep_process: bool = False) -> None:
+        """Stop the engine: abort what is left (its streams end), write the cache to the disk
+        tier if `persist`, close the store; then the process exits, unless `keep_process`
+        (tests: the next app reopens it)."""
         self._watch.cancel()
-        await self.process.stop(persist)
+        if not self.dead and self.process.alive:
+            self._stopped = asyncio.get_running_loop().create_future()
+            self.process.send("stop", persist, keep_process)
+            exited = asyncio.ensure_future(self.process.wait_exit())
+            try:
+                async with asyncio.timeout(STOP_TIMEOUT_S):
+                    await asyncio.wait([self._stopped, exited], return_when=asyncio.FIRST_COMPLETED)
+            except TimeoutError:
+                log.error("the engine did not stop within %g s", STOP_TIMEOUT_S)
+            exited.cancel()
         self._end_all("the engine was stopped")
         self._reader.cancel()
         await asyncio.gather(self._reader, self._watch, return_exceptions=True)
-
-    async def detach(self) -> None:
-        """Abort what is left and stop reading, leaving the process running (tests: the next
-        app reopens it)."""
-        self.abort_all()
-        self._watch.cancel()
-        self._reader.cancel()
-        await asyncio.gather(self._reader, self._watch, return_exceptions=True)
+        if not keep_process:
+            await self.process.stop(persist)
 
     async def _read(self) -> None:
         while True:
@@ -250,6 +262,8 @@ class EngineClient:
                 future = self._stats.get(msg[1])
                 if future is not None and not future.done():
                     future.set_result(msg[2])
+            elif kind == "stopped" and self._stopped is not None and not self._stopped.done():
+                self._stopped.set_result(None)
             elif kind == "rejected":
                 log.error("the engine refused request %s that the API process let through: %s", msg[1], msg[2])
                 self._end(msg[1], "error")

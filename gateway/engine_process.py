@@ -134,7 +134,8 @@ class EngineCore:
         log.info("serving %s on %s; KV tiers: %s; steps: %s", model.name, model.device,
                  ", ".join(r.describe() for r in reports), engine.config.describe(engine.configured))
         b = engine.bounds
-        info = {"name": model.name, "device": str(model.device), "max_sequence_tokens": engine.max_sequence_tokens,
+        info = {"name": model.name, "device": str(model.device), "fingerprint": model.fingerprint,
+                "max_sequence_tokens": engine.max_sequence_tokens,
                 "bounds": [b.vocab_size, b.max_model_len, b.block_size, b.gpu_blocks, b.has_tokenizer],
                 "tiers": [{"tier": r.tier, **r.as_dict()} for r in reports],
                 "steps": {"max_num_seqs": engine.config.max_num_seqs,

@@ -13,7 +13,7 @@ from aiohttp import web
 
 from engine.sequence import RequestOutput
 from gateway import intake
-from gateway.errors import APIError, ClientGone
+from gateway.errors import APIError, ClientGone, EngineDead
 from gateway.generation import Choice, chat_prompt, completion_prompts, merged, plan, submit
 from gateway.keys import CONFIG, ENGINE, METRICS, PROMPTS, STATE, TENANT, TIERS
 from gateway.protocol import ChatCompletionRequest, CompletionRequest, error_body, new_id, now, usage
@@ -34,6 +34,8 @@ async def _generate(request: web.Request, schema, prompts_of: Callable, kind: st
     Every check that needs no tokenization comes before it."""
     app, server = request.app, request.app[CONFIG].server
     state, engine, prompts = app[STATE], app[ENGINE], app[PROMPTS]
+    if engine.dead:
+        raise EngineDead(engine.dead)
     if state.stopping:
         raise APIError(503, "the server is shutting down", "server_error", headers={"Retry-After": "5"})
     body = await intake.read_body(request, server.body_timeout_s)

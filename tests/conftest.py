@@ -134,27 +134,31 @@ def demo():
 
 
 class EngineProcesses:
-    """Engine processes shared by the HTTP tests: one per model section, started on first use
-    and reopened (`EngineProcess.reopen`: a new engine and store in the same process, the model
-    kept in memory) for each test's configuration. One app uses a process at a time."""
+    """Engine processes shared by the HTTP tests, per model section: started on first use and
+    reopened (`EngineProcess.reopen`: a new engine and store in the same process, the model kept
+    in memory) for each test's configuration. One app holds a process at a time (`in_use`, until
+    the app's cleanup); a test with two apps at once gets two processes."""
 
     def __init__(self) -> None:
-        self._running: dict = {}
+        self._started: list = []
 
     async def get(self, config):
         from gateway.engine_client import EngineProcess
         key = (config.model, config.engine.block_size)
-        process = self._running.get(key)
-        if process is not None and process.alive:
-            await process.reopen(config)
-            return process
-        process = EngineProcess(config, log_level="warning")
-        await process.start()
-        self._running[key] = process
+        for process in self._started:
+            if (process.config.model, process.config.engine.block_size) == key and process.alive \
+                    and not process.in_use:
+                await process.reopen(config)
+                break
+        else:
+            process = EngineProcess(config, log_level="warning")
+            await process.start()
+            self._started.append(process)
+        process.in_use = True
         return process
 
     def stop_all(self) -> None:
-        for process in self._running.values():
+        for process in self._started:
             asyncio.run(process.stop(persist=False))
 
 

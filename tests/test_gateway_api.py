@@ -5,7 +5,6 @@ import asyncio
 import json
 
 import pytest
-
 import torch
 
 from store import BlockLayout
