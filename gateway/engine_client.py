@@ -47,8 +47,10 @@ class EngineProcess:
     """The engine process and its two pipes. `start` spawns it and waits until its engine is
     ready; `reopen` (tests) swaps the engine inside for one of another configuration."""
 
-    def __init__(self, config: KvgateConfig, log_level: str = "info") -> None:
+    def __init__(self, config: KvgateConfig, log_level: str = "info",
+                 entry: Callable = engine_process.main) -> None:
         self.config = config
+        self.entry = entry            # the process's main (tests wrap it to inject faults)
         self.log_level = log_level
         self.info: dict = {}
         self.in_use = False           # held by an app that was given it (tests), until its cleanup
@@ -70,7 +72,7 @@ class EngineProcess:
         self.from_engine = self._ctx.socket(zmq.PULL)
         self.from_engine.bind(outbox)
         spawn = multiprocessing.get_context("spawn")
-        self._process = spawn.Process(target=engine_process.main, name="kvgate-engine", daemon=False,
+        self._process = spawn.Process(target=self.entry, name="kvgate-engine", daemon=False,
                                       args=(self.config, inbox, outbox, self.log_level, os.getpid()))
         self._process.start()
         next(self._gen)
@@ -145,7 +147,12 @@ class EngineProcess:
         return None if self._process is None else self._process.exitcode
 
     def send(self, *message) -> None:
-        self.to_engine.send(wire.pack(*message))
+        """Put a message on the pipe, never waiting: with no engine at the other end (it has
+        exited) the message is dropped, and the exit is seen through the process's sentinel."""
+        try:
+            self.to_engine.send(wire.pack(*message), zmq.NOBLOCK)
+        except zmq.Again:
+            log.warning("the engine process is not reading; %r dropped", message[0])
 
     async def stop(self, persist: bool = True) -> None:
         """Ask the engine to abort what is left, persist its cache (if `persist`) and exit;

@@ -3,8 +3,10 @@ the API process over the pipes of gateway/engine_wire.py. Nothing else runs on i
 so HTTP parsing, tokenization and SSE writing in the API process never delay a step.
 
 It ignores SIGINT (a terminal's Ctrl-C reaches the whole process group; the API process then
-asks it to stop). SIGTERM, and the API process dying (PR_SET_PDEATHSIG), stop it as "stop" does:
-requests aborted, the cache persisted to the disk tier, the store closed.
+asks it to stop). SIGTERM stops it as "stop" does: requests aborted, the cache persisted to the
+disk tier, the store closed. If the API process dies, it is killed at once (PR_SET_PDEATHSIG):
+what reached the disk tier is kept (LMDB survives a kill), and a restarted server finds the
+tier's directory free rather than held by an orphan still persisting.
 """
 from __future__ import annotations
 
@@ -36,7 +38,7 @@ def main(config: KvgateConfig, inbox: str, outbox: str, log_level: str, parent_p
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     if sys.platform == "linux":
-        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
     if os.getppid() != parent_pid:        # the API process died before the line above
         return
     asyncio.run(_serve(config, inbox, outbox))

@@ -142,16 +142,18 @@ class EngineProcesses:
     def __init__(self) -> None:
         self._started: list = []
 
-    async def get(self, config):
+    async def get(self, config, entry=None):
+        from gateway import engine_process
         from gateway.engine_client import EngineProcess
-        key = (config.model, config.engine.block_size)
+        entry = entry or engine_process.main
+        key = (config.model, config.engine.block_size, entry)
         for process in self._started:
-            if (process.config.model, process.config.engine.block_size) == key and process.alive \
+            if (process.config.model, process.config.engine.block_size, process.entry) == key and process.alive \
                     and not process.in_use:
                 await process.reopen(config)
                 break
         else:
-            process = EngineProcess(config, log_level="warning")
+            process = EngineProcess(config, log_level="warning", entry=entry)
             await process.start()
             self._started.append(process)
         process.in_use = True
@@ -174,7 +176,8 @@ def make_client(aiohttp_client, engine_processes):
     """An HTTP client of a kvgate app over the demo model, served as `kvgate serve` serves it,
     its engine in a (shared) engine process: `await make_client(**sections)`, sections of the
     configuration on top of a 256-block GPU pool, no host or disk tier (a test turns them on
-    with explicit sizes) and integrity checks."""
+    with explicit sizes) and integrity checks; `entry=` another main for the engine process
+    (tests/faults.py)."""
     from aiohttp.test_utils import TestServer
 
     from gateway.app import init_app
@@ -185,13 +188,13 @@ def make_client(aiohttp_client, engine_processes):
         async def _make_runner(self, **kwargs):
             return make_runner(self.app, **kwargs)
 
-    async def make(**sections):
+    async def make(entry=None, **sections):
         store = {"gpu": {"num_blocks": 256}, "host": {"enabled": False}, "disk": {"enabled": False}}
         store.update(sections.pop("store", {}))
         engine = {"check_integrity": True, **sections.pop("engine", {})}
         model = {"device": "cpu", **sections.pop("model", {})}
         config = build_config({"store": store, "engine": engine, "model": model, **sections})
-        app = init_app(config, engine_process=await engine_processes.get(config))
+        app = init_app(config, engine_process=await engine_processes.get(config, entry))
         return await aiohttp_client(KvgateTestServer(app))
     return make
 

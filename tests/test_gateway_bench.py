@@ -4,18 +4,15 @@ import json
 
 import pytest
 
-from engine.config import ModelConfig
-from engine.model import load_model
 from gateway import bench
 from gateway.app import init_app
 from gateway.config import build_config
 
 
-async def test_bench_runs_every_workload_over_http(aiohttp_server, tmp_path, capsys):
-    demo = load_model(ModelConfig(device="cpu"), block_size=16)
-    config = build_config({"store": {"gpu": {"num_blocks": 512}, "host": {"num_blocks": 256},
-                                     "disk": {"enabled": False}}})
-    server = await aiohttp_server(init_app(config, loaded=demo))
+async def test_bench_runs_every_workload_over_http(aiohttp_server, engine_processes, tmp_path, capsys):
+    config = build_config({"model": {"device": "cpu"}, "store": {"gpu": {"num_blocks": 512},
+                           "host": {"num_blocks": 256}, "disk": {"enabled": False}}})
+    server = await aiohttp_server(init_app(config, engine_process=await engine_processes.get(config)))
     args = argparse.Namespace(base_url=f"http://127.0.0.1:{server.port}/v1", model="", api_key=None,
                               workloads="gsp,unique,decode1,chat,chat-think", scale=0.125, length_scale=0.06,
                               vocab=0, json=str(tmp_path / "out.json"), plots=None, think_s=0.002)

@@ -31,9 +31,9 @@ from aiohttp import web
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from engine.config import ModelConfig
-from engine.model import load_model
-from gateway.keys import ENGINE
+from gateway.keys import PROMPTS
+from tests import faults
+from tests.conftest import engine_stats
 from tests.http_util import MODEL, chat, metric, post_bytes, sse
 from tests.test_gateway_server import free_port, serve, stop
 
@@ -125,19 +125,14 @@ FUZZ = settings(max_examples=FUZZ_CASES, deadline=None, derandomize=not LONG,
                                        HealthCheck.data_too_large])
 
 
-@pytest.fixture(scope="module")
-def short_model():
-    """The demo model with a 96-token context: fuzzed requests stay short."""
-    return load_model(ModelConfig(device="cpu", max_model_len=96), block_size=16)
-
-
 @pytest.fixture
-async def fuzzed(make_client, short_model):
-    client = await make_client(loaded=short_model, store={"gpu": {"num_blocks": 64}})
+async def fuzzed(make_client):
+    # the demo model with a 96-token context: fuzzed requests stay short
+    client = await make_client(model={"max_model_len": 96}, store={"gpu": {"num_blocks": 64}})
     tally = {"cases": 0, "2xx": 0, "4xx": 0, "5xx": 0, "leaked_blocks": 0}
     yield client, tally
     assert (await client.get("/health")).status == 200
-    client.app[ENGINE].check_integrity()
+    await engine_stats(client)
 
 
 async def post_and_check(client, tally, path: str, body: bytes, headers: dict | None = None) -> None:
@@ -214,7 +209,7 @@ async def test_a_disconnect_storm_leaves_no_block_locked(make_client):
     aborted = await metric(client, "kvgate_requests_finished_total", finish_reason="abort", default=0)
     report("disconnect storm", requests=storms, aborted=aborted, leaked_blocks=leaked)
     assert leaked == 0 and aborted >= storms
-    client.app[ENGINE].check_integrity()
+    await engine_stats(client)
 
 
 async def test_slow_clients_hold_nothing_and_others_are_served(make_client, monkeypatch):
@@ -296,7 +291,7 @@ async def test_a_large_message_beside_a_stream(make_client):
     loop: a stream beside it goes on. Reports the stream's longest pause between chunks, alone
     and beside the large message (a figure, not a pass/fail threshold)."""
     client = await make_client()
-    size = client.app[ENGINE].loaded.max_prompt_chars - 1000      # just inside the refusal bound
+    size = client.app[PROMPTS].max_prompt_chars - 1000      # just inside the refusal bound
 
     async def longest_pause(beside: bool) -> float:
         resp = await client.post("/v1/chat/completions", json=chat(max_tokens=200, ignore_eos=True, stream=True))
@@ -317,11 +312,12 @@ async def test_a_large_message_beside_a_stream(make_client):
 
 # ---- a poisoned request beside other tenants' streams ------------------------------------------
 
-async def test_a_poisoned_request_fails_alone_beside_other_tenants_streams(make_client, monkeypatch):
+async def test_a_poisoned_request_fails_alone_beside_other_tenants_streams(make_client):
+    """A request whose input breaks the forward pass (inside the engine process: tests/faults.py)
+    fails alone; every other tenant's stream beside it is token-exact."""
     client = await make_client(tenants=TENANTS, engine={"max_num_seqs": 64, "check_integrity": True},
-                               server={"admin_api_key": "sk-admin"})
-    engine = client.app[ENGINE]
-    poison = 255
+                               server={"admin_api_key": "sk-admin"}, entry=faults.poisoned_forward)
+    poison = faults.POISON_TOKEN
     rounds = 10 if LONG else 2
     prompts = [[(7 * i + j) % 200 + 3 for j in range(5 + i % 9)] for i in range(24)]
     solo = []
@@ -330,13 +326,6 @@ async def test_a_poisoned_request_fails_alone_beside_other_tenants_streams(make_
             "model": MODEL, "prompt": p, "max_tokens": 12, "temperature": 0, "ignore_eos": True,
             "return_token_ids": True})).json()
         solo.append(doc["choices"][0]["token_ids"])
-    real = engine.runner.execute
-
-    def execute(step):
-        if poison in step.input_ids.tolist():
-            raise RuntimeError("injected: this request's input breaks the forward pass")
-        return real(step)
-    monkeypatch.setattr(engine.runner, "execute", execute)
 
     async def stream(headers, prompt):
         resp = await client.post("/v1/completions", headers=headers, json={

@@ -1,0 +1,18 @@
+"""Engine-process entry points that inject a fault inside the engine process (the HTTP tests
+reach the engine only through the process boundary): pass one as `make_client(entry=...)`."""
+from gateway import engine_process
+
+POISON_TOKEN = 255
+
+
+def poisoned_forward(*args) -> None:
+    """The engine process, its forward pass failing whenever a step holds POISON_TOKEN."""
+    from engine.runner import ModelRunner
+    real = ModelRunner.execute
+
+    def execute(self, step):
+        if POISON_TOKEN in step.input_ids.tolist():
+            raise RuntimeError("injected: this request's input breaks the forward pass")
+        return real(self, step)
+    ModelRunner.execute = execute
+    engine_process.main(*args)
