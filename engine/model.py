@@ -160,7 +160,7 @@ def _dummy(cfg: ModelConfig, dtype: torch.dtype, device: torch.device):
     if cfg.path.startswith("dummy:"):
         shape = cfg.path.removeprefix("dummy:")
         if shape not in SHAPES:
-            raise ValueError(f"unknown dummy shape {shape!r}; one of {sorted(SHAPES)}")
+            raise ValueError(f"model.path: unknown dummy shape {shape!r}; one of {sorted(SHAPES)}")
         args = dict(SHAPES[shape])
         config = AutoConfig.for_model(args.pop("model_type"), **args)
         tokenizer = None

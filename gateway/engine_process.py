@@ -125,9 +125,8 @@ class EngineCore:
             model = await models.get(config)
             engine, reports = open_engine(config, model, lambda store: Engine(model, config.engine, store))
             await engine.start()
-        except (ConfigError, ValueError) as e:
-            log.error("engine start-up failed: %s", e)
-            push.send(wire.pack("failed", str(e), isinstance(e, ConfigError), gen))
+        except (ConfigError, ValueError) as e:    # a key of the configuration: the API process says it
+            push.send(wire.pack("failed", str(e), True, gen))
             return None
         except Exception as e:
             log.exception("engine start-up failed")

@@ -102,6 +102,20 @@ def test_a_disk_tier_that_cannot_be_made_is_one_line_and_exit_2(tmp_path, capsys
     assert lines[0].endswith("is not a directory")
 
 
+@pytest.mark.parametrize("setting,message", [
+    ("model.path=/no/such/model", "model.path '/no/such/model' is not a directory"),
+    ('model.path="dummy:no-such-shape"', "model.path: unknown dummy shape 'no-such-shape'"),
+    ("model.max_model_len=100000", "model.max_model_len 100000 exceeds the model's context of 4096")])
+def test_a_model_the_engine_process_cannot_load_is_one_line_and_exit_2(setting, message, capfd):
+    """Found by the engine process while loading the model: the server prints one line naming
+    the key (no traceback from either process) and exits 2."""
+    code = main(["serve", "--port", "8", "--log-level", "warning", "--set", 'model.device="cpu"', "--set", setting])
+    out = capfd.readouterr()
+    assert code == 2 and "serving" not in out.out and "Traceback" not in out.err
+    lines = out.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"kvgate: configuration error: {message}"), out.err
+
+
 @pytest.mark.parametrize("gpu_memory,gpu_blocks,expected", [
     (None, 2048, (64, 2048)),             # the CPU: compute-bound, small steps
     (141 << 30, 50_000, (256, 4096)),     # an H200: as many sequences as a decode graph takes

@@ -105,7 +105,8 @@ def test_a_tier_another_process_holds_is_refused_or_turned_off(demo, machine, tm
         holder.close()
 
 
-async def test_health_and_metrics_say_what_each_tier_got(make_client, tmp_path, machine):
+async def test_health_and_metrics_say_what_each_tier_got(make_client, tmp_path):
+    # the engine process sizes the tiers, from this machine's real memory and free space
     client = await make_client(store={"host": {"num_blocks": 64}, "disk": {"path": str(tmp_path / "kv")}})
     health = await (await client.get("/health")).json()
     assert health["tiers"]["host"]["blocks"] == 64 and health["tiers"]["host"]["sized"] == "configured"
