@@ -36,11 +36,15 @@ log = logging.getLogger("kvgate.engine")
 
 
 class Engine:
-    def __init__(self, loaded: LoadedModel, config: EngineConfig, store_config: StoreConfig) -> None:
+    def __init__(self, loaded: LoadedModel, config: EngineConfig, store_config: StoreConfig,
+                 detokenize: bool = True) -> None:
+        """`detokenize=False`: outputs carry token ids only, and stop strings are left to the
+        reader (the engine process: the API process detokenizes, gateway/engine_client.py)."""
         if store_config.block_size != config.block_size:
             raise ValueError(f"store.block_size {store_config.block_size} != "
                              f"engine.block_size {config.block_size}")
         self.loaded = loaded
+        self.detokenize = detokenize
         cuda = loaded.device.type == "cuda"
         gpu_memory = torch.cuda.get_device_properties(loaded.device).total_memory if cuda else None
         self.configured = config                     # as given: 0 = chosen from the machine
@@ -107,9 +111,9 @@ class Engine:
             generator = torch.Generator(device=self.loaded.device)
             generator.manual_seed(params.seed if params.seed is not None else torch.seed())
         match = self.store.match(root, prompt, max_tokens=len(prompt) - 1)
+        detokenizer = Detokenizer(self.loaded.tokenizer if self.detokenize else None, params.stop)
         seq = Sequence(request_id, prompt, len(prompt), params, priority, next(self._arrivals), root,
-                       Detokenizer(self.loaded.tokenizer, params.stop), generator, found=match.tiers,
-                       max_tier=self.costs.slowest_tier_to_load(match.tiers))
+                       detokenizer, generator, found=match.tiers, max_tier=self.costs.slowest_tier_to_load(match.tiers))
         self._requests[request_id] = seq
         self.scheduler.add(seq, match)
         self._wakeup.set()

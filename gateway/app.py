@@ -53,9 +53,9 @@ def _engine_ctx(given: EngineProcess | None, log_level: str):
                 tokenizer.cancel()
                 await process.stop(persist=False)
                 raise
-        engine = EngineClient(process, on_death=lambda why: state.request_stop(1))
+        engine = EngineClient(process, await tokenizer, on_death=lambda why: state.request_stop(1))
         app[ENGINE] = engine
-        app[PROMPTS] = Prompts.of(engine.name, await tokenizer, engine.bounds.max_model_len)
+        app[PROMPTS] = Prompts.of(engine.name, engine.tokenizer, engine.bounds.max_model_len)
         app[TIERS] = reports = [TierReport(**t) for t in engine.tiers]
         app[METRICS] = Metrics(reports)
         yield

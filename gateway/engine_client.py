@@ -14,6 +14,7 @@ its supervisor to restart it).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import logging
 import multiprocessing
@@ -28,6 +29,7 @@ import zmq
 import zmq.asyncio
 
 from engine import limits
+from engine.detokenizer import Detokenizer
 from engine.sampling import SamplingParams
 from engine.sequence import RequestOutput, coalesced
 from gateway import engine_process
@@ -154,14 +156,16 @@ class EngineProcess:
         except zmq.Again:
             log.warning("the engine process is not reading; %r dropped", message[0])
 
-    async def stop(self, persist: bool = True) -> None:
-        """Ask the engine to abort what is left, persist its cache (if `persist`) and exit;
-        kill it if it has not within STOP_TIMEOUT_S. Idempotent."""
+    async def stop(self, persist: bool = True, ask: bool = True) -> None:
+        """Ask the engine to abort what is left, persist its cache (if `persist`) and exit
+        (`ask=False`: it was asked already); kill it if it has not within STOP_TIMEOUT_S.
+        Idempotent."""
         if self._process is None:
             return
         try:
             if self._process.is_alive():
-                self.send("stop", persist, False)
+                if ask:
+                    self.send("stop", persist, False)
                 try:
                     async with asyncio.timeout(STOP_TIMEOUT_S):
                         await self.wait_exit()
@@ -180,9 +184,11 @@ class EngineProcess:
 class EngineClient:
     """Requests to one engine process: the API process's view of the engine."""
 
-    def __init__(self, process: EngineProcess, on_death: Callable[[str], None] | None = None) -> None:
+    def __init__(self, process: EngineProcess, tokenizer=None,
+                 on_death: Callable[[str], None] | None = None) -> None:
         info = process.info
         self.process = process
+        self.tokenizer = tokenizer            # detokenizes every stream (None: token ids only)
         self.name: str = info["name"]
         self.bounds = limits.RequestBounds(*info["bounds"])
         self.max_sequence_tokens: int = info["max_sequence_tokens"]
@@ -208,7 +214,8 @@ class EngineClient:
         queue: asyncio.Queue[RequestOutput] = asyncio.Queue()
         self._streams[request_id] = queue
         self.process.send("submit", request_id, list(prompt_ids), wire.params_to_wire(params), priority, namespace)
-        return RemoteStream(self, request_id, queue)
+        detokenizer = Detokenizer(self.tokenizer, params.stop) if self.tokenizer is not None else None
+        return RemoteStream(self, request_id, queue, detokenizer)
 
     def abort(self, request_id: str) -> None:
         if self._streams.pop(request_id, None) is not None and not self.dead:
@@ -251,7 +258,7 @@ class EngineClient:
         self._reader.cancel()
         await asyncio.gather(self._reader, self._watch, return_exceptions=True)
         if not keep_process:
-            await self.process.stop(persist)
+            await self.process.stop(persist, ask=self._stopped is None or not self._stopped.done())
 
     async def _read(self) -> None:
         while True:
@@ -297,11 +304,17 @@ class EngineClient:
 
 
 class RemoteStream:
-    """One request's outputs from the engine process. Leaving it early aborts the request."""
+    """One request's outputs from the engine process, detokenized here: the text of each delta
+    and the stop strings (the engine sends token ids). A stop string ends the stream with
+    "stop" and aborts the request in the engine; tokens it generated past the stop are dropped.
+    Leaving the stream early aborts the request."""
 
-    def __init__(self, client: EngineClient, request_id: str, queue: asyncio.Queue[RequestOutput]) -> None:
+    def __init__(self, client: EngineClient, request_id: str, queue: asyncio.Queue[RequestOutput],
+                 detokenizer: Detokenizer | None) -> None:
         self._client = client
         self._queue = queue
+        self._detokenizer = detokenizer
+        self._output_ids: list[int] = []      # every token received, the detokenizer's input
         self.request_id = request_id
         self.finished = False
 
@@ -311,10 +324,30 @@ class RemoteStream:
     async def _iterate(self) -> AsyncIterator[RequestOutput]:
         try:
             async for out in coalesced(self._queue):
+                if self._detokenizer is not None:
+                    out = self._with_text(out)
                 self.finished = out.finish_reason is not None
                 yield out
+                if self.finished:
+                    return
         finally:
             self.close()
+
+    def _with_text(self, out: RequestOutput) -> RequestOutput:
+        """`out` with its text, cut at a stop string: the same text, tokens and finish reason
+        as an in-process `Engine` gives (engine/engine.py, `_emit` and `_finish`)."""
+        pieces = []
+        for i, token in enumerate(out.token_ids):
+            self._output_ids.append(token)
+            piece, stopped = self._detokenizer.step(self._output_ids, 0)
+            pieces.append(piece)
+            if stopped:
+                self._client.abort(self.request_id)
+                return dataclasses.replace(out, token_ids=out.token_ids[:i + 1], text="".join(pieces),
+                                           finish_reason="stop", completion_tokens=len(self._output_ids))
+        if out.finish_reason not in (None, "stop"):
+            pieces.append(self._detokenizer.flush())
+        return dataclasses.replace(out, text="".join(pieces))
 
     def close(self) -> None:
         """Abort the request unless it has ended."""

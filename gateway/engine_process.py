@@ -123,7 +123,8 @@ class EngineCore:
         the API process needs, or "failed" with one line (None then)."""
         try:
             model = await models.get(config)
-            engine, reports = open_engine(config, model, lambda store: Engine(model, config.engine, store))
+            engine, reports = open_engine(config, model, lambda store: Engine(model, config.engine, store,
+                                                                            detokenize=False))
             await engine.start()
         except (ConfigError, ValueError) as e:    # a key of the configuration: the API process says it
             push.send(wire.pack("failed", str(e), True, gen))

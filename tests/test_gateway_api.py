@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from store import BlockLayout
-from tests.conftest import engine_stats
+from tests.conftest import engine_stats, wait_idle
 from tests.http_util import MODEL, chat, metric, sse
 
 
@@ -209,3 +209,26 @@ async def test_metrics_count_tokens_and_latency(make_client):
     # a prefill of at least engine.costs.MIN_PREFILL_TOKENS is timed: the rate is measured
     await client.post("/v1/completions", json={"model": MODEL, "prompt": [65] * 300, "max_tokens": 1})
     assert await metric(client, "kvgate_measured_rate", what="prefill_tokens_per_s") > 0
+
+
+async def test_stop_strings_are_applied_in_the_api_process_as_the_engine_would(make_client):
+    """The engine process sends token ids; the API process detokenizes and cuts at a stop string:
+    the text ends before it, the tokens through the one that completed it are kept (and counted),
+    the request is stopped in the engine, and streaming gives the same as a full response."""
+    client = await make_client()
+    body = {"model": MODEL, "prompt": "The tiers", "max_tokens": 40, "temperature": 0, "ignore_eos": True,
+            "return_token_ids": True}
+    full = (await (await client.post("/v1/completions", json=body)).json())["choices"][0]
+    stop = full["text"][12:15]                      # a string the unstopped output contains
+    cut = full["text"].index(stop)
+    done = await (await client.post("/v1/completions", json={**body, "stop": [stop]})).json()
+    choice = done["choices"][0]
+    assert choice["finish_reason"] == "stop" and choice["text"] == full["text"][:cut]
+    n = done["usage"]["completion_tokens"]
+    assert choice["token_ids"] == full["token_ids"][:n] and n < 40
+    events = await sse(await client.post("/v1/completions", json={**body, "stop": [stop], "stream": True}))
+    chunks = [c for e in events[:-1] for c in e["choices"]]
+    assert "".join(c["text"] for c in chunks) == choice["text"]
+    assert [t for c in chunks for t in c["token_ids"]] == choice["token_ids"]
+    assert chunks[-1]["finish_reason"] == "stop"
+    await wait_idle(client)                         # the aborts reach the engine within a step
