@@ -5,11 +5,12 @@
 
 For each workload, twice, each time on a fresh engine with an empty cache built from the same
 configuration (the `--set` keys, as `kvgate serve` takes them):
-  in-process  the engine in this process, driven by `kvgate bench`'s own workload code through a
+  in-process  the engine in one process (a child of this one), driven by `kvgate bench`'s own workload code through a
               client that calls `Engine.generate` instead of HTTP;
   over HTTP   a `kvgate serve` subprocess, measured by `kvgate bench`'s HTTP client.
 So the prompts, their timing and the measurements are the same code; the difference is the
-serving path (HTTP parsing, validation, tokenization checks, SSE framing, the shared event loop).
+serving path: HTTP parsing, validation, tokenization, the pipe between the API process and the
+engine process, detokenization and SSE framing. Each measurement runs in a process of its own.
 Each engine gets its own empty cache directory (XDG_CACHE_HOME). The table gives both, and
 HTTP ÷ in-process for throughput and TTFT.
 """
@@ -17,7 +18,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import concurrent.futures
 import json
+import multiprocessing
 import os
 import signal
 import subprocess
@@ -59,13 +62,27 @@ class InProcessClient:
 
 
 async def in_process(overrides: list[str], name: str, a: argparse.Namespace) -> dict:
+    """The in-process measurement, in a child process of its own: on CUDA a stopped engine's
+    memory is not returned to the device (docs/benchmarks.md), and the server measured next
+    needs it."""
+    spawn = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(1, mp_context=spawn) as pool:
+        return await asyncio.get_running_loop().run_in_executor(
+            pool, _in_process_child, overrides, name, a.scale, a.length_scale)
+
+
+def _in_process_child(overrides: list[str], name: str, scale: float, length_scale: float) -> dict:
+    return asyncio.run(_measure_in_process(overrides, name, scale, length_scale))
+
+
+async def _measure_in_process(overrides: list[str], name: str, scale: float, length_scale: float) -> dict:
     config = load_config(None, overrides)
     loaded = load_model(config.model, config.engine.block_size)
     engine, _ = open_engine(config, loaded, lambda store: Engine(loaded, config.engine, store))
     await engine.start()
     try:
         samples, wall = await bench.run_workload(InProcessClient(engine), name, loaded.model.config.vocab_size,
-                                                 a.scale, a.length_scale)
+                                                 scale, length_scale)
     finally:
         await engine.stop(persist=False)
     return bench.summarize(name, samples, wall)
