@@ -163,6 +163,8 @@ def load_config(path: str | None = None, overrides: list[str] = ()) -> KvgateCon
 
 
 def build_config(doc: dict[str, Any]) -> KvgateConfig:
+    """The configuration of a parsed TOML document (`doc` is left as it was)."""
+    doc = dict(doc)
     store = doc.pop("store", {})
     tenants = doc.pop("tenants", [])
     if not isinstance(store, dict):

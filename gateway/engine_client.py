@@ -136,6 +136,10 @@ class EngineProcess:
             if not waiter.done():
                 waiter.set_result(None)
 
+    def join(self, timeout: float) -> None:
+        if self._process is not None:
+            self._process.join(timeout)
+
     @property
     def alive(self) -> bool:
         return self._process is not None and self._process.is_alive()
@@ -200,7 +204,7 @@ class EngineClient:
         self._streams: dict[str, asyncio.Queue[RequestOutput]] = {}
         self._stats: dict[int, asyncio.Future] = {}
         self._tokens = itertools.count()
-        self._stopped: asyncio.Future | None = None      # set by "stopped", while `close` waits for it
+        self._stopped = asyncio.Event()      # the engine said "stopped": everything before it is read
         self._reader = asyncio.create_task(self._read())
         self._watch = asyncio.create_task(self._watch_process())
 
@@ -245,20 +249,18 @@ class EngineClient:
         (tests: the next app reopens it)."""
         self._watch.cancel()
         if not self.dead and self.process.alive:
-            self._stopped = asyncio.get_running_loop().create_future()
             self.process.send("stop", persist, keep_process)
-            exited = asyncio.ensure_future(self.process.wait_exit())
-            try:
-                async with asyncio.timeout(STOP_TIMEOUT_S):
-                    await asyncio.wait([self._stopped, exited], return_when=asyncio.FIRST_COMPLETED)
-            except TimeoutError:
+            waits = [asyncio.ensure_future(self._stopped.wait()), asyncio.ensure_future(self.process.wait_exit())]
+            done, _ = await asyncio.wait(waits, timeout=STOP_TIMEOUT_S, return_when=asyncio.FIRST_COMPLETED)
+            if not done:
                 log.error("the engine did not stop within %g s", STOP_TIMEOUT_S)
-            exited.cancel()
+            for w in waits:
+                w.cancel()
         self._end_all("the engine was stopped")
         self._reader.cancel()
         await asyncio.gather(self._reader, self._watch, return_exceptions=True)
         if not keep_process:
-            await self.process.stop(persist, ask=self._stopped is None or not self._stopped.done())
+            await self.process.stop(persist, ask=not self._stopped.is_set())
 
     async def _read(self) -> None:
         while True:
@@ -276,14 +278,21 @@ class EngineClient:
                 future = self._stats.get(msg[1])
                 if future is not None and not future.done():
                     future.set_result(msg[2])
-            elif kind == "stopped" and self._stopped is not None and not self._stopped.done():
-                self._stopped.set_result(None)
+            elif kind == "stopped":
+                self._stopped.set()
             elif kind == "rejected":
                 log.error("the engine refused request %s that the API process let through: %s", msg[1], msg[2])
                 self._end(msg[1], "error")
 
     async def _watch_process(self) -> None:
         await self.process.wait_exit()
+        await asyncio.to_thread(self.process.join, 5)     # reaped: its exit code is known
+        if self.process.exitcode == 0:    # it stopped on its own SIGTERM: its last outputs and
+            try:                          # "stopped" are on the pipe; the reader takes them first
+                async with asyncio.timeout(5):
+                    await self._stopped.wait()
+            except TimeoutError:
+                pass
         self.dead = f"the engine process exited (code {self.process.exitcode})"
         log.error("%s; in-flight requests fail and new ones get 503", self.dead)
         self._end_all(self.dead)
