@@ -123,8 +123,8 @@ async def test_sigint_is_ignored_and_sigterm_stops_the_engine_like_stop(tmp_path
                                                  "disk": {"path": str(tmp_path / "kv"), "max_bytes": 50_000_000}}})
     process = EngineProcess(config, log_level="warning")
     await process.start()
-    deaths = []
-    client = EngineClient(process, on_death=deaths.append)
+    deaths, dead = [], asyncio.Event()
+    client = EngineClient(process, on_death=lambda why: (deaths.append(why), dead.set()))
     try:
         await collect(client.submit(PROMPT, SamplingParams(max_tokens=4, temperature=0.0)))
         os.kill(process.pid, signal.SIGINT)     # a terminal's Ctrl-C: the API process decides
@@ -133,7 +133,7 @@ async def test_sigint_is_ignored_and_sigterm_stops_the_engine_like_stop(tmp_path
         os.kill(process.pid, signal.SIGTERM)
         tokens, _, last = await collect(long)
         assert last.finish_reason == "abort"   # ended by the engine's stop, not by its death ("error")
-        await asyncio.wait_for(process.wait_exit(), 60)
+        await asyncio.wait_for(dead.wait(), 60)
         assert process.exitcode == 0 and deaths == ["the engine process exited (code 0)"]
         with pytest.raises(Exception, match="engine process exited"):
             client.submit(PROMPT, SamplingParams(max_tokens=4))
