@@ -300,8 +300,11 @@ class EngineClient:
             self._on_death(self.dead)
 
     def _end_all(self, why: str) -> None:
+        """End every open stream: "abort" if the engine stopped as asked (it had not taken them
+        up yet), "error" if it died."""
+        reason = "abort" if self._stopped.is_set() else "error"
         for request_id in list(self._streams):
-            self._end(request_id, "error")
+            self._end(request_id, reason)
         for future in self._stats.values():
             if not future.done():
                 future.set_exception(EngineDead(why))
