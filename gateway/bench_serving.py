@@ -100,12 +100,31 @@ async def over_http(overrides: list[str], name: str, a: argparse.Namespace, port
                 card = (await resp.json())["data"][0]
             client = bench.Client(base, card["id"], None)
             client.session = session
+            before = cpu_seconds(server.pid)
             samples, wall = await bench.run_workload(client, name, card.get("vocab_size") or 256,
                                                      a.scale, a.length_scale)
+            after = cpu_seconds(server.pid)
     finally:
         server.send_signal(signal.SIGTERM)
         server.wait(timeout=120)
-    return bench.summarize(name, samples, wall)
+    row = bench.summarize(name, samples, wall)
+    # cores busy during the run: how close the API process is to needing a second one
+    row["cores"] = {k: round((after[k] - before[k]) / wall, 2) for k in after}
+    return row
+
+
+def cpu_seconds(pid: int) -> dict[str, float]:
+    """CPU seconds (user + system) so far of `kvgate serve` (the API process) and of its
+    children (the engine process), from /proc (Linux; empty elsewhere)."""
+    def of(p: int) -> float:
+        with open(f"/proc/{p}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")   # utime + stime
+    try:
+        children = [int(c) for c in open(f"/proc/{pid}/task/{pid}/children").read().split()]
+        return {"api": of(pid), "engine": sum(of(c) for c in children)}
+    except OSError:
+        return {}
 
 
 async def _wait_healthy(session: aiohttp.ClientSession, base: str, server: subprocess.Popen) -> None:
@@ -151,7 +170,8 @@ def print_table(rows: list[dict]) -> None:
                   f"{x['ttft_p99_s'] * 1e3:>7.0f}ms {x['tpot_p50_ms']:>6} ms")
         i, h = r["in_process"], r["http"]
         print(f"{r['workload']:<9} {'http ÷ in':<11} {h['out_tok_s'] / i['out_tok_s']:>9.2f} "
-              f"{h['ttft_p50_s'] / i['ttft_p50_s']:>9.2f} {h['ttft_p99_s'] / i['ttft_p99_s']:>9.2f}")
+              f"{h['ttft_p50_s'] / i['ttft_p50_s']:>9.2f} {h['ttft_p99_s'] / i['ttft_p99_s']:>9.2f}"
+              f"   cores busy over HTTP: {h.get('cores')}")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -48,6 +48,8 @@ async def test_bench_serving_runs_the_same_workload_in_process_and_over_a_served
         assert x["cached_fraction"]["gpu"] > 0.5               # the group prefix, computed once
     # the same prompts on the same engine settings (requests over HTTP arrive spread out)
     assert local["cached_fraction"]["gpu"] == pytest.approx(http["cached_fraction"]["gpu"], abs=0.02)
+    # both processes of the server did work during the run: the engine the forward passes
+    assert set(http["cores"]) == {"api", "engine"} and http["cores"]["engine"] > 0
     assert "http ÷ in" in capsys.readouterr().out
     assert json.loads((tmp_path / "serving.json").read_text())["settings"] == settings
 
