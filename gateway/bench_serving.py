@@ -94,7 +94,7 @@ async def over_http(overrides: list[str], name: str, a: argparse.Namespace, port
                                "--log-level", "warning"])
     base = f"http://127.0.0.1:{port}/v1"
     try:
-        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None)) as session:
+        async with bench.session_for_workloads() as session:
             await _wait_healthy(session, base, server)
             async with session.get(base + "/models") as resp:
                 card = (await resp.json())["data"][0]

@@ -1,5 +1,6 @@
 """`kvgate bench` against a real HTTP server on the demo model, at a small scale."""
 import argparse
+import asyncio
 import json
 
 import pytest
@@ -59,3 +60,29 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+async def test_the_bench_client_holds_no_request_back(aiohttp_server):
+    """gsp sends 128 requests at once; a client capped below that measures its own queue."""
+    from aiohttp import web
+
+    from gateway.bench import session_for_workloads
+    inside, peak, release = [0], [0], asyncio.Event()
+
+    async def handler(request):
+        inside[0] += 1
+        peak[0] = max(peak[0], inside[0])
+        if peak[0] == 150:
+            release.set()
+        await release.wait()
+        inside[0] -= 1
+        return web.Response(text="ok")
+    app = web.Application()
+    app.router.add_get("/", handler)
+    server = await aiohttp_server(app)
+    async with session_for_workloads() as session:
+        async def one():
+            async with session.get(server.make_url("/")) as resp:
+                assert resp.status == 200
+        await asyncio.wait_for(asyncio.gather(*(one() for _ in range(150))), 30)
+    assert peak[0] == 150
