@@ -14,7 +14,7 @@ import itertools
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from collections.abc import Sequence as Seq
 from concurrent.futures import ThreadPoolExecutor
 
@@ -37,14 +37,17 @@ log = logging.getLogger("kvgate.engine")
 
 class Engine:
     def __init__(self, loaded: LoadedModel, config: EngineConfig, store_config: StoreConfig,
-                 detokenize: bool = True) -> None:
+                 detokenize: bool = True, on_output: Callable[[RequestOutput], None] | None = None) -> None:
         """`detokenize=False`: outputs carry token ids only, and stop strings are left to the
-        reader (the engine process: the API process detokenizes, gateway/engine_client.py)."""
+        reader. `on_output`: every output is handed to it, on the loop, as it is made, instead
+        of to the request's stream (one call instead of a task wake-up per request and step).
+        The engine process uses both (gateway/engine_process.py)."""
         if store_config.block_size != config.block_size:
             raise ValueError(f"store.block_size {store_config.block_size} != "
                              f"engine.block_size {config.block_size}")
         self.loaded = loaded
         self.detokenize = detokenize
+        self._on_output = on_output
         cuda = loaded.device.type == "cuda"
         gpu_memory = torch.cuda.get_device_properties(loaded.device).total_memory if cuda else None
         self.configured = config                     # as given: 0 = chosen from the machine
@@ -243,7 +246,7 @@ class Engine:
         elif seq.num_generated >= p.max_tokens or len(seq.token_ids) >= self.loaded.max_model_len:
             reason = "length"
         if reason is None:
-            seq.outputs.put_nowait(self._output(seq, [token], text, None))
+            self._deliver(seq, self._output(seq, [token], text, None))
         else:
             self._finish(seq, reason, [token], text)
 
@@ -254,7 +257,13 @@ class Engine:
         seq.finish_reason = reason
         if reason != "stop":
             text += seq.detokenizer.flush()
-        seq.outputs.put_nowait(self._output(seq, tokens or [], text, reason))
+        self._deliver(seq, self._output(seq, tokens or [], text, reason))
+
+    def _deliver(self, seq: Sequence, out: RequestOutput) -> None:
+        if self._on_output is not None:
+            self._on_output(out)
+        else:
+            seq.outputs.put_nowait(out)
 
     def _output(self, seq: Sequence, tokens: list[int], text: str, reason: str | None) -> RequestOutput:
         cached = seq.cached_tokens or {t: 0 for t in Tier}

@@ -108,23 +108,23 @@ async def _serve(config: KvgateConfig, inbox: str, outbox: str) -> None:
 
 class EngineCore:
     """One open engine and the requests it streams back: outputs are gathered over one turn of
-    the event loop (every sequence of a step puts its delta in the same turn) and sent as one
+    the event loop (every sequence of a step makes its delta in the same turn) and sent as one
     message."""
 
-    def __init__(self, engine: Engine, push: zmq.Socket) -> None:
-        self.engine = engine
+    def __init__(self, push: zmq.Socket) -> None:
+        self.engine: Engine | None = None          # set once it has started
         self.push = push
         self._pending: list[list] = []
-        self._pumps: set[asyncio.Task] = set()
 
     @classmethod
     async def open(cls, config: KvgateConfig, models: _Models, push: zmq.Socket, gen: int) -> EngineCore | None:
         """Load (or reuse) the model, open the store, start the engine; says "ready" with what
         the API process needs, or "failed" with one line (None then)."""
+        core = cls(push)
         try:
             model = await models.get(config)
-            engine, reports = open_engine(config, model, lambda store: Engine(model, config.engine, store,
-                                                                            detokenize=False))
+            engine, reports = open_engine(config, model, lambda store: Engine(
+                model, config.engine, store, detokenize=False, on_output=core.output))
             await engine.start()
         except (ConfigError, ValueError) as e:    # a key of the configuration: the API process says it
             push.send(wire.pack("failed", str(e), True, gen))
@@ -143,21 +143,18 @@ class EngineCore:
                 "steps": {"max_num_seqs": engine.config.max_num_seqs,
                           "max_num_batched_tokens": engine.config.max_num_batched_tokens}}
         push.send(wire.pack("ready", gen, info))
-        return cls(engine, push)
+        core.engine = engine
+        return core
 
     def handle(self, msg: list) -> None:
         kind = msg[0]
         if kind == "submit":
             _, request_id, prompt, params, priority, namespace = msg
             try:
-                stream = self.engine.submit(prompt, wire.params_from_wire(params), priority=priority,
-                                            namespace=namespace, request_id=request_id)
+                self.engine.submit(prompt, wire.params_from_wire(params), priority=priority, namespace=namespace,
+                                   request_id=request_id)     # its outputs come to `output`
             except InvalidRequest as e:
                 self.push.send(wire.pack("rejected", request_id, str(e)))
-                return
-            task = asyncio.create_task(self._pump(stream))
-            self._pumps.add(task)
-            task.add_done_callback(self._pumps.discard)
         elif kind == "abort":
             for request_id in msg[1]:
                 self.engine.abort(request_id)
@@ -166,15 +163,16 @@ class EngineCore:
         else:
             log.warning("unknown engine message %r; ignored", kind)
 
-    async def _pump(self, stream) -> None:
-        async for out in stream:
-            if not self._pending:
-                asyncio.get_running_loop().call_soon(self._flush)
-            self._pending.append(wire.output_to_wire(out))
+    def output(self, out) -> None:
+        """The engine's `on_output`: queue the row; the first of a loop turn schedules the send."""
+        if not self._pending:
+            asyncio.get_running_loop().call_soon(self._flush)
+        self._pending.append(wire.output_to_wire(out))
 
     def _flush(self) -> None:
-        self.push.send(wire.pack("out", self._pending))
-        self._pending = []
+        if self._pending:
+            self.push.send(wire.pack("out", self._pending))
+            self._pending = []
 
     async def stop(self, persist: bool) -> None:
         """Abort what is left (its last outputs are sent), stop the loop, persist, close."""
@@ -182,6 +180,4 @@ class EngineCore:
             await self.engine.stop(persist=persist)
         except AssertionError:
             log.exception("the engine's invariants were broken")
-        await asyncio.gather(*self._pumps, return_exceptions=True)
-        if self._pending:
-            self._flush()
+        self._flush()
