@@ -72,6 +72,7 @@ async def _serve(config: KvgateConfig, inbox: str, outbox: str) -> None:
     core = await EngineCore.open(config, models, push, gen=0)
     receive = asyncio.ensure_future(pull.recv())
     term = asyncio.ensure_future(terminated.wait())
+    drain = zmq.Socket.shadow(pull.underlying)       # what else has arrived, read without waiting
     try:
         while True:
             await asyncio.wait([receive, term], return_when=asyncio.FIRST_COMPLETED)
@@ -81,24 +82,31 @@ async def _serve(config: KvgateConfig, inbox: str, outbox: str) -> None:
                     await core.stop(persist=True)
                 push.send(wire.pack("stopped"))
                 return
-            msg = wire.unpack(receive.result())
+            batch = [receive.result()]            # a burst (128 submits) is taken in one turn
+            while True:
+                try:
+                    batch.append(drain.recv(zmq.NOBLOCK))
+                except zmq.Again:
+                    break
             receive = asyncio.ensure_future(pull.recv())
-            kind = msg[0]
-            if kind == "stop":
-                _, persist, keep_process = msg
-                if core is not None:
-                    await core.stop(persist)
-                    core = None
-                push.send(wire.pack("stopped"))
-                if not keep_process:
-                    return
-            elif kind == "reopen":
-                _, gen, pickled = msg
-                core = await EngineCore.open(pickle.loads(pickled), models, push, gen)
-            elif core is None:
-                log.warning("engine message %r while no engine is open; ignored", kind)
-            else:
-                core.handle(msg)
+            for data in batch:
+                msg = wire.unpack(data)
+                kind = msg[0]
+                if kind == "stop":
+                    _, persist, keep_process = msg
+                    if core is not None:
+                        await core.stop(persist)
+                        core = None
+                    push.send(wire.pack("stopped"))
+                    if not keep_process:
+                        return
+                elif kind == "reopen":
+                    _, gen, pickled = msg
+                    core = await EngineCore.open(pickle.loads(pickled), models, push, gen)
+                elif core is None:
+                    log.warning("engine message %r while no engine is open; ignored", kind)
+                else:
+                    core.handle(msg)
     finally:
         receive.cancel()
         term.cancel()
