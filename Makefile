@@ -3,12 +3,15 @@
 # `make bench-store` and `make bench-engine`
 # run the benchmarks, `make bench-gpu` the Llama-3-8B shape on a GPU beside the peer script
 # PEER, `make bench-tiers-gpu` the tier workloads on that shape (JSON and plots in BENCH_OUT),
-# `make profile-gpu` one decode and one mixed step, eagerly and graphed. On a machine without an NVIDIA GPU the CPU build of torch is installed first, so pip
-# never pulls the multi-GB CUDA packages.
+# `make profile-gpu` one decode and one mixed step, eagerly and graphed. On a machine without an
+# NVIDIA GPU the CPU build of torch is installed first, from the PyTorch CPU index (the default
+# index only if that one is unreachable), so pip never pulls the multi-GB CUDA packages; set-up
+# then fails if any nvidia-* package was installed.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 CPU_TORCH ?= torch==2.13.0
+TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 PEER ?= ../shared/bench/hf_peer.py
 BENCH_OUT ?= bench-out
 
@@ -18,11 +21,15 @@ setup: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	@if ! command -v nvidia-smi >/dev/null 2>&1; then \
-		echo "no NVIDIA GPU: installing the CPU build of torch ($(CPU_TORCH))"; \
-		$(PY) -m pip install -q "$(CPU_TORCH)" || \
-		$(PY) -m pip install -q "$(CPU_TORCH)" --index-url https://download.pytorch.org/whl/cpu; \
+		echo "no NVIDIA GPU: installing the CPU build of torch ($(CPU_TORCH)) from $(TORCH_CPU_INDEX)"; \
+		$(PY) -m pip install -q "$(CPU_TORCH)" --index-url $(TORCH_CPU_INDEX) --timeout 15 --retries 1 || { \
+			echo "the PyTorch CPU index is unreachable: $(CPU_TORCH) from the default index"; \
+			$(PY) -m pip install -q "$(CPU_TORCH)"; }; \
 	fi
 	$(PY) -m pip install -q -e ".[test]"
+	@if ! command -v nvidia-smi >/dev/null 2>&1 && $(PY) -m pip list --format=freeze | grep -i '^nvidia-'; then \
+		echo "CUDA packages were installed on a machine without an NVIDIA GPU (listed above)"; exit 1; \
+	fi
 	touch $@
 
 serve: setup

@@ -1,0 +1,32 @@
+"""Set-up on a machine without an NVIDIA GPU: the CPU build of torch, asked of the PyTorch CPU
+index first, and no CUDA package in the environment the tests run in (the Makefile's own check
+after installing says the same; this test reads the resolved set of the running interpreter)."""
+import importlib.metadata
+import os
+import shutil
+import subprocess
+
+import pytest
+import torch
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+no_gpu = pytest.mark.skipif(shutil.which("nvidia-smi") is not None, reason="this machine has an NVIDIA GPU")
+
+
+@no_gpu
+def test_no_cuda_package_is_installed_without_a_gpu():
+    names = sorted(d.metadata["Name"] for d in importlib.metadata.distributions())
+    assert [n for n in names if n.lower().startswith("nvidia-")] == []
+    assert torch.version.cuda is None                 # the CPU build
+
+
+@no_gpu
+def test_setup_asks_the_pytorch_cpu_index_before_the_default_one():
+    """The order of the two installs, as make runs them (a dry run)."""
+    plan = subprocess.run(["make", "-n", "-B", "setup", "VENV=/nonexistent-venv"], cwd=REPO, capture_output=True,
+                          text=True, check=True).stdout
+    installs = [line for line in plan.splitlines() if 'pip install -q "torch==' in line]
+    assert len(installs) == 2
+    assert "--index-url https://download.pytorch.org/whl/cpu" in installs[0]
+    assert "--index-url" not in installs[1]            # the default index: only if the first fails
+    assert "grep -i '^nvidia-'" in plan                # and the installed set is checked after
