@@ -15,7 +15,7 @@ TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 PEER ?= ../shared/bench/hf_peer.py
 BENCH_OUT ?= bench-out
 
-.PHONY: setup serve test reliability bench-store bench-engine bench-gpu bench-tiers-gpu profile-gpu
+.PHONY: setup serve test reliability bench-store bench-engine gpu-check bench-gpu bench-tiers-gpu profile-gpu
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
@@ -50,15 +50,18 @@ bench-store: setup
 bench-engine: setup
 	$(PY) -m engine.bench
 
-bench-gpu: setup
+gpu-check:
+	@command -v nvidia-smi >/dev/null 2>&1 || { echo "this target needs an NVIDIA GPU; on the CPU: make bench-engine"; exit 2; }
+
+bench-gpu: gpu-check setup
 	$(PY) -m engine.bench --model dummy:llama3-8b --gpu-blocks 20000 --peer-script $(PEER)
 
-bench-tiers-gpu: setup
+bench-tiers-gpu: gpu-check setup
 	mkdir -p $(BENCH_OUT)
 	for w in chat-think chat-overflow restart; do \
 		$(PY) -m engine.bench --model dummy:llama3-8b --workloads $$w --no-peer \
 			--json $(BENCH_OUT)/$$w.json --plots $(BENCH_OUT)/$$w || exit 1; \
 	done
 
-profile-gpu: setup
+profile-gpu: gpu-check setup
 	$(PY) -m engine.bench --model dummy:llama3-8b --gpu-blocks 20000 --profile-step --scale 0.5

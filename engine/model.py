@@ -101,7 +101,7 @@ def load_model(cfg: ModelConfig, block_size: int) -> LoadedModel:
     else:
         model, tokenizer, identity = _from_directory(cfg, dtype)
     if model.config.model_type not in SUPPORTED:
-        raise ValueError(f"model type {model.config.model_type!r} is not supported; one of {SUPPORTED}")
+        raise ValueError(f"model.path: model type {model.config.model_type!r} is not supported; one of {SUPPORTED}")
     model = model.to(device=device, dtype=dtype).eval()
     model.set_attn_implementation(ATTN_IMPLEMENTATION)
     if cfg.fuse and device.type == "cuda":

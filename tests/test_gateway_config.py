@@ -6,6 +6,7 @@ import os
 import tomllib
 
 import pytest
+import torch
 
 from gateway.cli import main
 from gateway.config import SECTIONS, ConfigError, KvgateConfig, TenantConfig, build_config, load_config
@@ -15,7 +16,14 @@ CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 @pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(CONFIGS, "*.toml"))), ids=os.path.basename)
 def test_shipped_configs_load(path):
-    assert isinstance(load_config(path), KvgateConfig)
+    """Each shipped config loads; one made for a GPU is refused without one, naming the key."""
+    with open(path, "rb") as f:
+        gpu_only = tomllib.load(f).get("model", {}).get("device", "").startswith("cuda")
+    if gpu_only and not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="model.device is 'cuda' but no CUDA GPU is available"):
+            load_config(path)
+    else:
+        assert isinstance(load_config(path), KvgateConfig)
 
 
 def test_default_toml_documents_every_key_with_its_default():

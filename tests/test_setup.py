@@ -30,3 +30,11 @@ def test_setup_asks_the_pytorch_cpu_index_before_the_default_one():
     assert "--index-url https://download.pytorch.org/whl/cpu" in installs[0]
     assert "--index-url" not in installs[1]            # the default index: only if the first fails
     assert "grep -i '^nvidia-'" in plan                # and the installed set is checked after
+
+
+@no_gpu
+@pytest.mark.parametrize("target", ["bench-gpu", "bench-tiers-gpu", "profile-gpu"])
+def test_gpu_targets_refuse_without_a_gpu(target):
+    run = subprocess.run(["make", target, "VENV=/nonexistent-venv"], cwd=REPO, capture_output=True, text=True)
+    assert run.returncode == 2 and "needs an NVIDIA GPU" in run.stdout + run.stderr
+    assert not os.path.exists("/nonexistent-venv")     # refused before any set-up
