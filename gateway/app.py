@@ -10,7 +10,7 @@ import time
 from aiohttp import web
 
 from engine.model import Prompts, load_tokenizer
-from gateway import views
+from gateway import text_views, views
 from gateway.config import KvgateConfig
 from gateway.engine_client import EngineClient, EngineProcess
 from gateway.errors import error_middleware, expect_continue
@@ -34,6 +34,10 @@ def init_app(config: KvgateConfig, engine_process: EngineProcess | None = None,
     app.router.add_post("/v1/chat/completions", views.chat_completions, expect_handler=expect_continue)
     app.router.add_post("/v1/completions", views.completions, expect_handler=expect_continue)
     app.router.add_get("/v1/models", views.models)
+    app.router.add_get("/v1/models/{model}", text_views.model)
+    app.router.add_post("/tokenize", text_views.tokenize)
+    app.router.add_post("/detokenize", text_views.detokenize)
+    app.router.add_get("/version", text_views.server_version)
     app.router.add_get("/health", views.health)
     app.router.add_get("/metrics", views.metrics)
     app.cleanup_ctx.append(_engine_ctx(engine_process, log_level))

@@ -15,6 +15,7 @@ import logging
 import sys
 
 from gateway import bench as bench_module
+from gateway import text_views
 from gateway.app import init_app
 from gateway.config import ConfigError, load_config
 from gateway.engine_client import EngineStartError
@@ -23,6 +24,7 @@ from gateway.server import run
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="kvgate", description="KV-cache-aware OpenAI-compatible LLM server")
+    parser.add_argument("--version", action="version", version=f"kvgate {text_views.version()}")
     commands = parser.add_subparsers(dest="command", required=True)
     serve = commands.add_parser("serve", help="start the server")
     serve.add_argument("--config", help="TOML configuration file (see configs/default.toml)")

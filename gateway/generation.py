@@ -37,8 +37,16 @@ class Choice:
 def chat_prompt(req: ChatCompletionRequest, prompts: Prompts) -> list[list[int]]:
     if req.tools:
         raise InvalidRequest("tools are not supported by kvgate", "tools")
-    messages = []
-    for i, m in enumerate(req.messages):
+    messages = chat_messages(req.messages)
+    prompts.check_text_length(sum(len(m["content"]) for m in messages), "messages")
+    return [prompts.encode_chat(messages)]
+
+
+def chat_messages(messages: list) -> list[dict[str, str]]:
+    """The chat template's input: each message's role and its text (content parts joined;
+    only text parts are taken)."""
+    out = []
+    for i, m in enumerate(messages):
         if isinstance(m.content, list):
             for j, part in enumerate(m.content):
                 if part.type != "text":
@@ -49,9 +57,8 @@ def chat_prompt(req: ChatCompletionRequest, prompts: Prompts) -> list[list[int]]
             text = "".join(p.text for p in m.content)
         else:
             text = m.content or ""
-        messages.append({"role": m.role, "content": text})
-    prompts.check_text_length(sum(len(m["content"]) for m in messages), "messages")
-    return [prompts.encode_chat(messages)]
+        out.append({"role": m.role, "content": text})
+    return out
 
 
 def completion_prompts(req: CompletionRequest, prompts: Prompts) -> list[list[int]]:

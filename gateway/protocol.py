@@ -109,3 +109,18 @@ def now() -> int:
 
 def error_body(message: str, type_: str, param: str | None = None, code: str | None = None) -> dict:
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
+class TokenizeRequest(BaseModel):
+    """vLLM's /tokenize: a completion `prompt`, or chat `messages` rendered with the chat
+    template ready for the assistant's turn (what /v1/chat/completions would compute)."""
+    model_config = ConfigDict(extra="ignore")
+    model: StrictStr
+    prompt: StrictStr | None = None
+    messages: Annotated[list[ChatMessage], Field(min_length=1)] | None = None
+
+
+class DetokenizeRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    model: StrictStr
+    tokens: Annotated[list[TokenId], Field(max_length=1 << 20)]

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from aiohttp import web
 
 from engine.sequence import RequestOutput
-from gateway import intake
+from gateway import intake, text_views
 from gateway.errors import APIError, ClientGone, EngineDead
 from gateway.generation import Choice, chat_prompt, completion_prompts, merged, plan, submit
 from gateway.keys import CONFIG, ENGINE, METRICS, PROMPTS, STATE, TENANT, TIERS
@@ -196,10 +196,7 @@ def _usage(choices: list[Choice]) -> dict:
 
 
 async def models(request: web.Request) -> web.Response:
-    bounds = request.app[ENGINE].bounds
-    return web.json_response({"object": "list", "data": [{
-        "id": request.app[PROMPTS].name, "object": "model", "created": request.app[STATE].started,
-        "owned_by": "kvgate", "max_model_len": bounds.max_model_len, "vocab_size": bounds.vocab_size}]})
+    return web.json_response({"object": "list", "data": [text_views.model_card(request)]})
 
 
 async def health(request: web.Request) -> web.Response:

@@ -232,3 +232,31 @@ async def test_stop_strings_are_applied_in_the_api_process_as_the_engine_would(m
     assert [t for c in chunks for t in c["token_ids"]] == choice["token_ids"]
     assert chunks[-1]["finish_reason"] == "stop"
     await wait_idle(client)                         # the aborts reach the engine within a step
+
+
+async def test_tokenize_detokenize_version_and_one_model(make_client):
+    """vLLM's /tokenize and /detokenize in the API process: the chat form gives exactly the ids
+    a chat completion is computed from (its usage says how many); /version; /v1/models/{id}."""
+    client = await make_client()
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi <|end|> there"}]
+    tok = await (await client.post("/tokenize", json={"model": MODEL, "messages": messages})).json()
+    done = await (await client.post("/v1/chat/completions", json={**chat(), "messages": messages})).json()
+    assert tok["count"] == len(tok["tokens"]) == done["usage"]["prompt_tokens"] and tok["max_model_len"] == 4096
+    text = await (await client.post("/tokenize", json={"model": MODEL, "prompt": "kv cache"})).json()
+    back = await (await client.post("/detokenize", json={"model": MODEL, "tokens": text["tokens"]})).json()
+    assert back == {"prompt": "kv cache"} and text["count"] == 8          # the demo tokenizer: a byte a token
+    for path, body, param in [("/tokenize", {"model": MODEL}, "prompt"),
+                              ("/tokenize", {"model": MODEL, "prompt": "a", "messages": messages}, "prompt"),
+                              ("/detokenize", {"model": MODEL, "tokens": [10**6]}, "tokens"),
+                              ("/detokenize", {"model": MODEL, "tokens": ["a"]}, "tokens.0")]:
+        resp = await client.post(path, json=body)
+        assert resp.status == 400 and (await resp.json())["error"]["param"] == param, (path, body)
+    resp = await client.post("/tokenize", json={"model": "nope", "prompt": "a"})
+    assert resp.status == 404 and (await resp.json())["error"]["code"] == "model_not_found"
+    from gateway.text_views import version
+    assert await (await client.get("/version")).json() == {"version": version()}
+    card = await (await client.get(f"/v1/models/{MODEL}")).json()
+    listed = (await (await client.get("/v1/models")).json())["data"][0]
+    assert card == listed and card["id"] == MODEL
+    resp = await client.get("/v1/models/other")
+    assert resp.status == 404 and (await resp.json())["error"]["code"] == "model_not_found"

@@ -63,6 +63,7 @@ def test_openai_client_against_kvgate_serve_and_a_restart(tmp_path):
     try:
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0)
         assert [m.id for m in client.models.list()] == ["builtin:tiny"]
+        assert client.models.retrieve("builtin:tiny").id == "builtin:tiny"      # /v1/models/{id}
 
         chunks = list(client.chat.completions.create(
             model="builtin:tiny", messages=[{"role": "user", "content": "Stream, please."}], max_tokens=16,
