@@ -16,7 +16,7 @@ from gateway.engine_client import EngineClient, EngineProcess
 from gateway.errors import error_middleware, expect_continue
 from gateway.keys import CONFIG, ENGINE, METRICS, PROMPTS, STATE, TIERS, ServerState
 from gateway.metrics import Metrics
-from gateway.middlewares import auth_middleware
+from gateway.middlewares import auth_middleware, status_middleware
 from gateway.tiers import TierReport
 
 log = logging.getLogger("kvgate.gateway")
@@ -27,7 +27,7 @@ def init_app(config: KvgateConfig, engine_process: EngineProcess | None = None,
     """The app for `config`. It starts its own engine process, unless given one already
     started (tests: one process, reopened for each configuration, serves many apps in turn;
     the app then leaves it running)."""
-    app = web.Application(middlewares=[error_middleware, auth_middleware],
+    app = web.Application(middlewares=[status_middleware, error_middleware, auth_middleware],
                           client_max_size=config.server.max_body_bytes)
     app[CONFIG] = config
     app[STATE] = ServerState(started=int(time.time()))
@@ -61,7 +61,7 @@ def _engine_ctx(given: EngineProcess | None, log_level: str):
         app[ENGINE] = engine
         app[PROMPTS] = Prompts.of(engine.name, engine.tokenizer, engine.bounds.max_model_len)
         app[TIERS] = reports = [TierReport(**t) for t in engine.tiers]
-        app[METRICS] = Metrics(reports)
+        app[METRICS] = Metrics(reports, engine.name, engine.bounds.block_size)
         yield
         state.stopping = True
         # aborts what is left, writes cached blocks to disk; a given process stays for the next app

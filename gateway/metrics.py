@@ -20,9 +20,18 @@ _TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64,
 
 
 class Metrics:
-    def __init__(self, tiers: list[TierReport] = ()) -> None:
+    def __init__(self, tiers: list[TierReport] = (), model: str = "", block_size: int = 0) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
+        Gauge("kvgate_model_info", "The served model (1)", ["model"], registry=r).labels(model).set(1)
+        gpu_blocks = next((t.blocks for t in tiers if t.tier == "gpu"), 0)
+        Gauge("kvgate_cache_config_info", "The KV cache's shape, as KV-aware routers read it (vLLM's "
+              "cache_config_info)", ["block_size", "num_gpu_blocks"], registry=r).labels(
+            str(block_size), str(gpu_blocks)).set(1)
+        self.http_responses = Counter("kvgate_http_responses", "HTTP responses by status code", ["status"],
+                                      registry=r)
+        self.e2e = Histogram("kvgate_e2e_request_latency_seconds", "Time from arrival to the last token (or "
+                             "the end) of each generation", buckets=_LATENCY_BUCKETS, registry=r)
         self.prompt_tokens = Counter("kvgate_prompt_tokens", "Prompt tokens of finished requests", registry=r)
         self.cached_tokens = Counter("kvgate_cached_prompt_tokens", "Prompt tokens served from the KV cache",
                                      ["tier"], registry=r)
@@ -44,8 +53,9 @@ class Metrics:
             enabled.labels(t.tier).set(int(t.enabled))
             capacity.labels(t.tier).set(t.bytes)
 
-    def finished(self, last: RequestOutput, ttft: float | None, decode_seconds: float) -> None:
+    def finished(self, last: RequestOutput, ttft: float | None, decode_seconds: float, e2e: float) -> None:
         """Account one finished generation (one choice)."""
+        self.e2e.observe(e2e)
         self.prompt_tokens.inc(last.prompt_tokens)
         for tier, n in last.cached_tokens.items():
             self.cached_tokens.labels(tier.name.lower()).inc(n)
@@ -107,10 +117,20 @@ class _EngineCollector:
                 blocks.add_metric([tier, state], n)
         yield blocks
         yield _family(GaugeMetricFamily, "kvgate_requests", "Requests in the engine", "state", snap["requests"])
-        yield _family(GaugeMetricFamily, "kvgate_block_evictions", "Copies evicted per tier (running total)", "tier",
+        # the names KV-aware routers read (vLLM's num_requests_running / _waiting, kv_cache_usage_perc)
+        yield _family(GaugeMetricFamily, "kvgate_num_requests_running", "Requests running in the engine", None,
+                      {"": snap["requests"]["running"]})
+        yield _family(GaugeMetricFamily, "kvgate_num_requests_waiting", "Requests waiting for admission", None,
+                      {"": snap["requests"]["waiting"]})
+        gpu = snap["blocks"]["gpu"]
+        total = sum(gpu.values())
+        yield _family(GaugeMetricFamily, "kvgate_kv_cache_usage_ratio", "Share of the GPU KV pool held by "
+                      "running requests (0-1; cached blocks no request holds can be evicted and count as free)",
+                      None, {"": gpu["locked"] / total if total else 0.0})
+        yield _family(CounterMetricFamily, "kvgate_block_evictions", "Copies evicted per tier", "tier",
                       snap["evictions"])
-        yield _family(GaugeMetricFamily, "kvgate_hits_recomputed_blocks", "Cached blocks recomputed because "
-                      "loading them was slower (running total)", "tier", snap["recomputed"])
+        yield _family(CounterMetricFamily, "kvgate_hits_recomputed_blocks", "Cached blocks recomputed because "
+                      "loading them was measured to be slower", "tier", snap["recomputed"])
         disk = snap["disk"]
         if disk is not None:
             yield _family(CounterMetricFamily, "kvgate_disk_writes_skipped", "Blocks that left the host tier "

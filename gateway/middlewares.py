@@ -1,4 +1,5 @@
-"""Authentication: a tenant per API key on /v1, the admin key on /metrics."""
+"""Authentication: a tenant per API key on /v1, the admin key on /metrics; and the count of
+responses by status."""
 from __future__ import annotations
 
 import hmac
@@ -6,10 +7,19 @@ import hmac
 from aiohttp import web
 
 from gateway.errors import APIError
-from gateway.keys import CONFIG, TENANT
+from gateway.keys import CONFIG, METRICS, TENANT
 
 OPEN_PATHS = ("/health",)
 ADMIN_PATHS = ("/metrics",)
+
+
+@web.middleware
+async def status_middleware(request: web.Request, handler) -> web.StreamResponse:
+    """Count every response by status (the outermost middleware: errors are responses by then)."""
+    resp = await handler(request)
+    if METRICS in request.app:
+        request.app[METRICS].http_responses.labels(str(resp.status)).inc()
+    return resp
 
 
 @web.middleware

@@ -81,7 +81,7 @@ async def _generate(request: web.Request, schema, prompts_of: Callable, kind: st
             last = c.last if c.last.finish_reason else dataclasses.replace(c.last, finish_reason="abort")
             ttft = c.first_token_at - started if c.first_token_at else None
             decode = (c.last_token_at - c.first_token_at) if c.first_token_at else 0.0
-            metrics.finished(last, ttft, decode)
+            metrics.finished(last, ttft, decode, (c.last_token_at or time.perf_counter()) - started)
 
 
 def _priority(req, tenant) -> int:

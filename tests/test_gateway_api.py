@@ -199,7 +199,7 @@ async def test_metrics_count_tokens_and_latency(make_client):
     assert await metric(client, "kvgate_time_to_first_token_seconds_count") == 1
     assert await metric(client, "kvgate_time_per_output_token_seconds_count") == 1
     assert await metric(client, "kvgate_blocks", tier="gpu", state="free") > 0
-    assert await metric(client, "kvgate_hits_recomputed_blocks", tier="disk") == 0
+    assert await metric(client, "kvgate_hits_recomputed_blocks_total", tier="disk") == 0
     # on the CPU every step runs eagerly: one prompt step (the demo prompt fits one), then 4 decodes
     assert await metric(client, "kvgate_engine_steps_total", run="eager") == 5
     assert await metric(client, "kvgate_engine_steps_total", run="mixed") == 0
@@ -260,3 +260,30 @@ async def test_tokenize_detokenize_version_and_one_model(make_client):
     assert card == listed and card["id"] == MODEL
     resp = await client.get("/v1/models/other")
     assert resp.status == 404 and (await resp.json())["error"]["code"] == "model_not_found"
+
+
+async def test_metrics_a_kv_aware_router_reads(make_client):
+    """Running totals are counters; the gauges llm-d's endpoint picker and vLLM-style routers
+    read: requests running / waiting, the KV usage ratio (blocks held by running requests), the
+    cache's block size and GPU block count; the model; responses by status; end-to-end latency."""
+    client = await make_client()
+    text = await (await client.get("/metrics")).text()
+    assert "# TYPE kvgate_block_evictions_total counter" in text
+    assert "# TYPE kvgate_hits_recomputed_blocks_total counter" in text
+    assert await metric(client, "kvgate_kv_cache_usage_ratio") == 0
+    assert await metric(client, "kvgate_cache_config_info", block_size=16, num_gpu_blocks=256) == 1
+    assert await metric(client, "kvgate_model_info", model=MODEL) == 1
+    resp = await client.post("/v1/completions", json={"model": MODEL, "prompt": "x" * 40, "max_tokens": 2000,
+                                                      "ignore_eos": True, "stream": True})
+    for _ in range(3):
+        await resp.content.readline()              # generating: 3 blocks of 16 held, of 256
+    assert await metric(client, "kvgate_num_requests_running") == 1
+    assert await metric(client, "kvgate_num_requests_waiting") == 0
+    assert 0 < await metric(client, "kvgate_kv_cache_usage_ratio") <= 4 / 256
+    resp.close()
+    await wait_idle(client)
+    assert await metric(client, "kvgate_kv_cache_usage_ratio") == 0   # its cached blocks count as free
+    await client.post("/v1/completions", json={"model": "nope", "prompt": "x"})
+    assert await metric(client, "kvgate_http_responses_total", status=404) == 1
+    assert await metric(client, "kvgate_http_responses_total", status=200) >= 5
+    assert await metric(client, "kvgate_e2e_request_latency_seconds_count") == 1
