@@ -40,6 +40,7 @@ def init_app(config: KvgateConfig, engine_process: EngineProcess | None = None,
     app.router.add_get("/version", text_views.server_version)
     app.router.add_get("/health", views.health)
     app.router.add_get("/metrics", views.metrics)
+    app.router.add_get("/v1/cache", views.cache)
     app.cleanup_ctx.append(_engine_ctx(engine_process, log_level))
     app.on_shutdown.append(_on_shutdown)
     return app

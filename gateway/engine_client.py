@@ -199,6 +199,7 @@ class EngineClient:
         self.steps: dict = info["steps"]
         self.tiers: list[dict] = info["tiers"]
         self.fingerprint: str = info["fingerprint"]
+        self.kv: dict = info["kv"]            # gateway.tiers.kv_arithmetic
         self.dead: str | None = None          # why the engine process is gone
         self._on_death = on_death
         self._streams: dict[str, asyncio.Queue[RequestOutput]] = {}

@@ -27,7 +27,7 @@ from engine.model import LoadedModel, load_model
 from gateway import engine_wire as wire
 from gateway.config import ConfigError, KvgateConfig
 from gateway.metrics import snapshot
-from gateway.tiers import open_engine
+from gateway.tiers import describe_kv, kv_arithmetic, open_engine
 
 log = logging.getLogger("kvgate.engine")
 _PR_SET_PDEATHSIG = 1
@@ -141,13 +141,15 @@ class EngineCore:
             log.exception("engine start-up failed")
             push.send(wire.pack("failed", f"{type(e).__name__}: {e}", False, gen))
             return None
+        kv = kv_arithmetic(reports, engine.config.block_size, engine.store.layout.block_bytes)
         log.info("serving %s on %s; KV tiers: %s; steps: %s", model.name, model.device,
                  ", ".join(r.describe() for r in reports), engine.config.describe(engine.configured))
+        log.info("KV: %s", describe_kv(kv))
         b = engine.bounds
         info = {"name": model.name, "device": str(model.device), "fingerprint": model.fingerprint,
                 "max_sequence_tokens": engine.max_sequence_tokens,
                 "bounds": [b.vocab_size, b.max_model_len, b.block_size, b.gpu_blocks, b.has_tokenizer],
-                "tiers": [{"tier": r.tier, **r.as_dict()} for r in reports],
+                "tiers": [{"tier": r.tier, **r.as_dict()} for r in reports], "kv": kv,
                 "steps": {"max_num_seqs": engine.config.max_num_seqs,
                           "max_num_batched_tokens": engine.config.max_num_batched_tokens}}
         push.send(wire.pack("ready", gen, info))

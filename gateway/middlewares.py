@@ -10,7 +10,7 @@ from gateway.errors import APIError
 from gateway.keys import CONFIG, METRICS, TENANT
 
 OPEN_PATHS = ("/health",)
-ADMIN_PATHS = ("/metrics",)
+ADMIN_PATHS = ("/metrics", "/v1/cache")
 
 
 @web.middleware
@@ -35,7 +35,7 @@ async def auth_middleware(request: web.Request, handler) -> web.StreamResponse:
     if request.path in ADMIN_PATHS:
         admin = config.server.admin_key
         if not admin and config.tenants:
-            raise APIError(403, "/metrics is closed: with tenants configured it needs server.admin_api_key",
+            raise APIError(403, f"{request.path} is closed: with tenants configured it needs server.admin_api_key",
                            "permission_error", code="admin_key_not_configured")
         if admin and not (key is not None and hmac.compare_digest(key, admin.encode())):
             raise APIError(401, "missing or invalid admin API key (Authorization: Bearer <key>)",

@@ -51,6 +51,26 @@ class TierReport:
         return {k: v for k, v in asdict(self).items() if k != "tier" and v != ""}
 
 
+CONVERSATION_TOKENS = 2048      # the unit "conversations" are counted in (start-up log, /v1/cache)
+
+
+def kv_arithmetic(reports: list[TierReport], block_size: int, block_bytes: int) -> dict:
+    """What the tiers hold in a user's units: bytes of KV per token (all layers, K and V), and
+    per tier the tokens it holds and how many conversations of CONVERSATION_TOKENS that is."""
+    tiers = {r.tier: {"enabled": r.enabled, "blocks": r.blocks, "tokens": r.blocks * block_size, "bytes": r.bytes,
+                      "conversations": r.blocks * block_size // CONVERSATION_TOKENS} for r in reports}
+    return {"block_size": block_size, "bytes_per_token": block_bytes // block_size,
+            "conversation_tokens": CONVERSATION_TOKENS, "tiers": tiers}
+
+
+def describe_kv(kv: dict) -> str:
+    """The start-up log's line: `kv_arithmetic` in words."""
+    held = ", ".join(f"{name} {t['tokens']:,} tokens (~{t['conversations']:,} conversations)"
+                     for name, t in kv["tiers"].items() if t["enabled"])
+    return (f"{kv['bytes_per_token']:,} bytes of KV per token; {held}, counting a conversation as "
+            f"{kv['conversation_tokens']:,} tokens")
+
+
 def plan_tiers(config: KvgateConfig, model: LoadedModel) -> tuple[StoreConfig, list[TierReport]]:
     """The store's configuration for this machine, and a report per tier. Raises ConfigError
     naming the key when a configured size cannot be had."""

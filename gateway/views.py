@@ -209,6 +209,14 @@ async def health(request: web.Request) -> web.Response:
     return web.json_response({"status": "ok", "tiers": tiers, "engine": engine.steps})
 
 
+async def cache(request: web.Request) -> web.Response:
+    """The KV arithmetic of this deployment and what each tier holds now (no token contents)."""
+    engine = request.app[ENGINE]
+    blocks = (await engine.stats())["blocks"]
+    tiers = {name: {**t, "now": blocks.get(name)} for name, t in engine.kv["tiers"].items()}
+    return web.json_response({**engine.kv, "tiers": tiers})
+
+
 async def metrics(request: web.Request) -> web.Response:
     snapshot = await request.app[ENGINE].stats()
     return web.Response(body=request.app[METRICS].render(snapshot),

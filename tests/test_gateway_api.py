@@ -287,3 +287,22 @@ async def test_metrics_a_kv_aware_router_reads(make_client):
     assert await metric(client, "kvgate_http_responses_total", status=404) == 1
     assert await metric(client, "kvgate_http_responses_total", status=200) >= 5
     assert await metric(client, "kvgate_e2e_request_latency_seconds_count") == 1
+
+
+async def test_the_kv_arithmetic_at_start_up_and_on_v1_cache(make_client, tmp_path):
+    """What a token of KV costs for this model and what each tier holds, in tokens and
+    conversations: the demo model's 4 layers x K and V x 2 heads x 32 dims x 4 bytes = 2,048 bytes."""
+    client = await make_client(store={"host": {"num_blocks": 64}})
+    kv = await (await client.get("/v1/cache")).json()
+    assert kv["bytes_per_token"] == 4 * 2 * 2 * 32 * 4 and kv["block_size"] == 16
+    gpu, host, disk = kv["tiers"]["gpu"], kv["tiers"]["host"], kv["tiers"]["disk"]
+    assert gpu["tokens"] == 256 * 16 and gpu["conversations"] == 256 * 16 // kv["conversation_tokens"]
+    assert gpu["bytes"] == gpu["tokens"] * kv["bytes_per_token"] and host["tokens"] == 64 * 16
+    assert not disk["enabled"] and disk["tokens"] == 0
+    assert gpu["now"] == {"free": 256, "cached": 0, "locked": 0}
+    await client.post("/v1/completions", json={"model": MODEL, "prompt": "y" * 40, "max_tokens": 1})
+    assert (await (await client.get("/v1/cache")).json())["tiers"]["gpu"]["now"]["cached"] == 2
+    from gateway.tiers import TierReport, describe_kv, kv_arithmetic
+    line = describe_kv(kv_arithmetic([TierReport("gpu", True, 50_000, 0), TierReport("disk", False)], 16, 2 << 20))
+    assert line == ("131,072 bytes of KV per token; gpu 800,000 tokens (~390 conversations), "
+                    "counting a conversation as 2,048 tokens")          # Llama-3-8B in bf16
