@@ -23,6 +23,7 @@ scale))); `--length-scale` multiplies every length (for quick runs).
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import json
 import random
 import statistics
@@ -31,6 +32,7 @@ import time
 from dataclasses import asdict, dataclass, field
 
 import aiohttp
+from tqdm import tqdm
 
 from engine.bench import percentile
 
@@ -51,19 +53,16 @@ class Sample:
 
 
 class Progress:
+    """A workload's progress bar on stderr, from its first request: done / total, elapsed, ETA."""
+
     def __init__(self, label: str, total: int) -> None:
-        self.label, self.total, self.done, self._last = label, total, 0, 0.0
+        self.bar = tqdm(total=total, desc=f"{label:<10}", unit="req", file=sys.stderr, dynamic_ncols=True,
+                        mininterval=0.2)
 
     def step(self) -> None:
-        self.done += 1
-        now = time.monotonic()
-        if now - self._last > 0.1 or self.done == self.total:
-            bar = "#" * (30 * self.done // self.total)
-            print(f"\r{self.label:<8} [{bar:<30}] {self.done}/{self.total}", end="", file=sys.stderr,
-                  flush=True)
-            self._last = now
-        if self.done == self.total:
-            print(file=sys.stderr)
+        self.bar.update(1)
+        if self.bar.n >= self.bar.total:
+            self.bar.close()
 
 
 class Client:
@@ -199,8 +198,9 @@ def print_table(rows: list[dict]) -> None:
                   f"cached {rd['cached_fraction']:.0%}")
 
 
-def plot(rows: list[dict], directory: str) -> list[str]:
-    """PNG plots: throughput per workload, and TTFT per chat round. Needs matplotlib."""
+def plot(rows: list[dict], directory: str, details: str = "") -> list[str]:
+    """PNG plots: throughput per workload; per chat round, TTFT and the share of the prompt that
+    came from the cache. `details` (model, scale, date) goes under each title. Needs matplotlib."""
     import os
 
     import matplotlib
@@ -208,24 +208,32 @@ def plot(rows: list[dict], directory: str) -> list[str]:
     import matplotlib.pyplot as plt
     os.makedirs(directory, exist_ok=True)
     paths = []
+
+    def save(fig, ax, title: str, name: str) -> None:
+        ax.set_title(f"{title}\n{details}" if details else title, fontsize=9)
+        ax.set_ylim(bottom=0)
+        paths.append(os.path.join(directory, name))
+        fig.tight_layout()
+        fig.savefig(paths[-1])
+        plt.close(fig)
     fig, ax = plt.subplots(figsize=(6, 3.5))
     ax.bar([r["workload"] for r in rows], [r["out_tok_s"] for r in rows])
     ax.set_ylabel("output tokens / s")
-    ax.set_title("kvgate bench: throughput per workload")
-    paths.append(os.path.join(directory, "throughput.png"))
-    fig.tight_layout()
-    fig.savefig(paths[-1])
+    save(fig, ax, "kvgate bench: throughput per workload", "throughput.png")
     for r in rows:
         if r.get("rounds"):
             fig, ax = plt.subplots(figsize=(6, 3.5))
-            ax.plot([x["round"] for x in r["rounds"]], [x["ttft_p50_s"] * 1e3 for x in r["rounds"]],
-                    marker="o")
+            rounds = [x["round"] for x in r["rounds"]]
+            ax.plot(rounds, [x["ttft_p50_s"] * 1e3 for x in r["rounds"]], marker="o", label="TTFT p50")
             ax.set_xlabel("chat round")
             ax.set_ylabel("TTFT p50 (ms)")
-            ax.set_title("kvgate bench: time to first token per chat round")
-            paths.append(os.path.join(directory, f"{r['workload']}_ttft.png"))
-            fig.tight_layout()
-            fig.savefig(paths[-1])
+            hits = ax.twinx()
+            hits.plot(rounds, [x["cached_fraction"] * 100 for x in r["rounds"]], marker="s", color="tab:green",
+                      label="prompt from cache")
+            hits.set_ylabel("prompt from cache (%)")
+            hits.set_ylim(0, 100)
+            save(fig, ax, f"kvgate bench {r['workload']}: time to first token and cache hits per round",
+                 f"{r['workload']}_ttft.png")
     return paths
 
 
@@ -239,6 +247,9 @@ def session_for_workloads() -> aiohttp.ClientSession:
 
 
 async def main_async(a) -> list[dict]:
+    if a.plots and importlib.util.find_spec("matplotlib") is None:     # say so before an hour of work
+        print("kvgate bench: --plots needs matplotlib (pip install matplotlib)", file=sys.stderr)
+        raise SystemExit(2)
     client = Client(a.base_url, a.model, a.api_key)
     async with session_for_workloads() as session:
         client.session = session
@@ -260,10 +271,9 @@ async def main_async(a) -> list[dict]:
                                     for s in samples]),
                       f, indent=1)
     if a.plots:
-        try:
-            print("plots:", ", ".join(plot(rows, a.plots)))
-        except ImportError:
-            print("plots skipped: install matplotlib (pip install matplotlib)", file=sys.stderr)
+        details = (f"{client.model} at {a.base_url}, scale {a.scale:g}, length scale {a.length_scale:g}, "
+                   f"{time.strftime('%Y-%m-%d %H:%M')}")
+        print("plots:", ", ".join(plot(rows, a.plots, details)))
     return rows
 
 

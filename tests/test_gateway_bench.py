@@ -86,3 +86,37 @@ async def test_the_bench_client_holds_no_request_back(aiohttp_server):
                 assert resp.status == 200
         await asyncio.wait_for(asyncio.gather(*(one() for _ in range(150))), 30)
     assert peak[0] == 150
+
+
+async def test_plots_without_matplotlib_are_refused_before_any_request(monkeypatch, capsys):
+    import importlib.util
+    from gateway import bench
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "matplotlib" else real(name, *a))
+    args = argparse.Namespace(base_url="http://127.0.0.1:9/v1", model="", api_key=None, workloads="gsp", scale=1,
+                              length_scale=1, vocab=0, json=None, plots="plots", think_s=0)
+    with pytest.raises(SystemExit) as e:       # port 9 has no server: it never got that far
+        await bench.main_async(args)
+    assert e.value.code == 2 and "--plots needs matplotlib" in capsys.readouterr().err
+
+
+def test_plots_carry_the_run_details_and_start_at_0(tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    from matplotlib.figure import Figure
+
+    from gateway import bench
+    seen, real_save = [], Figure.savefig
+
+    def savefig(fig, path, *a, **kw):
+        seen.append([(ax.get_title(), ax.get_ylim()) for ax in fig.axes])
+        return real_save(fig, path, *a, **kw)
+    monkeypatch.setattr(Figure, "savefig", savefig)
+    rows = [{"workload": "gsp", "out_tok_s": 100.0},
+            {"workload": "chat", "out_tok_s": 50.0, "rounds": [{"round": 1, "ttft_p50_s": 0.05, "cached_fraction": 0.0},
+                                                             {"round": 2, "ttft_p50_s": 0.01, "cached_fraction": 0.9}]}]
+    paths = bench.plot(rows, str(tmp_path), "builtin:tiny, scale 1, 2026-12-02")
+    assert [p.rsplit("/", 1)[1] for p in paths] == ["throughput.png", "chat_ttft.png"]
+    assert all((tmp_path / p.rsplit("/", 1)[1]).stat().st_size > 0 for p in paths)
+    throughput, chat = seen
+    assert throughput[0][0].endswith("builtin:tiny, scale 1, 2026-12-02") and throughput[0][1][0] == 0
+    assert chat[0][1][0] == 0 and chat[1][1] == (0, 100)      # TTFT from 0; cache hits 0-100 %
