@@ -67,6 +67,8 @@ def completion_prompts(req: CompletionRequest, prompts: Prompts) -> list[list[in
     prompt = req.prompt
     if isinstance(prompt, list) and isinstance(prompt[0], int):
         return [prompt]
+    if isinstance(prompt, list) and isinstance(prompt[0], list):
+        return prompt
     texts = [prompt] if isinstance(prompt, str) else prompt
     if prompts.tokenizer is None:
         raise InvalidRequest("this model has no tokenizer: send the prompt as token ids", "prompt")

@@ -74,9 +74,13 @@ class ChatCompletionRequest(_Common):
     tools: list | None = None
 
 
+TokenIds = Annotated[list[TokenId], Field(min_length=1)]
+
+
 class CompletionRequest(_Common):
-    prompt: StrictStr | Annotated[list[TokenId], Field(min_length=1)] | \
-        Annotated[list[StrictStr], Field(min_length=1)]
+    # a text, token ids, a batch of texts, or a batch of token-id lists
+    prompt: StrictStr | TokenIds | Annotated[list[StrictStr], Field(min_length=1)] | \
+        Annotated[list[TokenIds], Field(min_length=1)]
     max_tokens: MaxTokens | None = DEFAULT_COMPLETION_TOKENS
     echo: StrictBool = False
 
@@ -86,8 +90,8 @@ class CompletionRequest(_Common):
         return DEFAULT_COMPLETION_TOKENS if v is None else v
 
     def num_sequences(self) -> int:
-        texts = isinstance(self.prompt, list) and isinstance(self.prompt[0], str)
-        return (len(self.prompt) if texts else 1) * self.n
+        batch = isinstance(self.prompt, list) and isinstance(self.prompt[0], (str, list))
+        return (len(self.prompt) if batch else 1) * self.n
 
 
 def usage(prompt_tokens: int, completion_tokens: int, cached: dict[Tier, int]) -> dict:

@@ -306,3 +306,17 @@ async def test_the_kv_arithmetic_at_start_up_and_on_v1_cache(make_client, tmp_pa
     line = describe_kv(kv_arithmetic([TierReport("gpu", True, 50_000, 0), TierReport("disk", False)], 16, 2 << 20))
     assert line == ("131,072 bytes of KV per token; gpu 800,000 tokens (~390 conversations), "
                     "counting a conversation as 2,048 tokens")          # Llama-3-8B in bf16
+
+
+async def test_a_batch_of_token_id_lists_gives_a_choice_each(make_client):
+    client = await make_client()
+    body = {"model": MODEL, "max_tokens": 3, "temperature": 0, "ignore_eos": True, "return_token_ids": True}
+    batch = await (await client.post("/v1/completions", json={**body, "prompt": [[65, 66, 67], [70, 71]]})).json()
+    alone = [await (await client.post("/v1/completions", json={**body, "prompt": p})).json()
+             for p in ([65, 66, 67], [70, 71])]
+    assert [c["index"] for c in batch["choices"]] == [0, 1]
+    assert [c["token_ids"] for c in batch["choices"]] == [a["choices"][0]["token_ids"] for a in alone]
+    assert batch["usage"]["prompt_tokens"] == 5
+    for bad, param in (([[65], []], "prompt"), ([[65], ["a"]], "prompt"), ([[10**9]], "prompt")):
+        resp = await client.post("/v1/completions", json={**body, "prompt": bad})
+        assert resp.status == 400 and (await resp.json())["error"]["param"].startswith(param), bad
