@@ -1,6 +1,7 @@
 """Frozen, validated configuration of the engine layer. Errors name the key and what is allowed."""
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, replace
 
 import torch
@@ -20,6 +21,7 @@ class ModelConfig:
     name: str = ""                 # served model name; "" = derived from `path`
     seed: int = 0                  # random weights (dummy, builtin) are a function of this
     fuse: bool = True              # fused, compiled decoder layers for the Llama family (on CUDA)
+    chat_template: str = ""        # a Jinja chat template file, used instead of the tokenizer's own
 
     def __post_init__(self) -> None:
         if not self.device:
@@ -34,6 +36,8 @@ class ModelConfig:
             raise ValueError("model.device is 'cuda' but no CUDA GPU is available")
         if self.path.startswith("dummy:") and self.load_format != "dummy":
             object.__setattr__(self, "load_format", "dummy")
+        if self.chat_template and not os.path.isfile(self.chat_template):
+            raise ValueError(f"model.chat_template {self.chat_template!r} is not a file")
         if self.max_model_len < 0:
             raise ValueError(f"model.max_model_len must be >= 0, got {self.max_model_len}")
 

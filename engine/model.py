@@ -50,7 +50,13 @@ class Prompts:
     max_prompt_chars: int = 0         # a longer text cannot fit the context, whatever its tokens
 
     @classmethod
-    def of(cls, name: str, tokenizer, max_model_len: int) -> Prompts:
+    def of(cls, name: str, tokenizer, max_model_len: int, chat_template: str = "") -> Prompts:
+        """`chat_template`: a template file that replaces the tokenizer's own (`model.chat_template`)."""
+        if chat_template:
+            if tokenizer is None:
+                raise ValueError("model.chat_template: this model has no tokenizer to apply it with")
+            with open(chat_template, encoding="utf-8") as f:
+                tokenizer.chat_template = f.read()
         chat = ChatEncoder(tokenizer) if getattr(tokenizer, "chat_template", None) else None
         # a token covers at most as many characters as its vocabulary string has; 4x covers
         # normalizers that shorten text (composing accents)
@@ -114,7 +120,7 @@ def load_model(cfg: ModelConfig, block_size: int) -> LoadedModel:
     eos = eos if eos is not None else getattr(tokenizer, "eos_token_id", None)
     eos_ids = frozenset([eos] if isinstance(eos, int) else (eos or []))
     fp = fingerprint(model.config, identity, dtype, block_size)
-    prompts = Prompts.of(model_name(cfg), tokenizer, max_len)
+    prompts = Prompts.of(model_name(cfg), tokenizer, max_len, cfg.chat_template)
     return LoadedModel(**vars(prompts), model=model, device=device, dtype=dtype, eos_token_ids=eos_ids,
                        fingerprint=fp)
 

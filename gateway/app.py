@@ -60,7 +60,8 @@ def _engine_ctx(given: EngineProcess | None, log_level: str):
                 raise
         engine = EngineClient(process, await tokenizer, on_death=lambda why: state.request_stop(1))
         app[ENGINE] = engine
-        app[PROMPTS] = Prompts.of(engine.name, engine.tokenizer, engine.bounds.max_model_len)
+        app[PROMPTS] = Prompts.of(engine.name, engine.tokenizer, engine.bounds.max_model_len,
+                                  config.model.chat_template)
         app[TIERS] = reports = [TierReport(**t) for t in engine.tiers]
         app[METRICS] = Metrics(reports, engine.name, engine.bounds.block_size)
         yield

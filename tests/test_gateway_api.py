@@ -320,3 +320,16 @@ async def test_a_batch_of_token_id_lists_gives_a_choice_each(make_client):
     for bad, param in (([[65], []], "prompt"), ([[65], ["a"]], "prompt"), ([[10**9]], "prompt")):
         resp = await client.post("/v1/completions", json={**body, "prompt": bad})
         assert resp.status == 400 and (await resp.json())["error"]["param"].startswith(param), bad
+
+
+async def test_a_chat_template_file_replaces_the_tokenizers(make_client, tmp_path):
+    template = tmp_path / "plain.jinja"
+    template.write_text("{% for m in messages %}[{{ m['role'] }}]{{ m['content'] }}{% endfor %}"
+                        "{% if add_generation_prompt %}[assistant]{% endif %}")
+    client = await make_client(model={"chat_template": str(template)})
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+    tok = await (await client.post("/tokenize", json={"model": MODEL, "messages": messages})).json()
+    text = await (await client.post("/detokenize", json={"model": MODEL, "tokens": tok["tokens"]})).json()
+    assert text["prompt"] == "[system]Be brief.[user]Hi[assistant]"
+    done = await (await client.post("/v1/chat/completions", json={**chat(), "messages": messages})).json()
+    assert done["usage"]["prompt_tokens"] == tok["count"]

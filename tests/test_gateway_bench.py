@@ -90,6 +90,7 @@ async def test_the_bench_client_holds_no_request_back(aiohttp_server):
 
 async def test_plots_without_matplotlib_are_refused_before_any_request(monkeypatch, capsys):
     import importlib.util
+
     from gateway import bench
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "matplotlib" else real(name, *a))

@@ -82,6 +82,11 @@ def test_config_errors_name_the_key(doc, message):
         build_config(doc)
 
 
+def test_a_chat_template_that_is_not_a_file_names_the_key(tmp_path):
+    with pytest.raises(ConfigError, match="model.chat_template .* is not a file"):
+        build_config({"model": {"chat_template": str(tmp_path / "missing.jinja")}})
+
+
 @pytest.mark.parametrize("override", ["server.port", "port=1", "=3"])
 def test_malformed_set_is_an_error(override):
     with pytest.raises(ConfigError, match="expected section.key=value"):
