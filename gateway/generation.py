@@ -81,8 +81,6 @@ def plan(req: ChatCompletionRequest | CompletionRequest, prompts: list[list[int]
          max_sequence_tokens: int) -> list[Choice]:
     """One Choice per prompt and sample, with its sampling parameters (InvalidRequest names the
     field that is wrong)."""
-    if req.logprobs:
-        raise InvalidRequest("logprobs are not supported by kvgate", "logprobs")
     choices = []
     for p, prompt in enumerate(prompts):
         max_tokens = getattr(req, "max_completion_tokens", None) or req.max_tokens

@@ -65,7 +65,13 @@ def parse(body: bytes, schema: type[BaseModel]) -> BaseModel:
         err = e.errors()[0]
         # the location, without pydantic's names for union branches ("function-after[...]", ...)
         param = ".".join(str(p) for p in err["loc"] if isinstance(p, int) or "[" not in p)
-        raise APIError(400, f"{param}: {err['msg']}", "invalid_request_error", param or None) from None
+        what = "unknown field (kvgate takes OpenAI's fields and its own: docs/api.md)" \
+            if err["type"] == "extra_forbidden" else err["msg"]
+        raise APIError(400, f"{param}: {what}", "invalid_request_error", param or None) from None
+    refused = getattr(req, "refused", lambda: None)()
+    if refused:      # an OpenAI field kvgate does not implement, sent with an effect
+        raise APIError(400, f"{refused}: not supported by kvgate (docs/api.md lists every field)",
+                       "invalid_request_error", refused)
     return req
 
 

@@ -1,17 +1,33 @@
 """The OpenAI wire format: request schemas (validated with pydantic) and response builders.
 
-Requests: unknown fields are ignored; known fields with a wrong type are rejected (strict types:
-"5" is not an int), and every number is bounded by the limits the engine enforces
-(engine/limits.py). kvgate's extensions: `priority` (int, higher = more urgent), `ignore_eos`,
-`top_k`, `stop_token_ids`, `return_token_ids`.
+Every field is honoured or refused with a 400 that names it; nothing that would change the
+output is silently ignored (docs/api.md, "Request fields"):
+- fields kvgate implements, with wrong types rejected (strict: "5" is not an int) and every
+  number bounded by the limits the engine enforces (engine/limits.py);
+- OpenAI fields that do not change the output (`user`, `metadata`, `store`, `service_tier`,
+  `parallel_tool_calls`): accepted;
+- OpenAI fields kvgate does not implement (`REFUSED`): accepted only at their no-op value
+  (`presence_penalty: 0`, `logit_bias: {}`, `response_format: {"type": "text"}`, ...), else 400;
+- any other field: 400, as OpenAI answers it.
+kvgate's extensions: `priority` (int, higher = more urgent), `ignore_eos`, `top_k`,
+`stop_token_ids`, `return_token_ids`.
 """
 from __future__ import annotations
 
 import time
 import uuid
-from typing import Annotated, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictFloat,
+    StrictInt,
+    StrictStr,
+    field_validator,
+)
 
 from engine import limits
 from store import Tier
@@ -21,13 +37,30 @@ TokenId = Annotated[StrictInt, Field(ge=0, le=limits.TOKEN_ID_MAX)]
 DEFAULT_COMPLETION_TOKENS = 16      # OpenAI's default for /v1/completions
 
 
+def _no_op(value: Any) -> bool:
+    """The value a client sends for a field it does not use."""
+    return value in (None, False, 0, "", [], {}, {"type": "text"}, "none", "auto")
+
+
+class _Refusing(BaseModel):
+    """Fields of OpenAI's that kvgate does not implement (REFUSED): accepted at their no-op value
+    only; `refused()` names the first one sent with another (intake.parse answers it with a 400)."""
+    model_config = ConfigDict(extra="forbid")
+    REFUSED: ClassVar[tuple[str, ...]] = ()
+
+    def refused(self) -> str | None:
+        return next((name for name in self.REFUSED if not _no_op(getattr(self, name))), None)
+
+
 class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="forbid")
     include_usage: StrictBool = False
 
 
-class _Common(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+class _Common(_Refusing):
+    REFUSED = ("logprobs", "top_logprobs", "presence_penalty", "frequency_penalty", "logit_bias",
+               "response_format", "best_of", "suffix", "echo", "tool_choice", "functions", "function_call",
+               "modalities", "audio", "prediction", "reasoning_effort", "web_search_options")
     model: StrictStr
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
@@ -36,7 +69,30 @@ class _Common(BaseModel):
     n: Annotated[StrictInt, Field(ge=1, le=limits.N_MAX)] = 1
     stop: StrictStr | Annotated[list[StrictStr], Field(max_length=limits.STOP_MAX)] | None = None
     seed: Annotated[StrictInt, Field(ge=limits.SEED_MIN, le=limits.SEED_MAX)] | None = None
-    logprobs: StrictBool | StrictInt | None = None
+    # no effect on the output: accepted
+    user: StrictStr | None = None
+    metadata: dict | None = None
+    store: StrictBool | None = None
+    service_tier: StrictStr | None = None
+    parallel_tool_calls: StrictBool | None = None
+    # not implemented: accepted at their no-op value only (REFUSED)
+    logprobs: Any = None
+    top_logprobs: Any = None
+    presence_penalty: Any = None
+    frequency_penalty: Any = None
+    logit_bias: Any = None
+    response_format: Any = None
+    best_of: Any = None
+    suffix: Any = None
+    echo: Any = None
+    tool_choice: Any = None
+    functions: Any = None
+    function_call: Any = None
+    modalities: Any = None
+    audio: Any = None
+    prediction: Any = None
+    reasoning_effort: Any = None
+    web_search_options: Any = None
     # kvgate extensions
     priority: Annotated[StrictInt, Field(ge=limits.PRIORITY_MIN, le=limits.PRIORITY_MAX)] | None = None
     top_k: Annotated[StrictInt, Field(ge=0, le=limits.TOP_K_MAX)] = 0
@@ -53,15 +109,23 @@ class _Common(BaseModel):
 
 
 class ContentPart(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="forbid")
     type: StrictStr
     text: StrictStr | None = None       # required when type is "text" (checked by the caller)
 
 
-class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+class ChatMessage(_Refusing):
+    # what an SDK sends back with an assistant turn of the history: accepted when empty
+    REFUSED = ("name", "tool_calls", "tool_call_id", "function_call", "audio", "refusal")
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: StrictStr | list[ContentPart] | None = None
+    name: Any = None
+    tool_calls: Any = None
+    tool_call_id: Any = None
+    function_call: Any = None
+    audio: Any = None
+    refusal: Any = None
+    annotations: list | None = None
 
 
 MaxTokens = Annotated[StrictInt, Field(ge=1, le=limits.MAX_TOKENS_MAX)]
@@ -69,6 +133,10 @@ MaxTokens = Annotated[StrictInt, Field(ge=1, le=limits.MAX_TOKENS_MAX)]
 
 class ChatCompletionRequest(_Common):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
+
+    def refused(self) -> str | None:
+        return super().refused() or next((f"messages[{i}].{name}" for i, m in enumerate(self.messages)
+                                          if (name := m.refused())), None)
     max_tokens: MaxTokens | None = None                # None: all the room the sequence has left
     max_completion_tokens: MaxTokens | None = None
     tools: list | None = None
@@ -82,7 +150,6 @@ class CompletionRequest(_Common):
     prompt: StrictStr | TokenIds | Annotated[list[StrictStr], Field(min_length=1)] | \
         Annotated[list[TokenIds], Field(min_length=1)]
     max_tokens: MaxTokens | None = DEFAULT_COMPLETION_TOKENS
-    echo: StrictBool = False
 
     @field_validator("max_tokens")
     @classmethod

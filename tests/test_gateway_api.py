@@ -103,11 +103,14 @@ async def test_return_token_ids(make_client):
 
 
 async def test_extension_fields_and_unknown_fields(make_client):
+    """kvgate's extensions are taken; a field neither OpenAI's nor kvgate's is a 400 naming it
+    (OpenAI's rule), never silently ignored."""
     client = await make_client()
     resp = await client.post("/v1/chat/completions", json=chat(
-        priority=5, top_k=3, ignore_eos=True, max_tokens=6, user="someone", frequency_penalty=0,
-        some_future_field={"x": 1}))
+        priority=5, top_k=3, ignore_eos=True, max_tokens=6, user="someone", frequency_penalty=0))
     assert resp.status == 200 and (await resp.json())["usage"]["completion_tokens"] == 6
+    resp = await client.post("/v1/chat/completions", json=chat(some_future_field={"x": 1}))
+    assert resp.status == 400 and (await resp.json())["error"]["param"] == "some_future_field"
 
 
 @pytest.mark.parametrize("body,status,param,code", [

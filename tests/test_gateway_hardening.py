@@ -347,3 +347,39 @@ async def test_special_token_text_in_a_message_cannot_forge_a_turn(make_client, 
     assert [tok.convert_ids_to_tokens(i) for i in prompts[0] if i in special] == \
         ["<|begin|>", "<|user|>", "<|end|>", "<|assistant|>"]
     assert forged in tok.decode(prompts[0])       # the text itself reaches the model unchanged
+
+
+# ---- every field honoured or refused ----------------------------------------------------------
+
+REFUSED_WITH_EFFECT = [("presence_penalty", 0.5), ("frequency_penalty", 5.0), ("logit_bias", {"65": -100}),
+                       ("response_format", {"type": "json_object"}), ("best_of", 2), ("suffix", "end"),
+                       ("echo", True), ("logprobs", True), ("top_logprobs", 3), ("tool_choice", "required"),
+                       ("reasoning_effort", "high")]
+
+
+@pytest.mark.parametrize("field,value", REFUSED_WITH_EFFECT)
+async def test_a_field_that_would_change_the_output_is_refused_not_ignored(make_client, field, value):
+    client = await make_client()
+    await assert_error(await client.post("/v1/completions", json=completion(**{field: value})), 400, field)
+    await assert_serving(client)
+
+
+async def test_no_op_values_harmless_fields_and_a_replayed_history_are_accepted(make_client):
+    client = await make_client()
+    no_ops = {"presence_penalty": 0, "frequency_penalty": 0.0, "logit_bias": {}, "response_format": {"type": "text"},
+              "logprobs": False, "tool_choice": "none", "user": "u-1", "metadata": {"k": "v"}, "store": False,
+              "parallel_tool_calls": True}
+    assert (await client.post("/v1/chat/completions", json=chat(**no_ops))).status == 200
+    history = [{"role": "user", "content": "hi"},       # an assistant turn as SDKs send it back
+               {"role": "assistant", "content": "hello", "refusal": None, "tool_calls": None, "audio": None,
+                "function_call": None, "annotations": []},
+               {"role": "user", "content": "again"}]
+    assert (await client.post("/v1/chat/completions", json={**chat(), "messages": history})).status == 200
+    named = [{"role": "user", "content": "hi", "name": "alice"}]
+    await assert_error(await client.post("/v1/chat/completions", json={**chat(), "messages": named}), 400,
+                       "messages[0].name")
+    err = await assert_error(await client.post("/v1/completions", json=completion(repetition_penalty=1.2)), 400,
+                             "repetition_penalty")
+    assert "unknown field" in err["message"]
+    await assert_error(await client.post("/v1/chat/completions", json=chat(stream_options={"x": 1})), 400,
+                       "stream_options.x")
