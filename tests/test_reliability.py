@@ -95,8 +95,10 @@ FIELDS = {
     "stop_token_ids": (st.lists(st.integers(0, 300), max_size=3), st.lists(HOSTILE_INTS, max_size=2) | JSON),
     "return_token_ids": (st.booleans(), JSON),
     "logprobs": (st.just(False), st.just(True) | JSON),
-    "unknown_field": (JSON, JSON),
+    "presence_penalty": (st.just(0), HOSTILE_FLOATS | JSON),       # refused unless 0
+    "user": (st.text(max_size=8), JSON),
 }
+HOSTILE_ONLY = {"unknown_field": JSON}      # never valid: a field neither OpenAI's nor kvgate's
 CHAT_FIELDS = {**FIELDS, "messages": (st.lists(MESSAGE, min_size=1, max_size=3),
                                       st.lists(HOSTILE_MESSAGE, max_size=3) | JSON)}
 COMPLETION_FIELDS = {**FIELDS, "prompt": (st.text(min_size=1, max_size=40) | st.lists(st.integers(0, 255), min_size=1,
@@ -115,6 +117,8 @@ def bodies(draw, fields: dict) -> dict:
             body[name] = draw(bad)
         elif name in ("model", "messages", "prompt") or draw(st.booleans()):
             body[name] = draw(valid)
+    if draw(st.integers(0, 7)) == 0:
+        body["unknown_field"] = draw(HOSTILE_ONLY["unknown_field"])
     return body
 
 
