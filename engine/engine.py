@@ -10,6 +10,7 @@ through `_finish`, which releases its blocks: finished, stopped, aborted or fail
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import logging
 import time
@@ -107,6 +108,9 @@ class Engine:
         waits and then while it computes the first ones (store/loader.py)."""
         request_id = request_id or uuid.uuid4().hex
         self._validate(request_id, prompt_ids, params, priority)
+        if params.min_tokens:      # what min_tokens holds back: the stop tokens, and EOS unless ignored
+            eos = () if params.ignore_eos else tuple(sorted(self.loaded.eos_token_ids))
+            params = dataclasses.replace(params, end_ids=tuple(params.stop_token_ids) + eos)
         prompt = list(prompt_ids)
         root = self.store.root_key(namespace)
         generator = None

@@ -20,6 +20,8 @@ STOP_MAX = 16              # stop strings per request
 STOP_TOKEN_IDS_MAX = 1024
 TOKEN_ID_MAX = 2**31 - 1   # token ids in prompts and stop_token_ids (the vocabulary bounds prompts)
 GENERATOR_SEEDS = 2**64    # torch's generator seeds are [0, 2**64)
+REPETITION_PENALTY_MAX = 10.0
+LOGIT_BIAS_MAX = 300       # token ids in one request's logit_bias (OpenAI's bound)
 
 
 def generator_seed(seed: int, choice: int) -> int:
@@ -62,5 +64,7 @@ def check_request(bounds: RequestBounds, prompt: Sequence, params, priority: int
     if blocks > bounds.gpu_blocks:
         raise InvalidRequest(f"the request needs {blocks} KV blocks; the GPU pool has {bounds.gpu_blocks}",
                              "max_tokens", "context_length_exceeded")
+    if any(t >= bounds.vocab_size for t, _ in params.logit_bias):
+        raise InvalidRequest(f"logit_bias token ids must be in [0, {bounds.vocab_size})", "logit_bias")
     if params.stop and not bounds.has_tokenizer:
         raise InvalidRequest("stop strings need a tokenizer; this model has none", "stop")

@@ -39,6 +39,8 @@ class StepInput:
     sample_rows: torch.Tensor        # [N] rows of the flat batch whose logits are sampled
     params: list[SamplingParams]     # [N]
     generators: list[torch.Generator | None]  # [N]
+    histories: list[tuple[list[int], int] | None] | None = None   # [N] (token ids, prompt length) where
+                                                                 # the row's params have logits processors
 
 
 class ModelRunner:
@@ -66,7 +68,7 @@ class ModelRunner:
         ids: list[int] = []
         positions: list[int] = []
         slots: list[int | np.ndarray] = []  # per chunk: block * block_size + offset of its tokens
-        seqs, rows, params, generators = [], [], [], []
+        seqs, rows, params, generators, histories = [], [], [], [], []
         decode_rows, decode_tables, decode_lens = [], [], []
         tiles, prefill_chunks, prefill_tables = [], [], []
         for c in chunks:
@@ -94,6 +96,7 @@ class ModelRunner:
                 rows.append(q + c.num_tokens - 1)
                 params.append(seq.params)
                 generators.append(seq.generator)
+                histories.append((seq.token_ids, seq.prompt_len) if seq.params.processes else None)
         decode = prefill = None
         if decode_rows:
             decode = DecodeBatch(torch.tensor(decode_rows), _padded(decode_tables),
@@ -104,7 +107,7 @@ class ModelRunner:
         slot = torch.tensor(slots) if len(slots) == len(ids) else torch.from_numpy(
             np.concatenate([np.atleast_1d(x) for x in slots]))
         return StepInput(torch.tensor(ids), torch.tensor(positions), slot // bs, slot % bs, tuple(seqs),
-                         decode, prefill, torch.tensor(rows, dtype=torch.long), params, generators)
+                         decode, prefill, torch.tensor(rows, dtype=torch.long), params, generators, histories)
 
     @torch.inference_mode()
     def execute(self, step: StepInput) -> list[int]:
@@ -114,7 +117,7 @@ class ModelRunner:
             try:
                 logits = self.graphs.run(graph, step)       # [sample rows, V]
                 self.steps[graph[0]] += 1
-                return sample(logits, step.params, step.generators)
+                return sample(logits, step.params, step.generators, step.histories)
             except RuntimeError:
                 log.exception("replaying a CUDA graph failed; running eagerly from now on")
                 self.graphs.broken = True
@@ -134,7 +137,7 @@ class ModelRunner:
                          use_cache=False, logits_to_keep=rows.to(dev), kvgate=meta)
         if len(step.sample_rows) == 0:
             return []
-        return sample(out.logits[0], step.params, step.generators)
+        return sample(out.logits[0], step.params, step.generators, step.histories)
 
     @torch.inference_mode()
     def warmup(self, costs: LoadOrRecompute, prefill_tokens: int) -> None:

@@ -25,6 +25,14 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     stop: tuple[str, ...] = ()           # stop strings; the output ends before the first one
     ignore_eos: bool = False
+    # logits processors (OpenAI's and vLLM's meanings); each off at its default
+    presence_penalty: float = 0.0        # minus this for every token already in the output
+    frequency_penalty: float = 0.0       # minus this times the token's count in the output
+    repetition_penalty: float = 1.0      # tokens of the prompt and output: positive logits / it, negative * it
+    logit_bias: tuple[tuple[int, float], ...] = ()   # (token id, added to its logit)
+    min_p: float = 0.0                   # sampling: drop tokens less likely than min_p * the likeliest
+    min_tokens: int = 0                  # no EOS or stop token before this many output tokens
+    end_ids: tuple[int, ...] = ()        # what min_tokens holds back: set by the engine (EOS + stop ids)
     greedy: bool = field(init=False, default=False)
 
     def __post_init__(self) -> None:
@@ -43,11 +51,31 @@ class SamplingParams:
                f"at most {limits.STOP_TOKEN_IDS_MAX} non-negative ints")
         _check(all(isinstance(s, str) and s for s in self.stop) and len(self.stop) <= limits.STOP_MAX,
                "stop", f"at most {limits.STOP_MAX} non-empty strings")
+        for name in ("presence_penalty", "frequency_penalty"):
+            _check(_is_number(getattr(self, name)) and -2.0 <= getattr(self, name) <= 2.0, name, "a number in [-2, 2]")
+        _check(_is_number(self.repetition_penalty) and 0.0 < self.repetition_penalty <= limits.REPETITION_PENALTY_MAX,
+               "repetition_penalty", f"a number in (0, {limits.REPETITION_PENALTY_MAX:g}]")
+        _check(_is_number(self.min_p) and 0.0 <= self.min_p <= 1.0, "min_p", "a number in [0, 1]")
+        _check(_is_int(self.min_tokens) and 0 <= self.min_tokens <= self.max_tokens, "min_tokens",
+               "an int in [0, max_tokens]")
+        _check(len(self.logit_bias) <= limits.LOGIT_BIAS_MAX and all(
+            _is_int(t) and 0 <= t <= limits.TOKEN_ID_MAX and _is_number(b) and -100 <= b <= 100
+            for t, b in self.logit_bias), "logit_bias",
+            f"at most {limits.LOGIT_BIAS_MAX} token ids with a bias in [-100, 100]")
         object.__setattr__(self, "temperature", float(self.temperature))
         object.__setattr__(self, "top_p", float(self.top_p))
         object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
         object.__setattr__(self, "stop", tuple(self.stop))
+        object.__setattr__(self, "logit_bias", tuple((t, float(b)) for t, b in self.logit_bias))
+        object.__setattr__(self, "end_ids", tuple(self.end_ids))
         object.__setattr__(self, "greedy", self.temperature < limits.GREEDY_BELOW)
+
+    @property
+    def processes(self) -> bool:
+        """Whether a logits processor is on (`process`: the row leaves the batched argmax, and
+        needs the sequence's tokens). min_p is not one: it only narrows sampling (`_draw`)."""
+        return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0
+                    or self.logit_bias or self.min_tokens)
 
 
 def _is_int(x) -> bool:
@@ -63,26 +91,55 @@ def _check(ok: bool, name: str, what: str) -> None:
         raise InvalidRequest(f"{name} must be {what}", name)
 
 
-def sample(logits: torch.Tensor, params: list[SamplingParams],
-           generators: list[torch.Generator | None]) -> list[int | None]:
+def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None],
+           histories: list[tuple[list[int], int] | None] | None = None) -> list[int | None]:
     """One token per row; None for a row whose sampling failed (its request fails, no other).
-    logits: [N, V]; params and generators: one per row. Greedy rows take the argmax in the
-    logits' own dtype (the same index as in fp32: the conversion is exact). Sampled rows are
-    written into the same tensor, so the step waits for the device once, not once per row."""
+    logits: [N, V]; params and generators: one per row; histories: per row, (token ids so far,
+    prompt length) where its params have logits processors. Greedy rows without processors take
+    the argmax in the logits' own dtype (the same index as in fp32: the conversion is exact).
+    Other rows are written into the same tensor, so the step waits for the device once."""
     tokens = logits.argmax(dim=-1)                      # [N]
     failed = []
     for i, (p, g) in enumerate(zip(params, generators)):
-        if not p.greedy:
-            try:
-                tokens[i] = _draw(logits[i], p, g)
-            except Exception:   # a bug, or a generator the device refuses: this row only
-                log.exception("sampling failed for one row (temperature=%r top_p=%r top_k=%r)",
-                              p.temperature, p.top_p, p.top_k)
-                failed.append(i)
+        if p.greedy and not p.processes:
+            continue
+        try:
+            row = process(logits[i].float(), p, histories[i]) if p.processes else logits[i]
+            tokens[i] = row.argmax() if p.greedy else _draw(row, p, g)
+        except Exception:   # a bug, or a generator the device refuses: this row only
+            log.exception("sampling failed for one row (temperature=%r top_p=%r top_k=%r)",
+                          p.temperature, p.top_p, p.top_k)
+            failed.append(i)
     out: list[int | None] = tokens.tolist()
     for i in failed:
         out[i] = None
     return out
+
+
+def process(row: torch.Tensor, p: SamplingParams, history: tuple[list[int], int]) -> torch.Tensor:
+    """The logits processors of `p` on one row (fp32 [V], modified in place): repetition
+    penalty over prompt and output (transformers' RepetitionPenaltyLogitsProcessor), presence
+    and frequency penalties over the output (OpenAI's), logit bias, and min_tokens (EOS and stop
+    tokens held back, transformers' MinNewTokensLengthLogitsProcessor)."""
+    token_ids, prompt_len = history
+    vocab = row.numel()
+    if p.repetition_penalty != 1.0:
+        seen = torch.tensor(sorted({t for t in token_ids if t < vocab}), dtype=torch.long, device=row.device)
+        scores = row[seen]
+        row[seen] = torch.where(scores > 0, scores / p.repetition_penalty, scores * p.repetition_penalty)
+    if p.presence_penalty or p.frequency_penalty:
+        out = [t for t in token_ids[prompt_len:] if t < vocab]
+        if out:
+            ids, counts = torch.tensor(out, dtype=torch.long).unique(return_counts=True)
+            row[ids.to(row.device)] -= (p.presence_penalty + p.frequency_penalty * counts.float()).to(row.device)
+    for t, bias in p.logit_bias:
+        if t < vocab:
+            row[t] += bias
+    if len(token_ids) - prompt_len < p.min_tokens:
+        held = [t for t in p.end_ids if t < vocab]
+        if held:
+            row[torch.tensor(held, dtype=torch.long, device=row.device)] = float("-inf")
+    return row
 
 
 def _draw(logits: torch.Tensor, p: SamplingParams, generator: torch.Generator | None) -> torch.Tensor:
@@ -91,6 +148,9 @@ def _draw(logits: torch.Tensor, p: SamplingParams, generator: torch.Generator | 
     process's CUDA context): non-finite logits (a model's numeric fault) leave the argmax, and a
     top-p so small it rounds to 0 still keeps the most likely token."""
     scores = logits.float() / p.temperature
+    if p.min_p:        # transformers' MinPLogitsWarper: relative to the likeliest token, after temperature
+        probs = scores.softmax(-1)
+        scores = scores.masked_fill(probs < p.min_p * probs.max(), float("-inf"))
     if p.top_k and p.top_k < scores.numel():
         kth = torch.topk(scores, p.top_k).values[-1]
         scores = scores.masked_fill(scores < kth, float("-inf"))

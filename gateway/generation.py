@@ -91,7 +91,9 @@ def plan(req: ChatCompletionRequest | CompletionRequest, prompts: list[list[int]
                 max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p, top_k=req.top_k,
                 seed=None if req.seed is None else limits.generator_seed(req.seed, i),
                 stop=req.stop_strings(), stop_token_ids=tuple(req.stop_token_ids or ()),
-                ignore_eos=req.ignore_eos)
+                ignore_eos=req.ignore_eos, presence_penalty=req.presence_penalty,
+                frequency_penalty=req.frequency_penalty, repetition_penalty=req.repetition_penalty,
+                logit_bias=req.logit_biases(), min_p=req.min_p, min_tokens=req.min_tokens)
             choices.append(Choice(p * req.n + i, prompt, params))
     return choices
 

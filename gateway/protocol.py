@@ -30,6 +30,7 @@ from pydantic import (
 )
 
 from engine import limits
+from engine.errors import InvalidRequest
 from store import Tier
 
 Number = StrictInt | StrictFloat
@@ -58,9 +59,9 @@ class StreamOptions(BaseModel):
 
 
 class _Common(_Refusing):
-    REFUSED = ("logprobs", "top_logprobs", "presence_penalty", "frequency_penalty", "logit_bias",
-               "response_format", "best_of", "suffix", "echo", "tool_choice", "functions", "function_call",
-               "modalities", "audio", "prediction", "reasoning_effort", "web_search_options")
+    REFUSED = ("logprobs", "top_logprobs", "response_format", "best_of", "suffix", "echo", "tool_choice",
+               "functions", "function_call", "modalities", "audio", "prediction", "reasoning_effort",
+               "web_search_options")
     model: StrictStr
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
@@ -78,9 +79,6 @@ class _Common(_Refusing):
     # not implemented: accepted at their no-op value only (REFUSED)
     logprobs: Any = None
     top_logprobs: Any = None
-    presence_penalty: Any = None
-    frequency_penalty: Any = None
-    logit_bias: Any = None
     response_format: Any = None
     best_of: Any = None
     suffix: Any = None
@@ -93,12 +91,29 @@ class _Common(_Refusing):
     prediction: Any = None
     reasoning_effort: Any = None
     web_search_options: Any = None
+    presence_penalty: Annotated[Number, Field(ge=-2, le=2)] = 0.0
+    frequency_penalty: Annotated[Number, Field(ge=-2, le=2)] = 0.0
+    logit_bias: Annotated[dict[str, Annotated[Number, Field(ge=-100, le=100)]],
+                          Field(max_length=limits.LOGIT_BIAS_MAX)] | None = None
+    # vLLM's sampling extensions
+    repetition_penalty: Annotated[Number, Field(gt=0, le=limits.REPETITION_PENALTY_MAX)] = 1.0
+    min_p: Annotated[Number, Field(ge=0, le=1)] = 0.0
+    min_tokens: Annotated[StrictInt, Field(ge=0, le=limits.MAX_TOKENS_MAX)] = 0
     # kvgate extensions
     priority: Annotated[StrictInt, Field(ge=limits.PRIORITY_MIN, le=limits.PRIORITY_MAX)] | None = None
     top_k: Annotated[StrictInt, Field(ge=0, le=limits.TOP_K_MAX)] = 0
     ignore_eos: StrictBool = False
     stop_token_ids: Annotated[list[TokenId], Field(max_length=limits.STOP_TOKEN_IDS_MAX)] | None = None
     return_token_ids: StrictBool = False     # add each choice's generated token ids
+
+    def logit_biases(self) -> tuple[tuple[int, float], ...]:
+        """OpenAI's {"token id": bias} as (id, bias) pairs; a key that is not a token id: 400."""
+        pairs = []
+        for key, bias in (self.logit_bias or {}).items():
+            if not key.isdigit() or int(key) > limits.TOKEN_ID_MAX:
+                raise InvalidRequest(f"logit_bias keys must be token ids, got {key!r}", "logit_bias")
+            pairs.append((int(key), float(bias)))
+        return tuple(pairs)
 
     def stop_strings(self) -> tuple[str, ...]:
         return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())

@@ -336,3 +336,27 @@ async def test_a_chat_template_file_replaces_the_tokenizers(make_client, tmp_pat
     assert text["prompt"] == "[system]Be brief.[user]Hi[assistant]"
     done = await (await client.post("/v1/chat/completions", json={**chat(), "messages": messages})).json()
     assert done["usage"]["prompt_tokens"] == tok["count"]
+
+
+async def test_sampling_options_change_greedy_output_as_they_say(make_client):
+    client = await make_client()
+    body = {"model": MODEL, "prompt": "Once", "max_tokens": 6, "temperature": 0, "ignore_eos": True,
+            "return_token_ids": True}
+
+    async def tokens(**kw) -> list[int]:
+        resp = await client.post("/v1/completions", json={**body, **kw})
+        assert resp.status == 200, await resp.text()
+        return (await resp.json())["choices"][0]["token_ids"]
+    plain = await tokens()
+    assert await tokens(logit_bias={"70": 100}) == [70] * 6
+    first = plain[0]
+    held = await tokens(stop_token_ids=[first], min_tokens=5)     # the stop token is held back 5 tokens
+    assert await tokens(stop_token_ids=[first]) == [first] and first not in held[:5]
+    repeated = max(set(plain), key=plain.count)
+    if plain.count(repeated) > 1:                                   # a penalty on repeats changes the output
+        assert await tokens(frequency_penalty=2, presence_penalty=2) != plain
+    assert await tokens(min_p=0.5) == plain                          # min_p never changes a greedy choice
+    resp = await client.post("/v1/completions", json={**body, "logit_bias": {"x": 1}})
+    assert resp.status == 400 and (await resp.json())["error"]["param"] == "logit_bias"
+    resp = await client.post("/v1/completions", json={**body, "logit_bias": {"100000": 1}})
+    assert resp.status == 400 and (await resp.json())["error"]["param"] == "logit_bias"

@@ -64,6 +64,10 @@ def test_openai_client_against_kvgate_serve_and_a_restart(tmp_path):
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0)
         assert [m.id for m in client.models.list()] == ["builtin:tiny"]
         assert client.models.retrieve("builtin:tiny").id == "builtin:tiny"      # /v1/models/{id}
+        biased = client.completions.create(model="builtin:tiny", prompt="Hi", max_tokens=4, temperature=0,
+                                           logit_bias={"70": 100}, presence_penalty=0.5,
+                                           extra_body={"min_tokens": 2, "repetition_penalty": 1.2})
+        assert biased.choices[0].text == "gggg"       # token 70 of the demo's byte-level alphabet, 4 times
 
         chunks = list(client.chat.completions.create(
             model="builtin:tiny", messages=[{"role": "user", "content": "Stream, please."}], max_tokens=16,
