@@ -44,7 +44,7 @@ class Metrics:
                                     "admission (its KV blocks granted)", buckets=_LATENCY_BUCKETS, registry=r)
         self.tpot = Histogram("kvgate_time_per_output_token_seconds", "Mean time per output token after "
                               "the first, per request", buckets=_TPOT_BUCKETS, registry=r)
-        self._engine = _EngineCollector()
+        self._engine = _EngineCollector({t.tier for t in tiers if t.enabled})
         r.register(self._engine)
         enabled = Gauge("kvgate_tier_enabled", "1 if the KV tier is on, 0 if off (an off tier is not an "
                         "empty one)", ["tier"], registry=r)
@@ -101,8 +101,9 @@ def snapshot(engine: Engine) -> dict:
 class _EngineCollector:
     """The engine process's snapshot (`snapshot`) as metric families."""
 
-    def __init__(self) -> None:
+    def __init__(self, enabled: set[str]) -> None:
         self.latest: dict = {}
+        self.enabled = enabled          # tiers that are on: an off tier has no block counts, not zeros
 
     def describe(self):
         return []
@@ -113,6 +114,8 @@ class _EngineCollector:
             return
         blocks = GaugeMetricFamily("kvgate_blocks", "KV blocks per tier and state", labels=["tier", "state"])
         for tier, states in snap["blocks"].items():
+            if tier not in self.enabled:
+                continue
             for state, n in states.items():
                 blocks.add_metric([tier, state], n)
         yield blocks

@@ -120,3 +120,5 @@ async def test_health_and_metrics_say_what_each_tier_got(make_client, tmp_path):
     metrics = await (await off.get("/metrics")).text()
     assert 'kvgate_tier_enabled{tier="disk"} 0.0' in metrics
     assert 'kvgate_tier_capacity_bytes{tier="host"} 0.0' in metrics
+    assert 'kvgate_blocks{state="free",tier="host"}' not in metrics        # off: no counts, not zeros
+    assert 'kvgate_blocks{state="free",tier="gpu"}' in metrics
