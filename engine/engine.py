@@ -242,8 +242,11 @@ class Engine:
                         self._finish(seq, "error")
 
     def _emit(self, seq: Sequence, token: int) -> None:
-        text, stopped = seq.detokenizer.step(seq.token_ids, seq.prompt_len)
         p = seq.params
+        if token in p.stop_token_ids:     # it ends the output; its text is not part of it (vLLM's rule)
+            text, stopped = "", False
+        else:
+            text, stopped = seq.detokenizer.step(seq.token_ids, seq.prompt_len)
         reason = None
         if stopped or token in p.stop_token_ids or (not p.ignore_eos and token in self.loaded.eos_token_ids):
             reason = "stop"

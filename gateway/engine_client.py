@@ -220,7 +220,7 @@ class EngineClient:
         self._streams[request_id] = queue
         self.process.send("submit", request_id, list(prompt_ids), wire.params_to_wire(params), priority, namespace)
         detokenizer = Detokenizer(self.tokenizer, params.stop) if self.tokenizer is not None else None
-        return RemoteStream(self, request_id, queue, detokenizer)
+        return RemoteStream(self, request_id, queue, detokenizer, frozenset(params.stop_token_ids))
 
     def abort(self, request_id: str) -> None:
         if self._streams.pop(request_id, None) is not None and not self.dead:
@@ -323,8 +323,9 @@ class RemoteStream:
     Leaving the stream early aborts the request."""
 
     def __init__(self, client: EngineClient, request_id: str, queue: asyncio.Queue[RequestOutput],
-                 detokenizer: Detokenizer | None) -> None:
+                 detokenizer: Detokenizer | None, stop_token_ids: frozenset[int] = frozenset()) -> None:
         self._client = client
+        self._stop_token_ids = stop_token_ids
         self._queue = queue
         self._detokenizer = detokenizer
         self._output_ids: list[int] = []      # every token received, the detokenizer's input
@@ -351,6 +352,8 @@ class RemoteStream:
         as an in-process `Engine` gives (engine/engine.py, `_emit` and `_finish`)."""
         pieces = []
         for i, token in enumerate(out.token_ids):
+            if token in self._stop_token_ids:      # it ended the output: no text of its own
+                break
             self._output_ids.append(token)
             piece, stopped = self._detokenizer.step(self._output_ids, 0)
             pieces.append(piece)

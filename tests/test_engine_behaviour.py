@@ -133,6 +133,9 @@ async def test_stop_strings_stop_tokens_and_eos(llama):
     assert outs[-1].finish_reason == "stop"
     toks, last = await run(engine, prompt, greedy(24, stop_token_ids=(tokens[6],)))
     assert toks == tokens[:tokens.index(tokens[6]) + 1] and last.finish_reason == "stop"
+    outs = [o async for o in engine.submit(prompt, greedy(24, stop_token_ids=(tokens[6],)))]
+    end = tokens.index(tokens[6])             # the stop token's own text is not returned (vLLM's rule)
+    assert "".join(o.text for o in outs) == engine.loaded.tokenizer.decode(tokens[:end], skip_special_tokens=True)
     engine.loaded.eos_token_ids = frozenset([tokens[4]])   # pretend that token is EOS
     toks, last = await run(engine, prompt, SamplingParams(max_tokens=24, temperature=0))
     assert toks == tokens[:tokens.index(tokens[4]) + 1] and last.finish_reason == "stop"

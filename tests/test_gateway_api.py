@@ -360,3 +360,22 @@ async def test_sampling_options_change_greedy_output_as_they_say(make_client):
     assert resp.status == 400 and (await resp.json())["error"]["param"] == "logit_bias"
     resp = await client.post("/v1/completions", json={**body, "logit_bias": {"100000": 1}})
     assert resp.status == 400 and (await resp.json())["error"]["param"] == "logit_bias"
+
+
+async def test_a_stop_tokens_text_is_not_returned(make_client):
+    client = await make_client()
+    body = {"model": MODEL, "prompt": "Once", "max_tokens": 8, "temperature": 0, "ignore_eos": True,
+            "return_token_ids": True}
+    full = (await (await client.post("/v1/completions", json=body)).json())["choices"][0]
+    stop = full["token_ids"][3]
+    cut = full["token_ids"].index(stop)
+    for stream in (False, True):
+        resp = await client.post("/v1/completions", json={**body, "stop_token_ids": [stop], "stream": stream})
+        if stream:
+            chunks = [c for e in (await sse(resp))[:-1] for c in e["choices"]]
+            text, ids = "".join(c["text"] for c in chunks), [t for c in chunks for t in c["token_ids"]]
+        else:
+            choice = (await resp.json())["choices"][0]
+            text, ids = choice["text"], choice["token_ids"]
+        assert ids == full["token_ids"][:cut + 1]               # the stop token is counted and returned
+        assert full["text"].startswith(text) and len(text) == cut   # a byte a token: its text is not
