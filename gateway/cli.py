@@ -14,6 +14,8 @@ import asyncio
 import logging
 import sys
 
+import aiohttp
+
 from gateway import bench as bench_module
 from gateway import text_views
 from gateway.app import init_app
@@ -37,7 +39,11 @@ def main(argv: list[str] | None = None) -> int:
     bench_module.add_arguments(bench)
     args = parser.parse_args(argv)
     if args.command == "bench":
-        asyncio.run(bench_module.main_async(args))
+        try:
+            asyncio.run(bench_module.main_async(args))
+        except (aiohttp.ClientError, OSError) as e:     # the server is not there, or went away
+            print(f"kvgate bench: {args.base_url}: {type(e).__name__}: {e}", file=sys.stderr)
+            return 1
         return 0
     logging.basicConfig(level=args.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")

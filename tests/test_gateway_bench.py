@@ -121,3 +121,10 @@ def test_plots_carry_the_run_details_and_start_at_0(tmp_path, monkeypatch):
     throughput, chat = seen
     assert throughput[0][0].endswith("builtin:tiny, scale 1, 2026-12-02") and throughput[0][1][0] == 0
     assert chat[0][1][0] == 0 and chat[1][1] == (0, 100)      # TTFT from 0; cache hits 0-100 %
+
+
+def test_bench_against_no_server_is_one_line(capsys):
+    from gateway.cli import main
+    assert main(["bench", "--base-url", "http://127.0.0.1:9/v1", "--workloads", "gsp"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("kvgate bench: http://127.0.0.1:9/v1: ") and "Traceback" not in err[0]
