@@ -45,6 +45,11 @@ def build_demo(path: str, seed: int) -> tuple[LlamaForCausalLM, PreTrainedTokeni
     mask[keep] = 10.0
     with torch.no_grad():
         model.lm_head.weight.mul_(mask)
+    # ... and the rest can never be chosen: a zeroed row's logit of 0 would still win whenever
+    # every kept logit is negative (control characters and U+FFFD in the reply). transformers'
+    # generate honours this too, so the demo still matches it token for token.
+    kept = set(keep)
+    model.generation_config.suppress_tokens = [i for i in range(len(tokenizer)) if i not in kept]
     return model, tokenizer, f"{path}:v2:seed={seed}"
 
 

@@ -48,6 +48,9 @@ class ModelRunner:
                  max_num_batched_tokens: int = 4096) -> None:
         self.model = loaded.model
         self.device = loaded.device
+        # tokens the model's generation config suppresses (transformers' SuppressTokensLogitsProcessor)
+        suppress = getattr(loaded.model.generation_config, "suppress_tokens", None) or []
+        self.suppressed = torch.tensor(suppress, dtype=torch.long, device=self.device) if suppress else None
         self.store = store
         self.block_size = store.block_size
         self.max_model_len = loaded.max_model_len
@@ -117,7 +120,7 @@ class ModelRunner:
             try:
                 logits = self.graphs.run(graph, step)       # [sample rows, V]
                 self.steps[graph[0]] += 1
-                return sample(logits, step.params, step.generators, step.histories)
+                return sample(logits, step.params, step.generators, step.histories, self.suppressed)
             except RuntimeError:
                 log.exception("replaying a CUDA graph failed; running eagerly from now on")
                 self.graphs.broken = True
@@ -137,7 +140,7 @@ class ModelRunner:
                          use_cache=False, logits_to_keep=rows.to(dev), kvgate=meta)
         if len(step.sample_rows) == 0:
             return []
-        return sample(out.logits[0], step.params, step.generators, step.histories)
+        return sample(out.logits[0], step.params, step.generators, step.histories, self.suppressed)
 
     @torch.inference_mode()
     def warmup(self, costs: LoadOrRecompute, prefill_tokens: int) -> None:

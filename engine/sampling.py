@@ -92,12 +92,16 @@ def _check(ok: bool, name: str, what: str) -> None:
 
 
 def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None],
-           histories: list[tuple[list[int], int] | None] | None = None) -> list[int | None]:
+           histories: list[tuple[list[int], int] | None] | None = None,
+           suppressed: torch.Tensor | None = None) -> list[int | None]:
     """One token per row; None for a row whose sampling failed (its request fails, no other).
     logits: [N, V]; params and generators: one per row; histories: per row, (token ids so far,
     prompt length) where its params have logits processors. Greedy rows without processors take
     the argmax in the logits' own dtype (the same index as in fp32: the conversion is exact).
-    Other rows are written into the same tensor, so the step waits for the device once."""
+    Other rows are written into the same tensor, so the step waits for the device once.
+    `suppressed`: token ids no row may produce (the model's generation config)."""
+    if suppressed is not None:
+        logits[:, suppressed] = float("-inf")
     tokens = logits.argmax(dim=-1)                      # [N]
     failed = []
     for i, (p, g) in enumerate(zip(params, generators)):

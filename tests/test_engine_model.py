@@ -97,3 +97,22 @@ def test_llama_family_layers_are_fused_over_the_same_weights(model_root, arch, f
         plain.set_attn_implementation("sdpa")
         loaded.model.set_attn_implementation("sdpa")
         assert torch.allclose(loaded.model(ids).logits, plain(ids).logits, atol=1e-5)
+
+
+async def test_the_demo_replies_in_printable_text(demo):
+    """Only printable ASCII, newlines and the end token can be produced (the demo's generation
+    config suppresses the rest, and the engine honours it as transformers' generate does)."""
+    from engine.engine import Engine
+    from engine.sampling import SamplingParams
+    from store import StoreConfig
+    engine = Engine(demo, EngineConfig(), StoreConfig(block_size=16, gpu_blocks=256))
+    await engine.start()
+    try:
+        for i, question in enumerate(["Hi", "q", "Hello there, how are you?", "Once upon a time"]):
+            ids = demo.encode_chat([{"role": "user", "content": question}])
+            for params in (SamplingParams(max_tokens=48, temperature=0),
+                           SamplingParams(max_tokens=48, temperature=1.0, seed=i)):
+                text = "".join([o.text async for o in engine.submit(ids, params)])
+                assert all(c == "\n" or (c.isascii() and c.isprintable()) for c in text), repr(text)
+    finally:
+        await engine.stop(persist=False)
