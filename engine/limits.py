@@ -34,7 +34,7 @@ def generator_seed(seed: int, choice: int) -> int:
 class RequestBounds:
     """What a request must fit, known once the engine has started: checked by the engine
     (`Engine.submit`) and, with the same code, by the API process before anything is sent to
-    the engine process (gateway/frontend.py), so the client gets its 400 at once."""
+    the engine process (gateway/app.py), so the client gets its 400 at once."""
     vocab_size: int
     max_model_len: int
     block_size: int
@@ -45,7 +45,7 @@ class RequestBounds:
 def check_request(bounds: RequestBounds, prompt: Sequence, params, priority: int) -> None:
     """Raise InvalidRequest naming the field when the prompt, its sampling parameters (an
     engine.sampling.SamplingParams) or its priority do not fit `bounds`."""
-    from engine.errors import InvalidRequest
+    from engine.errors import InvalidRequest  # here: engine.sampling imports this module
     from engine.sampling import SamplingParams
     if not isinstance(priority, int) or not PRIORITY_MIN <= priority <= PRIORITY_MAX:
         raise InvalidRequest(f"priority must be an int in [{PRIORITY_MIN}, {PRIORITY_MAX}]", "priority")

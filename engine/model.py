@@ -42,7 +42,7 @@ SHAPES = {
 @dataclass
 class Prompts:
     """What turns a request's text into token ids and back: the part of a model the API process
-    needs (gateway/frontend.py), without the weights."""
+    needs (gateway/app.py), without the weights."""
     name: str
     tokenizer: object | None        # a transformers tokenizer; None for tokenizer-less dummies
     max_model_len: int
@@ -172,7 +172,7 @@ def _dummy(cfg: ModelConfig, dtype: torch.dtype, device: torch.device):
         tokenizer = None
     else:
         config = AutoConfig.from_pretrained(cfg.path)
-        tokenizer = AutoTokenizer.from_pretrained(cfg.path) if _has_tokenizer(cfg.path) else None
+        tokenizer = load_tokenizer(cfg)
     with _seeded(cfg.seed), torch.device(device):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=ATTN_IMPLEMENTATION)
     return model, tokenizer, f"dummy:seed={cfg.seed}:torch={torch.__version__}:device={device.type}"

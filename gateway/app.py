@@ -68,7 +68,6 @@ def _engine_ctx(given: EngineProcess | None, log_level: str):
         state.stopping = True
         # aborts what is left, writes cached blocks to disk; a given process stays for the next app
         await engine.close(persist=True, keep_process=given is not None)
-        process.in_use = False
     return ctx
 
 

@@ -55,7 +55,6 @@ class EngineProcess:
         self.entry = entry            # the process's main (tests wrap it to inject faults)
         self.log_level = log_level
         self.info: dict = {}
-        self.in_use = False           # held by an app that was given it (tests), until its cleanup
         self._gen = itertools.count()
         self._dir = ""
         self._process: multiprocessing.Process | None = None

@@ -45,6 +45,20 @@ async def off_loop_if_large(nbytes: int, fn: Callable[..., T], *args) -> T:
     return fn(*args)
 
 
+async def read_request(request: web.Request, schema: type[BaseModel], model: str, timeout_s: float) -> BaseModel:
+    """The body, read within `timeout_s` and validated against `schema` (off the loop when
+    large); a request for another model than `model` is a 404."""
+    body = await read_body(request, timeout_s)
+    req = await off_loop_if_large(len(body), parse, body, schema)
+    if req.model != model:
+        raise model_not_found(req.model)
+    return req
+
+
+def model_not_found(model: str) -> APIError:
+    return APIError(404, f"The model `{model}` does not exist", "invalid_request_error", "model", "model_not_found")
+
+
 def parse(body: bytes, schema: type[BaseModel]) -> BaseModel:
     try:
         text = body.decode("utf-8")

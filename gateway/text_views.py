@@ -8,7 +8,6 @@ from aiohttp import web
 
 from engine.errors import InvalidRequest
 from gateway import intake
-from gateway.errors import APIError
 from gateway.generation import chat_messages
 from gateway.keys import CONFIG, ENGINE, PROMPTS, STATE
 from gateway.protocol import DetokenizeRequest, TokenizeRequest
@@ -54,8 +53,7 @@ async def server_version(request: web.Request) -> web.Response:
 async def model(request: web.Request) -> web.Response:
     card = model_card(request)
     if request.match_info["model"] != card["id"]:
-        raise APIError(404, f"The model `{request.match_info['model']}` does not exist", "invalid_request_error",
-                       "model", "model_not_found")
+        raise intake.model_not_found(request.match_info["model"])
     return web.json_response(card)
 
 
@@ -66,12 +64,8 @@ def model_card(request: web.Request) -> dict:
 
 
 async def _read(request: web.Request, schema):
-    body = await intake.read_body(request, request.app[CONFIG].server.body_timeout_s)
-    req = await intake.off_loop_if_large(len(body), intake.parse, body, schema)
-    if req.model != request.app[PROMPTS].name:
-        raise APIError(404, f"The model `{req.model}` does not exist", "invalid_request_error", "model",
-                       "model_not_found")
-    return req
+    return await intake.read_request(request, schema, request.app[PROMPTS].name,
+                                     request.app[CONFIG].server.body_timeout_s)
 
 
 def _need_tokenizer(prompts) -> None:

@@ -38,11 +38,7 @@ async def _generate(request: web.Request, schema, prompts_of: Callable, kind: st
         raise EngineDead(engine.dead)
     if state.stopping:
         raise APIError(503, "the server is shutting down", "server_error", headers={"Retry-After": "5"})
-    body = await intake.read_body(request, server.body_timeout_s)
-    req = await intake.off_loop_if_large(len(body), intake.parse, body, schema)
-    if req.model != prompts.name:
-        raise APIError(404, f"The model `{req.model}` does not exist", "invalid_request_error",
-                       "model", "model_not_found")
+    req = await intake.read_request(request, schema, prompts.name, server.body_timeout_s)
     priority = _priority(req, request[TENANT])
     need = req.num_sequences()
     if need > server.max_sequences_per_request:
@@ -55,7 +51,8 @@ async def _generate(request: web.Request, schema, prompts_of: Callable, kind: st
     choices: list[Choice] = []
     started = time.perf_counter()
     try:
-        prompt_ids = await intake.off_loop_if_large(len(body), prompts_of, req, prompts)
+        body_bytes = len(await request.read())      # read already: aiohttp keeps the body
+        prompt_ids = await intake.off_loop_if_large(body_bytes, prompts_of, req, prompts)
         choices = plan(req, prompt_ids, engine.max_sequence_tokens)
         tenant = request[TENANT]
         submit(engine, choices, priority, tenant.name if tenant else "")

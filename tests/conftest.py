@@ -136,11 +136,12 @@ def demo():
 class EngineProcesses:
     """Engine processes shared by the HTTP tests, per model section: started on first use and
     reopened (`EngineProcess.reopen`: a new engine and store in the same process, the model kept
-    in memory) for each test's configuration. One app holds a process at a time (`in_use`, until
-    the app's cleanup); a test with two apps at once gets two processes."""
+    in memory) for each test's configuration. One app holds a process at a time (from `get` to
+    `release`, which runs after the app's cleanup); a test with two apps at once gets two."""
 
     def __init__(self) -> None:
         self._started: list = []
+        self._held: set = set()         # processes an app (or a test) holds now
 
     async def get(self, config, entry=None):
         from gateway import engine_process
@@ -149,15 +150,18 @@ class EngineProcesses:
         key = (config.model, config.engine.block_size, entry)
         for process in self._started:
             if (process.config.model, process.config.engine.block_size, process.entry) == key and process.alive \
-                    and not process.in_use:
+                    and process not in self._held:
                 await process.reopen(config)
                 break
         else:
             process = EngineProcess(config, log_level="warning", entry=entry)
             await process.start()
             self._started.append(process)
-        process.in_use = True
+        self._held.add(process)
         return process
+
+    def release(self, process) -> None:
+        self._held.discard(process)
 
     def stop_all(self) -> None:
         for process in self._started:
@@ -194,9 +198,15 @@ def make_client(aiohttp_client, engine_processes):
         engine = {"check_integrity": True, **sections.pop("engine", {})}
         model = {"device": "cpu", **sections.pop("model", {})}
         config = build_config({"store": store, "engine": engine, "model": model, **sections})
-        app = init_app(config, engine_process=await engine_processes.get(config, entry))
+        process = await engine_processes.get(config, entry)
+        app = init_app(config, engine_process=process)
+        app.on_cleanup.append(lambda app: _release(engine_processes, process))   # after the app's own
         return await aiohttp_client(KvgateTestServer(app))
     return make
+
+
+async def _release(processes: EngineProcesses, process) -> None:
+    processes.release(process)
 
 
 async def engine_stats(client) -> dict:
@@ -208,10 +218,17 @@ async def engine_stats(client) -> dict:
 
 
 async def wait_idle(client) -> dict:
-    """Wait until the engine has no request running or waiting (aborts reach it over the pipe);
-    its snapshot then."""
+    """Wait until the app's engine has no request running or waiting; its snapshot then."""
+    from gateway.keys import ENGINE
+    return await engine_idle(client.app[ENGINE])
+
+
+async def engine_idle(engine) -> dict:
+    """Wait until an EngineClient's engine has no request running or waiting (aborts reach it
+    over the pipe within a step), with no broken invariant; its snapshot then."""
     for _ in range(500):
-        stats = await engine_stats(client)
+        stats = await engine.stats()
+        assert stats["integrity_error"] is None, stats["integrity_error"]
         if stats["requests"] == {"running": 0, "waiting": 0}:
             return stats
         await asyncio.sleep(0.01)

@@ -18,6 +18,7 @@ from gateway.config import ConfigError, build_config
 from gateway.engine_client import EngineClient, EngineProcess
 from store import BlockLayout, StoreConfig, Tier
 from store.disk import DiskTier
+from tests.conftest import engine_idle
 
 SECTIONS = {"model": {"device": "cpu"}, "engine": {"check_integrity": True},
             "store": {"gpu": {"num_blocks": 64}, "host": {"enabled": False}, "disk": {"enabled": False}}}
@@ -31,15 +32,6 @@ async def collect(stream) -> tuple[list[int], str, object]:
         text += out.text
         last = out
     return tokens, text, last
-
-
-async def idle(client: EngineClient) -> dict:
-    for _ in range(500):
-        stats = await client.stats()
-        if stats["requests"] == {"running": 0, "waiting": 0}:
-            return stats
-        await asyncio.sleep(0.01)
-    raise AssertionError(stats["requests"])
 
 
 async def test_outputs_across_the_pipe_match_the_engine_in_this_process(engine_processes, demo):
@@ -60,7 +52,7 @@ async def test_outputs_across_the_pipe_match_the_engine_in_this_process(engine_p
         assert (await client.stats())["integrity_error"] is None
     finally:
         await client.close(persist=False, keep_process=True)
-        client.process.in_use = False
+        engine_processes.release(client.process)
 
 
 async def test_an_abort_and_a_stop_string_reach_the_engine(engine_processes, demo):
@@ -72,7 +64,7 @@ async def test_an_abort_and_a_stop_string_reach_the_engine(engine_processes, dem
             if out.token_ids:
                 break
         stream.close()                         # leaving the stream aborts the request
-        stats = await idle(client)
+        stats = await engine_idle(client)
         assert stats["blocks"]["gpu"]["locked"] == 0
         full = await collect(client.submit(PROMPT, SamplingParams(max_tokens=30, temperature=0.0, ignore_eos=True)))
         stop = full[1][10:13]
@@ -80,10 +72,10 @@ async def test_an_abort_and_a_stop_string_reach_the_engine(engine_processes, dem
                                                                  stop=(stop,))))
         assert cut[1] == full[1][:full[1].index(stop)] and cut[2].finish_reason == "stop"
         assert cut[0] == full[0][:cut[2].completion_tokens]
-        await idle(client)                     # the stop string aborted the request in the engine
+        await engine_idle(client)                     # the stop string aborted the request in the engine
     finally:
         await client.close(persist=False, keep_process=True)
-        client.process.in_use = False
+        engine_processes.release(client.process)
 
 
 async def test_a_request_outside_the_engine_bounds_never_leaves_the_api_process(engine_processes, monkeypatch):
@@ -104,7 +96,7 @@ async def test_a_request_outside_the_engine_bounds_never_leaves_the_api_process(
     finally:
         monkeypatch.undo()
         await client.close(persist=False, keep_process=True)
-        client.process.in_use = False
+        engine_processes.release(client.process)
 
 
 async def test_a_configuration_the_engine_cannot_open_is_one_line(tmp_path):
