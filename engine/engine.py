@@ -243,12 +243,13 @@ class Engine:
 
     def _emit(self, seq: Sequence, token: int) -> None:
         p = seq.params
-        if token in p.stop_token_ids:     # it ends the output; its text is not part of it (vLLM's rule)
+        stop_token = token in p.stop_token_ids
+        if stop_token:     # it ends the output; its text is not part of it (vLLM's rule)
             text, stopped = "", False
         else:
             text, stopped = seq.detokenizer.step(seq.token_ids, seq.prompt_len)
         reason = None
-        if stopped or token in p.stop_token_ids or (not p.ignore_eos and token in self.loaded.eos_token_ids):
+        if stopped or stop_token or (not p.ignore_eos and token in self.loaded.eos_token_ids):
             reason = "stop"
         elif seq.num_generated >= p.max_tokens or len(seq.token_ids) >= self.loaded.max_model_len:
             reason = "length"
