@@ -174,9 +174,10 @@ def _counts(engine: Engine) -> dict:
 def _time_schedule(engine: Engine) -> dict:
     """A trace of the run: seconds the event loop spends in `Scheduler.schedule` (admission,
     promotions, evictions, disk write queueing), and every forward pass as (start, end, prompt
-    tokens computed, sequences) — to see what a request's first token waited for."""
+    tokens computed, sequences) — to see what a request's first token waited for. A pass ends
+    when its tokens are read back, and starts its device time before that."""
     spent = {"schedule": 0.0, "steps": 0, "forwards": []}
-    schedule, forward = engine.scheduler.schedule, engine._forward
+    schedule, complete = engine.scheduler.schedule, engine._complete
 
     def timed():
         start = time.perf_counter()
@@ -186,15 +187,16 @@ def _time_schedule(engine: Engine) -> dict:
             spent["schedule"] += time.perf_counter() - start
             spent["steps"] += 1
 
-    async def timed_forward(chunks):
-        start = time.perf_counter()
+    async def timed_complete(step):
         try:
-            return await forward(chunks)
+            return await complete(step)
         finally:
-            spent["forwards"].append((start, time.perf_counter(), sum(c.num_tokens for c in chunks if c.num_tokens > 1),
-                                      len(chunks)))
+            end = time.perf_counter()
+            seconds = step.launched.seconds if step.launched and step.launched.seconds is not None else 0.0
+            spent["forwards"].append((end - seconds, end, sum(c.num_tokens for c in step.chunks if c.num_tokens > 1),
+                                      len(step.chunks)))
     engine.scheduler.schedule = timed
-    engine._forward = timed_forward
+    engine._complete = timed_complete
     return spent
 
 

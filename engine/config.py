@@ -53,6 +53,7 @@ class EngineConfig:
     max_num_batched_tokens: int = 0     # tokens in one step (chunked prefill budget); 0 = fit the machine
     block_size: int = 16
     load_or_recompute: str = "auto"     # "auto": per cache hit, whichever is faster; "load": always load
+    async_scheduling: bool = True       # schedule step N+1 while step N runs (engine/engine.py, "The loop")
     check_integrity: bool = False       # assert every invariant after each step and when idle (tests)
 
     def __post_init__(self) -> None:

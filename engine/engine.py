@@ -13,11 +13,11 @@ import asyncio
 import dataclasses
 import itertools
 import logging
-import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from collections.abc import Sequence as Seq
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 import torch
 
@@ -27,7 +27,7 @@ from engine.costs import LoadOrRecompute
 from engine.detokenizer import Detokenizer
 from engine.errors import InvalidRequest
 from engine.model import LoadedModel
-from engine.runner import ModelRunner
+from engine.runner import Launched, ModelRunner
 from engine.sampling import SamplingParams
 from engine.scheduler import Chunk, Scheduler
 from engine.sequence import RequestOutput, Sequence, Status, coalesced
@@ -57,11 +57,12 @@ class Engine:
                                 device=loaded.device)
         self.costs = LoadOrRecompute(self.store, config.load_or_recompute)
         self._wakeup = asyncio.Event()
-        self.scheduler = Scheduler(config, self.store, self.costs, self._wakeup.set)
+        self.scheduler = Scheduler(config, self.store, self.costs, self._wakeup.set, loaded.max_model_len)
         self.runner = ModelRunner(loaded, self.store, config.max_num_seqs, config.max_num_batched_tokens)
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="kvgate-forward")   # forward passes
         self._requests: dict[str, Sequence] = {}
-        self._in_flight: set[Sequence] = set()   # the current step's sequences, until postprocessed
+        self._in_flight: list[_Step] = []     # launched steps, until postprocessed (at most two)
+        self._ahead: _Step | None = None       # the step left on the device for the next turn
         self._arrivals = itertools.count()
         self._loop_task: asyncio.Task | None = None
         self._stopping = False
@@ -138,7 +139,7 @@ class Engine:
     def abort(self, request_id: str) -> None:
         """Cancel a request at any point; a step in flight finishes it when it returns."""
         seq = self._requests.get(request_id)
-        if seq is not None and seq not in self._in_flight:
+        if seq is not None and not any(seq in step.seqs for step in self._in_flight):
             self._finish(seq, "abort")
         elif seq is not None:
             seq.finish_reason = "abort"
@@ -149,6 +150,18 @@ class Engine:
         limits.check_request(self.bounds, prompt, params, priority)
 
     # ---- the loop ---------------------------------------------------------------------------
+    #
+    # With `engine.async_scheduling` (the default), each turn schedules and launches step N+1
+    # while step N is still on the GPU, then reads N's tokens back and postprocesses it, so that
+    # the CPU's part of a step (scheduling, inputs, outputs) overlaps the GPU's. At launch a
+    # step counts as computed (`num_computed`) and a sequence it samples as one token longer
+    # (`pending`); N+1 takes that token from N's sampled tensor on the device. What it must not
+    # do, it cannot: a sequence whose pending token is certainly its last is not scheduled; one
+    # preempted in flight is not admitted again until its token is back; a step with logits
+    # processors (they read the tokens on the CPU) is read back before the next is scheduled. A
+    # sequence that ends in N (EOS, a stop token) has computed one token in vain in N+1, which
+    # its postprocessing drops. Blocks released while a step is in flight are safe to reuse:
+    # on CUDA every later copy or kernel is queued behind it; on the CPU `launch` computes it.
 
     async def _run(self) -> None:
         while not self._stopping:
@@ -161,8 +174,8 @@ class Engine:
                 if isinstance(e, AssertionError):     # a broken invariant: `stop` raises it again
                     self.integrity_error = self.integrity_error or e
                 log.exception("engine step failed; failing the requests it held")
-                failed = self._in_flight or set(self._requests.values())  # schedule() itself failed
-                self._in_flight = set()
+                failed = {seq for step in self._in_flight for seq in step.seqs} or set(self._requests.values())
+                self._in_flight, self._ahead = [], None      # schedule() itself failed: all of them
                 for seq in failed:
                     if seq.status is not Status.FINISHED:
                         self._finish(seq, "error")
@@ -170,70 +183,117 @@ class Engine:
                     continue
             self._wakeup.clear()
             await self._wakeup.wait()
+        if self._ahead is not None:
+            ahead, self._ahead = self._ahead, None
+            await self._complete(ahead)
 
     async def step(self) -> bool:
-        """Schedule, run the model, sample, postprocess. False if there was nothing to do."""
+        """One turn: schedule and launch a step, then read back and postprocess the step
+        launched before it (or, without async scheduling, this one). False if there was
+        nothing to do."""
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None and (ahead.launched is None or ahead.needs_tokens):
+            await self._complete(ahead)        # the next step's inputs need its tokens on the CPU
+            ahead, done = None, True
+        else:
+            done = ahead is not None
         plan = self.scheduler.schedule()
         for seq in plan.failed:
             self._finish(seq, "error")
-        if not plan.chunks:
-            return bool(plan.failed)
-        self._in_flight = {c.seq for c in plan.chunks}   # aborts wait for the step
-        tokens, failed = await self._execute(plan.chunks)
-        self._postprocess(plan.chunks, tokens, failed)
-        self._in_flight = set()
+        launched = await self._launch(plan.chunks, ahead) if plan.chunks else None
+        if ahead is not None:
+            await self._complete(ahead)
+        if launched is not None and not self.config.async_scheduling:
+            await self._complete(launched)
+        else:
+            self._ahead = launched
         if self.config.check_integrity:
             self.check_integrity()
-        return True
+        return done or bool(plan.chunks or plan.failed)
 
-    async def _execute(self, chunks: list[Chunk]) -> tuple[list[int | None], set[Sequence]]:
-        """Run one step: a token per sampling chunk (None where sampling that row failed), and
-        the sequences whose chunk failed. If the batched pass fails, each chunk runs again on its
-        own (rewriting the same K/V slots), so that only the request at fault fails."""
+    async def _launch(self, chunks: list[Chunk], ahead: _Step | None) -> _Step:
+        """Queue `chunks` on the device (their tokens are read back by `_complete`) and count them
+        as computed. A step whose launch fails runs again chunk by chunk in `_complete`."""
+        step = _Step(chunks, {c.seq for c in chunks}, any(c.samples and c.seq.params.processes for c in chunks))
+        self._in_flight.append(step)                     # aborts wait for it
         try:
-            return await self._forward(chunks), set()
+            inputs = self.runner.prepare(chunks, ahead.launched if ahead is not None else None)
+            step.launched = await asyncio.get_running_loop().run_in_executor(
+                self._executor, self.runner.launch, inputs)
         except Exception:
-            if len(chunks) == 1:
-                log.exception("the step of %s failed; failing it", chunks[0].seq.request_id)
-                return [None] if chunks[0].samples else [], {chunks[0].seq}
-            log.exception("a step of %d chunks failed; running each alone to find the one at fault",
-                          len(chunks))
+            log.exception("launching a step of %d chunks failed", len(chunks))
+        self._advance(chunks)
+        return step
+
+    @staticmethod
+    def _advance(chunks: list[Chunk]) -> None:
+        """Count launched chunks as computed, and the tokens they sample as pending."""
+        row = 0
+        for c in chunks:
+            c.seq.num_computed = c.start + c.num_tokens
+            if c.samples:
+                c.seq.pending += 1
+                c.seq.sample_row, row = row, row + 1
+
+    async def _complete(self, step: _Step) -> None:
+        """Read a launched step's tokens back (or, if its launch failed, run its chunks one by
+        one) and postprocess it."""
+        loop = asyncio.get_running_loop()
+        failed: set[Sequence] = set()
+        if step.launched is None and len(step.chunks) == 1:     # the request at fault is known
+            tokens, failed = [None] * step.chunks[0].samples, step.seqs
+        elif step.launched is None:
+            tokens, failed = await self._one_by_one(step.chunks)
+        else:
+            try:
+                tokens = await loop.run_in_executor(self._executor, self.runner.collect, step.launched)
+            except Exception:
+                log.exception("reading back a step of %d chunks failed; failing them", len(step.chunks))
+                tokens, failed = [None] * sum(c.samples for c in step.chunks), step.seqs
+            prefill = sum(c.num_tokens for c in step.chunks if c.num_tokens > 1)
+            if step.launched.seconds is not None:
+                self.costs.observe_prefill(prefill, step.launched.seconds)
+        self._in_flight.remove(step)
+        self._postprocess(step.chunks, tokens, failed)
+
+    async def _one_by_one(self, chunks: list[Chunk]) -> tuple[list[int | None], set[Sequence]]:
+        """Run each chunk of a step whose batched launch failed on its own (rewriting the same
+        K/V slots), so that only the request at fault fails."""
         tokens: list[int | None] = []
         failed: set[Sequence] = set()
+        loop = asyncio.get_running_loop()
         for c in chunks:
             try:
-                tokens += await self._forward([c])
+                if c.seq.status is Status.FINISHED:
+                    raise RuntimeError("ended")          # nothing to run: its tokens are dropped
+                inputs = self.runner.prepare([c])
+                tokens += await loop.run_in_executor(self._executor, self.runner.execute, inputs)
             except Exception:
-                log.exception("the chunk of %s fails on its own; failing it", c.seq.request_id)
+                if c.seq.status is not Status.FINISHED:
+                    log.exception("the chunk of %s fails on its own; failing it", c.seq.request_id)
                 failed.add(c.seq)
                 tokens += [None] if c.samples else []
         return tokens, failed
-
-    async def _forward(self, chunks: list[Chunk]) -> list[int | None]:
-        step_input = self.runner.prepare(chunks)
-        start = time.perf_counter()
-        tokens = await asyncio.get_running_loop().run_in_executor(self._executor, self.runner.execute,
-                                                                  step_input)
-        if tokens or self.loaded.device.type == "cpu":   # a step that samples waited for the GPU
-            self.costs.observe_prefill(sum(c.num_tokens for c in chunks if c.num_tokens > 1),
-                                       time.perf_counter() - start)
-        return tokens
 
     def _postprocess(self, chunks: list[Chunk], tokens: list[int | None], failed: set[Sequence]) -> None:
         sampled = iter(tokens)
         for c in chunks:
             seq = c.seq
             token = next(sampled) if c.samples else None
+            if c.samples:
+                seq.pending -= 1
+            if seq.status is Status.FINISHED:         # ended by the step before this one
+                continue
             if seq.finish_reason == "abort":          # aborted while the step ran
                 self._finish(seq, "abort")
             elif seq in failed or (c.samples and token is None):
                 self._finish(seq, "error")
             else:
                 try:
-                    seq.num_computed += c.num_tokens
                     if token is not None:
                         seq.token_ids.append(token)
-                    self.store.commit(seq.request_id, seq.token_ids, seq.num_computed)
+                    if seq.status is Status.RUNNING:  # not preempted since: its blocks are its own
+                        self.store.commit(seq.request_id, seq.token_ids, c.start + c.num_tokens)
                     if token is not None:
                         self._emit(seq, token)
                 except Exception:      # e.g. a tokenizer that cannot decode this output
@@ -317,6 +377,15 @@ class Engine:
     @property
     def num_waiting(self) -> int:
         return self.scheduler.num_waiting
+
+
+@dataclass(eq=False)
+class _Step:
+    """A launched step, until it is postprocessed."""
+    chunks: list[Chunk]
+    seqs: set[Sequence]
+    needs_tokens: bool                 # a row with logits processors: read back before scheduling again
+    launched: Launched | None = None   # None: its launch failed (`_complete` runs it chunk by chunk)
 
 
 class RequestStream:

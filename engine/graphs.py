@@ -6,9 +6,9 @@ is captured at start-up against static input buffers; a step copies its inputs i
 replays the graph of its bucket. Two kinds:
 
 - **decode**, one graph per batch-size bucket (BUCKETS): steps whose every chunk is one token.
-  A step of n sequences runs in the smallest bucket >= n; the padding rows repeat row 0 (same
-  token, position and KV slot), so they rewrite identical K/V into the same slot and their
-  logits are ignored.
+  A step of n sequences runs in the smallest bucket >= n; the padding rows are token 0 at
+  position 0 of the pool's scratch block (a block no sequence owns), attending to it alone:
+  they all write the same K/V there, and their logits are ignored.
 - **mixed**, one graph per token bucket T (MIXED_BUCKETS): steps with prompt chunks (at most
   MAX_CHUNKS) beside any decode rows, fewer than T tokens in all: a returning user's new turn
   joining the running batch. The kernels' grids are fixed at capture and sized for T, so a
@@ -89,6 +89,15 @@ def padded_mixed_inputs(step: StepInput, shape: MixedShape, scratch: int) -> dic
         chunks=p.chunks,
         chunk_tables=p.block_tables,
         sample_rows=_pad_rows(step.sample_rows, shape.samples, last))
+
+
+def fill_pending(input_ids: torch.Tensor, step: StepInput) -> None:
+    """Write the pending tokens into `input_ids` (the step's [T] on the device), from the tokens
+    of the step that samples them: on the device, queued behind it, never read by the CPU."""
+    if step.pending is not None:
+        rows, previous = step.pending
+        dev = input_ids.device
+        input_ids[rows.to(dev, non_blocking=True)] = step.previous[previous.to(dev, non_blocking=True)]
 
 
 def _pad_rows(src: torch.Tensor, size: int, pad) -> torch.Tensor:
@@ -172,13 +181,16 @@ class StepGraphs:
         """Logits [number of sample rows, vocab] of `step` (CPU inputs), replayed in graph `key`."""
         kind, size = key
         n = step.input_ids.numel()
-        if kind == "decode":                     # padding rows repeat row 0
+        if kind == "decode":                     # padding rows: token 0 at position 0 of the scratch block
             d = step.decode
-            inputs = dict(input_ids=step.input_ids, positions=step.positions, slot_block=step.slot_block,
-                          slot_offset=step.slot_offset, lens=d.context_lens, tables=d.block_tables)
-            self._copy_in({name: _pad_rows(src, size, src[0]) for name, src in inputs.items()})
+            self._copy_in(dict(
+                input_ids=_pad_rows(step.input_ids, size, 0), positions=_pad_rows(step.positions, size, 0),
+                slot_block=_pad_rows(step.slot_block, size, self.scratch),
+                slot_offset=_pad_rows(step.slot_offset, size, 0), lens=_pad_rows(d.context_lens, size, 1),
+                tables=_pad_rows(d.block_tables, size, self.scratch)))
         else:
             self._copy_in(padded_mixed_inputs(step, MixedShape.of(size, self.max_batch), self.scratch))
+        fill_pending(self.input_ids[:n], step)
         if key not in self._graphs:          # not captured at start-up (an engine driven by hand)
             self._capture(key)
         graph, logits = self._graphs[key]
@@ -186,7 +198,7 @@ class StepGraphs:
         if kind == "mixed":                      # its graph computed the sample rows' logits only
             return logits[:len(step.sample_rows)]
         if len(step.sample_rows) < n:            # a one-token prompt chunk that samples nothing
-            return logits[step.sample_rows.to(logits.device)]
+            return logits[step.sample_rows.to(logits.device, non_blocking=True)]
         return logits[:n]
 
     def _copy_in(self, inputs: dict[str, torch.Tensor]) -> None:

@@ -1,8 +1,12 @@
 """The model runner: turns a step's chunks into one flat forward pass and samples.
 
 `prepare` runs on the event loop (it reads block tables from the store) and builds CPU tensors;
-`execute` runs on the forward thread: it moves them to the device, runs the model with paged
-attention writing K/V into the store's GPU pool, and samples one token per finishing chunk.
+`launch` runs on the forward thread: it moves them to the device, runs the model with paged
+attention writing K/V into the store's GPU pool, and samples one token per finishing chunk,
+without waiting for the device; `collect` waits for those tokens. Between the two the loop
+schedules and launches the next step, whose decode rows take their input tokens straight from
+this step's sampled tensor (`StepInput.pending`): on CUDA the GPU never waits for the CPU's
+part of a step (engine/engine.py, "The loop").
 """
 from __future__ import annotations
 
@@ -18,9 +22,9 @@ import torch
 from engine import kernels
 from engine.attention import DecodeBatch, PagedMetadata, PrefillBatch, SeqSlice
 from engine.costs import LoadOrRecompute
-from engine.graphs import StepGraphs
+from engine.graphs import StepGraphs, fill_pending
 from engine.model import LoadedModel
-from engine.sampling import SamplingParams, sample
+from engine.sampling import SamplingParams, sample_on_device
 from engine.scheduler import Chunk
 from store import BlockStore
 
@@ -41,6 +45,21 @@ class StepInput:
     generators: list[torch.Generator | None]  # [N]
     histories: list[tuple[list[int], int] | None] | None = None   # [N] (token ids, prompt length) where
                                                                  # the row's params have logits processors
+    # rows of input_ids ([P]) whose token a launched step samples, and their rows in its tokens
+    # ([P]): input_ids holds 0 there, and `launch` takes them from `previous` on the device
+    pending: tuple[torch.Tensor, torch.Tensor] | None = None
+    previous: torch.Tensor | None = None      # [N'] that step's sampled tokens (Launched.tokens)
+
+
+@dataclass
+class Launched:
+    """A step queued on the device: its sampled tokens, and their copy to the host under way."""
+    tokens: torch.Tensor             # [N] on the device
+    failed: list[int]                # rows whose sampling failed (None in `collect`)
+    seconds: float | None = None     # how long the device computed it: known on the CPU, else after `collect`
+    host: torch.Tensor | None = None         # [N] pinned (CUDA): `tokens`, once `done` fires
+    start: torch.cuda.Event | None = None    # (CUDA) recorded before its first kernel
+    done: torch.cuda.Event | None = None     # (CUDA) recorded after the copy to `host`
 
 
 class ModelRunner:
@@ -64,9 +83,10 @@ class ModelRunner:
             self.graphs = StepGraphs(self.model, store.gpu.tensor, store.gpu.scratch, max_num_seqs,
                                      math.ceil(loaded.max_model_len / self.block_size), max_num_batched_tokens)
 
-    def prepare(self, chunks: list[Chunk]) -> StepInput:
+    def prepare(self, chunks: list[Chunk], previous: Launched | None = None) -> StepInput:
         """The step's inputs as CPU tensors, built from plain lists (a decode step of hundreds of
-        sequences must cost well under a millisecond here: the GPU waits for it)."""
+        sequences must cost well under a millisecond here). A sequence whose last token is still
+        `pending` takes it from `previous`, the step that samples it, at row `seq.sample_row`."""
         bs = self.block_size
         ids: list[int] = []
         positions: list[int] = []
@@ -74,11 +94,17 @@ class ModelRunner:
         seqs, rows, params, generators, histories = [], [], [], [], []
         decode_rows, decode_tables, decode_lens = [], [], []
         tiles, prefill_chunks, prefill_tables = [], [], []
+        pending_rows, previous_rows = [], []
         for c in chunks:
             seq = c.seq
             q, end = len(ids), c.start + c.num_tokens
             table = self.store.block_table(seq.request_id)[:-(-end // bs)]
             ids += seq.token_ids[c.start:end]
+            if end > len(seq.token_ids):        # the one token after the known ones is in flight
+                assert seq.pending and end == len(seq.token_ids) + 1, "a chunk past its sequence's tokens"
+                pending_rows.append(len(ids))
+                previous_rows.append(seq.sample_row)
+                ids.append(0)
             positions += range(c.start, end)
             if c.num_tokens == 1:
                 slots.append(table[c.start // bs] * bs + c.start % bs)
@@ -99,7 +125,7 @@ class ModelRunner:
                 rows.append(q + c.num_tokens - 1)
                 params.append(seq.params)
                 generators.append(seq.generator)
-                histories.append((seq.token_ids, seq.prompt_len) if seq.params.processes else None)
+                histories.append((list(seq.token_ids), seq.prompt_len) if seq.params.processes else None)
         decode = prefill = None
         if decode_rows:
             decode = DecodeBatch(torch.tensor(decode_rows), _padded(decode_tables),
@@ -109,38 +135,77 @@ class ModelRunner:
                                    torch.tensor(prefill_chunks, dtype=torch.int32), _padded(prefill_tables))
         slot = torch.tensor(slots) if len(slots) == len(ids) else torch.from_numpy(
             np.concatenate([np.atleast_1d(x) for x in slots]))
+        pending = None
+        if pending_rows:
+            if previous is None:
+                raise ValueError("a pending token without the step that samples it")
+            pending = torch.tensor(pending_rows), torch.tensor(previous_rows)
         return StepInput(torch.tensor(ids), torch.tensor(positions), slot // bs, slot % bs, tuple(seqs),
-                         decode, prefill, torch.tensor(rows, dtype=torch.long), params, generators, histories)
+                         decode, prefill, torch.tensor(rows, dtype=torch.long), params, generators, histories,
+                         pending, None if pending is None else previous.tokens)
+
+    def execute(self, step: StepInput) -> list[int | None]:
+        """`launch`, then `collect`: one sampled token per sample row."""
+        return self.collect(self.launch(step))
 
     @torch.inference_mode()
-    def execute(self, step: StepInput) -> list[int]:
-        """One forward pass over the whole step; returns one sampled token per sample row."""
+    def launch(self, step: StepInput) -> Launched:
+        """Queue one forward pass over the whole step and its sampling; on CUDA, return without
+        waiting for the device (the tokens' copy to the host is queued too)."""
+        cuda = self.device.type == "cuda"
+        begun = time.perf_counter()
+        start = torch.cuda.Event(enable_timing=True) if cuda else None
+        if start is not None:
+            start.record()
+        logits = self._forward(step)                    # [sample rows, V]
+        tokens, failed = sample_on_device(logits, step.params, step.generators, step.histories, self.suppressed)
+        if not cuda:
+            return Launched(tokens, failed, time.perf_counter() - begun)
+        host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
+        host.copy_(tokens, non_blocking=True)
+        done = torch.cuda.Event(enable_timing=True)
+        done.record()
+        return Launched(tokens, failed, None, host, start, done)
+
+    @staticmethod
+    def collect(launched: Launched) -> list[int | None]:
+        """Wait for a launched step's tokens (None where sampling failed)."""
+        if launched.done is not None:
+            launched.done.synchronize()
+            launched.seconds = launched.start.elapsed_time(launched.done) / 1e3
+        out: list[int | None] = (launched.host if launched.host is not None else launched.tokens).tolist()
+        for i in launched.failed:
+            out[i] = None
+        return out
+
+    def _forward(self, step: StepInput) -> torch.Tensor:
+        """The logits of the step's sample rows, [N, V] (N may be 0), from its graph if it has one."""
         graph = None if self.graphs is None or self.graphs.broken else self.graphs.choose(step)
         if graph is not None:
             try:
-                logits = self.graphs.run(graph, step)       # [sample rows, V]
+                logits = self.graphs.run(graph, step)
                 self.steps[graph[0]] += 1
-                return sample(logits, step.params, step.generators, step.histories, self.suppressed)
+                return logits
             except RuntimeError:
                 log.exception("replaying a CUDA graph failed; running eagerly from now on")
                 self.graphs.broken = True
         self.steps["eager"] += 1
         dev = self.device
+        to = lambda x: x.to(dev, non_blocking=True)    # noqa: E731  (CPU tensors made for this step)
         meta = PagedMetadata(
-            kv_pool=self.store.gpu.tensor, slot_block=step.slot_block.to(dev),
-            slot_offset=step.slot_offset.to(dev),
-            seqs=tuple(SeqSlice(s.q_start, s.q_len, s.ctx_len, s.block_table.to(dev)) for s in step.seqs),
-            decode=None if step.decode is None else DecodeBatch(*(x.to(dev) for x in (
+            kv_pool=self.store.gpu.tensor, slot_block=to(step.slot_block), slot_offset=to(step.slot_offset),
+            seqs=tuple(SeqSlice(s.q_start, s.q_len, s.ctx_len, to(s.block_table)) for s in step.seqs),
+            decode=None if step.decode is None else DecodeBatch(*map(to, (
                 step.decode.rows, step.decode.block_tables, step.decode.context_lens))),
-            prefill=None if step.prefill is None else PrefillBatch(*(x.to(dev) for x in (
+            prefill=None if step.prefill is None else PrefillBatch(*map(to, (
                 step.prefill.tiles, step.prefill.chunks, step.prefill.block_tables))))
         # logits only where a token is sampled (at least one row: prompt chunks may sample none)
         rows = step.sample_rows if len(step.sample_rows) else torch.tensor([step.input_ids.numel() - 1])
-        out = self.model(input_ids=step.input_ids[None].to(dev), position_ids=step.positions[None].to(dev),
-                         use_cache=False, logits_to_keep=rows.to(dev), kvgate=meta)
-        if len(step.sample_rows) == 0:
-            return []
-        return sample(out.logits[0], step.params, step.generators, step.histories, self.suppressed)
+        input_ids = to(step.input_ids)
+        fill_pending(input_ids, step)
+        out = self.model(input_ids=input_ids[None], position_ids=to(step.positions)[None],
+                         use_cache=False, logits_to_keep=to(rows), kvgate=meta)
+        return out.logits[0][:len(step.sample_rows)]
 
     @torch.inference_mode()
     def warmup(self, costs: LoadOrRecompute, prefill_tokens: int) -> None:

@@ -96,10 +96,22 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[
            suppressed: torch.Tensor | None = None) -> list[int | None]:
     """One token per row; None for a row whose sampling failed (its request fails, no other).
     logits: [N, V]; params and generators: one per row; histories: per row, (token ids so far,
-    prompt length) where its params have logits processors. Greedy rows without processors take
-    the argmax in the logits' own dtype (the same index as in fp32: the conversion is exact).
-    Other rows are written into the same tensor, so the step waits for the device once.
-    `suppressed`: token ids no row may produce (the model's generation config)."""
+    prompt length) where its params have logits processors. `suppressed`: token ids no row may
+    produce (the model's generation config)."""
+    tokens, failed = sample_on_device(logits, params, generators, histories, suppressed)
+    out: list[int | None] = tokens.tolist()
+    for i in failed:
+        out[i] = None
+    return out
+
+
+def sample_on_device(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None],
+                     histories: list[tuple[list[int], int] | None] | None = None,
+                     suppressed: torch.Tensor | None = None) -> tuple[torch.Tensor, list[int]]:
+    """`sample` without waiting for the device: the tokens [N] on the logits' device, and the
+    rows whose sampling failed. Greedy rows without processors take the argmax in the logits'
+    own dtype (the same index as in fp32: the conversion is exact); other rows are written into
+    the same tensor, so that reading them back is one copy."""
     if suppressed is not None:
         logits[:, suppressed] = float("-inf")
     tokens = logits.argmax(dim=-1)                      # [N]
@@ -114,10 +126,7 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[
             log.exception("sampling failed for one row (temperature=%r top_p=%r top_k=%r)",
                           p.temperature, p.top_p, p.top_k)
             failed.append(i)
-    out: list[int | None] = tokens.tolist()
-    for i in failed:
-        out[i] = None
-    return out
+    return tokens, failed
 
 
 def process(row: torch.Tensor, p: SamplingParams, history: tuple[list[int], int]) -> torch.Tensor:

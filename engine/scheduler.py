@@ -47,11 +47,10 @@ class Chunk:
     seq: Sequence
     start: int
     num_tokens: int
+    samples: bool = field(init=False)   # it reaches the sequence's last token: the step samples the next
 
-    @property
-    def samples(self) -> bool:
-        """Does this chunk reach the last known token (so the step samples the next one)?"""
-        return self.start + self.num_tokens == len(self.seq.token_ids)
+    def __post_init__(self) -> None:
+        self.samples = self.start + self.num_tokens == self.seq.num_tokens
 
 
 @dataclass
@@ -63,8 +62,9 @@ class Plan:
 
 class Scheduler:
     def __init__(self, config: EngineConfig, store: BlockStore, costs: LoadOrRecompute,
-                 wakeup: Callable[[], None] = lambda: None) -> None:
+                 wakeup: Callable[[], None] = lambda: None, max_model_len: int | None = None) -> None:
         self.config = config
+        self.max_model_len = max_model_len      # a sequence this long ends: it computes no more
         self.store = store
         self.costs = costs
         self.wakeup = wakeup        # a disk load made progress: schedule again
@@ -96,6 +96,8 @@ class Scheduler:
                 break
             if seq.status is not Status.RUNNING:   # preempted earlier in this loop
                 continue
+            if seq.finish_reason is not None or (seq.pending and self._ends_at_pending(seq)):
+                continue                   # aborted, or its last token in flight: read back next
             n = self._tokens_to_compute(seq, budget)
             if n == 0:                              # waiting for its disk blocks
                 self.num_read_waits += 1
@@ -128,11 +130,14 @@ class Scheduler:
 
     def _admit_waiting(self, plan: Plan) -> None:
         chunks = plan.chunks
-        skipped = []   # its prefix is being computed by another: keeps its place
+        skipped = []   # keep their places: a prefix another computes, or a token in flight
         budget = lambda: self.config.max_num_batched_tokens - sum(c.num_tokens for c in chunks)  # noqa: E731
         computing = self._prefix_keys_in_prefill() if self._waiting else set()
         while self._waiting and budget() > 0 and len(self.running) < self.config.max_num_seqs:
             _, seq = heapq.heappop(self._waiting)
+            if seq.pending:     # preempted while its token was in flight: resumes once it is read back
+                skipped.append(seq)
+                continue
             if seq.status is Status.WAITING and computing and not computing.isdisjoint(self._prompt_keys(seq)):
                 skipped.append(seq)
                 continue
@@ -162,7 +167,7 @@ class Scheduler:
         prompts count as idle): with the GPU to itself it never idles behind a slow or queued
         read, and a read that never comes is computed in a few steps. 0 = it waits for its
         blocks this step."""
-        limit = len(seq.token_ids)
+        limit = seq.num_tokens
         # None: no load (a decoding sequence, all but its last token computed, never has one:
         # every branch below stops the front at the loaded blocks until they are taken)
         step = self.store.advance_load(seq.request_id, seq.num_computed) if seq.num_computed < limit - 1 else None
@@ -185,14 +190,21 @@ class Scheduler:
             limit = seq.num_computed + math.ceil((step.compute_until - seq.num_computed) * share)
         return max(0, min(limit - seq.num_computed, budget))
 
+    def _ends_at_pending(self, seq: Sequence) -> bool:
+        """Will the token in flight certainly end `seq` (its length limit, whatever the token)?"""
+        return (seq.num_tokens - seq.prompt_len >= seq.params.max_tokens
+                or (self.max_model_len is not None and seq.num_tokens >= self.max_model_len))
+
     def _prefix_keys_in_prefill(self) -> set[bytes]:
-        """Keys of the prompt blocks running sequences have yet to compute (this step's chunks
-        included). A new request sharing one of them waits until it is cached instead of
-        computing the same prefix a second time (many users behind one new system prompt)."""
+        """Keys of the prompt blocks running sequences have yet to index: to compute, or
+        computed by a step still in flight. A new request sharing one of them waits until it is
+        cached instead of computing the same prefix a second time (many users behind one new
+        system prompt)."""
         keys: set[bytes] = set()
         for seq in self.running:
-            if seq.num_computed < seq.prompt_len:
-                keys.update(self._prompt_keys(seq)[seq.num_computed // self.store.block_size:])
+            indexed = self.store.num_indexed(seq.request_id)
+            if indexed < seq.prompt_len // self.store.block_size:
+                keys.update(self._prompt_keys(seq)[indexed:])
         return keys
 
     def _prompt_keys(self, seq: Sequence) -> list[bytes]:
@@ -235,8 +247,10 @@ class Scheduler:
             self.store.start_load(seq.request_id, match, on_progress=self.wakeup)
 
     def preempt(self, seq: Sequence) -> None:
-        """Take `seq` off the GPU: its full blocks stay cached (see the module's docstring)."""
+        """Take `seq` off the GPU: its full blocks stay cached (see the module's docstring),
+        those a step in flight writes included (anything that reads them is queued behind it)."""
         self.running.remove(seq)
+        self.store.commit(seq.request_id, seq.token_ids, min(seq.num_computed, len(seq.token_ids)))
         self.store.release(seq.request_id)
         seq.status, seq.num_computed = Status.WAITING, 0
         seq.preemptions += 1

@@ -52,7 +52,9 @@ class Sequence:
     generator: torch.Generator | None
     found: tuple[Tier, ...] = ()      # where each prefix block was when the request arrived
     status: Status = Status.WAITING
-    num_computed: int = 0             # tokens whose KV is in the cache
+    num_computed: int = 0             # tokens whose KV is in the cache, or written by a step launched
+    pending: int = 0                  # tokens sampled by launched steps, not yet read back (at most 2)
+    sample_row: int = 0               # its row among the tokens the last step launched for it samples
     preemptions: int = 0              # times it was preempted (it resumes from the cache)
     max_tier: Tier = Tier.HOST        # cached blocks in slower tiers are recomputed (engine/costs.py)
     cached_tokens: dict[Tier, int] | None = None   # set at first admission
@@ -65,6 +67,11 @@ class Sequence:
     @property
     def num_generated(self) -> int:
         return len(self.token_ids) - self.prompt_len
+
+    @property
+    def num_tokens(self) -> int:
+        """Its length once the step in flight is read back: the known tokens and the pending one."""
+        return len(self.token_ids) + self.pending
 
     def urgency(self) -> tuple[int, int]:
         """Sort key: most urgent first."""

@@ -289,6 +289,10 @@ class BlockStore:
         self.placement.unlock(seq.path)
         self.gpu.free(sorted(seq.owned))
 
+    def num_indexed(self, seq_id: Hashable) -> int:
+        """The blocks of `seq_id`, from its first, that are indexed: found by other requests."""
+        return len(self._seqs[seq_id].path)
+
     def sequence_ids(self) -> set[Hashable]:
         """The admitted sequences."""
         return set(self._seqs)

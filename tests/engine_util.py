@@ -20,7 +20,7 @@ BS = 4
 
 def make_engine(path: str, gpu: int = 64, host: int = 0, disk: str = "", disk_blocks: int = 0,
                 max_batched: int = 32, max_seqs: int = 16, fused: bool = True,
-                write_policy: str = "all") -> Engine:
+                write_policy: str = "all", async_scheduling: bool = True) -> Engine:
     """On the CPU the engine keeps transformers' layers; `fused` fuses them eagerly anyway, so
     that the fused arithmetic is what these tests compare with transformers (on CUDA the
     engine fuses and compiles them itself)."""
@@ -32,7 +32,8 @@ def make_engine(path: str, gpu: int = 64, host: int = 0, disk: str = "", disk_bl
                         disk_max_bytes=disk_blocks * (loaded.block_layout(BS).block_bytes + 512),
                         write_policy=write_policy)
     return Engine(loaded, EngineConfig(max_num_seqs=max_seqs, max_num_batched_tokens=max_batched,
-                                       block_size=BS, check_integrity=True), store)
+                                       block_size=BS, async_scheduling=async_scheduling,
+                                       check_integrity=True), store)
 
 
 def prompt(seed: int, n: int) -> list[int]:

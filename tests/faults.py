@@ -8,11 +8,11 @@ POISON_TOKEN = 255
 def poisoned_forward(*args) -> None:
     """The engine process, its forward pass failing whenever a step holds POISON_TOKEN."""
     from engine.runner import ModelRunner
-    real = ModelRunner.execute
+    real = ModelRunner.launch
 
-    def execute(self, step):
+    def launch(self, step):
         if POISON_TOKEN in step.input_ids.tolist():
             raise RuntimeError("injected: this request's input breaks the forward pass")
         return real(self, step)
-    ModelRunner.execute = execute
+    ModelRunner.launch = launch
     engine_process.main(*args)

@@ -68,14 +68,14 @@ async def test_a_priority_beyond_the_limits_is_refused_before_anything_is_queued
 
 async def test_a_failing_step_fails_only_the_request_at_fault(llama, monkeypatch):
     engine = make_engine(llama, max_seqs=8, max_batched=64)
-    real, calls = engine.runner.execute, []
+    real, calls = engine.runner.launch, []
 
-    def execute(step):
+    def launch(step):
         calls.append(len(step.sample_rows))
         if POISON in step.input_ids.tolist():
             raise RuntimeError("injected: this request's input breaks the forward pass")
         return real(step)
-    monkeypatch.setattr(engine.runner, "execute", execute)
+    monkeypatch.setattr(engine.runner, "launch", launch)
     prompts = [[5, 6, 7, 8], [9, 10, 11], [POISON, 3, 4], [12, 13, 14, 15, 16]]
     streams = [engine.submit(p, greedy(6)) for p in prompts]
     readers = [asyncio.create_task(collect(s)) for s in streams]

@@ -61,10 +61,10 @@ async def test_the_front_computes_its_share_then_takes_the_blocks_read(llama, tm
     stream = engine.submit(follow_up, greedy(6))
     seq = engine._requests[stream.request_id]
     await engine.step()                               # admitted; the front computes its share
-    assert seq.num_computed == first_step and not seq.num_generated
+    assert seq.num_computed == first_step and seq.num_tokens == len(follow_up)
     await read_lands(engine, gate)                    # the back arrives ...
     await engine.step()                               # ... is copied in, and the rest computed
-    assert seq.num_computed == len(follow_up) and seq.num_generated == 1
+    assert seq.num_computed == len(follow_up) and seq.num_tokens == len(follow_up) + 1   # sampled one
     await engine.start()
     tokens, last = await collect(stream)
     assert tokens == hf_greedy(llama, follow_up, 6)
@@ -90,7 +90,7 @@ async def test_the_front_waits_for_its_read_while_computing_would_delay_another_
     assert seq.num_computed == 0 and len(engine.scheduler.running) == 2
     await read_lands(engine, gate)
     await engine.step()                               # all 24 read, copied in; 2 tokens computed
-    assert seq.num_computed == len(follow_up) and seq.num_generated == 1
+    assert seq.num_computed == len(follow_up) and seq.num_tokens == len(follow_up) + 1   # sampled one
     await engine.start()
     tokens, last = await collect(stream)
     assert tokens == hf_greedy(llama, follow_up, 4) and last.cached_tokens[Tier.DISK] == 24
@@ -131,7 +131,7 @@ async def test_the_front_never_idles_behind_a_read_that_does_not_come(llama, tmp
     for _ in range(8):                                # bounded: a front that idles fails here
         await engine.step()
         computed.append(seq.num_computed)
-        if seq.num_generated:
+        if seq.num_tokens > len(follow_up):          # it has sampled (read back or in flight)
             break
     assert computed == [12, 18, 21, 23, 24, 26]
     assert engine.costs.recomputed_blocks[Tier.DISK] == 6          # the front passed the end: dropped

@@ -17,9 +17,9 @@ def record_chunks(engine, monkeypatch) -> list[list[tuple[str, int, int]]]:
     steps, real = [], engine.runner.prepare
     names = {}
 
-    def prepare(chunks):
+    def prepare(chunks, previous=None):
         steps.append([(names.get(c.seq.request_id, c.seq.request_id), c.start, c.num_tokens) for c in chunks])
-        return real(chunks)
+        return real(chunks, previous)
     monkeypatch.setattr(engine.runner, "prepare", prepare)
     return steps, names
 
@@ -85,18 +85,20 @@ async def test_decode_pressure_preempts_the_least_urgent_running_sequence(llama,
         assert (await r)[1].finish_reason == "length"
 
 
-async def test_a_request_that_finds_no_kv_room_waits_and_each_blocked_step_is_counted(llama):
+@pytest.mark.parametrize("async_scheduling,waits", [(False, 4), (True, 5)])
+async def test_a_request_that_finds_no_kv_room_waits_and_each_blocked_step_is_counted(llama, async_scheduling, waits):
     """A 3-block GPU pool: the first request takes 2 blocks for its prompt and a third as it
     decodes; the second, needing 2, waits 4 steps, until the first finishes and its blocks
-    become evictable. It cannot preempt the first: it is less urgent (it came later)."""
-    engine = make_engine(llama, gpu=3, max_batched=64, max_seqs=8)
+    become evictable (5 with async scheduling: the first's last token is read back a step
+    after it is launched). It cannot preempt the first: it is less urgent (it came later)."""
+    engine = make_engine(llama, gpu=3, max_batched=64, max_seqs=8, async_scheduling=async_scheduling)
     engine.submit(prompt(1, 8), greedy(4))
     second = engine._requests[engine.submit(prompt(2, 8), greedy(4)).request_id]
     steps = 0
     while second.status is Status.WAITING and steps < 10:
         await engine.step()
         steps += 1
-    assert steps == 5 and engine.scheduler.num_blocked_admissions == 4
+    assert steps == waits + 1 and engine.scheduler.num_blocked_admissions == waits
     assert engine.scheduler.num_preemptions == 0
 
 
