@@ -137,7 +137,8 @@ async def main_async(a: argparse.Namespace) -> list[dict]:
     gpu = loaded.device.type == "cuda"
     vocab = loaded.model.config.vocab_size
     env = dict(model=a.model, device=str(loaded.device), dtype=str(loaded.dtype).removeprefix("torch."),
-               gpu=torch.cuda.get_device_name() if gpu else None, torch=torch.__version__)
+               gpu=torch.cuda.get_device_name() if gpu else None, torch=torch.__version__,
+               async_scheduling=a.async_scheduling)
     rows = []
 
     async def fresh_engine(gpu_blocks: int = a.gpu_blocks, host_blocks: int = 0, disk_path: str = "",
@@ -146,7 +147,8 @@ async def main_async(a: argparse.Namespace) -> list[dict]:
         if gpu:
             torch.cuda.empty_cache()
         config = EngineConfig(max_num_seqs=a.max_num_seqs, max_num_batched_tokens=a.max_batched,
-                              block_size=a.block_size, load_or_recompute=load_or_recompute)
+                              block_size=a.block_size, load_or_recompute=load_or_recompute,
+                              async_scheduling=a.async_scheduling)
         store = StoreConfig(block_size=a.block_size, gpu_blocks=gpu_blocks, host_blocks=host_blocks,
                             disk_path=disk_path, disk_max_bytes=a.disk_gib << 30 if disk_path else 0)
         engine = Engine(loaded, config, store)
@@ -301,6 +303,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--peer-script", default="", help="run this peer script (hf_peer.py) in its own process "
                    "after kvgate's runs, instead of the in-process peer")
     p.add_argument("--no-fuse", dest="fuse", action="store_false", help="transformers' own decoder layers")
+    p.add_argument("--no-async", dest="async_scheduling", action="store_false",
+                   help="engine.async_scheduling = false: each step read back before the next is scheduled")
     p.add_argument("--length", type=float, default=1.0, help="multiplies every token count (tests)")
     p.add_argument("--disk-gib", type=int, default=32, help="disk tier cap for chat-overflow and restart")
     p.add_argument("--think-s", type=float, default=5.0, help="chat-think: mean think time between turns")

@@ -246,7 +246,10 @@ class Engine:
             tokens, failed = await self._one_by_one(step.chunks)
         else:
             try:
-                tokens = await loop.run_in_executor(self._executor, self.runner.collect, step.launched)
+                if step.launched.done is None:            # computed already (CPU): nothing to wait for
+                    tokens = self.runner.collect(step.launched)
+                else:
+                    tokens = await loop.run_in_executor(self._executor, self.runner.collect, step.launched)
             except Exception:
                 log.exception("reading back a step of %d chunks failed; failing them", len(step.chunks))
                 tokens, failed = [None] * sum(c.samples for c in step.chunks), step.seqs
