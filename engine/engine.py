@@ -174,8 +174,9 @@ class Engine:
                 if isinstance(e, AssertionError):     # a broken invariant: `stop` raises it again
                     self.integrity_error = self.integrity_error or e
                 log.exception("engine step failed; failing the requests it held")
+                # the steps in flight; none: schedule() itself failed, so all of them
                 failed = {seq for step in self._in_flight for seq in step.seqs} or set(self._requests.values())
-                self._in_flight, self._ahead = [], None      # schedule() itself failed: all of them
+                self._in_flight, self._ahead = [], None
                 for seq in failed:
                     if seq.status is not Status.FINISHED:
                         self._finish(seq, "error")
