@@ -30,7 +30,7 @@ from engine.model import LoadedModel
 from engine.runner import Launched, ModelRunner
 from engine.sampling import SamplingParams
 from engine.scheduler import Chunk, Scheduler
-from engine.sequence import RequestOutput, Sequence, Status, coalesced
+from engine.sequence import Logprob, RequestOutput, Sequence, Status, coalesced
 from store import BlockStore, StoreConfig, Tier
 
 log = logging.getLogger("kvgate.engine")
@@ -241,16 +241,18 @@ class Engine:
         one) and postprocess it."""
         loop = asyncio.get_running_loop()
         failed: set[Sequence] = set()
+        logprobs: list[Logprob | None] = []
         if step.launched is None and len(step.chunks) == 1:     # the request at fault is known
             tokens, failed = [None] * step.chunks[0].samples, step.seqs
         elif step.launched is None:
-            tokens, failed = await self._one_by_one(step.chunks)
+            tokens, logprobs, failed = await self._one_by_one(step.chunks)
         else:
             try:
                 if step.launched.done is None:            # computed already (CPU): nothing to wait for
                     tokens = self.runner.collect(step.launched)
                 else:
                     tokens = await loop.run_in_executor(self._executor, self.runner.collect, step.launched)
+                logprobs = step.launched.row_logprobs
             except Exception:
                 log.exception("reading back a step of %d chunks failed; failing them", len(step.chunks))
                 tokens, failed = [None] * sum(c.samples for c in step.chunks), step.seqs
@@ -258,32 +260,39 @@ class Engine:
             if step.launched.seconds is not None:
                 self.costs.observe_prefill(prefill, step.launched.seconds)
         self._in_flight.remove(step)
-        self._postprocess(step.chunks, tokens, failed)
+        self._postprocess(step.chunks, tokens, failed, logprobs)
 
-    async def _one_by_one(self, chunks: list[Chunk]) -> tuple[list[int | None], set[Sequence]]:
+    async def _one_by_one(self, chunks: list[Chunk]) -> tuple[list[int | None], list[Logprob | None], set[Sequence]]:
         """Run each chunk of a step whose batched launch failed on its own (rewriting the same
         K/V slots), so that only the request at fault fails."""
         tokens: list[int | None] = []
+        logprobs: list[Logprob | None] = []
         failed: set[Sequence] = set()
         loop = asyncio.get_running_loop()
         for c in chunks:
             try:
                 if c.seq.status is Status.FINISHED:
                     raise RuntimeError("ended")          # nothing to run: its tokens are dropped
-                inputs = self.runner.prepare([c])
-                tokens += await loop.run_in_executor(self._executor, self.runner.execute, inputs)
+                launched = await loop.run_in_executor(self._executor, self.runner.launch, self.runner.prepare([c]))
+                tokens += await loop.run_in_executor(self._executor, self.runner.collect, launched)
+                logprobs += launched.row_logprobs
             except Exception:
                 if c.seq.status is not Status.FINISHED:
                     log.exception("the chunk of %s fails on its own; failing it", c.seq.request_id)
                 failed.add(c.seq)
                 tokens += [None] if c.samples else []
-        return tokens, failed
+                logprobs += [None] if c.samples else []
+        return tokens, logprobs, failed
 
-    def _postprocess(self, chunks: list[Chunk], tokens: list[int | None], failed: set[Sequence]) -> None:
+    def _postprocess(self, chunks: list[Chunk], tokens: list[int | None], failed: set[Sequence],
+                     logprobs: list[Logprob | None] | None = None) -> None:
+        """Append each chunk's sampled token (and its logprobs, where asked), commit, stream."""
         sampled = iter(tokens)
+        scored = iter(logprobs or ())
         for c in chunks:
             seq = c.seq
             token = next(sampled) if c.samples else None
+            logprob = next(scored, None) if c.samples else None
             if c.samples:
                 seq.pending -= 1
             if seq.status is Status.FINISHED:         # ended by the step before this one
@@ -299,13 +308,13 @@ class Engine:
                     if seq.status is Status.RUNNING:  # not preempted since: its blocks are its own
                         self.store.commit(seq.request_id, seq.token_ids, c.start + c.num_tokens)
                     if token is not None:
-                        self._emit(seq, token)
+                        self._emit(seq, token, logprob)
                 except Exception:      # e.g. a tokenizer that cannot decode this output
                     log.exception("postprocessing %s failed; failing it", seq.request_id)
                     if seq.status is not Status.FINISHED:
                         self._finish(seq, "error")
 
-    def _emit(self, seq: Sequence, token: int) -> None:
+    def _emit(self, seq: Sequence, token: int, logprob: Logprob | None = None) -> None:
         p = seq.params
         stop_token = token in p.stop_token_ids
         if stop_token:     # it ends the output; its text is not part of it (vLLM's rule)
@@ -317,19 +326,21 @@ class Engine:
             reason = "stop"
         elif seq.num_generated >= p.max_tokens or len(seq.token_ids) >= self.loaded.max_model_len:
             reason = "length"
+        logprobs = [logprob] if logprob is not None else []
         if reason is None:
-            self._deliver(seq, self._output(seq, [token], text, None))
+            self._deliver(seq, self._output(seq, [token], text, None, logprobs))
         else:
-            self._finish(seq, reason, [token], text)
+            self._finish(seq, reason, [token], text, logprobs)
 
-    def _finish(self, seq: Sequence, reason: str, tokens: list[int] | None = None, text: str = "") -> None:
+    def _finish(self, seq: Sequence, reason: str, tokens: list[int] | None = None, text: str = "",
+                logprobs: list[Logprob] | None = None) -> None:
         """The one exit: release the blocks, send the last delta."""
         self.scheduler.remove(seq)
         self._requests.pop(seq.request_id, None)
         seq.finish_reason = reason
         if reason != "stop":
             text += seq.detokenizer.flush()
-        self._deliver(seq, self._output(seq, tokens or [], text, reason))
+        self._deliver(seq, self._output(seq, tokens or [], text, reason, logprobs or []))
 
     def _deliver(self, seq: Sequence, out: RequestOutput) -> None:
         if self._on_output is not None:
@@ -337,10 +348,11 @@ class Engine:
         else:
             seq.outputs.put_nowait(out)
 
-    def _output(self, seq: Sequence, tokens: list[int], text: str, reason: str | None) -> RequestOutput:
+    def _output(self, seq: Sequence, tokens: list[int], text: str, reason: str | None,
+                logprobs: list[Logprob]) -> RequestOutput:
         cached = seq.cached_tokens or {t: 0 for t in Tier}
         return RequestOutput(seq.request_id, tokens, text, reason, seq.prompt_len, seq.num_generated,
-                             dict(cached), seq.queued_s)
+                             dict(cached), seq.queued_s, logprobs if seq.params.logprobs is not None else None)
 
     # ---- introspection ----------------------------------------------------------------------
 

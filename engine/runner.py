@@ -14,7 +14,7 @@ import collections
 import logging
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -24,8 +24,9 @@ from engine.attention import DecodeBatch, PagedMetadata, PrefillBatch, SeqSlice
 from engine.costs import LoadOrRecompute
 from engine.graphs import StepGraphs, fill_pending
 from engine.model import LoadedModel
-from engine.sampling import SamplingParams, sample_on_device
+from engine.sampling import SamplingParams, logprobs_on_device, sample_on_device
 from engine.scheduler import Chunk
+from engine.sequence import Logprob
 from store import BlockStore
 
 log = logging.getLogger("kvgate.engine")
@@ -59,7 +60,12 @@ class Launched:
     seconds: float | None = None     # how long the device computed it: known on the CPU, else after `collect`
     host: torch.Tensor | None = None         # [N] pinned (CUDA): `tokens`, once `done` fires
     start: torch.cuda.Event | None = None    # (CUDA) recorded before its first kernel
-    done: torch.cuda.Event | None = None     # (CUDA) recorded after the copy to `host`
+    done: torch.cuda.Event | None = None     # (CUDA) recorded after the copies to the host
+    # the rows asking for logprobs, and theirs (sampling.logprobs_on_device: [R], [R, K], [R, K]),
+    # copied to the host like the tokens
+    logprob_rows: list[tuple[int, int]] = field(default_factory=list)    # (row, most likely tokens asked)
+    logprobs: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+    row_logprobs: list[Logprob | None] = field(default_factory=list)   # [N], set by `collect`
 
 
 class ModelRunner:
@@ -158,24 +164,38 @@ class ModelRunner:
         if start is not None:
             start.record()
         logits = self._forward(step)                    # [sample rows, V]
-        tokens, failed = sample_on_device(logits, step.params, step.generators, step.histories, self.suppressed)
+        if self.suppressed is not None:
+            logits[:, self.suppressed] = float("-inf")
+        rows = [i for i, p in enumerate(step.params) if p.logprobs is not None]
+        # the model's distribution: before logits processors and temperature (vLLM's raw logprobs)
+        distribution = logits[torch.tensor(rows).to(logits.device, non_blocking=True)].float().log_softmax(-1) \
+            if rows else None
+        tokens, failed = sample_on_device(logits, step.params, step.generators, step.histories)
+        logprobs = logprobs_on_device(distribution, rows, step.params, tokens) if rows else None
+        rows = [(i, step.params[i].logprobs) for i in rows]
         if not cuda:
-            return Launched(tokens, failed, time.perf_counter() - begun)
-        host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
-        host.copy_(tokens, non_blocking=True)
+            return Launched(tokens, failed, time.perf_counter() - begun, logprob_rows=rows, logprobs=logprobs)
+        host = _to_host(tokens)
+        logprobs = None if logprobs is None else tuple(map(_to_host, logprobs))
         done = torch.cuda.Event(enable_timing=True)
         done.record()
-        return Launched(tokens, failed, None, host, start, done)
+        return Launched(tokens, failed, None, host, start, done, rows, logprobs)
 
     @staticmethod
     def collect(launched: Launched) -> list[int | None]:
-        """Wait for a launched step's tokens (None where sampling failed)."""
+        """Wait for a launched step's tokens (None where sampling failed); their logprobs, for
+        the rows that asked, go to `launched.row_logprobs`."""
         if launched.done is not None:
             launched.done.synchronize()
             launched.seconds = launched.start.elapsed_time(launched.done) / 1e3
         out: list[int | None] = (launched.host if launched.host is not None else launched.tokens).tolist()
         for i in launched.failed:
             out[i] = None
+        launched.row_logprobs = [None] * len(out)
+        if launched.logprobs is not None:
+            chosen, top_values, top_ids = (x.tolist() for x in launched.logprobs)
+            for r, (i, k) in enumerate(launched.logprob_rows):
+                launched.row_logprobs[i] = (chosen[r], list(zip(top_ids[r][:k], top_values[r][:k])))
         return out
 
     def _forward(self, step: StepInput) -> torch.Tensor:
@@ -255,6 +275,13 @@ class ModelRunner:
         meta = PagedMetadata(self.store.gpu.tensor, scratch, positions % bs, (), None, prefill)
         self.model(input_ids=zeros[None], position_ids=positions[None], use_cache=False,
                    logits_to_keep=positions[-1:], kvgate=meta)
+
+
+def _to_host(x: torch.Tensor) -> torch.Tensor:
+    """A pinned host copy of `x`, queued (read it once the step's `done` event fires)."""
+    host = torch.empty(x.shape, dtype=x.dtype, pin_memory=True)
+    host.copy_(x, non_blocking=True)
+    return host
 
 
 def _padded(tables: list[list[int]]) -> torch.Tensor:

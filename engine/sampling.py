@@ -33,6 +33,7 @@ class SamplingParams:
     min_p: float = 0.0                   # sampling: drop tokens less likely than min_p * the likeliest
     min_tokens: int = 0                  # no EOS or stop token before this many output tokens
     end_ids: tuple[int, ...] = ()        # what min_tokens holds back: set by the engine (EOS + stop ids)
+    logprobs: int | None = None          # each output token's logprob and this many most likely ones
     greedy: bool = field(init=False, default=False)
 
     def __post_init__(self) -> None:
@@ -58,6 +59,8 @@ class SamplingParams:
         _check(_is_number(self.min_p) and 0.0 <= self.min_p <= 1.0, "min_p", "a number in [0, 1]")
         _check(_is_int(self.min_tokens) and 0 <= self.min_tokens <= self.max_tokens, "min_tokens",
                "an int in [0, max_tokens]")
+        _check(self.logprobs is None or (_is_int(self.logprobs) and 0 <= self.logprobs <= limits.LOGPROBS_MAX),
+               "logprobs", f"an int in [0, {limits.LOGPROBS_MAX}]")
         _check(len(self.logit_bias) <= limits.LOGIT_BIAS_MAX and all(
             _is_int(t) and 0 <= t <= limits.TOKEN_ID_MAX and _is_number(b) and -100 <= b <= 100
             for t, b in self.logit_bias), "logit_bias",
@@ -127,6 +130,17 @@ def sample_on_device(logits: torch.Tensor, params: list[SamplingParams], generat
                           p.temperature, p.top_p, p.top_k)
             failed.append(i)
     return tokens, failed
+
+
+def logprobs_on_device(logprobs: torch.Tensor, rows: list[int], params: list[SamplingParams],
+                       tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """For the rows asking for them: the sampled token's logprob [R], and the most likely tokens'
+    logprobs and ids [R, K] (K the largest number asked; a row reads its own first ones).
+    logprobs: [R, V], log-softmax of those rows' logits; tokens: [N], every row's sampled token."""
+    index = torch.tensor(rows).to(tokens.device, non_blocking=True)
+    chosen = logprobs.gather(1, tokens[index][:, None])[:, 0]
+    top = logprobs.topk(max(params[i].logprobs for i in rows), dim=-1)
+    return chosen, top.values, top.indices
 
 
 def process(row: torch.Tensor, p: SamplingParams, history: tuple[list[int], int]) -> torch.Tensor:

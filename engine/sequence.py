@@ -21,6 +21,10 @@ class Status(enum.Enum):
     FINISHED = "finished"
 
 
+# an output token's logprob, and the most likely tokens' (token id, logprob) at its position
+Logprob = tuple[float, list[tuple[int, float]]]
+
+
 @dataclass(frozen=True)
 class RequestOutput:
     """One streamed delta. `cached_tokens` counts prompt tokens served from the cache, by the
@@ -33,6 +37,7 @@ class RequestOutput:
     completion_tokens: int
     cached_tokens: dict[Tier, int]
     queued_s: float | None = None         # from submission to first admission (None until then)
+    logprobs: list[Logprob] | None = None  # one per token of `token_ids`, if the request asked
 
     @property
     def num_cached_tokens(self) -> int:
@@ -86,7 +91,8 @@ async def coalesced(queue: asyncio.Queue[RequestOutput]) -> AsyncIterator[Reques
         out = await queue.get()
         while not queue.empty() and out.finish_reason is None:
             more = queue.get_nowait()
-            out = dataclasses.replace(more, token_ids=out.token_ids + more.token_ids, text=out.text + more.text)
+            out = dataclasses.replace(more, token_ids=out.token_ids + more.token_ids, text=out.text + more.text,
+                                      logprobs=None if more.logprobs is None else (out.logprobs or []) + more.logprobs)
         yield out
         if out.finish_reason is not None:
             return

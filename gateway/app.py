@@ -14,7 +14,8 @@ from gateway import text_views, views
 from gateway.config import KvgateConfig
 from gateway.engine_client import EngineClient, EngineProcess
 from gateway.errors import error_middleware, expect_continue
-from gateway.keys import CONFIG, ENGINE, METRICS, PROMPTS, STATE, TIERS, ServerState
+from gateway.keys import CONFIG, ENGINE, METRICS, PROMPTS, STATE, TIERS, TOKEN_TEXT, ServerState
+from gateway.logprobs import TokenText
 from gateway.metrics import Metrics
 from gateway.middlewares import auth_middleware, status_middleware
 from gateway.tiers import TierReport
@@ -62,6 +63,7 @@ def _engine_ctx(given: EngineProcess | None, log_level: str):
         app[ENGINE] = engine
         app[PROMPTS] = Prompts.of(engine.name, engine.tokenizer, engine.bounds.max_model_len,
                                   config.model.chat_template)
+        app[TOKEN_TEXT] = TokenText(engine.tokenizer)
         app[TIERS] = reports = [TierReport(**t) for t in engine.tiers]
         app[METRICS] = Metrics(reports, engine.name, engine.bounds.block_size)
         yield

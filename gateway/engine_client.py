@@ -359,7 +359,8 @@ class RemoteStream:
             if stopped:
                 self._client.abort(self.request_id)
                 return dataclasses.replace(out, token_ids=out.token_ids[:i + 1], text="".join(pieces),
-                                           finish_reason="stop", completion_tokens=len(self._output_ids))
+                                           finish_reason="stop", completion_tokens=len(self._output_ids),
+                                           logprobs=None if out.logprobs is None else out.logprobs[:i + 1])
         if out.finish_reason not in (None, "stop"):
             pieces.append(self._detokenizer.flush())
         return dataclasses.replace(out, text="".join(pieces))

@@ -12,10 +12,11 @@ one msgpack array per message, its first item the kind:
                                                     ["stopped"]
 
 `params` is SamplingParams as a dict; an output is RequestOutput as an array, cached tokens one
-count per Tier. "reopen" (tests: one process, many configurations, the model loaded once) carries
-the pickled KvgateConfig: only the API process that started the engine can write to the pipe.
-Everything a client sends was validated in the API process before it is put on the pipe; the
-engine validates it again (`Engine.submit`).
+count per Tier, logprobs as [logprob, [[token id, logprob], ...]] per token (or nil). "reopen"
+(tests: one process, many configurations, the model loaded once) carries the pickled
+KvgateConfig: only the API process that started the engine can write to the pipe. Everything
+a client sends was validated in the API process before it is put on the pipe; the engine
+validates it again (`Engine.submit`).
 """
 from __future__ import annotations
 
@@ -48,10 +49,10 @@ def params_from_wire(values: dict) -> SamplingParams:
 
 def output_to_wire(out: RequestOutput) -> list:
     return [out.request_id, out.token_ids, out.text, out.finish_reason, out.prompt_tokens,
-            out.completion_tokens, [out.cached_tokens.get(t, 0) for t in TIERS], out.queued_s]
+            out.completion_tokens, [out.cached_tokens.get(t, 0) for t in TIERS], out.queued_s, out.logprobs]
 
 
 def output_from_wire(row: list) -> RequestOutput:
-    request_id, token_ids, text, reason, prompt_tokens, completion_tokens, cached, queued_s = row
+    request_id, token_ids, text, reason, prompt_tokens, completion_tokens, cached, queued_s, logprobs = row
     return RequestOutput(request_id, token_ids, text, reason, prompt_tokens, completion_tokens,
-                         dict(zip(TIERS, cached)), queued_s)
+                         dict(zip(TIERS, cached)), queued_s, logprobs)

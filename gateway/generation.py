@@ -15,7 +15,7 @@ from engine import limits
 from engine.errors import InvalidRequest
 from engine.model import Prompts
 from engine.sampling import SamplingParams
-from engine.sequence import RequestOutput
+from engine.sequence import Logprob, RequestOutput
 from gateway.engine_client import EngineClient, RemoteStream
 from gateway.protocol import ChatCompletionRequest, CompletionRequest
 
@@ -29,6 +29,8 @@ class Choice:
     stream: RemoteStream | None = None
     text: list[str] = field(default_factory=list)
     token_ids: list[int] = field(default_factory=list)
+    logprobs: list[Logprob] = field(default_factory=list)   # one per token, if the request asked
+    echo: str = ""                      # completions with `echo`: the prompt's text, before the output
     last: RequestOutput | None = None
     first_token_at: float | None = None
     last_token_at: float | None = None
@@ -77,6 +79,16 @@ def completion_prompts(req: CompletionRequest, prompts: Prompts) -> list[list[in
     return [prompts.tokenizer.encode(t) for t in texts]
 
 
+def echo_texts(req: CompletionRequest, prompt_ids: list[list[int]], prompts: Prompts) -> list[str]:
+    """Each prompt's text for `echo`: as sent, or its token ids decoded."""
+    texts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
+    if isinstance(texts[0], str):
+        return texts
+    if prompts.tokenizer is None:
+        raise InvalidRequest("echo needs a tokenizer to show token-id prompts as text; this model has none", "echo")
+    return [prompts.tokenizer.decode(ids) for ids in prompt_ids]
+
+
 def plan(req: ChatCompletionRequest | CompletionRequest, prompts: list[list[int]],
          max_sequence_tokens: int) -> list[Choice]:
     """One Choice per prompt and sample, with its sampling parameters (InvalidRequest names the
@@ -93,7 +105,8 @@ def plan(req: ChatCompletionRequest | CompletionRequest, prompts: list[list[int]
                 stop=req.stop_strings(), stop_token_ids=tuple(req.stop_token_ids or ()),
                 ignore_eos=req.ignore_eos, presence_penalty=req.presence_penalty,
                 frequency_penalty=req.frequency_penalty, repetition_penalty=req.repetition_penalty,
-                logit_bias=req.logit_biases(), min_p=req.min_p, min_tokens=req.min_tokens)
+                logit_bias=req.logit_biases(), min_p=req.min_p, min_tokens=req.min_tokens,
+                logprobs=req.num_logprobs())
             choices.append(Choice(p * req.n + i, prompt, params))
     return choices
 
@@ -124,6 +137,7 @@ async def merged(choices: list[Choice]) -> AsyncIterator[tuple[Choice, RequestOu
                     c.last_token_at = now
                 c.text.append(out.text)
                 c.token_ids += out.token_ids
+                c.logprobs += out.logprobs or ()
                 c.last = out
                 await queue.put((c, out))
         finally:

@@ -86,6 +86,7 @@ def parse(body: bytes, schema: type[BaseModel]) -> BaseModel:
     if refused:      # an OpenAI field kvgate does not implement, sent with an effect
         raise APIError(400, f"{refused}: not supported by kvgate (docs/api.md lists every field)",
                        "invalid_request_error", refused)
+    getattr(req, "check", lambda: None)()        # what spans fields: InvalidRequest, a 400 naming one
     return req
 
 

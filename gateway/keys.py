@@ -9,6 +9,7 @@ from aiohttp import web
 from engine.model import Prompts
 from gateway.config import KvgateConfig
 from gateway.engine_client import EngineClient
+from gateway.logprobs import TokenText
 from gateway.metrics import Metrics
 from gateway.tiers import TierReport
 
@@ -33,6 +34,7 @@ class ServerState:
 CONFIG = web.AppKey("config", KvgateConfig)
 ENGINE = web.AppKey("engine", EngineClient)
 PROMPTS = web.AppKey("prompts", Prompts)         # tokenizer and chat template, in this process
+TOKEN_TEXT = web.AppKey("token_text", TokenText)  # token ids as logprobs show them
 METRICS = web.AppKey("metrics", Metrics)
 STATE = web.AppKey("state", ServerState)
 TIERS = web.AppKey("tiers", list[TierReport])   # what each KV tier got at start-up

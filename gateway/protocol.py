@@ -59,9 +59,8 @@ class StreamOptions(BaseModel):
 
 
 class _Common(_Refusing):
-    REFUSED = ("logprobs", "top_logprobs", "response_format", "best_of", "suffix", "echo", "tool_choice",
-               "functions", "function_call", "modalities", "audio", "prediction", "reasoning_effort",
-               "web_search_options")
+    REFUSED = ("response_format", "best_of", "suffix", "tool_choice", "functions", "function_call",
+               "modalities", "audio", "prediction", "reasoning_effort", "web_search_options")
     model: StrictStr
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
@@ -77,12 +76,9 @@ class _Common(_Refusing):
     service_tier: StrictStr | None = None
     parallel_tool_calls: StrictBool | None = None
     # not implemented: accepted at their no-op value only (REFUSED)
-    logprobs: Any = None
-    top_logprobs: Any = None
     response_format: Any = None
     best_of: Any = None
     suffix: Any = None
-    echo: Any = None
     tool_choice: Any = None
     functions: Any = None
     function_call: Any = None
@@ -146,7 +142,11 @@ class ChatMessage(_Refusing):
 MaxTokens = Annotated[StrictInt, Field(ge=1, le=limits.MAX_TOKENS_MAX)]
 
 
+Logprobs = Annotated[StrictInt, Field(ge=0, le=limits.LOGPROBS_MAX)]
+
+
 class ChatCompletionRequest(_Common):
+    REFUSED = (*_Common.REFUSED, "echo")           # vLLM's chat extension: not implemented
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
 
     def refused(self) -> str | None:
@@ -155,6 +155,18 @@ class ChatCompletionRequest(_Common):
     max_tokens: MaxTokens | None = None                # None: all the room the sequence has left
     max_completion_tokens: MaxTokens | None = None
     tools: list | None = None
+    logprobs: StrictBool | None = None
+    top_logprobs: Logprobs | None = None
+    echo: Any = None
+
+    def check(self) -> None:
+        """What no field's own type says (InvalidRequest names the field)."""
+        if self.top_logprobs and not self.logprobs:
+            raise InvalidRequest("top_logprobs needs logprobs: true", "top_logprobs")
+
+    def num_logprobs(self) -> int | None:
+        """SamplingParams.logprobs: the most likely tokens to return per token, None for none."""
+        return (self.top_logprobs or 0) if self.logprobs else None
 
 
 TokenIds = Annotated[list[TokenId], Field(min_length=1)]
@@ -165,6 +177,16 @@ class CompletionRequest(_Common):
     prompt: StrictStr | TokenIds | Annotated[list[StrictStr], Field(min_length=1)] | \
         Annotated[list[TokenIds], Field(min_length=1)]
     max_tokens: MaxTokens | None = DEFAULT_COMPLETION_TOKENS
+    logprobs: Logprobs | None = None
+    echo: StrictBool = False                  # the prompt's text before the completion's
+
+    def check(self) -> None:
+        """What no field's own type says (InvalidRequest names the field)."""
+        if self.echo and self.logprobs is not None:     # the prompt's own logprobs: not computed
+            raise InvalidRequest("echo with logprobs (the prompt's logprobs) is not supported", "echo")
+
+    def num_logprobs(self) -> int | None:
+        return self.logprobs
 
     @field_validator("max_tokens")
     @classmethod

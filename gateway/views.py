@@ -12,10 +12,10 @@ from collections.abc import Callable
 from aiohttp import web
 
 from engine.sequence import RequestOutput
-from gateway import intake, text_views
+from gateway import intake, logprobs, text_views
 from gateway.errors import APIError, ClientGone, EngineDead
-from gateway.generation import Choice, chat_prompt, completion_prompts, merged, plan, submit
-from gateway.keys import CONFIG, ENGINE, METRICS, PROMPTS, STATE, TENANT, TIERS
+from gateway.generation import Choice, chat_prompt, completion_prompts, echo_texts, merged, plan, submit
+from gateway.keys import CONFIG, ENGINE, METRICS, PROMPTS, STATE, TENANT, TIERS, TOKEN_TEXT
 from gateway.protocol import ChatCompletionRequest, CompletionRequest, error_body, new_id, now, usage
 
 log = logging.getLogger("kvgate.gateway")
@@ -54,6 +54,10 @@ async def _generate(request: web.Request, schema, prompts_of: Callable, kind: st
         body_bytes = len(await request.read())      # read already: aiohttp keeps the body
         prompt_ids = await intake.off_loop_if_large(body_bytes, prompts_of, req, prompts)
         choices = plan(req, prompt_ids, engine.max_sequence_tokens)
+        if getattr(req, "echo", False) is True:          # completions: the prompt's text first
+            texts = echo_texts(req, prompt_ids, prompts)
+            for c in choices:
+                c.echo = texts[c.index // req.n]
         tenant = request[TENANT]
         submit(engine, choices, priority, tenant.name if tenant else "")
         response_id = new_id("chatcmpl" if kind == "chat.completion" else "cmpl")
@@ -64,7 +68,7 @@ async def _generate(request: web.Request, schema, prompts_of: Callable, kind: st
             async for _ in outputs:
                 pass
         return await _send(request, web.json_response(_full_response(
-            choices, kind, response_id, prompts.name, req.return_token_ids)))
+            choices, kind, response_id, prompts.name, req.return_token_ids, request.app[TOKEN_TEXT])))
     finally:   # every choice is ended and accounted, also when the client went away mid-way
         state.in_flight -= need
         metrics = app[METRICS]
@@ -93,19 +97,24 @@ def _priority(req, tenant) -> int:
     return req.priority
 
 
-def _full_response(choices: list[Choice], kind: str, response_id: str, model: str, token_ids: bool) -> dict:
+def _full_response(choices: list[Choice], kind: str, response_id: str, model: str, token_ids: bool,
+                   token_text: logprobs.TokenText) -> dict:
     if any(c.last.finish_reason == "error" for c in choices):
         raise APIError(500, "the engine failed while generating this response", "server_error")
     out = {"id": response_id, "object": kind, "created": now(), "model": model, "choices": [],
            "usage": _usage(choices)}
     for c in choices:
         text = "".join(c.text)
+        scored = c.params.logprobs is not None
         if kind == "chat.completion":
             out["choices"].append({"index": c.index, "message": {"role": "assistant", "content": text},
-                                   "logprobs": None, "finish_reason": c.last.finish_reason})
-        else:
-            out["choices"].append({"index": c.index, "text": text, "logprobs": None,
+                                   "logprobs": logprobs.chat(c.logprobs, c.token_ids, token_text) if scored else None,
                                    "finish_reason": c.last.finish_reason})
+        else:
+            out["choices"].append({
+                "index": c.index, "text": c.echo + text,
+                "logprobs": logprobs.completion(c.logprobs, c.token_ids, token_text, 0)[0] if scored else None,
+                "finish_reason": c.last.finish_reason})
         if token_ids:
             out["choices"][-1]["token_ids"] = c.token_ids
     return out
@@ -139,6 +148,8 @@ async def _stream(request: web.Request, choices: list[Choice], kind: str, respon
     chunk_kind = "chat.completion.chunk" if kind == "chat.completion" else "text_completion"
     base = {"id": response_id, "object": chunk_kind, "created": now(), "model": request.app[PROMPTS].name}
     extra = {"usage": None} if include_usage else {}
+    token_text = request.app[TOKEN_TEXT]
+    offsets = {c.index: len(c.echo) for c in choices}       # completions' text_offset, per choice
 
     async def event(obj: dict) -> None:
         await _send(request, resp, b"data: " + json.dumps(obj).encode() + b"\n\n")
@@ -151,10 +162,19 @@ async def _stream(request: web.Request, choices: list[Choice], kind: str, respon
         if kind == "chat.completion":
             await send([{"index": c.index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                          "finish_reason": None} for c in choices])
+        elif any(c.echo for c in choices):
+            await send([{"index": c.index, "text": c.echo, "logprobs": None, "finish_reason": None}
+                        for c in choices])
         async with contextlib.aclosing(merged(choices)) as outputs:
             async for c, out in outputs:
-                if out.text or out.finish_reason is not None or token_ids:
-                    await send([_chunk_choice(kind, c, out, token_ids)])
+                if out.text or out.finish_reason is not None or token_ids or out.logprobs:
+                    part = _chunk_choice(kind, c, out, token_ids)
+                    if out.logprobs is not None and kind == "chat.completion":
+                        part["logprobs"] = logprobs.chat(out.logprobs, out.token_ids, token_text)
+                    elif out.logprobs is not None:
+                        part["logprobs"], offsets[c.index] = logprobs.completion(
+                            out.logprobs, out.token_ids, token_text, offsets[c.index])
+                    await send([part])
                 if out.finish_reason == "error":     # the choice ends, then the error says why
                     await event(error_body("the engine failed while generating this response", "server_error"))
         if include_usage:

@@ -82,3 +82,36 @@ def test_out_of_range_options_are_refused_by_name(kw, param):
     with pytest.raises(InvalidRequest) as e:
         SamplingParams(**kw)
     assert e.value.param == param
+
+
+@pytest.mark.parametrize("async_scheduling", [False, True])
+async def test_logprobs_are_the_models_distribution_at_each_output_token(llama, async_scheduling):
+    """Each output token's logprob and the top 3, against transformers' log-softmax of the
+    same positions (before processors and temperature: a penalty changes the tokens chosen, not
+    how the model scored them)."""
+    from tests.engine_util import collect, make_engine
+    from tests.models import _reference
+    engine = make_engine(llama, async_scheduling=async_scheduling)
+    await engine.start()
+    params = SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True, logprobs=3, presence_penalty=0.5)
+    stream = engine.submit(PROMPT * 3, params)
+    deltas = [out async for out in stream]
+    plain = await collect(engine.submit(PROMPT * 3, SamplingParams(max_tokens=2, temperature=0.0)))
+    await engine.stop(persist=False)
+    tokens = [t for d in deltas for t in d.token_ids]
+    logprobs = [lp for d in deltas for lp in d.logprobs]
+    assert len(logprobs) == len(tokens) == 5
+    assert plain[1].logprobs is None                       # not asked: none sent
+    with torch.no_grad():
+        ref = _reference(llama)(torch.tensor([PROMPT * 3 + tokens])).logits[0].float().log_softmax(-1)
+    for i, (token, (chosen, top)) in enumerate(zip(tokens, logprobs)):
+        row = ref[len(PROMPT) * 3 + i - 1]
+        assert chosen == pytest.approx(row[token].item(), abs=1e-4)
+        assert [t for t, _ in top] == row.topk(3).indices.tolist()
+        assert [lp for _, lp in top] == pytest.approx(row.topk(3).values.tolist(), abs=1e-4)
+
+
+def test_logprobs_beyond_the_bound_are_refused():
+    with pytest.raises(InvalidRequest) as e:
+        SamplingParams(logprobs=21)
+    assert e.value.param == "logprobs"

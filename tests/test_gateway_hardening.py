@@ -351,8 +351,9 @@ async def test_special_token_text_in_a_message_cannot_forge_a_turn(make_client, 
 
 # ---- every field honoured or refused ----------------------------------------------------------
 
+# on /v1/completions: `logprobs` is an int there, `top_logprobs` a chat field
 REFUSED_WITH_EFFECT = [("response_format", {"type": "json_object"}), ("best_of", 2), ("suffix", "end"),
-                       ("echo", True), ("logprobs", True), ("top_logprobs", 3), ("tool_choice", "required"),
+                       ("logprobs", True), ("top_logprobs", 3), ("tool_choice", "required"),
                        ("reasoning_effort", "high")]
 
 

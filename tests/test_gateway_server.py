@@ -80,6 +80,8 @@ def test_openai_client_against_kvgate_serve_and_a_restart(tmp_path):
                                          temperature=0)
         assert done.usage.completion_tokens == 8 and done.choices[0].finish_reason == "length"
 
+        check_logprobs_and_echo(client)
+
         first = ask(client, "What is a block?")
         second = ask(client, "What is a tier?")
         assert first.usage.prompt_tokens_details.cached_tokens == 0
@@ -103,3 +105,40 @@ def test_openai_client_against_kvgate_serve_and_a_restart(tmp_path):
         assert again.choices[0].message.content == first.choices[0].message.content
     finally:
         stop(proc)
+
+
+def check_logprobs_and_echo(client) -> None:
+    """Logprobs in OpenAI's shapes through the official client, streamed and not; echo."""
+    question = [{"role": "user", "content": "Score me."}]
+    scored = client.chat.completions.create(model="builtin:tiny", messages=question, max_tokens=6, temperature=0,
+                                            logprobs=True, top_logprobs=3)
+    content = scored.choices[0].logprobs.content
+    assert len(content) == 6 and all(len(e.top_logprobs) == 3 for e in content)
+    for e in content:      # greedy: the token taken is the likeliest, and the three come in order
+        assert e.token == e.top_logprobs[0].token and e.logprob == pytest.approx(e.top_logprobs[0].logprob)
+        assert e.logprob <= 0 and [t.logprob for t in e.top_logprobs] == sorted(
+            (t.logprob for t in e.top_logprobs), reverse=True)
+    assert b"".join(bytes(e.bytes) for e in content).decode() == scored.choices[0].message.content
+    chunks = list(client.chat.completions.create(model="builtin:tiny", messages=question, max_tokens=6,
+                                                 temperature=0, logprobs=True, top_logprobs=3, stream=True))
+    streamed = [e for c in chunks if c.choices and c.choices[0].logprobs for e in c.choices[0].logprobs.content]
+    assert [(e.token, round(e.logprob, 4)) for e in streamed] == [(e.token, round(e.logprob, 4)) for e in content]
+    plain = client.chat.completions.create(model="builtin:tiny", messages=question, max_tokens=6, temperature=0)
+    assert plain.choices[0].logprobs is None
+
+    done = client.completions.create(model="builtin:tiny", prompt="Once upon a time", max_tokens=5, temperature=0,
+                                     logprobs=2)
+    lp = done.choices[0].logprobs
+    assert "".join(lp.tokens) == done.choices[0].text and len(lp.token_logprobs) == 5
+    assert all(len(top) == 2 for top in lp.top_logprobs)
+    assert lp.text_offset == [sum(len(t) for t in lp.tokens[:i]) for i in range(5)]
+    echoed = client.completions.create(model="builtin:tiny", prompt="Once upon a time", max_tokens=5,
+                                       temperature=0, echo=True)
+    assert echoed.choices[0].text == "Once upon a time" + done.choices[0].text
+    for bad, param in (({"echo": True, "logprobs": 1}, "echo"), ({"logprobs": 21}, "logprobs")):
+        with pytest.raises(openai.BadRequestError) as e:
+            client.completions.create(model="builtin:tiny", prompt="x", max_tokens=2, **bad)
+        assert e.value.body["param"] == param
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model="builtin:tiny", messages=question, max_tokens=2, top_logprobs=2)
+    assert e.value.body["param"] == "top_logprobs"
