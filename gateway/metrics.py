@@ -7,6 +7,7 @@ scraped (`snapshot`, computed there and sent over the pipe), so they are never s
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -15,40 +16,43 @@ from engine.engine import Engine
 from engine.sequence import RequestOutput
 from gateway.tiers import TierReport
 
+MODEL = "model_name"          # the label on every series
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 _TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28)
 
 
 class Metrics:
+    """Every series carries the served model's name (`model_name`, as vLLM labels its own), so
+    that one Prometheus can tell the servers of different models apart."""
+
     def __init__(self, tiers: list[TierReport] = (), model: str = "", block_size: int = 0) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
-        Gauge("kvgate_model_info", "The served model (1)", ["model"], registry=r).labels(model).set(1)
+        one = lambda kind, name, doc, **kw: kind(name, doc, [MODEL], registry=r, **kw).labels(model)  # noqa: E731
+        by = lambda kind, name, doc, *labels: _ForModel(kind(name, doc, [MODEL, *labels], registry=r), model)  # noqa: E731
+        one(Gauge, "kvgate_model_info", "The served model (1)").set(1)
         gpu_blocks = next((t.blocks for t in tiers if t.tier == "gpu"), 0)
-        Gauge("kvgate_cache_config_info", "The KV cache's shape, as KV-aware routers read it (vLLM's "
-              "cache_config_info)", ["block_size", "num_gpu_blocks"], registry=r).labels(
-            str(block_size), str(gpu_blocks)).set(1)
-        self.http_responses = Counter("kvgate_http_responses", "HTTP responses by status code", ["status"],
-                                      registry=r)
-        self.e2e = Histogram("kvgate_e2e_request_latency_seconds", "Time from arrival to the last token (or "
-                             "the end) of each generation", buckets=_LATENCY_BUCKETS, registry=r)
-        self.prompt_tokens = Counter("kvgate_prompt_tokens", "Prompt tokens of finished requests", registry=r)
-        self.cached_tokens = Counter("kvgate_cached_prompt_tokens", "Prompt tokens served from the KV cache",
-                                     ["tier"], registry=r)
-        self.generation_tokens = Counter("kvgate_generation_tokens", "Generated tokens", registry=r)
-        self.requests_total = Counter("kvgate_requests_finished", "Finished requests", ["finish_reason"],
-                                      registry=r)
-        self.ttft = Histogram("kvgate_time_to_first_token_seconds", "Time from arrival to the first token",
-                              buckets=_LATENCY_BUCKETS, registry=r)
-        self.queue_time = Histogram("kvgate_request_queue_time_seconds", "Time from arrival in the engine to "
-                                    "admission (its KV blocks granted)", buckets=_LATENCY_BUCKETS, registry=r)
-        self.tpot = Histogram("kvgate_time_per_output_token_seconds", "Mean time per output token after "
-                              "the first, per request", buckets=_TPOT_BUCKETS, registry=r)
-        self._engine = _EngineCollector({t.tier for t in tiers if t.enabled})
+        by(Gauge, "kvgate_cache_config_info", "The KV cache's shape, as KV-aware routers read it (vLLM's "
+           "cache_config_info)", "block_size", "num_gpu_blocks").labels(str(block_size), str(gpu_blocks)).set(1)
+        self.http_responses = by(Counter, "kvgate_http_responses", "HTTP responses by status code", "status")
+        self.e2e = one(Histogram, "kvgate_e2e_request_latency_seconds", "Time from arrival to the last token (or "
+                       "the end) of each generation", buckets=_LATENCY_BUCKETS)
+        self.prompt_tokens = one(Counter, "kvgate_prompt_tokens", "Prompt tokens of finished requests")
+        self.cached_tokens = by(Counter, "kvgate_cached_prompt_tokens", "Prompt tokens served from the KV cache",
+                                "tier")
+        self.generation_tokens = one(Counter, "kvgate_generation_tokens", "Generated tokens")
+        self.requests_total = by(Counter, "kvgate_requests_finished", "Finished requests", "finish_reason")
+        self.ttft = one(Histogram, "kvgate_time_to_first_token_seconds", "Time from arrival to the first token",
+                        buckets=_LATENCY_BUCKETS)
+        self.queue_time = one(Histogram, "kvgate_request_queue_time_seconds", "Time from arrival in the engine "
+                              "to admission (its KV blocks granted)", buckets=_LATENCY_BUCKETS)
+        self.tpot = one(Histogram, "kvgate_time_per_output_token_seconds", "Mean time per output token after "
+                        "the first, per request", buckets=_TPOT_BUCKETS)
+        self._engine = _EngineCollector({t.tier for t in tiers if t.enabled}, model)
         r.register(self._engine)
-        enabled = Gauge("kvgate_tier_enabled", "1 if the KV tier is on, 0 if off (an off tier is not an "
-                        "empty one)", ["tier"], registry=r)
-        capacity = Gauge("kvgate_tier_capacity_bytes", "Bytes the KV tier got at start-up", ["tier"], registry=r)
+        enabled = by(Gauge, "kvgate_tier_enabled", "1 if the KV tier is on, 0 if off (an off tier is not an "
+                     "empty one)", "tier")
+        capacity = by(Gauge, "kvgate_tier_capacity_bytes", "Bytes the KV tier got at start-up", "tier")
         for t in tiers:
             enabled.labels(t.tier).set(int(t.enabled))
             capacity.labels(t.tier).set(t.bytes)
@@ -98,12 +102,24 @@ def snapshot(engine: Engine) -> dict:
     }
 
 
+class _ForModel:
+    """A labelled metric whose `labels(...)` puts the model's name first."""
+
+    def __init__(self, metric, model: str) -> None:
+        self._metric = metric
+        self._model = model
+
+    def labels(self, *values: str):
+        return self._metric.labels(self._model, *values)
+
+
 class _EngineCollector:
     """The engine process's snapshot (`snapshot`) as metric families."""
 
-    def __init__(self, enabled: set[str]) -> None:
+    def __init__(self, enabled: set[str], model: str) -> None:
         self.latest: dict = {}
         self.enabled = enabled          # tiers that are on: an off tier has no block counts, not zeros
+        self.model = model
 
     def describe(self):
         return []
@@ -112,13 +128,14 @@ class _EngineCollector:
         snap = self.latest
         if not snap:
             return
-        blocks = GaugeMetricFamily("kvgate_blocks", "KV blocks per tier and state", labels=["tier", "state"])
+        blocks = GaugeMetricFamily("kvgate_blocks", "KV blocks per tier and state", labels=[MODEL, "tier", "state"])
         for tier, states in snap["blocks"].items():
             if tier not in self.enabled:
                 continue
             for state, n in states.items():
-                blocks.add_metric([tier, state], n)
+                blocks.add_metric([self.model, tier, state], n)
         yield blocks
+        _family = functools.partial(_model_family, self.model)
         yield _family(GaugeMetricFamily, "kvgate_requests", "Requests in the engine", "state", snap["requests"])
         # the names KV-aware routers read (vLLM's num_requests_running / _waiting, kv_cache_usage_perc)
         yield _family(GaugeMetricFamily, "kvgate_num_requests_running", "Requests running in the engine", None,
@@ -159,10 +176,10 @@ class _EngineCollector:
                       "(prefill tokens/s, host/disk bytes/s; absent until measured)", "what", snap["rates"])
 
 
-def _family(kind, name: str, help_text: str, label: str | None, values: dict):
-    """A metric family of `kind` with one sample per value, labelled by its key (no label: one
-    sample, the key ignored)."""
-    family = kind(name, help_text, labels=[label] if label else None)
+def _model_family(model: str, kind, name: str, help_text: str, label: str | None, values: dict):
+    """A metric family of `kind` with one sample per value, labelled by the model and its key
+    (no label: one sample, the key ignored)."""
+    family = kind(name, help_text, labels=[MODEL, label] if label else [MODEL])
     for key, value in values.items():
-        family.add_metric([key] if label else [], value)
+        family.add_metric([model, key] if label else [model], value)
     return family

@@ -23,8 +23,12 @@ async def sse(resp) -> list:
 
 
 def parse_metric(text: str, name: str, default: float | None = None, **labels) -> float:
+    """One sample's value: the series `name` with exactly `labels` (and any `model_name`, which
+    every series has, unless asked for)."""
     for m in re.finditer(r"^(\w+)(?:\{(.*)\})? (\S+)$", text, re.M):
         found = dict(re.findall(r'(\w+)="([^"]*)"', m.group(2) or ""))
+        if "model_name" not in labels:
+            found.pop("model_name", None)
         if m.group(1) == name and found == {k: str(v) for k, v in labels.items()}:
             return float(m.group(3))
     if default is not None:

@@ -278,7 +278,7 @@ async def test_metrics_a_kv_aware_router_reads(make_client):
     assert "# TYPE kvgate_hits_recomputed_blocks_total counter" in text
     assert await metric(client, "kvgate_kv_cache_usage_ratio") == 0
     assert await metric(client, "kvgate_cache_config_info", block_size=16, num_gpu_blocks=256) == 1
-    assert await metric(client, "kvgate_model_info", model=MODEL) == 1
+    assert await metric(client, "kvgate_model_info", model_name=MODEL) == 1
     resp = await client.post("/v1/completions", json={"model": MODEL, "prompt": "x" * 40, "max_tokens": 2000,
                                                       "ignore_eos": True, "stream": True})
     for _ in range(3):
@@ -293,6 +293,9 @@ async def test_metrics_a_kv_aware_router_reads(make_client):
     assert await metric(client, "kvgate_http_responses_total", status=404) == 1
     assert await metric(client, "kvgate_http_responses_total", status=200) >= 5
     assert await metric(client, "kvgate_e2e_request_latency_seconds_count") == 1
+    samples = [line for line in (await (await client.get("/metrics")).text()).splitlines()
+               if line.startswith("kvgate_")]
+    assert len(samples) > 40 and all(f'model_name="{MODEL}"' in line for line in samples)   # every series
 
 
 async def test_the_kv_arithmetic_at_start_up_and_on_v1_cache(make_client, tmp_path):
