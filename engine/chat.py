@@ -12,6 +12,7 @@ SentencePiece-style tokenizer such a piece starts a word: the model sees a space
 from __future__ import annotations
 
 import copy
+import json
 import re
 import uuid
 
@@ -34,14 +35,19 @@ class ChatEncoder:
                        if not (t.lstrip or t.rstrip)]
         self._glue = plain_added[0] if plain_added else None
 
-    def encode(self, messages: list[dict[str, str]]) -> list[int]:
-        """Token ids of `messages` rendered with the chat template, ready for the assistant's
-        turn. Raises InvalidRequest if the template fails, or if a message holds special-token
-        text in a way this template's output cannot be cut apart safely."""
-        text = self._render(messages)
+    def encode(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
+        """Token ids of `messages` (and the `tools` offered, if any) rendered with the chat
+        template, ready for the assistant's turn. Raises InvalidRequest if the template fails,
+        if a message holds special-token text in a way this template's output cannot be cut
+        apart safely, or if the tools or a message's tool calls hold any (they are rendered as
+        the template writes them, not cut apart)."""
+        if self._special is not None and self._special.search(
+                json.dumps([tools, [m.get("tool_calls") for m in messages]], ensure_ascii=False)):
+            raise InvalidRequest("tools and tool calls may not hold special-token text", "tools")
+        text = self._render(messages, tools)
         if self._special is None or not any(self._special.search(m["content"]) for m in messages):
             return self.tokenizer.encode(text, add_special_tokens=False)
-        spans = self._content_spans(messages, text)
+        spans = self._content_spans(messages, text, tools)
         ids: list[int] = []
         templated = 0        # special tokens outside every message: the template's own
         pos = 0
@@ -58,9 +64,10 @@ class ChatEncoder:
                                  "cannot carry as plain text", "messages")
         return ids
 
-    def _render(self, messages: list[dict[str, str]]) -> str:
+    def _render(self, messages: list[dict], tools: list[dict] | None) -> str:
         try:
-            return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            return self.tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=True,
+                                                      tokenize=False)
         except Exception as e:   # jinja raises its own errors, templates raise on bad input
             raise InvalidRequest(f"the chat template rejected these messages: {e}", "messages") from None
 
@@ -70,11 +77,11 @@ class ChatEncoder:
         ids = self.tokenizer.encode(self._glue + piece, add_special_tokens=False)
         return ids[1:]
 
-    def _content_spans(self, messages: list[dict[str, str]], text: str) -> list[tuple[int, int]]:
+    def _content_spans(self, messages: list[dict], text: str, tools: list[dict] | None) -> list[tuple[int, int]]:
         """Where each message's content lies in `text`: render with a placeholder per message,
         then put the contents (as the template passed them: whole or stripped) in their place."""
         marks = [f"kvgate{uuid.uuid4().hex}{i}" for i in range(len(messages))]
-        shape = self._render([{**m, "content": mark} for m, mark in zip(messages, marks)])
+        shape = self._render([{**m, "content": mark} for m, mark in zip(messages, marks)], tools)
         pieces, rest = [], shape
         for mark in marks:
             before, found, rest = rest.partition(mark)

@@ -22,6 +22,8 @@ class ModelConfig:
     seed: int = 0                  # random weights (dummy, builtin) are a function of this
     fuse: bool = True              # fused, compiled decoder layers for the Llama family (on CUDA)
     chat_template: str = ""        # a Jinja chat template file, used instead of the tokenizer's own
+    tool_call_parser: str = "auto"  # how replies carry tool calls: "hermes", "llama3_json", "none", or
+                                    # "auto": the one the chat template names (gateway/tools.py)
 
     def __post_init__(self) -> None:
         if not self.device:
@@ -30,6 +32,7 @@ class ModelConfig:
             object.__setattr__(self, "dtype", "bfloat16" if self.device.startswith("cuda") else "float32")
         _one_of("model.load_format", self.load_format, ("auto", "dummy"))
         _one_of("model.dtype", self.dtype, ("float32", "bfloat16", "float16"))
+        _one_of("model.tool_call_parser", self.tool_call_parser, ("auto", "none", "hermes", "llama3_json"))
         if not self.device.startswith(("cpu", "cuda")):
             raise ValueError(f"model.device must be 'cpu' or 'cuda[:N]', got {self.device!r}")
         if self.device.startswith("cuda") and not torch.cuda.is_available():

@@ -69,13 +69,13 @@ class Prompts:
             raise InvalidRequest(f"the text is {chars} characters: more than this model's maximum context of "
                                  f"{self.max_model_len} tokens can hold", param, "context_length_exceeded")
 
-    def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
-        """Token ids of `messages` rendered with the model's chat template, ready for the
-        assistant's turn; special-token text inside a message stays plain text (engine/chat.py).
-        Raises InvalidRequest."""
+    def encode_chat(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
+        """Token ids of `messages` (and the `tools` offered) rendered with the model's chat
+        template, ready for the assistant's turn; special-token text inside a message stays
+        plain text (engine/chat.py). Raises InvalidRequest."""
         if self.chat is None:
             raise InvalidRequest(f"model {self.name!r} has no chat template: use /v1/completions", "messages")
-        return self.chat.encode(messages)
+        return self.chat.encode(messages, tools)
 
 
 @dataclass(kw_only=True)

@@ -10,11 +10,11 @@ import time
 from aiohttp import web
 
 from engine.model import Prompts, load_tokenizer
-from gateway import text_views, views
+from gateway import text_views, tools, views
 from gateway.config import KvgateConfig
 from gateway.engine_client import EngineClient, EngineProcess
 from gateway.errors import error_middleware, expect_continue
-from gateway.keys import CONFIG, ENGINE, METRICS, PROMPTS, STATE, TIERS, TOKEN_TEXT, ServerState
+from gateway.keys import CONFIG, ENGINE, METRICS, PROMPTS, STATE, TIERS, TOKEN_TEXT, TOOL_PARSER, ServerState
 from gateway.logprobs import TokenText
 from gateway.metrics import Metrics
 from gateway.middlewares import auth_middleware, status_middleware
@@ -64,6 +64,8 @@ def _engine_ctx(given: EngineProcess | None, log_level: str):
         app[PROMPTS] = Prompts.of(engine.name, engine.tokenizer, engine.bounds.max_model_len,
                                   config.model.chat_template)
         app[TOKEN_TEXT] = TokenText(engine.tokenizer)
+        app[TOOL_PARSER] = tools.parser_for(config.model.tool_call_parser,
+                                            getattr(engine.tokenizer, "chat_template", None)) or ""
         app[TIERS] = reports = [TierReport(**t) for t in engine.tiers]
         app[METRICS] = Metrics(reports, engine.name, engine.bounds.block_size)
         yield

@@ -7,6 +7,7 @@ unfinished) however it leaves: gateway/views.py, `_generate`.
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -37,18 +38,35 @@ class Choice:
 
 
 def chat_prompt(req: ChatCompletionRequest, prompts: Prompts) -> list[list[int]]:
-    if req.tools:
-        raise InvalidRequest("tools are not supported by kvgate", "tools")
     messages = chat_messages(req.messages)
-    prompts.check_text_length(sum(len(m["content"]) for m in messages), "messages")
-    return [prompts.encode_chat(messages)]
+    tools = [t.model_dump(exclude_none=True) for t in req.tools] if req.offers_tools() else None
+    prompts.check_text_length(sum(len(m["content"]) for m in messages) + len(json.dumps(tools or [])) +
+                              len(json.dumps([m.get("tool_calls") for m in messages])), "messages")
+    return [prompts.encode_chat(messages, tools)]
 
 
-def chat_messages(messages: list) -> list[dict[str, str]]:
+def chat_messages(messages: list) -> list[dict]:
     """The chat template's input: each message's role and its text (content parts joined;
-    only text parts are taken)."""
+    only text parts are taken); an assistant turn's tool calls, their arguments as objects
+    (as templates take them), and a tool turn's call id."""
     out = []
     for i, m in enumerate(messages):
+        extra = {}
+        if m.tool_calls:
+            calls = []
+            for j, call in enumerate(m.tool_calls):
+                try:
+                    arguments = json.loads(call.function.arguments)
+                except ValueError:
+                    arguments = None
+                if not isinstance(arguments, dict):
+                    raise InvalidRequest("tool call arguments must be a JSON object",
+                                         f"messages[{i}].tool_calls[{j}].function.arguments")
+                calls.append({"id": call.id, "type": "function",
+                              "function": {"name": call.function.name, "arguments": arguments}})
+            extra["tool_calls"] = calls
+        if m.tool_call_id is not None:
+            extra["tool_call_id"] = m.tool_call_id
         if isinstance(m.content, list):
             for j, part in enumerate(m.content):
                 if part.type != "text":
@@ -59,7 +77,7 @@ def chat_messages(messages: list) -> list[dict[str, str]]:
             text = "".join(p.text for p in m.content)
         else:
             text = m.content or ""
-        out.append({"role": m.role, "content": text})
+        out.append({"role": m.role, "content": text, **extra})
     return out
 
 

@@ -35,6 +35,7 @@ CONFIG = web.AppKey("config", KvgateConfig)
 ENGINE = web.AppKey("engine", EngineClient)
 PROMPTS = web.AppKey("prompts", Prompts)         # tokenizer and chat template, in this process
 TOKEN_TEXT = web.AppKey("token_text", TokenText)  # token ids as logprobs show them
+TOOL_PARSER = web.AppKey("tool_parser", str)      # how replies carry tool calls ("": no tools)
 METRICS = web.AppKey("metrics", Metrics)
 STATE = web.AppKey("state", ServerState)
 TIERS = web.AppKey("tiers", list[TierReport])   # what each KV tier got at start-up

@@ -4,10 +4,10 @@ Every field is honoured or refused with a 400 that names it; nothing that would 
 output is silently ignored (docs/api.md, "Request fields"):
 - fields kvgate implements, with wrong types rejected (strict: "5" is not an int) and every
   number bounded by the limits the engine enforces (engine/limits.py);
-- OpenAI fields that do not change the output (`user`, `metadata`, `store`, `service_tier`,
-  `parallel_tool_calls`): accepted;
+- OpenAI fields that do not change the output (`user`, `metadata`, `store`, `service_tier`):
+  accepted;
 - OpenAI fields kvgate does not implement (`REFUSED`): accepted only at their no-op value
-  (`presence_penalty: 0`, `logit_bias: {}`, `response_format: {"type": "text"}`, ...), else 400;
+  (`response_format: {"type": "text"}`, `tool_choice: "auto"`, ...), else 400;
 - any other field: 400, as OpenAI answers it.
 kvgate's extensions: `priority` (int, higher = more urgent), `ignore_eos`, `top_k`,
 `stop_token_ids`, `return_token_ids`.
@@ -74,7 +74,7 @@ class _Common(_Refusing):
     metadata: dict | None = None
     store: StrictBool | None = None
     service_tier: StrictStr | None = None
-    parallel_tool_calls: StrictBool | None = None
+    parallel_tool_calls: StrictBool | None = None   # with tools: false keeps the first call
     # not implemented: accepted at their no-op value only (REFUSED)
     response_format: Any = None
     best_of: Any = None
@@ -125,14 +125,42 @@ class ContentPart(BaseModel):
     text: StrictStr | None = None       # required when type is "text" (checked by the caller)
 
 
+class FunctionCall(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: StrictStr
+    arguments: StrictStr                # a JSON object, as OpenAI sends it
+
+
+class ToolCallIn(BaseModel):
+    """A tool call of an assistant turn in the history."""
+    model_config = ConfigDict(extra="forbid")
+    id: StrictStr
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class FunctionDef(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: Annotated[StrictStr, Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
+    description: StrictStr | None = None
+    parameters: dict | None = None      # a JSON Schema, shown to the model as the template writes it
+    strict: StrictBool | None = None    # accepted; the arguments are not constrained to the schema
+
+
+class Tool(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["function"]
+    function: FunctionDef
+
+
 class ChatMessage(_Refusing):
     # what an SDK sends back with an assistant turn of the history: accepted when empty
-    REFUSED = ("name", "tool_calls", "tool_call_id", "function_call", "audio", "refusal")
+    REFUSED = ("name", "function_call", "audio", "refusal")
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: StrictStr | list[ContentPart] | None = None
     name: Any = None
-    tool_calls: Any = None
-    tool_call_id: Any = None
+    tool_calls: Annotated[list[ToolCallIn], Field(max_length=limits.TOOLS_MAX)] | None = None   # assistant turns
+    tool_call_id: StrictStr | None = None                                            # tool turns
     function_call: Any = None
     audio: Any = None
     refusal: Any = None
@@ -154,7 +182,7 @@ class ChatCompletionRequest(_Common):
                                           if (name := m.refused())), None)
     max_tokens: MaxTokens | None = None                # None: all the room the sequence has left
     max_completion_tokens: MaxTokens | None = None
-    tools: list | None = None
+    tools: Annotated[list[Tool], Field(max_length=limits.TOOLS_MAX)] | None = None
     logprobs: StrictBool | None = None
     top_logprobs: Logprobs | None = None
     echo: Any = None
@@ -163,6 +191,10 @@ class ChatCompletionRequest(_Common):
         """What no field's own type says (InvalidRequest names the field)."""
         if self.top_logprobs and not self.logprobs:
             raise InvalidRequest("top_logprobs needs logprobs: true", "top_logprobs")
+
+    def offers_tools(self) -> bool:
+        """Are tools offered to the model (sent, and `tool_choice` not "none")?"""
+        return bool(self.tools) and self.tool_choice != "none"
 
     def num_logprobs(self) -> int | None:
         """SamplingParams.logprobs: the most likely tokens to return per token, None for none."""
@@ -226,6 +258,7 @@ class TokenizeRequest(BaseModel):
     model: StrictStr
     prompt: StrictStr | None = None
     messages: Annotated[list[ChatMessage], Field(min_length=1)] | None = None
+    tools: Annotated[list[Tool], Field(max_length=limits.TOOLS_MAX)] | None = None
 
 
 class DetokenizeRequest(BaseModel):

@@ -27,8 +27,9 @@ async def tokenize(request: web.Request) -> web.Response:
         raise InvalidRequest("send either `prompt` or `messages`", "prompt")
     if req.messages is not None:
         messages = chat_messages(req.messages)
+        tools = [t.model_dump(exclude_none=True) for t in req.tools] if req.tools else None
         prompts.check_text_length(sum(len(m["content"]) for m in messages), "messages")
-        tokens = prompts.encode_chat(messages)
+        tokens = prompts.encode_chat(messages, tools)
     else:
         _need_tokenizer(prompts)
         prompts.check_text_length(len(req.prompt), "prompt")

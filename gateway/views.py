@@ -8,14 +8,15 @@ import json
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from aiohttp import web
 
 from engine.sequence import RequestOutput
-from gateway import intake, logprobs, text_views
+from gateway import intake, logprobs, text_views, tools
 from gateway.errors import APIError, ClientGone, EngineDead
 from gateway.generation import Choice, chat_prompt, completion_prompts, echo_texts, merged, plan, submit
-from gateway.keys import CONFIG, ENGINE, METRICS, PROMPTS, STATE, TENANT, TIERS, TOKEN_TEXT
+from gateway.keys import CONFIG, ENGINE, METRICS, PROMPTS, STATE, TENANT, TIERS, TOKEN_TEXT, TOOL_PARSER
 from gateway.protocol import ChatCompletionRequest, CompletionRequest, error_body, new_id, now, usage
 
 log = logging.getLogger("kvgate.gateway")
@@ -39,6 +40,7 @@ async def _generate(request: web.Request, schema, prompts_of: Callable, kind: st
     if state.stopping:
         raise APIError(503, "the server is shutting down", "server_error", headers={"Retry-After": "5"})
     req = await intake.read_request(request, schema, prompts.name, server.body_timeout_s)
+    offered = _tools_offered(req, app[TOOL_PARSER])
     priority = _priority(req, request[TENANT])
     need = req.num_sequences()
     if need > server.max_sequences_per_request:
@@ -63,12 +65,12 @@ async def _generate(request: web.Request, schema, prompts_of: Callable, kind: st
         response_id = new_id("chatcmpl" if kind == "chat.completion" else "cmpl")
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            return await _stream(request, choices, kind, response_id, include_usage, req.return_token_ids)
+            return await _stream(request, choices, kind, response_id, include_usage, req.return_token_ids, offered)
         async with contextlib.aclosing(merged(choices)) as outputs:
             async for _ in outputs:
                 pass
         return await _send(request, web.json_response(_full_response(
-            choices, kind, response_id, prompts.name, req.return_token_ids, request.app[TOKEN_TEXT])))
+            choices, kind, response_id, prompts.name, req.return_token_ids, request.app[TOKEN_TEXT], offered)))
     finally:   # every choice is ended and accounted, also when the client went away mid-way
         state.in_flight -= need
         metrics = app[METRICS]
@@ -85,6 +87,37 @@ async def _generate(request: web.Request, schema, prompts_of: Callable, kind: st
             metrics.finished(last, ttft, decode, (c.last_token_at or time.perf_counter()) - started)
 
 
+@dataclass(frozen=True)
+class _Tools:
+    """Tools a chat request offers the model: how its replies carry calls, and whether several
+    calls may be returned (`parallel_tool_calls`)."""
+    parser: str
+    parallel: bool
+
+    def calls(self, text: str) -> tuple[str | None, list[tools.ToolCall]]:
+        content, calls = tools.parse(self.parser, text)
+        return content, self.limit(calls)
+
+    def limit(self, calls: list[tools.ToolCall]) -> list[tools.ToolCall]:
+        return calls if self.parallel else calls[:1]
+
+
+def _tools_offered(req, parser: str) -> _Tools | None:
+    """None if the request offers the model no tools; tools for a model whose chat template
+    takes none: 400."""
+    if not getattr(req, "offers_tools", lambda: False)():
+        return None
+    if not parser:
+        raise APIError(400, "this model's chat template takes no tools (model.tool_call_parser: docs/api.md)",
+                       "invalid_request_error", "tools")
+    return _Tools(parser, req.parallel_tool_calls is not False)
+
+
+def _finish_reason(reason: str | None, calls: list) -> str | None:
+    """"tool_calls" when the model stopped after calling."""
+    return "tool_calls" if calls and reason == "stop" else reason
+
+
 def _priority(req, tenant) -> int:
     """The request's priority: its own, within its tenant's `max_priority`, or the tenant's."""
     if tenant is None:
@@ -98,7 +131,7 @@ def _priority(req, tenant) -> int:
 
 
 def _full_response(choices: list[Choice], kind: str, response_id: str, model: str, token_ids: bool,
-                   token_text: logprobs.TokenText) -> dict:
+                   token_text: logprobs.TokenText, offered: _Tools | None) -> dict:
     if any(c.last.finish_reason == "error" for c in choices):
         raise APIError(500, "the engine failed while generating this response", "server_error")
     out = {"id": response_id, "object": kind, "created": now(), "model": model, "choices": [],
@@ -107,9 +140,14 @@ def _full_response(choices: list[Choice], kind: str, response_id: str, model: st
         text = "".join(c.text)
         scored = c.params.logprobs is not None
         if kind == "chat.completion":
-            out["choices"].append({"index": c.index, "message": {"role": "assistant", "content": text},
+            message, reason = {"role": "assistant", "content": text}, c.last.finish_reason
+            content, calls = offered.calls(text) if offered is not None else (text, [])
+            if calls:
+                message = {"role": "assistant", "content": content, "tool_calls": [t.to_openai() for t in calls]}
+                reason = _finish_reason(reason, calls)
+            out["choices"].append({"index": c.index, "message": message,
                                    "logprobs": logprobs.chat(c.logprobs, c.token_ids, token_text) if scored else None,
-                                   "finish_reason": c.last.finish_reason})
+                                   "finish_reason": reason})
         else:
             out["choices"].append({
                 "index": c.index, "text": c.echo + text,
@@ -143,13 +181,14 @@ async def _prepare_and_end(request: web.Request, resp: web.StreamResponse) -> No
 
 
 async def _stream(request: web.Request, choices: list[Choice], kind: str, response_id: str,
-                  include_usage: bool, token_ids: bool) -> web.StreamResponse:
+                  include_usage: bool, token_ids: bool, offered: _Tools | None) -> web.StreamResponse:
     resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
     chunk_kind = "chat.completion.chunk" if kind == "chat.completion" else "text_completion"
     base = {"id": response_id, "object": chunk_kind, "created": now(), "model": request.app[PROMPTS].name}
     extra = {"usage": None} if include_usage else {}
     token_text = request.app[TOKEN_TEXT]
     offsets = {c.index: len(c.echo) for c in choices}       # completions' text_offset, per choice
+    replies = {c.index: tools.StreamedReply(offered.parser) for c in choices} if offered else {}
 
     async def event(obj: dict) -> None:
         await _send(request, resp, b"data: " + json.dumps(obj).encode() + b"\n\n")
@@ -167,8 +206,18 @@ async def _stream(request: web.Request, choices: list[Choice], kind: str, respon
                         for c in choices])
         async with contextlib.aclosing(merged(choices)) as outputs:
             async for c, out in outputs:
+                calls = []
+                if replies:                # tools offered: what may be a call is held back
+                    text = replies[c.index].feed(out.text)
+                    if out.finish_reason is not None:
+                        tail, calls = replies[c.index].finish()
+                        calls = offered.limit(calls)
+                        text += tail
+                    out = dataclasses.replace(out, text=text, finish_reason=_finish_reason(out.finish_reason, calls))
                 if out.text or out.finish_reason is not None or token_ids or out.logprobs:
                     part = _chunk_choice(kind, c, out, token_ids)
+                    if calls:
+                        part["delta"]["tool_calls"] = [t.to_openai(i) for i, t in enumerate(calls)]
                     if out.logprobs is not None and kind == "chat.completion":
                         part["logprobs"] = logprobs.chat(out.logprobs, out.token_ids, token_text)
                     elif out.logprobs is not None:
