@@ -125,7 +125,7 @@ async def test_extension_fields_and_unknown_fields(make_client):
     (json.dumps(chat(priority=1.5)), 400, "priority", None),
     (json.dumps({**chat(), "messages": [{"role": "wizard", "content": "x"}]}), 400, "messages.0.role", None),
     (json.dumps(chat(content="word " * 5000)), 400, "max_tokens", "context_length_exceeded"),
-    (json.dumps(chat(tools=[{"type": "function"}])), 400, "tools", None),
+    (json.dumps(chat(tools=[{"type": "function"}])), 400, "tools.0.function", None),
     (json.dumps(chat(logprobs="yes")), 400, "logprobs", None),
     (json.dumps(chat(logprobs=True, top_logprobs=21)), 400, "top_logprobs", None),
     (json.dumps(chat(response_format={"type": "json_object"})), 400, "response_format", None),
