@@ -137,3 +137,28 @@ async def test_tools_for_a_model_whose_template_takes_none_are_refused(make_clie
     client = await make_client()                    # the demo's own template: no tools in it
     resp = await client.post("/v1/chat/completions", json={**chat(max_tokens=2), "tools": [WEATHER]})
     assert resp.status == 400 and (await resp.json())["error"]["param"] == "tools"
+
+
+async def test_the_official_client_sends_tools_and_a_tool_turn_and_reads_the_reply(make_client, tmp_path):
+    import openai
+    template = tmp_path / "hermes.jinja"
+    template.write_text(HERMES_TEMPLATE)
+    client = await make_client(model={"chat_template": str(template)})
+    sdk = openai.AsyncOpenAI(base_url=str(client.make_url("/v1")), api_key="unused", max_retries=0)
+    messages = [{"role": "user", "content": "Weather in Oslo?"},
+                {"role": "assistant", "content": None, "tool_calls": [
+                    {"id": "call_1", "type": "function",
+                     "function": {"name": "get_weather", "arguments": '{"city": "Oslo"}'}}]},
+                {"role": "tool", "tool_call_id": "call_1", "content": "12 C, rain"}]
+    reply = await sdk.chat.completions.create(model=MODEL, messages=messages, tools=[WEATHER], max_tokens=6,
+                                              temperature=0, parallel_tool_calls=False)
+    assert reply.choices[0].finish_reason in ("length", "stop") and reply.choices[0].message.content
+    streamed = [c async for c in await sdk.chat.completions.create(
+        model=MODEL, messages=messages, tools=[WEATHER], max_tokens=6, temperature=0, stream=True)]
+    assert "".join(c.choices[0].delta.content or "" for c in streamed if c.choices) == \
+        reply.choices[0].message.content
+    with pytest.raises(openai.BadRequestError) as e:
+        await sdk.chat.completions.create(model=MODEL, messages=messages, tools=[WEATHER], tool_choice="required",
+                                          max_tokens=2)
+    assert e.value.body["param"] == "tool_choice"
+    await sdk.close()
