@@ -279,9 +279,9 @@ async def test_large_messages_are_tokenized_off_the_event_loop(make_client, monk
     threads = []
     real = loaded.encode_chat
 
-    def spy(messages):
+    def spy(messages, tools=None):
         threads.append(threading.get_ident())
-        return real(messages)
+        return real(messages, tools)
     monkeypatch.setattr(loaded, "encode_chat", spy)
     assert (await client.post("/v1/chat/completions", json=chat("small"))).status == 200
     big = await client.post("/v1/chat/completions", json=chat("big " * 50_000))
