@@ -26,6 +26,7 @@ from engine.config import EngineConfig
 from engine.costs import LoadOrRecompute
 from engine.detokenizer import Detokenizer
 from engine.errors import InvalidRequest
+from engine.fairness import TenantShare
 from engine.model import LoadedModel
 from engine.runner import Launched, ModelRunner
 from engine.sampling import SamplingParams
@@ -38,11 +39,13 @@ log = logging.getLogger("kvgate.engine")
 
 class Engine:
     def __init__(self, loaded: LoadedModel, config: EngineConfig, store_config: StoreConfig,
-                 detokenize: bool = True, on_output: Callable[[RequestOutput], None] | None = None) -> None:
+                 detokenize: bool = True, on_output: Callable[[RequestOutput], None] | None = None,
+                 tenants: dict[str, TenantShare] | None = None) -> None:
         """`detokenize=False`: outputs carry token ids only, and stop strings are left to the
         reader. `on_output`: every output is handed to it, on the loop, as it is made, instead
         of to the request's stream (one call instead of a task wake-up per request and step).
-        The engine process uses both (gateway/engine_process.py)."""
+        The engine process uses both (gateway/engine_process.py). `tenants`: each tenant's
+        share (weight, cap on running sequences), by namespace (engine/fairness.py)."""
         if store_config.block_size != config.block_size:
             raise ValueError(f"store.block_size {store_config.block_size} != "
                              f"engine.block_size {config.block_size}")
@@ -57,7 +60,7 @@ class Engine:
                                 device=loaded.device)
         self.costs = LoadOrRecompute(self.store, config.load_or_recompute)
         self._wakeup = asyncio.Event()
-        self.scheduler = Scheduler(config, self.store, self.costs, self._wakeup.set, loaded.max_model_len)
+        self.scheduler = Scheduler(config, self.store, self.costs, self._wakeup.set, loaded.max_model_len, tenants)
         self.runner = ModelRunner(loaded, self.store, config.max_num_seqs, config.max_num_batched_tokens)
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="kvgate-forward")   # forward passes
         self._requests: dict[str, Sequence] = {}
@@ -121,7 +124,8 @@ class Engine:
         match = self.store.match(root, prompt, max_tokens=len(prompt) - 1)
         detokenizer = Detokenizer(self.loaded.tokenizer if self.detokenize else None, params.stop)
         seq = Sequence(request_id, prompt, len(prompt), params, priority, next(self._arrivals), root,
-                       detokenizer, generator, found=match.tiers, max_tier=self.costs.slowest_tier_to_load(match.tiers))
+                       detokenizer, generator, found=match.tiers, max_tier=self.costs.slowest_tier_to_load(match.tiers),
+                       tenant=namespace)
         self._requests[request_id] = seq
         self.scheduler.add(seq, match)
         self._wakeup.set()

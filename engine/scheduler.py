@@ -26,15 +26,16 @@ the plan's `failed` list (the engine ends it with an error); it never fails the 
 """
 from __future__ import annotations
 
-import heapq
 import logging
 import math
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from engine.config import EngineConfig
 from engine.costs import LoadOrRecompute
+from engine.fairness import FairQueue, TenantShare
 from engine.sequence import Sequence, Status
 from store import BlockStore, OutOfBlocks, PrefixMatch, Tier, block_keys, token_bytes
 
@@ -62,14 +63,15 @@ class Plan:
 
 class Scheduler:
     def __init__(self, config: EngineConfig, store: BlockStore, costs: LoadOrRecompute,
-                 wakeup: Callable[[], None] = lambda: None, max_model_len: int | None = None) -> None:
+                 wakeup: Callable[[], None] = lambda: None, max_model_len: int | None = None,
+                 tenants: dict[str, TenantShare] | None = None) -> None:
         self.config = config
         self.max_model_len = max_model_len      # a sequence this long ends: it computes no more
         self.store = store
         self.costs = costs
         self.wakeup = wakeup        # a disk load made progress: schedule again
         self.running: list[Sequence] = []
-        self._waiting: list[tuple[tuple[int, int], Sequence]] = []  # heap by urgency
+        self._waiting = FairQueue(tenants)      # by urgency, and between tenants by service (engine/fairness.py)
         self.num_preemptions = 0
         self.num_blocked_admissions = 0   # steps whose most urgent waiting request found no KV room
         self.num_read_waits = 0           # steps a running sequence sat out, waiting for its disk read
@@ -79,11 +81,16 @@ class Scheduler:
         return len(self._waiting)
 
     def waiting_ids(self) -> set[str]:
-        return {s.request_id for _, s in self._waiting}
+        return {s.request_id for s in self._waiting.sequences()}
+
+    @property
+    def served(self) -> dict[str, float]:
+        """Each tenant's service so far, in weighted virtual tokens (engine/fairness.py)."""
+        return dict(self._waiting.served)
 
     def add(self, seq: Sequence, match: PrefixMatch | None = None) -> None:
-        """Queue `seq`; with the `match` of a new request, start reading its disk part."""
-        heapq.heappush(self._waiting, (seq.urgency(), seq))
+        """Queue a new request; start reading the disk part of its `match`."""
+        self._waiting.add(seq, {s.tenant for s in self.running} | self._waiting.tenants())
         if match is not None:
             self._start_load(seq, match)
 
@@ -112,6 +119,9 @@ class Scheduler:
                 chunks.append(Chunk(seq, seq.num_computed, n))
                 budget -= n
         self._admit_waiting(plan)
+        for c in chunks:              # what each tenant is served (a decode row costs more)
+            decode = c.start >= c.seq.prompt_len
+            self._waiting.charge(c.seq.tenant, 0 if decode else c.num_tokens, c.num_tokens if decode else 0)
         return plan
 
     def _reserve(self, seq: Sequence, n: int, chunks: list[Chunk]) -> bool:
@@ -132,15 +142,23 @@ class Scheduler:
         chunks = plan.chunks
         skipped = []   # keep their places: a prefix another computes, or a token in flight
         budget = lambda: self.config.max_num_batched_tokens - sum(c.num_tokens for c in chunks)  # noqa: E731
-        computing = self._prefix_keys_in_prefill() if self._waiting else set()
-        while self._waiting and budget() > 0 and len(self.running) < self.config.max_num_seqs:
-            _, seq = heapq.heappop(self._waiting)
+        computing = self._prefix_keys_in_prefill() if len(self._waiting) else set()
+        tenants = Counter(s.tenant for s in self.running)
+        while budget() > 0 and (seq := self._waiting.pop(tenants)) is not None:
             if seq.pending:     # preempted while its token was in flight: resumes once it is read back
                 skipped.append(seq)
                 continue
             if seq.status is Status.WAITING and computing and not computing.isdisjoint(self._prompt_keys(seq)):
                 skipped.append(seq)
                 continue
+            if len(self.running) >= self.config.max_num_seqs:     # full: a slot from a tenant above its share
+                victim = self._waiting.slot_for(seq, self.running, self.config.max_num_seqs)
+                if victim is None:
+                    self._waiting.requeue(seq)
+                    break
+                chunks[:] = [c for c in chunks if c.seq is not victim]
+                self.preempt(victim)
+                tenants[victim.tenant] -= 1
             try:
                 admitted = self._admit(seq, chunks)
             except Exception:
@@ -148,15 +166,16 @@ class Scheduler:
                 plan.failed.append(seq)
                 continue
             if not admitted:
-                heapq.heappush(self._waiting, (seq.urgency(), seq))
+                self._waiting.requeue(seq)
                 self.num_blocked_admissions += 1
                 break
+            tenants[seq.tenant] += 1
             n = self._tokens_to_compute(seq, budget())
             if n:
                 chunks.append(Chunk(seq, seq.num_computed, n))
             computing.update(self._prompt_keys(seq)[seq.num_computed // self.store.block_size:])
         for seq in skipped:
-            heapq.heappush(self._waiting, (seq.urgency(), seq))
+            self._waiting.requeue(seq)
 
     def _tokens_to_compute(self, seq: Sequence, budget: int) -> int:
         """The tokens `seq` computes this step: what it has left, within `budget`. A prompt (or a
@@ -255,15 +274,14 @@ class Scheduler:
         seq.status, seq.num_computed = Status.WAITING, 0
         seq.preemptions += 1
         self.num_preemptions += 1
-        self.add(seq)
+        self._waiting.requeue(seq)
 
     def remove(self, seq: Sequence) -> None:
         """Forget a finished or aborted sequence and release its blocks (the one exit path)."""
         if seq in self.running:
             self.running.remove(seq)
         else:
-            self._waiting = [(k, s) for k, s in self._waiting if s is not seq]
-            heapq.heapify(self._waiting)
+            self._waiting.remove(seq)
         if seq.status is Status.RUNNING:
             self.store.release(seq.request_id)
         else:

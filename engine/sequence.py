@@ -68,6 +68,7 @@ class Sequence:
     prompt_keys: list[bytes] | None = None         # keys of the prompt's full blocks (the scheduler's)
     finish_reason: str | None = None
     outputs: asyncio.Queue[RequestOutput] = field(default_factory=asyncio.Queue)
+    tenant: str = ""                  # whose request (fair share between tenants: engine/fairness.py)
 
     @property
     def num_generated(self) -> int:

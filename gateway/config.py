@@ -15,6 +15,7 @@ from typing import Any
 
 from engine import limits
 from engine.config import EngineConfig, ModelConfig
+from engine.fairness import TenantShare
 from store import WRITE_POLICIES
 
 
@@ -99,6 +100,8 @@ class TenantConfig:
     api_key_env: str = ""          # ... the environment variable that holds it
     priority: int = 0              # default priority of this tenant's requests
     max_priority: int | None = None  # the highest priority its requests may ask for; = priority
+    weight: float = 1.0            # its share of the engine, relative to the other tenants' weights
+    max_running: int = 0           # most sequences it may have running at once; 0 = no cap
 
     def __post_init__(self) -> None:
         _require(bool(self.name), "tenants.name", "a non-empty string")
@@ -112,6 +115,12 @@ class TenantConfig:
                      f"tenants[{self.name}].{key}", f"an int in [{limits.PRIORITY_MIN}, {limits.PRIORITY_MAX}]")
         _require(self.priority <= self.max_priority, f"tenants[{self.name}].max_priority",
                  f">= its priority ({self.priority})")
+        _require(isinstance(self.weight, (int, float)) and 0 < self.weight <= 1e6, f"tenants[{self.name}].weight",
+                 "a number in (0, 1e6]")
+        _require(self.max_running >= 0, f"tenants[{self.name}].max_running", ">= 0 (0 = no cap)")
+
+    def share(self) -> TenantShare:
+        return TenantShare(float(self.weight), self.max_running)
 
     @property
     def key(self) -> str:

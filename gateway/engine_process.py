@@ -132,7 +132,8 @@ class EngineCore:
         try:
             model = await models.get(config)
             engine, reports = open_engine(config, model, lambda store: Engine(
-                model, config.engine, store, detokenize=False, on_output=core.output))
+                model, config.engine, store, detokenize=False, on_output=core.output,
+                tenants={t.name: t.share() for t in config.tenants}))
             await engine.start()
         except (ConfigError, ValueError) as e:    # a key of the configuration: the API process says it
             push.send(wire.pack("failed", str(e), True, gen))
