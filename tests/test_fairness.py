@@ -6,6 +6,7 @@ from collections import Counter
 
 from engine.fairness import OUTPUT_TOKEN_COST, FairQueue, TenantShare
 from engine.sequence import Sequence, Status
+from tests.conftest import engine_stats
 from tests.engine_util import collect, greedy, make_engine, prompt
 
 
@@ -78,3 +79,23 @@ async def test_a_light_tenants_request_does_not_wait_for_a_heavy_tenants_flood(l
         await asyncio.sleep(0)
     for r in readers:
         assert (await r)[1].finish_reason == "length"
+
+
+async def test_over_http_a_light_tenant_is_answered_while_a_heavy_tenants_flood_waits(make_client):
+    tenants = [{"name": "light", "api_key": "sk-light"}, {"name": "heavy", "api_key": "sk-heavy"}]
+    client = await make_client(tenants=tenants, engine={"max_num_seqs": 4})
+    done: list[str] = []
+
+    async def ask(key: str, name: str, tokens: int) -> None:
+        resp = await client.post("/v1/completions", headers={"Authorization": f"Bearer {key}"}, json={
+            "model": "builtin:tiny", "prompt": f"{name} says hello", "max_tokens": tokens, "ignore_eos": True})
+        assert resp.status == 200
+        done.append(name)
+
+    flood = [asyncio.create_task(ask("sk-heavy", f"heavy{i}", 24)) for i in range(12)]
+    while not (await engine_stats(client))["requests"]["waiting"]:    # the flood fills the batch and queues
+        await asyncio.sleep(0.01)
+    await ask("sk-light", "light", 4)
+    assert sum(n.startswith("heavy") for n in done) <= 6        # answered while most of the flood waits
+    await asyncio.gather(*flood)
+    assert len(done) == 13
