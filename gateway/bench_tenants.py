@@ -43,18 +43,18 @@ api_key = "bench-light"
 name = "heavy"
 api_key = "bench-heavy"
 """
-SYSTEM = "You are the support assistant of a small bookshop. Answer briefly and politely. " * 3
+SYSTEM = [3 + (7 * i) % 240 for i in range(96)]      # the light tenant's shared prefix, as token ids
 
 
-async def stream_chat(session: aiohttp.ClientSession, base: str, key: str, messages: list[dict],
-                      max_tokens: int, ignore_eos: bool = False) -> dict:
-    """One streamed chat request: its TTFT, output tokens and cached prompt tokens."""
-    body = {"model": "builtin:tiny", "messages": messages, "max_tokens": max_tokens, "temperature": 0,
-            "ignore_eos": ignore_eos, "stream": True, "stream_options": {"include_usage": True}}
+async def stream(session: aiohttp.ClientSession, base: str, model: str, key: str, prompt: list[int],
+                 max_tokens: int) -> dict:
+    """One streamed completion of token ids (any model, a tokenizer or not): its TTFT, output
+    tokens and cached prompt tokens."""
+    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True,
+            "stream": True, "stream_options": {"include_usage": True}, "return_token_ids": True}
     start = time.perf_counter()
     first, usage = None, None
-    async with session.post(base + "/chat/completions", json=body,
-                            headers={"Authorization": f"Bearer {key}"}) as resp:
+    async with session.post(base + "/completions", json=body, headers={"Authorization": f"Bearer {key}"}) as resp:
         resp.raise_for_status()
         async for line in resp.content:
             if not line.startswith(b"data: {"):
@@ -62,17 +62,16 @@ async def stream_chat(session: aiohttp.ClientSession, base: str, key: str, messa
             chunk = json.loads(line[6:])
             if chunk.get("usage"):
                 usage = chunk["usage"]
-            elif first is None and chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
+            elif first is None and chunk["choices"] and chunk["choices"][0].get("token_ids"):
                 first = time.perf_counter()
     return {"ttft_s": (first or time.perf_counter()) - start, "completion_tokens": usage["completion_tokens"],
             "prompt_tokens": usage["prompt_tokens"], "cached_tokens": usage["prompt_tokens_details"]["cached_tokens"]}
 
 
-async def light_requests(session, base: str, key: str, n: int, gap: float) -> list[dict]:
+async def light_requests(session, base: str, model: str, key: str, n: int, gap: float) -> list[dict]:
     tasks = []
     for i in range(n):
-        messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": f"Is book {i} in stock?"}]
-        tasks.append(asyncio.create_task(stream_chat(session, base, key, messages, 8)))
+        tasks.append(asyncio.create_task(stream(session, base, model, key, SYSTEM + [200 + i, 201, 202], 8)))
         await asyncio.sleep(gap)
     return await asyncio.gather(*tasks)
 
@@ -86,15 +85,16 @@ async def run(mode: str, a: argparse.Namespace, config: str) -> dict:
     try:
         async with bench.session_for_workloads() as session:
             await _wait_healthy(session, base, server)
-            warm = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "Hello."}]
-            await stream_chat(session, base, light_key, warm, 4)         # the light tenant's prefix, cached
+            async with session.get(base + "/models", headers={"Authorization": f"Bearer {light_key}"}) as resp:
+                model = (await resp.json())["data"][0]["id"]
+            await stream(session, base, model, light_key, SYSTEM + [9], 4)      # the light tenant's prefix, cached
             flood, started = [], time.perf_counter()
             if mode != "alone":
-                flood = [asyncio.create_task(stream_chat(
-                    session, base, heavy_key, [{"role": "user", "content": f"Write chapter {i} of a long novel."}],
-                    a.flood_tokens, ignore_eos=True)) for i in range(a.flood)]
+                flood = [asyncio.create_task(stream(session, base, model, heavy_key,
+                                                    [3 + (i * 13 + j) % 240 for j in range(64)], a.flood_tokens))
+                         for i in range(a.flood)]
                 await asyncio.sleep(a.gap)                                # the flood is queued
-            light = await light_requests(session, base, light_key, a.light, a.gap)
+            light = await light_requests(session, base, model, light_key, a.light, a.gap)
             heavy = await asyncio.gather(*flood)
             flood_s = time.perf_counter() - started
     finally:
