@@ -60,6 +60,7 @@ class Engine:
                                 device=loaded.device)
         self.costs = LoadOrRecompute(self.store, config.load_or_recompute)
         self._wakeup = asyncio.Event()
+        self.store.cap_gpu_share({name: share.max_kv_share for name, share in (tenants or {}).items()})
         self.scheduler = Scheduler(config, self.store, self.costs, self._wakeup.set, loaded.max_model_len, tenants)
         self.runner = ModelRunner(loaded, self.store, config.max_num_seqs, config.max_num_batched_tokens)
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="kvgate-forward")   # forward passes

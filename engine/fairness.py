@@ -32,6 +32,7 @@ OUTPUT_TOKEN_COST = 2
 class TenantShare:
     weight: float = 1.0        # its share of the service, relative to the other tenants' weights
     max_running: int = 0       # most sequences it may have running; 0 = no cap
+    max_kv_share: float = 1.0  # above this share of the GPU pool its cached blocks are evicted first
 
 
 class FairQueue:

@@ -102,6 +102,7 @@ class TenantConfig:
     max_priority: int | None = None  # the highest priority its requests may ask for; = priority
     weight: float = 1.0            # its share of the engine, relative to the other tenants' weights
     max_running: int = 0           # most sequences it may have running at once; 0 = no cap
+    max_kv_share: float = 1.0      # above this share of the GPU KV pool, its cached blocks go first
 
     def __post_init__(self) -> None:
         _require(bool(self.name), "tenants.name", "a non-empty string")
@@ -118,9 +119,11 @@ class TenantConfig:
         _require(isinstance(self.weight, (int, float)) and 0 < self.weight <= 1e6, f"tenants[{self.name}].weight",
                  "a number in (0, 1e6]")
         _require(self.max_running >= 0, f"tenants[{self.name}].max_running", ">= 0 (0 = no cap)")
+        _require(isinstance(self.max_kv_share, (int, float)) and 0 < self.max_kv_share <= 1,
+                 f"tenants[{self.name}].max_kv_share", "a number in (0, 1]")
 
     def share(self) -> TenantShare:
-        return TenantShare(float(self.weight), self.max_running)
+        return TenantShare(float(self.weight), self.max_running, float(self.max_kv_share))
 
     @property
     def key(self) -> str:

@@ -140,6 +140,12 @@ class BlockStore:
 
     # ---- lookup -----------------------------------------------------------------------------
 
+    def cap_gpu_share(self, shares: dict[str, float]) -> None:
+        """Namespaces whose cached blocks may hold at most this share of the GPU pool: above it,
+        theirs are evicted first (a tenant's `max_kv_share`)."""
+        self.placement.gpu_caps = {self.root_key(ns): int(share * self.gpu.num_blocks)
+                                   for ns, share in shares.items() if share < 1}
+
     def root_key(self, namespace: str = "") -> bytes:
         return root_key(self.fingerprint, namespace)
 

@@ -57,6 +57,9 @@ class Placement:
         self.overload: collections.Counter[str] = collections.Counter()
         # host slot -> the node being written from it, and its record
         self._writing: dict[int, tuple[Node, BlockRecord]] = {}
+        # namespace (root key) -> most GPU blocks its cached prefixes should hold: above it,
+        # its blocks are evicted before any other's (a tenant's `max_kv_share`)
+        self.gpu_caps: dict[bytes, int] = {}
 
     # ---- locks and counters -----------------------------------------------------------------
 
@@ -116,7 +119,7 @@ class Placement:
     def _evict_gpu(self, n: int) -> None:
         """Demote `n` GPU blocks to the host tier in one batched copy. Blocks the host tier has
         no room for (its slots pinned or being written) are spilled to disk, or dropped."""
-        victims = self.index.select_victims(Tier.GPU, n)
+        victims = self._gpu_victims(n)
         # parents first: if the host tier has too little room, the deepest blocks miss out,
         # so a parent is never slower than its child
         need_host = sorted((v for v in victims if v.host_slot is None), key=lambda v: v.depth)
@@ -140,6 +143,20 @@ class Placement:
             else:  # only on disk now: no descendant may stay faster than it
                 self._demote_from_host([d for d in self.index.subtree(v)
                                         if d is not v and d.host_slot is not None])
+
+    def _gpu_victims(self, n: int) -> list[Node]:
+        """`n` GPU blocks to evict: first of namespaces above their cap (`gpu_caps`), as many
+        as they are above it, by priority and LRU within each; then by priority and LRU."""
+        chosen: list[Node] = []
+        for namespace, cap in self.gpu_caps.items():
+            excess = min(self.index.gpu_blocks[namespace] - cap, n - len(chosen))
+            if excess > 0:
+                chosen += self.index.select_victims(Tier.GPU, excess, set(chosen), namespace)
+        if len(chosen) < n:
+            chosen += self.index.select_victims(Tier.GPU, n - len(chosen), set(chosen))
+        if len(chosen) < n:       # the first pass took the only children of what is left
+            chosen = self.index.select_victims(Tier.GPU, n)
+        return chosen
 
     def _spill(self, nodes: list[Node], keep: set[Node]) -> None:
         """Write GPU blocks the host tier has no room for (its slots pinned or being written)

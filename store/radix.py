@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import heapq
 import itertools
+from collections import Counter
 from collections.abc import Iterator
 
 from store.keys import TOKEN_BYTES, chain_key
@@ -30,7 +31,7 @@ TIERS = (Tier.GPU, Tier.HOST, Tier.DISK)
 class Node:
     """One cached block. Fields are written only by RadixIndex (placement, locks) and read by all."""
     __slots__ = ("key", "token_bytes", "parent", "children", "gpu_slot", "host_slot", "on_disk",
-                 "lock_count", "last_access", "priority", "serial", "depth", "uses")
+                 "lock_count", "last_access", "priority", "serial", "depth", "uses", "namespace")
 
     def __init__(self, key: bytes, token_bytes: bytes, parent: Node | None, priority: int,
                  serial: int) -> None:
@@ -47,6 +48,8 @@ class Node:
         self.serial = serial             # creation order; breaks ties in eviction heaps
         self.depth = -1 if parent is None else parent.depth + 1  # block index in the sequence
         self.uses = 0                    # sequences that used it (computed it, or found it cached)
+        # the root key of its tree: whose cache it is (a root is its own)
+        self.namespace: bytes = key if parent is None else parent.namespace
 
     @property
     def is_root(self) -> bool:
@@ -86,6 +89,7 @@ class RadixIndex:
         self.num_locked = {t: 0 for t in TIERS}
         # per tier: nodes whose copy in that tier may be evicted right now
         self.evictable: dict[Tier, set[Node]] = {t: set() for t in TIERS}
+        self.gpu_blocks: Counter[bytes] = Counter()    # GPU copies per namespace (root key)
 
     # ---- lookup and insertion -------------------------------------------------------------
 
@@ -200,6 +204,7 @@ class RadixIndex:
     def _set(self, node: Node, tier: Tier, value: int | bool | None) -> None:
         self._count(node, -1)
         if tier is Tier.GPU:
+            self.gpu_blocks[node.namespace] += (value is not None) - (node.gpu_slot is not None)
             node.gpu_slot = value
         elif tier is Tier.HOST:
             node.host_slot = value
@@ -240,14 +245,16 @@ class RadixIndex:
             else:
                 self.evictable[t].discard(node)
 
-    def select_victims(self, tier: Tier, n: int, keep: set[Node] | frozenset = frozenset()) -> list[Node]:
+    def select_victims(self, tier: Tier, n: int, keep: set[Node] | frozenset = frozenset(),
+                       namespace: bytes | None = None) -> list[Node]:
         """Up to `n` nodes whose copies in `tier` can go, in eviction order, leaf-first,
-        never one in `keep`.
+        never one in `keep` (and only of `namespace`, if given).
 
         Pure: changes nothing. Victims come lowest priority first, then least recently used;
         a parent becomes a candidate once all its children in the tier are chosen."""
         key = lambda v: (v.priority, v.last_access, v.serial, v)  # noqa: E731
-        heap = [key(v) for v in self.evictable[tier] if v not in keep]
+        heap = [key(v) for v in self.evictable[tier]
+                if v not in keep and (namespace is None or v.namespace == namespace)]
         heapq.heapify(heap)
         chosen: list[Node] = []
         leaving: set[Node] = set()
@@ -286,3 +293,5 @@ class RadixIndex:
         assert count == self.num_nodes, f"{count} nodes reachable, {self.num_nodes} counted"
         assert cached == self.num_cached, f"cached copies {cached} != counted {self.num_cached}"
         assert locked == self.num_locked, f"locked copies {locked} != counted {self.num_locked}"
+        on_gpu = Counter(n.namespace for n in self.nodes() if n.gpu_slot is not None)
+        assert on_gpu == +self.gpu_blocks, f"GPU copies per namespace {on_gpu} != counted {self.gpu_blocks}"
