@@ -107,7 +107,7 @@ class Engine:
     # ---- requests ---------------------------------------------------------------------------
 
     def submit(self, prompt_ids: Seq[int], params: SamplingParams, priority: int = 0,
-               namespace: str = "", request_id: str | None = None) -> RequestStream:
+               namespace: str = "", request_id: str | None = None, cache_salt: str = "") -> RequestStream:
         """Validate and queue a request; raises InvalidRequest (and queues nothing). Its
         disk-resident prefix blocks start loading at once, from the last one back, while it
         waits and then while it computes the first ones (store/loader.py)."""
@@ -117,7 +117,8 @@ class Engine:
             eos = () if params.ignore_eos else tuple(sorted(self.loaded.eos_token_ids))
             params = dataclasses.replace(params, end_ids=tuple(params.stop_token_ids) + eos)
         prompt = list(prompt_ids)
-        root = self.store.root_key(namespace)
+        # its cache: the namespace's (the tenant's), narrowed by a salt (vLLM's cache_salt)
+        root = self.store.root_key(f"{namespace}\0{cache_salt}" if cache_salt else namespace)
         generator = None
         if not params.greedy:
             generator = torch.Generator(device=self.loaded.device)

@@ -105,7 +105,7 @@ class TenantConfig:
     max_kv_share: float = 1.0      # above this share of the GPU KV pool, its cached blocks go first
 
     def __post_init__(self) -> None:
-        _require(bool(self.name), "tenants.name", "a non-empty string")
+        _require(bool(self.name) and "\0" not in self.name, "tenants.name", "a non-empty string without NUL")
         _require(bool(self.api_key) != bool(self.api_key_env), f"tenants[{self.name}]",
                  "exactly one of api_key and api_key_env")
         _check_env(f"tenants[{self.name}].api_key_env", self.api_key_env)

@@ -4,7 +4,7 @@ Two one-way ZMQ pipes (PUSH -> PULL over ipc sockets in a directory only this us
 one msgpack array per message, its first item the kind:
 
     API -> engine                                   engine -> API
-    ["submit", id, prompt, params, priority, ns]    ["ready", gen, info]        started
+    ["submit", id, prompt, params, priority, ns, salt]  ["ready", gen, info]    started
     ["abort", [id, ...]]                            ["out", [output, ...]]      one per engine loop turn
     ["stats", token]                                ["rejected", id, message]   refused at submit
     ["stop", persist, keep_process]                 ["stats", token, snapshot]  gateway/metrics.py

@@ -10,7 +10,7 @@ output is silently ignored (docs/api.md, "Request fields"):
   (`response_format: {"type": "text"}`, `tool_choice: "auto"`, ...), else 400;
 - any other field: 400, as OpenAI answers it.
 kvgate's extensions: `priority` (int, higher = more urgent), `ignore_eos`, `top_k`,
-`stop_token_ids`, `return_token_ids`.
+`stop_token_ids`, `return_token_ids`; vLLM's `cache_salt`.
 """
 from __future__ import annotations
 
@@ -101,6 +101,8 @@ class _Common(_Refusing):
     ignore_eos: StrictBool = False
     stop_token_ids: Annotated[list[TokenId], Field(max_length=limits.STOP_TOKEN_IDS_MAX)] | None = None
     return_token_ids: StrictBool = False     # add each choice's generated token ids
+    # vLLM's: a cache of its own within the tenant's (only requests with the same salt share blocks)
+    cache_salt: Annotated[StrictStr, Field(min_length=1, max_length=256)] | None = None
 
     def logit_biases(self) -> tuple[tuple[int, float], ...]:
         """OpenAI's {"token id": bias} as (id, bias) pairs; a key that is not a token id: 400."""

@@ -61,7 +61,7 @@ async def _generate(request: web.Request, schema, prompts_of: Callable, kind: st
             for c in choices:
                 c.echo = texts[c.index // req.n]
         tenant = request[TENANT]
-        submit(engine, choices, priority, tenant.name if tenant else "")
+        submit(engine, choices, priority, tenant.name if tenant else "", req.cache_salt or "")
         response_id = new_id("chatcmpl" if kind == "chat.completion" else "cmpl")
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)

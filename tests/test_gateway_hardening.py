@@ -383,3 +383,22 @@ async def test_no_op_values_harmless_fields_and_a_replayed_history_are_accepted(
     assert "unknown field" in err["message"]
     await assert_error(await client.post("/v1/chat/completions", json=chat(stream_options={"x": 1})), 400,
                        "stream_options.x")
+
+
+async def test_a_cache_salt_gives_requests_a_cache_of_their_own(make_client):
+    """vLLM's cache_salt: only requests with the same salt (and tenant) share cached blocks."""
+    client = await make_client()
+    prompt = "the same long prompt, word for word, " * 4
+
+    async def cached(**kw) -> int:
+        resp = await client.post("/v1/completions", json=completion(prompt, **kw))
+        assert resp.status == 200
+        return (await resp.json())["usage"]["prompt_tokens_details"]["cached_tokens"]
+
+    assert await cached(cache_salt="s1") == 0
+    assert await cached(cache_salt="s1") > 0
+    assert await cached(cache_salt="s2") == 0
+    assert await cached() == 0                  # unsalted: its own cache too
+    assert await cached() > 0
+    await assert_error(await client.post("/v1/completions", json=completion(prompt, cache_salt="")), 400,
+                       "cache_salt")
