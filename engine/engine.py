@@ -10,6 +10,7 @@ through `_finish`, which releases its blocks: finished, stopped, aborted or fail
 from __future__ import annotations
 
 import asyncio
+import collections
 import dataclasses
 import itertools
 import logging
@@ -71,6 +72,7 @@ class Engine:
         self._loop_task: asyncio.Task | None = None
         self._stopping = False
         self.integrity_error: AssertionError | None = None   # the first broken invariant seen
+        self.miss_reasons: collections.Counter[str] = collections.Counter()   # first misses, by why
 
     # ---- lifecycle --------------------------------------------------------------------------
 
@@ -107,7 +109,8 @@ class Engine:
     # ---- requests ---------------------------------------------------------------------------
 
     def submit(self, prompt_ids: Seq[int], params: SamplingParams, priority: int = 0,
-               namespace: str = "", request_id: str | None = None, cache_salt: str = "") -> RequestStream:
+               namespace: str = "", request_id: str | None = None, cache_salt: str = "",
+               cache_report: bool = False) -> RequestStream:
         """Validate and queue a request; raises InvalidRequest (and queues nothing). Its
         disk-resident prefix blocks start loading at once, from the last one back, while it
         waits and then while it computes the first ones (store/loader.py)."""
@@ -128,6 +131,8 @@ class Engine:
         seq = Sequence(request_id, prompt, len(prompt), params, priority, next(self._arrivals), root,
                        detokenizer, generator, found=match.tiers, max_tier=self.costs.slowest_tier_to_load(match.tiers),
                        tenant=namespace)
+        report = self._cache_report(seq, match)          # counted always, sent if asked
+        seq.cache_report = report if cache_report else None
         self._requests[request_id] = seq
         self.scheduler.add(seq, match)
         self._wakeup.set()
@@ -344,9 +349,28 @@ class Engine:
         self.scheduler.remove(seq)
         self._requests.pop(seq.request_id, None)
         seq.finish_reason = reason
+        if seq.waited_for_prefix:            # a miss turned into a hit by waiting for another's compute
+            self.miss_reasons["being_computed"] += 1
         if reason != "stop":
             text += seq.detokenizer.flush()
         self._deliver(seq, self._output(seq, tokens or [], text, reason, logprobs or []))
+
+    def _cache_report(self, seq: Sequence, match) -> dict:
+        """What the cache held of `seq`'s prompt when it arrived: blocks found per tier, those the
+        load-or-recompute choice recomputes, and the first block missed and why; the reasons
+        are counted in `miss_reasons` (/metrics)."""
+        bs = self.config.block_size
+        found = {t.name.lower(): match.tiers.count(t) for t in Tier}
+        recomputed = sum(t > seq.max_tier for t in match.tiers)
+        miss = self.store.first_miss(seq.token_ids, match, (seq.prompt_len - 1) // bs)
+        if miss is not None:
+            self.miss_reasons[miss["reason"]] += 1
+        if recomputed:
+            self.miss_reasons["recomputed"] += 1
+        return {"prompt_blocks": (seq.prompt_len - 1) // bs, "found_blocks": found, "recomputed_blocks": recomputed,
+                "first_miss": miss, "load_or_recompute": {"mode": self.costs.mode, "rates": self.costs.rates(),
+                                                          "loads_up_to": seq.max_tier.name.lower()},
+                "model_fingerprint": self.loaded.fingerprint}
 
     def _deliver(self, seq: Sequence, out: RequestOutput) -> None:
         if self._on_output is not None:
@@ -357,8 +381,12 @@ class Engine:
     def _output(self, seq: Sequence, tokens: list[int], text: str, reason: str | None,
                 logprobs: list[Logprob]) -> RequestOutput:
         cached = seq.cached_tokens or {t: 0 for t in Tier}
+        report = None
+        if reason is not None and seq.cache_report is not None:
+            report = {**seq.cache_report, "waited_for_prefix": seq.waited_for_prefix}
         return RequestOutput(seq.request_id, tokens, text, reason, seq.prompt_len, seq.num_generated,
-                             dict(cached), seq.queued_s, logprobs if seq.params.logprobs is not None else None)
+                             dict(cached), seq.queued_s, logprobs if seq.params.logprobs is not None else None,
+                             report)
 
     # ---- introspection ----------------------------------------------------------------------
 

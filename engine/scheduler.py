@@ -149,6 +149,7 @@ class Scheduler:
                 skipped.append(seq)
                 continue
             if seq.status is Status.WAITING and computing and not computing.isdisjoint(self._prompt_keys(seq)):
+                seq.waited_for_prefix = True
                 skipped.append(seq)
                 continue
             if len(self.running) >= self.config.max_num_seqs:     # full: a slot from a tenant above its share

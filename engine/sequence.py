@@ -38,6 +38,7 @@ class RequestOutput:
     cached_tokens: dict[Tier, int]
     queued_s: float | None = None         # from submission to first admission (None until then)
     logprobs: list[Logprob] | None = None  # one per token of `token_ids`, if the request asked
+    cache_report: dict | None = None       # on the last output, if the request asked
 
     @property
     def num_cached_tokens(self) -> int:
@@ -69,6 +70,8 @@ class Sequence:
     finish_reason: str | None = None
     outputs: asyncio.Queue[RequestOutput] = field(default_factory=asyncio.Queue)
     tenant: str = ""                  # whose request (fair share between tenants: engine/fairness.py)
+    cache_report: dict | None = None  # why its prompt hit or missed the cache, if asked (Engine._cache_report)
+    waited_for_prefix: bool = False   # it waited for another request to compute its prefix
 
     @property
     def num_generated(self) -> int:

@@ -209,7 +209,7 @@ class EngineClient:
         self._watch = asyncio.create_task(self._watch_process())
 
     def submit(self, prompt_ids: list[int], params: SamplingParams, priority: int = 0,
-               namespace: str = "", cache_salt: str = "") -> RemoteStream:
+               namespace: str = "", cache_salt: str = "", cache_report: bool = False) -> RemoteStream:
         """Check the request against the engine's bounds (InvalidRequest), then send it."""
         if self.dead:
             raise EngineDead(self.dead)
@@ -218,7 +218,7 @@ class EngineClient:
         queue: asyncio.Queue[RequestOutput] = asyncio.Queue()
         self._streams[request_id] = queue
         self.process.send("submit", request_id, list(prompt_ids), wire.params_to_wire(params), priority, namespace,
-                          cache_salt)
+                          cache_salt, cache_report)
         detokenizer = Detokenizer(self.tokenizer, params.stop) if self.tokenizer is not None else None
         return RemoteStream(self, request_id, queue, detokenizer, frozenset(params.stop_token_ids))
 

@@ -160,10 +160,11 @@ class EngineCore:
     def handle(self, msg: list) -> None:
         kind = msg[0]
         if kind == "submit":
-            _, request_id, prompt, params, priority, namespace, cache_salt = msg
+            _, request_id, prompt, params, priority, namespace, cache_salt, report = msg
             try:
                 self.engine.submit(prompt, wire.params_from_wire(params), priority=priority, namespace=namespace,
-                                   request_id=request_id, cache_salt=cache_salt)     # its outputs come to `output`
+                                   request_id=request_id, cache_salt=cache_salt,
+                                   cache_report=report)     # its outputs come to `output`
             except InvalidRequest as e:
                 self.push.send(wire.pack("rejected", request_id, str(e)))
         elif kind == "abort":

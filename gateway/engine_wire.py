@@ -4,7 +4,8 @@ Two one-way ZMQ pipes (PUSH -> PULL over ipc sockets in a directory only this us
 one msgpack array per message, its first item the kind:
 
     API -> engine                                   engine -> API
-    ["submit", id, prompt, params, priority, ns, salt]  ["ready", gen, info]    started
+    ["submit", id, prompt, params, priority, ns,        ["ready", gen, info]    started
+     salt, cache_report]
     ["abort", [id, ...]]                            ["out", [output, ...]]      one per engine loop turn
     ["stats", token]                                ["rejected", id, message]   refused at submit
     ["stop", persist, keep_process]                 ["stats", token, snapshot]  gateway/metrics.py
@@ -49,10 +50,11 @@ def params_from_wire(values: dict) -> SamplingParams:
 
 def output_to_wire(out: RequestOutput) -> list:
     return [out.request_id, out.token_ids, out.text, out.finish_reason, out.prompt_tokens,
-            out.completion_tokens, [out.cached_tokens.get(t, 0) for t in TIERS], out.queued_s, out.logprobs]
+            out.completion_tokens, [out.cached_tokens.get(t, 0) for t in TIERS], out.queued_s, out.logprobs,
+            out.cache_report]
 
 
 def output_from_wire(row: list) -> RequestOutput:
-    request_id, token_ids, text, reason, prompt_tokens, completion_tokens, cached, queued_s, logprobs = row
+    request_id, token_ids, text, reason, prompt_tokens, completion_tokens, cached, queued_s, logprobs, report = row
     return RequestOutput(request_id, token_ids, text, reason, prompt_tokens, completion_tokens,
-                         dict(zip(TIERS, cached)), queued_s, logprobs)
+                         dict(zip(TIERS, cached)), queued_s, logprobs, report)

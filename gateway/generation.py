@@ -129,11 +129,13 @@ def plan(req: ChatCompletionRequest | CompletionRequest, prompts: list[list[int]
     return choices
 
 
-def submit(engine: EngineClient, choices: list[Choice], priority: int, namespace: str, cache_salt: str = "") -> None:
+def submit(engine: EngineClient, choices: list[Choice], priority: int, namespace: str, cache_salt: str = "",
+           cache_report: bool = False) -> None:
     """Submit every choice, or none: if one fails, those already submitted are aborted."""
     try:
         for c in choices:
-            c.stream = engine.submit(c.prompt, c.params, priority=priority, namespace=namespace, cache_salt=cache_salt)
+            c.stream = engine.submit(c.prompt, c.params, priority=priority, namespace=namespace,
+                                     cache_salt=cache_salt, cache_report=cache_report)
     except BaseException:
         for c in choices:
             if c.stream is not None:

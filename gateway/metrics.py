@@ -95,6 +95,7 @@ def snapshot(engine: Engine) -> dict:
             "overload": {"spilled": 0, "detached": 0, **stats.overload},
             "operations": dataclasses.asdict(disk)},
         "preemptions": engine.scheduler.num_preemptions,
+        "misses": {"evicted": 0, "never_computed": 0, "recomputed": 0, "being_computed": 0, **engine.miss_reasons},
         "admissions_blocked": engine.scheduler.num_blocked_admissions,
         "steps": {"decode": 0, "mixed": 0, "eager": 0, **engine.runner.steps},
         "rates": {what: v for what, v in engine.costs.rates().items() if v is not None},
@@ -164,6 +165,10 @@ class _EngineCollector:
             yield _family(CounterMetricFamily, "kvgate_disk_operations", "Disk tier operations by outcome "
                           "(writes_paused: puts refused while writes pause after a failure)", "op",
                           disk["operations"])
+        yield _family(CounterMetricFamily, "kvgate_cache_misses", "Requests whose prompt missed the cache, by why "
+                      "its first missing block was missing (evicted, never_computed), and those with blocks "
+                      "found but recomputed (recomputed: the load-or-recompute choice) or found after waiting "
+                      "for another request to compute them (being_computed)", "reason", snap["misses"])
         yield _family(CounterMetricFamily, "kvgate_preemptions", "Running requests preempted for KV room (their "
                       "blocks stay cached: moved to host or disk as the GPU needs the room)", None,
                       {"": snap["preemptions"]})

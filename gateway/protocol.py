@@ -10,7 +10,7 @@ output is silently ignored (docs/api.md, "Request fields"):
   (`response_format: {"type": "text"}`, `tool_choice: "auto"`, ...), else 400;
 - any other field: 400, as OpenAI answers it.
 kvgate's extensions: `priority` (int, higher = more urgent), `ignore_eos`, `top_k`,
-`stop_token_ids`, `return_token_ids`; vLLM's `cache_salt`.
+`stop_token_ids`, `return_token_ids`, `cache_report`; vLLM's `cache_salt`.
 """
 from __future__ import annotations
 
@@ -103,6 +103,7 @@ class _Common(_Refusing):
     return_token_ids: StrictBool = False     # add each choice's generated token ids
     # vLLM's: a cache of its own within the tenant's (only requests with the same salt share blocks)
     cache_salt: Annotated[StrictStr, Field(min_length=1, max_length=256)] | None = None
+    cache_report: StrictBool = False         # add why the prompt hit or missed the cache (docs/api.md)
 
     def logit_biases(self) -> tuple[tuple[int, float], ...]:
         """OpenAI's {"token id": bias} as (id, bias) pairs; a key that is not a token id: 400."""

@@ -61,7 +61,7 @@ async def _generate(request: web.Request, schema, prompts_of: Callable, kind: st
             for c in choices:
                 c.echo = texts[c.index // req.n]
         tenant = request[TENANT]
-        submit(engine, choices, priority, tenant.name if tenant else "", req.cache_salt or "")
+        submit(engine, choices, priority, tenant.name if tenant else "", req.cache_salt or "", req.cache_report)
         response_id = new_id("chatcmpl" if kind == "chat.completion" else "cmpl")
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
@@ -155,6 +155,8 @@ def _full_response(choices: list[Choice], kind: str, response_id: str, model: st
                 "finish_reason": c.last.finish_reason})
         if token_ids:
             out["choices"][-1]["token_ids"] = c.token_ids
+        if c.last.cache_report is not None:
+            out["choices"][-1]["cache_report"] = c.last.cache_report
     return out
 
 
@@ -245,6 +247,8 @@ def _chunk_choice(kind: str, c: Choice, out: RequestOutput, token_ids: bool) -> 
     part |= {"logprobs": None, "finish_reason": out.finish_reason}
     if token_ids:
         part["token_ids"] = out.token_ids
+    if out.cache_report is not None:                  # on the last chunk of a choice that asked
+        part["cache_report"] = out.cache_report
     return part
 
 

@@ -140,6 +140,21 @@ class BlockStore:
 
     # ---- lookup -----------------------------------------------------------------------------
 
+    def first_miss(self, token_ids: Sequence[int], match: PrefixMatch, max_blocks: int) -> dict | None:
+        """The first of the first `max_blocks` blocks of `token_ids` that `match` did not find,
+        and why: "evicted" (from which tier, when, why: the store keeps the latest dropped keys)
+        or "never_computed" (in this namespace and model, as far as the store remembers)."""
+        i = len(match.nodes)
+        if i >= max_blocks:
+            return None
+        parent = match.nodes[-1].key if match.nodes else match.root      # a root node's key is the root key
+        key = chain_key(parent, token_bytes(token_ids[i * self.block_size:(i + 1) * self.block_size]))
+        dropped = self.placement.dropped_keys.get(key)
+        if dropped is None:
+            return {"block": i, "reason": "never_computed"}
+        tier, at, why = dropped
+        return {"block": i, "reason": "evicted", "tier": tier, "at": round(at, 3), "policy": why}
+
     def cap_gpu_share(self, shares: dict[str, float]) -> None:
         """Namespaces whose cached blocks may hold at most this share of the GPU pool: above it,
         theirs are evicted first (a tenant's `max_kv_share`)."""

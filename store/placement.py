@@ -19,6 +19,7 @@ import collections
 import dataclasses
 import logging
 import math
+import time
 
 import torch
 
@@ -32,6 +33,9 @@ from store.stats import TierCounters
 log = logging.getLogger("kvgate.store")
 
 WRITE_POLICIES = ("auto", "all", "second-use", "shutdown")
+
+
+DROPPED_KEYS_KEPT = 65536   # ~10 MB: enough to explain the misses of recent traffic
 
 
 class Placement:
@@ -60,6 +64,8 @@ class Placement:
         # namespace (root key) -> most GPU blocks its cached prefixes should hold: above it,
         # its blocks are evicted before any other's (a tenant's `max_kv_share`)
         self.gpu_caps: dict[bytes, int] = {}
+        # blocks that left the cache, the latest DROPPED_KEYS_KEPT: key -> (tier, unix time, why)
+        self.dropped_keys: collections.OrderedDict[bytes, tuple[str | None, float, str]] = collections.OrderedDict()
 
     # ---- locks and counters -----------------------------------------------------------------
 
@@ -70,7 +76,7 @@ class Placement:
         self.index.unlock(nodes)
         for n in reversed(nodes):  # a load that failed under a lock left a node with no copy
             if n.fastest is None and n.lock_count == 0:
-                self.forget(n)
+                self.forget(n, Tier.DISK, "its disk read failed")
 
     def count_hits(self, tiers: tuple[Tier, ...]) -> None:
         for t in tiers:
@@ -104,7 +110,7 @@ class Placement:
             else:
                 self.host.free([slot])
                 if ok is not None and not ok[i]:  # missing or corrupt record (already deleted)
-                    self.lose_disk_copy(n)
+                    self.lose_disk_copy(n, "its disk record was missing or corrupt")
 
     def allocate_gpu(self, n: int) -> list[int]:
         """`n` GPU slots, evicting cached blocks (leaf-first, by priority then LRU) if needed."""
@@ -139,7 +145,7 @@ class Placement:
         self.counters[Tier.GPU].evictions += len(victims)
         for v in reversed(no_room):
             if v.fastest is None:
-                self.forget(v)
+                self.forget(v, Tier.GPU, "evicted from the GPU pool with no room in the host or disk tier")
             else:  # only on disk now: no descendant may stay faster than it
                 self._demote_from_host([d for d in self.index.subtree(v)
                                         if d is not v and d.host_slot is not None])
@@ -220,7 +226,8 @@ class Placement:
         self.counters[Tier.HOST].evictions += len(victims)
         for v in victims:
             if v.fastest is None:
-                self.forget(v)
+                self.forget(v, Tier.HOST, "evicted from the host tier, not written to disk (the write "
+                                          "policy, or no room)")
 
     def _worth_writing(self, node: Node) -> bool:
         """The write policy: "all" writes every block; "second-use" those used by two or more
@@ -258,7 +265,7 @@ class Placement:
             del self._writing[host_slot]
             self.host.free([host_slot])
         if not ok and node.on_disk and node.key not in self.disk.sizes:
-            self.lose_disk_copy(node)
+            self.lose_disk_copy(node, "its disk write failed")
 
     def _make_disk_room(self, nbytes: int, keep: set[Node]) -> None:
         excess = self.disk.used_bytes + nbytes - self.disk.max_bytes
@@ -266,23 +273,29 @@ class Placement:
             return
         victims = self.index.select_victims(Tier.DISK, math.ceil(excess / self.disk.value_bytes), keep)
         for v in victims:
-            self.lose_disk_copy(v)
+            self.lose_disk_copy(v, "evicted from the full disk tier (priority, then least recently used)")
         self.counters[Tier.DISK].evictions += len(victims)
 
-    def lose_disk_copy(self, node: Node) -> None:
+    def lose_disk_copy(self, node: Node, why: str = "its disk record is gone") -> None:
         """The node's disk record is gone (evicted, corrupt, failed to write): update the index,
         and drop the node if that was its last copy and nobody holds it."""
         if node.on_disk:
             self.disk.delete(node.key)
             self.index.set_disk(node, False)
         if node.fastest is None and node.lock_count == 0 and node.parent is not None:
-            self.forget(node)
+            self.forget(node, Tier.DISK, why)
 
-    def forget(self, node: Node) -> None:
+    def forget(self, node: Node, tier: Tier | None = None, why: str = "") -> None:
         """Remove an unlocked node and its subtree from the index and every tier (if still
-        there: forgetting an ancestor already removed it)."""
+        there: forgetting an ancestor already removed it). `tier` and `why`: the copy that went
+        last and why, kept in `dropped_keys` (the miss report's "evicted")."""
         if node.parent.children.get(node.key) is not node:
             return
+        if why:
+            self.dropped_keys[node.key] = (None if tier is None else tier.name.lower(), time.time(), why)
+            self.dropped_keys.move_to_end(node.key)
+            while len(self.dropped_keys) > DROPPED_KEYS_KEPT:
+                self.dropped_keys.popitem(last=False)
         for n in self.index.subtree(node):
             assert n.lock_count == 0, n
             if n.gpu_slot is not None:
