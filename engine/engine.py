@@ -110,7 +110,7 @@ class Engine:
 
     def submit(self, prompt_ids: Seq[int], params: SamplingParams, priority: int = 0,
                namespace: str = "", request_id: str | None = None, cache_salt: str = "",
-               cache_report: bool = False) -> RequestStream:
+               cache_report: bool = False, retention: Retention | None = None) -> RequestStream:
         """Validate and queue a request; raises InvalidRequest (and queues nothing). Its
         disk-resident prefix blocks start loading at once, from the last one back, while it
         waits and then while it computes the first ones (store/loader.py)."""
@@ -130,7 +130,8 @@ class Engine:
         detokenizer = Detokenizer(self.loaded.tokenizer if self.detokenize else None, params.stop)
         seq = Sequence(request_id, prompt, len(prompt), params, priority, next(self._arrivals), root,
                        detokenizer, generator, found=match.tiers, max_tier=self.costs.slowest_tier_to_load(match.tiers),
-                       tenant=namespace)
+                       tenant=namespace, retention=retention.blocks(len(prompt), self.config.block_size)
+                       if retention is not None else None)
         report = self._cache_report(seq, match)          # counted always, sent if asked
         seq.cache_report = report if cache_report else None
         self._requests[request_id] = seq
@@ -436,6 +437,21 @@ class _Step:
     seqs: set[Sequence]
     needs_tokens: bool                 # a row with logits processors: read back before scheduling again
     launched: Launched | None = None   # None: its launch failed (`_complete` runs it chunk by chunk)
+
+
+@dataclass(frozen=True)
+class Retention:
+    """Keep a request's prompt blocks (those wholly in tokens [start, end)) at `priority` in
+    every tier for `seconds`, then let them fall back to their own priority (TensorRT-LLM's
+    priority + duration per token range). The gateway bounds both by the tenant's config."""
+    priority: int
+    seconds: float
+    start: int = 0
+    end: int | None = None          # None: the prompt's end
+
+    def blocks(self, prompt_len: int, block_size: int) -> tuple[int, int, int, float]:
+        end = prompt_len if self.end is None else min(self.end, prompt_len)
+        return -(-self.start // block_size), end // block_size, self.priority, self.seconds
 
 
 class RequestStream:

@@ -22,6 +22,7 @@ TOKEN_ID_MAX = 2**31 - 1   # token ids in prompts and stop_token_ids (the vocabu
 GENERATOR_SEEDS = 2**64    # torch's generator seeds are [0, 2**64)
 REPETITION_PENALTY_MAX = 10.0
 LOGIT_BIAS_MAX = 300       # token ids in one request's logit_bias (OpenAI's bound)
+RETENTION_MAX_S = 86400.0  # the longest retention a request may ask for without tenants (a tenant: its own)
 TOOLS_MAX = 128            # tools offered in one request, tool calls in one message
 LOGPROBS_MAX = 20          # most likely tokens returned per output token (OpenAI's chat bound)
 

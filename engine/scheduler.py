@@ -240,7 +240,7 @@ class Scheduler:
             try:
                 last = len(seq.token_ids) - 1         # computed again to sample the next token
                 blocks = self.store.admit(seq.request_id, seq.root, seq.token_ids, seq.priority,
-                                          max_cached_tokens=last, max_tier=seq.max_tier)
+                                          max_cached_tokens=last, max_tier=seq.max_tier, retention=seq.retention)
                 seq.num_computed = blocks.num_cached_tokens
                 # part of its prefix went to disk while it waited (or while it was preempted)
                 if len(blocks.tiers) < len(seq.found) or seq.num_generated:

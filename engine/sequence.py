@@ -72,6 +72,7 @@ class Sequence:
     tenant: str = ""                  # whose request (fair share between tenants: engine/fairness.py)
     cache_report: dict | None = None  # why its prompt hit or missed the cache, if asked (Engine._cache_report)
     waited_for_prefix: bool = False   # it waited for another request to compute its prefix
+    retention: tuple[int, int, int, float] | None = None   # its prompt blocks' (first, end, priority, seconds)
 
     @property
     def num_generated(self) -> int:

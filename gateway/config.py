@@ -103,6 +103,7 @@ class TenantConfig:
     weight: float = 1.0            # its share of the engine, relative to the other tenants' weights
     max_running: int = 0           # most sequences it may have running at once; 0 = no cap
     max_kv_share: float = 1.0      # above this share of the GPU KV pool, its cached blocks go first
+    max_retention_s: float = 3600.0  # the longest `retention` its requests may ask for (0: none)
 
     def __post_init__(self) -> None:
         _require(bool(self.name) and "\0" not in self.name, "tenants.name", "a non-empty string without NUL")
@@ -121,6 +122,8 @@ class TenantConfig:
         _require(self.max_running >= 0, f"tenants[{self.name}].max_running", ">= 0 (0 = no cap)")
         _require(isinstance(self.max_kv_share, (int, float)) and 0 < self.max_kv_share <= 1,
                  f"tenants[{self.name}].max_kv_share", "a number in (0, 1]")
+        _require(isinstance(self.max_retention_s, (int, float)) and 0 <= self.max_retention_s <= limits.RETENTION_MAX_S,
+                 f"tenants[{self.name}].max_retention_s", f"a number in [0, {limits.RETENTION_MAX_S:g}]")
 
     def share(self) -> TenantShare:
         return TenantShare(float(self.weight), self.max_running, float(self.max_kv_share))

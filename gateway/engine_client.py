@@ -30,6 +30,7 @@ import zmq.asyncio
 
 from engine import limits
 from engine.detokenizer import Detokenizer
+from engine.engine import Retention
 from engine.sampling import SamplingParams
 from engine.sequence import RequestOutput, coalesced
 from gateway import engine_process
@@ -209,7 +210,8 @@ class EngineClient:
         self._watch = asyncio.create_task(self._watch_process())
 
     def submit(self, prompt_ids: list[int], params: SamplingParams, priority: int = 0,
-               namespace: str = "", cache_salt: str = "", cache_report: bool = False) -> RemoteStream:
+               namespace: str = "", cache_salt: str = "", cache_report: bool = False,
+               retention: Retention | None = None) -> RemoteStream:
         """Check the request against the engine's bounds (InvalidRequest), then send it."""
         if self.dead:
             raise EngineDead(self.dead)
@@ -218,7 +220,7 @@ class EngineClient:
         queue: asyncio.Queue[RequestOutput] = asyncio.Queue()
         self._streams[request_id] = queue
         self.process.send("submit", request_id, list(prompt_ids), wire.params_to_wire(params), priority, namespace,
-                          cache_salt, cache_report)
+                          cache_salt, cache_report, None if retention is None else dataclasses.astuple(retention))
         detokenizer = Detokenizer(self.tokenizer, params.stop) if self.tokenizer is not None else None
         return RemoteStream(self, request_id, queue, detokenizer, frozenset(params.stop_token_ids))
 

@@ -21,7 +21,7 @@ import sys
 import zmq
 import zmq.asyncio
 
-from engine.engine import Engine
+from engine.engine import Engine, Retention
 from engine.errors import InvalidRequest
 from engine.model import LoadedModel, load_model
 from gateway import engine_wire as wire
@@ -160,11 +160,11 @@ class EngineCore:
     def handle(self, msg: list) -> None:
         kind = msg[0]
         if kind == "submit":
-            _, request_id, prompt, params, priority, namespace, cache_salt, report = msg
+            _, request_id, prompt, params, priority, namespace, cache_salt, report, retention = msg
             try:
                 self.engine.submit(prompt, wire.params_from_wire(params), priority=priority, namespace=namespace,
-                                   request_id=request_id, cache_salt=cache_salt,
-                                   cache_report=report)     # its outputs come to `output`
+                                   request_id=request_id, cache_salt=cache_salt, cache_report=report,
+                                   retention=None if retention is None else Retention(*retention))   # outputs: `output`
             except InvalidRequest as e:
                 self.push.send(wire.pack("rejected", request_id, str(e)))
         elif kind == "abort":

@@ -5,7 +5,7 @@ one msgpack array per message, its first item the kind:
 
     API -> engine                                   engine -> API
     ["submit", id, prompt, params, priority, ns,        ["ready", gen, info]    started
-     salt, cache_report]
+     salt, cache_report, retention]
     ["abort", [id, ...]]                            ["out", [output, ...]]      one per engine loop turn
     ["stats", token]                                ["rejected", id, message]   refused at submit
     ["stop", persist, keep_process]                 ["stats", token, snapshot]  gateway/metrics.py

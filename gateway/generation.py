@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from engine import limits
+from engine.engine import Retention
 from engine.errors import InvalidRequest
 from engine.model import Prompts
 from engine.sampling import SamplingParams
@@ -130,12 +131,12 @@ def plan(req: ChatCompletionRequest | CompletionRequest, prompts: list[list[int]
 
 
 def submit(engine: EngineClient, choices: list[Choice], priority: int, namespace: str, cache_salt: str = "",
-           cache_report: bool = False) -> None:
+           cache_report: bool = False, retention: Retention | None = None) -> None:
     """Submit every choice, or none: if one fails, those already submitted are aborted."""
     try:
         for c in choices:
             c.stream = engine.submit(c.prompt, c.params, priority=priority, namespace=namespace,
-                                     cache_salt=cache_salt, cache_report=cache_report)
+                                     cache_salt=cache_salt, cache_report=cache_report, retention=retention)
     except BaseException:
         for c in choices:
             if c.stream is not None:

@@ -10,7 +10,7 @@ output is silently ignored (docs/api.md, "Request fields"):
   (`response_format: {"type": "text"}`, `tool_choice: "auto"`, ...), else 400;
 - any other field: 400, as OpenAI answers it.
 kvgate's extensions: `priority` (int, higher = more urgent), `ignore_eos`, `top_k`,
-`stop_token_ids`, `return_token_ids`, `cache_report`; vLLM's `cache_salt`.
+`stop_token_ids`, `return_token_ids`, `cache_report`, `retention`; vLLM's `cache_salt`.
 """
 from __future__ import annotations
 
@@ -51,6 +51,16 @@ class _Refusing(BaseModel):
 
     def refused(self) -> str | None:
         return next((name for name in self.REFUSED if not _no_op(getattr(self, name))), None)
+
+
+class RetentionRequest(BaseModel):
+    """kvgate's `retention`: keep the prompt's blocks (those wholly in tokens [start, end)) at
+    `priority` for `duration_s`, then let them fall back (engine.engine.Retention)."""
+    model_config = ConfigDict(extra="forbid")
+    priority: Annotated[StrictInt, Field(ge=limits.PRIORITY_MIN, le=limits.PRIORITY_MAX)]
+    duration_s: Annotated[Number, Field(gt=0, le=limits.RETENTION_MAX_S)]
+    start: Annotated[StrictInt, Field(ge=0)] = 0
+    end: Annotated[StrictInt, Field(ge=0)] | None = None
 
 
 class StreamOptions(BaseModel):
@@ -104,6 +114,7 @@ class _Common(_Refusing):
     # vLLM's: a cache of its own within the tenant's (only requests with the same salt share blocks)
     cache_salt: Annotated[StrictStr, Field(min_length=1, max_length=256)] | None = None
     cache_report: StrictBool = False         # add why the prompt hit or missed the cache (docs/api.md)
+    retention: RetentionRequest | None = None    # keep the prompt's blocks warm for a while
 
     def logit_biases(self) -> tuple[tuple[int, float], ...]:
         """OpenAI's {"token id": bias} as (id, bias) pairs; a key that is not a token id: 400."""

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
+from engine.engine import Retention
 from engine.sequence import RequestOutput
 from gateway import intake, logprobs, text_views, tools
 from gateway.errors import APIError, ClientGone, EngineDead
@@ -61,7 +62,8 @@ async def _generate(request: web.Request, schema, prompts_of: Callable, kind: st
             for c in choices:
                 c.echo = texts[c.index // req.n]
         tenant = request[TENANT]
-        submit(engine, choices, priority, tenant.name if tenant else "", req.cache_salt or "", req.cache_report)
+        submit(engine, choices, priority, tenant.name if tenant else "", req.cache_salt or "", req.cache_report,
+               _retention(req, tenant))
         response_id = new_id("chatcmpl" if kind == "chat.completion" else "cmpl")
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
@@ -116,6 +118,21 @@ def _tools_offered(req, parser: str) -> _Tools | None:
 def _finish_reason(reason: str | None, calls: list) -> str | None:
     """"tool_calls" when the model stopped after calling."""
     return "tool_calls" if calls and reason == "stop" else reason
+
+
+def _retention(req, tenant) -> Retention | None:
+    """The request's `retention`, within its tenant's bounds: its `max_priority` and
+    `max_retention_s` (400 naming the field beyond them)."""
+    r = req.retention
+    if r is None:
+        return None
+    if tenant is not None and r.priority > tenant.max_priority:
+        raise APIError(400, f"a retention priority of {r.priority} is above this API key's maximum of "
+                       f"{tenant.max_priority}", "invalid_request_error", "retention.priority")
+    if tenant is not None and r.duration_s > tenant.max_retention_s:
+        raise APIError(400, f"a retention of {r.duration_s:g} s is longer than this API key's maximum of "
+                       f"{tenant.max_retention_s:g} s", "invalid_request_error", "retention.duration_s")
+    return Retention(r.priority, float(r.duration_s), r.start, r.end)
 
 
 def _priority(req, tenant) -> int:

@@ -99,6 +99,7 @@ class SeqBlocks:
     tiers: tuple[Tier, ...]        # tier each cached block was found in at admission
     block_size: int
     cacheable: bool = True         # False after a key collision: later blocks are not indexed
+    retention: tuple[int, int, int, float] | None = None   # (first block, end block, priority, seconds)
 
     @property
     def cached_tokens(self) -> dict[Tier, int]:
@@ -227,7 +228,8 @@ class BlockStore:
     # ---- sequences --------------------------------------------------------------------------
 
     def admit(self, seq_id: Hashable, root: bytes, token_ids: Sequence[int], priority: int = 0,
-              max_cached_tokens: int | None = None, max_tier: Tier = Tier.HOST) -> SeqBlocks:
+              max_cached_tokens: int | None = None, max_tier: Tier = Tier.HOST,
+              retention: tuple[int, int, int, float] | None = None) -> SeqBlocks:
         """Start a sequence: reuse its cached prefix (at most `max_cached_tokens`, up to its
         first block in a tier slower than `max_tier`; blocks still on disk only are never used:
         `prefetch` first), promote host blocks, and allocate GPU slots for all of `token_ids`.
@@ -256,7 +258,8 @@ class BlockStore:
         self.misses += len(token_ids) // self.block_size - len(nodes)
         owned = slots[len(promote):]
         seq = SeqBlocks(seq_id, root, priority, [n.gpu_slot for n in nodes] + owned, nodes, set(owned),
-                        tiers, self.block_size)
+                        tiers, self.block_size, retention=retention)
+        self._retain(seq, 0, nodes)
         self._seqs[seq_id] = seq
         return seq
 
@@ -299,8 +302,19 @@ class BlockStore:
                 seq.owned.discard(slot)
             self.placement.lock([node])
             self.index.use([node], seq.priority)
+            self._retain(seq, len(seq.path), [node])
             seq.path.append(node)
         return len(seq.path) - before
+
+    def _retain(self, seq: SeqBlocks, first: int, nodes: list[Node]) -> None:
+        """Give `nodes` (blocks first, first+1, ... of `seq`) the retention `seq` asked for, if
+        they fall in its range (`admit`'s `retention`: first block, end block, priority, seconds)."""
+        if seq.retention is None:
+            return
+        start, end, priority, seconds = seq.retention
+        held = [n for i, n in enumerate(nodes, first) if start <= i < end]
+        if held:
+            self.index.retain(held, priority, self.index.clock() + seconds)
 
     def release(self, seq_id: Hashable) -> None:
         """End a sequence (finished, aborted, failed, or preempted): its indexed blocks stay

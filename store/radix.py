@@ -19,8 +19,9 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from store.keys import TOKEN_BYTES, chain_key
 from store.pool import Tier
@@ -31,7 +32,8 @@ TIERS = (Tier.GPU, Tier.HOST, Tier.DISK)
 class Node:
     """One cached block. Fields are written only by RadixIndex (placement, locks) and read by all."""
     __slots__ = ("key", "token_bytes", "parent", "children", "gpu_slot", "host_slot", "on_disk",
-                 "lock_count", "last_access", "priority", "serial", "depth", "uses", "namespace")
+                 "lock_count", "last_access", "priority", "serial", "depth", "uses", "namespace",
+                 "retain_priority", "retain_until")
 
     def __init__(self, key: bytes, token_bytes: bytes, parent: Node | None, priority: int,
                  serial: int) -> None:
@@ -50,6 +52,9 @@ class Node:
         self.uses = 0                    # sequences that used it (computed it, or found it cached)
         # the root key of its tree: whose cache it is (a root is its own)
         self.namespace: bytes = key if parent is None else parent.namespace
+        # a retention a request asked for: this priority until the index clock reaches retain_until
+        self.retain_priority = priority
+        self.retain_until = 0.0
 
     @property
     def is_root(self) -> bool:
@@ -90,6 +95,7 @@ class RadixIndex:
         # per tier: nodes whose copy in that tier may be evicted right now
         self.evictable: dict[Tier, set[Node]] = {t: set() for t in TIERS}
         self.gpu_blocks: Counter[bytes] = Counter()    # GPU copies per namespace (root key)
+        self.clock: Callable[[], float] = time.monotonic   # retention deadlines (tests set their own)
 
     # ---- lookup and insertion -------------------------------------------------------------
 
@@ -177,6 +183,13 @@ class RadixIndex:
             n.uses += 1
             n.priority = max(n.priority, priority)
 
+    def retain(self, nodes: list[Node], priority: int, until: float) -> None:
+        """Keep `nodes` at `priority` (if higher than their own) until the clock reaches `until`;
+        of several retentions, the highest priority and the latest deadline hold."""
+        for n in nodes:
+            n.retain_priority = max(n.retain_priority, priority) if n.retain_until > self.clock() else priority
+            n.retain_until = max(n.retain_until, until)
+
     def lock(self, nodes: list[Node]) -> None:
         for n in nodes:
             self._count(n, -1)
@@ -252,7 +265,10 @@ class RadixIndex:
 
         Pure: changes nothing. Victims come lowest priority first, then least recently used;
         a parent becomes a candidate once all its children in the tier are chosen."""
-        key = lambda v: (v.priority, v.last_access, v.serial, v)  # noqa: E731
+        now = self.clock()
+        # a node under retention counts at its retention priority until its deadline
+        key = lambda v: (max(v.priority, v.retain_priority) if v.retain_until > now else v.priority,  # noqa: E731
+                         v.last_access, v.serial, v)
         heap = [key(v) for v in self.evictable[tier]
                 if v not in keep and (namespace is None or v.namespace == namespace)]
         heapq.heapify(heap)

@@ -1,0 +1,68 @@
+"""Retention a request asks for (engine.Retention; store `admit(retention=...)`): its prompt
+blocks are kept at a retention priority until a deadline, in every tier, then fall back to
+their own — pinned against the eviction order it changes; and its bounds over HTTP."""
+import pytest
+
+from engine.engine import Retention
+from store import Tier
+from tests.conftest import make_store, write_kv
+from tests.engine_util import BS, collect, greedy, make_engine, prompt
+from tests.http_util import MODEL
+
+
+def run(store, name: str, tokens: list[int], retention=None) -> None:
+    seq = store.admit(name, store.root_key(), tokens, retention=retention)
+    write_kv(store, seq, tokens)
+    store.commit(name, tokens)
+    store.release(name)
+    store.check_integrity()
+
+
+@pytest.mark.parametrize("seconds_later,kept", [(5.0, True), (11.0, False)])
+def test_a_retained_prefix_outlives_more_recent_blocks_until_its_deadline(seconds_later, kept):
+    """An 8-block pool: a 2-block prefix retained (priority 5 for 10 s) and used first (least
+    recent), then 6 blocks of others. A request needing 2 more evicts by priority, then LRU:
+    within the 10 s the others' oldest go; after them, the prefix (its own priority 0 again)."""
+    store = make_store(gpu=8)
+    now = [100.0]
+    store.index.clock = lambda: now[0]
+    bs = store.block_size
+    kept_prefix = list(range(1, 1 + 2 * bs))
+    run(store, "k", kept_prefix, retention=(0, 2, 5, 10.0))
+    for i in range(3):
+        run(store, f"o{i}", [100 + 10 * i + j for j in range(2 * bs)])
+    now[0] += seconds_later
+    run(store, "new", [500 + j for j in range(2 * bs)])
+    assert (store.match(store.root_key(), kept_prefix).tiers == (Tier.GPU, Tier.GPU)) == kept
+    assert (store.match(store.root_key(), list(range(100, 100 + 2 * bs))).tiers == ()) == kept
+
+
+def test_only_blocks_wholly_inside_the_token_range_are_retained():
+    assert Retention(5, 10.0, start=3, end=50).blocks(prompt_len=40, block_size=16) == (1, 2, 5, 10.0)
+    assert Retention(5, 10.0).blocks(prompt_len=40, block_size=16) == (0, 2, 5, 10.0)
+
+
+async def test_the_engine_retains_what_a_request_asks_for(llama):
+    engine = make_engine(llama, gpu=16)
+    await engine.start()
+    doc = prompt(1, 4 * BS + 1)
+    await collect(engine.submit(doc, greedy(2), retention=Retention(7, 60.0, start=0, end=2 * BS)))
+    nodes = engine.store.match(engine.store.root_key(), doc).nodes
+    assert [n.retain_priority for n in nodes] == [7, 7, 0, 0]
+    assert all(n.retain_until > engine.store.index.clock() + 50 for n in nodes[:2])
+    await engine.stop(persist=False)
+
+
+async def test_retention_over_http_is_bounded_by_the_tenant(make_client):
+    tenants = [{"name": "a", "api_key": "sk-a", "max_priority": 5, "max_retention_s": 600}]
+    client = await make_client(tenants=tenants)
+    auth = {"Authorization": "Bearer sk-a"}
+    body = {"model": MODEL, "prompt": "keep this prompt warm " * 4, "max_tokens": 2}
+    warm = {"priority": 5, "duration_s": 600}
+    ok = await client.post("/v1/completions", headers=auth, json={**body, "retention": warm})
+    assert ok.status == 200
+    for retention, param in (({"priority": 6, "duration_s": 60}, "retention.priority"),
+                             ({"priority": 1, "duration_s": 601}, "retention.duration_s"),
+                             ({"priority": 1, "duration_s": 0}, "retention.duration_s")):
+        resp = await client.post("/v1/completions", headers=auth, json={**body, "retention": retention})
+        assert resp.status == 400 and (await resp.json())["error"]["param"] == param
