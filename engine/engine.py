@@ -389,6 +389,23 @@ class Engine:
                              dict(cached), seq.queued_s, logprobs if seq.params.logprobs is not None else None,
                              report)
 
+    # ---- the cache, for an operator --------------------------------------------------------
+
+    def evict_prefix(self, namespace: str, token_ids: Seq[int]) -> int:
+        """Drop a prefix (and what follows it) from the cache of `namespace`: blocks no
+        running request holds. Returns how many blocks went."""
+        return self.store.evict_prefix(self.store.root_key(namespace), list(token_ids))
+
+    def cache_by_namespace(self, namespaces: Seq[str]) -> dict[str, dict[str, int]]:
+        """Blocks and bytes each of `namespaces` holds per tier (counts and sizes only)."""
+        counts = self.store.blocks_by_namespace()
+        block = self.store.layout.block_bytes
+        out = {}
+        for ns in namespaces:
+            tiers = counts.get(self.store.root_key(ns), {t: 0 for t in Tier})
+            out[ns] = {**{t.name.lower(): n for t, n in tiers.items()}, "bytes": block * sum(tiers.values())}
+        return out
+
     # ---- introspection ----------------------------------------------------------------------
 
     def check_integrity(self) -> None:

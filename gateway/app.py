@@ -10,7 +10,7 @@ import time
 from aiohttp import web
 
 from engine.model import Prompts, load_tokenizer
-from gateway import text_views, tools, views
+from gateway import admin, text_views, tools, views
 from gateway.config import KvgateConfig
 from gateway.engine_client import EngineClient, EngineProcess
 from gateway.errors import error_middleware, expect_continue
@@ -42,6 +42,7 @@ def init_app(config: KvgateConfig, engine_process: EngineProcess | None = None,
     app.router.add_get("/health", views.health)
     app.router.add_get("/metrics", views.metrics)
     app.router.add_get("/v1/cache", views.cache)
+    admin.add_routes(app)
     app.cleanup_ctx.append(_engine_ctx(engine_process, log_level))
     app.on_shutdown.append(_on_shutdown)
     return app

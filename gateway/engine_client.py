@@ -236,11 +236,15 @@ class EngineClient:
 
     async def stats(self) -> dict:
         """The engine's snapshot (gateway/metrics.py `snapshot`); EngineDead if it is gone."""
+        return await self.ask("stats")
+
+    async def ask(self, kind: str, *args):
+        """Send a message that the engine answers ("stats", "admin"); its answer."""
         if self.dead:
             raise EngineDead(self.dead)
         token = next(self._tokens)
         self._stats[token] = asyncio.get_running_loop().create_future()
-        self.process.send("stats", token)
+        self.process.send(kind, token, *args)
         try:
             return await self._stats[token]
         finally:

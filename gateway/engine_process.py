@@ -172,6 +172,11 @@ class EngineCore:
                 self.engine.abort(request_id)
         elif kind == "stats":
             self.push.send(wire.pack("stats", msg[1], snapshot(self.engine)))
+        elif kind == "admin":                # an operator's request, checked in the API process
+            _, token, op, args = msg
+            result = (self.engine.evict_prefix(*args) if op == "evict"
+                      else self.engine.cache_by_namespace(*args))
+            self.push.send(wire.pack("stats", token, result))
         else:
             log.warning("unknown engine message %r; ignored", kind)
 

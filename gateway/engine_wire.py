@@ -8,6 +8,7 @@ one msgpack array per message, its first item the kind:
      salt, cache_report, retention]
     ["abort", [id, ...]]                            ["out", [output, ...]]      one per engine loop turn
     ["stats", token]                                ["rejected", id, message]   refused at submit
+    ["admin", token, op, args]                      (answered as "stats": gateway/admin.py)
     ["stop", persist, keep_process]                 ["stats", token, snapshot]  gateway/metrics.py
     ["reopen", gen, config]                         ["failed", message, is_config_error, gen]
                                                     ["stopped"]

@@ -26,15 +26,17 @@ async def status_middleware(request: web.Request, handler) -> web.StreamResponse
 async def auth_middleware(request: web.Request, handler) -> web.StreamResponse:
     """With tenants configured, /v1 needs `Authorization: Bearer <key>`; the key picks the
     tenant, and with it the cache namespace and priorities. /metrics (every tenant's traffic)
-    needs the admin key when one is set, and is closed when tenants are configured without one."""
+    needs the admin key when one is set, and is closed when tenants are configured without one.
+    The admin API (/admin/...) always needs the admin key: without one it is closed."""
     config = request.app[CONFIG]
     request[TENANT] = None
     if request.path in OPEN_PATHS:
         return await handler(request)
     key = _bearer(request)
-    if request.path in ADMIN_PATHS:
+    operator = request.path.startswith("/admin/") or request.path == "/admin"
+    if request.path in ADMIN_PATHS or operator:
         admin = config.server.admin_key
-        if not admin and config.tenants:
+        if not admin and (config.tenants or operator):   # the admin API is never open
             raise APIError(403, f"{request.path} is closed: with tenants configured it needs server.admin_api_key",
                            "permission_error", code="admin_key_not_configured")
         if admin and not (key is not None and hmac.compare_digest(key, admin.encode())):

@@ -156,6 +156,25 @@ class BlockStore:
         tier, at, why = dropped
         return {"block": i, "reason": "evicted", "tier": tier, "at": round(at, 3), "policy": why}
 
+    def evict_prefix(self, root: bytes, token_ids: Sequence[int]) -> int:
+        """Drop the cached blocks of `token_ids` (and every block that follows them) from every
+        tier, from the first whose blocks no running sequence holds; returns how many went."""
+        for node in self.match(root, token_ids).nodes:
+            subtree = self.index.subtree(node)
+            if not any(n.lock_count for n in subtree):
+                self.placement.forget(node, None, "evicted through the admin API")
+                return len(subtree)
+        return 0
+
+    def blocks_by_namespace(self) -> dict[bytes, dict[Tier, int]]:
+        """Cached blocks per namespace (root key) and tier: counts only, no token contents."""
+        counts: dict[bytes, dict[Tier, int]] = {}
+        for n in self.index.nodes():
+            tiers = counts.setdefault(n.namespace, {t: 0 for t in TIERS})
+            for t in TIERS:
+                tiers[t] += n.has(t)
+        return counts
+
     def cap_gpu_share(self, shares: dict[str, float]) -> None:
         """Namespaces whose cached blocks may hold at most this share of the GPU pool: above it,
         theirs are evicted first (a tenant's `max_kv_share`)."""
