@@ -76,9 +76,9 @@ def make_store(tmp_path=None, gpu: int = 8, host: int = 0, disk_blocks: int = 0,
 
 
 def run_request(store: BlockStore, seq_id, tokens: list[int], priority: int = 0,
-                flush: bool = True) -> SeqBlocks:
+                flush: bool = True, namespace: str = "", retention=None) -> SeqBlocks:
     """Admit, check cached KV, 'compute' the rest, commit, release; integrity after each."""
-    seq = store.admit(seq_id, store.root_key(), tokens, priority)
+    seq = store.admit(seq_id, store.root_key(namespace), tokens, priority, retention=retention)
     assert_cached_kv(store, seq, tokens)
     write_kv(store, seq, tokens)
     store.commit(seq_id, tokens)

@@ -9,7 +9,7 @@ import pytest
 from engine.fairness import OUTPUT_TOKEN_COST, FairQueue, TenantShare
 from engine.sequence import Sequence, Status
 from store import Tier
-from tests.conftest import engine_stats, make_store, write_kv
+from tests.conftest import engine_stats, make_store, run_request
 from tests.engine_util import collect, greedy, make_engine, prompt
 
 
@@ -104,15 +104,6 @@ async def test_over_http_a_light_tenant_is_answered_while_a_heavy_tenants_flood_
     assert len(done) == 13
 
 
-def _cache(store, namespace: str, name: str, tokens: list[int]) -> None:
-    """A request of `namespace` computes `tokens` and ends: its full blocks stay cached."""
-    seq = store.admit(name, store.root_key(namespace), tokens)
-    write_kv(store, seq, tokens)
-    store.commit(name, tokens)
-    store.release(name)
-    store.check_integrity()
-
-
 @pytest.mark.parametrize("heavy_share,light_kept", [(1.0, False), (0.5, True)])
 def test_a_tenant_above_its_kv_share_has_its_own_blocks_evicted_first(heavy_share, light_kept):
     """An 8-block pool: the light tenant's prefix (2 blocks, used first: least recent), then the
@@ -122,10 +113,10 @@ def test_a_tenant_above_its_kv_share_has_its_own_blocks_evicted_first(heavy_shar
     store.cap_gpu_share({"heavy": heavy_share})
     bs = store.block_size
     light = list(range(1, 1 + 2 * bs))
-    _cache(store, "light", "l", light)
+    run_request(store, "l", light, namespace="light")
     for i in range(3):
-        _cache(store, "heavy", f"h{i}", [100 + 10 * i + j for j in range(2 * bs)])
-    _cache(store, "heavy", "h3", [500 + j for j in range(2 * bs)])
+        run_request(store, f"h{i}", [100 + 10 * i + j for j in range(2 * bs)], namespace="heavy")
+    run_request(store, "h3", [500 + j for j in range(2 * bs)], namespace="heavy")
     found = store.match(store.root_key("light"), light)
     assert (found.tiers == (Tier.GPU, Tier.GPU)) == light_kept
     assert store.placement.gpu_caps == ({} if heavy_share == 1.0 else {store.root_key("heavy"): 4})

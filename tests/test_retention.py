@@ -5,17 +5,9 @@ import pytest
 
 from engine.engine import Retention
 from store import Tier
-from tests.conftest import make_store, write_kv
+from tests.conftest import make_store, run_request
 from tests.engine_util import BS, collect, greedy, make_engine, prompt
 from tests.http_util import MODEL
-
-
-def run(store, name: str, tokens: list[int], retention=None) -> None:
-    seq = store.admit(name, store.root_key(), tokens, retention=retention)
-    write_kv(store, seq, tokens)
-    store.commit(name, tokens)
-    store.release(name)
-    store.check_integrity()
 
 
 @pytest.mark.parametrize("seconds_later,kept", [(5.0, True), (11.0, False)])
@@ -28,11 +20,11 @@ def test_a_retained_prefix_outlives_more_recent_blocks_until_its_deadline(second
     store.index.clock = lambda: now[0]
     bs = store.block_size
     kept_prefix = list(range(1, 1 + 2 * bs))
-    run(store, "k", kept_prefix, retention=(0, 2, 5, 10.0))
+    run_request(store, "k", kept_prefix, retention=(0, 2, 5, 10.0))
     for i in range(3):
-        run(store, f"o{i}", [100 + 10 * i + j for j in range(2 * bs)])
+        run_request(store, f"o{i}", [100 + 10 * i + j for j in range(2 * bs)])
     now[0] += seconds_later
-    run(store, "new", [500 + j for j in range(2 * bs)])
+    run_request(store, "new", [500 + j for j in range(2 * bs)])
     assert (store.match(store.root_key(), kept_prefix).tiers == (Tier.GPU, Tier.GPU)) == kept
     assert (store.match(store.root_key(), list(range(100, 100 + 2 * bs))).tiers == ()) == kept
 
