@@ -32,7 +32,7 @@ from engine.model import LoadedModel
 from engine.runner import Launched, ModelRunner
 from engine.sampling import SamplingParams
 from engine.scheduler import Chunk, Scheduler
-from engine.sequence import Logprob, RequestOutput, Sequence, Status, coalesced
+from engine.sequence import Logprob, RequestOutput, RequestStream, Retention, Sequence, Status
 from store import BlockStore, StoreConfig, Tier
 
 log = logging.getLogger("kvgate.engine")
@@ -454,52 +454,3 @@ class _Step:
     seqs: set[Sequence]
     needs_tokens: bool                 # a row with logits processors: read back before scheduling again
     launched: Launched | None = None   # None: its launch failed (`_complete` runs it chunk by chunk)
-
-
-@dataclass(frozen=True)
-class Retention:
-    """Keep a request's prompt blocks (those wholly in tokens [start, end)) at `priority` in
-    every tier for `seconds`, then let them fall back to their own priority (TensorRT-LLM's
-    priority + duration per token range). The gateway bounds both by the tenant's config."""
-    priority: int
-    seconds: float
-    start: int = 0
-    end: int | None = None          # None: the prompt's end
-
-    def blocks(self, prompt_len: int, block_size: int) -> tuple[int, int, int, float]:
-        end = prompt_len if self.end is None else min(self.end, prompt_len)
-        return -(-self.start // block_size), end // block_size, self.priority, self.seconds
-
-
-class RequestStream:
-    """The async iterator of one request's outputs. Leaving it early aborts the request:
-    cancelling the task that reads it, `aclose()`, or `async with stream:` around the loop."""
-
-    def __init__(self, engine: Engine, seq: Sequence) -> None:
-        self._engine = engine
-        self._seq = seq
-        self.request_id = seq.request_id
-
-    def __aiter__(self) -> AsyncIterator[RequestOutput]:
-        return self._iterate()
-
-    async def _iterate(self) -> AsyncIterator[RequestOutput]:
-        try:
-            async for out in coalesced(self._seq.outputs):
-                yield out
-        finally:
-            await self.aclose()
-
-    def close(self) -> None:
-        """Abort the request unless it has ended."""
-        if self._seq.status is not Status.FINISHED and self._seq.finish_reason is None:
-            self._engine.abort(self.request_id)
-
-    async def aclose(self) -> None:
-        self.close()
-
-    async def __aenter__(self) -> RequestStream:
-        return self
-
-    async def __aexit__(self, *exc) -> None:
-        await self.aclose()

@@ -101,3 +101,52 @@ async def coalesced(queue: asyncio.Queue[RequestOutput]) -> AsyncIterator[Reques
         yield out
         if out.finish_reason is not None:
             return
+
+
+@dataclass(frozen=True)
+class Retention:
+    """Keep a request's prompt blocks (those wholly in tokens [start, end)) at `priority` in
+    every tier for `seconds`, then let them fall back to their own priority (TensorRT-LLM's
+    priority + duration per token range). The gateway bounds both by the tenant's config."""
+    priority: int
+    seconds: float
+    start: int = 0
+    end: int | None = None          # None: the prompt's end
+
+    def blocks(self, prompt_len: int, block_size: int) -> tuple[int, int, int, float]:
+        end = prompt_len if self.end is None else min(self.end, prompt_len)
+        return -(-self.start // block_size), end // block_size, self.priority, self.seconds
+
+
+class RequestStream:
+    """The async iterator of one request's outputs. Leaving it early aborts the request:
+    cancelling the task that reads it, `aclose()`, or `async with stream:` around the loop."""
+
+    def __init__(self, engine, seq: Sequence) -> None:        # engine: engine.engine.Engine
+        self._engine = engine
+        self._seq = seq
+        self.request_id = seq.request_id
+
+    def __aiter__(self) -> AsyncIterator[RequestOutput]:
+        return self._iterate()
+
+    async def _iterate(self) -> AsyncIterator[RequestOutput]:
+        try:
+            async for out in coalesced(self._seq.outputs):
+                yield out
+        finally:
+            await self.aclose()
+
+    def close(self) -> None:
+        """Abort the request unless it has ended."""
+        if self._seq.status is not Status.FINISHED and self._seq.finish_reason is None:
+            self._engine.abort(self.request_id)
+
+    async def aclose(self) -> None:
+        self.close()
+
+    async def __aenter__(self) -> RequestStream:
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.aclose()

@@ -15,8 +15,8 @@ from __future__ import annotations
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, StrictStr
 
-from engine.engine import Retention
 from engine.sampling import SamplingParams
+from engine.sequence import Retention
 from gateway import intake
 from gateway.errors import APIError
 from gateway.keys import CONFIG, ENGINE, PROMPTS

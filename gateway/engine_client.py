@@ -30,9 +30,8 @@ import zmq.asyncio
 
 from engine import limits
 from engine.detokenizer import Detokenizer
-from engine.engine import Retention
 from engine.sampling import SamplingParams
-from engine.sequence import RequestOutput, coalesced
+from engine.sequence import RequestOutput, Retention, coalesced
 from gateway import engine_process
 from gateway import engine_wire as wire
 from gateway.config import ConfigError, KvgateConfig

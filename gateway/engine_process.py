@@ -21,9 +21,10 @@ import sys
 import zmq
 import zmq.asyncio
 
-from engine.engine import Engine, Retention
+from engine.engine import Engine
 from engine.errors import InvalidRequest
 from engine.model import LoadedModel, load_model
+from engine.sequence import Retention
 from gateway import engine_wire as wire
 from gateway.config import ConfigError, KvgateConfig
 from gateway.metrics import snapshot

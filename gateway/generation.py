@@ -13,11 +13,10 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from engine import limits
-from engine.engine import Retention
 from engine.errors import InvalidRequest
 from engine.model import Prompts
 from engine.sampling import SamplingParams
-from engine.sequence import Logprob, RequestOutput
+from engine.sequence import Logprob, RequestOutput, Retention
 from gateway.engine_client import EngineClient, RemoteStream
 from gateway.protocol import ChatCompletionRequest, CompletionRequest
 

@@ -55,7 +55,7 @@ class _Refusing(BaseModel):
 
 class RetentionRequest(BaseModel):
     """kvgate's `retention`: keep the prompt's blocks (those wholly in tokens [start, end)) at
-    `priority` for `duration_s`, then let them fall back (engine.engine.Retention)."""
+    `priority` for `duration_s`, then let them fall back (engine.sequence.Retention)."""
     model_config = ConfigDict(extra="forbid")
     priority: Annotated[StrictInt, Field(ge=limits.PRIORITY_MIN, le=limits.PRIORITY_MAX)]
     duration_s: Annotated[Number, Field(gt=0, le=limits.RETENTION_MAX_S)]

@@ -12,8 +12,7 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
-from engine.engine import Retention
-from engine.sequence import RequestOutput
+from engine.sequence import RequestOutput, Retention
 from gateway import intake, logprobs, text_views, tools
 from gateway.errors import APIError, ClientGone, EngineDead
 from gateway.generation import Choice, chat_prompt, completion_prompts, echo_texts, merged, plan, submit

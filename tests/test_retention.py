@@ -3,7 +3,7 @@ blocks are kept at a retention priority until a deadline, in every tier, then fa
 their own — pinned against the eviction order it changes; and its bounds over HTTP."""
 import pytest
 
-from engine.engine import Retention
+from engine.sequence import Retention
 from store import Tier
 from tests.conftest import make_store, run_request
 from tests.engine_util import BS, collect, greedy, make_engine, prompt
