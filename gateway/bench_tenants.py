@@ -2,7 +2,7 @@
 beside a heavy tenant's flood.
 
     python -m gateway.bench_tenants [--flood 200] [--flood-tokens 128] [--light 6] [--gap 0.4] \\
-        [--set section.key=value ...] [--json out.json]
+        [--heavy-kv-share 1.0] [--set section.key=value ...] [--json out.json]
 
 Three runs, each on a fresh `kvgate serve` with two tenants and an empty cache directory:
   alone       the light tenant alone: a system prompt sent once, then `--light` short requests
@@ -11,8 +11,10 @@ Three runs, each on a fresh `kvgate serve` with two tenants and an empty cache d
               then the light tenant's requests as above;
   one tenant  the same, both sending with the light tenant's key: no fair share between them
               (the baseline: one queue in arrival order).
-For each: the light tenant's TTFT p50 / p99 and the cached share of its prompts, and the heavy
-tenant's out tok/s and how long its flood took.
+For each: the light tenant's TTFT p50 / p99 and the cached share of its prompts (during the
+runs, and of one more request once the flood is done: did its prefix survive?), and the heavy
+tenant's out tok/s and how long its flood took. `--heavy-kv-share` sets the heavy tenant's
+`max_kv_share`.
 """
 from __future__ import annotations
 
@@ -97,13 +99,16 @@ async def run(mode: str, a: argparse.Namespace, config: str) -> dict:
             light = await light_requests(session, base, model, light_key, a.light, a.gap)
             heavy = await asyncio.gather(*flood)
             flood_s = time.perf_counter() - started
+            # the light tenant comes back after the flood: is its prefix still cached?
+            back = await stream(session, base, model, light_key, SYSTEM + [250, 251], 4)
     finally:
         server.terminate()
         server.wait(timeout=120)
     ttfts = sorted(r["ttft_s"] for r in light)
     cached = sum(r["cached_tokens"] for r in light) / sum(r["prompt_tokens"] for r in light)
     row = {"mode": mode, "light_ttft_p50_s": round(statistics.median(ttfts), 4),
-           "light_ttft_p99_s": round(ttfts[-1], 4), "light_cached": round(cached, 3)}
+           "light_ttft_p99_s": round(ttfts[-1], 4), "light_cached": round(cached, 3),
+           "light_cached_after": round(back["cached_tokens"] / back["prompt_tokens"], 3)}
     if heavy:
         row |= {"heavy_out_tok_s": round(sum(r["completion_tokens"] for r in heavy) / flood_s, 1),
                 "flood_s": round(flood_s, 1)}
@@ -115,22 +120,23 @@ async def main_async(a: argparse.Namespace) -> list[dict]:
     with tempfile.TemporaryDirectory(prefix="kvgate-bench-") as tmp:
         config = os.path.join(tmp, "tenants.toml")
         with open(config, "w") as f:
-            f.write(TENANTS)
+            f.write(TENANTS + f"max_kv_share = {a.heavy_kv_share}\n")
         for mode in ("alone", "flood", "one tenant"):
             os.environ["XDG_CACHE_HOME"] = os.path.join(tmp, mode.replace(" ", "-"))   # an empty cache each run
             rows.append(await run(mode, a, config))
             print(json.dumps(rows[-1]), flush=True)
     alone = rows[0]["light_ttft_p50_s"]
-    print(f"\n{'run':<11} {'light TTFT p50':>14} {'÷ alone':>8} {'p99':>8} {'cached':>7} {'heavy tok/s':>11} "
-          f"{'flood':>7}")
+    print(f"\n{'run':<11} {'light TTFT p50':>14} {'÷ alone':>8} {'p99':>8} {'cached':>7} {'after':>6} "
+          f"{'heavy tok/s':>11} {'flood':>7}")
     for r in rows:
         print(f"{r['mode']:<11} {r['light_ttft_p50_s'] * 1e3:>12.0f}ms {r['light_ttft_p50_s'] / alone:>8.2f} "
-              f"{r['light_ttft_p99_s'] * 1e3:>6.0f}ms {r['light_cached']:>7.0%} {r.get('heavy_out_tok_s', '-'):>11} "
+              f"{r['light_ttft_p99_s'] * 1e3:>6.0f}ms {r['light_cached']:>7.0%} {r['light_cached_after']:>6.0%} "
+              f"{r.get('heavy_out_tok_s', '-'):>11} "
               f"{r.get('flood_s', '-'):>6}s")
     if a.json:
         with open(a.json, "w") as f:
             json.dump(dict(settings=a.overrides, flood=a.flood, flood_tokens=a.flood_tokens, light=a.light,
-                           gap=a.gap, rows=rows), f, indent=1)
+                           gap=a.gap, heavy_kv_share=a.heavy_kv_share, rows=rows), f, indent=1)
     return rows
 
 
@@ -140,6 +146,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--flood-tokens", type=int, default=128, help="output tokens of each")
     p.add_argument("--light", type=int, default=6, help="the light tenant's requests")
     p.add_argument("--gap", type=float, default=0.4, help="seconds between the light tenant's requests")
+    p.add_argument("--heavy-kv-share", type=float, default=1.0,
+                   help="the heavy tenant's max_kv_share (its cached blocks above it are evicted first)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
     p.add_argument("--port", type=int, default=8791)
     p.add_argument("--json", default=None)
