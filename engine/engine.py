@@ -132,8 +132,7 @@ class Engine:
                        detokenizer, generator, found=match.tiers, max_tier=self.costs.slowest_tier_to_load(match.tiers),
                        tenant=namespace, retention=retention.blocks(len(prompt), self.config.block_size)
                        if retention is not None else None)
-        report = self._cache_report(seq, match)          # counted always, sent if asked
-        seq.cache_report = report if cache_report else None
+        seq.cache_report = self._cache_report(seq, match, cache_report)   # counted always, built if asked
         self._requests[request_id] = seq
         self.scheduler.add(seq, match)
         self._wakeup.set()
@@ -286,8 +285,9 @@ class Engine:
                 if c.seq.status is Status.FINISHED:
                     raise RuntimeError("ended")          # nothing to run: its tokens are dropped
                 launched = await loop.run_in_executor(self._executor, self.runner.launch, self.runner.prepare([c]))
-                tokens += await loop.run_in_executor(self._executor, self.runner.collect, launched)
-                logprobs += launched.row_logprobs
+                sampled = await loop.run_in_executor(self._executor, self.runner.collect, launched)
+                tokens += sampled
+                logprobs += launched.row_logprobs or [None] * len(sampled)     # aligned with `tokens`
             except Exception:
                 if c.seq.status is not Status.FINISHED:
                     log.exception("the chunk of %s fails on its own; failing it", c.seq.request_id)
@@ -356,18 +356,20 @@ class Engine:
             text += seq.detokenizer.flush()
         self._deliver(seq, self._output(seq, tokens or [], text, reason, logprobs or []))
 
-    def _cache_report(self, seq: Sequence, match) -> dict:
-        """What the cache held of `seq`'s prompt when it arrived: blocks found per tier, those the
-        load-or-recompute choice recomputes, and the first block missed and why; the reasons
-        are counted in `miss_reasons` (/metrics)."""
+    def _cache_report(self, seq: Sequence, match, asked: bool) -> dict | None:
+        """Count why `seq`'s prompt missed the cache in `miss_reasons` (/metrics); if `asked`,
+        the report: blocks found per tier, those the load-or-recompute choice recomputes, and
+        the first block missed and why."""
         bs = self.config.block_size
-        found = {t.name.lower(): match.tiers.count(t) for t in Tier}
         recomputed = sum(t > seq.max_tier for t in match.tiers)
         miss = self.store.first_miss(seq.token_ids, match, (seq.prompt_len - 1) // bs)
         if miss is not None:
             self.miss_reasons[miss["reason"]] += 1
         if recomputed:
             self.miss_reasons["recomputed"] += 1
+        if not asked:
+            return None
+        found = {t.name.lower(): match.tiers.count(t) for t in Tier}
         return {"prompt_blocks": (seq.prompt_len - 1) // bs, "found_blocks": found, "recomputed_blocks": recomputed,
                 "first_miss": miss, "load_or_recompute": {"mode": self.costs.mode, "rates": self.costs.rates(),
                                                           "loads_up_to": seq.max_tier.name.lower()},

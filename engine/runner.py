@@ -65,7 +65,7 @@ class Launched:
     # copied to the host like the tokens
     logprob_rows: list[tuple[int, int]] = field(default_factory=list)    # (row, most likely tokens asked)
     logprobs: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
-    row_logprobs: list[Logprob | None] = field(default_factory=list)   # [N], set by `collect`
+    row_logprobs: list[Logprob | None] = field(default_factory=list)   # [N] if any row asked, set by `collect`
 
 
 class ModelRunner:
@@ -166,20 +166,19 @@ class ModelRunner:
         logits = self._forward(step)                    # [sample rows, V]
         if self.suppressed is not None:
             logits[:, self.suppressed] = float("-inf")
-        rows = [i for i, p in enumerate(step.params) if p.logprobs is not None]
-        # the model's distribution: before logits processors and temperature (vLLM's raw logprobs)
-        distribution = logits[torch.tensor(rows).to(logits.device, non_blocking=True)].float().log_softmax(-1) \
-            if rows else None
+        asked = [(i, p.logprobs) for i, p in enumerate(step.params) if p.logprobs is not None]
+        if asked:      # the model's distribution: before logits processors and temperature (vLLM's raw logprobs)
+            index = torch.tensor([i for i, _ in asked]).to(logits.device, non_blocking=True)
+            distribution = logits[index].float().log_softmax(-1)
         tokens, failed = sample_on_device(logits, step.params, step.generators, step.histories)
-        logprobs = logprobs_on_device(distribution, rows, step.params, tokens) if rows else None
-        rows = [(i, step.params[i].logprobs) for i in rows]
+        logprobs = logprobs_on_device(distribution, tokens[index], max(k for _, k in asked)) if asked else None
         if not cuda:
-            return Launched(tokens, failed, time.perf_counter() - begun, logprob_rows=rows, logprobs=logprobs)
+            return Launched(tokens, failed, time.perf_counter() - begun, logprob_rows=asked, logprobs=logprobs)
         host = _to_host(tokens)
         logprobs = None if logprobs is None else tuple(map(_to_host, logprobs))
         done = torch.cuda.Event(enable_timing=True)
         done.record()
-        return Launched(tokens, failed, None, host, start, done, rows, logprobs)
+        return Launched(tokens, failed, None, host, start, done, asked, logprobs)
 
     @staticmethod
     def collect(launched: Launched) -> list[int | None]:
@@ -191,8 +190,8 @@ class ModelRunner:
         out: list[int | None] = (launched.host if launched.host is not None else launched.tokens).tolist()
         for i in launched.failed:
             out[i] = None
-        launched.row_logprobs = [None] * len(out)
         if launched.logprobs is not None:
+            launched.row_logprobs = [None] * len(out)
             chosen, top_values, top_ids = (x.tolist() for x in launched.logprobs)
             for r, (i, k) in enumerate(launched.logprob_rows):
                 launched.row_logprobs[i] = (chosen[r], list(zip(top_ids[r][:k], top_values[r][:k])))

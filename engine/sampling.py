@@ -95,13 +95,11 @@ def _check(ok: bool, name: str, what: str) -> None:
 
 
 def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None],
-           histories: list[tuple[list[int], int] | None] | None = None,
-           suppressed: torch.Tensor | None = None) -> list[int | None]:
+           histories: list[tuple[list[int], int] | None] | None = None) -> list[int | None]:
     """One token per row; None for a row whose sampling failed (its request fails, no other).
     logits: [N, V]; params and generators: one per row; histories: per row, (token ids so far,
-    prompt length) where its params have logits processors. `suppressed`: token ids no row may
-    produce (the model's generation config)."""
-    tokens, failed = sample_on_device(logits, params, generators, histories, suppressed)
+    prompt length) where its params have logits processors."""
+    tokens, failed = sample_on_device(logits, params, generators, histories)
     out: list[int | None] = tokens.tolist()
     for i in failed:
         out[i] = None
@@ -109,14 +107,11 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[
 
 
 def sample_on_device(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None],
-                     histories: list[tuple[list[int], int] | None] | None = None,
-                     suppressed: torch.Tensor | None = None) -> tuple[torch.Tensor, list[int]]:
+                     histories: list[tuple[list[int], int] | None] | None = None) -> tuple[torch.Tensor, list[int]]:
     """`sample` without waiting for the device: the tokens [N] on the logits' device, and the
     rows whose sampling failed. Greedy rows without processors take the argmax in the logits'
     own dtype (the same index as in fp32: the conversion is exact); other rows are written into
     the same tensor, so that reading them back is one copy."""
-    if suppressed is not None:
-        logits[:, suppressed] = float("-inf")
     tokens = logits.argmax(dim=-1)                      # [N]
     failed = []
     for i, (p, g) in enumerate(zip(params, generators)):
@@ -132,15 +127,12 @@ def sample_on_device(logits: torch.Tensor, params: list[SamplingParams], generat
     return tokens, failed
 
 
-def logprobs_on_device(logprobs: torch.Tensor, rows: list[int], params: list[SamplingParams],
-                       tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """For the rows asking for them: the sampled token's logprob [R], and the most likely tokens'
-    logprobs and ids [R, K] (K the largest number asked; a row reads its own first ones).
-    logprobs: [R, V], log-softmax of those rows' logits; tokens: [N], every row's sampled token."""
-    index = torch.tensor(rows).to(tokens.device, non_blocking=True)
-    chosen = logprobs.gather(1, tokens[index][:, None])[:, 0]
-    top = logprobs.topk(max(params[i].logprobs for i in rows), dim=-1)
-    return chosen, top.values, top.indices
+def logprobs_on_device(logprobs: torch.Tensor, tokens: torch.Tensor,
+                       k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """logprobs: [R, V] log-softmax of R rows' logits; tokens: [R] the tokens sampled there.
+    The sampled tokens' logprobs [R], and the `k` most likely tokens' logprobs and ids [R, k]."""
+    top = logprobs.topk(k, dim=-1)
+    return logprobs.gather(1, tokens[:, None])[:, 0], top.values, top.indices
 
 
 def process(row: torch.Tensor, p: SamplingParams, history: tuple[list[int], int]) -> torch.Tensor:

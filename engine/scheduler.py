@@ -83,11 +83,6 @@ class Scheduler:
     def waiting_ids(self) -> set[str]:
         return {s.request_id for s in self._waiting.sequences()}
 
-    @property
-    def served(self) -> dict[str, float]:
-        """Each tenant's service so far, in weighted virtual tokens (engine/fairness.py)."""
-        return dict(self._waiting.served)
-
     def add(self, seq: Sequence, match: PrefixMatch | None = None) -> None:
         """Queue a new request; start reading the disk part of its `match`."""
         self._waiting.add(seq, {s.tenant for s in self.running} | self._waiting.tenants())

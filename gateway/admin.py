@@ -16,9 +16,9 @@ from aiohttp import web
 from pydantic import BaseModel, ConfigDict, StrictStr
 
 from engine.sampling import SamplingParams
-from engine.sequence import Retention
 from gateway import intake
 from gateway.errors import APIError
+from gateway.generation import completion_prompts
 from gateway.keys import CONFIG, ENGINE, PROMPTS
 from gateway.protocol import RetentionRequest, TokenIds
 
@@ -39,9 +39,9 @@ async def cache(request: web.Request) -> web.Response:
 async def warm(request: web.Request) -> web.Response:
     req, prompt = await _read(request)
     r = req.retention
-    retention = None if r is None else Retention(r.priority, float(r.duration_s), r.start, r.end)
     stream = request.app[ENGINE].submit(prompt, SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True),
-                                        priority=r.priority if r else 0, namespace=req.tenant, retention=retention)
+                                        priority=r.priority if r else 0, namespace=req.tenant,
+                                        retention=None if r is None else r.to_engine())
     last = None
     async for out in stream:
         last = out
@@ -57,21 +57,12 @@ async def evict(request: web.Request) -> web.Response:
 
 
 async def _read(request: web.Request) -> tuple[PrefixRequest, list[int]]:
-    """The request, its tenant checked, its prompt as token ids."""
-    config, prompts = request.app[CONFIG], request.app[PROMPTS]
+    """The request, its tenant checked, its prompt as token ids (as completions take it)."""
+    config = request.app[CONFIG]
     req = intake.parse(await request.read(), PrefixRequest)
     if req.tenant not in ([t.name for t in config.tenants] or [""]):
         raise APIError(400, f"no tenant named {req.tenant!r}", "invalid_request_error", "tenant")
-    if isinstance(req.prompt, list):
-        return req, req.prompt
-    if prompts.tokenizer is None:
-        raise APIError(400, "this model has no tokenizer: send the prompt as token ids", "invalid_request_error",
-                       "prompt")
-    prompts.check_text_length(len(req.prompt), "prompt")
-    ids = prompts.tokenizer.encode(req.prompt)
-    if not ids:
-        raise APIError(400, "the prompt is empty", "invalid_request_error", "prompt")
-    return req, ids
+    return req, completion_prompts(req, request.app[PROMPTS])[0]
 
 
 def add_routes(app: web.Application) -> None:

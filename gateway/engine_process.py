@@ -175,8 +175,8 @@ class EngineCore:
             self.push.send(wire.pack("stats", msg[1], snapshot(self.engine)))
         elif kind == "admin":                # an operator's request, checked in the API process
             _, token, op, args = msg
-            result = (self.engine.evict_prefix(*args) if op == "evict"
-                      else self.engine.cache_by_namespace(*args))
+            operations = {"evict": self.engine.evict_prefix, "tenants": self.engine.cache_by_namespace}
+            result = operations[op](*args)
             self.push.send(wire.pack("stats", token, result))
         else:
             log.warning("unknown engine message %r; ignored", kind)

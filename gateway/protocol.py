@@ -31,6 +31,7 @@ from pydantic import (
 
 from engine import limits
 from engine.errors import InvalidRequest
+from engine.sequence import Retention
 from store import Tier
 
 Number = StrictInt | StrictFloat
@@ -61,6 +62,9 @@ class RetentionRequest(BaseModel):
     duration_s: Annotated[Number, Field(gt=0, le=limits.RETENTION_MAX_S)]
     start: Annotated[StrictInt, Field(ge=0)] = 0
     end: Annotated[StrictInt, Field(ge=0)] | None = None
+
+    def to_engine(self) -> Retention:
+        return Retention(self.priority, float(self.duration_s), self.start, self.end)
 
 
 class StreamOptions(BaseModel):

@@ -131,7 +131,7 @@ def _retention(req, tenant) -> Retention | None:
     if tenant is not None and r.duration_s > tenant.max_retention_s:
         raise APIError(400, f"a retention of {r.duration_s:g} s is longer than this API key's maximum of "
                        f"{tenant.max_retention_s:g} s", "invalid_request_error", "retention.duration_s")
-    return Retention(r.priority, float(r.duration_s), r.start, r.end)
+    return r.to_engine()
 
 
 def _priority(req, tenant) -> int:
