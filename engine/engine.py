@@ -120,15 +120,16 @@ class Engine:
             eos = () if params.ignore_eos else tuple(sorted(self.loaded.eos_token_ids))
             params = dataclasses.replace(params, end_ids=tuple(params.stop_token_ids) + eos)
         prompt = list(prompt_ids)
-        # its cache: the namespace's (the tenant's), narrowed by a salt (vLLM's cache_salt)
-        root = self.store.root_key(f"{namespace}\0{cache_salt}" if cache_salt else namespace)
+        # its cache: the namespace's (the tenant's), narrowed by a salt (vLLM's cache_salt),
+        # after the public prefix it starts with, if any
+        scope = self.store.scope(f"{namespace}\0{cache_salt}" if cache_salt else namespace, prompt)
         generator = None
         if not params.greedy:
             generator = torch.Generator(device=self.loaded.device)
             generator.manual_seed(params.seed if params.seed is not None else torch.seed())
-        match = self.store.match(root, prompt, max_tokens=len(prompt) - 1)
+        match = self.store.match(scope, prompt, max_tokens=len(prompt) - 1)
         detokenizer = Detokenizer(self.loaded.tokenizer if self.detokenize else None, params.stop)
-        seq = Sequence(request_id, prompt, len(prompt), params, priority, next(self._arrivals), root,
+        seq = Sequence(request_id, prompt, len(prompt), params, priority, next(self._arrivals), scope,
                        detokenizer, generator, found=match.tiers, max_tier=self.costs.slowest_tier_to_load(match.tiers),
                        tenant=namespace, retention=retention.blocks(len(prompt), self.config.block_size)
                        if retention is not None else None)
@@ -390,23 +391,6 @@ class Engine:
         return RequestOutput(seq.request_id, tokens, text, reason, seq.prompt_len, seq.num_generated,
                              dict(cached), seq.queued_s, logprobs if seq.params.logprobs is not None else None,
                              report)
-
-    # ---- the cache, for an operator --------------------------------------------------------
-
-    def evict_prefix(self, namespace: str, token_ids: Seq[int]) -> int:
-        """Drop a prefix (and what follows it) from the cache of `namespace`: blocks no
-        running request holds. Returns how many blocks went."""
-        return self.store.evict_prefix(self.store.root_key(namespace), list(token_ids))
-
-    def cache_by_namespace(self, namespaces: Seq[str]) -> dict[str, dict[str, int]]:
-        """Blocks and bytes each of `namespaces` holds per tier (counts and sizes only)."""
-        counts = self.store.blocks_by_namespace()
-        block = self.store.layout.block_bytes
-        out = {}
-        for ns in namespaces:
-            tiers = counts.get(self.store.root_key(ns), {t: 0 for t in Tier})
-            out[ns] = {**{t.name.lower(): n for t, n in tiers.items()}, "bytes": block * sum(tiers.values())}
-        return out
 
     # ---- introspection ----------------------------------------------------------------------
 

@@ -37,7 +37,7 @@ from engine.config import EngineConfig
 from engine.costs import LoadOrRecompute
 from engine.fairness import FairQueue, TenantShare
 from engine.sequence import Sequence, Status
-from store import BlockStore, OutOfBlocks, PrefixMatch, Tier, block_keys, token_bytes
+from store import BlockStore, OutOfBlocks, PrefixMatch, Tier, token_bytes
 
 log = logging.getLogger("kvgate.engine")
 
@@ -224,8 +224,7 @@ class Scheduler:
 
     def _prompt_keys(self, seq: Sequence) -> list[bytes]:
         if seq.prompt_keys is None:
-            seq.prompt_keys = block_keys(seq.root, token_bytes(seq.token_ids[:seq.prompt_len]),
-                                         self.store.block_size)
+            seq.prompt_keys = seq.scope.keys(token_bytes(seq.token_ids[:seq.prompt_len]), self.store.block_size)
         return seq.prompt_keys
 
     def _admit(self, seq: Sequence, chunks: list[Chunk]) -> bool:
@@ -234,12 +233,12 @@ class Scheduler:
         while True:
             try:
                 last = len(seq.token_ids) - 1         # computed again to sample the next token
-                blocks = self.store.admit(seq.request_id, seq.root, seq.token_ids, seq.priority,
+                blocks = self.store.admit(seq.request_id, seq.scope, seq.token_ids, seq.priority,
                                           max_cached_tokens=last, max_tier=seq.max_tier, retention=seq.retention)
                 seq.num_computed = blocks.num_cached_tokens
                 # part of its prefix went to disk while it waited (or while it was preempted)
                 if len(blocks.tiers) < len(seq.found) or seq.num_generated:
-                    self._start_load(seq, self.store.match(seq.root, seq.token_ids, last))
+                    self._start_load(seq, self.store.match(seq.scope, seq.token_ids, last))
                 if seq.cached_tokens is None:
                     seq.cached_tokens = _cached_by_tier(seq.found, blocks.tiers, self.store.block_size)
                     seq.queued_s = time.monotonic() - seq.submitted_at

@@ -12,7 +12,7 @@ import torch
 
 from engine.detokenizer import Detokenizer
 from engine.sampling import SamplingParams
-from store import Tier
+from store import Scope, Tier
 
 
 class Status(enum.Enum):
@@ -53,7 +53,7 @@ class Sequence:
     params: SamplingParams
     priority: int                     # higher = more urgent
     arrival: int                      # admission order among equal priorities
-    root: bytes                       # cache namespace (the tenant's root key)
+    scope: Scope                      # whose cache its blocks are in (its tenant's; public prefixes shared)
     detokenizer: Detokenizer
     generator: torch.Generator | None
     found: tuple[Tier, ...] = ()      # where each prefix block was when the request arrived

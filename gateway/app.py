@@ -51,16 +51,11 @@ def init_app(config: KvgateConfig, engine_process: EngineProcess | None = None,
 def _engine_ctx(given: EngineProcess | None, log_level: str):
     async def ctx(app: web.Application):
         config, state = app[CONFIG], app[STATE]
-        process = given or EngineProcess(config, log_level)
-        tokenizer = asyncio.create_task(asyncio.to_thread(load_tokenizer, config.model))
-        if given is None:
-            try:
-                await process.start()
-            except BaseException:
-                tokenizer.cancel()
-                await process.stop(persist=False)
-                raise
-        engine = EngineClient(process, await tokenizer, on_death=lambda why: state.request_stop(1))
+        if config.replicas.num_replicas:
+            from gateway.replicas import open_replicas  # Ray is needed only with replicas
+            engine = await open_replicas(config, on_death=lambda why: state.request_stop(1))
+        else:
+            engine = await _open_engine(config, given, log_level, on_death=lambda why: state.request_stop(1))
         app[ENGINE] = engine
         app[PROMPTS] = Prompts.of(engine.name, engine.tokenizer, engine.bounds.max_model_len,
                                   config.model.chat_template)
@@ -69,11 +64,30 @@ def _engine_ctx(given: EngineProcess | None, log_level: str):
                                             getattr(engine.tokenizer, "chat_template", None)) or ""
         app[TIERS] = reports = [TierReport(**t) for t in engine.tiers]
         app[METRICS] = Metrics(reports, engine.name, engine.bounds.block_size)
+        try:
+            await admin.declare_public_prefixes(app)
+        except BaseException:
+            await engine.close(persist=False, keep_process=given is not None)
+            raise
         yield
         state.stopping = True
         # aborts what is left, writes cached blocks to disk; a given process stays for the next app
         await engine.close(persist=True, keep_process=given is not None)
     return ctx
+
+
+async def _open_engine(config: KvgateConfig, given: EngineProcess | None, log_level: str, on_death) -> EngineClient:
+    """The engine process (started here unless `given`) and the client of it."""
+    process = given or EngineProcess(config, log_level)
+    tokenizer = asyncio.create_task(asyncio.to_thread(load_tokenizer, config.model))
+    if given is None:
+        try:
+            await process.start()
+        except BaseException:
+            tokenizer.cancel()
+            await process.stop(persist=False)
+            raise
+    return EngineClient(process, await tokenizer, on_death=on_death)
 
 
 async def _on_shutdown(app: web.Application) -> None:

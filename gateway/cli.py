@@ -32,6 +32,8 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--config", help="TOML configuration file (see configs/default.toml)")
     serve.add_argument("--host", help="overrides server.host")
     serve.add_argument("--port", type=int, help="overrides server.port")
+    serve.add_argument("--replicas", type=int, help="overrides replicas.num_replicas: N engine replicas on Ray "
+                       "Serve, routed by cached prefix (docs/scale-out.md)")
     serve.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                        help="override any configuration key with a TOML value (repeatable)")
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
@@ -52,6 +54,8 @@ def main(argv: list[str] | None = None) -> int:
         overrides.append(f"server.host={args.host!r}".replace("'", '"'))
     if args.port:
         overrides.append(f"server.port={args.port}")
+    if args.replicas is not None:
+        overrides.append(f"replicas.num_replicas={args.replicas}")
     try:
         config = load_config(args.config, overrides)
     except ConfigError as e:

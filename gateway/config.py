@@ -134,6 +134,61 @@ class TenantConfig:
 
 
 @dataclass(frozen=True)
+class KvEventsConfig:
+    """KV events in vLLM's wire format for KV-aware routers (gateway/kv_events.py)."""
+    enabled: bool = False
+    endpoint: str = "tcp://*:5557"        # the PUB socket, bound
+    replay_endpoint: str = "tcp://*:5558"  # the ROUTER socket for replays, bound; "" = none
+    buffer_steps: int = 10_000            # batches kept for replay
+    hwm: int = 100_000                    # batches queued per subscriber before it loses some
+    topic: str = ""
+
+    def __post_init__(self) -> None:
+        for key in ("endpoint", "replay_endpoint"):
+            value = getattr(self, key)
+            _require(not value or value.split("://")[0] in ("tcp", "ipc", "inproc"), f"kv_events.{key}",
+                     "a ZMQ endpoint (tcp://, ipc:// or inproc://)")
+        _require(bool(self.endpoint), "kv_events.endpoint", "a ZMQ endpoint")
+        _require(self.buffer_steps >= 1 and self.hwm >= 1, "kv_events.buffer_steps",
+                 ">= 1, and so must kv_events.hwm")
+
+
+@dataclass(frozen=True)
+class ReplicasConfig:
+    """kvgate replicas on Ray Serve (gateway/replicas.py; docs/scale-out.md)."""
+    num_replicas: int = 0                 # 0: one engine process, no Ray; N: N replicas on Ray Serve
+    max_replicas: int = 0                 # above num_replicas: autoscale between the two
+    target_ongoing_requests: float = 64.0  # autoscaling's target of requests per replica
+    max_ongoing_requests: int = 256       # requests one replica takes at once
+    num_gpus: float = -1.0                # GPUs per replica; -1 = 1 with CUDA, else 0
+    num_cpus: float = 1.0                 # CPUs per replica (fractions allowed)
+    router: str = "prefix"                # "prefix" (by cached prefix) or "default" (Ray's)
+    imbalance: int = 4                    # the prefix router's load imbalance threshold
+    ray_address: str = ""                 # a Ray cluster to join; "" = RAY_ADDRESS or a local one
+
+    def __post_init__(self) -> None:
+        _require(self.num_replicas >= 0, "replicas.num_replicas", ">= 0 (0 = no Ray)")
+        _require(self.max_replicas == 0 or self.max_replicas >= self.num_replicas >= 1, "replicas.max_replicas",
+                 "0 (no autoscaling) or >= replicas.num_replicas >= 1")
+        _require(self.target_ongoing_requests > 0 and self.max_ongoing_requests >= 1,
+                 "replicas.target_ongoing_requests", "> 0, and replicas.max_ongoing_requests >= 1")
+        _require(self.num_gpus == -1 or self.num_gpus >= 0, "replicas.num_gpus", "-1 (automatic) or >= 0")
+        _require(self.num_cpus >= 0, "replicas.num_cpus", ">= 0")
+        _require(self.router in ("prefix", "default"), "replicas.router", "one of prefix, default")
+        _require(self.imbalance >= 0, "replicas.imbalance", ">= 0")
+
+
+@dataclass(frozen=True)
+class PublicPrefixConfig:
+    """A prefix every tenant's requests share the cache of (docs/configuration.md)."""
+    text: str = ""                 # a text, tokenized as a completions prompt is, or ...
+    system: str = ""               # ... a chat's system message, rendered by the chat template
+
+    def __post_init__(self) -> None:
+        _require(bool(self.text) != bool(self.system), "public_prefixes", "tables with exactly one of text and system")
+
+
+@dataclass(frozen=True)
 class StoreTiers:
     gpu: GpuTierConfig = field(default_factory=GpuTierConfig)
     host: HostTierConfig = field(default_factory=HostTierConfig)
@@ -146,7 +201,10 @@ class KvgateConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
     store: StoreTiers = field(default_factory=StoreTiers)
+    kv_events: KvEventsConfig = field(default_factory=KvEventsConfig)
+    replicas: ReplicasConfig = field(default_factory=ReplicasConfig)
     tenants: tuple[TenantConfig, ...] = ()
+    public_prefixes: tuple[PublicPrefixConfig, ...] = ()
 
     def __post_init__(self) -> None:
         names = [t.name for t in self.tenants]
@@ -157,8 +215,10 @@ class KvgateConfig:
                  "a key no tenant has")
 
 
-SECTIONS = {"server": ServerConfig, "model": ModelConfig, "engine": EngineConfig,
-            "store.gpu": GpuTierConfig, "store.host": HostTierConfig, "store.disk": DiskTierConfig}
+ARRAYS = {"tenants": TenantConfig, "public_prefixes": PublicPrefixConfig}   # [[name]] arrays of tables
+SECTIONS = {"server": ServerConfig, "model": ModelConfig, "engine": EngineConfig, "kv_events": KvEventsConfig,
+            "replicas": ReplicasConfig, "store.gpu": GpuTierConfig, "store.host": HostTierConfig,
+            "store.disk": DiskTierConfig}
 
 
 def load_config(path: str | None = None, overrides: list[str] = ()) -> KvgateConfig:
@@ -181,22 +241,25 @@ def build_config(doc: dict[str, Any]) -> KvgateConfig:
     """The configuration of a parsed TOML document (`doc` is left as it was)."""
     doc = dict(doc)
     store = doc.pop("store", {})
-    tenants = doc.pop("tenants", [])
+    tables = {name: doc.pop(name, []) for name in ARRAYS}
     if not isinstance(store, dict):
         raise ConfigError("store: must be a table with gpu, host and disk sub-tables")
     for name in list(doc) + [f"store.{k}" for k in store]:
         if name not in SECTIONS:
             raise ConfigError(f"unknown section [{name}]; sections are "
-                              f"{', '.join(sorted(SECTIONS))} and [[tenants]]")
-    if not isinstance(tenants, list):
-        raise ConfigError("tenants: must be an array of tables ([[tenants]])")
+                              f"{', '.join(sorted(SECTIONS))}, [[tenants]] and [[public_prefixes]]")
+    for name, items in tables.items():
+        if not isinstance(items, list):
+            raise ConfigError(f"{name}: must be an array of tables ([[{name}]])")
     try:
         return KvgateConfig(
             server=_section("server", doc.get("server", {})),
             model=_section("model", doc.get("model", {})),
             engine=_section("engine", doc.get("engine", {})),
+            kv_events=_section("kv_events", doc.get("kv_events", {})),
+            replicas=_section("replicas", doc.get("replicas", {})),
             store=StoreTiers(*(_section(f"store.{t}", store.get(t, {})) for t in ("gpu", "host", "disk"))),
-            tenants=tuple(_section("tenants", t, TenantConfig) for t in tenants))
+            **{name: tuple(_section(name, t, cls) for t in tables[name]) for name, cls in ARRAYS.items()})
     except ConfigError:
         raise
     except (ValueError, TypeError) as e:   # raised by the dataclasses' own validation

@@ -21,12 +21,14 @@ import sys
 import zmq
 import zmq.asyncio
 
+from engine import cache_admin
 from engine.engine import Engine
 from engine.errors import InvalidRequest
 from engine.model import LoadedModel, load_model
 from engine.sequence import Retention
 from gateway import engine_wire as wire
 from gateway.config import ConfigError, KvgateConfig
+from gateway.kv_events import KVEventPublisher, open_events
 from gateway.metrics import snapshot
 from gateway.tiers import describe_kv, kv_arithmetic, open_engine
 
@@ -124,6 +126,7 @@ class EngineCore:
         self.engine: Engine | None = None          # set once it has started
         self.push = push
         self._pending: list[list] = []
+        self.events: KVEventPublisher | None = None   # with kv_events.enabled
 
     @classmethod
     async def open(cls, config: KvgateConfig, models: _Models, push: zmq.Socket, gen: int) -> EngineCore | None:
@@ -135,6 +138,7 @@ class EngineCore:
             engine, reports = open_engine(config, model, lambda store: Engine(
                 model, config.engine, store, detokenize=False, on_output=core.output,
                 tenants={t.name: t.share() for t in config.tenants}))
+            core.events = open_events(config.kv_events, engine.store)
             await engine.start()
         except (ConfigError, ValueError) as e:    # a key of the configuration: the API process says it
             push.send(wire.pack("failed", str(e), True, gen))
@@ -175,8 +179,8 @@ class EngineCore:
             self.push.send(wire.pack("stats", msg[1], snapshot(self.engine)))
         elif kind == "admin":                # an operator's request, checked in the API process
             _, token, op, args = msg
-            operations = {"evict": self.engine.evict_prefix, "tenants": self.engine.cache_by_namespace}
-            result = operations[op](*args)
+            operations = {"evict": cache_admin.evict, "usage": cache_admin.usage, "public": cache_admin.declare_public}
+            result = operations[op](self.engine.store, *args)
             self.push.send(wire.pack("stats", token, result))
         else:
             log.warning("unknown engine message %r; ignored", kind)
@@ -198,4 +202,7 @@ class EngineCore:
             await self.engine.stop(persist=persist)
         except AssertionError:
             log.exception("the engine's invariants were broken")
+        finally:
+            if self.events is not None:
+                self.events.close()
         self._flush()

@@ -24,7 +24,7 @@ import torch
 from store.copier import BlockCopier
 from store.disk import DiskTier
 from store.errors import OutOfBlocks
-from store.keys import chain_key, root_key, token_bytes
+from store.keys import PublicPrefixes, Scope, chain_key, root_key, token_bytes
 from store.loader import DiskLoader
 from store.placement import WRITE_POLICIES, Placement
 from store.pool import BlockLayout, BlockPool, Tier
@@ -57,6 +57,8 @@ class StoreConfig:
             raise ValueError(f"store.write_policy must be one of {', '.join(WRITE_POLICIES)}")
 
 
+MAX_NAMES = 65_536
+
 # Without a host tier, a disk tier stages its reads and writes through this much host memory
 # (which then also serves as a small host tier): at least 16 blocks, at most 1024.
 DISK_STAGING_BYTES = 512 << 20
@@ -72,7 +74,7 @@ def host_pool_blocks(config: StoreConfig, layout: BlockLayout) -> int:
 @dataclass(frozen=True)
 class PrefixMatch:
     """The longest cached prefix of a token list, and the tier of each block's fastest copy."""
-    root: bytes
+    scope: Scope
     nodes: tuple[Node, ...]
     tiers: tuple[Tier, ...]
 
@@ -91,7 +93,7 @@ class LoadStep:
 class SeqBlocks:
     """One running sequence's blocks. Owned by the store; the engine reads `slots`."""
     seq_id: Hashable
-    root: bytes
+    scope: Scope
     priority: int
     slots: list[int]               # block table: GPU slot of block i, i = 0 .. len-1
     path: list[Node]               # locked index nodes of blocks 0 .. len(path)-1
@@ -135,6 +137,8 @@ class BlockStore:
         self.placement = Placement(self.index, self.gpu, self.host, self.copier, self.disk, config.write_policy)
         self.loader = DiskLoader(self.index, self.placement, self.gpu, self.host, self.copier, self.disk)
         self.misses = 0                    # prompt blocks not found in any tier at admission
+        self.public = PublicPrefixes(fingerprint)
+        self._names: dict[bytes, str] = {}  # root key -> namespace, of the latest MAX_NAMES (KV events)
         self._seqs: dict[Hashable, SeqBlocks] = {}
         if self.disk is not None:
             self.placement.restore()
@@ -148,20 +152,24 @@ class BlockStore:
         i = len(match.nodes)
         if i >= max_blocks:
             return None
-        parent = match.nodes[-1].key if match.nodes else match.root      # a root node's key is the root key
-        key = chain_key(parent, token_bytes(token_ids[i * self.block_size:(i + 1) * self.block_size]))
+        parent = match.nodes[-1].key if match.nodes else match.scope.first     # a root node's key is the root key
+        key = chain_key(match.scope.parent_key(i, parent),
+                        token_bytes(token_ids[i * self.block_size:(i + 1) * self.block_size]))
         dropped = self.placement.dropped_keys.get(key)
         if dropped is None:
             return {"block": i, "reason": "never_computed"}
         tier, at, why = dropped
         return {"block": i, "reason": "evicted", "tier": tier, "at": round(at, 3), "policy": why}
 
-    def evict_prefix(self, root: bytes, token_ids: Sequence[int]) -> int:
+    def evict_prefix(self, scope: Scope | bytes, token_ids: Sequence[int]) -> int:
         """Drop the cached blocks of `token_ids` (and every block that follows them) from every
-        tier, from the first whose blocks no running sequence holds; returns how many went."""
-        for node in self.match(root, token_ids).nodes:
+        tier, from the first of the scope's own namespace (never a public prefix's blocks but
+        through the public root's scope) whose blocks no running sequence holds; returns how
+        many went."""
+        scope = _scope(scope)
+        for node in self.match(scope, token_ids).nodes:
             subtree = self.index.subtree(node)
-            if not any(n.lock_count for n in subtree):
+            if node.namespace == scope.root and not any(n.lock_count for n in subtree):
                 self.placement.forget(node, None, "evicted through the admin API")
                 return len(subtree)
         return 0
@@ -184,12 +192,39 @@ class BlockStore:
     def root_key(self, namespace: str = "") -> bytes:
         return root_key(self.fingerprint, namespace)
 
-    def match(self, root: bytes, token_ids: Sequence[int], max_tokens: int | None = None) -> PrefixMatch:
-        """Longest cached prefix of `token_ids` (at most `max_tokens`), in any tier."""
+    # ---- public prefixes ----------------------------------------------------------------------
+
+    @property
+    def public_root(self) -> bytes:
+        return self.public.root
+
+    def declare_public(self, token_ids: Sequence[int]) -> int:
+        """Make the full blocks of `token_ids`, and so every prompt's leading blocks equal to
+        them, shared by every namespace (`scope`); returns how many blocks that is."""
+        return self.public.declare(token_bytes(token_ids), self.block_size)
+
+    def scope(self, namespace: str, token_ids: Sequence[int]) -> Scope:
+        """Where the blocks of a prompt of `namespace` are cached: its leading blocks that a
+        declared public prefix has are shared, the rest are the namespace's."""
+        root = self.root_key(namespace)
+        if namespace and root not in self._names:
+            if len(self._names) >= MAX_NAMES:        # clients may name many (cache_salt)
+                del self._names[next(iter(self._names))]
+            self._names[root] = namespace
+        return self.public.scope(root, token_bytes(token_ids) if self.public.keys else b"", self.block_size)
+
+    def namespace_name(self, root: bytes) -> str:
+        """The namespace whose root key is `root`, if a request of it came lately ("" if not)."""
+        return self._names.get(root, "")
+
+    def match(self, scope: Scope | bytes, token_ids: Sequence[int], max_tokens: int | None = None) -> PrefixMatch:
+        """Longest cached prefix of `token_ids` (at most `max_tokens`), in any tier. `scope`:
+        a namespace's root key, or a `scope`'s answer."""
+        scope = _scope(scope)
         limit = len(token_ids) if max_tokens is None else min(max_tokens, len(token_ids))
-        nodes = self.index.match(root, token_bytes(token_ids[:limit]), self.block_size,
+        nodes = self.index.match(scope, token_bytes(token_ids[:limit]), self.block_size,
                                  limit // self.block_size)
-        return PrefixMatch(root, tuple(nodes), tuple(n.fastest for n in nodes))
+        return PrefixMatch(scope, tuple(nodes), tuple(n.fastest for n in nodes))
 
     async def prefetch(self, match: PrefixMatch) -> int:
         """Load the disk-only blocks of `match` into the host tier (see `DiskLoader.prefetch`):
@@ -246,7 +281,7 @@ class BlockStore:
 
     # ---- sequences --------------------------------------------------------------------------
 
-    def admit(self, seq_id: Hashable, root: bytes, token_ids: Sequence[int], priority: int = 0,
+    def admit(self, seq_id: Hashable, scope: Scope | bytes, token_ids: Sequence[int], priority: int = 0,
               max_cached_tokens: int | None = None, max_tier: Tier = Tier.HOST,
               retention: tuple[int, int, int, float] | None = None) -> SeqBlocks:
         """Start a sequence: reuse its cached prefix (at most `max_cached_tokens`, up to its
@@ -259,7 +294,7 @@ class BlockStore:
             raise ValueError("a sequence needs at least one token")
         if not -2**63 <= priority < 2**63:     # the disk tier's records store it in 64 bits
             raise ValueError(f"priority {priority} does not fit in 64 bits")
-        match = self.match(root, token_ids, max_cached_tokens)
+        match = self.match(scope, token_ids, max_cached_tokens)
         # a prefix of the match: a parent is never in a slower tier than its child
         nodes = [n for n in match.nodes if n.fastest <= min(max_tier, Tier.HOST)]
         tiers = match.tiers[:len(nodes)]
@@ -276,7 +311,7 @@ class BlockStore:
         self.placement.count_hits(tiers)
         self.misses += len(token_ids) // self.block_size - len(nodes)
         owned = slots[len(promote):]
-        seq = SeqBlocks(seq_id, root, priority, [n.gpu_slot for n in nodes] + owned, nodes, set(owned),
+        seq = SeqBlocks(seq_id, match.scope, priority, [n.gpu_slot for n in nodes] + owned, nodes, set(owned),
                         tiers, self.block_size, retention=retention)
         self._retain(seq, 0, nodes)
         self._seqs[seq_id] = seq
@@ -302,14 +337,14 @@ class BlockStore:
         full = min(n // self.block_size, len(seq.slots))
         before = len(seq.path)
         while seq.cacheable and len(seq.path) < full:
-            parent = seq.path[-1] if seq.path else self.index.root(seq.root)
+            parent = seq.path[-1] if seq.path else self.index.root(seq.scope.first)
             i = len(seq.path)
             block = token_bytes(token_ids[i * self.block_size:(i + 1) * self.block_size])
-            key = chain_key(parent.key, block)
+            key = chain_key(seq.scope.parent_key(i, parent.key), block)
             node = parent.children.get(key)
             slot = seq.slots[i]
             if node is None:
-                node = self.index.insert(parent, key, block, seq.priority)
+                node = self.index.insert(parent, key, block, seq.priority, namespace=seq.scope.namespace(i))
                 self.index.set_gpu(node, slot)
                 seq.owned.discard(slot)
             elif node.token_bytes != block:
@@ -421,3 +456,8 @@ class BlockStore:
                 assert n.lock_count > 0 and n.gpu_slot is not None, f"{seq.seq_id}: {n}"
         for n in self.index.nodes():
             assert n.lock_count == expected_locks[n], f"{n}: {expected_locks[n]} holders"
+
+
+def _scope(scope: Scope | bytes) -> Scope:
+    """A namespace's root key stands for its scope without public prefixes."""
+    return scope if isinstance(scope, Scope) else Scope(scope)

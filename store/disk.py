@@ -51,6 +51,7 @@ class BlockRecord:
     priority: int
     payload: torch.Tensor
     done: Callable[[bool], None] = lambda written: None
+    namespace: bytes = b""        # mixed into its key (Node.mixed)
 
 
 Value = bytes | bytearray | BlockRecord    # an encoded record, or one to encode
@@ -66,6 +67,7 @@ class DiskEntry:
     priority: int
     written_at: float
     nbytes: int
+    namespace: bytes = b""        # mixed into its key (the first block after a public prefix)
 
 
 @dataclass
@@ -183,7 +185,7 @@ class DiskTier:
                 try:
                     h, _ = self.format.header(key, value)
                     entries[key] = DiskEntry(key, h["parent"], h["tokens"], h["depth"], h["prio"], h["t"],
-                                             len(value))
+                                             len(value), h["ns"])
                 except CorruptValue as e:
                     bad.append((key, str(e)))
         children: dict[bytes, list[DiskEntry]] = {}
@@ -389,7 +391,7 @@ class DiskTier:
             return value
         try:
             return self.format.encode(value.parent, value.token_bytes, value.depth, value.priority,
-                                      value.payload)
+                                      value.payload, value.namespace)
         except (OverflowError, ValueError) as e:   # the store refuses such priorities first
             log.error("disk tier: block %s cannot be encoded (%s); not written", key.hex(), e)
             return None

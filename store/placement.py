@@ -250,7 +250,7 @@ class Placement:
             return False
         record = BlockRecord(node.parent.key, node.token_bytes, node.depth, node.priority,
                              self.host.tensor[host_slot] if payload is None else payload,
-                             done=lambda ok: self._written(node, host_slot, ok))
+                             done=lambda ok: self._written(node, host_slot, ok), namespace=node.mixed)
         if not disk.put(node.key, record):   # counted by the disk tier (queue full, or paused)
             return False
         self.index.set_disk(node, True)
@@ -320,7 +320,7 @@ class Placement:
         for e in entries:
             parent = self.index.root(e.parent) if e.depth == 0 else nodes[e.parent]
             node = nodes[e.key] = self.index.insert(parent, e.key, e.token_bytes, e.priority,
-                                                    last_access=rank[e.key])
+                                                    last_access=rank[e.key], namespace=e.namespace or None)
             self.index.set_disk(node, True)
         if entries:
             log.info("disk tier %s: %d cached blocks restored", self.disk.path, len(entries))

@@ -2,7 +2,8 @@
 
 Every node is one full block. A node's children are keyed by their block key, and a node stores
 its own token ids, compared on every match, so a hash collision can never serve another
-prefix's KV. There is one tree per root key (model fingerprint + cache namespace).
+prefix's KV. There is one tree per root key: one per model fingerprint and cache namespace, and
+one for the public prefixes, under whose blocks the namespaces' own continue (store/keys.py).
 
 Placement: a node has a copy in any subset of {GPU, HOST, DISK}; its *fastest* tier is the
 lowest-numbered one. Invariants (checked by `check_integrity`):
@@ -23,7 +24,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 
-from store.keys import TOKEN_BYTES, chain_key
+from store.keys import TOKEN_BYTES, Scope, chain_key
 from store.pool import Tier
 
 TIERS = (Tier.GPU, Tier.HOST, Tier.DISK)
@@ -36,7 +37,7 @@ class Node:
                  "retain_priority", "retain_until")
 
     def __init__(self, key: bytes, token_bytes: bytes, parent: Node | None, priority: int,
-                 serial: int) -> None:
+                 serial: int, namespace: bytes | None = None) -> None:
         self.key = key
         self.token_bytes = token_bytes   # the block's token ids, uint32 little-endian
         self.parent = parent             # None only for a root
@@ -50,8 +51,9 @@ class Node:
         self.serial = serial             # creation order; breaks ties in eviction heaps
         self.depth = -1 if parent is None else parent.depth + 1  # block index in the sequence
         self.uses = 0                    # sequences that used it (computed it, or found it cached)
-        # the root key of its tree: whose cache it is (a root is its own)
-        self.namespace: bytes = key if parent is None else parent.namespace
+        # the root key of whose cache it is: its tree's (a root is its own), or, from the first
+        # block after a public prefix on, the namespace whose request computed it
+        self.namespace: bytes = namespace or (key if parent is None else parent.namespace)
         # a retention a request asked for: this priority until the index clock reaches retain_until
         self.retain_priority = priority
         self.retain_until = 0.0
@@ -66,6 +68,12 @@ class Node:
         if tier is Tier.HOST:
             return self.host_slot is not None
         return self.on_disk
+
+    @property
+    def mixed(self) -> bytes:
+        """The namespace mixed into its key (Scope.parent_key): the first block after a public
+        prefix has its own; b"" for every other block."""
+        return self.namespace if self.parent is not None and self.namespace != self.parent.namespace else b""
 
     @property
     def fastest(self) -> Tier | None:
@@ -96,6 +104,8 @@ class RadixIndex:
         self.evictable: dict[Tier, set[Node]] = {t: set() for t in TIERS}
         self.gpu_blocks: Counter[bytes] = Counter()    # GPU copies per namespace (root key)
         self.clock: Callable[[], float] = time.monotonic   # retention deadlines (tests set their own)
+        # told of every copy that appears or goes: (node, tier, present) — the KV events
+        self.listener: Callable[[Node, Tier, bool], None] | None = None
 
     # ---- lookup and insertion -------------------------------------------------------------
 
@@ -103,20 +113,20 @@ class RadixIndex:
         self._tick += 1
         return self._tick
 
-    def match(self, root_key: bytes, tokens: bytes, block_size: int, max_blocks: int) -> list[Node]:
+    def match(self, scope: Scope, tokens: bytes, block_size: int, max_blocks: int) -> list[Node]:
         """The longest chain of nodes with a copy whose keys and token ids match `tokens`.
 
         `tokens` are `token_bytes`; keys are computed while walking, so a miss costs one hash.
         Touches every matched node (LRU)."""
-        node = self.roots.get(root_key)
+        node = self.roots.get(scope.first)
         if node is None:
             return []
         step = block_size * TOKEN_BYTES
         now = self.tick()
         path = []
-        for start in range(0, min(max_blocks, len(tokens) // step) * step, step):
-            block = tokens[start:start + step]
-            child = node.children.get(chain_key(node.key, block))
+        for i in range(min(max_blocks, len(tokens) // step)):
+            block = tokens[i * step:(i + 1) * step]
+            child = node.children.get(chain_key(scope.parent_key(i, node.key), block))
             if child is None or child.token_bytes != block or child.fastest is None:
                 break
             child.last_access = now
@@ -131,12 +141,13 @@ class RadixIndex:
         return node
 
     def insert(self, parent: Node, key: bytes, token_bytes: bytes, priority: int,
-               last_access: int | None = None) -> Node:
+               last_access: int | None = None, namespace: bytes | None = None) -> Node:
         """A new node without copies under `parent`; the key must be free under it.
-        `last_access` restores an older access order (start-up scan); default: now."""
+        `last_access` restores an older access order (start-up scan); default: now.
+        `namespace`: whose block it is, if not its parent's (after a public prefix)."""
         if key in parent.children:
             raise KeyError(f"block {key.hex()} already indexed")
-        node = Node(key, token_bytes, parent, priority, next(self._serials))
+        node = Node(key, token_bytes, parent, priority, next(self._serials), namespace)
         if last_access is None:
             last_access = self.tick()
         self._tick = max(self._tick, last_access)
@@ -215,6 +226,7 @@ class RadixIndex:
         self._set(node, Tier.DISK, on_disk or None)
 
     def _set(self, node: Node, tier: Tier, value: int | bool | None) -> None:
+        had = node.has(tier)
         self._count(node, -1)
         if tier is Tier.GPU:
             self.gpu_blocks[node.namespace] += (value is not None) - (node.gpu_slot is not None)
@@ -227,6 +239,8 @@ class RadixIndex:
         self._refresh(node)
         if node.parent is not None and not node.parent.is_root:
             self._refresh(node.parent)
+        if self.listener is not None and had != node.has(tier):
+            self.listener(node, tier, not had)
 
     @staticmethod
     def is_pinned(node: Node, tier: Tier) -> bool:

@@ -3,6 +3,8 @@
     u32 LE header length n | u64 LE xxh3_64 of the header | msgpack header (n bytes) | payload
 
     header = {"v": format version, "fp": model fingerprint, "parent": parent key,
+              "ns"?: the namespace root mixed into the key (only the first block after a public
+                     prefix: store/keys.py),
               "tokens": token ids as uint32 LE bytes, "depth": block index in its sequence,
               "prio": retention priority, "t": unix time written,
               "dtype": "torch.bfloat16", "shape": [num_layers, 2, block_size, kv_heads, head_dim],
@@ -12,7 +14,8 @@ The header checksum covers every field the start-up scan trusts (depth orders th
 priority and time order eviction), and the header's "sum" covers the payload. A value is served
 only if all of these hold: both checksums match, the version, fingerprint, dtype and shape are
 ours, the payload has the expected length, and chain_key(parent, tokens) == the record's key (so
-parent and tokens are the ones the key names). Anything else raises CorruptValue.
+parent and tokens are the ones the key names; after a public prefix, chain_key(private_key(parent,
+ns), tokens)). Anything else raises CorruptValue.
 """
 from __future__ import annotations
 
@@ -23,7 +26,7 @@ import msgpack
 import torch
 import xxhash
 
-from store.keys import chain_key
+from store.keys import chain_key, private_key
 from store.pool import BlockLayout
 
 FORMAT_VERSION = 2
@@ -47,14 +50,18 @@ class RecordFormat:
         return self.layout.block_bytes + 256 + 4 * self.layout.block_size
 
     def encode(self, parent: bytes, token_bytes: bytes, depth: int, priority: int,
-               payload: torch.Tensor) -> bytearray:
-        """One record's value; `payload` is the block's KV (any dtype, contiguous).
-        Raises OverflowError for a priority beyond 64 bits (the store refuses those first)."""
+               payload: torch.Tensor, namespace: bytes = b"") -> bytearray:
+        """One record's value; `payload` is the block's KV (any dtype, contiguous), `namespace`
+        the one mixed into its key (Node.mixed). Raises OverflowError for a priority beyond 64
+        bits (the store refuses those first)."""
         data = payload.contiguous().view(torch.uint8).reshape(-1)
-        header = msgpack.packb({
+        header = {
             "v": FORMAT_VERSION, "fp": self.fingerprint, "parent": parent, "tokens": token_bytes,
             "depth": depth, "prio": priority, "t": time.time(), "dtype": str(self.layout.dtype),
-            "shape": list(self.layout.block_shape), "sum": xxhash.xxh3_64_intdigest(data.numpy())})
+            "shape": list(self.layout.block_shape), "sum": xxhash.xxh3_64_intdigest(data.numpy())}
+        if namespace:
+            header["ns"] = namespace
+        header = msgpack.packb(header)
         start = _PREFIX.size + len(header)
         value = bytearray(start + data.numel())
         _PREFIX.pack_into(value, 0, len(header), xxhash.xxh3_64_intdigest(header))
@@ -85,8 +92,9 @@ class RecordFormat:
             raise CorruptValue("dtype or shape differs from this model's blocks")
         if len(value) - start != self.layout.block_bytes:
             raise CorruptValue(f"payload is {len(value) - start} bytes, expected {self.layout.block_bytes}")
-        parent, tokens = h.get("parent"), h.get("tokens")
-        if not isinstance(parent, bytes) or not isinstance(tokens, bytes) or chain_key(parent, tokens) != key:
+        parent, tokens, ns = h.get("parent"), h.get("tokens"), h.setdefault("ns", b"")
+        if not all(isinstance(f, bytes) for f in (parent, tokens, ns)) or \
+                chain_key(private_key(parent, ns) if ns else parent, tokens) != key:
             raise CorruptValue("parent and tokens do not hash to the record's key")
         if not all(isinstance(h.get(f), int) for f in ("depth", "prio")) or not isinstance(h.get("t"), float):
             raise CorruptValue("depth, priority or time is not a number")

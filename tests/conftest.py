@@ -18,7 +18,6 @@ from store import (
     BlockStore,
     SeqBlocks,
     StoreConfig,
-    block_keys,
     token_bytes,
 )
 
@@ -42,7 +41,7 @@ def block_content(key: bytes, layout: BlockLayout = LAYOUT) -> torch.Tensor:
 
 
 def prefix_keys(store: BlockStore, seq: SeqBlocks, tokens: list[int]) -> list[bytes]:
-    return block_keys(seq.root, token_bytes(tokens), store.block_size)
+    return seq.scope.keys(token_bytes(tokens), store.block_size)
 
 
 def write_kv(store: BlockStore, seq: SeqBlocks, tokens: list[int]) -> None:
@@ -78,7 +77,7 @@ def make_store(tmp_path=None, gpu: int = 8, host: int = 0, disk_blocks: int = 0,
 def run_request(store: BlockStore, seq_id, tokens: list[int], priority: int = 0,
                 flush: bool = True, namespace: str = "", retention=None) -> SeqBlocks:
     """Admit, check cached KV, 'compute' the rest, commit, release; integrity after each."""
-    seq = store.admit(seq_id, store.root_key(namespace), tokens, priority, retention=retention)
+    seq = store.admit(seq_id, store.scope(namespace, tokens), tokens, priority, retention=retention)
     assert_cached_kv(store, seq, tokens)
     write_kv(store, seq, tokens)
     store.commit(seq_id, tokens)

@@ -16,3 +16,21 @@ def poisoned_forward(*args) -> None:
         return real(self, step)
     ModelRunner.launch = launch
     engine_process.main(*args)
+
+
+STEP_DELAY_S = 0.02
+
+
+def slow_forward(*args) -> None:
+    """The engine process, every step taking at least STEP_DELAY_S: a request's time to first
+    token then counts the steps it computes (timing tests)."""
+    import time
+
+    from engine.runner import ModelRunner
+    real = ModelRunner.launch
+
+    def launch(self, step):
+        time.sleep(STEP_DELAY_S)
+        return real(self, step)
+    ModelRunner.launch = launch
+    engine_process.main(*args)

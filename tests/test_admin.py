@@ -25,7 +25,8 @@ async def test_warm_list_and_evict_a_tenants_prefix(make_client):
     client = await make_client(tenants=TENANTS, server={"admin_api_key": "sk-admin"})
     assert (await client.get("/admin/cache", headers={"Authorization": "Bearer sk-a"})).status == 401
     empty = await (await client.get("/admin/cache", headers=ADMIN)).json()
-    assert empty == {"tenants": {t: {"gpu": 0, "host": 0, "disk": 0, "bytes": 0} for t in ("a", "b")}}
+    assert empty == {"tenants": {t: {"gpu": 0, "host": 0, "disk": 0, "bytes": 0} for t in ("a", "b")},
+                     "public": {"gpu": 0, "host": 0, "disk": 0, "bytes": 0, "prefixes": 0}}
     warm = await client.post("/admin/cache/warm", headers=ADMIN,
                              json={"tenant": "a", "prompt": DOC, "retention": {"priority": 3, "duration_s": 60}})
     assert warm.status == 200 and (await warm.json())["cached_tokens"] == 0

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from gateway.cli import main
-from gateway.config import SECTIONS, ConfigError, KvgateConfig, TenantConfig, build_config, load_config
+from gateway.config import ARRAYS, SECTIONS, ConfigError, KvgateConfig, build_config, load_config
 
 CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 
@@ -35,9 +35,10 @@ def test_default_toml_documents_every_key_with_its_default():
             table = table[part]
         assert set(table) == {f.name for f in dataclasses.fields(cls) if f.init}, name
     assert build_config(doc) == KvgateConfig()
-    text = open(os.path.join(CONFIGS, "default.toml")).read()     # [[tenants]] is commented out
-    for f in dataclasses.fields(TenantConfig):
-        assert f"# {f.name} =" in text or f"(or {f.name} =" in text, f"tenants.{f.name} undocumented"
+    text = open(os.path.join(CONFIGS, "default.toml")).read()     # the [[arrays]] are commented out
+    for name, cls in ARRAYS.items():
+        for f in dataclasses.fields(cls):
+            assert f"# {f.name} =" in text or f"(or {f.name} =" in text, f"{name}.{f.name} undocumented"
 
 
 def test_set_overrides_take_toml_values_or_bare_strings(tmp_path):
@@ -65,6 +66,10 @@ def test_set_overrides_take_toml_values_or_bare_strings(tmp_path):
     ({"tenants": [{"name": "a", "api_key": "k"}, {"name": "a", "api_key": "j"}]}, "distinct names"),
     ({"tenants": [{"name": "a", "api_key": "k"}, {"name": "b", "api_key": "k"}]}, "distinct api keys"),
     ({"tenants": {"name": "a"}}, "array of tables"),
+    ({"public_prefixes": {"text": "a"}}, r"public_prefixes: must be an array of tables \(\[\[public_prefixes\]\]\)"),
+    ({"public_prefixes": [{"text": "a", "system": "b"}]}, "public_prefixes must be tables with exactly one of text"),
+    ({"public_prefixes": [{}]}, "public_prefixes must be tables with exactly one of text and system"),
+    ({"public_prefixes": [{"txt": "a"}]}, "unknown key public_prefixes.txt"),
     ({"tenants": [{"name": "a", "api_key": "k", "priority": 3, "max_priority": 2}]},
      r"tenants\[a\].max_priority must be >= its priority \(3\)"),
     ({"tenants": [{"name": "a", "api_key": "k", "priority": 2**40}]}, r"tenants\[a\].priority must be an int in"),
@@ -113,6 +118,18 @@ def test_a_disk_tier_that_cannot_be_made_is_one_line_and_exit_2(tmp_path, capsys
     lines = out.err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("kvgate: configuration error: store.disk.path: ")
     assert lines[0].endswith("is not a directory")
+
+
+def test_a_public_prefix_shorter_than_a_block_is_one_line_and_exit_2(tmp_path, capfd):
+    """Found once the prefix is tokenized, at start-up: it would share nothing."""
+    (tmp_path / "c.toml").write_text('[model]\ndevice = "cpu"\n[store.disk]\nenabled = false\n'
+                                     '[[public_prefixes]]\ntext = "hi"\n')
+    code = main(["serve", "--port", "8", "--log-level", "warning", "--config", str(tmp_path / "c.toml")])
+    out = capfd.readouterr()
+    assert code == 2 and "serving" not in out.out and "Traceback" not in out.err
+    lines = out.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("kvgate: configuration error: public_prefixes[0]: the prefix is"), \
+        out.err
 
 
 @pytest.mark.parametrize("setting,message", [

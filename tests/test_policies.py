@@ -75,7 +75,7 @@ async def test_decode_pressure_preempts_the_least_urgent_running_sequence(llama,
     assert all(st is Status.RUNNING for n, st in status.items() if n != victim)
     seq = streams[victim]._seq
     assert len(seq.token_ids) == 9                      # its prompt and the token it sampled
-    assert len(engine.store.match(seq.root, seq.token_ids).nodes) == 2      # both full blocks cached
+    assert len(engine.store.match(seq.scope, seq.token_ids).nodes) == 2      # both full blocks cached
     preempted_at = len(steps)
     while await engine.step():
         await asyncio.sleep(0)
@@ -114,7 +114,7 @@ async def test_an_abort_while_preempted_leaves_its_blocks_cached_and_owned_by_no
     engine.check_integrity()
     _, last = await collect(preempted)
     assert last.finish_reason == "abort"
-    assert len(engine.store.match(preempted._seq.root, [3] * 8).nodes) == 2       # still cached
+    assert len(engine.store.match(preempted._seq.scope, [3] * 8).nodes) == 2       # still cached
     while await engine.step():
         pass
     stats = engine.store.stats().tiers

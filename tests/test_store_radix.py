@@ -1,4 +1,4 @@
-from store import Tier, root_key, token_bytes
+from store import Scope, Tier, root_key, token_bytes
 from store.keys import block_keys, chain_key
 from store.radix import RadixIndex
 
@@ -23,10 +23,10 @@ def chain(index: RadixIndex, tokens: list[int], tier: Tier = Tier.GPU, priority:
 def test_match_returns_longest_cached_prefix():
     idx = RadixIndex()
     nodes = chain(idx, [1, 2, 3, 4, 5, 6])
-    assert idx.match(ROOT, token_bytes([1, 2, 3, 4, 9, 9, 7]), BS, 99) == nodes[:2]
-    assert idx.match(ROOT, token_bytes([1, 2, 3, 4, 5, 6]), BS, 2) == nodes[:2]  # max_blocks
-    assert idx.match(ROOT, token_bytes([2, 2]), BS, 99) == []
-    assert idx.match(root_key("other model"), token_bytes([1, 2]), BS, 99) == []
+    assert idx.match(Scope(ROOT), token_bytes([1, 2, 3, 4, 9, 9, 7]), BS, 99) == nodes[:2]
+    assert idx.match(Scope(ROOT), token_bytes([1, 2, 3, 4, 5, 6]), BS, 2) == nodes[:2]  # max_blocks
+    assert idx.match(Scope(ROOT), token_bytes([2, 2]), BS, 99) == []
+    assert idx.match(Scope(root_key("other model")), token_bytes([1, 2]), BS, 99) == []
     idx.check_integrity()
 
 
@@ -36,7 +36,7 @@ def test_forced_hash_collision_never_serves_foreign_kv():
     # A block whose key is what tokens [7, 8] hash to, but which holds tokens [1, 2]:
     colliding = idx.insert(root, chain_key(ROOT, token_bytes([7, 8])), token_bytes([1, 2]), 0)
     idx.set_gpu(colliding, 0)
-    assert idx.match(ROOT, token_bytes([7, 8]), BS, 99) == []
+    assert idx.match(Scope(ROOT), token_bytes([7, 8]), BS, 99) == []
     idx.check_integrity()
 
 
@@ -45,7 +45,7 @@ def test_match_touches_the_path_for_lru():
     a = chain(idx, [1, 1, 2, 2])
     b = chain(idx, [3, 3])
     assert idx.select_victims(Tier.GPU, 1) == [a[1]]  # oldest leaf
-    idx.match(ROOT, token_bytes([1, 1, 2, 2]), BS, 99)
+    idx.match(Scope(ROOT), token_bytes([1, 1, 2, 2]), BS, 99)
     assert idx.select_victims(Tier.GPU, 1) == [b[0]]
 
 

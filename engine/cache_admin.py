@@ -1,0 +1,33 @@
+"""The cache, for an operator (the admin API: gateway/admin.py): what each namespace's cache
+holds, prefixes dropped, prefixes declared public. Counts and sizes only, never token contents."""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from store import BlockStore, Scope, Tier
+
+
+def evict(store: BlockStore, namespace: str, token_ids: Sequence[int], public: bool = False) -> int:
+    """Drop a prefix (and what follows it) from the cache of `namespace`, or, with `public`, a
+    public prefix (and every namespace's blocks after it): blocks no running request holds.
+    Returns how many blocks went."""
+    scope = Scope(store.public_root) if public else store.scope(namespace, token_ids)
+    return store.evict_prefix(scope, list(token_ids))
+
+
+def declare_public(store: BlockStore, token_ids: Sequence[int]) -> int:
+    """Share the full blocks of `token_ids` between every namespace from now on (a system
+    prompt every tenant uses): returns how many blocks that is."""
+    return store.declare_public(list(token_ids))
+
+
+def usage(store: BlockStore, namespaces: Sequence[str]) -> dict:
+    """Blocks and bytes each of `namespaces`, and the public prefixes, hold per tier."""
+    counts = store.blocks_by_namespace()
+    block = store.layout.block_bytes
+
+    def tiers(root: bytes) -> dict[str, int]:
+        found = counts.get(root, {t: 0 for t in Tier})
+        return {**{t.name.lower(): n for t, n in found.items()}, "bytes": block * sum(found.values())}
+    return {"tenants": {ns: tiers(store.root_key(ns)) for ns in namespaces},
+            "public": {**tiers(store.public_root), "prefixes": store.public.count}}

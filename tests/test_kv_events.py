@@ -1,0 +1,158 @@
+"""KV events (gateway/kv_events.py): a subscriber written from the published schema (vLLM's
+array-encoded EventBatch, BlockStored / BlockRemoved / AllBlocksCleared with `medium`) rebuilds,
+from the stream alone, exactly the store's view of which block is in which tier — after a random
+workload that fills, demotes, evicts and restores across GPU, host and disk — and the replay
+socket serves what a late subscriber missed."""
+import asyncio
+import random
+
+import msgpack
+import pytest
+import zmq
+import zmq.asyncio
+
+from gateway.config import KvEventsConfig
+from gateway.kv_events import KVEventPublisher
+from store import Tier, chain_key, token_bytes
+from tests.engine_util import greedy, make_engine, prompt, run
+from tests.http_util import MODEL
+
+MEDIUMS = {"GPU": Tier.GPU, "CPU": Tier.HOST, "DISK": Tier.DISK}
+LOCAL = KvEventsConfig(enabled=True, endpoint="tcp://127.0.0.1:*", replay_endpoint="tcp://127.0.0.1:*")
+
+
+class Subscriber:
+    """What a router keeps: per medium, the block hashes an engine holds — from the events only."""
+
+    def __init__(self, block_size: int) -> None:
+        self.block_size = block_size
+        self.held: dict[str, set[bytes]] = {m: set() for m in MEDIUMS}
+        self.tokens: dict[bytes, bytes] = {}        # hash -> its block's token ids
+        self.namespaces: dict[bytes, str] = {}      # first block of a namespace's chain -> its name
+        self.seqs: list[int] = []
+
+    def apply(self, seq: int, payload: bytes) -> None:
+        self.seqs.append(seq)
+        ts, events, *rank = msgpack.unpackb(payload)
+        assert isinstance(ts, float) and rank == []
+        for event in events:
+            tag, *fields = event
+            if tag == "AllBlocksCleared":
+                assert fields == []
+                for held in self.held.values():
+                    held.clear()
+            elif tag == "BlockStored":
+                hashes, parent, tokens, block_size, lora_id, medium, lora_name, *extra = fields
+                assert block_size == self.block_size and lora_id is None and lora_name is None
+                assert len(tokens) == block_size * len(hashes) and medium in MEDIUMS
+                extra_keys = extra[0] if extra else [None] * len(hashes)
+                assert len(extra_keys) == len(hashes)
+                for i, (h, key) in enumerate(zip(hashes, extra_keys)):
+                    block = token_bytes(tokens[i * block_size:(i + 1) * block_size])
+                    if parent is not None and key is None:   # a plain link: the hash names parent + tokens
+                        assert h == chain_key(parent, block)
+                    if key is not None:
+                        self.namespaces[h] = key[0]
+                    self.tokens[h] = block
+                    self.held[medium].add(h)
+                    parent = h
+            elif tag == "BlockRemoved":
+                hashes, medium = fields
+                assert set(hashes) <= self.held[medium], "removed a block it never stored"
+                self.held[medium] -= set(hashes)
+            else:
+                raise AssertionError(f"unknown event {tag}")
+
+
+def store_view(store) -> dict[str, set[bytes]]:
+    return {m: {n.key for n in store.index.nodes() if n.has(t)} for m, t in MEDIUMS.items()}
+
+
+async def replay(endpoint: str, start: int) -> list[tuple[int, bytes]]:
+    req = zmq.asyncio.Context.instance().socket(zmq.DEALER)     # one request, many replies
+    req.connect(endpoint)
+    req.send_multipart([b"", start.to_bytes(8, "big")])
+    got = []
+    while True:
+        _, seq, payload = await asyncio.wait_for(req.recv_multipart(), 5)
+        if not payload:
+            assert int.from_bytes(seq, "big", signed=True) == -1
+            break
+        got.append((int.from_bytes(seq, "big"), payload))
+    req.close(linger=0)
+    return got
+
+
+async def test_a_subscriber_rebuilds_the_stores_view_across_tiers_and_a_restart(llama, tmp_path):
+    disk = str(tmp_path / "kv")
+    engine = make_engine(llama, gpu=12, host=8, disk=disk, disk_blocks=256)
+    publisher = KVEventPublisher(engine.store, LOCAL)
+    publisher.start()
+    await engine.start()
+    sub = zmq.asyncio.Context.instance().socket(zmq.SUB)
+    sub.setsockopt(zmq.SUBSCRIBE, b"")
+    sub.connect(publisher.endpoint)
+    rng = random.Random(7)
+    shared = prompt(99, 9)
+    for i in range(24):               # shared prefixes, new prompts, returns: GPU -> host -> disk
+        p = shared + prompt(rng.randrange(6), rng.randrange(3, 14)) if rng.random() < 0.6 else prompt(100 + i, 19)
+        await run(engine, p, greedy(3), namespace=rng.choice(["", "a", "b"]))
+    await asyncio.sleep(0)            # the turn's batch goes out
+    publisher.flush()
+
+    sub_view = Subscriber(engine.store.block_size)   # a late subscriber: everything through replay
+    for seq, payload in await replay(publisher.replay_endpoint, 0):
+        sub_view.apply(seq, payload)
+    assert sub_view.seqs == list(range(len(sub_view.seqs)))
+    view = store_view(engine.store)
+    assert all(view.values()), f"the workload should leave blocks in every tier: {view}"
+    assert sub_view.held == view
+    assert {n.key for n in engine.store.index.nodes()} <= set(sub_view.tokens)
+    assert set(sub_view.namespaces.values()) == {"a", "b"}     # tenant "" carries no extra key
+
+    live = Subscriber(engine.store.block_size)       # the live stream, from the first batch it got
+    seq, payload = None, None
+    while await sub.poll(100):
+        _, seq_bytes, payload = await sub.recv_multipart()
+        seq = int.from_bytes(seq_bytes, "big")
+    assert seq == sub_view.seqs[-1]                  # the PUB stream carried the same batches
+    await engine.stop(persist=True)
+    publisher.close()
+    sub.close(linger=0)
+
+    engine = make_engine(llama, gpu=12, host=8, disk=disk, disk_blocks=256)   # a restart
+    publisher = KVEventPublisher(engine.store, LOCAL)
+    publisher.start()
+    await asyncio.sleep(0)
+    batches = await replay(publisher.replay_endpoint, 0)
+    assert msgpack.unpackb(batches[0][1])[1][0] == ["AllBlocksCleared"]
+    for seq, payload in batches:
+        live.apply(seq, payload)
+    assert live.held == store_view(engine.store) and live.held["DISK"] and not live.held["GPU"]
+    publisher.close()
+    engine.store.close()
+
+
+async def test_the_engine_process_publishes_with_the_tenant_as_extra_key(make_client, unused_tcp_port_factory):
+    port, replay_port = unused_tcp_port_factory(), unused_tcp_port_factory()
+    client = await make_client(tenants=[{"name": "acme", "api_key": "sk-acme"}],
+                               kv_events={"enabled": True, "endpoint": f"tcp://127.0.0.1:{port}",
+                                          "replay_endpoint": f"tcp://127.0.0.1:{replay_port}"})
+    resp = await client.post("/v1/completions", headers={"Authorization": "Bearer sk-acme"},
+                             json={"model": MODEL, "prompt": "a prompt of a few blocks, " * 6, "max_tokens": 2})
+    assert resp.status == 200
+    sub = Subscriber(16)
+    for _ in range(50):          # the batch is sent in the turn after the step; replays find it
+        for seq, payload in await replay(f"tcp://127.0.0.1:{replay_port}", len(sub.seqs)):
+            sub.apply(seq, payload)
+        if sub.held["GPU"]:
+            break
+        await asyncio.sleep(0.02)
+    assert len(sub.held["GPU"]) >= 3 and list(sub.namespaces.values()) == ["acme"]
+
+
+@pytest.mark.parametrize("bad", [{"endpoint": "http://x"}, {"replay_endpoint": "5558"}, {"buffer_steps": 0}])
+def test_kv_events_settings_are_checked(bad):
+    from gateway.config import ConfigError, build_config
+    with pytest.raises(ConfigError, match="kv_events"):
+        build_config({"kv_events": bad})
