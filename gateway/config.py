@@ -163,7 +163,7 @@ class ReplicasConfig:
     num_gpus: float = -1.0                # GPUs per replica; -1 = 1 with CUDA, else 0
     num_cpus: float = 1.0                 # CPUs per replica (fractions allowed)
     router: str = "prefix"                # "prefix" (by cached prefix) or "default" (Ray's)
-    imbalance: int = 4                    # the prefix router's load imbalance threshold
+    imbalance: int = 16                   # the prefix router's load imbalance threshold
     ray_address: str = ""                 # a Ray cluster to join; "" = RAY_ADDRESS or a local one
 
     def __post_init__(self) -> None:

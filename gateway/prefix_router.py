@@ -1,0 +1,215 @@
+"""Routing kvgate replicas by cached prefix, on Ray Serve (docs/scale-out.md, "Ray Serve").
+
+`KvPrefixRouter` is a Ray Serve `RequestRouter`: it sends each request to the replica that holds
+the longest cached prefix of it — unless that replica has more requests in flight than the
+least busy one by more than `imbalance` (SGLang's cache-aware router and Ray's
+`PrefixCacheAffinityRouter` balance the same way); without a match, to the least busy replica.
+What each replica holds comes from its KV events (gateway/kv_events.py): each replica reports
+its PUB endpoint in its routing stats, the router subscribes (`EventFeed`). A request's prefix is
+counted as held by the replica it was sent to from that moment (`expect`), until its own events
+arrive or `EXPECT_S` pass, so a burst of requests behind one new prefix goes to one replica.
+
+The request (the first argument) is a dict with "block_keys": the kvgate keys of its prompt's
+full blocks (gateway/replicas.py computes them), or "replica": a replica to send it to (an
+operator's message for every replica).
+"""
+from __future__ import annotations
+
+import collections
+import logging
+import random
+import threading
+import time
+
+import msgpack
+import zmq
+from ray.serve.request_router import PendingRequest, ReplicaID, RequestRouter, RunningReplica
+
+log = logging.getLogger("kvgate.router")
+
+EXPECT_S = 30.0      # a routed prefix counts as the replica's this long without its events
+
+
+class PrefixIndex:
+    """Which blocks each replica holds, in any tier (from its events), or is computing (expected).
+    Thread-safe: the event feed writes, the router reads."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._held: dict[str, collections.Counter[bytes]] = {}      # replica -> key -> tiers holding it
+        self._expected: dict[str, dict[bytes, float]] = {}          # replica -> key -> deadline
+
+    def apply(self, replica: str, payload: bytes) -> None:
+        """One EventBatch of `replica`'s."""
+        _, events, *_ = msgpack.unpackb(payload)
+        with self._lock:
+            held = self._held.setdefault(replica, collections.Counter())
+            expected = self._expected.setdefault(replica, {})
+            for event in events:
+                if event[0] == "AllBlocksCleared":
+                    held.clear()
+                elif event[0] == "BlockStored":
+                    held.update(event[1])
+                    for key in event[1]:
+                        expected.pop(key, None)
+                elif event[0] == "BlockRemoved":
+                    held.subtract(event[1])
+                    for key in event[1]:
+                        if held[key] <= 0:
+                            del held[key]
+
+    def expect(self, replica: str, keys: list[bytes]) -> None:
+        deadline = time.monotonic() + EXPECT_S
+        with self._lock:
+            expected = self._expected.setdefault(replica, {})
+            expected.update((k, deadline) for k in keys)
+
+    def matched(self, replica: str, keys: list[bytes]) -> int:
+        """How many of `keys`, from the first, `replica` holds or is computing."""
+        now = time.monotonic()
+        with self._lock:
+            held = self._held.get(replica, {})
+            expected = self._expected.get(replica, {})
+            for i, key in enumerate(keys):
+                if key not in held and expected.get(key, 0) < now:
+                    return i
+            return len(keys)
+
+    def drop(self, replica: str) -> None:
+        with self._lock:
+            self._held.pop(replica, None)
+            self._expected.pop(replica, None)
+
+
+class EventFeed:
+    """A thread subscribed to every replica's KV events; gaps in a replica's sequence numbers
+    are filled from its replay socket."""
+
+    def __init__(self, index: PrefixIndex) -> None:
+        self.index = index
+        self._ctx = zmq.Context.instance()
+        self._subs: dict[str, tuple[zmq.Socket, str]] = {}     # replica -> (SUB socket, replay endpoint)
+        self._next: dict[str, int] = {}                        # replica -> next expected seq
+        self._lock = threading.Lock()
+        self._to_replay: set[str] = set()
+        self._poller = zmq.Poller()
+        self._thread = threading.Thread(target=self._run, name="kvgate-kv-events", daemon=True)
+        self._thread.start()
+
+    def watch(self, replica: str, endpoint: str, replay: str) -> None:
+        """Subscribe to `replica` (once); `endpoint` and `replay` as it reports them."""
+        with self._lock:
+            if replica in self._subs:
+                return
+            sub = self._ctx.socket(zmq.SUB)
+            sub.setsockopt(zmq.SUBSCRIBE, b"")
+            sub.connect(endpoint)
+            self._subs[replica] = (sub, replay)
+            self._next[replica] = 0
+            self._poller.register(sub, zmq.POLLIN)
+            self._to_replay.add(replica)     # what it published before we connected
+
+    def forget(self, replica: str) -> None:
+        with self._lock:
+            entry = self._subs.pop(replica, None)
+            if entry is not None:
+                self._poller.unregister(entry[0])
+                entry[0].close(linger=0)
+        self.index.drop(replica)
+
+    def _run(self) -> None:
+        while True:
+            with self._lock:
+                replays, self._to_replay = self._to_replay, set()
+            for replica in replays:
+                self._replay(replica)
+            with self._lock:
+                ready = dict(self._poller.poll(50))
+                pending = [(r, s) for r, (s, _) in self._subs.items() if s in ready]
+            for replica, sub in pending:
+                _, seq, payload = sub.recv_multipart()
+                seq = int.from_bytes(seq, "big")
+                if seq > self._next[replica]:
+                    self._replay(replica)
+                if seq >= self._next[replica]:
+                    self.index.apply(replica, payload)
+                    self._next[replica] = seq + 1
+
+    def _replay(self, replica: str) -> None:
+        """On the feed's thread: the batches of `replica` from the next expected one on."""
+        endpoint = self._subs.get(replica, (None, ""))[1]
+        if not endpoint:
+            return
+        dealer = self._ctx.socket(zmq.DEALER)
+        dealer.connect(endpoint)
+        try:
+            dealer.send_multipart([b"", self._next[replica].to_bytes(8, "big")])
+            while dealer.poll(2000):
+                _, seq, payload = dealer.recv_multipart()
+                if not payload:
+                    break
+                seq = int.from_bytes(seq, "big")
+                if seq >= self._next[replica]:
+                    self.index.apply(replica, payload)
+                    self._next[replica] = seq + 1
+        finally:
+            dealer.close(linger=0)
+
+
+class KvPrefixRouter(RequestRouter):
+    def initialize_state(self, imbalance: int = 16) -> None:
+        self.imbalance = imbalance
+        self.index = PrefixIndex()
+        self.feed = EventFeed(self.index)
+        self.in_flight: collections.Counter[ReplicaID] = collections.Counter()
+        self._routed: dict[str, ReplicaID] = {}      # internal request id -> replica
+
+    async def choose_replicas(self, candidate_replicas: list[RunningReplica],
+                              pending_request: PendingRequest | None = None) -> list[list[RunningReplica]]:
+        for r in candidate_replicas:
+            stats = r.routing_stats or {}
+            if stats.get("kv_events"):
+                self.feed.watch(r.replica_id.unique_id, stats["kv_events"], stats.get("kv_events_replay", ""))
+        if pending_request is None or not candidate_replicas:
+            return [candidate_replicas]
+        request = pending_request.args[0] if pending_request.args else {}
+        if request.get("replica"):
+            return [[r for r in candidate_replicas if r.replica_id.unique_id == request["replica"]]]
+        keys = request.get("block_keys") or []
+        chosen = self.choose(candidate_replicas, keys)
+        self.index.expect(chosen.replica_id.unique_id, keys)
+        self._count(pending_request.metadata.internal_request_id, chosen.replica_id)
+        return [[chosen], [r for r in candidate_replicas if r is not chosen]]
+
+    def _count(self, request_id: str, replica_id: ReplicaID | None) -> None:
+        """Count `request_id` in flight on `replica_id` (None: no longer), from the moment it is
+        chosen: requests routed at once see each other's choices."""
+        previous = self._routed.pop(request_id, None)
+        if previous is not None:
+            self.in_flight[previous] -= 1
+        if replica_id is not None:
+            self._routed[request_id] = replica_id
+            self.in_flight[replica_id] += 1
+
+    def choose(self, replicas: list[RunningReplica], keys: list[bytes]) -> RunningReplica:
+        """The replica with the longest match, if not busier than the least busy by more than
+        `imbalance`; else (and without a match) the least busy, ties at random."""
+        load = {r: self.in_flight[r.replica_id] for r in replicas}
+        least = min(load.values())
+        order = list(replicas)
+        random.shuffle(order)
+        best = max(order, key=lambda r: (self.index.matched(r.replica_id.unique_id, keys), -load[r]))
+        if keys and self.index.matched(best.replica_id.unique_id, keys) and load[best] - least <= self.imbalance:
+            return best
+        return min(order, key=lambda r: load[r])
+
+    def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID, result) -> None:
+        self._count(pending_request.metadata.internal_request_id, replica_id)     # where it went after all
+
+    def on_request_completed(self, replica_id: ReplicaID, internal_request_id: str) -> None:
+        self._count(internal_request_id, None)
+
+    def on_replica_actor_died(self, replica_id: ReplicaID) -> None:
+        super().on_replica_actor_died(replica_id)
+        self.in_flight.pop(replica_id, None)
+        self.feed.forget(replica_id.unique_id)

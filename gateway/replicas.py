@@ -1,0 +1,279 @@
+"""kvgate replicas on Ray Serve: `kvgate serve --replicas N` (docs/scale-out.md, "Ray Serve").
+
+Each replica of the `EngineReplica` deployment is one kvgate engine (model, scheduler, every KV
+tier; its disk tier in a directory of its own) publishing its KV events. kvgate's gateway is the
+ingress: the same aiohttp app (OpenAI API, auth, tenants, SSE) with a `ReplicaClient` in place of
+the one engine process's `EngineClient`; each request goes through a deployment handle whose
+router, `KvPrefixRouter` (gateway/prefix_router.py), picks the replica holding its prefix.
+Ray is imported only here: kvgate without replicas does not need it.
+"""
+from __future__ import annotations
+
+import asyncio
+import collections
+import dataclasses
+import itertools
+import logging
+import os
+import uuid
+from collections.abc import Callable
+
+import ray
+import torch
+from ray import serve
+from ray.serve.config import AutoscalingConfig, RequestRouterConfig
+
+from engine import cache_admin, limits
+from engine.detokenizer import Detokenizer
+from engine.engine import Engine
+from engine.errors import InvalidRequest
+from engine.model import load_model, load_tokenizer
+from engine.sampling import SamplingParams
+from engine.sequence import RequestOutput, Retention
+from gateway import engine_wire as wire
+from gateway.config import KvEventsConfig, KvgateConfig
+from gateway.engine_client import RemoteStream
+from gateway.errors import EngineDead
+from gateway.kv_events import open_events
+from gateway.metrics import snapshot
+from gateway.tiers import kv_arithmetic, open_engine, user_cache_dir
+from store import root_key, token_bytes
+from store.keys import PublicPrefixes
+
+log = logging.getLogger("kvgate.replicas")
+APP = "kvgate"
+
+
+class EngineReplica:
+    """One engine, as a Ray Serve replica (the class `deployment` wraps)."""
+
+    async def __init__(self, config: KvgateConfig) -> None:
+        context = serve.get_replica_context()
+        self.replica = context.replica_id.unique_id
+        config = replica_config(config, context.rank.rank)
+        model = await asyncio.to_thread(load_model, config.model, config.engine.block_size)
+        self.engine, reports = open_engine(config, model, lambda store: Engine(
+            model, config.engine, store, detokenize=False, tenants={t.name: t.share() for t in config.tenants}))
+        host = ray.util.get_node_ip_address()
+        self.events = open_events(KvEventsConfig(enabled=True, endpoint=f"tcp://{host}:*",
+                                                 replay_endpoint=f"tcp://{host}:*"), self.engine.store)
+        await self.engine.start()
+        b = self.engine.bounds
+        self.info = {"name": model.name, "device": str(model.device), "fingerprint": model.fingerprint,
+                     "max_sequence_tokens": self.engine.max_sequence_tokens,
+                     "bounds": [b.vocab_size, b.max_model_len, b.block_size, b.gpu_blocks, b.has_tokenizer],
+                     "tiers": [{"tier": r.tier, **r.as_dict()} for r in reports],
+                     "kv": kv_arithmetic(reports, b.block_size, self.engine.store.layout.block_bytes),
+                     "steps": {"max_num_seqs": self.engine.config.max_num_seqs,
+                               "max_num_batched_tokens": self.engine.config.max_num_batched_tokens},
+                     "replica": self.replica}
+
+    def record_routing_stats(self) -> dict:
+        return {"kv_events": self.events.endpoint, "kv_events_replay": self.events.replay_endpoint,
+                "running": self.engine.num_running, "waiting": self.engine.num_waiting}
+
+    async def generate(self, request: dict):
+        """A request's outputs as wire rows; the replica's id first. Cancelled (the caller went
+        away, or aborted it): the request is aborted."""
+        yield self.replica
+        retention = request["retention"]
+        try:
+            stream = self.engine.submit(request["prompt"], wire.params_from_wire(request["params"]),
+                                        priority=request["priority"], namespace=request["namespace"],
+                                        request_id=request["request_id"], cache_salt=request["cache_salt"],
+                                        cache_report=request["cache_report"],
+                                        retention=None if retention is None else Retention(*retention))
+        except InvalidRequest as e:
+            yield ["rejected", str(e)]
+            return
+        finished = False
+        try:
+            async for out in stream:
+                finished = out.finish_reason is not None
+                yield wire.output_to_wire(out)
+        finally:
+            if not finished:
+                self.engine.abort(request["request_id"])
+
+    async def ask(self, request: dict):
+        """An operator's message ("stats", "info", or an admin operation), answered by this replica."""
+        op, args = request["op"], request.get("args", [])
+        if op == "stats":
+            return snapshot(self.engine)
+        if op == "info":
+            return self.info
+        operations = {"evict": cache_admin.evict, "usage": cache_admin.usage, "public": cache_admin.declare_public}
+        return operations[op](self.engine.store, *args)
+
+    async def __del__(self) -> None:
+        """Serve stops the replica: abort what runs, write the cache to its disk tier."""
+        await self.engine.stop(persist=True)
+        self.events.close()
+
+
+def replica_config(config: KvgateConfig, rank: int) -> KvgateConfig:
+    """`config` for replica `rank`: its disk tier in a directory of its own."""
+    disk = config.store.disk
+    if not disk.enabled:
+        return config
+    base = disk.path or os.path.join(user_cache_dir(), "kvgate", "kv")
+    os.makedirs(base, exist_ok=True)
+    disk = dataclasses.replace(disk, path=os.path.join(base, f"replica-{rank}"))
+    store = dataclasses.replace(config.store, disk=disk)
+    return dataclasses.replace(config, store=store)
+
+
+async def open_replicas(config: KvgateConfig, on_death: Callable[[str], None] | None = None) -> ReplicaClient:
+    """Join (or start) Ray, run the replicas, and learn them: the gateway's engine."""
+    if not ray.is_initialized():
+        ray.init(address=config.replicas.ray_address or None, logging_level=logging.WARNING,
+                 include_dashboard=False)
+    serve.start(proxy_location="Disabled")     # kvgate's gateway is the ingress: no Serve HTTP proxy
+    handle = await asyncio.to_thread(deploy, config)
+    info = await handle.ask.remote({"op": "info"})
+    tokenizer = await asyncio.to_thread(load_tokenizer, config.model)
+    client = ReplicaClient(handle, info, tokenizer, on_death)
+    await client.discover(config.replicas.num_replicas)
+    return client
+
+
+def deploy(config: KvgateConfig):
+    """Run the `EngineReplica` deployment as `config.replicas` says; returns its handle."""
+    r = config.replicas
+    gpus = r.num_gpus if r.num_gpus >= 0 else float(torch.cuda.is_available())
+    options = {"num_cpus": r.num_cpus, "num_gpus": gpus}
+    autoscaling = None
+    if r.max_replicas > r.num_replicas:
+        autoscaling = AutoscalingConfig(min_replicas=r.num_replicas, max_replicas=r.max_replicas,
+                                        target_ongoing_requests=r.target_ongoing_requests)
+    routing = RequestRouterConfig(request_routing_stats_period_s=1.0)
+    if r.router == "prefix":
+        routing = RequestRouterConfig(request_router_class="gateway.prefix_router:KvPrefixRouter",
+                                      request_router_kwargs={"imbalance": r.imbalance},
+                                      request_routing_stats_period_s=1.0)
+    deployment = serve.deployment(EngineReplica, name="EngineReplica", ray_actor_options=options,
+                                  num_replicas=None if autoscaling else r.num_replicas,
+                                  autoscaling_config=autoscaling, max_ongoing_requests=r.max_ongoing_requests,
+                                  request_router_config=routing)
+    return serve.run(deployment.bind(config), name=APP, route_prefix=None)
+
+
+class ReplicaClient:
+    """EngineClient's interface over the deployment: the gateway's view of the replicas."""
+
+    def __init__(self, handle, info: dict, tokenizer=None, on_death: Callable[[str], None] | None = None) -> None:
+        self.handle = handle
+        self.tokenizer = tokenizer
+        self.name: str = info["name"]
+        self.bounds = limits.RequestBounds(*info["bounds"])
+        self.max_sequence_tokens: int = info["max_sequence_tokens"]
+        self.steps, self.tiers, self.kv = info["steps"], info["tiers"], info["kv"]
+        self.fingerprint: str = info["fingerprint"]
+        self.dead: str | None = None
+        self.public = PublicPrefixes(self.fingerprint)      # as the replicas have them: for routing keys
+        self.replicas: set[str] = {info["replica"]}          # learned from answers (operator broadcasts)
+        self.served: collections.Counter[str] = collections.Counter()   # requests each replica took
+        self._tasks: dict[str, asyncio.Task] = {}
+        self._ids = itertools.count()
+
+    def block_keys(self, prompt: list[int], namespace: str) -> list[bytes]:
+        """The keys the replicas cache `prompt`'s full blocks under (what the router matches)."""
+        tokens = token_bytes(prompt)
+        scope = self.public.scope(root_key(self.fingerprint, namespace), tokens if self.public.keys else b"",
+                                  self.bounds.block_size)
+        return scope.keys(tokens, self.bounds.block_size)
+
+    def submit(self, prompt_ids: list[int], params: SamplingParams, priority: int = 0,
+               namespace: str = "", cache_salt: str = "", cache_report: bool = False,
+               retention: Retention | None = None) -> RemoteStream:
+        limits.check_request(self.bounds, prompt_ids, params, priority)
+        request_id = uuid.uuid4().hex
+        scope = f"{namespace}\0{cache_salt}" if cache_salt else namespace
+        request = {"request_id": request_id, "prompt": list(prompt_ids), "params": wire.params_to_wire(params),
+                   "priority": priority, "namespace": namespace, "cache_salt": cache_salt,
+                   "cache_report": cache_report, "block_keys": self.block_keys(list(prompt_ids), scope),
+                   "retention": None if retention is None else dataclasses.astuple(retention)}
+        queue: asyncio.Queue[RequestOutput] = asyncio.Queue()
+        self._tasks[request_id] = asyncio.create_task(self._pump(request, queue))
+        detokenizer = Detokenizer(self.tokenizer, params.stop) if self.tokenizer is not None else None
+        return RemoteStream(self, request_id, queue, detokenizer, frozenset(params.stop_token_ids))
+
+    async def _pump(self, request: dict, queue: asyncio.Queue) -> None:
+        """Stream a request's outputs into `queue`. A replica that fails before its first
+        output: the request goes to another (once); after it: the stream ends with "error"."""
+        request_id = request["request_id"]
+        sent = False
+        for attempt in range(2):
+            try:
+                async for row in self.handle.options(stream=True).generate.remote(request):
+                    if isinstance(row, str):      # the replica's id comes first
+                        self.replicas.add(row)
+                        self.served[row] += 1
+                    elif row[0] == "rejected":
+                        log.error("a replica refused request %s: %s", request_id, row[1])
+                        break
+                    else:
+                        sent = True
+                        queue.put_nowait(wire.output_from_wire(row))
+                        if row[3] is not None:       # finish_reason
+                            self._tasks.pop(request_id, None)
+                            return
+                break
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:
+                log.warning("request %s failed on its replica (%s: %s)%s", request_id, type(e).__name__, e,
+                            "" if sent or attempt else "; sent to another")
+                if sent:
+                    break
+        self._tasks.pop(request_id, None)
+        queue.put_nowait(RequestOutput(request_id, [], "", "error", 0, 0, {}))
+
+    def abort(self, request_id: str) -> None:
+        task = self._tasks.pop(request_id, None)
+        if task is not None:
+            task.cancel()            # Ray cancels the replica's generator: it aborts the request
+
+    def abort_all(self) -> None:
+        for request_id in list(self._tasks):
+            self.abort(request_id)
+
+    async def stats(self) -> dict:
+        """One replica's snapshot (the metrics are per replica: docs/scale-out.md)."""
+        return await self.handle.ask.remote({"op": "stats"})
+
+    async def ask(self, kind: str, *args):
+        """"stats", or ("admin", op, args): an operator's operation, on every replica known (the
+        answers of "usage" summed; others: the first)."""
+        if kind == "stats":
+            return await self.stats()
+        if self.dead:
+            raise EngineDead(self.dead)
+        op, op_args = args
+        answers = await asyncio.gather(*(self.handle.ask.remote({"op": op, "args": op_args, "replica": r})
+                                          for r in sorted(self.replicas)))
+        if op == "public":
+            self.public.declare(token_bytes(op_args[0]), self.bounds.block_size)
+        return _sum(answers) if op in ("usage", "evict") else answers[0]
+
+    async def discover(self, expected: int, tries: int = 50) -> None:
+        """Learn the replicas' ids (for operators' broadcasts): ask until `expected` answered."""
+        for _ in range(tries):
+            if len(self.replicas) >= expected:
+                return
+            info = await self.handle.ask.remote({"op": "info"})
+            self.replicas.add(info["replica"])
+            await asyncio.sleep(0.05)
+
+    async def close(self, persist: bool = True, keep_process: bool = False) -> None:
+        self.abort_all()
+        if not keep_process:
+            serve.delete(APP)        # each replica persists its cache as it stops (EngineReplica.__del__)
+
+
+def _sum(answers: list):
+    """Answers of every replica, numbers added up key by key."""
+    first = answers[0]
+    if isinstance(first, dict):
+        return {k: _sum([a[k] for a in answers]) for k in first}
+    return sum(answers) if isinstance(first, (int, float)) else first

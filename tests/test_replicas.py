@@ -1,0 +1,92 @@
+"""kvgate replicas on Ray Serve (gateway/replicas.py, gateway/prefix_router.py): the router's
+policy, pinned without Ray; then two replicas of the demo model on a local Ray, through kvgate's
+gateway: requests sharing a prefix land on one replica and hit its cache, unique prompts spread
+evenly, and a replica killed mid-run loses no request that had not started streaming."""
+import asyncio
+import collections
+
+import msgpack
+import pytest
+
+serve = pytest.importorskip("ray.serve")
+
+from gateway.prefix_router import KvPrefixRouter, PrefixIndex  # noqa: E402
+from tests.http_util import MODEL  # noqa: E402
+
+ReplicaId = collections.namedtuple("ReplicaId", "unique_id")
+
+
+class FakeReplica:                 # what the router reads of a RunningReplica
+    def __init__(self, name: str) -> None:
+        self.replica_id = ReplicaId(name)
+
+
+def router_of(imbalance: int, held: dict[str, list[bytes]], loads: dict[str, int]):
+    router = KvPrefixRouter.__new__(KvPrefixRouter)     # its policy, without a Ray handle
+    router.imbalance = imbalance
+    router.index = PrefixIndex()
+    for name, keys in held.items():
+        router.index.apply(name, msgpack.packb([0.0, [["BlockStored", keys, None, [1] * 16 * len(keys), 16,
+                                                       None, "GPU", None]]]))
+    replicas = {name: FakeReplica(name) for name in loads}
+    router.in_flight = collections.Counter({replicas[n].replica_id: v for n, v in loads.items()})
+    return router, replicas
+
+
+def test_the_longest_match_wins_unless_it_is_busier_by_more_than_the_imbalance():
+    keys = [b"k1", b"k2", b"k3"]
+    router, r = router_of(4, {"a": keys[:1], "b": keys[:2]}, {"a": 0, "b": 4, "c": 0})
+    assert router.choose(list(r.values()), keys) is r["b"]            # 2 blocks beat 1; 4 - 0 <= 4
+    router.in_flight[r["b"].replica_id] = 5
+    assert router.choose(list(r.values()), keys) in (r["a"], r["c"])  # too busy: the least busy
+    assert {router.choose(list(r.values()), [b"new"]).replica_id.unique_id for _ in range(40)} == {"a", "c"}
+    router.index.apply("b", msgpack.packb([0.0, [["BlockRemoved", [b"k2"], "GPU"]]]))
+    router.in_flight[r["b"].replica_id] = 0
+    router.in_flight[r["a"].replica_id] = 1
+    assert router.index.matched("b", keys) == 1 and router.choose(list(r.values()), keys) is r["b"]  # tie: less busy
+    router.index.expect("c", keys)                   # routed there just now: counts as c's
+    assert router.index.matched("c", keys) == 3 and router.choose(list(r.values()), keys) is r["c"]
+
+
+async def test_two_replicas_route_by_prefix_spread_unique_prompts_and_survive_a_kill(aiohttp_client):
+    import ray
+
+    from gateway.app import init_app
+    from gateway.config import build_config
+    from gateway.keys import ENGINE
+    config = build_config({"model": {"device": "cpu"}, "engine": {"max_num_seqs": 8},
+                           "store": {"gpu": {"num_blocks": 256}, "host": {"enabled": False},
+                                     "disk": {"enabled": False}},
+                           "replicas": {"num_replicas": 2, "num_cpus": 0.5}})
+    client = await aiohttp_client(init_app(config))
+    engine = client.app[ENGINE]
+    assert len(engine.replicas) == 2
+
+    async def complete(prompt: str) -> int:
+        resp = await client.post("/v1/completions", json={"model": MODEL, "prompt": prompt, "max_tokens": 2})
+        assert resp.status == 200, await resp.text()
+        return (await resp.json())["usage"]["prompt_tokens_details"]["cached_tokens"]
+
+    try:
+        for group in range(4):        # each group's first request computes its prefix; the rest hit it
+            prefix = f"group {group} shares this long system prompt, word for word, " * 4
+            before = collections.Counter(engine.served)
+            cached = [await complete(prefix + f"question {i}") for i in range(4)]
+            assert cached[0] == 0 and all(c >= 64 for c in cached[1:]), cached
+            assert len(engine.served - before) == 1            # one replica took the whole group
+        before = collections.Counter(engine.served)
+        await asyncio.gather(*(complete(f"unique prompt number {i} " * 5) for i in range(16)))
+        spread = engine.served - before
+        assert sorted(spread.values()) == [8, 8] or min(spread.values()) >= 6, spread
+
+        victim = sorted(engine.replicas)[0]                   # killed while requests run
+        running = [asyncio.ensure_future(complete(f"a request beside the kill {i} " * 3)) for i in range(8)]
+        await asyncio.sleep(0)
+        ray.kill(ray.get_actor(f"SERVE_REPLICA::kvgate#EngineReplica#{victim}", namespace="serve"))
+        statuses = await asyncio.gather(*running, return_exceptions=True)
+        assert all(not isinstance(s, BaseException) for s in statuses), statuses
+        for i in range(6):            # new requests go to the replica that is left (or its replacement)
+            await complete(f"after the kill {i} " * 3)
+    finally:
+        await client.close()
+        ray.shutdown()
