@@ -54,6 +54,10 @@ class EngineReplica:
         model = await asyncio.to_thread(load_model, config.model, config.engine.block_size)
         self.engine, reports = open_engine(config, model, lambda store: Engine(
             model, config.engine, store, detokenize=False, tenants={t.name: t.share() for t in config.tenants}))
+        for prefix in config.public_prefixes:    # as the gateway declares them: a replica autoscaling adds has them
+            ids = model.encode_chat([{"role": "system", "content": prefix.system}]) if prefix.system \
+                else model.tokenizer.encode(prefix.text)
+            self.engine.store.declare_public(ids)
         host = ray.util.get_node_ip_address()
         self.events = open_events(KvEventsConfig(enabled=True, endpoint=f"tcp://{host}:*",
                                                  replay_endpoint=f"tcp://{host}:*"), self.engine.store)

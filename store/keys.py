@@ -82,13 +82,18 @@ class PublicPrefixes:
     def __init__(self, model_fingerprint: str) -> None:
         self.root = public_root_key(model_fingerprint)
         self.keys: set[bytes] = set()
-        self.count = 0                 # prefixes declared
+        self._last: set[bytes] = set()   # the last block's key of each prefix declared
+
+    @property
+    def count(self) -> int:
+        """Prefixes declared (a prefix declared twice counts once)."""
+        return len(self._last)
 
     def declare(self, tokens: bytes, block_size: int) -> int:
         """Make the full blocks of `tokens` (as `token_bytes`) public; returns how many."""
         keys = block_keys(self.root, tokens, block_size)
         self.keys.update(keys)
-        self.count += bool(keys)
+        self._last.update(keys[-1:])
         return len(keys)
 
     def scope(self, root: bytes, tokens: bytes, block_size: int) -> Scope:

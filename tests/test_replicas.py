@@ -14,6 +14,7 @@ from gateway.prefix_router import KvPrefixRouter, PrefixIndex  # noqa: E402
 from tests.http_util import MODEL  # noqa: E402
 
 ReplicaId = collections.namedtuple("ReplicaId", "unique_id")
+PUBLIC = "a public preamble that every request may share, word for word, " * 3
 
 
 class FakeReplica:                 # what the router reads of a RunningReplica
@@ -57,7 +58,8 @@ async def test_two_replicas_route_by_prefix_spread_unique_prompts_and_survive_a_
     config = build_config({"model": {"device": "cpu"}, "engine": {"max_num_seqs": 8},
                            "store": {"gpu": {"num_blocks": 256}, "host": {"enabled": False},
                                      "disk": {"enabled": False}},
-                           "replicas": {"num_replicas": 2, "num_cpus": 0.5}})
+                           "replicas": {"num_replicas": 2, "num_cpus": 0.5},
+                           "public_prefixes": [{"text": PUBLIC}]})
     client = await aiohttp_client(init_app(config))
     engine = client.app[ENGINE]
     assert len(engine.replicas) == 2
@@ -67,7 +69,9 @@ async def test_two_replicas_route_by_prefix_spread_unique_prompts_and_survive_a_
         assert resp.status == 200, await resp.text()
         return (await resp.json())["usage"]["prompt_tokens_details"]["cached_tokens"]
 
-    try:
+    try:       # the public prefix, computed at start-up on one replica: routed there, by its public keys
+        cached = [await complete(PUBLIC + f" and question {i}") for i in range(3)]
+        assert all(c >= 48 for c in cached), cached
         for group in range(4):        # each group's first request computes its prefix; the rest hit it
             prefix = f"group {group} shares this long system prompt, word for word, " * 4
             before = collections.Counter(engine.served)
@@ -90,3 +94,16 @@ async def test_two_replicas_route_by_prefix_spread_unique_prompts_and_survive_a_
     finally:
         await client.close()
         ray.shutdown()
+
+
+def test_a_trace_replay_keeps_one_replicas_hit_rate_with_prefix_routing_only():
+    """gateway/route_sim.py, small: 4 replicas behind kvgate's router cache what one replica of
+    all 4 pools caches; Ray's default router, much less."""
+    import random
+
+    from gateway.route_sim import replay, traces
+    for workload in ("gsp", "chat"):
+        bursts = traces(workload, 0.5, 0.125, random.Random(1))
+        prefix, default = (replay(bursts, 4, 400, r, 16, random.Random(1)) for r in ("prefix", "default"))
+        one = replay(bursts, 1, 1600, "prefix", 16, random.Random(1))
+        assert abs(prefix - one) < 0.02 and default < prefix - 0.1, (workload, prefix, default, one)
