@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import queue
 import random
 import threading
 import time
@@ -83,50 +84,49 @@ class PrefixIndex:
 
 class EventFeed:
     """A thread subscribed to every replica's KV events; gaps in a replica's sequence numbers
-    are filled from its replay socket."""
+    are filled from its replay socket. The thread alone owns the sockets: the router asks it to
+    watch or forget a replica through a queue, and never waits for it."""
 
     def __init__(self, index: PrefixIndex) -> None:
         self.index = index
         self._ctx = zmq.Context.instance()
+        self._asks: queue.SimpleQueue[tuple[str, str, str]] = queue.SimpleQueue()   # (replica, endpoint, replay)
+        self._known: set[str] = set()                           # replicas asked for (the router's side)
         self._subs: dict[str, tuple[zmq.Socket, str]] = {}     # replica -> (SUB socket, replay endpoint)
         self._next: dict[str, int] = {}                        # replica -> next expected seq
-        self._lock = threading.Lock()
-        self._to_replay: set[str] = set()
-        self._poller = zmq.Poller()
         self._thread = threading.Thread(target=self._run, name="kvgate-kv-events", daemon=True)
         self._thread.start()
 
     def watch(self, replica: str, endpoint: str, replay: str) -> None:
         """Subscribe to `replica` (once); `endpoint` and `replay` as it reports them."""
-        with self._lock:
-            if replica in self._subs:
-                return
-            sub = self._ctx.socket(zmq.SUB)
-            sub.setsockopt(zmq.SUBSCRIBE, b"")
-            sub.connect(endpoint)
-            self._subs[replica] = (sub, replay)
-            self._next[replica] = 0
-            self._poller.register(sub, zmq.POLLIN)
-            self._to_replay.add(replica)     # what it published before we connected
+        if replica not in self._known:
+            self._known.add(replica)
+            self._asks.put((replica, endpoint, replay))
 
     def forget(self, replica: str) -> None:
-        with self._lock:
-            entry = self._subs.pop(replica, None)
-            if entry is not None:
-                self._poller.unregister(entry[0])
-                entry[0].close(linger=0)
-        self.index.drop(replica)
+        self._known.discard(replica)
+        self._asks.put((replica, "", ""))
 
     def _run(self) -> None:
+        poller = zmq.Poller()
         while True:
-            with self._lock:
-                replays, self._to_replay = self._to_replay, set()
-            for replica in replays:
-                self._replay(replica)
-            with self._lock:
-                ready = dict(self._poller.poll(50))
-                pending = [(r, s) for r, (s, _) in self._subs.items() if s in ready]
-            for replica, sub in pending:
+            while not self._asks.empty():
+                replica, endpoint, replay = self._asks.get()
+                if replica in self._subs:                  # forgotten (or watched again): start over
+                    poller.unregister(self._subs[replica][0])
+                    self._subs.pop(replica)[0].close(linger=0)
+                    self.index.drop(replica)
+                if endpoint:
+                    sub = self._ctx.socket(zmq.SUB)
+                    sub.setsockopt(zmq.SUBSCRIBE, b"")
+                    sub.connect(endpoint)
+                    poller.register(sub, zmq.POLLIN)
+                    self._subs[replica], self._next[replica] = (sub, replay), 0
+                    self._replay(replica)                  # what it published before we connected
+            ready = dict(poller.poll(50))
+            for replica, (sub, _) in list(self._subs.items()):
+                if sub not in ready:
+                    continue
                 _, seq, payload = sub.recv_multipart()
                 seq = int.from_bytes(seq, "big")
                 if seq > self._next[replica]:
@@ -136,8 +136,8 @@ class EventFeed:
                     self._next[replica] = seq + 1
 
     def _replay(self, replica: str) -> None:
-        """On the feed's thread: the batches of `replica` from the next expected one on."""
-        endpoint = self._subs.get(replica, (None, ""))[1]
+        """The batches of `replica` from the next expected one on."""
+        endpoint = self._subs[replica][1]
         if not endpoint:
             return
         dealer = self._ctx.socket(zmq.DEALER)
