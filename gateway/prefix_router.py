@@ -173,8 +173,9 @@ class KvPrefixRouter(RequestRouter):
         if pending_request is None or not candidate_replicas:
             return [candidate_replicas]
         request = pending_request.args[0] if pending_request.args else {}
-        if request.get("replica"):
-            return [[r for r in candidate_replicas if r.replica_id.unique_id == request["replica"]]]
+        if request.get("replica"):           # an operator's message for one replica (if it is gone: any)
+            pinned = [r for r in candidate_replicas if r.replica_id.unique_id == request["replica"]]
+            return [pinned or candidate_replicas]
         keys = request.get("block_keys") or []
         chosen = self.choose(candidate_replicas, keys)
         self.index.expect(chosen.replica_id.unique_id, keys)

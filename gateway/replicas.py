@@ -258,7 +258,9 @@ class ReplicaClient:
                                           for r in sorted(self.replicas)))
         if op == "public":
             self.public.declare(token_bytes(op_args[0]), self.bounds.block_size)
-        return _sum(answers) if op in ("usage", "evict") else answers[0]
+        if op == "usage":      # blocks and bytes add up; the prefixes are the same everywhere
+            return {**_sum(answers), "public": {**_sum([a["public"] for a in answers]), "prefixes": self.public.count}}
+        return _sum(answers) if op == "evict" else answers[0]
 
     async def discover(self, expected: int, tries: int = 50) -> None:
         """Learn the replicas' ids (for operators' broadcasts): ask until `expected` answered."""
