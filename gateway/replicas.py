@@ -35,7 +35,7 @@ from gateway.config import KvEventsConfig, KvgateConfig
 from gateway.engine_client import RemoteStream
 from gateway.errors import EngineDead
 from gateway.kv_events import open_events
-from gateway.metrics import snapshot
+from gateway.metrics import merge_snapshots, snapshot
 from gateway.tiers import kv_arithmetic, open_engine, user_cache_dir
 from store import root_key, token_bytes
 from store.keys import PublicPrefixes
@@ -243,8 +243,11 @@ class ReplicaClient:
             self.abort(request_id)
 
     async def stats(self) -> dict:
-        """One replica's snapshot (the metrics are per replica: docs/scale-out.md)."""
-        return await self.handle.ask.remote({"op": "stats"})
+        """Every known replica's snapshot, merged (gateway/metrics.py `merge_snapshots`)."""
+        return merge_snapshots(await self._every_replica({"op": "stats"}))
+
+    async def _every_replica(self, request: dict) -> list:
+        return await asyncio.gather(*(self.handle.ask.remote({**request, "replica": r}) for r in sorted(self.replicas)))
 
     async def ask(self, kind: str, *args):
         """"stats", or ("admin", op, args): an operator's operation, on every replica known (the
@@ -254,8 +257,7 @@ class ReplicaClient:
         if self.dead:
             raise EngineDead(self.dead)
         op, op_args = args
-        answers = await asyncio.gather(*(self.handle.ask.remote({"op": op, "args": op_args, "replica": r})
-                                          for r in sorted(self.replicas)))
+        answers = await self._every_replica({"op": op, "args": op_args})
         if op == "public":
             self.public.declare(token_bytes(op_args[0]), self.bounds.block_size)
         if op == "usage":      # blocks and bytes add up; the prefixes are the same everywhere

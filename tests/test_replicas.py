@@ -63,6 +63,8 @@ async def test_two_replicas_route_by_prefix_spread_unique_prompts_and_survive_a_
     client = await aiohttp_client(init_app(config))
     engine = client.app[ENGINE]
     assert len(engine.replicas) == 2
+    stats = await engine.stats()                     # /metrics and /health: both replicas, merged
+    assert sum(stats["blocks"]["gpu"].values()) == 2 * 256
 
     async def complete(prompt: str) -> int:
         resp = await client.post("/v1/completions", json={"model": MODEL, "prompt": prompt, "max_tokens": 2})
@@ -107,3 +109,16 @@ def test_a_trace_replay_keeps_one_replicas_hit_rate_with_prefix_routing_only():
         prefix, default = (replay(bursts, 4, 400, r, 16, random.Random(1)) for r in ("prefix", "default"))
         one = replay(bursts, 1, 1600, "prefix", 16, random.Random(1))
         assert abs(prefix - one) < 0.02 and default < prefix - 0.1, (workload, prefix, default, one)
+
+
+def test_replicas_snapshots_merge_into_one():
+    from gateway.metrics import merge_snapshots
+    a = {"blocks": {"gpu": {"free": 10, "cached": 5, "locked": 1}}, "requests": {"running": 2, "waiting": 0},
+         "rates": {"prefill_tokens_per_s": 100.0, "disk_read_bytes_per_s": 4.0}, "disk": None, "integrity_error": None}
+    b = {"blocks": {"gpu": {"free": 1, "cached": 14, "locked": 1}}, "requests": {"running": 3, "waiting": 4},
+         "rates": {"prefill_tokens_per_s": 300.0}, "disk": None, "integrity_error": "block 3 leaked"}
+    merged = merge_snapshots([a, b])
+    assert merged["blocks"] == {"gpu": {"free": 11, "cached": 19, "locked": 2}}
+    assert merged["requests"] == {"running": 5, "waiting": 4}
+    assert merged["rates"] == {"prefill_tokens_per_s": 200.0, "disk_read_bytes_per_s": 4.0}   # rates: the mean
+    assert merged["disk"] is None and merged["integrity_error"] == "block 3 leaked"
