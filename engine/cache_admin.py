@@ -15,12 +15,6 @@ def evict(store: BlockStore, namespace: str, token_ids: Sequence[int], public: b
     return store.evict_prefix(scope, list(token_ids))
 
 
-def declare_public(store: BlockStore, token_ids: Sequence[int]) -> int:
-    """Share the full blocks of `token_ids` between every namespace from now on (a system
-    prompt every tenant uses): returns how many blocks that is."""
-    return store.declare_public(list(token_ids))
-
-
 def usage(store: BlockStore, namespaces: Sequence[str]) -> dict:
     """Blocks and bytes each of `namespaces`, and the public prefixes, hold per tier."""
     counts = store.blocks_by_namespace()
@@ -31,3 +25,13 @@ def usage(store: BlockStore, namespaces: Sequence[str]) -> dict:
         return {**{t.name.lower(): n for t, n in found.items()}, "bytes": block * sum(found.values())}
     return {"tenants": {ns: tiers(store.root_key(ns)) for ns in namespaces},
             "public": {**tiers(store.public_root), "prefixes": store.public.count}}
+
+
+# an admin message's operation -> what carries it out on a store; "public": declare a prefix
+# public (the full blocks of its token ids, shared by every namespace from now on)
+OPERATIONS = {"evict": evict, "usage": usage, "public": BlockStore.declare_public}
+
+
+def run(store: BlockStore, op: str, args: list):
+    """Carry out an operator's message (checked by the API process)."""
+    return OPERATIONS[op](store, *args)

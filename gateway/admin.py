@@ -64,13 +64,19 @@ async def cache(request: web.Request) -> web.Response:
 
 
 async def warm(request: web.Request) -> web.Response:
-    req, prompt = await _read(request, PrefixRequest)
-    return web.json_response(await _warm(request.app, prompt, req.tenant, req.retention))
+    req = intake.parse(await request.read(), PrefixRequest)
+    _check_tenant(request.app, req.tenant)
+    return web.json_response(await _warm(request.app, _prompt(request.app, req), req.tenant, req.retention))
 
 
 async def evict(request: web.Request) -> web.Response:
-    req, prompt = await _read(request, EvictRequest)
-    evicted = await request.app[ENGINE].ask("admin", "evict", [req.tenant, prompt, req.public])
+    req = intake.parse(await request.read(), EvictRequest)
+    if req.public and req.tenant:
+        raise APIError(400, "a public prefix is no tenant's: give tenant or public, not both",
+                       "invalid_request_error", "public")
+    if not req.public:
+        _check_tenant(request.app, req.tenant)
+    evicted = await request.app[ENGINE].ask("admin", "evict", [req.tenant, _prompt(request.app, req), req.public])
     return web.json_response({"evicted_blocks": evicted})
 
 
@@ -95,7 +101,7 @@ async def declare_public(app: web.Application, req: PublicRequest) -> dict:
     if req.system is not None:
         prompt = prompts.encode_chat([{"role": "system", "content": req.system}])
     else:
-        prompt = completion_prompts(req, prompts)[0]
+        prompt = _prompt(app, req)
     blocks = await app[ENGINE].ask("admin", "public", [prompt])
     if not blocks:
         raise APIError(400, f"the prefix is {len(prompt)} tokens: shorter than one cache block "
@@ -118,17 +124,14 @@ async def _warm(app: web.Application, prompt: list[int], tenant: str, r: Retenti
             "retention": None if r is None else r.model_dump()}
 
 
-async def _read(request: web.Request, schema: type[PrefixRequest | EvictRequest]) -> tuple:
-    """The request, its tenant checked, its prompt as token ids (as completions take it)."""
-    config = request.app[CONFIG]
-    req = intake.parse(await request.read(), schema)
-    if getattr(req, "public", False):
-        if req.tenant:
-            raise APIError(400, "a public prefix is no tenant's: give tenant or public, not both",
-                           "invalid_request_error", "public")
-    elif req.tenant not in ([t.name for t in config.tenants] or [""]):
-        raise APIError(400, f"no tenant named {req.tenant!r}", "invalid_request_error", "tenant")
-    return req, completion_prompts(req, request.app[PROMPTS])[0]
+def _check_tenant(app: web.Application, tenant: str) -> None:
+    if tenant not in ([t.name for t in app[CONFIG].tenants] or [""]):
+        raise APIError(400, f"no tenant named {tenant!r}", "invalid_request_error", "tenant")
+
+
+def _prompt(app: web.Application, req: PrefixRequest | EvictRequest | PublicRequest) -> list[int]:
+    """The request's prompt as token ids (as completions take it)."""
+    return completion_prompts(req, app[PROMPTS])[0]
 
 
 def add_routes(app: web.Application) -> None:

@@ -53,7 +53,7 @@ def _engine_ctx(given: EngineProcess | None, log_level: str):
         config, state = app[CONFIG], app[STATE]
         if config.replicas.num_replicas:
             from gateway.replicas import open_replicas  # Ray is needed only with replicas
-            engine = await open_replicas(config, on_death=lambda why: state.request_stop(1))
+            engine = await open_replicas(config)
         else:
             engine = await _open_engine(config, given, log_level, on_death=lambda why: state.request_stop(1))
         app[ENGINE] = engine

@@ -189,16 +189,9 @@ class EngineClient:
 
     def __init__(self, process: EngineProcess, tokenizer=None,
                  on_death: Callable[[str], None] | None = None) -> None:
-        info = process.info
         self.process = process
         self.tokenizer = tokenizer            # detokenizes every stream (None: token ids only)
-        self.name: str = info["name"]
-        self.bounds = limits.RequestBounds(*info["bounds"])
-        self.max_sequence_tokens: int = info["max_sequence_tokens"]
-        self.steps: dict = info["steps"]
-        self.tiers: list[dict] = info["tiers"]
-        self.fingerprint: str = info["fingerprint"]
-        self.kv: dict = info["kv"]            # gateway.tiers.kv_arithmetic
+        self.adopt(process.info)
         self.dead: str | None = None          # why the engine process is gone
         self._on_death = on_death
         self._streams: dict[str, asyncio.Queue[RequestOutput]] = {}
@@ -207,6 +200,16 @@ class EngineClient:
         self._stopped = asyncio.Event()      # the engine said "stopped": everything before it is read
         self._reader = asyncio.create_task(self._read())
         self._watch = asyncio.create_task(self._watch_process())
+
+    def adopt(self, info: dict) -> None:
+        """What the engine said of itself when it started (engine_process.engine_info)."""
+        self.name: str = info["name"]
+        self.bounds = limits.RequestBounds(*info["bounds"])
+        self.max_sequence_tokens: int = info["max_sequence_tokens"]
+        self.steps: dict = info["steps"]
+        self.tiers: list[dict] = info["tiers"]
+        self.fingerprint: str = info["fingerprint"]
+        self.kv: dict = info["kv"]            # gateway.tiers.kv_arithmetic
 
     def submit(self, prompt_ids: list[int], params: SamplingParams, priority: int = 0,
                namespace: str = "", cache_salt: str = "", cache_report: bool = False,

@@ -117,6 +117,17 @@ async def _serve(config: KvgateConfig, inbox: str, outbox: str) -> None:
         push.close()
 
 
+def engine_info(engine: Engine, reports: list, kv: dict) -> dict:
+    """What the API side needs of a started engine (EngineClient.adopt): its "ready" message."""
+    model, b = engine.loaded, engine.bounds
+    return {"name": model.name, "device": str(model.device), "fingerprint": model.fingerprint,
+            "max_sequence_tokens": engine.max_sequence_tokens,
+            "bounds": [b.vocab_size, b.max_model_len, b.block_size, b.gpu_blocks, b.has_tokenizer],
+            "tiers": [{"tier": r.tier, **r.as_dict()} for r in reports], "kv": kv,
+            "steps": {"max_num_seqs": engine.config.max_num_seqs,
+                      "max_num_batched_tokens": engine.config.max_num_batched_tokens}}
+
+
 class EngineCore:
     """One open engine and the requests it streams back: outputs are gathered over one turn of
     the event loop (every sequence of a step makes its delta in the same turn) and sent as one
@@ -151,14 +162,7 @@ class EngineCore:
         log.info("serving %s on %s; KV tiers: %s; steps: %s", model.name, model.device,
                  ", ".join(r.describe() for r in reports), engine.config.describe(engine.configured))
         log.info("KV: %s", describe_kv(kv))
-        b = engine.bounds
-        info = {"name": model.name, "device": str(model.device), "fingerprint": model.fingerprint,
-                "max_sequence_tokens": engine.max_sequence_tokens,
-                "bounds": [b.vocab_size, b.max_model_len, b.block_size, b.gpu_blocks, b.has_tokenizer],
-                "tiers": [{"tier": r.tier, **r.as_dict()} for r in reports], "kv": kv,
-                "steps": {"max_num_seqs": engine.config.max_num_seqs,
-                          "max_num_batched_tokens": engine.config.max_num_batched_tokens}}
-        push.send(wire.pack("ready", gen, info))
+        push.send(wire.pack("ready", gen, engine_info(engine, reports, kv)))
         core.engine = engine
         return core
 
@@ -179,9 +183,7 @@ class EngineCore:
             self.push.send(wire.pack("stats", msg[1], snapshot(self.engine)))
         elif kind == "admin":                # an operator's request, checked in the API process
             _, token, op, args = msg
-            operations = {"evict": cache_admin.evict, "usage": cache_admin.usage, "public": cache_admin.declare_public}
-            result = operations[op](self.engine.store, *args)
-            self.push.send(wire.pack("stats", token, result))
+            self.push.send(wire.pack("stats", token, cache_admin.run(self.engine.store, op, args)))
         else:
             log.warning("unknown engine message %r; ignored", kind)
 

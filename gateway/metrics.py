@@ -103,19 +103,23 @@ def snapshot(engine: Engine) -> dict:
     }
 
 
+def add_up(values: list):
+    """Several engines' answers (replicas) as one, key by key: numbers added up, anything else
+    the first given (None where none is)."""
+    present = [v for v in values if v is not None]
+    if not present:
+        return None
+    if isinstance(present[0], dict):
+        return {k: add_up([v.get(k) for v in present]) for k in dict.fromkeys(k for v in present for k in v)}
+    if isinstance(present[0], (int, float)) and not isinstance(present[0], bool):
+        return sum(present)
+    return present[0]
+
+
 def merge_snapshots(snapshots: list[dict]) -> dict:
     """Several engines' snapshots (replicas) as one: counts and gauges add up, measured rates
     are averaged, the first broken invariant is kept."""
-    def merge(values: list):
-        present = [v for v in values if v is not None]
-        if not present:
-            return None
-        if isinstance(present[0], dict):
-            return {k: merge([v.get(k) for v in present]) for k in dict.fromkeys(k for v in present for k in v)}
-        if isinstance(present[0], (int, float)) and not isinstance(present[0], bool):
-            return sum(present)
-        return present[0]
-    merged = merge(snapshots)
+    merged = add_up(snapshots)
     merged["rates"] = {k: sum(s["rates"][k] for s in snapshots if k in s["rates"]) /
                        sum(k in s["rates"] for s in snapshots) for k in merged["rates"]}
     return merged

@@ -196,11 +196,12 @@ class KvPrefixRouter(RequestRouter):
         """The replica with the longest match, if not busier than the least busy by more than
         `imbalance`; else (and without a match) the least busy, ties at random."""
         load = {r: self.in_flight[r.replica_id] for r in replicas}
+        matched = {r: self.index.matched(r.replica_id.unique_id, keys) for r in replicas}
         least = min(load.values())
         order = list(replicas)
         random.shuffle(order)
-        best = max(order, key=lambda r: (self.index.matched(r.replica_id.unique_id, keys), -load[r]))
-        if keys and self.index.matched(best.replica_id.unique_id, keys) and load[best] - least <= self.imbalance:
+        best = max(order, key=lambda r: (matched[r], -load[r]))
+        if matched[best] and load[best] - least <= self.imbalance:
             return best
         return min(order, key=lambda r: load[r])
 

@@ -12,11 +12,9 @@ from __future__ import annotations
 import asyncio
 import collections
 import dataclasses
-import itertools
 import logging
 import os
 import uuid
-from collections.abc import Callable
 
 import ray
 import torch
@@ -32,10 +30,10 @@ from engine.sampling import SamplingParams
 from engine.sequence import RequestOutput, Retention
 from gateway import engine_wire as wire
 from gateway.config import KvEventsConfig, KvgateConfig
-from gateway.engine_client import RemoteStream
-from gateway.errors import EngineDead
+from gateway.engine_client import EngineClient, RemoteStream
+from gateway.engine_process import engine_info
 from gateway.kv_events import open_events
-from gateway.metrics import merge_snapshots, snapshot
+from gateway.metrics import add_up, merge_snapshots, snapshot
 from gateway.tiers import kv_arithmetic, open_engine, user_cache_dir
 from store import root_key, token_bytes
 from store.keys import PublicPrefixes
@@ -62,15 +60,8 @@ class EngineReplica:
         self.events = open_events(KvEventsConfig(enabled=True, endpoint=f"tcp://{host}:*",
                                                  replay_endpoint=f"tcp://{host}:*"), self.engine.store)
         await self.engine.start()
-        b = self.engine.bounds
-        self.info = {"name": model.name, "device": str(model.device), "fingerprint": model.fingerprint,
-                     "max_sequence_tokens": self.engine.max_sequence_tokens,
-                     "bounds": [b.vocab_size, b.max_model_len, b.block_size, b.gpu_blocks, b.has_tokenizer],
-                     "tiers": [{"tier": r.tier, **r.as_dict()} for r in reports],
-                     "kv": kv_arithmetic(reports, b.block_size, self.engine.store.layout.block_bytes),
-                     "steps": {"max_num_seqs": self.engine.config.max_num_seqs,
-                               "max_num_batched_tokens": self.engine.config.max_num_batched_tokens},
-                     "replica": self.replica}
+        kv = kv_arithmetic(reports, config.engine.block_size, self.engine.store.layout.block_bytes)
+        self.info = {**engine_info(self.engine, reports, kv), "replica": self.replica}
 
     def record_routing_stats(self) -> dict:
         return {"kv_events": self.events.endpoint, "kv_events_replay": self.events.replay_endpoint,
@@ -106,8 +97,7 @@ class EngineReplica:
             return snapshot(self.engine)
         if op == "info":
             return self.info
-        operations = {"evict": cache_admin.evict, "usage": cache_admin.usage, "public": cache_admin.declare_public}
-        return operations[op](self.engine.store, *args)
+        return cache_admin.run(self.engine.store, op, args)
 
     async def __del__(self) -> None:
         """Serve stops the replica: abort what runs, write the cache to its disk tier."""
@@ -127,7 +117,7 @@ def replica_config(config: KvgateConfig, rank: int) -> KvgateConfig:
     return dataclasses.replace(config, store=store)
 
 
-async def open_replicas(config: KvgateConfig, on_death: Callable[[str], None] | None = None) -> ReplicaClient:
+async def open_replicas(config: KvgateConfig) -> ReplicaClient:
     """Join (or start) Ray, run the replicas, and learn them: the gateway's engine."""
     if not ray.is_initialized():
         ray.init(address=config.replicas.ray_address or None, logging_level=logging.WARNING,
@@ -136,7 +126,7 @@ async def open_replicas(config: KvgateConfig, on_death: Callable[[str], None] | 
     handle = await asyncio.to_thread(deploy, config)
     info = await handle.ask.remote({"op": "info"})
     tokenizer = await asyncio.to_thread(load_tokenizer, config.model)
-    client = ReplicaClient(handle, info, tokenizer, on_death)
+    client = ReplicaClient(handle, info, tokenizer)
     await client.discover(config.replicas.num_replicas)
     return client
 
@@ -165,27 +155,22 @@ def deploy(config: KvgateConfig):
 class ReplicaClient:
     """EngineClient's interface over the deployment: the gateway's view of the replicas."""
 
-    def __init__(self, handle, info: dict, tokenizer=None, on_death: Callable[[str], None] | None = None) -> None:
+    adopt = EngineClient.adopt
+
+    def __init__(self, handle, info: dict, tokenizer=None) -> None:
         self.handle = handle
         self.tokenizer = tokenizer
-        self.name: str = info["name"]
-        self.bounds = limits.RequestBounds(*info["bounds"])
-        self.max_sequence_tokens: int = info["max_sequence_tokens"]
-        self.steps, self.tiers, self.kv = info["steps"], info["tiers"], info["kv"]
-        self.fingerprint: str = info["fingerprint"]
-        self.dead: str | None = None
+        self.adopt(info)
+        self.dead: str | None = None          # never set: a replica that dies is replaced
         self.public = PublicPrefixes(self.fingerprint)      # as the replicas have them: for routing keys
         self.replicas: set[str] = {info["replica"]}          # learned from answers (operator broadcasts)
         self.served: collections.Counter[str] = collections.Counter()   # requests each replica took
         self._tasks: dict[str, asyncio.Task] = {}
-        self._ids = itertools.count()
 
     def block_keys(self, prompt: list[int], namespace: str) -> list[bytes]:
         """The keys the replicas cache `prompt`'s full blocks under (what the router matches)."""
-        tokens = token_bytes(prompt)
-        scope = self.public.scope(root_key(self.fingerprint, namespace), tokens if self.public.keys else b"",
-                                  self.bounds.block_size)
-        return scope.keys(tokens, self.bounds.block_size)
+        scope = self.public.scope(root_key(self.fingerprint, namespace), prompt, self.bounds.block_size)
+        return scope.keys(token_bytes(prompt), self.bounds.block_size)
 
     def submit(self, prompt_ids: list[int], params: SamplingParams, priority: int = 0,
                namespace: str = "", cache_salt: str = "", cache_report: bool = False,
@@ -254,15 +239,14 @@ class ReplicaClient:
         answers of "usage" summed; others: the first)."""
         if kind == "stats":
             return await self.stats()
-        if self.dead:
-            raise EngineDead(self.dead)
         op, op_args = args
         answers = await self._every_replica({"op": op, "args": op_args})
         if op == "public":
             self.public.declare(token_bytes(op_args[0]), self.bounds.block_size)
         if op == "usage":      # blocks and bytes add up; the prefixes are the same everywhere
-            return {**_sum(answers), "public": {**_sum([a["public"] for a in answers]), "prefixes": self.public.count}}
-        return _sum(answers) if op == "evict" else answers[0]
+            total = add_up(answers)
+            return {**total, "public": {**total["public"], "prefixes": self.public.count}}
+        return add_up(answers) if op == "evict" else answers[0]
 
     async def discover(self, expected: int, tries: int = 50) -> None:
         """Learn the replicas' ids (for operators' broadcasts): ask until `expected` answered."""
@@ -278,10 +262,3 @@ class ReplicaClient:
         if not keep_process:
             serve.delete(APP)        # each replica persists its cache as it stops (EngineReplica.__del__)
 
-
-def _sum(answers: list):
-    """Answers of every replica, numbers added up key by key."""
-    first = answers[0]
-    if isinstance(first, dict):
-        return {k: _sum([a[k] for a in answers]) for k in first}
-    return sum(answers) if isinstance(first, (int, float)) else first

@@ -211,7 +211,7 @@ class BlockStore:
             if len(self._names) >= MAX_NAMES:        # clients may name many (cache_salt)
                 del self._names[next(iter(self._names))]
             self._names[root] = namespace
-        return self.public.scope(root, token_bytes(token_ids) if self.public.keys else b"", self.block_size)
+        return self.public.scope(root, token_ids, self.block_size)
 
     def namespace_name(self, root: bytes) -> str:
         """The namespace whose root key is `root`, if a request of it came lately ("" if not)."""

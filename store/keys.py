@@ -96,13 +96,13 @@ class PublicPrefixes:
         self._last.update(keys[-1:])
         return len(keys)
 
-    def scope(self, root: bytes, tokens: bytes, block_size: int) -> Scope:
-        """The scope of a prompt (as `token_bytes`) of the namespace whose root is `root`: one
-        hash for a prompt that starts with no public prefix, none while none is declared."""
-        shared, parent, step = 0, self.root, block_size * TOKEN_BYTES
+    def scope(self, root: bytes, token_ids: Sequence[int], block_size: int) -> Scope:
+        """The scope of a prompt of the namespace whose root is `root`: one hash for a prompt
+        that starts with no public prefix, none while none is declared."""
+        shared, parent = 0, self.root
         if self.keys:
-            for i in range(len(tokens) // step):
-                parent = chain_key(parent, tokens[i * step:(i + 1) * step])
+            for i in range(len(token_ids) // block_size):
+                parent = chain_key(parent, token_bytes(token_ids[i * block_size:(i + 1) * block_size]))
                 if parent not in self.keys:
                     break
                 shared = i + 1
