@@ -20,6 +20,7 @@ from __future__ import annotations
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, StrictBool, StrictStr, model_validator
 
+from engine import limits
 from engine.errors import InvalidRequest
 from engine.sampling import SamplingParams
 from gateway import intake
@@ -28,6 +29,8 @@ from gateway.errors import APIError
 from gateway.generation import completion_prompts
 from gateway.keys import CONFIG, ENGINE, PROMPTS
 from gateway.protocol import RetentionRequest, TokenIds
+
+WARM = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)   # computing a prefix: one token
 
 
 class PrefixRequest(BaseModel):
@@ -102,6 +105,7 @@ async def declare_public(app: web.Application, req: PublicRequest) -> dict:
         prompt = prompts.encode_chat([{"role": "system", "content": req.system}])
     else:
         prompt = _prompt(app, req)
+    limits.check_request(app[ENGINE].bounds, prompt, WARM, 0)     # before it is declared
     blocks = await app[ENGINE].ask("admin", "public", [prompt])
     if not blocks:
         raise APIError(400, f"the prefix is {len(prompt)} tokens: shorter than one cache block "
@@ -112,8 +116,7 @@ async def declare_public(app: web.Application, req: PublicRequest) -> dict:
 
 async def _warm(app: web.Application, prompt: list[int], tenant: str, r: RetentionRequest | None) -> dict:
     """Compute `prompt` into `tenant`'s cache (its public prefix into the public one)."""
-    stream = app[ENGINE].submit(prompt, SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True),
-                                priority=r.priority if r else 0, namespace=tenant,
+    stream = app[ENGINE].submit(prompt, WARM, priority=r.priority if r else 0, namespace=tenant,
                                 retention=None if r is None else r.to_engine())
     last = None
     async for out in stream:
