@@ -61,6 +61,7 @@ class Engine:
                                 device=loaded.device)
         self.costs = LoadOrRecompute(self.store, config.load_or_recompute)
         self._wakeup = asyncio.Event()
+        self.multi_tenant = bool(tenants)          # reports then show no other tenant's timing
         self.store.cap_gpu_share({name: share.max_kv_share for name, share in (tenants or {}).items()})
         self.scheduler = Scheduler(config, self.store, self.costs, self._wakeup.set, loaded.max_model_len, tenants)
         self.runner = ModelRunner(loaded, self.store, config.max_num_seqs, config.max_num_batched_tokens)
@@ -366,6 +367,8 @@ class Engine:
         miss = self.store.first_miss(seq.token_ids, match, (seq.prompt_len - 1) // bs)
         if miss is not None:
             self.miss_reasons[miss["reason"]] += 1
+            if self.multi_tenant and "at" in miss:    # when another tenant's burst evicted it: not theirs to see
+                miss = {**miss, "at": None}
         if recomputed:
             self.miss_reasons["recomputed"] += 1
         if not asked:

@@ -144,7 +144,10 @@ class Scheduler:
                 skipped.append(seq)
                 continue
             if seq.status is Status.WAITING and computing and not computing.isdisjoint(self._prompt_keys(seq)):
-                seq.waited_for_prefix = True
+                # reported only for its own namespace's blocks: that another tenant is sending a
+                # public prefix right now is not this request's to know
+                private = self._prompt_keys(seq)[seq.scope.shared:]
+                seq.waited_for_prefix |= not computing.isdisjoint(private)
                 skipped.append(seq)
                 continue
             if len(self.running) >= self.config.max_num_seqs:     # full: a slot from a tenant above its share

@@ -18,7 +18,7 @@ tenants). Retention here is bounded by the engine's limits only: it is the opera
 from __future__ import annotations
 
 from aiohttp import web
-from pydantic import BaseModel, ConfigDict, StrictBool, StrictStr, model_validator
+from pydantic import BaseModel, ConfigDict, StrictBool, StrictStr
 
 from engine import limits
 from engine.errors import InvalidRequest
@@ -39,6 +39,10 @@ class PrefixRequest(BaseModel):
     prompt: StrictStr | TokenIds
     retention: RetentionRequest | None = None
 
+    def check(self) -> None:
+        if self.retention is not None:
+            self.retention.check()
+
 
 class EvictRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -53,11 +57,11 @@ class PublicRequest(BaseModel):
     system: StrictStr | None = None
     retention: RetentionRequest | None = None
 
-    @model_validator(mode="after")
-    def _one_prompt(self) -> PublicRequest:
+    def check(self) -> None:
         if (self.prompt is None) == (self.system is None):
-            raise ValueError("give exactly one of prompt and system")
-        return self
+            raise InvalidRequest("give exactly one of prompt and system", "prompt")
+        if self.retention is not None:
+            self.retention.check()
 
 
 async def cache(request: web.Request) -> web.Response:

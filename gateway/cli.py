@@ -2,6 +2,7 @@
 
     kvgate serve [--config FILE] [--host H] [--port N] [--set section.key=value ...]
     kvgate bench [--base-url URL] [--workloads gsp,unique,decode1,chat] [--json F] [--plots DIR]
+    kvgate keygen                  # a CURVE key pair for KV events beyond loopback (docs/scale-out.md)
 
 With no arguments it serves the built-in demo model on 127.0.0.1:8000 (on the GPU if there is
 one). SIGINT / SIGTERM shut it down gracefully: no new requests, streams in flight end, cached
@@ -39,7 +40,14 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     bench = commands.add_parser("bench", help="run the benchmark workloads against a server")
     bench_module.add_arguments(bench)
+    commands.add_parser("keygen", help="print a CURVE key pair (Z85) for kv_events: the server's secret key, "
+                        "or a subscriber's public key for kv_events.curve_client_keys")
     args = parser.parse_args(argv)
+    if args.command == "keygen":
+        import zmq
+        public, secret = zmq.curve_keypair()
+        print(f"public_key = \"{public.decode()}\"\nsecret_key = \"{secret.decode()}\"")
+        return 0
     if args.command == "bench":
         try:
             asyncio.run(bench_module.main_async(args))

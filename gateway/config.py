@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import tomllib
+from zmq.utils.z85 import decode as z85_decode
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -135,13 +136,19 @@ class TenantConfig:
 
 @dataclass(frozen=True)
 class KvEventsConfig:
-    """KV events in vLLM's wire format for KV-aware routers (gateway/kv_events.py)."""
+    """KV events in vLLM's wire format for KV-aware routers (gateway/kv_events.py). They carry
+    every tenant's token ids: loopback by default; beyond it, CURVE-authenticated subscribers
+    only, unless `allow_unauthenticated` (docs/scale-out.md, "Security")."""
     enabled: bool = False
-    endpoint: str = "tcp://*:5557"        # the PUB socket, bound
-    replay_endpoint: str = "tcp://*:5558"  # the ROUTER socket for replays, bound; "" = none
+    endpoint: str = "tcp://127.0.0.1:5557"         # the PUB socket, bound
+    replay_endpoint: str = "tcp://127.0.0.1:5558"  # the ROUTER socket for replays, bound; "" = none
     buffer_steps: int = 10_000            # batches kept for replay
     hwm: int = 100_000                    # batches queued per subscriber before it loses some
     topic: str = ""
+    curve_secret_key: str = ""            # this server's CURVE secret key (Z85, 40 characters), or ...
+    curve_secret_key_env: str = ""        # ... the environment variable that holds it
+    curve_client_keys: str = ""           # the subscribers' CURVE public keys (Z85), space-separated
+    allow_unauthenticated: bool = False   # bind beyond loopback with no authentication (a warning)
 
     def __post_init__(self) -> None:
         for key in ("endpoint", "replay_endpoint"):
@@ -151,6 +158,50 @@ class KvEventsConfig:
         _require(bool(self.endpoint), "kv_events.endpoint", "a ZMQ endpoint")
         _require(self.buffer_steps >= 1 and self.hwm >= 1, "kv_events.buffer_steps",
                  ">= 1, and so must kv_events.hwm")
+        _require(not (self.curve_secret_key and self.curve_secret_key_env), "kv_events.curve_secret_key",
+                 "unset when kv_events.curve_secret_key_env is set (one of them)")
+        _check_env("kv_events.curve_secret_key_env", self.curve_secret_key_env)
+        secret = self.secret_key
+        _require(not secret or _is_z85_key(secret), "kv_events.curve_secret_key",
+                 "a Z85 CURVE key of 40 characters (`kvgate keygen` makes a pair)")
+        clients = self.client_keys
+        _require(all(_is_z85_key(k) for k in clients), "kv_events.curve_client_keys",
+                 "Z85 CURVE public keys of 40 characters, separated by spaces")
+        _require(bool(clients) == bool(secret), "kv_events.curve_client_keys",
+                 "set together with kv_events.curve_secret_key: the subscribers allowed to connect")
+        if not self.enabled or secret or self.allow_unauthenticated:
+            return
+        for key in ("endpoint", "replay_endpoint"):
+            _require(is_local_endpoint(getattr(self, key)), f"kv_events.{key}",
+                     "a loopback, ipc:// or inproc:// endpoint: the events carry every tenant's token ids. "
+                     "To publish beyond this machine, set kv_events.curve_secret_key and curve_client_keys "
+                     "(or, on a network you trust, kv_events.allow_unauthenticated = true)")
+
+    @property
+    def secret_key(self) -> str:
+        """The CURVE secret key, "" for none."""
+        return self.curve_secret_key or (os.environ[self.curve_secret_key_env] if self.curve_secret_key_env else "")
+
+    @property
+    def client_keys(self) -> list[str]:
+        return self.curve_client_keys.replace(",", " ").split()
+
+
+def is_local_endpoint(endpoint: str) -> bool:
+    """Does binding `endpoint` keep it on this machine? ipc:// and inproc:// do, and tcp:// on a
+    loopback address; "" (no endpoint) does. `*`, 0.0.0.0, an interface or another address do not."""
+    scheme, _, rest = endpoint.partition("://")
+    if not endpoint or scheme in ("ipc", "inproc"):
+        return True
+    host = rest.rsplit(":", 1)[0].strip("[]")
+    return host == "localhost" or host == "::1" or host.startswith("127.")
+
+
+def _is_z85_key(key: str) -> bool:
+    try:
+        return len(key) == 40 and len(z85_decode(key)) == 32
+    except (ValueError, KeyError):          # a character outside Z85's alphabet
+        return False
 
 
 @dataclass(frozen=True)

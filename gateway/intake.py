@@ -47,10 +47,11 @@ async def off_loop_if_large(nbytes: int, fn: Callable[..., T], *args) -> T:
 
 async def read_request(request: web.Request, schema: type[BaseModel], model: str, timeout_s: float) -> BaseModel:
     """The body, read within `timeout_s` and validated against `schema` (off the loop when
-    large); a request for another model than `model` is a 404."""
+    large); a request for another model than `model` is a 404 (/tokenize and /detokenize may
+    leave `model` out)."""
     body = await read_body(request, timeout_s)
     req = await off_loop_if_large(len(body), parse, body, schema)
-    if req.model != model:
+    if req.model is not None and req.model != model:
         raise model_not_found(req.model)
     return req
 
@@ -76,18 +77,33 @@ def parse(body: bytes, schema: type[BaseModel]) -> BaseModel:
     try:
         req = schema.model_validate(doc)
     except ValidationError as e:
-        err = e.errors()[0]
-        # the location, without pydantic's names for union branches ("function-after[...]", ...)
-        param = ".".join(str(p) for p in err["loc"] if isinstance(p, int) or "[" not in p)
-        what = "unknown field (kvgate takes OpenAI's fields and its own: docs/api.md)" \
-            if err["type"] == "extra_forbidden" else err["msg"]
-        raise APIError(400, f"{param}: {what}", "invalid_request_error", param or None) from None
+        param, what = _first_error(e)
+        raise APIError(400, f"{param}: {what}" if param else what, "invalid_request_error", param or None) from None
     refused = getattr(req, "refused", lambda: None)()
     if refused:      # an OpenAI field kvgate does not implement, sent with an effect
         raise APIError(400, f"{refused}: not supported by kvgate (docs/api.md lists every field)",
                        "invalid_request_error", refused)
     getattr(req, "check", lambda: None)()        # what spans fields: InvalidRequest, a 400 naming one
     return req
+
+
+# pydantic's names for the branches of a union in an error's location ("temperature.int"), which
+# no client wrote: dropped, so the location is the field as the client wrote it
+_UNION_TAGS = {"int", "float", "str", "bool", "none", "dict", "list"}
+
+
+def _first_error(e: ValidationError) -> tuple[str, str]:
+    """The first failing field, named as the client wrote it, and what is wrong with it (every
+    branch of a union it failed, joined: "a valid integer or a valid number")."""
+    def where(err: dict) -> str:
+        return ".".join(str(p) if isinstance(p, int) else p for p in err["loc"]
+                        if isinstance(p, int) or ("[" not in p and p not in _UNION_TAGS))
+    errors = e.errors()
+    param = where(errors[0])
+    if errors[0]["type"] == "extra_forbidden":
+        return param, "unknown field (kvgate takes OpenAI's fields and its own: docs/api.md)"
+    messages = list(dict.fromkeys(err["msg"] for err in errors if where(err) == param))
+    return param, " or ".join(messages[:1] + [m[0].lower() + m[1:] for m in messages[1:]])
 
 
 def _reject_constant(name: str) -> None:

@@ -14,9 +14,16 @@ This is the array encoding of vLLM's `vllm/distributed/kv_events.py` (msgspec st
 block's 16-byte kvgate key (vLLM's `ExternalBlockHash` is bytes or int); `block_hashes` of one
 BlockStored are a chain, each the parent of the next, `parent_block_hash` the first one's parent
 (None for the first block of a prompt). `medium` names the tier: "GPU", "CPU" (the host tier),
-"DISK". `extra_keys` (one entry per block) carries the namespace the way vLLM carries
-`cache_salt`: `[namespace]` on the first block of a namespace's chain (block 0, or the first
-block after a public prefix), None elsewhere; absent when every entry is None.
+"DISK". `extra_keys` (one entry per block) marks where a namespace's chain starts, the way vLLM
+carries `cache_salt`: `[namespace id]` on the first block of a namespace's chain (block 0, or the
+first block after a public prefix), None elsewhere; absent when every entry is None. The id is a
+keyed hash of the tenant and salt (`namespace_id`), never the names themselves: a router can tell
+namespaces apart, a subscriber cannot learn who they are.
+
+The events carry every tenant's token ids. The sockets bind loopback unless the configuration
+names another address, and then only with CURVE (ZMQ's authenticated encryption: this server's
+secret key, the subscribers' public keys; anyone else is refused) or an explicit
+`allow_unauthenticated` (docs/scale-out.md, "Security").
 
 A ROUTER socket (optional) replays missed batches, as vLLM's does: a subscriber sends
 [b"", start seq (8 bytes)] from a DEALER socket and gets [b"", seq, payload] for each buffered
@@ -26,15 +33,18 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import hashlib
 import logging
+import os
 import time
 from dataclasses import dataclass
 
 import msgpack
 import zmq
 import zmq.asyncio
+from zmq.auth.asyncio import AsyncioAuthenticator
 
-from gateway.config import ConfigError, KvEventsConfig
+from gateway.config import ConfigError, KvEventsConfig, is_local_endpoint
 from store import BlockStore, Tier
 from store.radix import TIERS, Node
 
@@ -57,8 +67,9 @@ class EventLog:
     Consecutive stores of one chain in one tier make one BlockStored; consecutive removals from
     one tier one BlockRemoved."""
 
-    def __init__(self, store: BlockStore) -> None:
+    def __init__(self, store: BlockStore, namespace_key: bytes) -> None:
         self.store = store
+        self.namespace_key = namespace_key     # keys `namespace_id`: secret, drawn at start-up
         self._runs: list[_Run] = []
         self._cleared = False               # AllBlocksCleared leads the next batch
         self.on_change = lambda: None       # called on the first change after a `drain`
@@ -108,11 +119,17 @@ class EventLog:
         return event
 
     def _namespace_key(self, node: Node) -> list | None:
-        """[namespace] on the first block of a namespace's chain, as vLLM puts cache_salt."""
+        """[namespace id] on the first block of a namespace's chain, as vLLM puts cache_salt."""
         if node.parent.is_root or node.mixed:
             name = self.store.namespace_name(node.namespace)
-            return [name] if name else None
+            return [namespace_id(self.namespace_key, name)] if name else None
         return None
+
+
+def namespace_id(key: bytes, namespace: str) -> str:
+    """What KV events say of a namespace (tenant and salt): a keyed hash, 16 bytes in hex. Equal
+    for equal namespaces under one key; without the key, no name can be tried against it."""
+    return hashlib.blake2b(namespace.encode("utf-8", "surrogatepass"), key=key, digest_size=16).hexdigest()
 
 
 class KVEventPublisher:
@@ -120,27 +137,39 @@ class KVEventPublisher:
     something changed; keeps the last `buffer_steps` batches for replay. Sends never wait: a
     subscriber slower than `hwm` batches loses some (and asks for a replay)."""
 
-    def __init__(self, store: BlockStore, config: KvEventsConfig, data_parallel_rank: int | None = None) -> None:
+    def __init__(self, store: BlockStore, config: KvEventsConfig, namespace_key: bytes | None = None) -> None:
         self.config = config
-        self.rank = data_parallel_rank
-        self.log = EventLog(store)
+        self.log = EventLog(store, namespace_key or os.urandom(32))
         self._ctx = zmq.asyncio.Context.instance()
-        self._pub = self._ctx.socket(zmq.PUB)
+        self._auth: AsyncioAuthenticator | None = None
+        self.public_key = ""                 # this server's CURVE public key (Z85), with CURVE
+        if config.secret_key:                # only the configured subscribers' keys are let in
+            self._auth = AsyncioAuthenticator(self._ctx, log=log)
+            self._auth.start()
+            self._auth.configure_curve_callback("*", _AllowedKeys(config.client_keys))
+            self.public_key = zmq.curve_public(config.secret_key.encode()).decode()
+        self._pub = self._socket(zmq.PUB, config.endpoint)
         self._pub.set_hwm(config.hwm)
-        self._pub.setsockopt(zmq.LINGER, 0)
-        self._pub.bind(config.endpoint)
         self.endpoint = self._pub.getsockopt_string(zmq.LAST_ENDPOINT)
         self._replay = None
         self.replay_endpoint = ""
         if config.replay_endpoint:
-            self._replay = self._ctx.socket(zmq.ROUTER)
-            self._replay.setsockopt(zmq.LINGER, 0)
-            self._replay.bind(config.replay_endpoint)
+            self._replay = self._socket(zmq.ROUTER, config.replay_endpoint)
             self.replay_endpoint = self._replay.getsockopt_string(zmq.LAST_ENDPOINT)
         self._topic = config.topic.encode()
         self._buffer: collections.deque[tuple[int, bytes]] = collections.deque(maxlen=config.buffer_steps)
         self._seq = 0
         self._tasks: list[asyncio.Task] = []
+
+    def _socket(self, kind: int, endpoint: str) -> zmq.asyncio.Socket:
+        sock = self._ctx.socket(kind)
+        sock.setsockopt(zmq.LINGER, 0)
+        if self._auth is not None:
+            sock.curve_server = True
+            sock.curve_secretkey = self.config.secret_key.encode()
+            sock.curve_publickey = self.public_key.encode()
+        sock.bind(endpoint)
+        return sock
 
     def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -153,7 +182,7 @@ class KVEventPublisher:
         events = self.log.drain()
         if not events:
             return
-        batch = [time.time(), events] + ([] if self.rank is None else [self.rank])
+        batch = [time.time(), events]
         payload = msgpack.packb(batch)
         seq = self._seq.to_bytes(8, "big")
         try:
@@ -184,18 +213,34 @@ class KVEventPublisher:
         self._pub.close(linger=0)
         if self._replay is not None:
             self._replay.close(linger=0)
+        if self._auth is not None:
+            self._auth.stop()
 
 
-def open_events(config: KvEventsConfig, store: BlockStore,
-                data_parallel_rank: int | None = None) -> KVEventPublisher | None:
+class _AllowedKeys:
+    """The ZAP authenticator's CURVE check: a subscriber's public key must be one configured."""
+
+    def __init__(self, keys: list[str]) -> None:
+        self.keys = {k.encode() for k in keys}
+
+    def callback(self, domain: str, key: bytes) -> bool:      # `key`: the subscriber's, Z85
+        return key in self.keys
+
+
+def open_events(config: KvEventsConfig, store: BlockStore, namespace_key: bytes | None = None) -> KVEventPublisher | None:
     """The publisher `config` asks for, started (None if disabled). Raises ConfigError if an
     endpoint cannot be bound."""
     if not config.enabled:
         return None
     try:
-        publisher = KVEventPublisher(store, config, data_parallel_rank)
+        publisher = KVEventPublisher(store, config, namespace_key)
     except zmq.ZMQError as e:
         raise ConfigError(f"kv_events: cannot bind {config.endpoint} / {config.replay_endpoint or '-'}: {e}") from None
     publisher.start()
-    log.info("KV events on %s (replays: %s)", publisher.endpoint, publisher.replay_endpoint or "off")
+    exposed = not (is_local_endpoint(config.endpoint) and is_local_endpoint(config.replay_endpoint))
+    if exposed and not config.secret_key:
+        log.warning("KV events on %s with NO authentication (kv_events.allow_unauthenticated): anyone who "
+                    "reaches it reads every tenant's token ids", publisher.endpoint)
+    log.info("KV events on %s (replays: %s; %s)", publisher.endpoint, publisher.replay_endpoint or "off",
+             "CURVE, %d subscriber keys" % len(config.client_keys) if config.secret_key else "no authentication")
     return publisher

@@ -9,7 +9,7 @@ from aiohttp import web
 from gateway.errors import APIError
 from gateway.keys import CONFIG, METRICS, TENANT
 
-OPEN_PATHS = ("/health",)
+OPEN_PATHS = ("/health", "/version")      # no tenant's data: open to all
 ADMIN_PATHS = ("/metrics", "/v1/cache")
 
 

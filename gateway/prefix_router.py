@@ -87,44 +87,53 @@ class EventFeed:
     are filled from its replay socket. The thread alone owns the sockets: the router asks it to
     watch or forget a replica through a queue, and never waits for it."""
 
-    def __init__(self, index: PrefixIndex) -> None:
+    def __init__(self, index: PrefixIndex, curve_public: str = "", curve_secret: str = "") -> None:
         self.index = index
         self._ctx = zmq.Context.instance()
-        self._asks: queue.SimpleQueue[tuple[str, str, str]] = queue.SimpleQueue()   # (replica, endpoint, replay)
+        self._curve = (curve_public.encode(), curve_secret.encode()) if curve_secret else None   # this client's keys
+        self._asks: queue.SimpleQueue[tuple[str, str, str, str]] = queue.SimpleQueue()  # (replica, endpoint, replay, key)
         self._known: set[str] = set()                           # replicas asked for (the router's side)
-        self._subs: dict[str, tuple[zmq.Socket, str]] = {}     # replica -> (SUB socket, replay endpoint)
+        self._subs: dict[str, tuple[zmq.Socket, str, str]] = {}  # replica -> (SUB socket, replay endpoint, its key)
         self._next: dict[str, int] = {}                        # replica -> next expected seq
         self._thread = threading.Thread(target=self._run, name="kvgate-kv-events", daemon=True)
         self._thread.start()
 
-    def watch(self, replica: str, endpoint: str, replay: str) -> None:
-        """Subscribe to `replica` (once); `endpoint` and `replay` as it reports them."""
+    def watch(self, replica: str, endpoint: str, replay: str, server_key: str = "") -> None:
+        """Subscribe to `replica` (once); `endpoint`, `replay` and its CURVE public key as it
+        reports them."""
         if replica not in self._known:
             self._known.add(replica)
-            self._asks.put((replica, endpoint, replay))
+            self._asks.put((replica, endpoint, replay, server_key))
 
     def forget(self, replica: str) -> None:
         self._known.discard(replica)
-        self._asks.put((replica, "", ""))
+        self._asks.put((replica, "", "", ""))
+
+    def _socket(self, kind: int, endpoint: str, server_key: str) -> zmq.Socket:
+        sock = self._ctx.socket(kind)
+        if server_key and self._curve is not None:
+            sock.curve_serverkey = server_key.encode()
+            sock.curve_publickey, sock.curve_secretkey = self._curve
+        sock.connect(endpoint)
+        return sock
 
     def _run(self) -> None:
         poller = zmq.Poller()
         while True:
             while not self._asks.empty():
-                replica, endpoint, replay = self._asks.get()
+                replica, endpoint, replay, server_key = self._asks.get()
                 if replica in self._subs:                  # forgotten (or watched again): start over
                     poller.unregister(self._subs[replica][0])
                     self._subs.pop(replica)[0].close(linger=0)
                     self.index.drop(replica)
                 if endpoint:
-                    sub = self._ctx.socket(zmq.SUB)
+                    sub = self._socket(zmq.SUB, endpoint, server_key)
                     sub.setsockopt(zmq.SUBSCRIBE, b"")
-                    sub.connect(endpoint)
                     poller.register(sub, zmq.POLLIN)
-                    self._subs[replica], self._next[replica] = (sub, replay), 0
+                    self._subs[replica], self._next[replica] = (sub, replay, server_key), 0
                     self._replay(replica)                  # what it published before we connected
             ready = dict(poller.poll(50))
-            for replica, (sub, _) in list(self._subs.items()):
+            for replica, (sub, _, _) in list(self._subs.items()):
                 if sub not in ready:
                     continue
                 _, seq, payload = sub.recv_multipart()
@@ -137,11 +146,10 @@ class EventFeed:
 
     def _replay(self, replica: str) -> None:
         """The batches of `replica` from the next expected one on."""
-        endpoint = self._subs[replica][1]
+        _, endpoint, server_key = self._subs[replica]
         if not endpoint:
             return
-        dealer = self._ctx.socket(zmq.DEALER)
-        dealer.connect(endpoint)
+        dealer = self._socket(zmq.DEALER, endpoint, server_key)
         try:
             dealer.send_multipart([b"", self._next[replica].to_bytes(8, "big")])
             while dealer.poll(2000):
@@ -157,10 +165,10 @@ class EventFeed:
 
 
 class KvPrefixRouter(RequestRouter):
-    def initialize_state(self, imbalance: int = 16) -> None:
+    def initialize_state(self, imbalance: int = 16, curve_public: str = "", curve_secret: str = "") -> None:
         self.imbalance = imbalance
         self.index = PrefixIndex()
-        self.feed = EventFeed(self.index)
+        self.feed = EventFeed(self.index, curve_public, curve_secret)
         self.in_flight: collections.Counter[ReplicaID] = collections.Counter()
         self._routed: dict[str, ReplicaID] = {}      # internal request id -> replica
 
@@ -169,7 +177,8 @@ class KvPrefixRouter(RequestRouter):
         for r in candidate_replicas:
             stats = r.routing_stats or {}
             if stats.get("kv_events"):
-                self.feed.watch(r.replica_id.unique_id, stats["kv_events"], stats.get("kv_events_replay", ""))
+                self.feed.watch(r.replica_id.unique_id, stats["kv_events"], stats.get("kv_events_replay", ""),
+                                stats.get("kv_events_key", ""))
         if pending_request is None or not candidate_replicas:
             return [candidate_replicas]
         request = pending_request.args[0] if pending_request.args else {}

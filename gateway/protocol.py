@@ -66,6 +66,11 @@ class RetentionRequest(BaseModel):
     def to_engine(self) -> Retention:
         return Retention(self.priority, float(self.duration_s), self.start, self.end)
 
+    def check(self) -> None:
+        if self.end is not None and self.end <= self.start:
+            raise InvalidRequest(f"retention.end ({self.end}) must be after retention.start ({self.start}): "
+                                 "the range [start, end) would retain nothing", "retention.end")
+
 
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -120,12 +125,19 @@ class _Common(_Refusing):
     cache_report: StrictBool = False         # add why the prompt hit or missed the cache (docs/api.md)
     retention: RetentionRequest | None = None    # keep the prompt's blocks warm for a while
 
+    def check(self) -> None:
+        """What no field's own type says (InvalidRequest names the field)."""
+        if self.retention is not None:
+            self.retention.check()
+
     def logit_biases(self) -> tuple[tuple[int, float], ...]:
         """OpenAI's {"token id": bias} as (id, bias) pairs; a key that is not a token id: 400."""
         pairs = []
         for key, bias in (self.logit_bias or {}).items():
-            if not key.isdigit() or int(key) > limits.TOKEN_ID_MAX:
-                raise InvalidRequest(f"logit_bias keys must be token ids, got {key!r}", "logit_bias")
+            # ASCII digits only: str.isdigit() takes "²" and "٣", which int() refuses or reads as a number
+            if not (0 < len(key) <= 10 and key.isascii() and key.isdigit()) or int(key) > limits.TOKEN_ID_MAX:
+                raise InvalidRequest(f"logit_bias keys must be token ids (decimal digits 0-9), got {key[:32]!r}",
+                                     "logit_bias")
             pairs.append((int(key), float(bias)))
         return tuple(pairs)
 
@@ -207,6 +219,7 @@ class ChatCompletionRequest(_Common):
 
     def check(self) -> None:
         """What no field's own type says (InvalidRequest names the field)."""
+        super().check()
         if self.top_logprobs and not self.logprobs:
             raise InvalidRequest("top_logprobs needs logprobs: true", "top_logprobs")
 
@@ -232,6 +245,7 @@ class CompletionRequest(_Common):
 
     def check(self) -> None:
         """What no field's own type says (InvalidRequest names the field)."""
+        super().check()
         if self.echo and self.logprobs is not None:     # the prompt's own logprobs: not computed
             raise InvalidRequest("echo with logprobs (the prompt's logprobs) is not supported", "echo")
 
@@ -273,7 +287,7 @@ class TokenizeRequest(BaseModel):
     """vLLM's /tokenize: a completion `prompt`, or chat `messages` rendered with the chat
     template ready for the assistant's turn (what /v1/chat/completions would compute)."""
     model_config = ConfigDict(extra="ignore")
-    model: StrictStr
+    model: StrictStr | None = None         # optional, as vLLM takes it; if sent, this server's model
     prompt: StrictStr | None = None
     messages: Annotated[list[ChatMessage], Field(min_length=1)] | None = None
     tools: Annotated[list[Tool], Field(max_length=limits.TOOLS_MAX)] | None = None
@@ -281,5 +295,5 @@ class TokenizeRequest(BaseModel):
 
 class DetokenizeRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
-    model: StrictStr
+    model: StrictStr | None = None
     tokens: Annotated[list[TokenId], Field(max_length=1 << 20)]

@@ -45,7 +45,7 @@ APP = "kvgate"
 class EngineReplica:
     """One engine, as a Ray Serve replica (the class `deployment` wraps)."""
 
-    async def __init__(self, config: KvgateConfig) -> None:
+    async def __init__(self, config: KvgateConfig, events: EventKeys) -> None:
         context = serve.get_replica_context()
         self.replica = context.replica_id.unique_id
         config = replica_config(config, context.rank.rank)
@@ -56,15 +56,18 @@ class EngineReplica:
             ids = model.encode_chat([{"role": "system", "content": prefix.system}]) if prefix.system \
                 else model.tokenizer.encode(prefix.text)
             self.engine.store.declare_public(ids)
-        host = ray.util.get_node_ip_address()
-        self.events = open_events(KvEventsConfig(enabled=True, endpoint=f"tcp://{host}:*",
-                                                 replay_endpoint=f"tcp://{host}:*"), self.engine.store)
+        host = ray.util.get_node_ip_address()     # reached from other nodes: CURVE, the router's key only
+        self.events = open_events(KvEventsConfig(enabled=True, endpoint=f"tcp://{host}:*", replay_endpoint=f"tcp://{host}:*",
+                                                 curve_secret_key=events.server_secret,
+                                                 curve_client_keys=events.router_public),
+                                  self.engine.store, bytes.fromhex(events.namespace_key))
         await self.engine.start()
         kv = kv_arithmetic(reports, config.engine.block_size, self.engine.store.layout.block_bytes)
         self.info = {**engine_info(self.engine, reports, kv), "replica": self.replica}
 
     def record_routing_stats(self) -> dict:
         return {"kv_events": self.events.endpoint, "kv_events_replay": self.events.replay_endpoint,
+                "kv_events_key": self.events.public_key,
                 "running": self.engine.num_running, "waiting": self.engine.num_waiting}
 
     async def generate(self, request: dict):
@@ -131,9 +134,28 @@ async def open_replicas(config: KvgateConfig) -> ReplicaClient:
     return client
 
 
+@dataclasses.dataclass(frozen=True)
+class EventKeys:
+    """The CURVE keys (Z85) of one deployment's KV events: the replicas publish with the server
+    secret and let in only the router's public key; the namespace key hashes the namespaces in
+    them. Made anew by each `deploy`, handed to the replicas and the router through Ray."""
+    server_secret: str
+    router_public: str
+    router_secret: str
+    namespace_key: str
+
+    @classmethod
+    def new(cls) -> EventKeys:
+        import zmq
+        _, server_secret = zmq.curve_keypair()
+        router_public, router_secret = zmq.curve_keypair()
+        return cls(server_secret.decode(), router_public.decode(), router_secret.decode(), os.urandom(32).hex())
+
+
 def deploy(config: KvgateConfig):
     """Run the `EngineReplica` deployment as `config.replicas` says; returns its handle."""
     r = config.replicas
+    keys = EventKeys.new()
     gpus = r.num_gpus if r.num_gpus >= 0 else float(torch.cuda.is_available())
     options = {"num_cpus": r.num_cpus, "num_gpus": gpus}
     autoscaling = None
@@ -143,13 +165,15 @@ def deploy(config: KvgateConfig):
     routing = RequestRouterConfig(request_routing_stats_period_s=1.0)
     if r.router == "prefix":
         routing = RequestRouterConfig(request_router_class="gateway.prefix_router:KvPrefixRouter",
-                                      request_router_kwargs={"imbalance": r.imbalance},
+                                      request_router_kwargs={"imbalance": r.imbalance,
+                                                             "curve_public": keys.router_public,
+                                                             "curve_secret": keys.router_secret},
                                       request_routing_stats_period_s=1.0)
     deployment = serve.deployment(EngineReplica, name="EngineReplica", ray_actor_options=options,
                                   num_replicas=None if autoscaling else r.num_replicas,
                                   autoscaling_config=autoscaling, max_ongoing_requests=r.max_ongoing_requests,
                                   request_router_config=routing)
-    return serve.run(deployment.bind(config), name=APP, route_prefix=None)
+    return serve.run(deployment.bind(config, keys), name=APP, route_prefix=None)
 
 
 class ReplicaClient:

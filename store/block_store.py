@@ -170,7 +170,8 @@ class BlockStore:
         for node in self.match(scope, token_ids).nodes:
             subtree = self.index.subtree(node)
             if node.namespace == scope.root and not any(n.lock_count for n in subtree):
-                self.placement.forget(node, None, "evicted through the admin API")
+                held = [t for t in TIERS if node.has(t)]   # its copies all go now: name the slowest
+                self.placement.forget(node, held[-1] if held else None, "evicted through the admin API")
                 return len(subtree)
         return 0
 

@@ -11,8 +11,8 @@ import pytest
 import zmq
 import zmq.asyncio
 
-from gateway.config import KvEventsConfig
-from gateway.kv_events import KVEventPublisher
+from gateway.config import ConfigError, KvEventsConfig, build_config
+from gateway.kv_events import KVEventPublisher, namespace_id
 from store import Tier, chain_key, token_bytes
 from tests.engine_util import greedy, make_engine, prompt, run
 from tests.http_util import MODEL
@@ -108,7 +108,8 @@ async def test_a_subscriber_rebuilds_the_stores_view_across_tiers_and_a_restart(
     assert all(view.values()), f"the workload should leave blocks in every tier: {view}"
     assert sub_view.held == view
     assert {n.key for n in engine.store.index.nodes()} <= set(sub_view.tokens)
-    assert set(sub_view.namespaces.values()) == {"a", "b"}     # tenant "" carries no extra key
+    key = publisher.log.namespace_key        # tenant "" carries no extra key; the others a keyed hash
+    assert set(sub_view.namespaces.values()) == {namespace_id(key, "a"), namespace_id(key, "b")}
 
     live = Subscriber(engine.store.block_size)       # the live stream, from the first batch it got
     seq, payload = None, None
@@ -133,22 +134,94 @@ async def test_a_subscriber_rebuilds_the_stores_view_across_tiers_and_a_restart(
     engine.store.close()
 
 
-async def test_the_engine_process_publishes_with_the_tenant_as_extra_key(make_client, unused_tcp_port_factory):
+async def test_the_engine_process_publishes_no_tenant_name_or_salt(make_client, unused_tcp_port_factory):
+    """The tenant's namespace travels as a keyed hash: neither its name nor a request's
+    cache_salt is anywhere in the stream."""
     port, replay_port = unused_tcp_port_factory(), unused_tcp_port_factory()
     client = await make_client(tenants=[{"name": "acme", "api_key": "sk-acme"}],
                                kv_events={"enabled": True, "endpoint": f"tcp://127.0.0.1:{port}",
                                           "replay_endpoint": f"tcp://127.0.0.1:{replay_port}"})
-    resp = await client.post("/v1/completions", headers={"Authorization": "Bearer sk-acme"},
-                             json={"model": MODEL, "prompt": "a prompt of a few blocks, " * 6, "max_tokens": 2})
-    assert resp.status == 200
-    sub = Subscriber(16)
+    for salt in (None, "s3cret-salt"):
+        resp = await client.post("/v1/completions", headers={"Authorization": "Bearer sk-acme"},
+                                 json={"model": MODEL, "prompt": "a prompt of a few blocks, " * 6, "max_tokens": 2,
+                                       "cache_salt": salt})
+        assert resp.status == 200
+    sub, payloads = Subscriber(16), []
     for _ in range(50):          # the batch is sent in the turn after the step; replays find it
         for seq, payload in await replay(f"tcp://127.0.0.1:{replay_port}", len(sub.seqs)):
             sub.apply(seq, payload)
-        if sub.held["GPU"]:
+            payloads.append(payload)
+        if len(sub.namespaces) == 2:
             break
         await asyncio.sleep(0.02)
-    assert len(sub.held["GPU"]) >= 3 and list(sub.namespaces.values()) == ["acme"]
+    assert len(sub.held["GPU"]) >= 6
+    ids = list(sub.namespaces.values())
+    assert len(set(ids)) == 2 and all(len(i) == 32 and int(i, 16) >= 0 for i in ids)   # two namespaces, hashed
+    stream = b"".join(payloads)
+    assert b"acme" not in stream and b"s3cret" not in stream
+
+
+def test_kv_events_stay_on_this_machine_unless_authenticated_or_allowed():
+    """Loopback by default; a bind beyond it needs CURVE keys or an explicit allow_unauthenticated."""
+    from gateway.config import is_local_endpoint
+    default = KvEventsConfig(enabled=True)
+    assert is_local_endpoint(default.endpoint) and is_local_endpoint(default.replay_endpoint)
+    for endpoint in ("tcp://*:5557", "tcp://0.0.0.0:5557", "tcp://10.1.2.3:5557", "tcp://eth0:5557"):
+        with pytest.raises(ConfigError, match="kv_events.endpoint.*loopback"):
+            build_config({"kv_events": {"enabled": True, "endpoint": endpoint}})
+        with pytest.raises(ConfigError, match="kv_events.replay_endpoint"):
+            build_config({"kv_events": {"enabled": True, "replay_endpoint": endpoint}})
+        build_config({"kv_events": {"enabled": True, "endpoint": endpoint, "allow_unauthenticated": True}})
+        public, secret = zmq.curve_keypair()
+        build_config({"kv_events": {"enabled": True, "endpoint": endpoint, "curve_secret_key": secret.decode(),
+                                    "curve_client_keys": public.decode()}})
+    for endpoint in ("tcp://127.0.0.1:1", "tcp://localhost:1", "tcp://[::1]:1", "ipc:///tmp/x", "inproc://x"):
+        build_config({"kv_events": {"enabled": True, "endpoint": endpoint}})
+    with pytest.raises(ConfigError, match="curve_client_keys"):        # a secret alone lets anyone in
+        build_config({"kv_events": {"curve_secret_key": zmq.curve_keypair()[1].decode()}})
+    with pytest.raises(ConfigError, match="curve_secret_key"):
+        build_config({"kv_events": {"curve_secret_key": "not a key", "curve_client_keys": "x"}})
+
+
+async def test_with_curve_only_the_configured_subscribers_receive():
+    server_public, server_secret = zmq.curve_keypair()
+    allowed_public, allowed_secret = zmq.curve_keypair()
+    stranger_public, stranger_secret = zmq.curve_keypair()
+    config = KvEventsConfig(enabled=True, endpoint="tcp://127.0.0.1:*", replay_endpoint="tcp://127.0.0.1:*",
+                            curve_secret_key=server_secret.decode(), curve_client_keys=allowed_public.decode())
+    from tests.conftest import make_store
+    store = make_store()
+    publisher = KVEventPublisher(store, config)
+    assert publisher.public_key == server_public.decode()
+    ctx = zmq.asyncio.Context.instance()
+
+    def subscriber(keys) -> zmq.asyncio.Socket:
+        sub = ctx.socket(zmq.SUB)
+        if keys is not None:
+            sub.curve_serverkey = server_public
+            sub.curve_publickey, sub.curve_secretkey = keys
+        sub.setsockopt(zmq.SUBSCRIBE, b"")
+        sub.connect(publisher.endpoint)
+        return sub
+    subs = {"allowed": subscriber((allowed_public, allowed_secret)),
+            "stranger": subscriber((stranger_public, stranger_secret)), "plain": subscriber(None)}
+    publisher.start()
+    got = {name: 0 for name in subs}
+    for _ in range(40):                        # PUB drops what it sends before a subscriber joins
+        from tests.conftest import run_request
+        run_request(store, object(), list(range(_ * 8, _ * 8 + 8)))
+        await asyncio.sleep(0.02)
+        for name, sub in subs.items():
+            while await sub.poll(0):
+                await sub.recv_multipart()
+                got[name] += 1
+        if got["allowed"] >= 3:
+            break
+    assert got["allowed"] >= 3 and got["stranger"] == 0 and got["plain"] == 0, got
+    for sub in subs.values():
+        sub.close(linger=0)
+    publisher.close()
+    store.close()
 
 
 @pytest.mark.parametrize("bad", [{"endpoint": "http://x"}, {"replay_endpoint": "5558"}, {"buffer_steps": 0}])
