@@ -31,9 +31,11 @@ class ServerConfig:
     max_concurrent_sequences: int = 256    # sequences generated at once (prompts x n); past it: 429
     max_sequences_per_request: int = 64    # prompts x n of one request; past it: 400
     max_body_bytes: int = 8 << 20          # past it: 413
+    max_response_bytes: int = 16 << 20     # the most a response may grow to (tokens x logprobs); past it: 400
     body_timeout_s: float = 30.0           # a request body must arrive within this; else 408
     write_timeout_s: float = 60.0          # a client that takes none of the response this long
                                            # is disconnected and its request aborted
+    heartbeat_timeout_s: float = 10.0      # an engine silent this long is frozen: /health and requests 503
     admin_api_key: str = ""                # guards /metrics (which it always does with tenants)
     admin_api_key_env: str = ""            # ... or the environment variable that holds it
 
@@ -43,8 +45,10 @@ class ServerConfig:
         _require(1 <= self.max_sequences_per_request <= self.max_concurrent_sequences,
                  "server.max_sequences_per_request", "an int in 1..server.max_concurrent_sequences")
         _require(self.max_body_bytes >= 1024, "server.max_body_bytes", "an int >= 1024")
+        _require(self.max_response_bytes >= 1 << 16, "server.max_response_bytes", "an int >= 65536")
         _require(self.body_timeout_s > 0, "server.body_timeout_s", "a number of seconds > 0")
         _require(self.write_timeout_s > 0, "server.write_timeout_s", "a number of seconds > 0")
+        _require(self.heartbeat_timeout_s >= 1, "server.heartbeat_timeout_s", "a number of seconds >= 1")
         _require(not (self.admin_api_key and self.admin_api_key_env), "server.admin_api_key",
                  "unset when server.admin_api_key_env is set (one of them)")
         _check_env("server.admin_api_key_env", self.admin_api_key_env)

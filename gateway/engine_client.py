@@ -22,6 +22,7 @@ import os
 import pickle
 import shutil
 import tempfile
+import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 
@@ -35,10 +36,11 @@ from engine.sequence import RequestOutput, Retention, coalesced
 from gateway import engine_process
 from gateway import engine_wire as wire
 from gateway.config import ConfigError, KvgateConfig
-from gateway.errors import EngineDead
+from gateway.errors import EngineDead, EngineUnresponsive
 
 log = logging.getLogger("kvgate.gateway")
 STOP_TIMEOUT_S = 120.0      # persisting a large cache to disk takes a while
+ASK_TIMEOUT_S = 10.0        # a "stats" or "admin" message unanswered this long: EngineUnresponsive
 
 
 class EngineStartError(RuntimeError):
@@ -198,6 +200,7 @@ class EngineClient:
         self._stats: dict[int, asyncio.Future] = {}
         self._tokens = itertools.count()
         self._stopped = asyncio.Event()      # the engine said "stopped": everything before it is read
+        self._last_beat = time.monotonic()    # when the engine process last showed its loop turning
         self._reader = asyncio.create_task(self._read())
         self._watch = asyncio.create_task(self._watch_process())
 
@@ -240,15 +243,24 @@ class EngineClient:
         """The engine's snapshot (gateway/metrics.py `snapshot`); EngineDead if it is gone."""
         return await self.ask("stats")
 
-    async def ask(self, kind: str, *args):
-        """Send a message that the engine answers ("stats", "admin"); its answer."""
+    def silent_for(self) -> float:
+        """Seconds since the engine process's last heartbeat (or any message)."""
+        return time.monotonic() - self._last_beat
+
+    async def ask(self, kind: str, *args, timeout_s: float = ASK_TIMEOUT_S):
+        """Send a message that the engine answers ("stats", "admin"); its answer, within
+        `timeout_s` (EngineUnresponsive past it: /metrics and the admin API never hang)."""
         if self.dead:
             raise EngineDead(self.dead)
         token = next(self._tokens)
         self._stats[token] = asyncio.get_running_loop().create_future()
         self.process.send(kind, token, *args)
         try:
-            return await self._stats[token]
+            async with asyncio.timeout(timeout_s):
+                return await self._stats[token]
+        except TimeoutError:
+            raise EngineUnresponsive(f"the engine process has not answered for {timeout_s:g} s "
+                                     f"(last heartbeat {self.silent_for():.1f} s ago)") from None
         finally:
             self._stats.pop(token, None)
 
@@ -275,6 +287,7 @@ class EngineClient:
         while True:
             msg = wire.unpack(await self.process.from_engine.recv())
             kind = msg[0]
+            self._last_beat = time.monotonic()
             if kind == "out":
                 for row in msg[1]:
                     queue = self._streams.get(row[0])

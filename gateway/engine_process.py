@@ -73,6 +73,7 @@ async def _serve(config: KvgateConfig, inbox: str, outbox: str) -> None:
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, terminated.set)
     models = _Models()
     core = await EngineCore.open(config, models, push, gen=0)
+    beats = asyncio.create_task(_beat(push))
     receive = asyncio.ensure_future(pull.recv())
     term = asyncio.ensure_future(terminated.wait())
     drain = zmq.Socket.shadow(pull.underlying)       # what else has arrived, read without waiting
@@ -111,10 +112,19 @@ async def _serve(config: KvgateConfig, inbox: str, outbox: str) -> None:
                 else:
                     core.handle(msg)
     finally:
+        beats.cancel()
         receive.cancel()
         term.cancel()
         pull.close(linger=0)
         push.close()
+
+
+async def _beat(push: zmq.Socket) -> None:
+    """A heartbeat every HEARTBEAT_S while this process's event loop turns: the API process's
+    /health says the engine is frozen when they stop (a stopped process, a blocked loop)."""
+    while True:
+        push.send(wire.pack("beat"))
+        await asyncio.sleep(wire.HEARTBEAT_S)
 
 
 def engine_info(engine: Engine, reports: list, kv: dict) -> dict:

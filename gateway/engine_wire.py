@@ -12,6 +12,7 @@ one msgpack array per message, its first item the kind:
     ["stop", persist, keep_process]                 ["stats", token, snapshot]  gateway/metrics.py
     ["reopen", gen, config]                         ["failed", message, is_config_error, gen]
                                                     ["stopped"]
+                                                    ["beat"]                    every HEARTBEAT_S
 
 `params` is SamplingParams as a dict; an output is RequestOutput as an array, cached tokens one
 count per Tier, logprobs as [logprob, [[token id, logprob], ...]] per token (or nil). "reopen"
@@ -28,6 +29,8 @@ import msgpack
 
 from engine.sampling import SamplingParams
 from engine.sequence import RequestOutput
+
+HEARTBEAT_S = 0.5          # the engine process's heartbeat while its event loop turns
 from store import Tier
 
 TIERS = tuple(Tier)

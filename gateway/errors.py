@@ -31,6 +31,11 @@ class EngineDead(Exception):
     """The engine process has exited: requests get 503 until the server is restarted."""
 
 
+class EngineUnresponsive(Exception):
+    """The engine process is alive but has not answered (a stopped process, a blocked loop):
+    503, and the request or probe is not left waiting."""
+
+
 class ClientGone(Exception):
     """The client closed the connection, or took none of the response for write_timeout_s."""
 
@@ -48,6 +53,8 @@ async def error_middleware(request: web.Request, handler) -> web.StreamResponse:
     except EngineDead as e:
         return APIError(503, f"the engine is not running ({e}); the server is exiting for its supervisor "
                         "to restart it", "server_error", headers={"Retry-After": "10"}).response()
+    except EngineUnresponsive as e:
+        return APIError(503, str(e), "server_error", headers={"Retry-After": "5"}).response()
     except InvalidRequest as e:
         return _unread_body_closes(request, APIError(400, str(e), "invalid_request_error", e.param,
                                                      e.code).response())

@@ -129,6 +129,29 @@ def plan(req: ChatCompletionRequest | CompletionRequest, prompts: list[list[int]
     return choices
 
 
+# What a response can cost the API process per generated token, as JSON: its text and id, and
+# each logprob entry (token, logprob, bytes) — about 64 bytes on the demo model (docs/reliability.md)
+BYTES_PER_TOKEN, BYTES_PER_LOGPROB = 8, 64
+
+
+def check_response_size(req: ChatCompletionRequest | CompletionRequest, choices: list[Choice], max_bytes: int) -> None:
+    """The most a response can grow to — every choice's `max_tokens`, each token with its
+    logprob entries — must fit `max_bytes` (`server.max_response_bytes`), checked before anything
+    runs: a 200-byte request must not make a 40 MB answer. InvalidRequest names the field."""
+    def most(c: Choice) -> int:
+        entries = 0 if c.params.logprobs is None else 1 + c.params.logprobs
+        return c.params.max_tokens * (BYTES_PER_TOKEN + BYTES_PER_LOGPROB * entries)
+    total = sum(most(c) for c in choices)
+    if total <= max_bytes:
+        return
+    scored = choices[0].params.logprobs is not None
+    field = ("top_logprobs" if getattr(req, "top_logprobs", None) else "logprobs") if scored else "max_tokens"
+    raise InvalidRequest(f"this response could reach {total / 2**20:.1f} MiB ({len(choices)} sequences x max_tokens "
+                         f"{choices[0].params.max_tokens}{' with logprobs' if scored else ''}); the limit is "
+                         f"{max_bytes / 2**20:g} MiB: ask for fewer tokens, choices or logprobs", field,
+                         "response_too_large")
+
+
 def submit(engine: EngineClient, choices: list[Choice], priority: int, namespace: str, cache_salt: str = "",
            cache_report: bool = False, retention: Retention | None = None) -> None:
     """Submit every choice, or none: if one fails, those already submitted are aborted."""

@@ -30,7 +30,8 @@ from engine.sampling import SamplingParams
 from engine.sequence import RequestOutput, Retention
 from gateway import engine_wire as wire
 from gateway.config import KvEventsConfig, KvgateConfig
-from gateway.engine_client import EngineClient, RemoteStream
+from gateway.engine_client import ASK_TIMEOUT_S, EngineClient, RemoteStream
+from gateway.errors import EngineUnresponsive
 from gateway.engine_process import engine_info
 from gateway.kv_events import open_events
 from gateway.metrics import add_up, merge_snapshots, snapshot
@@ -256,7 +257,16 @@ class ReplicaClient:
         return merge_snapshots(await self._every_replica({"op": "stats"}))
 
     async def _every_replica(self, request: dict) -> list:
-        return await asyncio.gather(*(self.handle.ask.remote({**request, "replica": r}) for r in sorted(self.replicas)))
+        try:
+            async with asyncio.timeout(ASK_TIMEOUT_S):
+                return await asyncio.gather(*(self.handle.ask.remote({**request, "replica": r})
+                                              for r in sorted(self.replicas)))
+        except TimeoutError:
+            raise EngineUnresponsive(f"a replica has not answered for {ASK_TIMEOUT_S:g} s") from None
+
+    def silent_for(self) -> float:
+        """0: Ray Serve health-checks the replicas and replaces one that stops answering."""
+        return 0.0
 
     async def ask(self, kind: str, *args):
         """"stats", or ("admin", op, args): an operator's operation, on every replica known (the

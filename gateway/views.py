@@ -14,8 +14,17 @@ from aiohttp import web
 
 from engine.sequence import RequestOutput, Retention
 from gateway import intake, logprobs, text_views, tools
-from gateway.errors import APIError, ClientGone, EngineDead
-from gateway.generation import Choice, chat_prompt, completion_prompts, echo_texts, merged, plan, submit
+from gateway.errors import APIError, ClientGone, EngineDead, EngineUnresponsive
+from gateway.generation import (
+    Choice,
+    chat_prompt,
+    check_response_size,
+    completion_prompts,
+    echo_texts,
+    merged,
+    plan,
+    submit,
+)
 from gateway.keys import CONFIG, ENGINE, METRICS, PROMPTS, STATE, TENANT, TIERS, TOKEN_TEXT, TOOL_PARSER
 from gateway.protocol import ChatCompletionRequest, CompletionRequest, error_body, new_id, now, usage
 
@@ -39,6 +48,7 @@ async def _generate(request: web.Request, schema, prompts_of: Callable, kind: st
         raise EngineDead(engine.dead)
     if state.stopping:
         raise APIError(503, "the server is shutting down", "server_error", headers={"Retry-After": "5"})
+    _check_responsive(engine, server.heartbeat_timeout_s)
     req = await intake.read_request(request, schema, prompts.name, server.body_timeout_s)
     offered = _tools_offered(req, app[TOOL_PARSER])
     priority = _priority(req, request[TENANT])
@@ -56,6 +66,7 @@ async def _generate(request: web.Request, schema, prompts_of: Callable, kind: st
         body_bytes = len(await request.read())      # read already: aiohttp keeps the body
         prompt_ids = await intake.off_loop_if_large(body_bytes, prompts_of, req, prompts)
         choices = plan(req, prompt_ids, engine.max_sequence_tokens)
+        check_response_size(req, choices, server.max_response_bytes)
         if getattr(req, "echo", False) is True:          # completions: the prompt's text first
             texts = echo_texts(req, prompt_ids, prompts)
             for c in choices:
@@ -285,12 +296,24 @@ async def models(request: web.Request) -> web.Response:
     return web.json_response({"object": "list", "data": [text_views.model_card(request)]})
 
 
+def _check_responsive(engine, timeout_s: float) -> None:
+    """A frozen engine (no heartbeat for `timeout_s`) takes no new request: 503 at once."""
+    silent = engine.silent_for()
+    if silent > timeout_s:
+        raise EngineUnresponsive(f"the engine process has sent no heartbeat for {silent:.1f} s "
+                                 f"(server.heartbeat_timeout_s = {timeout_s:g})")
+
+
 async def health(request: web.Request) -> web.Response:
     engine = request.app[ENGINE]
     if engine.dead:
         return web.json_response({"status": "engine_dead", "reason": engine.dead}, status=503)
     if request.app[STATE].stopping:
         return web.json_response({"status": "stopping"}, status=503)
+    try:
+        _check_responsive(engine, request.app[CONFIG].server.heartbeat_timeout_s)
+    except EngineUnresponsive as e:
+        return web.json_response({"status": "engine_unresponsive", "reason": str(e)}, status=503)
     tiers = {r.tier: {k: v for k, v in r.as_dict().items() if k != "path"} for r in request.app.get(TIERS, [])}
     return web.json_response({"status": "ok", "tiers": tiers, "engine": engine.steps})
 
@@ -298,12 +321,15 @@ async def health(request: web.Request) -> web.Response:
 async def cache(request: web.Request) -> web.Response:
     """The KV arithmetic of this deployment and what each tier holds now (no token contents)."""
     engine = request.app[ENGINE]
+    _check_responsive(engine, request.app[CONFIG].server.heartbeat_timeout_s)
     blocks = (await engine.stats())["blocks"]
     tiers = {name: {**t, "now": blocks.get(name)} for name, t in engine.kv["tiers"].items()}
     return web.json_response({**engine.kv, "tiers": tiers})
 
 
 async def metrics(request: web.Request) -> web.Response:
+    """Prometheus' scrape: a 503 at once for a frozen engine, within ASK_TIMEOUT_S for a slow one."""
+    _check_responsive(request.app[ENGINE], request.app[CONFIG].server.heartbeat_timeout_s)
     snapshot = await request.app[ENGINE].stats()
     return web.Response(body=request.app[METRICS].render(snapshot),
                         headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})

@@ -20,7 +20,7 @@ BS = 4
 
 def make_engine(path: str, gpu: int = 64, host: int = 0, disk: str = "", disk_blocks: int = 0,
                 max_batched: int = 32, max_seqs: int = 16, fused: bool = True,
-                write_policy: str = "all", async_scheduling: bool = True) -> Engine:
+                write_policy: str = "all", async_scheduling: bool = True, tenants: dict | None = None) -> Engine:
     """On the CPU the engine keeps transformers' layers; `fused` fuses them eagerly anyway, so
     that the fused arithmetic is what these tests compare with transformers (on CUDA the
     engine fuses and compiles them itself)."""
@@ -33,7 +33,7 @@ def make_engine(path: str, gpu: int = 64, host: int = 0, disk: str = "", disk_bl
                         write_policy=write_policy)
     return Engine(loaded, EngineConfig(max_num_seqs=max_seqs, max_num_batched_tokens=max_batched,
                                        block_size=BS, async_scheduling=async_scheduling,
-                                       check_integrity=True), store)
+                                       check_integrity=True), store, tenants=tenants)
 
 
 def prompt(seed: int, n: int) -> list[int]:
