@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from store import BlockStore, Scope, Tier
+from store.errors import PublicPrefixesFull
 
 
 def evict(store: BlockStore, namespace: str, token_ids: Sequence[int], public: bool = False) -> int:
@@ -27,9 +28,17 @@ def usage(store: BlockStore, namespaces: Sequence[str]) -> dict:
             "public": {**tiers(store.public_root), "prefixes": store.public.count}}
 
 
-# an admin message's operation -> what carries it out on a store; "public": declare a prefix
-# public (the full blocks of its token ids, shared by every namespace from now on)
-OPERATIONS = {"evict": evict, "usage": usage, "public": BlockStore.declare_public}
+def declare_public(store: BlockStore, token_ids: Sequence[int]) -> int | str:
+    """Declare a prefix public (the full blocks of its token ids, shared by every namespace from
+    now on): how many blocks, or why not (the public blocks' bound) for the API to answer 400."""
+    try:
+        return store.declare_public(token_ids)
+    except PublicPrefixesFull as e:
+        return str(e)
+
+
+# an admin message's operation -> what carries it out on a store
+OPERATIONS = {"evict": evict, "usage": usage, "public": declare_public}
 
 
 def run(store: BlockStore, op: str, args: list):

@@ -14,6 +14,7 @@ import collections
 import dataclasses
 import itertools
 import logging
+import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from collections.abc import Sequence as Seq
@@ -87,10 +88,11 @@ class Engine:
                 log.info("measured: disk -> host %.2f GB/s", self.store.disk_read_rate / 1e9)
             self._loop_task = loop.create_task(self._run())
 
-    async def stop(self, persist: bool = True) -> None:
+    async def stop(self, persist: bool = True, persist_s: float | None = None) -> None:
         """Abort every request, let a step in flight finish (it ends its aborted requests), stop
         the loop, write the cached blocks worth keeping (and every queued record) to the disk
-        tier, and close the store."""
+        tier, and close the store. `persist_s`: the time choosing and queueing blocks to write
+        may take (a supervisor's grace period); what did not fit is logged."""
         self.abort_all()
         self._stopping = True
         self._wakeup.set()
@@ -99,7 +101,14 @@ class Engine:
             self._loop_task = None
         try:
             if persist:
-                self.store.persist()
+                started = time.monotonic()
+                deadline = None if persist_s is None else started + persist_s
+                written, left = self.store.persist(deadline)
+                if written or left:
+                    log.info("shutdown: %d cached blocks queued for the disk tier in %.1f s%s", written,
+                             time.monotonic() - started,
+                             f"; {left} left unwritten (the shutdown's time ran out: server.shutdown_timeout_s)"
+                             if left else "")
             await self.store.flush()
         finally:        # whatever failed above, what reached the disk tier is kept
             self.store.close()

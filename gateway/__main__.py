@@ -1,6 +1,4 @@
-import sys
-
-from gateway.cli import main
+from gateway.cli import entry
 
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

@@ -111,6 +111,8 @@ async def declare_public(app: web.Application, req: PublicRequest) -> dict:
         prompt = _prompt(app, req)
     limits.check_request(app[ENGINE].bounds, prompt, WARM, 0)     # before it is declared
     blocks = await app[ENGINE].ask("admin", "public", [prompt])
+    if isinstance(blocks, str):              # the public blocks' bound (store.PUBLIC_MAX_SHARE)
+        raise APIError(400, blocks, "invalid_request_error", "prompt", "public_prefixes_full")
     if not blocks:
         raise APIError(400, f"the prefix is {len(prompt)} tokens: shorter than one cache block "
                        f"({app[ENGINE].bounds.block_size} tokens), it has nothing to share",

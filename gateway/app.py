@@ -62,6 +62,8 @@ def _engine_ctx(given: EngineProcess | None, log_level: str):
         app[TOKEN_TEXT] = TokenText(engine.tokenizer)
         app[TOOL_PARSER] = tools.parser_for(config.model.tool_call_parser,
                                             getattr(engine.tokenizer, "chat_template", None)) or ""
+        state.max_in_flight, state.max_per_request = config.server.admission_limits(
+            engine.bounds.max_model_len, engine.steps["max_num_seqs"])
         app[TIERS] = reports = [TierReport(**t) for t in engine.tiers]
         app[METRICS] = Metrics(reports, engine.name, engine.bounds.block_size)
         try:
@@ -71,8 +73,10 @@ def _engine_ctx(given: EngineProcess | None, log_level: str):
             raise
         yield
         state.stopping = True
-        # aborts what is left, writes cached blocks to disk; a given process stays for the next app
-        await engine.close(persist=True, keep_process=given is not None)
+        # aborts what is left, writes cached blocks to disk within what is left of the shutdown's
+        # time (server.serve set the deadline); a given process stays for the next app
+        left = state.shutdown_left(config.server.shutdown_timeout_s)
+        await engine.close(persist=True, keep_process=given is not None, timeout_s=max(1.0, left - 0.5))
     return ctx
 
 
@@ -83,9 +87,9 @@ async def _open_engine(config: KvgateConfig, given: EngineProcess | None, log_le
     if given is None:
         try:
             await process.start()
-        except BaseException:
+        except BaseException:       # a failure, or a signal while starting: it is not waited for long
             tokenizer.cancel()
-            await process.stop(persist=False)
+            await process.stop(persist=False, timeout_s=1.0)
             raise
     return EngineClient(process, await tokenizer, on_death=on_death)
 

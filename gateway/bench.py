@@ -71,6 +71,7 @@ class Client:
         self.model = model
         self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.session: aiohttp.ClientSession | None = None
+        self.retries = 0           # requests sent again after a 429 or 503
 
     async def complete(self, workload: str, prompt: list[int], max_tokens: int, progress: Progress,
                        round_: int = 0) -> Sample:
@@ -81,9 +82,7 @@ class Client:
         first = last = None
         tokens: list[int] = []
         usage = {}
-        async with self.session.post(self.url, json=body, headers=self.headers) as resp:
-            if resp.status != 200:
-                raise RuntimeError(f"{workload}: HTTP {resp.status}: {await resp.text()}")
+        async with await self._post(workload, body) as resp:
             async for line in resp.content:
                 if not line.startswith(b"data: ") or line.strip() == b"data: [DONE]":
                     continue
@@ -101,6 +100,35 @@ class Client:
         return Sample(workload, usage.get("prompt_tokens", len(prompt)), usage.get("completion_tokens", 0),
                       (first or time.perf_counter()) - start, (last - first) if first else 0.0, cached,
                       round_, tokens)
+
+
+    async def _post(self, workload: str, body: dict) -> aiohttp.ClientResponse:
+        """The response to `body`, retried as the official SDKs retry: a 429 or 503 waits its
+        Retry-After (else 0.5 s doubling, at most 8 s, with jitter), up to MAX_RETRIES times.
+        The request's time counts from the first try: waiting is part of what a user sees."""
+        for attempt in range(MAX_RETRIES + 1):
+            resp = await self.session.post(self.url, json=body, headers=self.headers)
+            if resp.status == 200:
+                return resp
+            text = await resp.text()
+            resp.release()
+            if resp.status not in (429, 503) or attempt == MAX_RETRIES:
+                raise RuntimeError(f"{workload}: HTTP {resp.status}: {text}")
+            self.retries += 1
+            await asyncio.sleep(retry_after(resp.headers.get("Retry-After"), attempt))
+        raise AssertionError("unreachable")
+
+
+MAX_RETRIES = 8
+
+
+def retry_after(header: str | None, attempt: int) -> float:
+    """Seconds to wait before retry `attempt` (0-based): the server's Retry-After if it gives
+    a number of seconds (at most 60), else exponential backoff with jitter."""
+    try:
+        return min(60.0, max(0.0, float(header)))
+    except (TypeError, ValueError):
+        return min(8.0, 0.5 * 2 ** attempt) * random.uniform(0.75, 1.0)
 
 
 def _rand(rng: random.Random, vocab: int, n: int) -> list[int]:
@@ -264,6 +292,9 @@ async def main_async(a) -> list[dict]:
             rows.append(summarize(name, got, wall))
             samples += got
     print_table(rows)
+    if client.retries:
+        print(f"{client.retries} requests were retried after a 429 or 503 (Retry-After honoured; their wait "
+              "is in their times)")
     if a.json:
         with open(a.json, "w") as f:
             json.dump(dict(base_url=a.base_url, model=client.model, rows=rows,

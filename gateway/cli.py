@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import sys
 
 import aiohttp
@@ -80,5 +81,17 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
+def entry() -> None:
+    """The `kvgate` console script: `main`, then exit at once. Everything is closed by then (the
+    engine process joined, LMDB closed, the port shut); the interpreter's own teardown of torch's
+    modules (a second or more) would only keep a process that refuses connections alive, while
+    its supervisor waits to restart it."""
+    code = main()
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

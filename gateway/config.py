@@ -20,6 +20,13 @@ from engine.fairness import TenantShare
 from store import WRITE_POLICIES
 
 
+# A waiting request's prompt as the two processes hold it (lists of Python ints, the request, the
+# sequence): about this many bytes a token; the automatic admission limit keeps them within
+# QUEUED_PROMPT_BYTES
+BYTES_PER_QUEUED_TOKEN = 64
+QUEUED_PROMPT_BYTES = 1 << 30
+
+
 class ConfigError(ValueError):
     """The configuration is invalid; the message names the key."""
 
@@ -28,30 +35,42 @@ class ConfigError(ValueError):
 class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 8000
-    max_concurrent_sequences: int = 256    # sequences generated at once (prompts x n); past it: 429
-    max_sequences_per_request: int = 64    # prompts x n of one request; past it: 400
+    max_concurrent_sequences: int = 0      # sequences taken at once (prompts x n), running or queued;
+                                           # past it: 429. 0 = what the engine can keep waiting (docs)
+    max_sequences_per_request: int = 0     # prompts x n of one request; past it: 400. 0 = 64 (at most
+                                           # the admission limit)
     max_body_bytes: int = 8 << 20          # past it: 413
     max_response_bytes: int = 16 << 20     # the most a response may grow to (tokens x logprobs); past it: 400
     body_timeout_s: float = 30.0           # a request body must arrive within this; else 408
     write_timeout_s: float = 60.0          # a client that takes none of the response this long
                                            # is disconnected and its request aborted
     heartbeat_timeout_s: float = 10.0      # an engine silent this long is frozen: /health and requests 503
+    shutdown_timeout_s: float = 25.0       # SIGTERM to exit, persisting what fits (a 30 s grace period)
     admin_api_key: str = ""                # guards /metrics (which it always does with tenants)
     admin_api_key_env: str = ""            # ... or the environment variable that holds it
 
     def __post_init__(self) -> None:
         _require(0 < self.port < 65536, "server.port", "an int in 1..65535")
-        _require(self.max_concurrent_sequences >= 1, "server.max_concurrent_sequences", "an int >= 1")
-        _require(1 <= self.max_sequences_per_request <= self.max_concurrent_sequences,
-                 "server.max_sequences_per_request", "an int in 1..server.max_concurrent_sequences")
+        _require(self.max_concurrent_sequences >= 0, "server.max_concurrent_sequences", "an int >= 0 (0 = automatic)")
+        _require(0 <= self.max_sequences_per_request <= (self.max_concurrent_sequences or limits.N_MAX * 1024),
+                 "server.max_sequences_per_request", "an int in 1..server.max_concurrent_sequences (0 = automatic)")
         _require(self.max_body_bytes >= 1024, "server.max_body_bytes", "an int >= 1024")
         _require(self.max_response_bytes >= 1 << 16, "server.max_response_bytes", "an int >= 65536")
         _require(self.body_timeout_s > 0, "server.body_timeout_s", "a number of seconds > 0")
         _require(self.write_timeout_s > 0, "server.write_timeout_s", "a number of seconds > 0")
         _require(self.heartbeat_timeout_s >= 1, "server.heartbeat_timeout_s", "a number of seconds >= 1")
+        _require(self.shutdown_timeout_s >= 2, "server.shutdown_timeout_s", "a number of seconds >= 2")
         _require(not (self.admin_api_key and self.admin_api_key_env), "server.admin_api_key",
                  "unset when server.admin_api_key_env is set (one of them)")
         _check_env("server.admin_api_key_env", self.admin_api_key_env)
+
+    def admission_limits(self, max_model_len: int, max_num_seqs: int) -> tuple[int, int]:
+        """(sequences taken at once, sequences of one request) once the engine is known. The
+        automatic limit queues a burst rather than refusing it: the engine's running batch plus
+        what QUEUED_PROMPT_BYTES of waiting prompts at the context length hold."""
+        concurrent = self.max_concurrent_sequences or max(
+            256, max_num_seqs + min(4096, QUEUED_PROMPT_BYTES // (max_model_len * BYTES_PER_QUEUED_TOKEN)))
+        return concurrent, self.max_sequences_per_request or min(64, concurrent)
 
     @property
     def admin_key(self) -> str:

@@ -39,7 +39,7 @@ from gateway.config import ConfigError, KvgateConfig
 from gateway.errors import EngineDead, EngineUnresponsive
 
 log = logging.getLogger("kvgate.gateway")
-STOP_TIMEOUT_S = 120.0      # persisting a large cache to disk takes a while
+STOP_TIMEOUT_S = 120.0      # the default bound of a stop (the server passes server.shutdown_timeout_s)
 ASK_TIMEOUT_S = 10.0        # a "stats" or "admin" message unanswered this long: EngineUnresponsive
 
 
@@ -84,7 +84,7 @@ class EngineProcess:
     async def reopen(self, config: KvgateConfig) -> None:
         """Stop the engine inside (nothing persisted) and open one for `config` in the same
         process: tests reuse one process, and its loaded model, for many configurations."""
-        self.send("stop", False, True)
+        self.send("stop", False, True, None)
         await self._receive("stopped")
         gen = next(self._gen)
         self.config = config
@@ -161,21 +161,21 @@ class EngineProcess:
         except zmq.Again:
             log.warning("the engine process is not reading; %r dropped", message[0])
 
-    async def stop(self, persist: bool = True, ask: bool = True) -> None:
-        """Ask the engine to abort what is left, persist its cache (if `persist`) and exit
-        (`ask=False`: it was asked already); kill it if it has not within STOP_TIMEOUT_S.
-        Idempotent."""
+    async def stop(self, persist: bool = True, ask: bool = True, timeout_s: float = STOP_TIMEOUT_S) -> None:
+        """Ask the engine to abort what is left, persist its cache (if `persist`, for a share of
+        `timeout_s`) and exit (`ask=False`: it was asked already); kill it if it has not within
+        `timeout_s` (what reached LMDB survives a kill). Idempotent."""
         if self._process is None:
             return
         try:
             if self._process.is_alive():
                 if ask:
-                    self.send("stop", persist, False)
+                    self.send("stop", persist, False, timeout_s * wire.PERSIST_SHARE)
                 try:
-                    async with asyncio.timeout(STOP_TIMEOUT_S):
+                    async with asyncio.timeout(timeout_s):
                         await self.wait_exit()
                 except TimeoutError:
-                    log.error("the engine process did not stop within %g s; killing it", STOP_TIMEOUT_S)
+                    log.error("the engine process did not stop within %g s; killing it", timeout_s)
                     self._process.kill()
             await asyncio.to_thread(self._process.join)
         finally:
@@ -264,24 +264,27 @@ class EngineClient:
         finally:
             self._stats.pop(token, None)
 
-    async def close(self, persist: bool = True, keep_process: bool = False) -> None:
-        """Stop the engine: abort what is left (its streams end), write the cache to the disk
-        tier if `persist`, close the store; then the process exits, unless `keep_process`
-        (tests: the next app reopens it)."""
+    async def close(self, persist: bool = True, keep_process: bool = False, timeout_s: float = STOP_TIMEOUT_S) -> None:
+        """Stop the engine within `timeout_s`: abort what is left (its streams end), write the
+        cache to the disk tier if `persist` (what fits in time), close the store; then the
+        process exits (killed past the deadline), unless `keep_process` (tests: the next app
+        reopens it)."""
+        deadline = time.monotonic() + timeout_s
         self._watch.cancel()
         if not self.dead and self.process.alive:
-            self.process.send("stop", persist, keep_process)
+            self.process.send("stop", persist, keep_process, timeout_s * wire.PERSIST_SHARE)
             waits = [asyncio.ensure_future(self._stopped.wait()), asyncio.ensure_future(self.process.wait_exit())]
-            done, _ = await asyncio.wait(waits, timeout=STOP_TIMEOUT_S, return_when=asyncio.FIRST_COMPLETED)
+            done, _ = await asyncio.wait(waits, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
             if not done:
-                log.error("the engine did not stop within %g s", STOP_TIMEOUT_S)
+                log.error("the engine did not stop within %g s", timeout_s)
             for w in waits:
                 w.cancel()
         self._end_all("the engine was stopped")
         self._reader.cancel()
         await asyncio.gather(self._reader, self._watch, return_exceptions=True)
         if not keep_process:
-            await self.process.stop(persist, ask=not self._stopped.is_set())
+            await self.process.stop(persist, ask=not self._stopped.is_set(),
+                                    timeout_s=max(0.5, deadline - time.monotonic()))
 
     async def _read(self) -> None:
         while True:

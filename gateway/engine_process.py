@@ -83,7 +83,7 @@ async def _serve(config: KvgateConfig, inbox: str, outbox: str) -> None:
             if term.done():
                 log.info("SIGTERM: stopping the engine and writing the cache to the disk tier")
                 if core is not None:
-                    await core.stop(persist=True)
+                    await core.stop(True, config.server.shutdown_timeout_s * wire.PERSIST_SHARE)
                 push.send(wire.pack("stopped"))
                 return
             batch = [receive.result()]            # a burst (128 submits) is taken in one turn
@@ -97,9 +97,9 @@ async def _serve(config: KvgateConfig, inbox: str, outbox: str) -> None:
                 msg = wire.unpack(data)
                 kind = msg[0]
                 if kind == "stop":
-                    _, persist, keep_process = msg
+                    _, persist, keep_process, persist_s = msg
                     if core is not None:
-                        await core.stop(persist)
+                        await core.stop(persist, persist_s)
                         core = None
                     push.send(wire.pack("stopped"))
                     if not keep_process:
@@ -208,10 +208,11 @@ class EngineCore:
             self.push.send(wire.pack("out", self._pending))
             self._pending = []
 
-    async def stop(self, persist: bool) -> None:
-        """Abort what is left (its last outputs are sent), stop the loop, persist, close."""
+    async def stop(self, persist: bool, persist_s: float | None = None) -> None:
+        """Abort what is left (its last outputs are sent), stop the loop, persist (choosing and
+        copying blocks for at most `persist_s`), close."""
         try:
-            await self.engine.stop(persist=persist)
+            await self.engine.stop(persist=persist, persist_s=persist_s)
         except AssertionError:
             log.exception("the engine's invariants were broken")
         finally:

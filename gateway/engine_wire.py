@@ -9,7 +9,7 @@ one msgpack array per message, its first item the kind:
     ["abort", [id, ...]]                            ["out", [output, ...]]      one per engine loop turn
     ["stats", token]                                ["rejected", id, message]   refused at submit
     ["admin", token, op, args]                      (answered as "stats": gateway/admin.py)
-    ["stop", persist, keep_process]                 ["stats", token, snapshot]  gateway/metrics.py
+    ["stop", persist, keep_process, persist_s]      ["stats", token, snapshot]  gateway/metrics.py
     ["reopen", gen, config]                         ["failed", message, is_config_error, gen]
                                                     ["stopped"]
                                                     ["beat"]                    every HEARTBEAT_S
@@ -31,6 +31,8 @@ from engine.sampling import SamplingParams
 from engine.sequence import RequestOutput
 
 HEARTBEAT_S = 0.5          # the engine process's heartbeat while its event loop turns
+PERSIST_SHARE = 0.7        # of a stop's time, what the engine may spend choosing and copying blocks
+                           # to persist ("stop"'s persist_s); the rest writes what it queued, syncs, exits
 from store import Tier
 
 TIERS = tuple(Tier)

@@ -134,13 +134,17 @@ def plan(req: ChatCompletionRequest | CompletionRequest, prompts: list[list[int]
 BYTES_PER_TOKEN, BYTES_PER_LOGPROB = 8, 64
 
 
-def check_response_size(req: ChatCompletionRequest | CompletionRequest, choices: list[Choice], max_bytes: int) -> None:
-    """The most a response can grow to — every choice's `max_tokens`, each token with its
-    logprob entries — must fit `max_bytes` (`server.max_response_bytes`), checked before anything
-    runs: a 200-byte request must not make a 40 MB answer. InvalidRequest names the field."""
+def check_response_size(req: ChatCompletionRequest | CompletionRequest, choices: list[Choice], max_bytes: int,
+                        max_sequence_tokens: int) -> None:
+    """The most a response can grow to — every choice's `max_tokens` (or the room its context
+    leaves: a `max_tokens` past it is the engine's context_length_exceeded), each token with its
+    logprob entries — must fit `max_bytes` (`server.max_response_bytes`), checked before
+    anything runs: a 200-byte request must not make a 40 MB answer. InvalidRequest names the
+    field."""
     def most(c: Choice) -> int:
         entries = 0 if c.params.logprobs is None else 1 + c.params.logprobs
-        return c.params.max_tokens * (BYTES_PER_TOKEN + BYTES_PER_LOGPROB * entries)
+        tokens = min(c.params.max_tokens, max(1, max_sequence_tokens - len(c.prompt)))
+        return tokens * (BYTES_PER_TOKEN + BYTES_PER_LOGPROB * entries)
     total = sum(most(c) for c in choices)
     if total <= max_bytes:
         return

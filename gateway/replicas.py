@@ -275,7 +275,7 @@ class ReplicaClient:
             return await self.stats()
         op, op_args = args
         answers = await self._every_replica({"op": op, "args": op_args})
-        if op == "public":
+        if op == "public" and isinstance(answers[0], int):     # else the bound refused it everywhere
             self.public.declare(token_bytes(op_args[0]), self.bounds.block_size)
         if op == "usage":      # blocks and bytes add up; the prefixes are the same everywhere
             total = add_up(answers)

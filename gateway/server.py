@@ -48,6 +48,24 @@ class _Server(web.Server):
 
 
 class _Runner(web.AppRunner):
+    _wound_down = False
+
+    async def wind_down(self) -> None:
+        """The app's shutdown and cleanup (streams end, the engine stops and persists its cache)
+        while the port still answers — with 503 and Retry-After from now on, not a refused
+        connection; `cleanup` then closes the port."""
+        await super().shutdown()
+        await super()._cleanup_server()
+        self._wound_down = True
+
+    async def shutdown(self) -> None:
+        if not self._wound_down:
+            await super().shutdown()
+
+    async def _cleanup_server(self) -> None:
+        if not self._wound_down:
+            await super()._cleanup_server()
+
     async def _make_server(self) -> web.Server:
         server = await super()._make_server()
         return _Server(server.request_handler, request_factory=server.request_factory,
@@ -61,20 +79,31 @@ def make_runner(app: web.Application, **kwargs) -> web.AppRunner:
 
 async def serve(app: web.Application, host: str, port: int, banner: str = "") -> int:
     """Serve `app` until SIGINT or SIGTERM (or the app asks to stop: its engine process died),
-    then shut down gracefully (the app's shutdown and cleanup: no new requests, streams end, the
-    engine writes its cache to the disk tier). `banner` is printed once the engine has started
-    and the port is open. Returns the exit code."""
+    then shut down gracefully within server.shutdown_timeout_s (the app's shutdown and cleanup:
+    streams end, the engine writes what fits of its cache to the disk tier) while the port
+    answers 503, then close it. A signal while the engine starts stops the start. `banner` is
+    printed once the engine has started and the port is open. Returns the exit code."""
     state = app[STATE]
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, state.request_stop, 0)
-    runner = make_runner(app, shutdown_timeout=10)
-    await runner.setup()
+    runner = make_runner(app, shutdown_timeout=2)     # handlers have ended by then (wind_down)
+    setup = asyncio.ensure_future(runner.setup())     # starts the engine: loads the model, opens tiers
+    stopped = asyncio.ensure_future(state.stop_requested.wait())
+    await asyncio.wait([setup, stopped], return_when=asyncio.FIRST_COMPLETED)
+    if not setup.done():
+        setup.cancel()              # the engine process is stopped (killed if it does not listen)
+        await asyncio.gather(setup, return_exceptions=True)
+        log.info("stopped while starting")
+        return state.exit_code
+    stopped.cancel()
+    setup.result()                  # a start-up failure: ConfigError, EngineStartError
     try:
         await web.TCPSite(runner, host, port).start()
         if banner:
             print(banner, flush=True)
         await state.stop_requested.wait()
+        await runner.wind_down()
     finally:
         await runner.cleanup()
     return app[STATE].exit_code

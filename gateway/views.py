@@ -53,11 +53,12 @@ async def _generate(request: web.Request, schema, prompts_of: Callable, kind: st
     offered = _tools_offered(req, app[TOOL_PARSER])
     priority = _priority(req, request[TENANT])
     need = req.num_sequences()
-    if need > server.max_sequences_per_request:
+    if need > state.max_per_request:
         raise APIError(400, f"this request asks for {need} sequences (prompts x n); the limit is "
-                       f"{server.max_sequences_per_request}", "invalid_request_error", "n")
-    if state.in_flight + need > server.max_concurrent_sequences:
-        raise APIError(429, "too many concurrent sequences; retry later", "rate_limit_error",
+                       f"{state.max_per_request} (server.max_sequences_per_request)", "invalid_request_error", "n")
+    if state.in_flight + need > state.max_in_flight:     # below it, a burst waits in the engine's queue
+        raise APIError(429, f"the server holds {state.in_flight} sequences, its limit of {state.max_in_flight} "
+                       "(server.max_concurrent_sequences); retry later", "rate_limit_error",
                        headers={"Retry-After": "1"})
     state.in_flight += need
     choices: list[Choice] = []
@@ -66,7 +67,7 @@ async def _generate(request: web.Request, schema, prompts_of: Callable, kind: st
         body_bytes = len(await request.read())      # read already: aiohttp keeps the body
         prompt_ids = await intake.off_loop_if_large(body_bytes, prompts_of, req, prompts)
         choices = plan(req, prompt_ids, engine.max_sequence_tokens)
-        check_response_size(req, choices, server.max_response_bytes)
+        check_response_size(req, choices, server.max_response_bytes, engine.max_sequence_tokens)
         if getattr(req, "echo", False) is True:          # completions: the prompt's text first
             texts = echo_texts(req, prompt_ids, prompts)
             for c in choices:
@@ -167,10 +168,11 @@ def _full_response(choices: list[Choice], kind: str, response_id: str, model: st
         text = "".join(c.text)
         scored = c.params.logprobs is not None
         if kind == "chat.completion":
-            message, reason = {"role": "assistant", "content": text}, c.last.finish_reason
+            message, reason = {"role": "assistant", "content": text, "refusal": None}, c.last.finish_reason
             content, calls = offered.calls(text) if offered is not None else (text, [])
             if calls:
-                message = {"role": "assistant", "content": content, "tool_calls": [t.to_openai() for t in calls]}
+                message = {"role": "assistant", "content": content, "refusal": None,
+                           "tool_calls": [t.to_openai() for t in calls]}
                 reason = _finish_reason(reason, calls)
             out["choices"].append({"index": c.index, "message": message,
                                    "logprobs": logprobs.chat(c.logprobs, c.token_ids, token_text) if scored else None,
@@ -296,8 +298,11 @@ async def models(request: web.Request) -> web.Response:
     return web.json_response({"object": "list", "data": [text_views.model_card(request)]})
 
 
-def _check_responsive(engine, timeout_s: float) -> None:
-    """A frozen engine (no heartbeat for `timeout_s`) takes no new request: 503 at once."""
+def _check_responsive(engine, timeout_s: float, state=None) -> None:
+    """A frozen engine (no heartbeat for `timeout_s`) takes no new request: 503 at once; nor
+    one that is shutting down (`state`)."""
+    if state is not None and state.stopping:
+        raise APIError(503, "the server is shutting down", "server_error", headers={"Retry-After": "5"})
     silent = engine.silent_for()
     if silent > timeout_s:
         raise EngineUnresponsive(f"the engine process has sent no heartbeat for {silent:.1f} s "
@@ -321,7 +326,7 @@ async def health(request: web.Request) -> web.Response:
 async def cache(request: web.Request) -> web.Response:
     """The KV arithmetic of this deployment and what each tier holds now (no token contents)."""
     engine = request.app[ENGINE]
-    _check_responsive(engine, request.app[CONFIG].server.heartbeat_timeout_s)
+    _check_responsive(engine, request.app[CONFIG].server.heartbeat_timeout_s, request.app[STATE])
     blocks = (await engine.stats())["blocks"]
     tiers = {name: {**t, "now": blocks.get(name)} for name, t in engine.kv["tiers"].items()}
     return web.json_response({**engine.kv, "tiers": tiers})
@@ -329,7 +334,7 @@ async def cache(request: web.Request) -> web.Response:
 
 async def metrics(request: web.Request) -> web.Response:
     """Prometheus' scrape: a 503 at once for a frozen engine, within ASK_TIMEOUT_S for a slow one."""
-    _check_responsive(request.app[ENGINE], request.app[CONFIG].server.heartbeat_timeout_s)
+    _check_responsive(request.app[ENGINE], request.app[CONFIG].server.heartbeat_timeout_s, request.app[STATE])
     snapshot = await request.app[ENGINE].stats()
     return web.Response(body=request.app[METRICS].render(snapshot),
                         headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})

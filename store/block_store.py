@@ -32,6 +32,7 @@ from store.radix import TIERS, Node, RadixIndex
 from store.stats import StoreStats, TierStats
 
 log = logging.getLogger("kvgate.store")
+PUBLIC_MAX_SHARE = 0.25      # of the GPU pool: the most blocks all public prefixes together may have
 
 
 @dataclass(frozen=True)
@@ -201,8 +202,11 @@ class BlockStore:
 
     def declare_public(self, token_ids: Sequence[int]) -> int:
         """Make the full blocks of `token_ids`, and so every prompt's leading blocks equal to
-        them, shared by every namespace (`scope`); returns how many blocks that is."""
-        return self.public.declare(token_bytes(token_ids), self.block_size)
+        them, shared by every namespace (`scope`); returns how many blocks that is. Public
+        blocks are bounded (PUBLIC_MAX_SHARE of the GPU pool, PublicPrefixesFull past it): they
+        are hit by everyone, so recency alone would let them crowd out every tenant's cache."""
+        return self.public.declare(token_bytes(token_ids), self.block_size,
+                                   max(1, int(PUBLIC_MAX_SHARE * self.gpu.num_blocks)))
 
     def scope(self, namespace: str, token_ids: Sequence[int]) -> Scope:
         """Where the blocks of a prompt of `namespace` are cached: its leading blocks that a
@@ -403,10 +407,11 @@ class BlockStore:
 
     # ---- lifecycle, stats, invariants ---------------------------------------------------------
 
-    def persist(self) -> int:
-        """Queue every cached block not yet on disk for writing (graceful shutdown); see
-        Placement.persist. `flush` or `close` writes them."""
-        return self.placement.persist()
+    def persist(self, deadline: float | None = None) -> tuple[int, int]:
+        """Queue every cached block not yet on disk for writing (graceful shutdown), until
+        `deadline` (time.monotonic()); see Placement.persist. `flush` or `close` writes them.
+        Returns (blocks queued, blocks left for lack of time)."""
+        return self.placement.persist(deadline)
 
     async def flush(self) -> None:
         """Wait until every queued disk write has reached LMDB."""

@@ -38,6 +38,8 @@ from store.record import CorruptValue, RecordFormat, check_payload
 log = logging.getLogger("kvgate.store.disk")
 
 _MIB = 1 << 20
+# LMDB's errors for a damaged file (not a full disk or a full map): the tier is moved aside
+_DAMAGED = (lmdb.CorruptedError, lmdb.PageNotFoundError, lmdb.PanicError, lmdb.InvalidError)
 READ_THREADS = 4          # concurrent LMDB readers per load
 
 
@@ -78,6 +80,7 @@ class DiskCounters:
     corrupt_dropped: int = 0   # failed a check (checksum, format, fingerprint, key) and deleted
     write_errors: int = 0      # puts lost to an LMDB error (disk full, ...)
     writes_paused: int = 0     # puts refused while writes are paused after a failure
+    replaced: int = 0          # times LMDB found the file damaged while serving: moved aside
     pending_full: int = 0      # puts refused because the write queue was over its byte budget
     map_resizes: int = 0
 
@@ -116,6 +119,7 @@ class DiskTier:
         self._map_lock = threading.Condition()
         self._reads_in_progress = 0
         self._resizing = False
+        self._replacing = False            # a damaged tier is being moved aside
         self._initial_map = initial_map_bytes
         self._lock_fd: int | None = None
         try:
@@ -207,6 +211,34 @@ class DiskTier:
                         txn.delete(k)
             except lmdb.Error as e:
                 log.warning("disk tier: could not delete %d invalid records: %s", len(keys), e)
+                self._if_damaged(e)
+
+    def _if_damaged(self, e: lmdb.Error) -> None:
+        """Any thread: if LMDB says the file is damaged (pages it cannot read, records it cannot
+        delete), move the tier aside once, on the I/O thread, and go on with an empty one: what
+        it held is a miss from now on (each failed read drops its block's disk copy)."""
+        if not isinstance(e, _DAMAGED):
+            return
+        with self._map_lock:
+            if self._replacing:
+                return
+            self._replacing = True
+        self._io.submit(self._take_out, f"LMDB reports it damaged while serving ({e})")
+
+    def _take_out(self, reason: str) -> None:
+        """On the I/O thread: wait for the reads in progress, keep new ones out, replace the tier."""
+        with self._map_lock:
+            self._resizing = True
+            self._map_lock.wait_for(lambda: self._reads_in_progress == 0)
+        try:
+            self._replace(reason)
+            self.counters.replaced += 1
+        except (OSError, lmdb.Error) as e:
+            log.error("disk tier %s: could not be replaced (%s); its reads and writes fail from now on", self.path, e)
+        finally:
+            with self._map_lock:
+                self._resizing = self._replacing = False
+                self._map_lock.notify_all()
 
     def _replace(self, reason: str) -> None:
         """On the I/O thread: move this tier aside and open an empty one in its place."""
@@ -381,6 +413,7 @@ class DiskTier:
                 self.counters.map_resizes += 1
             except lmdb.Error as e:
                 failure = str(e)
+                self._if_damaged(e)
                 break
         self._delete_now([k for k, v in batch if v is None])   # deletes free space: they may pass
         return [k for k, v in batch if v is not None], failure
@@ -459,6 +492,7 @@ class DiskTier:
                         corrupt.append(key)
         except lmdb.Error as e:  # the environment itself failed: what was not read is a miss
             log.error("disk tier: read failed: %s", e)
+            self._if_damaged(e)
         finally:
             with self._map_lock:
                 self._reads_in_progress -= 1

@@ -13,3 +13,8 @@ class OutOfBlocks(StoreError):
 
 class DiskTierError(StoreError):
     """The disk tier cannot be opened or used (missing permissions, not a directory, ...)."""
+
+
+class PublicPrefixesFull(StoreError):
+    """Declaring a prefix public would let public blocks take more than their share of the GPU
+    pool (BlockStore.declare_public). Nothing was declared."""

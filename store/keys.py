@@ -22,6 +22,8 @@ from dataclasses import dataclass
 
 import xxhash
 
+from store.errors import PublicPrefixesFull
+
 KEY_BYTES = 16
 TOKEN_BYTES = 4  # one token id, uint32
 _hash = xxhash.xxh3_128_digest
@@ -89,9 +91,15 @@ class PublicPrefixes:
         """Prefixes declared (a prefix declared twice counts once)."""
         return len(self._last)
 
-    def declare(self, tokens: bytes, block_size: int) -> int:
-        """Make the full blocks of `tokens` (as `token_bytes`) public; returns how many."""
+    def declare(self, tokens: bytes, block_size: int, max_blocks: int | None = None) -> int:
+        """Make the full blocks of `tokens` (as `token_bytes`) public; returns how many. Raises
+        PublicPrefixesFull (declaring nothing) if the public blocks would then be more than
+        `max_blocks`."""
         keys = block_keys(self.root, tokens, block_size)
+        total = len(self.keys.union(keys))
+        if max_blocks is not None and total > max_blocks:
+            raise PublicPrefixesFull(f"public prefixes would hold {total} blocks; at most {max_blocks} may be "
+                                     f"public (a quarter of the GPU pool): every tenant's own cache needs the rest")
         self.keys.update(keys)
         self._last.update(keys[-1:])
         return len(keys)

@@ -107,6 +107,9 @@ def _open(path: str, map_size: int) -> lmdb.Environment:
 
 def check_file(path: str) -> str | None:
     """What is wrong with data.mdb's meta pages (None: nothing, or no file yet)."""
+    for name in ("data.mdb", "lock.mdb"):
+        if os.path.lexists(os.path.join(path, name)) and not os.path.isfile(os.path.join(path, name)):
+            return f"{name} is not a regular file"
     if lmdb.version()[:2] != (0, 9):      # another on-disk format: leave the checks to the probe
         return None
     data = os.path.join(path, "data.mdb")
@@ -167,13 +170,18 @@ def _closed_cleanly(path: str) -> bool:
         return False
 
 
+PROBE_TIMEOUT_S = 600      # a walk that takes longer (a stalled disk) moves the tier aside: start-up goes on
+
+
 def _probe(path: str) -> str | None:
     """Walk the environment in a child process; what went wrong, or None."""
+    log.info("disk tier %s was not closed cleanly: walking it in a child process (at most %d s)", path,
+             PROBE_TIMEOUT_S)
     try:
         done = subprocess.run([sys.executable, "-I", "-c", _PROBE, path], capture_output=True, text=True,
-                              timeout=3600)
+                              timeout=PROBE_TIMEOUT_S)
     except subprocess.TimeoutExpired:
-        return "walking it in a child process took over an hour"
+        return f"walking it in a child process took over {PROBE_TIMEOUT_S} s"
     if done.returncode == 0:
         return None
     if done.returncode < 0:

@@ -325,18 +325,21 @@ class Placement:
         if entries:
             log.info("disk tier %s: %d cached blocks restored", self.disk.path, len(entries))
 
-    def persist(self) -> int:
+    def persist(self, deadline: float | None = None) -> tuple[int, int]:
         """Queue every cached block not yet on disk for writing, shallowest first (a record
-        whose parent is not on disk is useless after a restart), until the tier is full.
-        For a graceful shutdown: blocks the caller while GPU blocks are copied to host memory.
-        Returns the number of blocks queued; `flush` or `close` writes them."""
+        whose parent is not on disk is useless after a restart), until the tier is full or
+        `deadline` (time.monotonic()) has passed. For a graceful shutdown: blocks the caller
+        while GPU blocks are copied to host memory and full write queues drain. Returns
+        (blocks queued, blocks left when the deadline passed); `flush` or `close` writes them."""
         if self.disk is None:
-            return 0
+            return 0, 0
         todo = sorted((n for n in self.index.nodes() if not n.on_disk and n.fastest is not None),
                       key=lambda n: (n.depth, -n.priority, -n.last_access))
         self.copier.host_ready()
         written = 0
-        for n in todo:
+        for i, n in enumerate(todo):
+            if deadline is not None and time.monotonic() > deadline:
+                return written, len(todo) - i
             if not (n.parent.is_root or n.parent.on_disk):
                 continue  # its prefix did not fit
             if self.disk.used_bytes + self.disk.value_bytes > self.disk.max_bytes:
@@ -345,7 +348,7 @@ class Placement:
             on_host = n.host_slot is not None
             kv = self.host.tensor[n.host_slot] if on_host else self.gpu.tensor[n.gpu_slot].cpu()
             written += self._write(n, None, kv)     # the host copy stays indexed: no slot to hold
-        return written
+        return written, 0
 
     def check_integrity(self, owned_gpu: list[int], reserved_host: list[int]) -> None:
         """Every slot is free, held by one node, or in `owned_gpu` / `reserved_host` / a disk

@@ -51,8 +51,9 @@ def test_set_overrides_take_toml_values_or_bare_strings(tmp_path):
 @pytest.mark.parametrize("doc,message", [
     ({"sever": {}}, r"unknown section \[sever\]"),
     ({"server": {"prot": 1}},
-     "unknown key server.prot; allowed: admin_api_key, admin_api_key_env, body_timeout_s, host, "
-     "max_body_bytes, max_concurrent_sequences, max_sequences_per_request, port, write_timeout_s"),
+     "unknown key server.prot; allowed: admin_api_key, admin_api_key_env, body_timeout_s, heartbeat_timeout_s, "
+     "host, max_body_bytes, max_concurrent_sequences, max_response_bytes, max_sequences_per_request, port, "
+     "shutdown_timeout_s, write_timeout_s"),
     ({"server": {"port": "8000"}}, "server.port must be int, got str"),
     ({"server": {"port": 70000}}, "server.port must be an int in 1..65535"),
     ({"model": {"dtype": "float64"}}, "model.dtype must be one of float32, bfloat16, float16"),

@@ -211,3 +211,157 @@ async def test_after_an_admin_eviction_the_report_names_the_tier(make_client):
     resp = await client.post("/v1/completions", headers=A, json={**body, "cache_report": True})
     miss = (await resp.json())["choices"][0]["cache_report"]["first_miss"]
     assert miss["reason"] == "evicted" and miss["tier"] == "gpu" and "admin API" in miss["policy"], miss
+
+
+# ---- 5. shutdown bounded, start-up interruptible ------------------------------------------------
+
+def test_a_shutdown_persists_what_fits_before_its_deadline(tmp_path):
+    """Placement.persist stops queueing at its deadline and says how many blocks it left."""
+    from tests.conftest import make_store, run_request
+    from tests.test_store_disk import prompt as disk_prompt
+    store = make_store(tmp_path, gpu=16, host=0, disk_blocks=64)
+    for i in range(1, 4):
+        run_request(store, i, disk_prompt(i), flush=False)
+    cached = sum(not n.on_disk for n in store.index.nodes())
+    assert store.persist(time.monotonic() - 1) == (0, cached)          # no time left: nothing queued
+    queued, left = store.persist(time.monotonic() + 60)
+    assert queued == cached and left == 0
+    store.close()
+
+
+def test_sigterm_while_the_engine_starts_stops_the_start(tmp_path):
+    """A supervisor's SIGTERM during start-up is obeyed at once: no "serving", exit 0."""
+    import subprocess
+    import sys
+
+    from tests.conftest import child_env
+    cmd = [sys.executable, "-m", "gateway", "serve", "--port", "9", "--set", 'model.device="cpu"',
+           "--set", "store.disk.enabled=false", "--set", "store.host.enabled=false"]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    deadline = time.monotonic() + 60      # until the engine process is spawned: the server is starting it
+    while not subprocess.run(["pgrep", "-f", "-P", str(proc.pid), "spawn_main"], capture_output=True).stdout:
+        assert time.monotonic() < deadline and proc.poll() is None, proc.stdout.read()
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0, out
+    assert "kvgate: serving" not in out and "stopped while starting" in out, out
+
+
+async def test_the_port_answers_while_the_app_winds_down(unused_tcp_port):
+    """The app's shutdown and cleanup (the engine persisting its cache) run while the port still
+    answers — 503s — and only then is it closed: no refused connections while the server lives."""
+    import aiohttp
+    from aiohttp import web
+
+    from gateway.server import make_runner
+    in_cleanup, done = asyncio.Event(), asyncio.Event()
+
+    async def ctx(app):
+        yield
+        in_cleanup.set()
+        await done.wait()
+
+    async def handler(request):
+        return web.json_response({"status": "stopping"}, status=503, headers={"Retry-After": "5"})
+    app = web.Application()
+    app.cleanup_ctx.append(ctx)
+    app.router.add_get("/health", handler)
+    runner = make_runner(app)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", unused_tcp_port).start()
+    winding = asyncio.ensure_future(runner.wind_down())
+    await asyncio.wait_for(in_cleanup.wait(), 10)
+    async with aiohttp.ClientSession() as session:
+        async with session.get(f"http://127.0.0.1:{unused_tcp_port}/health") as resp:
+            assert resp.status == 503 and resp.headers["Retry-After"] == "5"
+        done.set()
+        await winding
+        await runner.cleanup()
+        with pytest.raises(aiohttp.ClientConnectionError):
+            await session.get(f"http://127.0.0.1:{unused_tcp_port}/health")
+
+
+# ---- 10. a burst is queued, not refused -------------------------------------------------------
+
+def test_the_admission_limit_is_what_the_engine_can_keep_waiting():
+    from gateway.config import ServerConfig, build_config
+    auto = ServerConfig()
+    assert auto.admission_limits(2048, 64) == (64 + 4096, 64)      # 1 GiB of queued 2k prompts: capped
+    assert auto.admission_limits(32768, 64) == (64 + 512, 64)      # longer contexts: fewer wait
+    assert auto.admission_limits(1 << 20, 64) == (256, 64)         # never below 256
+    small = build_config({"server": {"max_concurrent_sequences": 8}}).server   # below 64 alone: starts
+    assert small.admission_limits(2048, 64) == (8, 8)
+
+
+async def test_a_burst_beyond_the_old_limit_is_queued_not_refused(make_client):
+    client = await make_client()
+    body = {"model": MODEL, "prompt": [5, 6, 7], "max_tokens": 1, "temperature": 0}
+    statuses = await asyncio.gather(*(client.post("/v1/completions", json=body) for _ in range(300)))
+    assert [r.status for r in statuses] == [200] * 300
+    stats = await wait_idle(client)
+    assert stats["blocks"]["gpu"]["locked"] == 0
+    small = await make_client(server={"max_concurrent_sequences": 4})
+    slow = {**body, "max_tokens": 64, "ignore_eos": True}
+    statuses = await asyncio.gather(*(small.post("/v1/completions", json=slow) for _ in range(12)))
+    refused = [r for r in statuses if r.status == 429]
+    assert refused and all(r.headers["Retry-After"] for r in refused)
+
+
+async def test_kvgate_bench_honours_retry_after(unused_tcp_port):
+    import aiohttp
+    from aiohttp import web
+
+    from gateway.bench import Client, Progress
+    answers = iter([(429, "0"), (503, "0"), (200, None)])
+
+    async def completions(request):
+        status, retry = next(answers)
+        if status != 200:
+            return web.json_response({"error": {"message": "busy"}}, status=status, headers={"Retry-After": retry})
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        chunk = {"choices": [{"index": 0, "text": "x", "token_ids": [7]}],
+                 "usage": {"prompt_tokens": 3, "completion_tokens": 1}}
+        await resp.write(b"data: " + json.dumps(chunk).encode() + b"\n\ndata: [DONE]\n\n")
+        return resp
+    app = web.Application()
+    app.router.add_post("/v1/completions", completions)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", unused_tcp_port).start()
+    client = Client(f"http://127.0.0.1:{unused_tcp_port}/v1", MODEL, None)
+    async with aiohttp.ClientSession() as client.session:
+        sample = await client.complete("gsp", [1, 2, 3], 1, Progress("gsp", 1))
+    assert sample.token_ids == [7] and client.retries == 2
+    await runner.cleanup()
+
+
+# ---- 8. public prefixes are bounded -------------------------------------------------------------
+
+async def test_public_prefixes_may_hold_at_most_a_quarter_of_the_gpu_pool(make_client):
+    client = await make_client(tenants=TENANTS, server={"admin_api_key": "sk-admin"})   # 256 GPU blocks
+    declared, refused = 0, None
+    for i in range(10):
+        resp = await client.post("/admin/cache/public", headers=ADMIN, json={"prompt": f"document {i}: " + "x" * 300})
+        if resp.status != 200:
+            refused = await error_of(resp, 400)
+            break
+        declared += (await resp.json())["public_blocks"]
+    assert refused is not None and refused["code"] == "public_prefixes_full" and refused["param"] == "prompt", refused
+    assert 64 - 20 < declared <= 64                 # a quarter of 256, less the one that did not fit
+    usage = await (await client.get("/admin/cache", headers=ADMIN)).json()
+    assert usage["public"]["gpu"] <= 64
+    assert (await client.post("/v1/chat/completions", json=chat(), headers=A)).status == 200
+
+
+def test_a_declaration_past_the_public_bound_declares_nothing():
+    from store.errors import PublicPrefixesFull
+    from store.keys import PublicPrefixes
+    public = PublicPrefixes("fp")
+    assert public.declare(bytes(4 * 16 * 4), 4, max_blocks=16) == 16
+    with pytest.raises(PublicPrefixesFull, match="at most 16"):
+        public.declare(bytes(range(4)) * 4, 4, max_blocks=16)      # a 17th block
+    assert public.declare(bytes(4 * 16 * 4), 4, max_blocks=16) == 16   # declared again: no new block
+    assert len(public.keys) == 16

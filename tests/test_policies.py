@@ -160,7 +160,7 @@ async def test_persist_writes_only_blocks_whose_parent_is_on_disk(tmp_path):
     refused = store.match(store.root_key(), broken).nodes[0].key
     real = store.disk.put
     store.disk.put = lambda key, value: False if key == refused else real(key, value)
-    assert store.persist() == 3                      # whole's 3; none of broken's
+    assert store.persist() == (3, 0)                     # whole's 3; none of broken's
     assert [n.on_disk for n in store.match(store.root_key(), broken).nodes] == [False] * 3
     assert [n.on_disk for n in store.match(store.root_key(), whole).nodes] == [True] * 3
     await store.flush()
@@ -194,7 +194,7 @@ async def test_the_write_policy_decides_which_blocks_leaving_the_host_tier_are_w
     assert store.stats().writes_skipped.get("policy", 0) == skipped
     store.check_integrity()
     if policy == "shutdown":                                     # ... and everything at the end
-        assert store.persist() == 4 and store.stats().disk.pending_full == 0
+        assert store.persist() == (4, 0) and store.stats().disk.pending_full == 0
     await store.flush()
     store.close()
 

@@ -258,7 +258,7 @@ async def test_persist_waits_for_the_write_queue_instead_of_dropping(tmp_path):
     store.disk.max_pending_bytes = 2 * store.disk.value_bytes
     for i in range(1, 4):
         run_request(store, i, prompt(i, n_blocks=4))   # 12 blocks cached on the GPU
-    assert store.persist() == 12
+    assert store.persist() == (12, 0)
     assert store.stats().disk.pending_full == 0
     store.close()
     store = make_store(tmp_path, gpu=16, host=2, disk_blocks=64)

@@ -277,7 +277,7 @@ async def test_a_block_whose_record_cannot_be_encoded_is_skipped_and_the_rest_pe
         n.priority = 2**70                       # what admit now refuses
     for i in range(3, 6):                        # evictions push blocks through host to disk
         run_request(store, i, prompt(i))
-    assert store.persist() > 0
+    assert store.persist()[0] > 0
     await store.flush()
     store.check_integrity()
     store.close()
@@ -327,4 +327,62 @@ async def test_the_map_grows_only_while_no_read_is_in_progress(tmp_path):
     assert await reading == [True]
     await flushing                             # ... then grows the map
     assert during and set(during) == {0} and disk.counters.map_resizes > 0
+    disk.close()
+
+
+def test_a_data_mdb_that_is_a_directory_is_moved_aside(tmp_path):
+    (tmp_path / "kv" / "data.mdb").mkdir(parents=True)
+    store = make_store(tmp_path, gpu=3, host=3, disk_blocks=64)
+    assert [e for e in os.listdir(tmp_path) if e.startswith("kv.bad-")]
+    assert os.path.isfile(tmp_path / "kv" / "data.mdb")
+    run_request(store, 1, prompt(1))
+    store.close()
+
+
+async def test_a_tier_lmdb_finds_damaged_while_serving_is_moved_aside(tmp_path):
+    """MDB_CORRUPTED on a read (pages it cannot read, records it cannot delete): the tier is
+    replaced by an empty one, not kept in service failing every read."""
+    import asyncio
+    disk = DiskTier(str(tmp_path / "kv"), FINGERPRINT, LAYOUT, max_bytes=64 << 20)
+    keys = [chain_key(b"\x00" * 16, b"%04d" % i * 4) for i in range(4)]
+    for i, key in enumerate(keys):
+        disk.put(key, disk.encode(b"\x00" * 16, b"%04d" % i * 4, 0, 0, torch.full(LAYOUT.block_shape, float(i))))
+    await disk.flush()
+
+    class Damaged:                     # the environment, its pages unreadable
+        def __init__(self, env):
+            self.env = env
+
+        def __getattr__(self, name):
+            return getattr(self.env, name)
+
+        def begin(self, **kw):
+            txn = self.env.begin(**kw)
+
+            class Txn:
+                def __enter__(self):
+                    return self
+
+                def __exit__(self, *exc):
+                    txn.abort()
+
+                def get(self, key):
+                    raise lmdb.CorruptedError("injected: MDB_CORRUPTED")
+
+                def delete(self, key):
+                    raise lmdb.CorruptedError("injected: MDB_CORRUPTED")
+            return Txn()
+    disk._env = Damaged(disk._env)
+    assert await disk.load([(keys[0], b"\x00" * 16, b"0000" * 4)], lambda i, p: None) == [False]
+    for _ in range(200):
+        if disk.counters.replaced:
+            break
+        await asyncio.sleep(0.01)
+    assert disk.counters.replaced == 1 and [e for e in os.listdir(tmp_path) if e.startswith("kv.bad-")]
+    key = chain_key(b"\x00" * 16, b"next" * 4)         # the empty tier in its place serves
+    disk.put(key, disk.encode(b"\x00" * 16, b"next" * 4, 0, 0, torch.ones(LAYOUT.block_shape)))
+    await disk.flush()
+    got = []
+    assert await disk.load([(key, b"\x00" * 16, b"next" * 4)], lambda i, p: got.append(bytes(p))) == [True]
+    assert await disk.load([(keys[1], b"\x00" * 16, b"0001" * 4)], lambda i, p: None) == [False]
     disk.close()
