@@ -50,6 +50,7 @@ class EngineReplica:
         context = serve.get_replica_context()
         self.replica = context.replica_id.unique_id
         config = replica_config(config, context.rank.rank)
+        self.persist_s = config.server.shutdown_timeout_s * wire.PERSIST_SHARE
         model = await asyncio.to_thread(load_model, config.model, config.engine.block_size)
         self.engine, reports = open_engine(config, model, lambda store: Engine(
             model, config.engine, store, detokenize=False, tenants={t.name: t.share() for t in config.tenants}))
@@ -104,8 +105,9 @@ class EngineReplica:
         return cache_admin.run(self.engine.store, op, args)
 
     async def __del__(self) -> None:
-        """Serve stops the replica: abort what runs, write the cache to its disk tier."""
-        await self.engine.stop(persist=True)
+        """Serve stops the replica: abort what runs, write what fits of the cache to its disk
+        tier within its graceful shutdown (server.shutdown_timeout_s)."""
+        await self.engine.stop(persist=True, persist_s=self.persist_s)
         self.events.close()
 
 
@@ -173,7 +175,8 @@ def deploy(config: KvgateConfig):
     deployment = serve.deployment(EngineReplica, name="EngineReplica", ray_actor_options=options,
                                   num_replicas=None if autoscaling else r.num_replicas,
                                   autoscaling_config=autoscaling, max_ongoing_requests=r.max_ongoing_requests,
-                                  request_router_config=routing)
+                                  request_router_config=routing,
+                                  graceful_shutdown_timeout_s=config.server.shutdown_timeout_s)
     return serve.run(deployment.bind(config, keys), name=APP, route_prefix=None)
 
 
@@ -291,7 +294,9 @@ class ReplicaClient:
             self.replicas.add(info["replica"])
             await asyncio.sleep(0.05)
 
-    async def close(self, persist: bool = True, keep_process: bool = False) -> None:
+    async def close(self, persist: bool = True, keep_process: bool = False, timeout_s: float = 0.0) -> None:
+        """Abort what runs and delete the deployment (`timeout_s`: Ray Serve's own graceful
+        shutdown bounds each replica's stop)."""
         self.abort_all()
         if not keep_process:
             serve.delete(APP)        # each replica persists its cache as it stops (EngineReplica.__del__)

@@ -9,6 +9,7 @@ import pytest
 from engine.fairness import OUTPUT_TOKEN_COST, FairQueue, TenantShare
 from engine.sequence import Sequence, Status
 from store import Tier
+from tests import faults
 from tests.conftest import engine_stats, make_store, run_request
 from tests.engine_util import collect, greedy, make_engine, prompt
 
@@ -86,7 +87,7 @@ async def test_a_light_tenants_request_does_not_wait_for_a_heavy_tenants_flood(l
 
 async def test_over_http_a_light_tenant_is_answered_while_a_heavy_tenants_flood_waits(make_client):
     tenants = [{"name": "light", "api_key": "sk-light"}, {"name": "heavy", "api_key": "sk-heavy"}]
-    client = await make_client(tenants=tenants, engine={"max_num_seqs": 4})
+    client = await make_client(tenants=tenants, engine={"max_num_seqs": 4}, entry=faults.slow_forward)
     done: list[str] = []
 
     async def ask(key: str, name: str, tokens: int) -> None:
@@ -96,8 +97,12 @@ async def test_over_http_a_light_tenant_is_answered_while_a_heavy_tenants_flood_
         done.append(name)
 
     flood = [asyncio.create_task(ask("sk-heavy", f"heavy{i}", 24)) for i in range(12)]
-    while not (await engine_stats(client))["requests"]["waiting"]:    # the flood fills the batch and queues
+    for _ in range(1000):           # the flood fills the batch and queues (its steps take 20 ms at least)
+        if (await engine_stats(client))["requests"]["waiting"]:
+            break
         await asyncio.sleep(0.01)
+    else:
+        raise AssertionError("the flood never queued")
     await ask("sk-light", "light", 4)
     assert sum(n.startswith("heavy") for n in done) <= 6        # answered while most of the flood waits
     await asyncio.gather(*flood)

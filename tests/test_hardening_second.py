@@ -365,3 +365,19 @@ def test_a_declaration_past_the_public_bound_declares_nothing():
         public.declare(bytes(range(4)) * 4, 4, max_blocks=16)      # a 17th block
     assert public.declare(bytes(4 * 16 * 4), 4, max_blocks=16) == 16   # declared again: no new block
     assert len(public.keys) == 16
+
+
+async def test_a_body_shorter_than_its_length_is_answered_and_closed_at_the_deadline(make_client):
+    """The 408 comes at server.body_timeout_s and the connection ends a lingering second later
+    (aiohttp's default of 10 s made a 30 s timeout a 40 s wait)."""
+    client = await make_client(server={"body_timeout_s": 0.5})
+    reader, writer = await asyncio.open_connection("127.0.0.1", client.port)
+    writer.write(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: 100\r\n\r\n" + b'{"model": "builtin:tiny"')
+    await writer.drain()
+    start = time.monotonic()
+    async with asyncio.timeout(30):
+        data = await reader.read()                  # to the end of the connection
+    writer.close()
+    assert data.startswith(b"HTTP/1.1 408")
+    assert time.monotonic() - start < 0.5 + 1.0 + 3.0      # deadline + lingering + slack; was 10.5

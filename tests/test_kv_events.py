@@ -97,6 +97,7 @@ async def test_a_subscriber_rebuilds_the_stores_view_across_tiers_and_a_restart(
     for i in range(24):               # shared prefixes, new prompts, returns: GPU -> host -> disk
         p = shared + prompt(rng.randrange(6), rng.randrange(3, 14)) if rng.random() < 0.6 else prompt(100 + i, 19)
         await run(engine, p, greedy(3), namespace=rng.choice(["", "a", "b"]))
+    await engine.store.flush()        # the disk writes land: where blocks are no longer up to timing
     await asyncio.sleep(0)            # the turn's batch goes out
     publisher.flush()
 

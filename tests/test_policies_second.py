@@ -177,14 +177,15 @@ def test_the_stop_string_first_in_the_text_wins_whatever_the_order_given():
     tokenizer = load_tokenizer(ModelConfig(path="builtin:tiny"))
     ids = tokenizer.encode("one two three four")
     for stops in (("four", "two"), ("two", "four")):
-        d = Detokenizer(tokenizer, stops)
-        out, stopped = "", False
-        for i in range(len(ids)):
-            piece, stopped = d.step(ids[:i + 1], 0)
-            out += piece
-            if stopped:
-                break
-        assert stopped and out == "one ", (stops, out)
+        for per_step in (1, len(ids)):              # token by token, or all in one step's window
+            d = Detokenizer(tokenizer, stops)
+            out, stopped = "", False
+            for end in range(per_step, len(ids) + per_step, per_step):
+                piece, stopped = d.step(ids[:end], 0)
+                out += piece
+                if stopped:
+                    break
+            assert stopped and out == "one ", (stops, per_step, out)
 
 
 def test_min_tokens_holds_the_end_tokens_up_to_its_last_position():
@@ -228,3 +229,24 @@ async def test_an_aborted_waiting_request_drops_its_disk_load_and_host_slots(lla
     engine.check_integrity()
     assert engine.store.stats().tiers[Tier.HOST].locked == 0
     await engine.stop()
+
+
+async def test_a_slot_taken_from_a_tenant_at_its_cap_lowers_its_running_count_at_once(llama):
+    """A full batch of 4: tenant a at its cap of 3, x with 1. b's request takes a slot from a
+    (a now runs 2, below its cap): a's urgent waiting request is next in line, before d's —
+    it is refused a slot (a is above its share), and admission stops there this step."""
+    from engine.sequence import Status
+    shares = {"a": TenantShare(max_running=3)}
+    engine = make_engine(llama, gpu=256, max_seqs=4, max_batched=256, async_scheduling=False, tenants=shares)
+    runs = [engine.submit(prompt(i, 4), greedy(50), namespace=ns) for i, ns in enumerate("aaax")]
+    await engine.step()
+    assert all(s._seq.status is Status.RUNNING for s in runs)
+    b = engine.submit(prompt(10, 4), greedy(5), namespace="b")
+    urgent = engine.submit(prompt(11, 4), greedy(5), namespace="a", priority=5)
+    d = engine.submit(prompt(12, 4), greedy(5), namespace="d")
+    await engine.step()
+    assert b._seq.status is Status.RUNNING and engine.scheduler.num_preemptions == 1
+    assert urgent._seq.status is Status.WAITING and d._seq.status is Status.WAITING
+    engine.abort_all()
+    while await engine.step():
+        pass

@@ -136,7 +136,7 @@ async def test_the_admin_api_declares_and_evicts_public_prefixes(make_client):
     evicted = await client.post("/admin/cache/evict", headers=ADMIN, json={"public": True, "prompt": doc})
     assert (await evicted.json())["evicted_blocks"] >= body["public_blocks"]
     assert (await usage(client, "sk-a", doc))[1] == 0
-    for bad, param in (({"prompt": "x"}, "prompt"), ({"system": "a", "prompt": "b"}, None),
+    for bad, param in (({"prompt": "x"}, "prompt"), ({"system": "a", "prompt": "b"}, "prompt"),
                        ({"prompt": doc, "tenant": "a"}, "tenant"), ({"prompt": [100_000] * 40}, "prompt")):
         resp = await client.post("/admin/cache/public", headers=ADMIN, json=bad)
         assert resp.status == 400 and (await resp.json())["error"]["param"] == param
