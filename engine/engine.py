@@ -363,30 +363,39 @@ class Engine:
         seq.finish_reason = reason
         if seq.waited_for_prefix:            # a miss turned into a hit by waiting for another's compute
             self.miss_reasons["being_computed"] += 1
+        if reason != "abort" and self._served(seq)[1]:   # found blocks it computed after all
+            self.miss_reasons["recomputed"] += 1
         if reason != "stop":
             text += seq.detokenizer.flush()
         self._deliver(seq, self._output(seq, tokens or [], text, reason, logprobs or []))
 
     def _cache_report(self, seq: Sequence, match, asked: bool) -> dict | None:
-        """Count why `seq`'s prompt missed the cache in `miss_reasons` (/metrics); if `asked`,
-        the report: blocks found per tier, those the load-or-recompute choice recomputes, and
-        the first block missed and why."""
+        """At arrival: count why `seq`'s prompt missed the cache in `miss_reasons` (/metrics);
+        if `asked`, the report's first part: blocks found per tier, and the first block missed
+        and why. What came of the blocks found is added at the end (`_served`)."""
         bs = self.config.block_size
-        recomputed = sum(t > seq.max_tier for t in match.tiers)
         miss = self.store.first_miss(seq.token_ids, match, (seq.prompt_len - 1) // bs)
         if miss is not None:
             self.miss_reasons[miss["reason"]] += 1
             if self.multi_tenant and "at" in miss:    # when another tenant's burst evicted it: not theirs to see
                 miss = {**miss, "at": None}
-        if recomputed:
-            self.miss_reasons["recomputed"] += 1
         if not asked:
             return None
         found = {t.name.lower(): match.tiers.count(t) for t in Tier}
-        return {"prompt_blocks": (seq.prompt_len - 1) // bs, "found_blocks": found, "recomputed_blocks": recomputed,
+        return {"prompt_blocks": (seq.prompt_len - 1) // bs, "found_blocks": found,
                 "first_miss": miss, "load_or_recompute": {"mode": self.costs.mode, "rates": self.costs.rates(),
                                                           "loads_up_to": seq.max_tier.name.lower()},
                 "model_fingerprint": self.loaded.fingerprint}
+
+    def _served(self, seq: Sequence) -> tuple[dict[str, int], int]:
+        """What came of the blocks `seq` found at arrival, as it happened: the blocks served from
+        each tier (those usage counts: found on the GPU, copied from host memory, read from disk)
+        and the found blocks computed after all (the load-or-recompute choice, the front of a
+        disk read, blocks evicted while it waited)."""
+        if seq.cached_tokens is None:        # never admitted
+            return {t.name.lower(): 0 for t in Tier}, 0
+        loaded = {t.name.lower(): n // self.config.block_size for t, n in seq.cached_tokens.items()}
+        return loaded, max(0, len(seq.found) - sum(loaded.values()))
 
     def _deliver(self, seq: Sequence, out: RequestOutput) -> None:
         if self._on_output is not None:
@@ -399,7 +408,9 @@ class Engine:
         cached = seq.cached_tokens or {t: 0 for t in Tier}
         report = None
         if reason is not None and seq.cache_report is not None:
-            report = {**seq.cache_report, "waited_for_prefix": seq.waited_for_prefix}
+            loaded, recomputed = self._served(seq)
+            report = {**seq.cache_report, "loaded_blocks": loaded, "recomputed_blocks": recomputed,
+                      "waited_for_prefix": seq.waited_for_prefix}
         return RequestOutput(seq.request_id, tokens, text, reason, seq.prompt_len, seq.num_generated,
                              dict(cached), seq.queued_s, logprobs if seq.params.logprobs is not None else None,
                              report)

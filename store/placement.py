@@ -179,16 +179,20 @@ class Placement:
             self._write(v, None, kv)
 
     def reserve_host(self, n: int, keep: set[Node] | frozenset = frozenset()) -> list[int]:
-        """Up to `n` host slots, evicting host blocks (to disk), except those in `keep`. A block
-        being written keeps its slot until the write is done, so this evicts until enough
-        slots are free or nothing evictable is left."""
+        """Up to `n` host slots. Room comes first from queued disk writes, which hold the slots
+        of blocks already gone from the host tier (each given a private copy), then from
+        evicting host blocks (to disk) other than those in `keep` — as few as it takes: a
+        demoted block's write holds its slot, and that slot is freed the same way, never by
+        evicting another block (which once emptied the whole host tier onto the disk)."""
         while n > self.host.num_free:
+            if self._writing:
+                self._detach_writes(n - self.host.num_free)
+                if n <= self.host.num_free:
+                    break
             victims = self.index.select_victims(Tier.HOST, n - self.host.num_free, keep)
             if not victims:
                 break
             self._demote_from_host(victims)
-        if n > self.host.num_free and self._writing:
-            self._detach_writes(n - self.host.num_free)
         return self.host.allocate(min(n, self.host.num_free))
 
     def _detach_writes(self, n: int) -> None:

@@ -2,6 +2,8 @@
 prefix never computed, one evicted (which tier, why), one found but recomputed by the
 load-or-recompute choice, and one computed by another request meanwhile; the report over HTTP
 (opt-in, on the last SSE chunk too) and its counters in /metrics."""
+import pytest
+
 from store import Tier
 from tests.engine_util import BS, collect, greedy, make_engine, prompt
 from tests.http_util import MODEL, metric
@@ -71,3 +73,26 @@ async def test_the_report_over_http_is_opt_in_and_on_the_last_chunk(make_client)
     assert await metric(client, "kvgate_cache_misses_total", reason="never_computed") >= 2
     assert await metric(client, "kvgate_cache_misses_total", reason="evicted") == 0
     assert set(full["choices"][0]["cache_report"]["found_blocks"]) == {t.name.lower() for t in Tier}
+
+
+@pytest.mark.parametrize("mode,read_blocks", [("load", 6), ("auto", 3)])
+async def test_the_report_counts_disk_blocks_as_they_came_back(llama, tmp_path, mode, read_blocks):
+    """After a restart, a prompt whose 6 blocks are all on disk: read whole ("load"), or half
+    computed from the front while the back is read ("auto", equal rates). The report, usage and
+    the miss counter say exactly that: read from disk, recomputed, and nothing else (it once
+    counted every disk block found as recomputed, while usage said they came from disk)."""
+    from tests.test_engine_tiers import read_lands, restarted_with_a_gated_disk
+    document = prompt(1, 24)
+    engine, gate = await restarted_with_a_gated_disk(llama, tmp_path, document, mode)
+    stream = engine.submit(document + [7, 9], greedy(3), cache_report=True)
+    await engine.step()
+    await read_lands(engine, gate)
+    await engine.start()
+    _, last = await collect(stream)
+    report = last.cache_report
+    assert report["found_blocks"] == {"gpu": 0, "host": 0, "disk": 6}
+    assert report["loaded_blocks"] == {"gpu": 0, "host": 0, "disk": read_blocks}
+    assert report["recomputed_blocks"] == 6 - read_blocks == engine.costs.recomputed_blocks[Tier.DISK]
+    assert last.cached_tokens[Tier.DISK] == read_blocks * BS
+    assert engine.miss_reasons["recomputed"] == (read_blocks < 6)
+    await engine.stop()

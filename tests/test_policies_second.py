@@ -250,3 +250,24 @@ async def test_a_slot_taken_from_a_tenant_at_its_cap_lowers_its_running_count_at
     engine.abort_all()
     while await engine.step():
         pass
+
+
+# ---- issue 25: a disk write never costs the host tier more than the room asked for --------------
+
+async def test_making_host_room_evicts_only_as_many_host_blocks_as_asked(tmp_path):
+    """A 4-block host tier holding two prefixes; the GPU demotes a third (2 blocks): exactly 2
+    host blocks go down to disk, the least recent prefix's. The writes of the demoted blocks
+    hold their slots until written: that must not make the host tier evict more (it once pushed
+    every host block to disk, emptying the tier that returning users hit)."""
+    store = make_store(tmp_path, gpu=2, host=4, disk_blocks=64)
+    bs = store.block_size
+    prefixes = {name: [base + j for j in range(2 * bs)] for name, base in
+                (("first", 100), ("second", 200), ("third", 300), ("fourth", 400))}
+    for name, tokens in prefixes.items():
+        run_request(store, name, tokens, flush=False)        # the writes are still queued
+    tiers = {name: store.match(store.root_key(), tokens).tiers for name, tokens in prefixes.items()}
+    assert tiers["first"] == (Tier.DISK, Tier.DISK)
+    assert tiers["second"] == (Tier.HOST, Tier.HOST) and tiers["third"] == (Tier.HOST, Tier.HOST), tiers
+    await store.flush()
+    store.check_integrity()
+    store.close()
