@@ -9,7 +9,7 @@ Workloads (token ids drawn from a seeded generator, greedy, output length forced
   gsp      G groups x 16 requests: a 2048-token group prefix + 128 unique tokens; 128 out
   unique   64 prompts of 2176 random tokens; 128 out
   decode1  one 2048-token prompt; 128 out
-  chat, chat-overflow, restart, chat-think: see engine/bench_tiers.py
+  chat, chat-overflow, restart, chat-think, chat-think-long: see engine/bench_tiers.py
 --scale multiplies the number of requests (G = max(1, round(8 * scale)) on GPU, 1 on CPU; chat
 users 16 x scale, chat-overflow users 32 x scale, chat-think users 64 x scale). kvgate runs each
 workload on a fresh engine (cold cache). The peer: transformers' continuous batching
@@ -178,9 +178,14 @@ async def main_async(a: argparse.Namespace) -> list[dict]:
         elif name == "chat-overflow":
             record(name, await bench_tiers.chat_overflow(fresh_engine, vocab, max(2, round(32 * a.scale)),
                                                          a.block_size, a.length))
-        elif name == "chat-think":
-            record(name, await bench_tiers.chat_think(fresh_engine, vocab, max(2, round(64 * a.scale)),
-                                                      a.block_size, a.length, a.think_s, configs=a.think_configs))
+        elif name in ("chat-think", "chat-think-long"):
+            long = name == "chat-think-long"
+            record(name, await bench_tiers.chat_think(
+                fresh_engine, vocab, a.scale, a.block_size, a.length,
+                a.think_s if a.think_s is not None else (6.0 if long else 5.0),
+                configs=a.think_configs or ("gpu,host+disk,small-host,small-host+disk" if long
+                                            else "gpu,host,small-host+disk,host+disk"),
+                shape=bench_tiers.THINK_LONG if long else bench_tiers.THINK, repeat=a.repeat))
         elif name == "restart":
             record(name, await bench_tiers.restart(fresh_engine, vocab, max(1, round(8 * a.scale)),
                                                    a.gpu_blocks, a.length))
@@ -243,11 +248,15 @@ def print_table(rows: list[dict]) -> None:
 
 
 def print_think_table(rows: list[dict]) -> None:
-    rows = [r for r in rows if r["workload"] == "chat-think"]
+    for workload in ("chat-think", "chat-think-long"):
+        _print_think_table(workload, [r for r in rows if r["workload"] == workload])
+
+
+def _print_think_table(workload: str, rows: list[dict]) -> None:
     if not rows:
         return
     gpu = next((r for r in rows if r["config"] == "gpu"), None)
-    print(f"\nchat-think, rounds >= 2 (think {rows[0]['think_s']} s mean)\n{'config':<20} {'TTFT p50':>9} "
+    print(f"\n{workload}, rounds >= 2 (think {rows[0]['think_s']} s mean)\n{'config':<20} {'TTFT p50':>9} "
           f"{'p90':>8} {'÷ gpu':>6} {'queue p50':>9} {'out tok/s':>9} {'cached gpu/host/disk':>21} {'preempt':>7} "
           f"{'blocked':>7} {'read waits':>10} "
           f"{'disk writes':>11} {'skipped':>8} {'recomputed':>10} {'schedule s':>10} {'1st-token step':>14} "
@@ -255,7 +264,8 @@ def print_think_table(rows: list[dict]) -> None:
     for r in rows:
         ratio = f"{r['ttft_later_p50_s'] / gpu['ttft_later_p50_s']:.2f}" if gpu else "-"
         cached = "/".join(f"{v:.0%}" for v in r["cached_fraction"].values())
-        print(f"{r['config']:<20} {_ms(r['ttft_later_p50_s'])} {_ms(r['ttft_later_p90_s'])[1:]} {ratio:>6} "
+        name = r["config"] + (f" #{r['run'] + 1}" if r.get("run") else "")
+        print(f"{name:<20} {_ms(r['ttft_later_p50_s'])} {_ms(r['ttft_later_p90_s'])[1:]} {ratio:>6} "
               f"{_ms(r['queue_later_p50_s'])} {r['out_tok_s']:>9} {cached:>21} {r['preemptions']:>7} "
               f"{r['admissions_blocked']:>7} {r['read_waits']:>10} "
               f"{r['disk_writes']:>11} {sum(r['disk_writes_skipped'].values()):>8} {r['hits_recomputed']:>10} "
@@ -307,10 +317,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="engine.async_scheduling = false: each step read back before the next is scheduled")
     p.add_argument("--length", type=float, default=1.0, help="multiplies every token count (tests)")
     p.add_argument("--disk-gib", type=int, default=32, help="disk tier cap for chat-overflow and restart")
-    p.add_argument("--think-s", type=float, default=5.0, help="chat-think: mean think time between turns")
-    p.add_argument("--think-configs", default="gpu,host,small-host+disk,host+disk",
-                   help="chat-think: tier configurations to run (gpu, host, small-host+disk, host+disk; "
-                   "a /load suffix runs one with engine.load_or_recompute = load)")
+    p.add_argument("--think-s", type=float, default=None,
+                   help="chat-think: mean think time between turns (default 5 s; chat-think-long 6 s)")
+    p.add_argument("--repeat", type=int, default=1, help="chat-think: run every configuration this many times")
+    p.add_argument("--think-configs", default="",
+                   help="chat-think: tier configurations to run (gpu, host, small-host, small-host+disk, host+disk; "
+                   "a /load suffix runs one with engine.load_or_recompute = load). Default: chat-think "
+                   "gpu,host,small-host+disk,host+disk; chat-think-long gpu,host+disk,small-host,small-host+disk")
     p.add_argument("--plots", default=None, help="write PNG plots (TTFT per chat round) to this directory")
     p.add_argument("--json", default=None)
     p.add_argument("--kernel", action="store_true", help="time the decode kernel alone (CUDA)")

@@ -11,6 +11,11 @@
   chat-think     chat users who think between turns (seeded exponential think time, mean
                  `think_s`; first turns spread over one think period), the GPU pool a quarter of
                  all histories; run GPU-only, + host, small host + disk, host + disk
+  chat-think-long  the same users with long histories: 24 users of 6,000-token contexts, 4 rounds
+                 of +128 user tokens and 64 generated, think 6 s, a 4,096-block GPU pool (scaled
+                 with the users); run GPU-only, default tiers, a small host tier (1,024 blocks)
+                 without disk and the same with disk: the last two side by side give the disk
+                 tier's own effect
 
 Each reports throughput, TTFT (p50, p99; per round for chat) and the cached fraction of
 prompt tokens per tier.
@@ -26,6 +31,7 @@ import statistics
 import tempfile
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 
 from engine.bench import percentile, run_kvgate, summarize, timed_request
 from engine.engine import Engine
@@ -36,6 +42,23 @@ from store import Tier
 EngineFactory = Callable[..., Awaitable[Engine]]
 
 CONTEXT, TURN, ANSWER, ROUNDS = 1024, 64, 128, 8
+
+
+@dataclass(frozen=True)
+class ChatShape:
+    """A multi-turn chat workload: each user's private context, then `rounds` of `turn` user
+    tokens and `answer` generated ones that join the history."""
+    context: int = CONTEXT
+    turn: int = TURN
+    answer: int = ANSWER
+    rounds: int = ROUNDS
+    users: int = 64               # at scale 1
+    gpu_blocks: int = 0           # at scale 1; 0 = a quarter of all histories
+    small_host_blocks: int = 0    # at scale 1; 0 = half the GPU pool
+
+
+THINK = ChatShape()
+THINK_LONG = ChatShape(context=6000, turn=128, answer=64, rounds=4, users=24, gpu_blocks=4096, small_host_blocks=1024)
 
 
 async def chat(engine: Engine, vocab: int, users: int, length: float = 1.0, seed: int = 0) -> dict:
@@ -126,35 +149,42 @@ async def restart(factory: EngineFactory, vocab: int, groups: int, gpu_blocks: i
     return rows
 
 
-async def chat_think(factory: EngineFactory, vocab: int, users: int, block_size: int, length: float = 1.0,
-                     think_s: float = 5.0, seed: int = 0, configs: str = "gpu,host,small-host+disk,host+disk"
-                     ) -> list[dict]:
-    """One row per tier configuration: TTFT p50/p90 of rounds >= 2 (and of each round), queue
-    time, throughput, cached fraction per tier, preemptions, disk writes and hits recomputed."""
+async def chat_think(factory: EngineFactory, vocab: int, scale: float, block_size: int, length: float = 1.0,
+                     think_s: float = 5.0, seed: int = 0, configs: str = "gpu,host,small-host+disk,host+disk",
+                     shape: ChatShape = THINK, repeat: int = 1) -> list[dict]:
+    """One row per tier configuration (and per repeat: `run`): TTFT p50/p90 of rounds >= 2 (and
+    of each round), queue time, throughput, cached fraction per tier, preemptions, disk writes
+    and hits recomputed. Configurations: gpu, host (holding everything), small-host (no disk),
+    small-host+disk, host+disk (the default tiers: a host tier holding everything, and a disk);
+    "/load" after one sets its load_or_recompute mode."""
     n = lambda x: max(1, round(x * length))  # noqa: E731
-    per_user = math.ceil((n(CONTEXT) + ROUNDS * (n(TURN) + n(ANSWER))) / block_size)
+    users = max(2, round(shape.users * scale))
+    per_user = math.ceil((n(shape.context) + shape.rounds * (n(shape.turn) + n(shape.answer))) / block_size)
     total = users * per_user
-    gpu = max(total // 4, 2 * per_user)          # all histories together: >= 4x the GPU pool
-    sizes = {"gpu": (0, False), "host": (total + gpu, False), "small-host+disk": (gpu // 2, True),
-             "host+disk": (total + gpu, True)}
+    gpu = max(round(shape.gpu_blocks * users / shape.users) if shape.gpu_blocks else total // 4, 2 * per_user)
+    small = round(shape.small_host_blocks * users / shape.users) if shape.small_host_blocks else gpu // 2
+    sizes = {"gpu": (0, False), "host": (total + gpu, False), "small-host": (small, False),
+             "small-host+disk": (small, True), "host+disk": (total + gpu, True)}
     rows = []
-    for config in configs.split(","):
-        tiers, _, mode = config.partition("/")      # "small-host+disk/load": that load_or_recompute mode
-        host, with_disk = sizes[tiers]
-        disk = tempfile.mkdtemp(prefix="kvgate-bench-") if with_disk else ""
-        try:
-            engine = await factory(gpu_blocks=gpu, host_blocks=host, disk_path=disk, load_or_recompute=mode or "auto")
-            trace = _time_schedule(engine)
-            row, first_tokens = await _think_users(engine, vocab, users, n, think_s, seed)
-            row.update(schedule_s=round(trace["schedule"], 3), steps=trace["steps"],
-                       **_first_token_steps(trace["forwards"], first_tokens))
-            row.update(config=config, gpu_blocks=gpu, host_blocks=host, conversation_blocks=total,
-                       **_counts(engine))
-            await engine.stop(persist=False)
-        finally:
-            if disk:
-                shutil.rmtree(disk, ignore_errors=True)
-        rows.append(row)
+    for run in range(repeat):
+        for config in configs.split(","):
+            tiers, _, mode = config.partition("/")      # "small-host+disk/load": that load_or_recompute mode
+            host, with_disk = sizes[tiers]
+            disk = tempfile.mkdtemp(prefix="kvgate-bench-") if with_disk else ""
+            try:
+                engine = await factory(gpu_blocks=gpu, host_blocks=host, disk_path=disk,
+                                       load_or_recompute=mode or "auto")
+                trace = _time_schedule(engine)
+                row, first_tokens = await _think_users(engine, vocab, users, n, think_s, seed, shape)
+                row.update(schedule_s=round(trace["schedule"], 3), steps=trace["steps"],
+                           **_first_token_steps(trace["forwards"], first_tokens))
+                row.update(config=config, run=run, gpu_blocks=gpu, host_blocks=host, conversation_blocks=total,
+                           **_counts(engine))
+                await engine.stop(persist=False)
+            finally:
+                if disk:
+                    shutil.rmtree(disk, ignore_errors=True)
+            rows.append(row)
     return rows
 
 
@@ -211,17 +241,18 @@ def _first_token_steps(forwards: list[tuple], first_tokens: list[float]) -> dict
                 step_ms_p50=round(med([(f[1] - f[0]) * 1e3 for f in forwards]), 1))
 
 
-async def _think_users(engine: Engine, vocab: int, users: int, n, think_s: float, seed: int) -> dict:
-    params = SamplingParams(max_tokens=n(ANSWER), temperature=0.0, ignore_eos=True)
+async def _think_users(engine: Engine, vocab: int, users: int, n, think_s: float, seed: int,
+                       shape: ChatShape) -> dict:
+    params = SamplingParams(max_tokens=n(shape.answer), temperature=0.0, ignore_eos=True)
     first_tokens: list[float] = []     # when each first token of rounds >= 2 arrived
 
     async def user(u: int) -> list[tuple[int, tuple]]:
         rng = random.Random(f"chat-think-{seed}-{u}")
-        history = [rng.randrange(vocab) for _ in range(n(CONTEXT))]
+        history = [rng.randrange(vocab) for _ in range(n(shape.context))]
         await asyncio.sleep(rng.uniform(0, think_s))             # arrivals spread over one period
         turns = []
-        for r in range(1, ROUNDS + 1):
-            history += [rng.randrange(vocab) for _ in range(n(TURN))]
+        for r in range(1, shape.rounds + 1):
+            history += [rng.randrange(vocab) for _ in range(n(shape.turn))]
             result = await timed_request(engine, history, params)
             turns.append((r, result))
             if r >= 2:
@@ -237,7 +268,7 @@ async def _think_users(engine: Engine, vocab: int, users: int, n, think_s: float
     queued = sorted(t[1][5] for t in turns if t[0] >= 2)
     row.update(ttft_later_p50_s=round(percentile(later, 50), 4), ttft_later_p90_s=round(percentile(later, 90), 4),
                queue_later_p50_s=round(percentile(queued, 50), 4), think_s=think_s, rounds=[])
-    for r in range(1, ROUNDS + 1):
+    for r in range(1, shape.rounds + 1):
         of_round = summarize([t[1] for t in turns if t[0] == r], 1.0)
         row["rounds"].append(dict(round=r, ttft_p50_s=of_round["ttft_p50_s"],
                                   cached_fraction=of_round["cached_fraction"]))

@@ -47,3 +47,21 @@ def test_profile_step_times_decode_and_mixed_steps(capsys):
     rows = [line.split() for line in out.splitlines() if " eager " in line]
     # on the CPU every step runs eagerly: a time each, no graph
     assert [r[-3:] for r in rows] == [["graph", "-", "nan"]] * 3 and len(rows) == 3
+
+
+async def test_chat_think_long_pairs_a_small_host_tier_with_and_without_disk(capsys):
+    """chat-think-long: long histories, the small host tier alone and with a disk, each run
+    twice (`--repeat`): the disk tier's own effect is one ratio of one run."""
+    args = bench.build_parser().parse_args(
+        ["--workloads", "chat-think-long", "--scale", str(2 / 24), "--length", "0.05", "--think-s", "0.02",
+         "--think-configs", "small-host,small-host+disk", "--repeat", "2", "--no-peer"])
+    rows = await bench.main_async(args)
+    assert [(r["config"], r["run"]) for r in rows] == [("small-host", 0), ("small-host+disk", 0),
+                                                      ("small-host", 1), ("small-host+disk", 1)]
+    alone, with_disk = rows[0], rows[1]
+    assert alone["gpu_blocks"] == round(4096 * 2 / 24) and alone["host_blocks"] == round(1024 * 2 / 24)
+    assert with_disk["host_blocks"] == alone["host_blocks"] and alone["disk_writes"] == 0
+    assert [x["round"] for x in alone["rounds"]] == [1, 2, 3, 4]
+    bench.print_think_table(rows)
+    out = capsys.readouterr().out
+    assert "chat-think-long, rounds >= 2" in out and "small-host+disk #2" in out
