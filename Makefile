@@ -58,7 +58,7 @@ bench-gpu: gpu-check setup
 
 bench-tiers-gpu: gpu-check setup
 	mkdir -p $(BENCH_OUT)
-	for w in chat-think chat-overflow restart; do \
+	for w in chat-think chat-think-long chat-overflow restart; do \
 		$(PY) -m engine.bench --model dummy:llama3-8b --workloads $$w --no-peer \
 			--json $(BENCH_OUT)/$$w.json --plots $(BENCH_OUT)/$$w || exit 1; \
 	done
