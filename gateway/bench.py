@@ -17,6 +17,8 @@ where the server reports `cached_tokens_by_tier`, as kvgate does).
            first turns spread over one think period), 64 x scale users; TTFT p50/p90 of
            rounds >= 2 is what a returning user feels. The tiers are the server's: run it once
            per server configuration (docs/benchmarks.md)
+  chat-think-long  the same users with long histories: 24 x scale users of 6,000-token
+           contexts, 4 rounds of +128 user tokens and 64 out, think 6 s unless --think-s says
 `--scale` multiplies the request counts (G = max(1, round(8 * scale)), U = max(1, round(16 *
 scale))); `--length-scale` multiplies every length (for quick runs).
 """
@@ -135,15 +137,23 @@ def _rand(rng: random.Random, vocab: int, n: int) -> list[int]:
     return [rng.randrange(vocab) for _ in range(n)]
 
 
+# (private context, user tokens a round, answer tokens, rounds) of the chat workloads
+CHAT_SHAPE, LONG_SHAPE = (1024, 64, 128, 8), (6000, 128, 64, 4)
+
+
 async def run_workload(client: Client, name: str, vocab: int, scale: float,
-                       length: float, think_s: float = 5.0) -> tuple[list[Sample], float]:
+                       length: float, think_s: float | None = None) -> tuple[list[Sample], float]:
     """All samples of one workload and its wall time."""
     rng = random.Random(f"kvgate-bench-{name}")   # workloads never share tokens by accident
     n = lambda x: max(1, round(x * length))  # noqa: E731
     if name == "chat":
         return await _chat(client, rng, vocab, max(1, round(16 * scale)), n)
     if name == "chat-think":
-        return await _chat(client, rng, vocab, max(2, round(64 * scale)), n, think_s, name)
+        return await _chat(client, rng, vocab, max(2, round(64 * scale)), n, 5.0 if think_s is None else think_s,
+                           name)
+    if name == "chat-think-long":
+        return await _chat(client, rng, vocab, max(2, round(24 * scale)), n, 6.0 if think_s is None else think_s,
+                           name, LONG_SHAPE)
     if name == "gsp":
         prompts = []
         for _ in range(max(1, round(8 * scale))):
@@ -154,7 +164,8 @@ async def run_workload(client: Client, name: str, vocab: int, scale: float,
     elif name == "decode1":
         prompts = [_rand(rng, vocab, n(2048))]
     else:
-        raise ValueError(f"unknown workload {name!r}; one of gsp, unique, decode1, chat, chat-think")
+        raise ValueError(f"unknown workload {name!r}; one of gsp, unique, decode1, chat, chat-think, "
+                         "chat-think-long")
     progress = Progress(name, len(prompts))
     start = time.perf_counter()
     samples = await asyncio.gather(*(client.complete(name, p, n(128), progress) for p in prompts))
@@ -162,19 +173,20 @@ async def run_workload(client: Client, name: str, vocab: int, scale: float,
 
 
 async def _chat(client: Client, rng: random.Random, vocab: int, users: int, n, think_s: float = 0.0,
-                name: str = "chat") -> tuple[list[Sample], float]:
-    progress = Progress(name, users * 8)
+                name: str = "chat", shape: tuple[int, int, int, int] = CHAT_SHAPE) -> tuple[list[Sample], float]:
+    context, turn, answer, rounds = shape
+    progress = Progress(name, users * rounds)
 
     async def user(u: int) -> list[Sample]:
         own = random.Random(f"{name}-{u}")           # each user's think times, whatever the others do
-        history = _rand(rng, vocab, n(1024))
+        history = _rand(rng, vocab, n(context))
         samples = []
         if think_s:
             await asyncio.sleep(own.uniform(0, think_s))
-        for r in range(1, 9):
-            history += _rand(rng, vocab, n(64))
-            s = await client.complete(name, history, n(128), progress, r)
-            history += s.token_ids or _rand(rng, vocab, n(128))    # the answer joins the history
+        for r in range(1, rounds + 1):
+            history += _rand(rng, vocab, n(turn))
+            s = await client.complete(name, history, n(answer), progress, r)
+            history += s.token_ids or _rand(rng, vocab, n(answer))    # the answer joins the history
             samples.append(s)
             if think_s:
                 await asyncio.sleep(own.expovariate(1 / think_s))
@@ -196,10 +208,10 @@ def summarize(name: str, samples: list[Sample], wall: float) -> dict:
                tpot_p50_ms=round(statistics.median(tpot) * 1e3, 2) if tpot else None,
                cached_fraction={t: round(sum(s.cached.get(t, 0) for s in samples) / prompt, 3)
                                 for t in tiers})
-    if name == "chat-think":
+    if name in ("chat-think", "chat-think-long"):
         later = sorted(s.ttft_s for s in samples if s.round >= 2)
         row.update(ttft_later_p50_s=round(percentile(later, 50), 4), ttft_later_p90_s=round(percentile(later, 90), 4))
-    if name in ("chat", "chat-think"):
+    if name in ("chat", "chat-think", "chat-think-long"):
         row["rounds"] = []
         for r in sorted({s.round for s in samples}):
             of_round = [s for s in samples if s.round == r]
@@ -211,12 +223,12 @@ def summarize(name: str, samples: list[Sample], wall: float) -> dict:
 
 
 def print_table(rows: list[dict]) -> None:
-    print(f"\n{'workload':<9} {'requests':>8} {'out tok/s':>10} {'TTFT p50':>9} {'TTFT p99':>9} "
+    print(f"\n{'workload':<15} {'requests':>8} {'out tok/s':>10} {'TTFT p50':>9} {'TTFT p99':>9} "
           f"{'TPOT p50':>9}  cached (per tier)")
     for r in rows:
         cached = " ".join(f"{t} {v:.0%}" for t, v in r["cached_fraction"].items())
         tpot = f"{r['tpot_p50_ms']} ms" if r["tpot_p50_ms"] is not None else "-"
-        print(f"{r['workload']:<9} {r['requests']:>8} {r['out_tok_s']:>10} {r['ttft_p50_s'] * 1e3:>7.0f}ms "
+        print(f"{r['workload']:<15} {r['requests']:>8} {r['out_tok_s']:>10} {r['ttft_p50_s'] * 1e3:>7.0f}ms "
               f"{r['ttft_p99_s'] * 1e3:>7.0f}ms {tpot:>9}  {cached}")
         if "ttft_later_p50_s" in r:
             print(f"  rounds >= 2: TTFT p50 {r['ttft_later_p50_s'] * 1e3:.0f} ms, "
@@ -318,6 +330,7 @@ def add_arguments(p) -> None:
                    help="multiplies every prompt and output length")
     p.add_argument("--vocab", type=int, default=0,
                    help="token ids are drawn below this (default: from /v1/models)")
-    p.add_argument("--think-s", type=float, default=5.0, help="chat-think: mean think time between turns")
+    p.add_argument("--think-s", type=float, default=None,
+                   help="chat-think: mean think time between turns (default 5 s; chat-think-long 6 s)")
     p.add_argument("--json", default=None, help="write the summary and every request to this file")
     p.add_argument("--plots", default=None, help="write PNG plots to this directory (needs matplotlib)")

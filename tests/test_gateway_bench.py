@@ -15,10 +15,11 @@ async def test_bench_runs_every_workload_over_http(aiohttp_server, engine_proces
                            "host": {"num_blocks": 256}, "disk": {"enabled": False}}})
     server = await aiohttp_server(init_app(config, engine_process=await engine_processes.get(config)))
     args = argparse.Namespace(base_url=f"http://127.0.0.1:{server.port}/v1", model="", api_key=None,
-                              workloads="gsp,unique,decode1,chat,chat-think", scale=0.125, length_scale=0.06,
+                              workloads="gsp,unique,decode1,chat,chat-think,chat-think-long", scale=0.125,
+                              length_scale=0.06,
                               vocab=0, json=str(tmp_path / "out.json"), plots=None, think_s=0.002)
     rows = {r["workload"]: r for r in await bench.main_async(args)}
-    assert set(rows) == {"gsp", "unique", "decode1", "chat", "chat-think"}
+    assert set(rows) == {"gsp", "unique", "decode1", "chat", "chat-think", "chat-think-long"}
     assert rows["gsp"]["requests"] == 16 and rows["gsp"]["out_tokens"] == 16 * 8
     assert rows["gsp"]["cached_fraction"]["gpu"] > 0.5          # the group prefix, computed once
     assert rows["unique"]["cached_fraction"]["gpu"] == 0
@@ -29,8 +30,11 @@ async def test_bench_runs_every_workload_over_http(aiohttp_server, engine_proces
     assert think["requests"] == 64 and len(think["rounds"]) == 8
     assert think["ttft_later_p90_s"] >= think["ttft_later_p50_s"] > 0
     assert all(r["cached_fraction"] > 0.5 for r in think["rounds"][1:])
+    long = rows["chat-think-long"]                              # 3 users, 4 rounds of long histories
+    assert long["requests"] == 12 and len(long["rounds"]) == 4 and long["ttft_later_p50_s"] > 0
+    assert all(r["cached_fraction"] > 0.8 for r in long["rounds"][1:])
     saved = json.loads((tmp_path / "out.json").read_text())
-    assert saved["model"] == "builtin:tiny" and len(saved["samples"]) == 16 + 8 + 1 + 2 * 8 + 64
+    assert saved["model"] == "builtin:tiny" and len(saved["samples"]) == 16 + 8 + 1 + 2 * 8 + 64 + 12
     assert "out tok/s" in capsys.readouterr().out
 
 
