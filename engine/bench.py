@@ -178,14 +178,11 @@ async def main_async(a: argparse.Namespace) -> list[dict]:
         elif name == "chat-overflow":
             record(name, await bench_tiers.chat_overflow(fresh_engine, vocab, max(2, round(32 * a.scale)),
                                                          a.block_size, a.length))
-        elif name in ("chat-think", "chat-think-long"):
-            long = name == "chat-think-long"
+        elif name in bench_tiers.THINK_SHAPES:
+            shape = bench_tiers.THINK_SHAPES[name]
             record(name, await bench_tiers.chat_think(
-                fresh_engine, vocab, a.scale, a.block_size, a.length,
-                a.think_s if a.think_s is not None else (6.0 if long else 5.0),
-                configs=a.think_configs or ("gpu,host+disk,small-host,small-host+disk" if long
-                                            else "gpu,host,small-host+disk,host+disk"),
-                shape=bench_tiers.THINK_LONG if long else bench_tiers.THINK, repeat=a.repeat))
+                fresh_engine, vocab, a.scale, a.block_size, a.length, shape.think_s if a.think_s is None else a.think_s,
+                configs=a.think_configs or shape.configs, shape=shape, repeat=a.repeat))
         elif name == "restart":
             record(name, await bench_tiers.restart(fresh_engine, vocab, max(1, round(8 * a.scale)),
                                                    a.gpu_blocks, a.length))
@@ -248,7 +245,8 @@ def print_table(rows: list[dict]) -> None:
 
 
 def print_think_table(rows: list[dict]) -> None:
-    for workload in ("chat-think", "chat-think-long"):
+    from engine.bench_tiers import THINK_SHAPES     # here: bench_tiers imports this module
+    for workload in THINK_SHAPES:
         _print_think_table(workload, [r for r in rows if r["workload"] == workload])
 
 

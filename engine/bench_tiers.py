@@ -55,10 +55,17 @@ class ChatShape:
     users: int = 64               # at scale 1
     gpu_blocks: int = 0           # at scale 1; 0 = a quarter of all histories
     small_host_blocks: int = 0    # at scale 1; 0 = half the GPU pool
+    think_s: float = 5.0          # mean think time between a user's turns
+    configs: str = "gpu,host,small-host+disk,host+disk"   # the tier configurations run by default
 
 
-THINK = ChatShape()
-THINK_LONG = ChatShape(context=6000, turn=128, answer=64, rounds=4, users=24, gpu_blocks=4096, small_host_blocks=1024)
+# the chat-think workloads of BENCHMARKS.md, by name (engine.bench in process, kvgate bench over HTTP)
+THINK_SHAPES = {
+    "chat-think": ChatShape(),
+    "chat-think-long": ChatShape(context=6000, turn=128, answer=64, rounds=4, users=24, gpu_blocks=4096,
+                                 small_host_blocks=1024, think_s=6.0,
+                                 configs="gpu,host+disk,small-host,small-host+disk"),
+}
 
 
 async def chat(engine: Engine, vocab: int, users: int, length: float = 1.0, seed: int = 0) -> dict:
@@ -151,7 +158,7 @@ async def restart(factory: EngineFactory, vocab: int, groups: int, gpu_blocks: i
 
 async def chat_think(factory: EngineFactory, vocab: int, scale: float, block_size: int, length: float = 1.0,
                      think_s: float = 5.0, seed: int = 0, configs: str = "gpu,host,small-host+disk,host+disk",
-                     shape: ChatShape = THINK, repeat: int = 1) -> list[dict]:
+                     shape: ChatShape = THINK_SHAPES["chat-think"], repeat: int = 1) -> list[dict]:
     """One row per tier configuration (and per repeat: `run`): TTFT p50/p90 of rounds >= 2 (and
     of each round), queue time, throughput, cached fraction per tier, preemptions, disk writes
     and hits recomputed. Configurations: gpu, host (holding everything), small-host (no disk),

@@ -363,11 +363,15 @@ class Engine:
         seq.finish_reason = reason
         if seq.waited_for_prefix:            # a miss turned into a hit by waiting for another's compute
             self.miss_reasons["being_computed"] += 1
-        if reason != "abort" and self._served(seq)[1]:   # found blocks it computed after all
+        loaded, recomputed = self._served(seq)
+        if reason != "abort" and recomputed:     # found blocks it computed after all
             self.miss_reasons["recomputed"] += 1
+        report = None if seq.cache_report is None else {
+            **seq.cache_report, "loaded_blocks": loaded, "recomputed_blocks": recomputed,
+            "waited_for_prefix": seq.waited_for_prefix}
         if reason != "stop":
             text += seq.detokenizer.flush()
-        self._deliver(seq, self._output(seq, tokens or [], text, reason, logprobs or []))
+        self._deliver(seq, self._output(seq, tokens or [], text, reason, logprobs or [], report))
 
     def _cache_report(self, seq: Sequence, match, asked: bool) -> dict | None:
         """At arrival: count why `seq`'s prompt missed the cache in `miss_reasons` (/metrics);
@@ -404,13 +408,8 @@ class Engine:
             seq.outputs.put_nowait(out)
 
     def _output(self, seq: Sequence, tokens: list[int], text: str, reason: str | None,
-                logprobs: list[Logprob]) -> RequestOutput:
+                logprobs: list[Logprob], report: dict | None = None) -> RequestOutput:
         cached = seq.cached_tokens or {t: 0 for t in Tier}
-        report = None
-        if reason is not None and seq.cache_report is not None:
-            loaded, recomputed = self._served(seq)
-            report = {**seq.cache_report, "loaded_blocks": loaded, "recomputed_blocks": recomputed,
-                      "waited_for_prefix": seq.waited_for_prefix}
         return RequestOutput(seq.request_id, tokens, text, reason, seq.prompt_len, seq.num_generated,
                              dict(cached), seq.queued_s, logprobs if seq.params.logprobs is not None else None,
                              report)

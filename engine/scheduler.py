@@ -143,11 +143,10 @@ class Scheduler:
             if seq.pending:     # preempted while its token was in flight: resumes once it is read back
                 skipped.append(seq)
                 continue
-            if seq.status is Status.WAITING and computing and not computing.isdisjoint(self._prompt_keys(seq)):
+            if seq.status is Status.WAITING and computing and not computing.isdisjoint(keys := self._prompt_keys(seq)):
                 # reported only for its own namespace's blocks: that another tenant is sending a
                 # public prefix right now is not this request's to know
-                private = self._prompt_keys(seq)[seq.scope.shared:]
-                seq.waited_for_prefix |= not computing.isdisjoint(private)
+                seq.waited_for_prefix |= not computing.isdisjoint(keys[seq.scope.shared:])
                 skipped.append(seq)
                 continue
             if len(self.running) >= self.config.max_num_seqs:     # full: a slot from a tenant above its share

@@ -39,10 +39,6 @@ class PrefixRequest(BaseModel):
     prompt: StrictStr | TokenIds
     retention: RetentionRequest | None = None
 
-    def check(self) -> None:
-        if self.retention is not None:
-            self.retention.check()
-
 
 class EvictRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -60,8 +56,6 @@ class PublicRequest(BaseModel):
     def check(self) -> None:
         if (self.prompt is None) == (self.system is None):
             raise InvalidRequest("give exactly one of prompt and system", "prompt")
-        if self.retention is not None:
-            self.retention.check()
 
 
 async def cache(request: web.Request) -> web.Response:

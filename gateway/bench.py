@@ -37,6 +37,7 @@ import aiohttp
 from tqdm import tqdm
 
 from engine.bench import percentile
+from engine.bench_tiers import THINK_SHAPES, ChatShape
 
 TIERS = ("gpu", "host", "disk")
 
@@ -103,7 +104,6 @@ class Client:
                       (first or time.perf_counter()) - start, (last - first) if first else 0.0, cached,
                       round_, tokens)
 
-
     async def _post(self, workload: str, body: dict) -> aiohttp.ClientResponse:
         """The response to `body`, retried as the official SDKs retry: a 429 or 503 waits its
         Retry-After (else 0.5 s doubling, at most 8 s, with jitter), up to MAX_RETRIES times.
@@ -137,10 +137,6 @@ def _rand(rng: random.Random, vocab: int, n: int) -> list[int]:
     return [rng.randrange(vocab) for _ in range(n)]
 
 
-# (private context, user tokens a round, answer tokens, rounds) of the chat workloads
-CHAT_SHAPE, LONG_SHAPE = (1024, 64, 128, 8), (6000, 128, 64, 4)
-
-
 async def run_workload(client: Client, name: str, vocab: int, scale: float,
                        length: float, think_s: float | None = None) -> tuple[list[Sample], float]:
     """All samples of one workload and its wall time."""
@@ -148,12 +144,10 @@ async def run_workload(client: Client, name: str, vocab: int, scale: float,
     n = lambda x: max(1, round(x * length))  # noqa: E731
     if name == "chat":
         return await _chat(client, rng, vocab, max(1, round(16 * scale)), n)
-    if name == "chat-think":
-        return await _chat(client, rng, vocab, max(2, round(64 * scale)), n, 5.0 if think_s is None else think_s,
-                           name)
-    if name == "chat-think-long":
-        return await _chat(client, rng, vocab, max(2, round(24 * scale)), n, 6.0 if think_s is None else think_s,
-                           name, LONG_SHAPE)
+    if name in THINK_SHAPES:
+        shape = THINK_SHAPES[name]
+        return await _chat(client, rng, vocab, max(2, round(shape.users * scale)), n,
+                           shape.think_s if think_s is None else think_s, name, shape)
     if name == "gsp":
         prompts = []
         for _ in range(max(1, round(8 * scale))):
@@ -173,8 +167,8 @@ async def run_workload(client: Client, name: str, vocab: int, scale: float,
 
 
 async def _chat(client: Client, rng: random.Random, vocab: int, users: int, n, think_s: float = 0.0,
-                name: str = "chat", shape: tuple[int, int, int, int] = CHAT_SHAPE) -> tuple[list[Sample], float]:
-    context, turn, answer, rounds = shape
+                name: str = "chat", shape: ChatShape = THINK_SHAPES["chat-think"]) -> tuple[list[Sample], float]:
+    context, turn, answer, rounds = shape.context, shape.turn, shape.answer, shape.rounds
     progress = Progress(name, users * rounds)
 
     async def user(u: int) -> list[Sample]:
@@ -208,10 +202,10 @@ def summarize(name: str, samples: list[Sample], wall: float) -> dict:
                tpot_p50_ms=round(statistics.median(tpot) * 1e3, 2) if tpot else None,
                cached_fraction={t: round(sum(s.cached.get(t, 0) for s in samples) / prompt, 3)
                                 for t in tiers})
-    if name in ("chat-think", "chat-think-long"):
+    if name in THINK_SHAPES:
         later = sorted(s.ttft_s for s in samples if s.round >= 2)
         row.update(ttft_later_p50_s=round(percentile(later, 50), 4), ttft_later_p90_s=round(percentile(later, 90), 4))
-    if name in ("chat", "chat-think", "chat-think-long"):
+    if name == "chat" or name in THINK_SHAPES:
         row["rounds"] = []
         for r in sorted({s.round for s in samples}):
             of_round = [s for s in samples if s.round == r]

@@ -52,7 +52,8 @@ class ServerConfig:
     def __post_init__(self) -> None:
         _require(0 < self.port < 65536, "server.port", "an int in 1..65535")
         _require(self.max_concurrent_sequences >= 0, "server.max_concurrent_sequences", "an int >= 0 (0 = automatic)")
-        _require(0 <= self.max_sequences_per_request <= (self.max_concurrent_sequences or limits.N_MAX * 1024),
+        _require(self.max_sequences_per_request >= 0 and not (
+                     self.max_concurrent_sequences and self.max_sequences_per_request > self.max_concurrent_sequences),
                  "server.max_sequences_per_request", "an int in 1..server.max_concurrent_sequences (0 = automatic)")
         _require(self.max_body_bytes >= 1024, "server.max_body_bytes", "an int >= 1024")
         _require(self.max_response_bytes >= 1 << 16, "server.max_response_bytes", "an int >= 65536")

@@ -102,7 +102,8 @@ def _first_error(e: ValidationError) -> tuple[str, str]:
     param = where(errors[0])
     if errors[0]["type"] == "extra_forbidden":
         return param, "unknown field (kvgate takes OpenAI's fields and its own: docs/api.md)"
-    messages = list(dict.fromkeys(err["msg"] for err in errors if where(err) == param))
+    # pydantic prefixes a validator's own ValueError with "Value error, "
+    messages = list(dict.fromkeys(err["msg"].removeprefix("Value error, ") for err in errors if where(err) == param))
     return param, " or ".join(messages[:1] + [m[0].lower() + m[1:] for m in messages[1:]])
 
 

@@ -227,7 +227,8 @@ class _AllowedKeys:
         return key in self.keys
 
 
-def open_events(config: KvEventsConfig, store: BlockStore, namespace_key: bytes | None = None) -> KVEventPublisher | None:
+def open_events(config: KvEventsConfig, store: BlockStore,
+                namespace_key: bytes | None = None) -> KVEventPublisher | None:
     """The publisher `config` asks for, started (None if disabled). Raises ConfigError if an
     endpoint cannot be bound."""
     if not config.enabled:

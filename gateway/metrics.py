@@ -185,8 +185,8 @@ class _EngineCollector:
                           "synchronous copy; detached: queued writes given a private copy)", "action",
                           disk["overload"])
             yield _family(CounterMetricFamily, "kvgate_disk_operations", "Disk tier operations by outcome "
-                          "(writes_paused: puts refused while writes pause after a failure; replaced: a tier LMDB found "
-                          "damaged while serving, moved aside)", "op",
+                          "(writes_paused: puts refused while writes pause after a failure; replaced: a "
+                          "tier LMDB found damaged while serving, moved aside)", "op",
                           disk["operations"])
         yield _family(CounterMetricFamily, "kvgate_cache_misses", "Requests whose prompt missed the cache, by why "
                       "its first missing block was missing (evicted, never_computed), and those with blocks "

@@ -91,7 +91,8 @@ class EventFeed:
         self.index = index
         self._ctx = zmq.Context.instance()
         self._curve = (curve_public.encode(), curve_secret.encode()) if curve_secret else None   # this client's keys
-        self._asks: queue.SimpleQueue[tuple[str, str, str, str]] = queue.SimpleQueue()  # (replica, endpoint, replay, key)
+        # (replica, endpoint, replay endpoint, its CURVE public key)
+        self._asks: queue.SimpleQueue[tuple[str, str, str, str]] = queue.SimpleQueue()
         self._known: set[str] = set()                           # replicas asked for (the router's side)
         self._subs: dict[str, tuple[zmq.Socket, str, str]] = {}  # replica -> (SUB socket, replay endpoint, its key)
         self._next: dict[str, int] = {}                        # replica -> next expected seq

@@ -26,6 +26,7 @@ from pydantic import (
     StrictFloat,
     StrictInt,
     StrictStr,
+    ValidationInfo,
     field_validator,
 )
 
@@ -63,13 +64,16 @@ class RetentionRequest(BaseModel):
     start: Annotated[StrictInt, Field(ge=0)] = 0
     end: Annotated[StrictInt, Field(ge=0)] | None = None
 
+    @field_validator("end")
+    @classmethod
+    def _after_start(cls, end: int | None, info: ValidationInfo) -> int | None:
+        start = info.data.get("start", 0)
+        if end is not None and end <= start:
+            raise ValueError(f"must be after start ({start}): the range [start, end) would retain nothing")
+        return end
+
     def to_engine(self) -> Retention:
         return Retention(self.priority, float(self.duration_s), self.start, self.end)
-
-    def check(self) -> None:
-        if self.end is not None and self.end <= self.start:
-            raise InvalidRequest(f"retention.end ({self.end}) must be after retention.start ({self.start}): "
-                                 "the range [start, end) would retain nothing", "retention.end")
 
 
 class StreamOptions(BaseModel):
@@ -124,11 +128,6 @@ class _Common(_Refusing):
     cache_salt: Annotated[StrictStr, Field(min_length=1, max_length=256)] | None = None
     cache_report: StrictBool = False         # add why the prompt hit or missed the cache (docs/api.md)
     retention: RetentionRequest | None = None    # keep the prompt's blocks warm for a while
-
-    def check(self) -> None:
-        """What no field's own type says (InvalidRequest names the field)."""
-        if self.retention is not None:
-            self.retention.check()
 
     def logit_biases(self) -> tuple[tuple[int, float], ...]:
         """OpenAI's {"token id": bias} as (id, bias) pairs; a key that is not a token id: 400."""
@@ -219,7 +218,6 @@ class ChatCompletionRequest(_Common):
 
     def check(self) -> None:
         """What no field's own type says (InvalidRequest names the field)."""
-        super().check()
         if self.top_logprobs and not self.logprobs:
             raise InvalidRequest("top_logprobs needs logprobs: true", "top_logprobs")
 
@@ -245,7 +243,6 @@ class CompletionRequest(_Common):
 
     def check(self) -> None:
         """What no field's own type says (InvalidRequest names the field)."""
-        super().check()
         if self.echo and self.logprobs is not None:     # the prompt's own logprobs: not computed
             raise InvalidRequest("echo with logprobs (the prompt's logprobs) is not supported", "echo")
 

@@ -18,6 +18,7 @@ import uuid
 
 import ray
 import torch
+import zmq
 from ray import serve
 from ray.serve.config import AutoscalingConfig, RequestRouterConfig
 
@@ -59,7 +60,8 @@ class EngineReplica:
                 else model.tokenizer.encode(prefix.text)
             self.engine.store.declare_public(ids)
         host = ray.util.get_node_ip_address()     # reached from other nodes: CURVE, the router's key only
-        self.events = open_events(KvEventsConfig(enabled=True, endpoint=f"tcp://{host}:*", replay_endpoint=f"tcp://{host}:*",
+        self.events = open_events(KvEventsConfig(enabled=True, endpoint=f"tcp://{host}:*",
+                                                 replay_endpoint=f"tcp://{host}:*",
                                                  curve_secret_key=events.server_secret,
                                                  curve_client_keys=events.router_public),
                                   self.engine.store, bytes.fromhex(events.namespace_key))
@@ -149,7 +151,6 @@ class EventKeys:
 
     @classmethod
     def new(cls) -> EventKeys:
-        import zmq
         _, server_secret = zmq.curve_keypair()
         router_public, router_secret = zmq.curve_keypair()
         return cls(server_secret.decode(), router_public.decode(), router_secret.decode(), os.urandom(32).hex())

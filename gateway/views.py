@@ -43,12 +43,7 @@ async def _generate(request: web.Request, schema, prompts_of: Callable, kind: st
     """Read and check the request, hold its sequences' concurrency slots, generate, answer.
     Every check that needs no tokenization comes before it."""
     app, server = request.app, request.app[CONFIG].server
-    state, engine, prompts = app[STATE], app[ENGINE], app[PROMPTS]
-    if engine.dead:
-        raise EngineDead(engine.dead)
-    if state.stopping:
-        raise APIError(503, "the server is shutting down", "server_error", headers={"Retry-After": "5"})
-    _check_responsive(engine, server.heartbeat_timeout_s)
+    state, engine, prompts = app[STATE], _ready(app), app[PROMPTS]
     req = await intake.read_request(request, schema, prompts.name, server.body_timeout_s)
     offered = _tools_offered(req, app[TOOL_PARSER])
     priority = _priority(req, request[TENANT])
@@ -298,35 +293,37 @@ async def models(request: web.Request) -> web.Response:
     return web.json_response({"object": "list", "data": [text_views.model_card(request)]})
 
 
-def _check_responsive(engine, timeout_s: float, state=None) -> None:
-    """A frozen engine (no heartbeat for `timeout_s`) takes no new request: 503 at once; nor
-    one that is shutting down (`state`)."""
-    if state is not None and state.stopping:
+def _ready(app: web.Application):
+    """The engine, if it can take work now: EngineDead once it has exited, a 503 while the server
+    stops, EngineUnresponsive while it sends no heartbeat (a frozen engine takes nothing new)."""
+    engine, timeout_s = app[ENGINE], app[CONFIG].server.heartbeat_timeout_s
+    if engine.dead:
+        raise EngineDead(engine.dead)
+    if app[STATE].stopping:
         raise APIError(503, "the server is shutting down", "server_error", headers={"Retry-After": "5"})
     silent = engine.silent_for()
     if silent > timeout_s:
         raise EngineUnresponsive(f"the engine process has sent no heartbeat for {silent:.1f} s "
                                  f"(server.heartbeat_timeout_s = {timeout_s:g})")
+    return engine
 
 
 async def health(request: web.Request) -> web.Response:
-    engine = request.app[ENGINE]
-    if engine.dead:
-        return web.json_response({"status": "engine_dead", "reason": engine.dead}, status=503)
-    if request.app[STATE].stopping:
-        return web.json_response({"status": "stopping"}, status=503)
     try:
-        _check_responsive(engine, request.app[CONFIG].server.heartbeat_timeout_s)
+        engine = _ready(request.app)
+    except EngineDead as e:
+        return web.json_response({"status": "engine_dead", "reason": str(e)}, status=503)
     except EngineUnresponsive as e:
         return web.json_response({"status": "engine_unresponsive", "reason": str(e)}, status=503)
+    except APIError:
+        return web.json_response({"status": "stopping"}, status=503)
     tiers = {r.tier: {k: v for k, v in r.as_dict().items() if k != "path"} for r in request.app.get(TIERS, [])}
     return web.json_response({"status": "ok", "tiers": tiers, "engine": engine.steps})
 
 
 async def cache(request: web.Request) -> web.Response:
     """The KV arithmetic of this deployment and what each tier holds now (no token contents)."""
-    engine = request.app[ENGINE]
-    _check_responsive(engine, request.app[CONFIG].server.heartbeat_timeout_s, request.app[STATE])
+    engine = _ready(request.app)
     blocks = (await engine.stats())["blocks"]
     tiers = {name: {**t, "now": blocks.get(name)} for name, t in engine.kv["tiers"].items()}
     return web.json_response({**engine.kv, "tiers": tiers})
@@ -334,7 +331,6 @@ async def cache(request: web.Request) -> web.Response:
 
 async def metrics(request: web.Request) -> web.Response:
     """Prometheus' scrape: a 503 at once for a frozen engine, within ASK_TIMEOUT_S for a slow one."""
-    _check_responsive(request.app[ENGINE], request.app[CONFIG].server.heartbeat_timeout_s, request.app[STATE])
-    snapshot = await request.app[ENGINE].stats()
+    snapshot = await _ready(request.app).stats()
     return web.Response(body=request.app[METRICS].render(snapshot),
                         headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})

@@ -99,7 +99,7 @@ class PublicPrefixes:
         total = len(self.keys.union(keys))
         if max_blocks is not None and total > max_blocks:
             raise PublicPrefixesFull(f"public prefixes would hold {total} blocks; at most {max_blocks} may be "
-                                     f"public (a quarter of the GPU pool): every tenant's own cache needs the rest")
+                                     "public: every tenant's own cache needs the rest")
         self.keys.update(keys)
         self._last.update(keys[-1:])
         return len(keys)

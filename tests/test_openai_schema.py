@@ -58,37 +58,38 @@ COMPLETIONS = {
 }
 
 
+async def responses(client, path: str, bodies: dict[str, dict], stream: bool) -> list[list[dict]]:
+    """Each body's response: [the object], or its stream's chunks (the last carrying usage)."""
+    out = []
+    for name, body in bodies.items():
+        body = {**body, "stream": stream, **({"stream_options": {"include_usage": True}} if stream else {})}
+        resp = await client.post(path, json=body)
+        assert resp.status == 200, (name, await resp.text())
+        if not stream:
+            out.append([await resp.json()])
+            continue
+        events = await sse(resp)
+        assert events[-1] == "[DONE]" and events[-2]["usage"] is not None, name
+        out.append(events[:-1])
+    return out
+
+
 @pytest.mark.parametrize("stream", [False, True])
 async def test_chat_and_completions_responses_match_openais_schemas(make_client, stream):
     client = await make_client()
-    for name, body in CHATS.items():
-        body = {**body, "stream": stream, **({"stream_options": {"include_usage": True}} if stream else {})}
-        resp = await client.post("/v1/chat/completions", json=body)
-        assert resp.status == 200, (name, await resp.text())
-        if not stream:
-            check(CHAT, await resp.json())
-            continue
-        events = await sse(resp)
-        assert events[-1] == "[DONE]" and events[-2]["usage"] is not None, name
-        for chunk in events[:-1]:
-            check(CHAT_CHUNK, chunk)
-    for name, body in COMPLETIONS.items():
-        body = {**body, "stream": stream, **({"stream_options": {"include_usage": True}} if stream else {})}
-        resp = await client.post("/v1/completions", json=body)
-        assert resp.status == 200, (name, await resp.text())
-        if not stream:
-            check(COMPLETION, await resp.json())
-            continue
-        events = await sse(resp)
-        assert events[-1] == "[DONE]" and events[-2]["usage"] is not None, name
-        for chunk in events[:-1]:
-            check(COMPLETION_CHUNK, chunk)
-        check(COMPLETION, {**events[-2], "choices": []})    # the usage chunk is a whole object
+    for docs in await responses(client, "/v1/chat/completions", CHATS, stream):
+        for doc in docs:
+            check(CHAT_CHUNK if stream else CHAT, doc)
+    for docs in await responses(client, "/v1/completions", COMPLETIONS, stream):
+        for doc in docs:
+            check(COMPLETION_CHUNK if stream else COMPLETION, doc)
+        if stream:
+            check(COMPLETION, {**docs[-1], "choices": []})     # the usage chunk is a whole object
 
 
 async def test_a_tool_call_response_matches_openais_schema(make_client):
-    """A reply in the hermes format comes back as OpenAI's tool_calls (the demo model is told
-    to answer it by a logit bias walk: here the parser is fed a fixed reply instead)."""
+    """A reply in the hermes format, as the server turns it into OpenAI's tool_calls (whole and
+    streamed): the demo model writes no such reply, so the parser is given one."""
     from gateway.tools import parse
     content, calls = parse("hermes", '<tool_call>{"name": "lookup", "arguments": {"q": 1}}</tool_call>')
     message = {"role": "assistant", "content": content, "refusal": None, "tool_calls": [c.to_openai() for c in calls]}
