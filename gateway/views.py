@@ -52,7 +52,8 @@ async def _generate(request: web.Request, schema, prompts_of: Callable, kind: st
         raise APIError(400, f"this request asks for {need} sequences (prompts x n); the limit is "
                        f"{state.max_per_request} (server.max_sequences_per_request)", "invalid_request_error", "n")
     if state.in_flight + need > state.max_in_flight:     # below it, a burst waits in the engine's queue
-        raise APIError(429, f"the server holds {state.in_flight} sequences, its limit of {state.max_in_flight} "
+        # says nothing of how many sequences others hold: no tenant learns another's traffic
+        raise APIError(429, f"the server is at its limit of {state.max_in_flight} sequences "
                        "(server.max_concurrent_sequences); retry later", "rate_limit_error",
                        headers={"Retry-After": "1"})
     state.in_flight += need

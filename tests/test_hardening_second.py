@@ -307,6 +307,16 @@ async def test_a_burst_beyond_the_old_limit_is_queued_not_refused(make_client):
     statuses = await asyncio.gather(*(small.post("/v1/completions", json=slow) for _ in range(12)))
     refused = [r for r in statuses if r.status == 429]
     assert refused and all(r.headers["Retry-After"] for r in refused)
+    from gateway.keys import STATE                # the refusal tells nothing of what others hold
+    holding = asyncio.ensure_future(small.post("/v1/completions", json={**slow, "n": 3}))
+    for _ in range(1000):
+        if small.app[STATE].in_flight == 3:
+            break
+        await asyncio.sleep(0.01)
+    refused = await small.post("/v1/completions", json={**slow, "n": 2})
+    message = (await refused.json())["error"]["message"]
+    assert refused.status == 429 and "3" not in message and "4" in message, message   # the limit only
+    assert (await holding).status == 200
 
 
 async def test_kvgate_bench_honours_retry_after(unused_tcp_port):
