@@ -254,21 +254,23 @@ def _print_think_table(workload: str, rows: list[dict]) -> None:
     if not rows:
         return
     gpu = next((r for r in rows if r["config"] == "gpu"), None)
+    small = next((r for r in rows if r["config"] == "small-host"), None)
     print(f"\n{workload}, rounds >= 2 (think {rows[0]['think_s']} s mean)\n{'config':<20} {'TTFT p50':>9} "
-          f"{'p90':>8} {'÷ gpu':>6} {'queue p50':>9} {'out tok/s':>9} {'cached gpu/host/disk':>21} {'preempt':>7} "
-          f"{'blocked':>7} {'read waits':>10} "
-          f"{'disk writes':>11} {'skipped':>8} {'recomputed':>10} {'schedule s':>10} {'1st-token step':>14} "
-          f"{'step p50':>8}")
+          f"{'p90':>8} {'÷ gpu':>6} {'÷ small':>7} {'queue p50':>9} {'out tok/s':>9} {'cached gpu/host/disk':>21} "
+          f"{'preempt':>7} {'blocked':>7} {'read waits':>10} "
+          f"{'disk writes':>11} {'skipped':>8} {'recomputed':>10} {'sched ms/step':>13} {'loop ms/step':>12} "
+          f"{'1st-token step':>14} {'step p50':>8}")
     for r in rows:
-        ratio = f"{r['ttft_later_p50_s'] / gpu['ttft_later_p50_s']:.2f}" if gpu else "-"
+        ratio = lambda base: f"{r['ttft_later_p50_s'] / base['ttft_later_p50_s']:.2f}" if base else "-"  # noqa: E731
         cached = "/".join(f"{v:.0%}" for v in r["cached_fraction"].values())
         name = r["config"] + (f" #{r['run'] + 1}" if r.get("run") else "")
-        print(f"{name:<20} {_ms(r['ttft_later_p50_s'])} {_ms(r['ttft_later_p90_s'])[1:]} {ratio:>6} "
-              f"{_ms(r['queue_later_p50_s'])} {r['out_tok_s']:>9} {cached:>21} {r['preemptions']:>7} "
+        per_step = lambda key: f"{1e3 * r[key] / max(1, r['steps']):.2f}" if key in r else "-"  # noqa: E731
+        print(f"{name:<20} {_ms(r['ttft_later_p50_s'])} {_ms(r['ttft_later_p90_s'])[1:]} {ratio(gpu):>6} "
+              f"{ratio(small):>7} {_ms(r['queue_later_p50_s'])} {r['out_tok_s']:>9} {cached:>21} {r['preemptions']:>7} "
               f"{r['admissions_blocked']:>7} {r['read_waits']:>10} "
               f"{r['disk_writes']:>11} {sum(r['disk_writes_skipped'].values()):>8} {r['hits_recomputed']:>10} "
-              f"{r.get('schedule_s', '-'):>10} {r['first_token_step_ms']:>7} ms/{r['first_token_step_prefill']:>5} "
-              f"{r['step_ms_p50']:>5} ms")
+              f"{per_step('schedule_s'):>13} {per_step('loop_cpu_s'):>12} "
+              f"{r['first_token_step_ms']:>7} ms/{r['first_token_step_prefill']:>5} {r['step_ms_p50']:>5} ms")
 
 
 def plot_rounds(rows: list[dict], directory: str) -> str:

@@ -149,7 +149,7 @@ async def restart(factory: EngineFactory, vocab: int, groups: int, gpu_blocks: i
             started = time.perf_counter() - start
             row = await run_kvgate(engine, requests[mode], n(128))
             rows.append(dict(config=f"restarted, {mode}", startup_s=round(started, 2),
-                             hits_recomputed=sum(engine.costs.recomputed_blocks.values()), **row))
+                             hits_recomputed=sum(engine.recomputed_blocks.values()), **row))
             await engine.stop(persist=False)
     finally:
         shutil.rmtree(disk, ignore_errors=True)
@@ -182,8 +182,10 @@ async def chat_think(factory: EngineFactory, vocab: int, scale: float, block_siz
                 engine = await factory(gpu_blocks=gpu, host_blocks=host, disk_path=disk,
                                        load_or_recompute=mode or "auto")
                 trace = _time_schedule(engine)
+                cpu = time.thread_time()       # the event loop thread's CPU time: all it did
                 row, first_tokens = await _think_users(engine, vocab, users, n, think_s, seed, shape)
                 row.update(schedule_s=round(trace["schedule"], 3), steps=trace["steps"],
+                           loop_cpu_s=round(time.thread_time() - cpu, 3),
                            **_first_token_steps(trace["forwards"], first_tokens))
                 row.update(config=config, run=run, gpu_blocks=gpu, host_blocks=host, conversation_blocks=total,
                            **_counts(engine))
@@ -199,7 +201,7 @@ def _counts(engine: Engine) -> dict:
     """What a tier configuration's run cost, from the engine's running totals."""
     stats = engine.store.stats()
     return dict(preemptions=engine.scheduler.num_preemptions,
-                hits_recomputed=sum(engine.costs.recomputed_blocks.values()),
+                hits_recomputed=sum(engine.recomputed_blocks.values()),
                 disk_writes=stats.disk.writes if stats.disk else 0,
                 disk_writes_skipped=dict(stats.writes_skipped, queue_full=stats.disk.pending_full,
                                          paused=stats.disk.writes_paused) if stats.disk else {},

@@ -8,18 +8,24 @@ deployment loading wins by far. Tiers along a cached prefix only get slower (a p
 in a slower tier than its child), so the choice is one cut: load the host part, or recompute
 from its first block.
 
-The disk part of a prefix is not a choice between the two: it is computed from the front while
-it is read from the back (store/loader.py), and whichever is faster covers more of it — while
-the GPU has few other sequences computing to delay (`compute_share`). In "load" mode the
-sequence waits for the read instead. `recomputed_blocks` counts the hits that were computed
-rather than loaded, per tier.
+The disk part of a prefix is not a choice between the two: the front computes it at full speed,
+exactly as with the tier off, while the back is read from its last block (store/loader.py);
+when they meet, the sequence skips what was read. So a read can only save steps, never add one.
+Which blocks are worth reading at all is the meeting point (`read_from`): a block is read only
+if it should arrive before the front would compute it, given the measured rates and the bytes
+other loads have queued on the disk; a stalled disk is read from not at all. In "load" mode the
+sequence waits for the read instead (unless the disk stalls). What came of each hit (loaded
+from which tier, or recomputed) is counted by the engine when the request ends.
 """
 from __future__ import annotations
+
+import math
 
 from store import BlockStore, Tier
 
 MIN_PREFILL_TOKENS = 256   # steps prefilling fewer tokens say too little about prefill speed
 _EMA = 0.2                 # weight of the newest measurement
+MIN_SAVING_S = 0.005       # a read that saves less is not worth the step it may add (it waits at the meeting point)
 
 
 class LoadOrRecompute:
@@ -30,7 +36,6 @@ class LoadOrRecompute:
         self.mode = mode                               # "auto", or "load": always load
         self.prefill_tokens_per_s: float | None = None
         self.host_bytes_per_s: float | None = None    # host -> GPU
-        self.recomputed_blocks = {Tier.HOST: 0, Tier.DISK: 0}   # hits recomputed instead of loaded
 
     def observe_prefill(self, tokens: int, seconds: float) -> None:
         if tokens >= MIN_PREFILL_TOKENS and seconds > 0:
@@ -45,30 +50,36 @@ class LoadOrRecompute:
     def slowest_tier_to_load(self, tiers: tuple[Tier, ...]) -> Tier:
         """HOST if the host part of a prefix whose blocks are in `tiers` is worth loading (the
         disk part is then loaded and computed at once), else GPU: everything past the GPU part
-        is recomputed, and counted."""
+        is recomputed."""
         if self.worth_loading_from_host(max(1, sum(t is Tier.HOST for t in tiers))):
             return Tier.HOST
-        for tier in tiers:
-            if tier > Tier.GPU:
-                self.recomputed_blocks[tier] += 1
         return Tier.GPU
 
-    def compute_share(self, others: int = 0) -> float:
-        """The share of a disk part the front should compute while the rest is read, with
-        `others` other sequences computing in the step. Alone on the GPU: the computing rate
-        over both rates (in KV bytes/s), so that both finish together. But every sequence that
-        computes in a step waits for the tokens computed in it, while a read costs it nothing:
-        computing a fraction x of a gap G saves its own sequence x*G/read and costs the others
-        others*x*G/compute. So once `others` >= compute / read the front computes none of it and
-        waits for the read (a busy GPU: many decoding sequences). Until both rates are measured:
-        0 (load)."""
+    def read_from(self, first: int, end: int, queued_bytes: int = 0,
+                  stalled: bool = False) -> tuple[int, float | None]:
+        """Where to read the disk part [first, end) of a prefix from: (the first block worth
+        reading, the seconds until it is due). The front computes [first, j) while the rest is
+        read from `end` backwards, behind the `queued_bytes` other loads have queued: the front
+        is done at (j - first) * block_size / prefill, the read at
+        (queued + (end - j) * block_bytes) / read; j is the meeting point, where the later of
+        the two comes soonest. Due: the read's end, plus a quarter and 20 ms of slack
+        (polling, jitter). (end, 0) (read nothing) when that saves less than MIN_SAVING_S, or
+        when the disk has stalled; (first, None)
+        (read it all) in "load" mode or until both rates are measured."""
+        if stalled:
+            return end, 0.0
         read = self.store.disk_read_rate
-        if self.prefill_tokens_per_s is None or read is None:
-            return 0.0
-        compute = self.prefill_tokens_per_s * self.block_bytes / self.block_size
-        if others >= compute / read:
-            return 0.0
-        return compute / (compute + read)
+        if self.mode == "load" or self.prefill_tokens_per_s is None or read is None:
+            return first, None
+        per_read = self.block_bytes / read                          # s per block read
+        per_compute = self.block_size / self.prefill_tokens_per_s   # s per block computed
+        queued = queued_bytes / read
+        done = lambda j: max((j - first) * per_compute, queued + (end - j) * per_read)  # noqa: E731
+        meet = (queued + end * per_read + first * per_compute) / (per_read + per_compute)
+        j = min((min(end, max(first, int(meet) + d)) for d in (0, 1)), key=done)
+        if done(end) - done(j) < MIN_SAVING_S:      # not worth a step more and the copies
+            return end, 0.0
+        return j, 1.25 * (queued + (end - j) * per_read) + 0.02
 
     def rates(self) -> dict[str, float | None]:
         return dict(prefill_tokens_per_s=self.prefill_tokens_per_s, host_bytes_per_s=self.host_bytes_per_s,

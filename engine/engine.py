@@ -75,6 +75,8 @@ class Engine:
         self._stopping = False
         self.integrity_error: AssertionError | None = None   # the first broken invariant seen
         self.miss_reasons: collections.Counter[str] = collections.Counter()   # first misses, by why
+        # blocks found at arrival but computed after all, by the tier found in ("gpu", "host", "disk")
+        self.recomputed_blocks: collections.Counter[str] = collections.Counter()
 
     # ---- lifecycle --------------------------------------------------------------------------
 
@@ -366,8 +368,9 @@ class Engine:
         loaded, recomputed = self._served(seq)
         if reason != "abort" and recomputed:     # found blocks it computed after all
             self.miss_reasons["recomputed"] += 1
+            self.recomputed_blocks.update(recomputed)
         report = None if seq.cache_report is None else {
-            **seq.cache_report, "loaded_blocks": loaded, "recomputed_blocks": recomputed,
+            **seq.cache_report, "loaded_blocks": loaded, "recomputed_blocks": sum(recomputed.values()),
             "waited_for_prefix": seq.waited_for_prefix}
         if reason != "stop":
             text += seq.detokenizer.flush()
@@ -391,15 +394,24 @@ class Engine:
                                                           "loads_up_to": seq.max_tier.name.lower()},
                 "model_fingerprint": self.loaded.fingerprint}
 
-    def _served(self, seq: Sequence) -> tuple[dict[str, int], int]:
+    def _served(self, seq: Sequence) -> tuple[dict[str, int], dict[str, int]]:
         """What came of the blocks `seq` found at arrival, as it happened: the blocks served from
         each tier (those usage counts: found on the GPU, copied from host memory, read from disk)
-        and the found blocks computed after all (the load-or-recompute choice, the front of a
-        disk read, blocks evicted while it waited)."""
+        and, by the tier each was found in, the found blocks computed after all (the
+        load-or-recompute choice, the front of a disk read, blocks evicted while it waited).
+        Along a prefix tiers only get slower, and a block is served from the tier it was found
+        in or a slower one (it moved down while it waited): the recomputed blocks are the last
+        ones found, counted from the slowest tier up."""
+        found = collections.Counter(t.name.lower() for t in seq.found)
         if seq.cached_tokens is None:        # never admitted
-            return {t.name.lower(): 0 for t in Tier}, 0
+            return {t.name.lower(): 0 for t in Tier}, {}
         loaded = {t.name.lower(): n // self.config.block_size for t, n in seq.cached_tokens.items()}
-        return loaded, max(0, len(seq.found) - sum(loaded.values()))
+        left = max(0, len(seq.found) - sum(loaded.values()))
+        recomputed = {}
+        for tier in ("disk", "host", "gpu"):
+            recomputed[tier] = min(left, found[tier])
+            left -= recomputed[tier]
+        return loaded, {t: n for t, n in recomputed.items() if n}
 
     def _deliver(self, seq: Sequence, out: RequestOutput) -> None:
         if self._on_output is not None:

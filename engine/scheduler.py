@@ -17,15 +17,16 @@ sequence owns would copy all its blocks, keep them out of the cache, and need th
 on the GPU at once to resume.) A waiting request that is more urgent than a running one may
 preempt it the same way.
 
-A prompt whose cached prefix is partly on disk computes from the front while the store reads
-the disk part from the back; when the computed front reaches the blocks read, they are copied
-in and the prompt jumps ahead (`_tokens_to_compute`).
+A prompt whose cached prefix is partly on disk computes from the front, at full speed, while the
+store reads the disk part from the back; when the computed front reaches the blocks read, the
+prompt jumps past them (`_tokens_to_compute`). It never waits for a read (but in "load" mode).
 
 A request whose admission or growth fails for any reason other than a lack of blocks is put in
 the plan's `failed` list (the engine ends it with an error); it never fails the others.
 """
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import time
@@ -38,6 +39,7 @@ from engine.costs import LoadOrRecompute
 from engine.fairness import FairQueue, TenantShare
 from engine.sequence import Sequence, Status
 from store import BlockStore, OutOfBlocks, PrefixMatch, Tier, token_bytes
+from store.loader import STALLED_S
 
 log = logging.getLogger("kvgate.engine")
 
@@ -74,7 +76,8 @@ class Scheduler:
         self._waiting = FairQueue(tenants)      # by urgency, and between tenants by service (engine/fairness.py)
         self.num_preemptions = 0
         self.num_blocked_admissions = 0   # steps whose most urgent waiting request found no KV room
-        self.num_read_waits = 0           # steps a running sequence sat out, waiting for its disk read
+        self.num_read_waits = 0           # steps a running sequence sat out, waiting for its disk read ("load" mode)
+        self._recheck: asyncio.TimerHandle | None = None
 
     @property
     def num_waiting(self) -> int:
@@ -177,35 +180,44 @@ class Scheduler:
 
     def _tokens_to_compute(self, seq: Sequence, budget: int) -> int:
         """The tokens `seq` computes this step: what it has left, within `budget`. A prompt (or a
-        preempted sequence, resumed) whose disk blocks are being read takes the blocks read once
-        its front has reached them, and meanwhile computes, each step, its share of the gap left
-        (`LoadOrRecompute.compute_share`: none in "load" mode, or while enough other sequences
-        compute that doing so would delay them more than it saves; sequences reading their own
-        prompts count as idle): with the GPU to itself it never idles behind a slow or queued
-        read, and a read that never comes is computed in a few steps. 0 = it waits for its
-        blocks this step."""
+        preempted sequence, resumed) whose disk blocks are being read computes from the front
+        at full speed up to where it is to meet the read (`LoadOrRecompute.read_from`), and
+        skips the blocks read once it reaches them. A read not there at the meeting point is
+        waited for until it is due (`seq.read_due`); past that, or if the disk has stalled, the
+        front computes on through it: a late read costs at most its slack, never a hang. In
+        "load" mode the front waits for the whole read (unless the disk stalls). 0 = it waits
+        for its blocks this step."""
         limit = seq.num_tokens
         # None: no load (a decoding sequence, all but its last token computed, never has one:
         # every branch below stops the front at the loaded blocks until they are taken)
         step = self.store.advance_load(seq.request_id, seq.num_computed) if seq.num_computed < limit - 1 else None
         if step is not None and step.filled:
-            front = seq.num_computed // self.store.block_size
-            seq.num_computed = (front + step.filled) * self.store.block_size
+            seq.num_computed = step.end * self.store.block_size
             if not seq.preemptions:         # the prompt's cached tokens, as first admitted
                 seq.cached_tokens[Tier.DISK] += step.filled * self.store.block_size
-            self.costs.recomputed_blocks[Tier.DISK] += front - step.first
-        elif step is not None and step.compute_until is None:    # read nothing: computes all
-            self.costs.recomputed_blocks[Tier.DISK] += step.end - step.first
-        elif step is not None and step.reading_done:    # the rest will not come: compute to it
+        elif step is not None and step.compute_until is not None:
             limit = step.compute_until
-        elif step is not None:      # the front's share of the gap left, so that both would finish
-            # together; the others that compute in this step wait for what it computes, those
-            # waiting for their own reads (with a load, like it) do not
-            loading = self.store.load_ids()
-            others = sum(s.request_id not in loading for s in self.running)
-            share = 0 if self.costs.mode == "load" else self.costs.compute_share(others)
-            limit = seq.num_computed + math.ceil((step.compute_until - seq.num_computed) * share)
+            waiting = self.costs.mode == "load" or seq.num_computed >= step.meet
+            if not waiting:
+                limit = min(limit, step.meet)
+            elif not step.reading_done:
+                if time.monotonic() < seq.read_due and not self.store.disk_read_queue()[1]:
+                    self._check_at(seq.read_due)
+                    return 0
+                if step.compute_until >= step.end * self.store.block_size:   # late, nothing read yet
+                    self.store.drop_load(seq.request_id)
+                    limit = seq.num_tokens
         return max(0, min(limit - seq.num_computed, budget))
+
+    def _check_at(self, due: float) -> None:
+        """Schedule again at `due` (time.monotonic(), or within STALLED_S): a read waited for
+        may be late, or stall, with nothing else to wake the engine."""
+        delay = min(max(0.0, due - time.monotonic()), STALLED_S) + 0.001
+        loop = asyncio.get_running_loop()
+        if self._recheck is None or self._recheck.when() <= loop.time() or self._recheck.when() > loop.time() + delay:
+            if self._recheck is not None:
+                self._recheck.cancel()
+            self._recheck = loop.call_later(delay, self.wakeup)
 
     def _ends_at_pending(self, seq: Sequence) -> bool:
         """Will the token in flight certainly end `seq` (its length limit, whatever the token)?"""
@@ -258,9 +270,14 @@ class Scheduler:
 
     def _start_load(self, seq: Sequence, match: PrefixMatch) -> None:
         """Compute and load at once: start reading the disk part of `match` (`seq`'s cached
-        prefix) from the back, if the host part is worth loading at all and it has one."""
+        prefix) from the back, down to where the front is expected to meet the read
+        (`LoadOrRecompute.read_from`), if the host part is worth loading at all and it has one."""
         if seq.max_tier is Tier.HOST and Tier.DISK in match.tiers:
-            self.store.start_load(seq.request_id, match, on_progress=self.wakeup)
+            first, end = self.store.disk_part(match)
+            stop, seconds = self.costs.read_from(first, end, *self.store.disk_read_queue())
+            if self.store.start_load(seq.request_id, match, stop, on_progress=self.wakeup):
+                wait = seconds if seconds is not None else math.inf if self.costs.mode == "load" else STALLED_S
+                seq.read_due = time.monotonic() + wait
 
     def preempt(self, seq: Sequence) -> None:
         """Take `seq` off the GPU: its full blocks stay cached (see the module's docstring),

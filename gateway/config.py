@@ -106,12 +106,14 @@ class DiskTierConfig:
     path: str = ""                 # "" = the user cache directory, one tier per model fingerprint
     max_bytes: int = 0             # 0 = automatic: free_space_fraction of the free space
     free_space_fraction: float = 0.25   # of the free space at start-up (automatic size only)
-    write_policy: str = "auto"    # which blocks leaving the host tier are written (docs/store.md)
+    write_policy: str = "auto"    # which blocks leaving the GPU are written (docs/store.md)
+    staging_bytes: int = 512 << 20   # pinned memory of the tier's own: reads in flight, spilled writes
 
     def __post_init__(self) -> None:
         _require(self.max_bytes >= 0, "store.disk.max_bytes", "an int >= 0 (0 = automatic)")
         _require(0.0 < self.free_space_fraction <= 0.9, "store.disk.free_space_fraction",
                  "a float in (0, 0.9]")
+        _require(self.staging_bytes > 0, "store.disk.staging_bytes", "an int > 0")
         _require(self.write_policy in WRITE_POLICIES, "store.disk.write_policy",
                  f"one of {', '.join(WRITE_POLICIES)}")
         _require(self.enabled or not self.path, "store.disk.path",

@@ -88,11 +88,11 @@ def snapshot(engine: Engine) -> dict:
         "blocks": {name(t): {k: getattr(s, k) for k in ("free", "cached", "locked")} for t, s in stats.tiers.items()},
         "requests": {"running": engine.num_running, "waiting": engine.num_waiting},
         "evictions": {name(t): s.evictions for t, s in stats.tiers.items()},
-        "recomputed": {name(t): n for t, n in engine.costs.recomputed_blocks.items()},
+        "recomputed": {"gpu": 0, "host": 0, "disk": 0, **engine.recomputed_blocks},
         "disk": None if disk is None else {
-            "skipped": {"policy": 0, "no_room": 0, **stats.writes_skipped, "queue_full": disk.pending_full,
-                        "paused": disk.writes_paused},
-            "overload": {"spilled": 0, "detached": 0, **stats.overload},
+            "skipped": {"policy": 0, "no_room": 0, "disk_busy": 0, **stats.writes_skipped,
+                        "queue_full": disk.pending_full, "paused": disk.writes_paused},
+            "spilled": stats.overload.get("spilled", 0),
             "operations": dataclasses.asdict(disk)},
         "preemptions": engine.scheduler.num_preemptions,
         "misses": {"evicted": 0, "never_computed": 0, "recomputed": 0, "being_computed": 0, **engine.miss_reasons},
@@ -172,18 +172,19 @@ class _EngineCollector:
                       None, {"": gpu["locked"] / total if total else 0.0})
         yield _family(CounterMetricFamily, "kvgate_block_evictions", "Copies evicted per tier", "tier",
                       snap["evictions"])
-        yield _family(CounterMetricFamily, "kvgate_hits_recomputed_blocks", "Cached blocks recomputed because "
-                      "loading them was measured to be slower", "tier", snap["recomputed"])
+        yield _family(CounterMetricFamily, "kvgate_hits_recomputed_blocks", "Cached blocks found at arrival but "
+                      "computed after all (loading measured slower, the front of a disk read, evicted while "
+                      "waiting), by the tier they were found in", "tier", snap["recomputed"])
         disk = snap["disk"]
         if disk is not None:
-            yield _family(CounterMetricFamily, "kvgate_disk_writes_skipped", "Blocks that left the host tier "
-                          "without being written, by reason (policy: the write policy; no_room: no room in the "
-                          "host or disk tier; queue_full: the write queue full; paused: writes paused after a "
-                          "failure)", "reason", disk["skipped"])
-            yield _family(CounterMetricFamily, "kvgate_host_overload_blocks", "Blocks copied on the event loop "
-                          "because the host tier ran short (spilled: GPU blocks written to disk through a "
-                          "synchronous copy; detached: queued writes given a private copy)", "action",
-                          disk["overload"])
+            yield _family(CounterMetricFamily, "kvgate_disk_writes_skipped", "Blocks that left the GPU "
+                          "without being written, by reason (policy: the write policy; no_room: the disk tier "
+                          "full of pinned blocks; disk_busy: evicted from the host tier before the queued write "
+                          "ran, or no staging slot for a spill; queue_full: the write queue full; paused: "
+                          "writes paused after a failure)", "reason", disk["skipped"])
+            yield _family(CounterMetricFamily, "kvgate_disk_spilled_blocks", "GPU blocks written to disk "
+                          "through the disk tier's staging slots because the host tier had no room", None,
+                          {"": disk["spilled"]})
             yield _family(CounterMetricFamily, "kvgate_disk_operations", "Disk tier operations by outcome "
                           "(writes_paused: puts refused while writes pause after a failure; replaced: a "
                           "tier LMDB found damaged while serving, moved aside)", "op",

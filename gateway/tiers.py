@@ -19,7 +19,7 @@ import torch
 from engine.model import LoadedModel
 from gateway.config import ConfigError, KvgateConfig
 from store import BlockLayout, DiskTierError, StoreConfig
-from store.block_store import host_pool_blocks
+from store.block_store import disk_staging_blocks
 from store.record import RecordFormat
 
 log = logging.getLogger("kvgate.gateway")
@@ -45,7 +45,8 @@ class TierReport:
         if not self.enabled:
             return f"{self.tier}=off ({self.note})"
         where = f" at {self.path}" if self.path else ""
-        return f"{self.tier}={self.blocks} blocks ({self.bytes / 2**30:.1f} GiB, {self.sized}){where}"
+        note = f"; {self.note}" if self.note else ""
+        return f"{self.tier}={self.blocks} blocks ({self.bytes / 2**30:.1f} GiB, {self.sized}){where}{note}"
 
     def as_dict(self) -> dict:
         return {k: v for k, v in asdict(self).items() if k != "tier" and v != ""}
@@ -85,16 +86,17 @@ def _plan(config: KvgateConfig, model: LoadedModel) -> tuple[StoreConfig, list[T
     disk = _disk(config, model)
     store = StoreConfig(block_size=config.engine.block_size, gpu_blocks=gpu.blocks, host_blocks=host.blocks,
                         disk_path=disk.path if disk.enabled else "", disk_max_bytes=disk.bytes,
-                        write_policy=config.store.disk.write_policy)
+                        write_policy=config.store.disk.write_policy,
+                        disk_staging_bytes=config.store.disk.staging_bytes)
     return store, [gpu, host, disk]
 
 
 def _noting_staging(store: StoreConfig, reports: list[TierReport], layout: BlockLayout) -> list[TierReport]:
-    """The reports, the host tier's saying what a disk tier without one stages through."""
+    """The reports, the disk tier's saying how many blocks its own staging area holds."""
     gpu, host, disk = reports
-    if store.disk_path and not host.enabled:
-        staging = host_pool_blocks(store, layout)
-        host = replace(host, note=f"{host.note}; {staging} blocks staged for the disk tier only")
+    if store.disk_path:
+        staging = disk_staging_blocks(store, layout)
+        disk = replace(disk, note="; ".join(filter(None, (disk.note, f"{staging} blocks of staging"))))
     return [gpu, host, disk]
 
 

@@ -9,6 +9,8 @@ Slot accounting, per pool: every slot is exactly one of
   free | held by an indexed node (locked if it is a locked node's fastest copy, else cached) |
   owned by a sequence (its uncommitted blocks; locked) |
   reserved for a disk load in flight (locked).
+The disk tier's staging slots are its own: reads of sequences' loads, and spilled GPU blocks
+waiting to be written.
 """
 from __future__ import annotations
 
@@ -43,11 +45,12 @@ class StoreConfig:
     host_blocks: int = 0
     disk_path: str = ""
     disk_max_bytes: int = 0
-    write_policy: str = "auto"   # which blocks leaving the host tier go to disk (Placement)
+    write_policy: str = "auto"   # which blocks leaving the GPU are written to disk (Placement)
     staging_bytes: int = 64 << 20  # GPU staging buffer for copies to/from scattered GPU slots
+    disk_staging_bytes: int = 512 << 20   # the disk tier's own pinned staging area
 
     def __post_init__(self) -> None:
-        for name in ("block_size", "gpu_blocks", "staging_bytes"):
+        for name in ("block_size", "gpu_blocks", "staging_bytes", "disk_staging_bytes"):
             if getattr(self, name) < 1:
                 raise ValueError(f"store.{name} must be >= 1, got {getattr(self, name)}")
         if self.host_blocks < 0:
@@ -60,16 +63,11 @@ class StoreConfig:
 
 MAX_NAMES = 65_536
 
-# Without a host tier, a disk tier stages its reads and writes through this much host memory
-# (which then also serves as a small host tier): at least 16 blocks, at most 1024.
-DISK_STAGING_BYTES = 512 << 20
 
-
-def host_pool_blocks(config: StoreConfig, layout: BlockLayout) -> int:
-    """Blocks of the host pool: the host tier, or the disk tier's staging area without one."""
-    if config.host_blocks or not config.disk_path:
-        return config.host_blocks
-    return max(16, min(1024, DISK_STAGING_BYTES // layout.block_bytes))
+def disk_staging_blocks(config: StoreConfig, layout: BlockLayout) -> int:
+    """Blocks of the disk tier's staging area: `disk_staging_bytes`, at least 16 blocks (two
+    reads in flight), at most 1024."""
+    return max(16, min(1024, config.disk_staging_bytes // layout.block_bytes)) if config.disk_path else 0
 
 
 @dataclass(frozen=True)
@@ -83,9 +81,9 @@ class PrefixMatch:
 @dataclass(frozen=True)
 class LoadStep:
     """Where a sequence's load stands (`BlockStore.advance_load`)."""
-    first: int                     # its first disk block: blocks first .. front-1 were computed
-    end: int                       # the end of its disk part
-    filled: int                    # blocks just copied in at the computed front (the load ended)
+    meet: int                      # the token where the front is to meet the read (its first block's)
+    end: int                       # the end of its disk part (a block)
+    filled: int                    # blocks the computed front just skipped: they were read (the load ended)
     compute_until: int | None      # the front may compute up to this token (the loaded part's start)
     reading_done: bool             # no more blocks will be read
 
@@ -128,13 +126,14 @@ class BlockStore:
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         pin = self.device.type == "cuda"
         self.gpu = BlockPool(Tier.GPU, layout, config.gpu_blocks, self.device, scratch=True)
-        self.host = BlockPool(Tier.HOST, layout, host_pool_blocks(config, layout), "cpu", pin_memory=pin)
+        self.host = BlockPool(Tier.HOST, layout, config.host_blocks, "cpu", pin_memory=pin)
         self.copier = BlockCopier(self.gpu, self.host, config.staging_bytes, compute_stream)
         self.index = RadixIndex()
         self.disk = None
         if config.disk_path:
             self.disk = DiskTier(config.disk_path, fingerprint, layout, config.disk_max_bytes,
-                                 payload_ready=self.copier.host_ready)
+                                 payload_ready=self.copier.host_ready,
+                                 staging_blocks=disk_staging_blocks(config, layout), pin_memory=pin)
         self.placement = Placement(self.index, self.gpu, self.host, self.copier, self.disk, config.write_policy)
         self.loader = DiskLoader(self.index, self.placement, self.gpu, self.host, self.copier, self.disk)
         self.misses = 0                    # prompt blocks not found in any tier at admission
@@ -238,36 +237,47 @@ class BlockStore:
 
     # ---- compute and load at once (see store/loader.py) --------------------------------------
 
-    def start_load(self, seq_id: Hashable, match: PrefixMatch, on_progress: Callable[[], None] = lambda: None) -> int:
+    def start_load(self, seq_id: Hashable, match: PrefixMatch, stop: int = 0,
+                   on_progress: Callable[[], None] = lambda: None) -> int:
         """Start reading the disk-only blocks of `match` (the cached prefix of sequence `seq_id`'s
-        prompt) from the back, while the sequence computes from the front (`advance_load`).
-        All sequences' loads together hold at most a quarter of the host pool; `on_progress` is
-        called on the event loop as blocks arrive and when the load ends. Returns the blocks to
-        read."""
+        prompt) from the back down to block `stop`, while the sequence computes from the front
+        (`advance_load`); `on_progress` is called on the event loop as blocks arrive and when
+        the load ends. Returns the blocks to read."""
         first = next((i for i, t in enumerate(match.tiers) if t is Tier.DISK), len(match.tiers))
-        load = self.loader.start(seq_id, list(match.nodes), first, on_progress)
-        return len(load.nodes) if load else 0
+        load = self.loader.start(seq_id, list(match.nodes), first, stop, on_progress)
+        return load.to_read if load else 0
+
+    def disk_part(self, match: PrefixMatch) -> tuple[int, int]:
+        """(first, end): the blocks of `match` whose fastest copy is on disk."""
+        first = next((i for i, t in enumerate(match.tiers) if t is Tier.DISK), len(match.tiers))
+        return first, len(match.tiers)
 
     def advance_load(self, seq_id: Hashable, num_computed: int) -> LoadStep | None:
-        """For an admitted sequence with a load: once its computed front (`num_computed`
-        tokens) has reached the loaded blocks, copy them into its GPU slots and end the load.
-        None if it has no load."""
+        """For an admitted sequence with a load: copy the blocks read so far into its GPU slots
+        (those its computed front, `num_computed` tokens, has not reached), and once the front
+        has reached them, end the load: the sequence may skip them. None if it has no load."""
         front = num_computed // self.block_size
         load = self.loader.progress(seq_id, front)
         if load is None:
             return None
-        first, end = load.first, load.end
-        host_slots = self.loader.take(seq_id, front)
-        if host_slots:
-            seq = self._seqs[seq_id]
-            self.copier.to_gpu(host_slots, seq.slots[front:front + len(host_slots)])
-            self.host.free(host_slots)   # later copies into them queue behind this one
-            self.placement.count_promotions(Tier.DISK, len(host_slots))
-            return LoadStep(first, end, len(host_slots), None, True)
+        meet, end = load.stop * self.block_size, load.end
+        arrived = self.loader.unstage(seq_id)
+        if arrived:
+            slots = self._seqs[seq_id].slots
+            self.copier.to_gpu([s for _, s in arrived], [slots[b] for b, _ in arrived], self.disk.staging)
+            self.loader.free_staging([s for _, s in arrived])   # later reads into them wait for the copy
+        if load.loaded_from <= front < end:          # the front reached the blocks read: skip them
+            self.loader.drop(seq_id)
+            self.placement.count_promotions(Tier.DISK, end - front)
+            return LoadStep(meet, end, end - front, None, True)
         if front >= end or load.done and load.loaded_from >= end:   # computed past it, or read nothing
             self.loader.drop(seq_id)
-            return LoadStep(first, end, 0, None, True)
-        return LoadStep(first, end, 0, load.loaded_from * self.block_size, load.done)
+            return LoadStep(meet, end, 0, None, True)
+        return LoadStep(meet, end, 0, load.loaded_from * self.block_size, load.done)
+
+    def disk_read_queue(self) -> tuple[int, bool]:
+        """(bytes the sequences' loads still mean to read, whether a read has stalled)."""
+        return self.loader.queued_bytes(), self.loader.stalled()
 
     def drop_load(self, seq_id: Hashable) -> None:
         self.loader.drop(seq_id)
@@ -453,7 +463,7 @@ class BlockStore:
         for path in self.loader.locked_paths():
             expected_locks.update(path)
         self.placement.check_integrity([s for seq in self._seqs.values() for s in seq.owned],
-                                       self.loader.reserved_slots())
+                                       self.loader.reserved_slots(), self.loader.staging_slots())
         for seq in self._seqs.values():
             for i, slot in enumerate(seq.slots):
                 assert slot in seq.owned or (i < len(seq.path) and seq.path[i].gpu_slot == slot), \

@@ -57,23 +57,26 @@ class BlockCopier:
             self._side = torch.cuda.Stream(self.device)
             self._compute = compute_stream or torch.cuda.current_stream(self.device)
 
-    def to_gpu(self, host_slots: list[int], gpu_slots: list[int]) -> None:
-        """Queue copies host_slots[i] -> gpu_slots[i]."""
+    def to_gpu(self, host_slots: list[int], gpu_slots: list[int], host: BlockPool | None = None) -> None:
+        """Queue copies host_slots[i] -> gpu_slots[i] (slots of `host`: the host pool, or the
+        disk tier's staging area)."""
+        host = self.host if host is None else host
         with self._batch():
             index = None if _consecutive(gpu_slots) else self._index(gpu_slots)
             for start, h, g in self._chunks(host_slots, gpu_slots):
                 if index is None or _consecutive(g):
                     for pos, first, n in slot_runs(h):
                         self.gpu.tensor[g[0] + pos:g[0] + pos + n].copy_(
-                            self.host.tensor[first:first + n], non_blocking=True)
+                            host.tensor[first:first + n], non_blocking=True)
                     continue
                 staging = self._staging[:len(g)]
                 for pos, first, n in slot_runs(h):
-                    staging[pos:pos + n].copy_(self.host.tensor[first:first + n], non_blocking=True)
+                    staging[pos:pos + n].copy_(host.tensor[first:first + n], non_blocking=True)
                 self.gpu.tensor.index_copy_(0, index[start:start + len(g)], staging)
 
-    def to_host(self, gpu_slots: list[int], host_slots: list[int]) -> None:
-        """Queue copies gpu_slots[i] -> host_slots[i]."""
+    def to_host(self, gpu_slots: list[int], host_slots: list[int], host: BlockPool | None = None) -> None:
+        """Queue copies gpu_slots[i] -> host_slots[i] (slots of `host`, as in `to_gpu`)."""
+        host = self.host if host is None else host
         with self._batch():
             index = None if _consecutive(gpu_slots) else self._index(gpu_slots)
             for start, g, h in self._chunks(gpu_slots, host_slots):
@@ -83,7 +86,7 @@ class BlockCopier:
                     source = self._staging[:len(g)]
                     torch.index_select(self.gpu.tensor, 0, index[start:start + len(g)], out=source)
                 for pos, first, n in slot_runs(h):
-                    self.host.tensor[first:first + n].copy_(source[pos:pos + n], non_blocking=True)
+                    host.tensor[first:first + n].copy_(source[pos:pos + n], non_blocking=True)
 
     def per_block_to_gpu(self, host_slots: list[int], gpu_slots: list[int]) -> None:
         """One copy per block: the unbatched baseline the micro-benchmark compares against."""

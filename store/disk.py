@@ -11,7 +11,11 @@ every open read transaction). A block queued for writing is encoded (header, che
 copy) on that thread, from host memory its owner keeps unchanged until the write is done. Reads
 run on a few threads of their own (`READ_THREADS`; LMDB readers never block each other or the
 writer), each verifying its share of a load. The event loop only queues work and keeps the byte
-accounting. When writes fail (a full disk), the failure is
+accounting.
+
+The tier owns its staging area (`staging`, pinned host memory when CUDA is present): reads land
+there before they are copied to GPU blocks, and blocks that leave the GPU for disk without a
+host-tier copy wait there to be encoded. A disk transfer never takes a host-tier slot. When writes fail (a full disk), the failure is
 logged once, further puts are refused (counted) for `write_retry_s`, and the next successful
 write logs the recovery.
 """
@@ -32,7 +36,7 @@ import torch
 
 from store.errors import DiskTierError
 from store.lmdb_env import MARK_KEY, lock_tier, mark_clean, open_env, quarantine, still_locked
-from store.pool import BlockLayout
+from store.pool import BlockLayout, BlockPool, Tier
 from store.record import CorruptValue, RecordFormat, check_payload
 
 log = logging.getLogger("kvgate.store.disk")
@@ -90,7 +94,8 @@ class DiskTier:
 
     def __init__(self, path: str, fingerprint: str, layout: BlockLayout, max_bytes: int, *,
                  initial_map_bytes: int = 64 * _MIB, max_pending_bytes: int = 1024 * _MIB,
-                 write_retry_s: float = 30.0, payload_ready: Callable[[], None] = lambda: None) -> None:
+                 write_retry_s: float = 30.0, payload_ready: Callable[[], None] = lambda: None,
+                 staging_blocks: int = 0, pin_memory: bool = False) -> None:
         if max_bytes <= 0:
             raise DiskTierError(f"disk tier {path!r}: max_bytes must be > 0, got {max_bytes}")
         self.path = path
@@ -108,6 +113,8 @@ class DiskTier:
         # the memory); record -> [loads reading it, the `done` argument once written]
         self._reading: dict[BlockRecord, list] = {}
         self._ops: deque[tuple[bytes, Value | None]] = deque()  # None = delete
+        self._cancelled: set[BlockRecord] = set()    # still in `_ops`, to be skipped
+        self._taken: set[BlockRecord] = set()        # in a batch the I/O thread is writing
         self._flusher: asyncio.Task | None = None
         self.write_retry_s = write_retry_s
         self._writes_paused_until = 0.0    # monotonic time; puts are refused before it
@@ -137,6 +144,9 @@ class DiskTier:
                 os.close(self._lock_fd)
             raise DiskTierError(f"cannot open disk tier at {path!r}: {e}") from e
         self._max_map = max(initial_map_bytes, 2 * max_bytes + 64 * _MIB)
+        # [staging_blocks, num_layers, 2, block_size, num_kv_heads, head_dim]: slots of reads in
+        # flight, and of GPU blocks waiting to be written (store/placement.py, store/loader.py)
+        self.staging = BlockPool(Tier.HOST, layout, staging_blocks, "cpu", pin_memory=pin_memory)
 
     @property
     def layout(self) -> BlockLayout:
@@ -279,17 +289,19 @@ class DiskTier:
     def _size(self, value: Value) -> int:
         return self.value_bytes if isinstance(value, BlockRecord) else len(value)
 
-    def replace_queued(self, key: bytes, old: BlockRecord, new: BlockRecord) -> bool:
-        """Swap a queued record for `new` (the same block, e.g. with a private copy of the
-        payload) if the I/O thread has not taken it and no load reads it; True if swapped."""
-        if self._pending.get(key) is not old or old in self._reading:
+    def cancel(self, key: bytes, record: BlockRecord) -> bool:
+        """Take back a queued put of `record` that the I/O thread has not taken and no load is
+        reading; True if taken back (its `done` is never called: its memory is the caller's
+        again). False: the write is under way, and `done` will come."""
+        if self._pending.get(key) is not record or record in self._taken or record in self._reading:
             return False
-        for i, (k, v) in enumerate(self._ops):
-            if v is old:
-                self._ops[i] = (k, new)
-                self._pending[key] = new
-                return True
-        return False
+        self._forget(key)
+        self._cancelled.add(record)
+        return True
+
+    def busy(self, record: BlockRecord) -> bool:
+        """Is `record` being encoded or read from memory now (so it cannot be cancelled)?"""
+        return record in self._taken or record in self._reading
 
     def delete(self, key: bytes) -> None:
         if key in self.sizes:
@@ -337,10 +349,16 @@ class DiskTier:
             self._after_batch(batch, *self._io.submit(self._apply, batch).result())
 
     def _take_batch(self, max_bytes: int = 64 * _MIB) -> list[tuple[bytes, Value | None]]:
-        """Queued operations for one transaction: everything queued, up to `max_bytes`."""
+        """Queued operations for one transaction: everything queued, up to `max_bytes`
+        (cancelled puts are skipped)."""
         batch, size = [], 0
         while self._ops and (not batch or size < max_bytes):
             op = self._ops.popleft()
+            if isinstance(op[1], BlockRecord):
+                if op[1] in self._cancelled:
+                    self._cancelled.discard(op[1])
+                    continue
+                self._taken.add(op[1])
             batch.append(op)
             size += self._size(op[1]) if op[1] is not None else 0
         return batch
@@ -358,6 +376,7 @@ class DiskTier:
         self.counters.write_errors += len(lost)
         for key, value in batch:
             if isinstance(value, BlockRecord):
+                self._taken.discard(value)
                 if value in self._reading:
                     self._reading[value][1] = key not in failed
                 else:

@@ -1,17 +1,18 @@
-"""Disk -> host loads, and the measured disk read bandwidth.
+"""Disk reads: a sequence's load (compute and load at once), prefetches into the host tier, and
+the measured disk read bandwidth.
 
-Two kinds:
-- `prefetch(match)`: the disk-only blocks of a prefix join the host tier. The load locks its
-  matched path and reserves host slots; reader threads read and verify the records and write
-  each payload straight into its host slot; then the blocks join the host tier
-  (`Placement.loaded`). Concurrent prefetches of the same blocks share one load.
-- A sequence's load (`start`): compute and load at once. The disk part of a prompt's cached
-  prefix is read from its *last* block backwards, in batches, into host slots this load owns,
-  while the sequence computes from the front; when the computed front reaches the loaded part,
-  `take` hands over the rest (the store copies it into the sequence's GPU slots), and the
-  blocks are indexed again by the sequence's commits. Neither waits for the other, so the
-  first token comes sooner than with either alone (Cake, 2024). The blocks are matched by key,
-  parent and tokens when read: what is read is what the prompt's blocks hold.
+- A sequence's load (`start`): the disk part of a prompt's cached prefix, or the part of it the
+  engine expects to arrive before its computed front would reach it (`stop`), is read from its
+  *last* block backwards, in batches, into the disk tier's own staging slots (never a host-tier
+  slot), while the sequence computes from the front. Once the sequence is admitted, what arrived
+  is copied into its GPU slots (`BlockStore.advance_load`) and the staging slots are free again;
+  when the computed front reaches the blocks read, the sequence jumps past them, and they are
+  indexed again by its commits. Neither waits for the other, so the first token comes no later
+  than with the tier off, and sooner when the read covers anything (Cake, 2024). The blocks are
+  matched by key, parent and tokens when read: what is read is what the prompt's blocks hold.
+- `prefetch(match)`: the disk-only blocks of a prefix join the host tier (an explicit promotion:
+  it takes host slots as the GPU's evictions do). Concurrent prefetches of the same blocks share
+  one load.
 """
 from __future__ import annotations
 
@@ -30,22 +31,24 @@ from store.pool import BlockPool, Tier
 from store.radix import Node, RadixIndex
 
 BACK_BATCH = 32          # blocks per read batch of a sequence's load (64 MiB at the 8B shape)
-SEQUENCE_SHARE = 4       # all sequences' loads together hold at most 1/SEQUENCE_SHARE of the host pool
+STALLED_S = 2.0          # a batch read for longer than this (and 4x its expected time): the disk is stalled
 
 
 @dataclass(eq=False)
 class SequenceLoad:
-    """Blocks first .. end-1 of a sequence, read from the back. Blocks [loaded_from, end) are in
-    `slots` (host slots this load owns, in block order)."""
+    """Blocks first .. end-1 of a sequence, to be read from the back down to `stop`. Blocks
+    [loaded_from, end) have arrived: those in `staged` (block -> staging slot) are waiting to be
+    copied into the sequence's GPU slots, the others are there."""
     seq_id: Hashable
     first: int
     nodes: list[Node]                          # blocks first .. end-1, as matched
+    stop: int = 0                  # reading stops here (the expected meeting point)
     loaded_from: int = 0
-    slots: list[int] = field(default_factory=list)
-    reading: list[int] = field(default_factory=list)   # host slots of the batch being read
+    staged: dict[int, int] = field(default_factory=dict)
+    reading: list[int] = field(default_factory=list)   # staging slots of the batch being read
+    reading_since: float | None = None                 # time.monotonic() the batch was asked for
     front: int = 0                 # the sequence's computed blocks: reading below it is useless
     on_progress: Callable[[], None] = lambda: None   # after each batch read, and at the end
-    keep: frozenset[Node] = frozenset()   # the prefix before `first`: its host copies stay
     done: bool = False             # nothing more will be read (all read, a record failed, or ended)
     dropped: bool = False          # the sequence ended or took its blocks: free slots when done
     task: asyncio.Task | None = field(default=None, repr=False)
@@ -53,6 +56,11 @@ class SequenceLoad:
     @property
     def end(self) -> int:
         return self.first + len(self.nodes)
+
+    @property
+    def to_read(self) -> int:
+        """Blocks still to be read (until the front or the stop)."""
+        return 0 if self.done else max(0, self.loaded_from - max(self.first, self.stop, self.front))
 
 
 @dataclass(eq=False)
@@ -73,12 +81,14 @@ class DiskLoader:
         self.host = host
         self.copier = copier
         self.disk = disk
+        self.staging = disk.staging if disk is not None else None
         self.read_rate: float | None = None            # bytes/s read and verified (moving average)
         self._loads: dict[Node, _Load] = {}
         self._seq_loads: dict[Hashable, SequenceLoad] = {}   # by sequence id
         # loads their sequences dropped while a read was in flight: its slots stay reserved
         # until it ends (then `_release`)
         self._dropped: set[SequenceLoad] = set()
+        self._room = asyncio.Event()     # staging slots were freed: loads waiting for room go on
 
     @property
     def loads(self) -> set[_Load]:
@@ -89,9 +99,12 @@ class DiskLoader:
         yield from (ld.path for ld in self.loads)
 
     def reserved_slots(self) -> list[int]:
-        """Host slots of loads in flight and of sequences' loads."""
-        return [s for ld in self.loads for s in ld.slots] + [s for sl in self.sequence_loads()
-                                                             for s in sl.slots + sl.reading]
+        """Host slots of prefetches in flight."""
+        return [s for ld in self.loads for s in ld.slots]
+
+    def staging_slots(self) -> list[int]:
+        """Staging slots of sequences' loads (read, or being read)."""
+        return [s for sl in self.sequence_loads() for s in [*sl.staged.values(), *sl.reading]]
 
     def sequence_load_ids(self) -> set[Hashable]:
         """The sequences with a load (not the loads they dropped)."""
@@ -101,6 +114,21 @@ class DiskLoader:
         """Every sequence load whose read may still be in flight, dropped ones included."""
         return [*self._seq_loads.values(), *self._dropped]
 
+    def queued_bytes(self) -> int:
+        """Bytes the sequences' loads still mean to read: what a new load waits behind."""
+        return sum(sl.to_read for sl in self._seq_loads.values()) * self.host.layout.block_bytes
+
+    def stalled(self) -> bool:
+        """Has a batch been read for far longer than the measured rate says it should take?"""
+        now = time.monotonic()
+        for sl in self.sequence_loads():
+            if sl.reading_since is not None:
+                expected = (len(sl.reading) * self.host.layout.block_bytes / self.read_rate
+                            if self.read_rate else 0.0)
+                if now - sl.reading_since > max(STALLED_S, 4 * expected):
+                    return True
+        return False
+
     async def prefetch(self, match) -> int:
         """Load the disk-only blocks of `match` (a PrefixMatch) into the host tier. Returns how
         many blocks this call loaded. Cancelling the caller does not cancel the load (its slots
@@ -109,20 +137,17 @@ class DiskLoader:
 
     # ---- a sequence's load: compute and load at once ------------------------------------------
 
-    def start(self, seq_id: Hashable, nodes: list[Node], first: int,
+    def start(self, seq_id: Hashable, nodes: list[Node], first: int, stop: int = 0,
               on_progress: Callable[[], None] = lambda: None) -> SequenceLoad | None:
-        """Start reading nodes[first:] (blocks of sequence `seq_id`'s prompt) from the back,
-        within what the other sequences' loads leave of their share of the host pool; the room
-        is never made by evicting the host copies of nodes[:first]. None if there is nothing to
-        read."""
-        held = sum(len(sl.slots) + len(sl.reading) for sl in self.sequence_loads())
-        max_slots = self.host.num_blocks // SEQUENCE_SHARE - held
-        if self.disk is None or first >= len(nodes) or seq_id in self._seq_loads or max_slots < 1:
+        """Start reading nodes[max(first, stop):] (blocks of sequence `seq_id`'s prompt) from
+        the back into staging slots. None if there is nothing to read."""
+        stop = max(first, stop)
+        if self.disk is None or stop >= len(nodes) or seq_id in self._seq_loads or not self.staging.num_blocks:
             return None
-        load = SequenceLoad(seq_id, first, nodes[first:], on_progress=on_progress, keep=frozenset(nodes[:first]))
+        load = SequenceLoad(seq_id, first, nodes[first:], stop=stop, on_progress=on_progress)
         load.loaded_from, load.front = load.end, first
         self._seq_loads[seq_id] = load
-        load.task = asyncio.get_running_loop().create_task(self._read_back(load, max_slots))
+        load.task = asyncio.get_running_loop().create_task(self._read_back(load))
         return load
 
     def progress(self, seq_id: Hashable, front: int) -> SequenceLoad | None:
@@ -132,17 +157,20 @@ class DiskLoader:
             load.front = max(load.front, front)
         return load
 
-    def take(self, seq_id: Hashable, front: int) -> list[int]:
-        """If the computed front (a block index) has reached the loaded blocks: the host slots
-        of blocks front .. end-1, handed to the caller, who frees them once copied; the load
-        ends. Else []."""
-        load = self._seq_loads.get(seq_id)
-        if load is None or front < load.loaded_from or front >= load.end:
-            return []
-        k = front - load.loaded_from
-        taken, load.slots = load.slots[k:], load.slots[:k]
-        self.drop(seq_id)
+    def unstage(self, seq_id: Hashable) -> list[tuple[int, int]]:
+        """(block, staging slot) of the blocks the sequence's load has read and its front has
+        not computed, handed to the caller, who copies them and then calls `free_staging`;
+        the staging slots of blocks the front computed meanwhile are freed now."""
+        load = self._seq_loads[seq_id]
+        taken = sorted((b, s) for b, s in load.staged.items() if b >= load.front)
+        self.free_staging([s for b, s in load.staged.items() if b < load.front])
+        load.staged = {}
         return taken
+
+    def free_staging(self, slots: list[int]) -> None:
+        if slots:
+            self.staging.free(slots)
+            self._room.set()
 
     def drop(self, seq_id: Hashable) -> None:
         """End the sequence's load; its slots are freed now, or when its read in flight ends."""
@@ -150,30 +178,35 @@ class DiskLoader:
         if load is None:
             return
         load.dropped = True
+        self._room.set()             # a read waiting for room sees it is dropped
         if load.done:
             self._release(load)
         else:
             self._dropped.add(load)
 
     def _release(self, load: SequenceLoad) -> None:
-        self.host.free(load.slots)
-        load.slots = []
+        self.free_staging(list(load.staged.values()))
+        load.staged = {}
         self._dropped.discard(load)
 
-    async def _read_back(self, load: SequenceLoad, max_slots: int) -> None:
+    async def _read_back(self, load: SequenceLoad) -> None:
+        # one load holds at most half the staging area (before its sequence is admitted, what
+        # it read waits there)
+        cap = max(1, self.staging.num_blocks // 2)
         try:
-            while load.loaded_from > max(load.first, load.front) and not load.dropped:
-                lo = max(load.first, load.front, load.loaded_from - BACK_BATCH)
-                room = max(0, max_slots - len(load.slots))
-                slots = self.placement.reserve_host(min(load.loaded_from - lo, room), keep=load.keep)
+            while load.to_read and not load.dropped:
+                want = min(load.to_read, BACK_BATCH, cap - len(load.staged))
+                slots = self.staging.allocate(min(want, self.staging.num_free)) if want > 0 else []
                 if not slots:
-                    break
+                    self._room.clear()
+                    await self._room.wait()
+                    continue
                 lo = load.loaded_from - len(slots)
                 nodes = load.nodes[lo - load.first:load.loaded_from - load.first]
                 start = time.perf_counter()
-                load.reading = slots
-                ok = await self.disk.load(_records(nodes), self._sink(slots))
-                load.reading = []
+                load.reading, load.reading_since = slots, time.monotonic()
+                ok = await self.disk.load(_records(nodes), self._sink(slots, self.staging))
+                load.reading, load.reading_since = [], None
                 self._observe(sum(ok), time.perf_counter() - start)
                 for node, read in zip(nodes, ok):
                     if not read and node.on_disk and node.key not in self.disk.sizes:
@@ -181,25 +214,25 @@ class DiskLoader:
                 good = len(ok)                  # the loaded part must reach the end unbroken
                 while good and ok[good - 1]:
                     good -= 1
-                self.host.free(slots[:good])
-                load.slots[:0] = slots[good:]
+                self.free_staging(slots[:good])
+                load.staged.update(zip(range(lo + good, load.loaded_from), slots[good:]))
                 load.loaded_from -= len(ok) - good
                 if good:
                     break
                 load.on_progress()
         finally:
-            self.host.free(load.reading)       # a read that failed
-            load.reading = []
+            self.free_staging(load.reading)       # a read that failed
+            load.reading, load.reading_since = [], None
             load.done = True
             if load.dropped:
                 self._release(load)
             load.on_progress()
 
-    def _sink(self, slots: list[int]) -> Callable[[int, memoryview], None]:
-        """Where a read puts record i's payload: host slot slots[i] (called on a reader thread,
-        after `host_ready`)."""
+    def _sink(self, slots: list[int], pool: BlockPool) -> Callable[[int, memoryview], None]:
+        """Where a read puts record i's payload: slot slots[i] of `pool` (called on a reader
+        thread, after `host_ready`)."""
         def sink(i: int, payload: memoryview) -> None:
-            self.host.tensor[slots[i]].view(torch.uint8).numpy().reshape(-1)[:] = payload
+            pool.tensor[slots[i]].view(torch.uint8).numpy().reshape(-1)[:] = payload
         return sink
 
     def _observe(self, blocks: int, seconds: float) -> None:
@@ -247,7 +280,7 @@ class DiskLoader:
         ok: list[bool] | None = None
         start = time.perf_counter()
         try:
-            ok = await self.disk.load(_records(load.nodes), self._sink(load.slots))
+            ok = await self.disk.load(_records(load.nodes), self._sink(load.slots, self.host))
         finally:
             for n in load.nodes:
                 del self._loads[n]

@@ -1,25 +1,32 @@
 """Placement: where each indexed block's copies live, and how they move between tiers.
 
-    GPU pool ──evict (demote)──► host pool ──evict (write)──► LMDB ──evict──► gone
-             ◄─────promote──────           ◄──prefetch (load)─
+    GPU pool ──evict (demote)──► host pool ──evict──► (its disk copy stays) ──evict──► gone
+        │       ◄─────promote──────                       LMDB
+        └──────spill (no host room)──► disk staging ──►────┘
 
-Owns the pools, the copier, the disk tier, the lock counts of the index's nodes (raised and
-lowered here alone) and the per-tier counters. Keeps the radix index's placement invariants (a
-parent is never slower than its child) through every move, including the ones that fail
-half-way for lack of room.
+Owns the pools, the copier, the lock counts of the index's nodes (raised and lowered here alone)
+and the per-tier counters, and asks the disk tier for writes. Keeps the radix index's placement
+invariants (a parent is never slower than its child) through every move, including the ones
+that fail half-way for lack of room.
 
-Disk writes: a block leaving the host tier is written only if the write policy says it is worth
-disk bandwidth (`_worth_writing`; "auto" by default; `persist` writes the rest at shutdown). Its
-host slot stays reserved until the disk tier's thread has encoded it from there (no copy, no
-encoding on the event loop). Every block not written is counted in `writes_skipped` by reason.
+Disk writes never take a host slot: a block that moves from the GPU to the host tier is written
+from its host copy while it stays cached there (write-through, if the write policy says it is
+worth disk bandwidth: `_worth_writing`, "auto" by default; `persist` writes the rest at
+shutdown). When the host tier must evict, it takes blocks whose writes are done (or were not
+wanted) first; a block whose write is still queued is evicted only after those, its write
+cancelled (lost, exactly as without a disk tier); one being encoded right now is never evicted.
+GPU blocks with no room in the host tier are copied into the disk tier's own staging slots by
+the copier and written from there; with no staging slot free they are lost. Nothing on the
+event loop copies, encodes or waits for a copy. Every block not written is counted in
+`writes_skipped` by reason.
 """
 from __future__ import annotations
 
 import collections
-import dataclasses
 import logging
 import math
 import time
+from collections.abc import Callable
 
 import torch
 
@@ -51,16 +58,17 @@ class Placement:
         self.write_policy = write_policy
         self.counters = {t: TierCounters() for t in TIERS}
         self.dropped = 0                   # blocks that left the index (no tier would keep them)
-        # blocks that left the cache's fast tiers unwritten, by reason: "policy" (not worth
-        # it), "no_room" (the disk tier full of pinned blocks); the disk tier counts the puts
-        # it refuses itself (write queue full, writes paused)
+        # blocks not written to disk, by reason: "policy" (not worth it when they left the
+        # GPU), "no_room" (the disk tier full of pinned blocks), "disk_busy" (evicted from the
+        # host tier before their queued write ran, or no staging slot free for a spill); the
+        # disk tier counts the puts it refuses itself (write queue full, writes paused)
         self.writes_skipped: collections.Counter[str] = collections.Counter()
-        # work done on the event loop because the host tier ran short: "spilled", GPU blocks
-        # written to disk through a synchronous copy; "detached", queued writes given a private
-        # copy so that their host slots could be reused
+        # GPU blocks that had no room in the host tier: "spilled" to disk through staging slots
         self.overload: collections.Counter[str] = collections.Counter()
-        # host slot -> the node being written from it, and its record
+        # host slot -> the node being written from it (its cached host copy), and its record
         self._writing: dict[int, tuple[Node, BlockRecord]] = {}
+        self._orphans: set[int] = set()    # slots of _writing whose host copy went: freed when written
+        self._staged: dict[int, Node] = {}   # disk staging slot -> the spilled block written from it
         # namespace (root key) -> most GPU blocks its cached prefixes should hold: above it,
         # its blocks are evicted before any other's (a tenant's `max_kv_share`)
         self.gpu_caps: dict[bytes, int] = {}
@@ -88,8 +96,13 @@ class Placement:
 
     @property
     def writing_slots(self) -> list[int]:
-        """Host slots reserved for disk writes in flight."""
-        return list(self._writing)
+        """Host slots no node holds, kept until the disk write reading them is done."""
+        return list(self._orphans)
+
+    @property
+    def staged_slots(self) -> list[int]:
+        """Disk staging slots of spilled blocks waiting to be written."""
+        return list(self._staged)
 
     # ---- moves ------------------------------------------------------------------------------
 
@@ -123,8 +136,8 @@ class Placement:
         return self.gpu.allocate(n)
 
     def _evict_gpu(self, n: int) -> None:
-        """Demote `n` GPU blocks to the host tier in one batched copy. Blocks the host tier has
-        no room for (its slots pinned or being written) are spilled to disk, or dropped."""
+        """Demote `n` GPU blocks to the host tier in one batched copy (and write them through to
+        disk from there). Blocks the host tier has no room for are spilled to disk, or dropped."""
         victims = self._gpu_victims(n)
         # parents first: if the host tier has too little room, the deepest blocks miss out,
         # so a parent is never slower than its child
@@ -135,9 +148,9 @@ class Placement:
         self.copier.to_host([v.gpu_slot for v in moved], host_slots)
         for v, slot in zip(moved, host_slots):
             self.index.set_host(v, slot)
-        spill = [v for v in no_room if not v.on_disk]
-        if spill and self.disk is not None:
-            self._spill(spill, keep=set(victims))
+        if self.disk is not None:
+            self._write_through(moved, keep=set(victims))
+            self._spill([v for v in no_room if not v.on_disk], keep=set(victims))
         freed = [v.gpu_slot for v in victims]
         for v in victims:
             self.index.set_gpu(v, None)
@@ -164,74 +177,96 @@ class Placement:
             chosen = self.index.select_victims(Tier.GPU, n)
         return chosen
 
+    def _write_through(self, nodes: list[Node], keep: set[Node]) -> None:
+        """Queue disk writes of `nodes`, just given host copies, from those copies: each stays
+        cached in the host tier while the disk tier's thread encodes it (after the copy lands)."""
+        worth = [v for v in nodes if not v.on_disk and self._worth_writing(v)]
+        self.writes_skipped["policy"] += sum(not v.on_disk for v in nodes) - len(worth)
+        if worth:
+            self._make_disk_room(len(worth) * self.disk.value_bytes, keep)
+        for v in worth:
+            self._write_from_host(v)
+
+    def _write_from_host(self, node: Node) -> None:
+        slot = node.host_slot
+        record = self._write(node, self.host.tensor[slot], lambda ok: self._host_written(slot, ok))
+        if record is not None:
+            self._writing[slot] = (node, record)
+
+    def _host_written(self, slot: int, ok: bool) -> None:
+        node, _ = self._writing.pop(slot)
+        if slot in self._orphans:
+            self._orphans.discard(slot)
+            self.host.free([slot])
+        self._written(node, ok)
+
     def _spill(self, nodes: list[Node], keep: set[Node]) -> None:
-        """Write GPU blocks the host tier has no room for (its slots pinned or being written)
-        straight to disk, through a private copy: a synchronous copy on this thread, after the
-        kernels that wrote them. The overload path; the policy still decides what is worth it."""
+        """GPU blocks with no room in the host tier: copied by the copier (a side stream; no
+        wait here) into the disk tier's staging slots, and written from there. Writes may take
+        half of the staging area, the reads the rest; what finds no slot is lost (counted)."""
         worth = [v for v in nodes if self._worth_writing(v)]
         self.writes_skipped["policy"] += len(nodes) - len(worth)
+        staging = self.disk.staging
+        room = max(0, min(staging.num_free, staging.num_blocks // 2 - len(self._staged)))
+        self.writes_skipped["disk_busy"] += max(0, len(worth) - room)
+        worth = worth[:room]
         if not worth:
             return
         self._make_disk_room(len(worth) * self.disk.value_bytes, keep)
-        self.overload["spilled"] += len(worth)
-        slots = torch.tensor([v.gpu_slot for v in worth], device=self.gpu.tensor.device)
-        for v, kv in zip(worth, self.gpu.tensor[slots].cpu()):
-            self._write(v, None, kv)
+        slots = staging.allocate(len(worth))
+        self.copier.to_host([v.gpu_slot for v in worth], slots, staging)
+        for v, slot in zip(worth, slots):
+            if self._write(v, staging.tensor[slot], lambda ok, slot=slot: self._staged_written(slot, ok)):
+                self._staged[slot] = v
+                self.overload["spilled"] += 1
+            else:
+                staging.free([slot])
+
+    def _staged_written(self, slot: int, ok: bool) -> None:
+        self.disk.staging.free([slot])
+        self._written(self._staged.pop(slot), ok)
 
     def reserve_host(self, n: int, keep: set[Node] | frozenset = frozenset()) -> list[int]:
-        """Up to `n` host slots. Room comes first from queued disk writes, which hold the slots
-        of blocks already gone from the host tier (each given a private copy), then from
-        evicting host blocks (to disk) other than those in `keep` — as few as it takes: a
-        demoted block's write holds its slot, and that slot is freed the same way, never by
-        evicting another block (which once emptied the whole host tier onto the disk)."""
-        while n > self.host.num_free:
-            if self._writing:
-                self._detach_writes(n - self.host.num_free)
-                if n <= self.host.num_free:
-                    break
-            victims = self.index.select_victims(Tier.HOST, n - self.host.num_free, keep)
-            if not victims:
-                break
+        """Up to `n` host slots, evicting host blocks other than those in `keep` if needed: first
+        blocks with no disk write pending (written already, or not wanted), then blocks whose
+        write is still queued (cancelled: lost, as without a disk tier), never a block whose
+        write is under way. A write never holds a slot the host tier could use otherwise."""
+        short = n - self.host.num_free
+        if short > 0:
+            pending = {node for node, _ in self._writing.values()}
+            victims = self.index.select_victims(Tier.HOST, short, keep | pending)
+            if len(victims) < short:
+                busy = {node for node, record in self._writing.values() if self.disk.busy(record)}
+                victims = self.index.select_victims(Tier.HOST, short, keep | busy)
             self._demote_from_host(victims)
         return self.host.allocate(min(n, self.host.num_free))
 
-    def _detach_writes(self, n: int) -> None:
-        """Free up to `n` host slots held by queued writes by giving those records a private
-        copy of their block (a copy on this thread: only when the host tier runs short)."""
-        self.copier.host_ready()
-        for slot, (node, record) in list(self._writing.items()):
-            if n <= 0:
-                break
-            copy = dataclasses.replace(record, payload=record.payload.clone(),
-                                       done=lambda ok, node=node: self._written(node, None, ok))
-            if self.disk.replace_queued(node.key, record, copy):
-                del self._writing[slot]
-                self.host.free([slot])
-                self.overload["detached"] += 1
-                n -= 1
-
     def _demote_from_host(self, victims: list[Node]) -> None:
-        """Remove the host copies of `victims` (children before parents), writing those that
-        have no other copy to disk if the write policy wants them, and dropping those that
+        """Remove the host copies of `victims` (children before parents), dropping those that
         then have no copy at all."""
-        to_write = []
-        if self.disk is not None:
-            unwritten = [v for v in victims if not v.on_disk and v.gpu_slot is None]
-            to_write = [v for v in unwritten if self._worth_writing(v)]
-            self.writes_skipped["policy"] += len(unwritten) - len(to_write)
-            if to_write:
-                self._make_disk_room(len(to_write) * self.disk.value_bytes, keep=set(victims))
-        writing = set(to_write)
         for v in victims:
-            slot = v.host_slot
-            if not (v in writing and self._write(v, slot)):
-                self.host.free([slot])
-            self.index.set_host(v, None)
+            self._drop_host_copy(v)
         self.counters[Tier.HOST].evictions += len(victims)
         for v in victims:
             if v.fastest is None:
                 self.forget(v, Tier.HOST, "evicted from the host tier, not written to disk (the write "
-                                          "policy, or no room)")
+                                          "policy, a busy disk, or no room)")
+
+    def _drop_host_copy(self, node: Node) -> None:
+        """Free `node`'s host slot; a queued write from it is cancelled (the block loses its disk
+        copy), one under way keeps the slot until it is done."""
+        slot = node.host_slot
+        self.index.set_host(node, None)
+        entry = self._writing.get(slot)
+        if entry is None:
+            self.host.free([slot])
+        elif self.disk.cancel(node.key, entry[1]):
+            del self._writing[slot]
+            self.host.free([slot])
+            self.index.set_disk(node, False)
+            self.writes_skipped["disk_busy"] += 1
+        else:
+            self._orphans.add(slot)
 
     def _worth_writing(self, node: Node) -> bool:
         """The write policy: "all" writes every block; "second-use" those used by two or more
@@ -243,31 +278,24 @@ class Placement:
             return True
         return self.write_policy in ("auto", "second-use") and node.uses >= 2
 
-    def _write(self, node: Node, host_slot: int | None, payload: torch.Tensor | None = None) -> bool:
-        """Queue `node`'s record, encoded from `host_slot` (kept reserved until it is written)
-        or from `payload`, a private copy."""
+    def _write(self, node: Node, payload: torch.Tensor, done: Callable[[bool], None]) -> BlockRecord | None:
+        """Queue `node`'s record, encoded on the disk tier's thread from `payload` (host memory
+        that stays unchanged until `done(written)` is called). None if not queued."""
         disk = self.disk
         if node.key in disk.sizes:        # another node under a colliding key holds the record
-            return False
+            return None
         if disk.used_bytes + disk.value_bytes > disk.max_bytes:
             self.writes_skipped["no_room"] += 1
-            return False
-        record = BlockRecord(node.parent.key, node.token_bytes, node.depth, node.priority,
-                             self.host.tensor[host_slot] if payload is None else payload,
-                             done=lambda ok: self._written(node, host_slot, ok), namespace=node.mixed)
+            return None
+        record = BlockRecord(node.parent.key, node.token_bytes, node.depth, node.priority, payload,
+                             done=done, namespace=node.mixed)
         if not disk.put(node.key, record):   # counted by the disk tier (queue full, or paused)
-            return False
+            return None
         self.index.set_disk(node, True)
-        if host_slot is not None:
-            self._writing[host_slot] = (node, record)
-        return True
+        return record
 
-    def _written(self, node: Node, host_slot: int | None, ok: bool) -> None:
-        """The disk tier is done with `host_slot` (None: the record had its own copy); if the
-        write failed, the record is lost."""
-        if host_slot is not None:
-            del self._writing[host_slot]
-            self.host.free([host_slot])
+    def _written(self, node: Node, ok: bool) -> None:
+        """A write of `node` is done; if it failed, the record is lost."""
         if not ok and node.on_disk and node.key not in self.disk.sizes:
             self.lose_disk_copy(node, "its disk write failed")
 
@@ -306,8 +334,7 @@ class Placement:
                 self.gpu.free([n.gpu_slot])
                 self.index.set_gpu(n, None)
             if n.host_slot is not None:
-                self.host.free([n.host_slot])
-                self.index.set_host(n, None)
+                self._drop_host_copy(n)
             if n.on_disk:
                 self.disk.delete(n.key)
                 self.index.set_disk(n, False)
@@ -349,21 +376,28 @@ class Placement:
             if self.disk.used_bytes + self.disk.value_bytes > self.disk.max_bytes:
                 break
             self.disk.make_queue_room(self.disk.value_bytes)   # shutdown may wait; it must not drop
-            on_host = n.host_slot is not None
-            kv = self.host.tensor[n.host_slot] if on_host else self.gpu.tensor[n.gpu_slot].cpu()
-            written += self._write(n, None, kv)     # the host copy stays indexed: no slot to hold
+            if n.host_slot is not None and n.host_slot not in self._writing:
+                self._write_from_host(n)
+            else:                                   # a private copy (shutdown may wait for it)
+                kv = self.gpu.tensor[n.gpu_slot].cpu()
+                self._write(n, kv, lambda ok, n=n: self._written(n, ok))
+            written += n.on_disk
         return written, 0
 
-    def check_integrity(self, owned_gpu: list[int], reserved_host: list[int]) -> None:
-        """Every slot is free, held by one node, or in `owned_gpu` / `reserved_host` / a disk
-        write in flight; the disk records are exactly the disk-resident nodes' and within the cap."""
+    def check_integrity(self, owned_gpu: list[int], reserved_host: list[int], staging_reads: list[int]) -> None:
+        """Every slot is free, held by one node, or in `owned_gpu` / `reserved_host` /
+        `staging_reads` / a disk write in flight; the disk records are exactly the disk-resident
+        nodes' and within the cap."""
         nodes = list(self.index.nodes())
         _check_slots(self.gpu, [n.gpu_slot for n in nodes if n.gpu_slot is not None], owned_gpu)
         _check_slots(self.host, [n.host_slot for n in nodes if n.host_slot is not None],
                      reserved_host + self.writing_slots)
+        assert all(n.host_slot == slot for slot, (n, _) in self._writing.items() if slot not in self._orphans), \
+            "a host write reads a slot its node no longer holds"
         on_disk = {n.key for n in nodes if n.on_disk}
         assert len(on_disk) == sum(n.on_disk for n in nodes), "two disk-resident nodes share a key"
         if self.disk is not None:
+            _check_slots(self.disk.staging, [], staging_reads + self.staged_slots)
             self.disk.check_integrity()
             assert set(self.disk.sizes) == on_disk, "disk records != disk-resident nodes"
             assert self.disk.used_bytes <= self.disk.max_bytes, "disk tier over its cap"

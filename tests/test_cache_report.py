@@ -78,7 +78,7 @@ async def test_the_report_over_http_is_opt_in_and_on_the_last_chunk(make_client)
 @pytest.mark.parametrize("mode,read_blocks", [("load", 6), ("auto", 3)])
 async def test_the_report_counts_disk_blocks_as_they_came_back(llama, tmp_path, mode, read_blocks):
     """After a restart, a prompt whose 6 blocks are all on disk: read whole ("load"), or half
-    computed from the front while the back is read ("auto", equal rates). The report, usage and
+    computed from the front while the back is read ("auto", equal rates: they meet halfway). The report, usage and
     the miss counter say exactly that: read from disk, recomputed, and nothing else (it once
     counted every disk block found as recomputed, while usage said they came from disk)."""
     from tests.test_engine_tiers import read_lands, restarted_with_a_gated_disk
@@ -92,7 +92,7 @@ async def test_the_report_counts_disk_blocks_as_they_came_back(llama, tmp_path, 
     report = last.cache_report
     assert report["found_blocks"] == {"gpu": 0, "host": 0, "disk": 6}
     assert report["loaded_blocks"] == {"gpu": 0, "host": 0, "disk": read_blocks}
-    assert report["recomputed_blocks"] == 6 - read_blocks == engine.costs.recomputed_blocks[Tier.DISK]
+    assert report["recomputed_blocks"] == 6 - read_blocks == engine.recomputed_blocks["disk"]
     assert last.cached_tokens[Tier.DISK] == read_blocks * BS
     assert engine.miss_reasons["recomputed"] == (read_blocks < 6)
     await engine.stop()

@@ -46,12 +46,13 @@ def test_the_default_server_has_every_tier_sized_from_the_machine(demo, machine)
     assert host.blocks == int(8 * GIB * 0.2) // block and disk.bytes == 10 * GIB
 
 
-def test_tiers_turned_off_say_so_and_a_disk_tier_alone_stages_through_host_memory(demo, machine, tmp_path):
+def test_tiers_turned_off_say_so_and_a_disk_tier_alone_stages_through_its_own_memory(demo, machine, tmp_path):
     config, (_, host, disk) = plan(demo, host={"enabled": False}, disk={"path": str(tmp_path / "kv")})
-    assert not host.enabled and "staged for the disk tier" in host.note and config.host_blocks == 0
+    assert not host.enabled and config.host_blocks == 0
     assert disk.enabled and disk.sized == "auto" and disk.path == str(tmp_path / "kv")   # path alone is enough
+    assert disk.describe().endswith("; 1024 blocks of staging")     # 512 MiB of the demo's small blocks
     store = BlockStore(config, demo.block_layout(16), demo.fingerprint)
-    assert store.host.num_blocks >= 16 and store.disk is not None                   # the staging area
+    assert store.host.num_blocks == 0 and store.disk.staging.num_blocks == 1024     # no host slot at all
     store.close()
     _, (_, host, disk) = plan(demo, host={"enabled": False}, disk={"enabled": False})
     assert host.describe() == "host=off (store.host.enabled = false)"
@@ -117,7 +118,8 @@ async def test_health_and_metrics_say_what_each_tier_got(make_client, tmp_path):
     assert parse_metric(metrics, "kvgate_tier_enabled", tier="disk") == 1
     assert parse_metric(metrics, "kvgate_tier_enabled", tier="host") == 1
     assert parse_metric(metrics, "kvgate_disk_writes_skipped_total", reason="policy") == 0
-    assert parse_metric(metrics, "kvgate_host_overload_blocks_total", action="spilled") == 0
+    assert parse_metric(metrics, "kvgate_disk_spilled_blocks_total") == 0
+    assert parse_metric(metrics, "kvgate_disk_writes_skipped_total", reason="disk_busy") == 0
     off = await make_client()
     metrics = await (await off.get("/metrics")).text()
     assert parse_metric(metrics, "kvgate_tier_enabled", tier="disk") == 0

@@ -3,6 +3,7 @@ up. Scheduling: urgency order, the token budget, the preemption victim and where
 an abort while preempted. Store: which blocks a too-small host tier keeps, what a lock pins, what `persist` writes.
 (The disk record's checksum coverage and the write/re-queue race are in test_store_disk_open.py.)"""
 import asyncio
+import threading
 
 import pytest
 
@@ -174,11 +175,11 @@ def blocks(seed: int, n: int = 2) -> list[int]:
 
 
 @pytest.mark.parametrize("policy,written,skipped", [
-    ("all", ["a", "b", "reused"], 0),                  # every block that leaves the host tier
-    ("second-use", ["reused"], 6),                     # only blocks two sequences used
-    ("shutdown", [], 8),                               # none while serving
+    ("all", ["a", "b", "reused"], 0),                  # every block that leaves the GPU
+    ("second-use", ["reused"], 8),                     # only blocks two sequences used
+    ("shutdown", [], 10),                              # none while serving
 ])
-async def test_the_write_policy_decides_which_blocks_leaving_the_host_tier_are_written(
+async def test_the_write_policy_decides_which_blocks_leaving_the_gpu_are_written(
         tmp_path, policy, written, skipped):
     store = make_store(tmp_path, gpu=2, host=2, disk_blocks=32, write_policy=policy)
     prompts = {"a": blocks(1), "b": blocks(2), "reused": blocks(3)}
@@ -200,7 +201,7 @@ async def test_the_write_policy_decides_which_blocks_leaving_the_host_tier_are_w
 
 
 async def test_auto_writes_everything_until_the_queue_is_half_full_then_only_reused_blocks(tmp_path):
-    store = make_store(tmp_path, gpu=2, host=2, disk_blocks=64, write_policy="auto")
+    store = make_store(tmp_path, gpu=2, host=16, disk_blocks=64, write_policy="auto")
     store.disk.max_pending_bytes = 4 * store.disk.value_bytes    # half full = 2 records queued
     run_request(store, "single", blocks(1), flush=False)
     run_request(store, "other", blocks(2), flush=False)
@@ -208,11 +209,13 @@ async def test_auto_writes_everything_until_the_queue_is_half_full_then_only_reu
     run_request(store, "reused-again", blocks(3), flush=False)   # used twice
     for i in (4, 5):                                             # no time for the writes to land
         run_request(store, i, blocks(i), flush=False)
-    on_disk = [i for i in range(1, 6) if store.match(store.root_key(), blocks(i)).tiers == (Tier.DISK,) * 2]
-    # blocks(1) left the host tier while the queue was empty and filled it to half; blocks(2),
-    # single-use, left at half full: skipped and counted; blocks(3) were reused: written all the same
-    assert on_disk == [1, 3]
-    assert store.stats().writes_skipped["policy"] == 2
+    written = [i for i in range(1, 6) if all(n.on_disk for n in store.match(store.root_key(), blocks(i)).nodes)]
+    # blocks(1) left the GPU while the queue was empty and filled it to half; blocks(2) and
+    # blocks(4), single-use, left at half full: skipped and counted; blocks(3) were reused:
+    # written all the same. All of them stay cached in the host tier meanwhile.
+    assert written == [1, 3]
+    assert store.stats().writes_skipped["policy"] == 4
+    assert all(n.host_slot is not None for i in range(1, 5) for n in store.match(store.root_key(), blocks(i)).nodes)
     await store.flush()
     store.check_integrity()
     store.close()
@@ -220,23 +223,52 @@ async def test_auto_writes_everything_until_the_queue_is_half_full_then_only_reu
 
 async def test_a_preempted_sequences_blocks_take_a_full_host_tier_from_older_cached_ones(tmp_path):
     """Preemption leaves a sequence's blocks cached, used last: when the GPU needs their room
-    they move to the host tier, and older cached host blocks (even ones still being written to
-    disk) make room for them; recomputation is the last resort."""
+    they move to the host tier, and older cached host blocks, already written to disk, make
+    room for them (they stay cached on disk); recomputation is the last resort."""
     store = make_store(tmp_path, gpu=4, host=4, disk_blocks=64)
     for i in range(1, 5):
-        run_request(store, i, blocks(i), flush=False)            # GPU: 3, 4; host: 1, 2 (full)
+        run_request(store, i, blocks(i))                         # GPU: 3, 4; host: 1, 2 (full)
     assert store.stats().tiers[Tier.HOST].free == 0
     seq = store.admit("running", store.root_key(), blocks(9, 4))  # 3 and 4 -> host, 1 and 2 -> disk
     write_kv(store, seq, blocks(9, 4))
     store.commit("running", blocks(9, 4))
     store.release("running")                                     # preempted
+    store.disk.flush_sync()                                      # time passes: the writes land
     run_request(store, "other", blocks(8, 4), flush=False)       # needs the GPU: running's 4 go to host
     tiers = lambda p: store.match(store.root_key(), p).tiers  # noqa: E731
     assert tiers(blocks(9, 4)) == (Tier.HOST,) * 4
     assert [tiers(blocks(i)) for i in range(1, 5)] == [(Tier.DISK,) * 2] * 4
-    # the writes were still queued: each demotion to a full host tier took 4 host slots back
-    # from them, by a private copy on this thread
-    assert store.stats().overload == {"detached": 8}
+    assert store.stats().writes_skipped.get("disk_busy", 0) == 0 and store.stats().overload == {}
     store.check_integrity()
     await store.flush()
+    store.close()
+
+
+async def test_the_host_tier_evicts_written_blocks_first_then_cancels_queued_writes_never_running_ones(tmp_path):
+    """A write never holds a host slot the host tier needs: written (or unwanted) blocks go
+    first whatever their age; then a block whose write is still queued goes, its write
+    cancelled (lost, as without a disk tier, and counted); a block being encoded never goes."""
+    store = make_store(tmp_path, gpu=2, host=4, disk_blocks=64)
+    run_request(store, 1, blocks(1))
+    run_request(store, 2, blocks(2))                  # 1 -> host, written
+    run_request(store, 3, blocks(3), flush=False)     # 2 -> host, its writes queued
+    store.match(store.root_key(), blocks(1))          # 1 is now used later than 2
+    tiers = lambda p: store.match(store.root_key(), p).tiers  # noqa: E731
+    store.host.free(store.placement.reserve_host(2))  # written 1 goes, though 2 is older
+    assert tiers(blocks(1)) == (Tier.DISK,) * 2 and tiers(blocks(2)) == (Tier.HOST,) * 2
+    store.host.free(store.placement.reserve_host(4))  # only 2 is left: its queued writes are cancelled
+    assert tiers(blocks(2)) == () and store.stats().writes_skipped["disk_busy"] == 2
+    store.check_integrity()
+
+    run_request(store, 4, blocks(4), flush=False)     # 3 -> host, its writes queued ...
+    gate = threading.Event()
+    store.disk._io.submit(gate.wait)                  # ... and taken by the I/O thread, held there
+    await asyncio.sleep(0.01)
+    slots = store.placement.reserve_host(4)           # the two free slots; 3 is being written: it stays
+    assert len(slots) == 2 and tiers(blocks(3)) == (Tier.HOST,) * 2
+    store.host.free(slots)
+    gate.set()
+    await store.flush()
+    assert all(n.on_disk for n in store.match(store.root_key(), blocks(3)).nodes)
+    store.check_integrity()
     store.close()

@@ -60,7 +60,7 @@ async def test_public_and_private_blocks_survive_a_restart(tmp_path):
     await store.flush()
     store.close()
 
-    store = make_store(tmp_path, gpu=32, disk_blocks=64)      # the restart: declared again (the config)
+    store = make_store(tmp_path, gpu=32, host=16, disk_blocks=64)   # the restart: declared again (the config)
     store.declare_public(PUBLIC)
     counts = {k: v[Tier.DISK] for k, v in store.blocks_by_namespace().items()}
     assert counts == {store.public_root: 3, store.root_key("a"): 2, store.root_key("b"): 2}

@@ -88,6 +88,7 @@ def filled(tmp_path_factory) -> str:
         write_kv(store, seq, prompt(i))
         store.commit(i, prompt(i))
         store.release(i)
+        store.disk.flush_sync()          # time passes: the writes land before the host tier turns over
     store.persist()
     store.close()
     return str(root / "kv")
