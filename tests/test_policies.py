@@ -267,8 +267,12 @@ async def test_the_host_tier_evicts_written_blocks_first_then_cancels_queued_wri
     slots = store.placement.reserve_host(4)           # the two free slots; 3 is being written: it stays
     assert len(slots) == 2 and tiers(blocks(3)) == (Tier.HOST,) * 2
     store.host.free(slots)
+    held = {n.host_slot for n in store.match(store.root_key(), blocks(3)).nodes}
+    assert store.evict_prefix(store.root_key(), blocks(3)) == 2      # dropped while being encoded ...
+    assert set(store.placement.writing_slots) == held and not held & store.host.free_slots()
+    store.check_integrity()                           # ... its slots are the write's until it is done
     gate.set()
     await store.flush()
-    assert all(n.on_disk for n in store.match(store.root_key(), blocks(3)).nodes)
+    assert not store.placement.writing_slots and held <= store.host.free_slots()
     store.check_integrity()
     store.close()
