@@ -19,7 +19,6 @@ from which tier, or recomputed) is counted by the engine when the request ends.
 """
 from __future__ import annotations
 
-import math
 
 from store import BlockStore, Tier
 
