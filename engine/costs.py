@@ -19,7 +19,6 @@ from which tier, or recomputed) is counted by the engine when the request ends.
 """
 from __future__ import annotations
 
-
 from store import BlockStore, Tier
 
 MIN_PREFILL_TOKENS = 256   # steps prefilling fewer tokens say too little about prefill speed
