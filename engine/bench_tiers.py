@@ -117,6 +117,7 @@ async def chat_overflow(factory: EngineFactory, vocab: int, users: int, block_si
                        prefetched_blocks=stats.tiers[Tier.DISK].promotions,
                        disk_writes_dropped=stats.disk.pending_full if stats.disk else 0, **_counts(engine))
             await engine.stop(persist=False)
+            del engine              # unreferenced, so that the factory frees its pools before the next
             rows.append(row)
     finally:
         shutil.rmtree(disk, ignore_errors=True)
@@ -139,9 +140,11 @@ async def restart(factory: EngineFactory, vocab: int, groups: int, gpu_blocks: i
         engine = await factory(gpu_blocks=gpu_blocks, host_blocks=host)
         rows.append(dict(config="cold", **await run_kvgate(engine, requests["cold"], n(128))))
         await engine.stop(persist=False)
+        del engine                  # unreferenced, so that the factory frees its pools before the next
         engine = await factory(gpu_blocks=gpu_blocks, host_blocks=host, disk_path=disk)
         await run_kvgate(engine, requests["first"], 1)      # computes the group prefixes
         await engine.stop()                                 # ...and writes them to disk
+        del engine
         for mode in ("load", "auto"):
             start = time.perf_counter()
             engine = await factory(gpu_blocks=gpu_blocks, host_blocks=host, disk_path=disk,
@@ -151,6 +154,7 @@ async def restart(factory: EngineFactory, vocab: int, groups: int, gpu_blocks: i
             rows.append(dict(config=f"restarted, {mode}", startup_s=round(started, 2),
                              hits_recomputed=sum(engine.recomputed_blocks.values()), **row))
             await engine.stop(persist=False)
+            del engine
     finally:
         shutil.rmtree(disk, ignore_errors=True)
     return rows
@@ -190,6 +194,7 @@ async def chat_think(factory: EngineFactory, vocab: int, scale: float, block_siz
                 row.update(config=config, run=run, gpu_blocks=gpu, host_blocks=host, conversation_blocks=total,
                            **_counts(engine))
                 await engine.stop(persist=False)
+                del engine          # unreferenced, so that the factory frees its pools before the next
             finally:
                 if disk:
                     shutil.rmtree(disk, ignore_errors=True)

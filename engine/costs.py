@@ -19,6 +19,8 @@ from which tier, or recomputed) is counted by the engine when the request ends.
 """
 from __future__ import annotations
 
+import math
+
 from store import BlockStore, Tier
 
 MIN_PREFILL_TOKENS = 256   # steps prefilling fewer tokens say too little about prefill speed
@@ -53,17 +55,18 @@ class LoadOrRecompute:
             return Tier.HOST
         return Tier.GPU
 
-    def read_from(self, first: int, end: int, queued_bytes: int = 0,
-                  stalled: bool = False) -> tuple[int, float | None]:
+    def read_from(self, first: int, end: int, queued_bytes: int = 0, stalled: bool = False,
+                  compute_ahead: int = 0) -> tuple[int, float | None]:
         """Where to read the disk part [first, end) of a prefix from: (the first block worth
-        reading, the seconds until it is due). The front computes [first, j) while the rest is
-        read from `end` backwards, behind the `queued_bytes` other loads have queued: the front
-        is done at (j - first) * block_size / prefill, the read at
+        reading, the seconds until it is due). The front computes [first, j) after the
+        `compute_ahead` prompt tokens other sequences compute first or beside it, while the rest
+        is read from `end` backwards behind the `queued_bytes` other loads have queued: the
+        front is done at (compute_ahead + (j - first) * block_size) / prefill, the read at
         (queued + (end - j) * block_bytes) / read; j is the meeting point, where the later of
         the two comes soonest. Due: the read's end, plus a quarter and 20 ms of slack
         (polling, jitter). (end, 0) (read nothing) when that saves less than MIN_SAVING_S, or
-        when the disk has stalled; (first, None)
-        (read it all) in "load" mode or until both rates are measured."""
+        when the disk has stalled; (first, None) (read it all) in "load" mode or until both
+        rates are measured."""
         if stalled:
             return end, 0.0
         read = self.store.disk_read_rate
@@ -71,10 +74,10 @@ class LoadOrRecompute:
             return first, None
         per_read = self.block_bytes / read                          # s per block read
         per_compute = self.block_size / self.prefill_tokens_per_s   # s per block computed
-        queued = queued_bytes / read
-        done = lambda j: max((j - first) * per_compute, queued + (end - j) * per_read)  # noqa: E731
-        meet = (queued + end * per_read + first * per_compute) / (per_read + per_compute)
-        j = min((min(end, max(first, int(meet) + d)) for d in (0, 1)), key=done)
+        queued, ahead = queued_bytes / read, compute_ahead / self.prefill_tokens_per_s
+        done = lambda j: max(ahead + (j - first) * per_compute, queued + (end - j) * per_read)  # noqa: E731
+        meet = (queued - ahead + end * per_read + first * per_compute) / (per_read + per_compute)
+        j = min((min(end, max(first, math.floor(meet) + d)) for d in (0, 1)), key=done)
         if done(end) - done(j) < MIN_SAVING_S:      # not worth a step more and the copies
             return end, 0.0
         return j, 1.25 * (queued + (end - j) * per_read) + 0.02

@@ -27,6 +27,7 @@ the plan's `failed` list (the engine ends it with an error); it never fails the 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import math
 import time
@@ -192,7 +193,7 @@ class Scheduler:
         # every branch below stops the front at the loaded blocks until they are taken)
         step = self.store.advance_load(seq.request_id, seq.num_computed) if seq.num_computed < limit - 1 else None
         if step is not None and step.filled:
-            seq.num_computed = step.end * self.store.block_size
+            seq.num_computed, seq.read_tokens = step.end * self.store.block_size, 0
             if not seq.preemptions:         # the prompt's cached tokens, as first admitted
                 seq.cached_tokens[Tier.DISK] += step.filled * self.store.block_size
         elif step is not None and step.compute_until is not None:
@@ -206,7 +207,7 @@ class Scheduler:
                     return 0
                 if step.compute_until >= step.end * self.store.block_size:   # late, nothing read yet
                     self.store.drop_load(seq.request_id)
-                    limit = seq.num_tokens
+                    limit, seq.read_tokens = seq.num_tokens, 0
         return max(0, min(limit - seq.num_computed, budget))
 
     def _check_at(self, due: float) -> None:
@@ -274,10 +275,24 @@ class Scheduler:
         (`LoadOrRecompute.read_from`), if the host part is worth loading at all and it has one."""
         if seq.max_tier is Tier.HOST and Tier.DISK in match.tiers:
             first, end = self.store.disk_part(match)
-            stop, seconds = self.costs.read_from(first, end, *self.store.disk_read_queue())
+            stop, seconds = self.costs.read_from(first, end, *self.store.disk_read_queue(),
+                                                 compute_ahead=self._prefill_ahead(seq))
+            seq.read_tokens = 0
             if self.store.start_load(seq.request_id, match, stop, on_progress=self.wakeup):
+                seq.read_tokens = (end - stop) * self.store.block_size
                 wait = seconds if seconds is not None else math.inf if self.costs.mode == "load" else STALLED_S
                 seq.read_due = time.monotonic() + wait
+
+    def _prefill_ahead(self, seq: Sequence) -> int:
+        """Prompt tokens the other sequences still have to compute (what their reads bring
+        excepted): the GPU computes them before or beside `seq`'s front."""
+        ahead = 0
+        for s in itertools.chain(self.running, self._waiting.sequences()):
+            if s is not seq:
+                done = s.num_computed if s.status is Status.RUNNING else \
+                    self.store.block_size * sum(t is not Tier.DISK for t in s.found)
+                ahead += max(0, s.prompt_len - done - s.read_tokens)
+        return ahead
 
     def preempt(self, seq: Sequence) -> None:
         """Take `seq` off the GPU: its full blocks stay cached (see the module's docstring),

@@ -64,6 +64,7 @@ class Sequence:
     preemptions: int = 0              # times it was preempted (it resumes from the cache)
     max_tier: Tier = Tier.HOST        # cached blocks in slower tiers are recomputed (engine/costs.py)
     read_due: float = 0.0             # time.monotonic() its disk read is due by (engine/scheduler.py)
+    read_tokens: int = 0              # prompt tokens its disk read is to bring (not computed)
     cached_tokens: dict[Tier, int] | None = None   # set at first admission
     submitted_at: float = field(default_factory=time.monotonic)
     queued_s: float | None = None                  # submission to first admission

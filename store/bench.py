@@ -15,13 +15,14 @@ import json
 import random
 import statistics
 import tempfile
+import threading
 import time
 
 import torch
 
 from store.block_store import BlockStore, StoreConfig
 from store.copier import BlockCopier
-from store.disk import DiskTier
+from store.disk import BlockRecord, DiskTier
 from store.keys import block_keys, chain_key, token_bytes
 from store.pool import BlockLayout, BlockPool, Tier
 
@@ -124,6 +125,39 @@ def bench_lmdb(layout: BlockLayout, n: int, path: str) -> list[tuple[str, str]]:
              f"{mb / read_s:7.0f} MB/s, {n / read_s:7.0f} blocks/s")]
 
 
+def bench_lmdb_beside_a_busy_thread(layout: BlockLayout, n: int, path: str) -> list[tuple[str, str]]:
+    """The store's write path (records encoded on the disk tier's thread from host memory),
+    alone and beside a thread that runs Python without pause: the engine loop's stand-in, which
+    the writer must take the interpreter lock back from each time it gives it up."""
+    host = BlockPool(Tier.HOST, layout, n, "cpu")
+    host.tensor.copy_(torch.randn(host.tensor.shape).to(layout.dtype))
+    rows = []
+    for busy in (False, True):
+        disk = DiskTier(f"{path}/{busy}", "bench", layout, max_bytes=4 * n * layout.block_bytes,
+                        max_pending_bytes=2 * n * layout.block_bytes)
+        stop = threading.Event()
+
+        def spin() -> None:
+            while not stop.is_set():
+                sum(range(100))
+        spinner = threading.Thread(target=spin)
+        if busy:
+            spinner.start()
+        t = time.perf_counter()
+        for i in range(n):
+            disk.put(chain_key(b"\0" * 16, token_bytes([i] * layout.block_size)),
+                     BlockRecord(b"\0" * 16, token_bytes([i] * layout.block_size), 0, 0, host.tensor[i]))
+        disk.flush_sync()
+        seconds = time.perf_counter() - t
+        stop.set()
+        if busy:
+            spinner.join()
+        disk.close()
+        rows.append((f"LMDB write {n} blocks from host memory, {'beside a busy thread' if busy else 'alone'}",
+                     f"{n * layout.block_bytes / 1e6 / seconds:7.0f} MB/s, {n / seconds:7.0f} blocks/s"))
+    return rows
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--layout", choices=sorted(LAYOUTS), default="llama3-8b")
@@ -144,7 +178,8 @@ def main(argv: list[str] | None = None) -> None:
     rows = []
     for part in (lambda: bench_hashing(layout, a.tokens, a.repeat),
                  lambda: bench_copies(layout, a.copy_blocks, a.device, a.repeat),
-                 lambda: bench_lmdb(layout, a.disk_blocks, a.disk_dir or tmp)):
+                 lambda: bench_lmdb(layout, a.disk_blocks, a.disk_dir or tmp),
+                 lambda: bench_lmdb_beside_a_busy_thread(layout, a.disk_blocks, a.disk_dir or tmp)):
         with tempfile.TemporaryDirectory() as tmp:
             for name, value in part():
                 print(f"  {name:<62}  {value}", flush=True)

@@ -47,6 +47,13 @@ def test_reads_queued_on_the_disk_push_the_meeting_point_back():
     assert policy(disk_gb_s=10).read_from(0, 100, queued_bytes=1 << 30)[0] == 100
 
 
+def test_prompt_tokens_other_sequences_compute_first_move_the_meeting_point_forward():
+    """The front shares the GPU: 400 tokens other prompts compute first (10 ms) and it reads 82
+    blocks instead of 66; 4,000 (100 ms), and the whole disk part is read."""
+    assert policy(disk_gb_s=10).read_from(0, 100, compute_ahead=400)[0] == 18
+    assert policy(disk_gb_s=10).read_from(0, 100, compute_ahead=4000)[0] == 0
+
+
 def test_a_stalled_disk_is_not_read_and_load_mode_or_missing_rates_read_it_all():
     assert policy(disk_gb_s=10).read_from(0, 100, stalled=True) == (100, 0.0)
     assert policy(disk_gb_s=10, mode="load").read_from(0, 100) == (0, None)

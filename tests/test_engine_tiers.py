@@ -155,21 +155,24 @@ async def test_a_fast_disk_is_read_whole_and_the_front_computes_only_the_last_to
     await engine.stop()
 
 
-async def test_a_second_load_meets_its_front_later_behind_the_first_ones_queued_read(llama, tmp_path):
-    """Two returning users at once: the second one's read waits behind the 3 blocks the first
-    still means to read, so its front computes 4 blocks of 6 instead of 3 (8 ms a block)."""
+async def test_a_second_returning_user_plans_behind_the_first_ones_read_and_compute(llama, tmp_path):
+    """Two returning users at once (8 ms a block computed or read). The second one's read waits
+    behind the 3 blocks the first still means to read (24 ms: its meeting point moves back), and
+    its front computes after the first's 14 tokens (28 ms: forward): it meets at block 3 too.
+    Without either term it would meet at block 1 or 4."""
     a, b = prompt(7, 24), prompt(8, 24)
     engine, gate = await restarted_with_a_gated_disk(llama, tmp_path, a, also=(b,), read_blocks_per_s=125.0)
     engine.costs.prefill_tokens_per_s = 500.0
     streams = [engine.submit(d + [7, 9], greedy(4)) for d in (a, b)]
     seqs = [engine._requests[s.request_id] for s in streams]
+    assert [s.read_tokens for s in seqs] == [12, 12]
     await engine.step()
-    assert [s.num_computed for s in seqs] == [12, 16]
+    assert [s.num_computed for s in seqs] == [12, 12]
     await read_lands(engine, gate)
     await engine.start()
-    for d, stream, read in zip((a, b), streams, (12, 8)):
+    for d, stream in zip((a, b), streams):
         tokens, last = await collect(stream)
-        assert tokens == hf_greedy(llama, d + [7, 9], 4) and last.cached_tokens[Tier.DISK] == read
+        assert tokens == hf_greedy(llama, d + [7, 9], 4) and last.cached_tokens[Tier.DISK] == 12
     engine.store.check_integrity()
     await engine.stop()
 
