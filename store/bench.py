@@ -14,6 +14,7 @@ import asyncio
 import json
 import random
 import statistics
+import sys
 import tempfile
 import threading
 import time
@@ -168,13 +169,17 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--disk-dir", default=None, help="LMDB directory (default: a temporary one)")
     p.add_argument("--repeat", type=int, default=10)
     p.add_argument("--json", default=None, help="also write the rows to this file")
+    p.add_argument("--switch-interval", type=float, default=None,
+                   help="sys.setswitchinterval for the run (seconds; Python's default is 0.005)")
     a = p.parse_args(argv)
+    if a.switch_interval is not None:
+        sys.setswitchinterval(a.switch_interval)
     layout = BlockLayout(*LAYOUTS[a.layout])
     random.seed(0)
     torch.manual_seed(0)
     env = f"device={a.device}" + (f" ({torch.cuda.get_device_name()})" if a.device == "cuda" else "")
     print(f"store micro-benchmark: layout={a.layout} ({layout.block_bytes // 1024} KiB/block), {env}, "
-          f"torch {torch.__version__}")
+          f"torch {torch.__version__}, switch interval {sys.getswitchinterval() * 1e3:g} ms")
     rows = []
     for part in (lambda: bench_hashing(layout, a.tokens, a.repeat),
                  lambda: bench_copies(layout, a.copy_blocks, a.device, a.repeat),

@@ -32,12 +32,13 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import lmdb
+import numpy as np
 import torch
 
 from store.errors import DiskTierError
 from store.lmdb_env import MARK_KEY, lock_tier, mark_clean, open_env, quarantine, still_locked
 from store.pool import BlockLayout, BlockPool, Tier
-from store.record import CorruptValue, RecordFormat, check_payload
+from store.record import CorruptValue, RecordFormat, check_payload, payload_bytes
 
 log = logging.getLogger("kvgate.store.disk")
 
@@ -55,7 +56,7 @@ class BlockRecord:
     token_bytes: bytes
     depth: int
     priority: int
-    payload: torch.Tensor
+    payload: torch.Tensor | np.ndarray       # a tensor, or a pool's `bytes` row
     done: Callable[[bool], None] = lambda written: None
     namespace: bytes = b""        # mixed into its key (Node.mixed)
 
@@ -495,7 +496,7 @@ class DiskTier:
                 for i in range(first, end):
                     (key, parent, tokens), queued = items[i], pending[i]
                     if isinstance(queued, BlockRecord):     # not written yet: straight from memory
-                        sink(i, memoryview(queued.payload.contiguous().view(torch.uint8).reshape(-1).numpy()))
+                        sink(i, payload_bytes(queued.payload))
                         ok[i - first] = True
                         continue
                     value = memoryview(queued) if queued is not None else txn.get(key)

@@ -22,7 +22,6 @@ import time
 from collections.abc import Callable, Hashable, Iterator, Sequence
 from dataclasses import dataclass, field
 
-import torch
 
 from store.copier import BlockCopier
 from store.disk import DiskTier
@@ -232,7 +231,7 @@ class DiskLoader:
         """Where a read puts record i's payload: slot slots[i] of `pool` (called on a reader
         thread, after `host_ready`)."""
         def sink(i: int, payload: memoryview) -> None:
-            pool.tensor[slots[i]].view(torch.uint8).numpy().reshape(-1)[:] = payload
+            pool.bytes[slots[i]] = payload       # numpy copies without the interpreter lock
         return sink
 
     def _observe(self, blocks: int, seconds: float) -> None:

@@ -189,7 +189,7 @@ class Placement:
 
     def _write_from_host(self, node: Node) -> None:
         slot = node.host_slot
-        record = self._write(node, self.host.tensor[slot], lambda ok: self._host_written(slot, ok))
+        record = self._write(node, self.host.bytes[slot], lambda ok: self._host_written(slot, ok))
         if record is not None:
             self._writing[slot] = (node, record)
 
@@ -216,7 +216,7 @@ class Placement:
         slots = staging.allocate(len(worth))
         self.copier.to_host([v.gpu_slot for v in worth], slots, staging)
         for v, slot in zip(worth, slots):
-            if self._write(v, staging.tensor[slot], lambda ok, slot=slot: self._staged_written(slot, ok)):
+            if self._write(v, staging.bytes[slot], lambda ok, slot=slot: self._staged_written(slot, ok)):
                 self._staged[slot] = v
                 self.overload["spilled"] += 1
             else:
@@ -278,7 +278,7 @@ class Placement:
             return True
         return self.write_policy in ("auto", "second-use") and node.uses >= 2
 
-    def _write(self, node: Node, payload: torch.Tensor, done: Callable[[bool], None]) -> BlockRecord | None:
+    def _write(self, node: Node, payload, done: Callable[[bool], None]) -> BlockRecord | None:
         """Queue `node`'s record, encoded on the disk tier's thread from `payload` (host memory
         that stays unchanged until `done(written)` is called). None if not queued."""
         disk = self.disk

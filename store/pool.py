@@ -65,6 +65,11 @@ class BlockPool:
         # [num_blocks (+ 1 scratch), num_layers, 2, block_size, num_kv_heads, head_dim]
         self.tensor = torch.empty((num_blocks + bool(scratch), *layout.block_shape), dtype=layout.dtype,
                                   device=device, pin_memory=pin_memory)
+        # on the CPU: the same memory as bytes, [num_blocks (+ 1), block_bytes] — what the disk
+        # tier's threads read and write, without a tensor op (each gives the interpreter lock up
+        # and must wait to take it back while the event loop runs)
+        self.bytes = self.tensor.view(torch.uint8).reshape(self.tensor.shape[0], layout.block_bytes).numpy() \
+            if self.tensor.device.type == "cpu" else None
         self._free_heap = list(range(num_blocks))  # already a valid min-heap
         self._is_free = bytearray(b"\x01") * num_blocks
 

@@ -23,6 +23,7 @@ import struct
 import time
 
 import msgpack
+import numpy as np
 import torch
 import xxhash
 
@@ -50,23 +51,23 @@ class RecordFormat:
         return self.layout.block_bytes + 256 + 4 * self.layout.block_size
 
     def encode(self, parent: bytes, token_bytes: bytes, depth: int, priority: int,
-               payload: torch.Tensor, namespace: bytes = b"") -> bytearray:
-        """One record's value; `payload` is the block's KV (any dtype, contiguous), `namespace`
-        the one mixed into its key (Node.mixed). Raises OverflowError for a priority beyond 64
-        bits (the store refuses those first)."""
-        data = payload.contiguous().view(torch.uint8).reshape(-1)
+               payload: torch.Tensor | np.ndarray, namespace: bytes = b"") -> bytearray:
+        """One record's value; `payload` is the block's KV (a contiguous tensor of any dtype, or
+        its bytes), `namespace` the one mixed into its key (Node.mixed). Raises OverflowError for
+        a priority beyond 64 bits (the store refuses those first)."""
+        data = payload_bytes(payload)
         header = {
             "v": FORMAT_VERSION, "fp": self.fingerprint, "parent": parent, "tokens": token_bytes,
             "depth": depth, "prio": priority, "t": time.time(), "dtype": str(self.layout.dtype),
-            "shape": list(self.layout.block_shape), "sum": xxhash.xxh3_64_intdigest(data.numpy())}
+            "shape": list(self.layout.block_shape), "sum": xxhash.xxh3_64_intdigest(data)}
         if namespace:
             header["ns"] = namespace
         header = msgpack.packb(header)
         start = _PREFIX.size + len(header)
-        value = bytearray(start + data.numel())
+        value = bytearray(start + data.nbytes)
         _PREFIX.pack_into(value, 0, len(header), xxhash.xxh3_64_intdigest(header))
         value[_PREFIX.size:start] = header
-        torch.frombuffer(value, dtype=torch.uint8, offset=start).copy_(data)
+        np.frombuffer(value, np.uint8, offset=start)[:] = data    # numpy copies without the interpreter lock
         return value
 
     def header(self, key: bytes, value: memoryview | bytes) -> tuple[dict, int]:
@@ -115,6 +116,13 @@ class RecordFormat:
         if h["parent"] != parent or h["tokens"] != token_bytes:
             raise CorruptValue("parent or tokens differ from the index's")
         return value[start:], h["sum"]
+
+
+def payload_bytes(payload: torch.Tensor | np.ndarray) -> memoryview:
+    """A block's KV as flat bytes: a pool's `bytes` row as it is, a tensor through a view."""
+    if isinstance(payload, torch.Tensor):
+        payload = payload.contiguous().view(torch.uint8).reshape(-1).numpy()
+    return memoryview(payload).cast("B")
 
 
 def check_payload(payload: memoryview, checksum: int) -> None:
