@@ -138,7 +138,7 @@ async def main_async(a: argparse.Namespace) -> list[dict]:
     vocab = loaded.model.config.vocab_size
     env = dict(model=a.model, device=str(loaded.device), dtype=str(loaded.dtype).removeprefix("torch."),
                gpu=torch.cuda.get_device_name() if gpu else None, torch=torch.__version__,
-               async_scheduling=a.async_scheduling)
+               async_scheduling=a.async_scheduling, switch_interval_s=sys.getswitchinterval())
     rows = []
 
     async def fresh_engine(gpu_blocks: int = a.gpu_blocks, host_blocks: int = 0, disk_path: str = "",
@@ -326,6 +326,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "gpu,host,small-host+disk,host+disk; chat-think-long gpu,host+disk,small-host,small-host+disk")
     p.add_argument("--plots", default=None, help="write PNG plots (TTFT per chat round) to this directory")
     p.add_argument("--json", default=None)
+    p.add_argument("--switch-interval", type=float, default=None,
+                   help="sys.setswitchinterval for the run (seconds; Python's 0.005 by default): how long the "
+                   "disk tier's threads may wait for the interpreter lock while the engine loop runs")
     p.add_argument("--kernel", action="store_true", help="time the decode kernel alone (CUDA)")
     p.add_argument("--profile-step", action="store_true",
                    help="time a decode step and a mixed step (decode + one returning user)")
@@ -335,6 +338,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     a = build_parser().parse_args(argv)
+    if a.switch_interval is not None:
+        sys.setswitchinterval(a.switch_interval)
     if a.kernel or a.profile_step:
         from engine import bench_profile
         if a.kernel:

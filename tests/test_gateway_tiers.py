@@ -54,6 +54,9 @@ def test_tiers_turned_off_say_so_and_a_disk_tier_alone_stages_through_its_own_me
     store = BlockStore(config, demo.block_layout(16), demo.fingerprint)
     assert store.host.num_blocks == 0 and store.disk.staging.num_blocks == 1024     # no host slot at all
     store.close()
+    block = demo.block_layout(16).block_bytes
+    config, (_, _, disk) = plan(demo, disk={"path": str(tmp_path / "kv2"), "staging_bytes": 40 * block})
+    assert config.disk_staging_bytes == 40 * block and disk.describe().endswith("; 40 blocks of staging")
     _, (_, host, disk) = plan(demo, host={"enabled": False}, disk={"enabled": False})
     assert host.describe() == "host=off (store.host.enabled = false)"
     assert disk.describe() == "disk=off (store.disk.enabled = false)"
