@@ -402,9 +402,9 @@ class Engine:
         Along a prefix tiers only get slower, and a block is served from the tier it was found
         in or a slower one (it moved down while it waited): the recomputed blocks are the last
         ones found, counted from the slowest tier up."""
-        found = collections.Counter(t.name.lower() for t in seq.found)
         if seq.cached_tokens is None:        # never admitted
             return {t.name.lower(): 0 for t in Tier}, {}
+        found = collections.Counter(t.name.lower() for t in seq.found)
         loaded = {t.name.lower(): n // self.config.block_size for t, n in seq.cached_tokens.items()}
         left = max(0, len(seq.found) - sum(loaded.values()))
         recomputed = {}

@@ -243,8 +243,7 @@ class BlockStore:
         prompt) from the back down to block `stop`, while the sequence computes from the front
         (`advance_load`); `on_progress` is called on the event loop as blocks arrive and when
         the load ends. Returns the blocks to read."""
-        first = next((i for i, t in enumerate(match.tiers) if t is Tier.DISK), len(match.tiers))
-        load = self.loader.start(seq_id, list(match.nodes), first, stop, on_progress)
+        load = self.loader.start(seq_id, list(match.nodes), self.disk_part(match)[0], stop, on_progress)
         return load.to_read if load else 0
 
     def disk_part(self, match: PrefixMatch) -> tuple[int, int]:

@@ -15,9 +15,10 @@ accounting.
 
 The tier owns its staging area (`staging`, pinned host memory when CUDA is present): reads land
 there before they are copied to GPU blocks, and blocks that leave the GPU for disk without a
-host-tier copy wait there to be encoded. A disk transfer never takes a host-tier slot. When writes fail (a full disk), the failure is
-logged once, further puts are refused (counted) for `write_retry_s`, and the next successful
-write logs the recovery.
+host-tier copy wait there to be encoded. A disk transfer never takes a host-tier slot.
+
+When writes fail (a full disk), the failure is logged once, further puts are refused (counted)
+for `write_retry_s`, and the next successful write logs the recovery.
 """
 from __future__ import annotations
 

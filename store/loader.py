@@ -22,7 +22,6 @@ import time
 from collections.abc import Callable, Hashable, Iterator, Sequence
 from dataclasses import dataclass, field
 
-
 from store.copier import BlockCopier
 from store.disk import DiskTier
 from store.placement import Placement
@@ -59,7 +58,7 @@ class SequenceLoad:
     @property
     def to_read(self) -> int:
         """Blocks still to be read (until the front or the stop)."""
-        return 0 if self.done else max(0, self.loaded_from - max(self.first, self.stop, self.front))
+        return 0 if self.done else max(0, self.loaded_from - max(self.stop, self.front))   # stop >= first
 
 
 @dataclass(eq=False)
