@@ -126,14 +126,17 @@ class BlockStore:
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         pin = self.device.type == "cuda"
         self.gpu = BlockPool(Tier.GPU, layout, config.gpu_blocks, self.device, scratch=True)
-        self.host = BlockPool(Tier.HOST, layout, config.host_blocks, "cpu", pin_memory=pin)
+        # with a disk tier, the host pool is shared memory: the disk writer process encodes from it
+        self.host = BlockPool(Tier.HOST, layout, config.host_blocks, "cpu", pin_memory=pin,
+                              shared=bool(config.disk_path))
         self.copier = BlockCopier(self.gpu, self.host, config.staging_bytes, compute_stream)
         self.index = RadixIndex()
         self.disk = None
         if config.disk_path:
             self.disk = DiskTier(config.disk_path, fingerprint, layout, config.disk_max_bytes,
                                  payload_ready=self.copier.host_ready,
-                                 staging_blocks=disk_staging_blocks(config, layout), pin_memory=pin)
+                                 staging_blocks=disk_staging_blocks(config, layout), pin_memory=pin,
+                                 shared_pools=(self.host,))
         self.placement = Placement(self.index, self.gpu, self.host, self.copier, self.disk, config.write_policy)
         self.loader = DiskLoader(self.index, self.placement, self.gpu, self.host, self.copier, self.disk)
         self.misses = 0                    # prompt blocks not found in any tier at admission

@@ -5,13 +5,15 @@ One LMDB record per block; key = the block key (16 bytes), value = a checksummed
 never served. The environment is opened defensively (store/lmdb_env.py): a directory that is not
 a healthy kvgate tier is moved aside and an empty tier started, so the server always starts.
 
-Writes run on one thread (`self._io`): a write transaction never leaves the thread that opened
-it, and the map can be grown there (while no read is in progress: growing remaps the file under
-every open read transaction). A block queued for writing is encoded (header, checksum,
-copy) on that thread, from host memory its owner keeps unchanged until the write is done. Reads
-run on a few threads of their own (`READ_THREADS`; LMDB readers never block each other or the
-writer), each verifying its share of a load. The event loop only queues work and keeps the byte
-accounting.
+Writes leave through one thread (`self._io`), which hands each batch to the writer process
+(store/disk_writer.py) and waits for its answer: that process encodes the blocks (header,
+checksum, copy) from the shared pools they wait in — host memory their owner keeps unchanged
+until the write is done — and writes them in one transaction, growing LMDB's map as it needs.
+A thread of this process would wait for the interpreter lock at every step of every block
+beside the busy engine loop; the process does not. Reads run on a few threads here
+(`READ_THREADS`; LMDB readers never block each other or the writer), each verifying its share
+of a load; they take up a map the writer grew once no read is in progress (`_read_txn`). The
+event loop only queues work and keeps the byte accounting.
 
 The tier owns its staging area (`staging`, pinned host memory when CUDA is present): reads land
 there before they are copied to GPU blocks, and blocks that leave the GPU for disk without a
@@ -23,19 +25,22 @@ for `write_retry_s`, and the next successful write logs the recovery.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import lmdb
+import msgpack
 import numpy as np
 import torch
 
+from store.disk_writer import WriterDied, WriterProcess
 from store.errors import DiskTierError
 from store.lmdb_env import MARK_KEY, lock_tier, mark_clean, open_env, quarantine, still_locked
 from store.pool import BlockLayout, BlockPool, Tier
@@ -88,7 +93,8 @@ class DiskCounters:
     writes_paused: int = 0     # puts refused while writes are paused after a failure
     replaced: int = 0          # times LMDB found the file damaged while serving: moved aside
     pending_full: int = 0      # puts refused because the write queue was over its byte budget
-    map_resizes: int = 0
+    map_resizes: int = 0       # times the writer process grew LMDB's map
+    map_adoptions: int = 0     # times this process's readers took up the grown map
 
 
 class DiskTier:
@@ -97,7 +103,8 @@ class DiskTier:
     def __init__(self, path: str, fingerprint: str, layout: BlockLayout, max_bytes: int, *,
                  initial_map_bytes: int = 64 * _MIB, max_pending_bytes: int = 1024 * _MIB,
                  write_retry_s: float = 30.0, payload_ready: Callable[[], None] = lambda: None,
-                 staging_blocks: int = 0, pin_memory: bool = False) -> None:
+                 staging_blocks: int = 0, pin_memory: bool = False,
+                 shared_pools: tuple[BlockPool, ...] = ()) -> None:
         if max_bytes <= 0:
             raise DiskTierError(f"disk tier {path!r}: max_bytes must be > 0, got {max_bytes}")
         self.path = path
@@ -146,9 +153,14 @@ class DiskTier:
                 os.close(self._lock_fd)
             raise DiskTierError(f"cannot open disk tier at {path!r}: {e}") from e
         self._max_map = max(initial_map_bytes, 2 * max_bytes + 64 * _MIB)
+        self._writer = WriterProcess(path, initial_map_bytes, self._max_map, [])
+        self._shared: list[tuple[int, int]] = []    # (address, bytes) of the pools it maps
         # [staging_blocks, num_layers, 2, block_size, num_kv_heads, head_dim]: slots of reads in
         # flight, and of GPU blocks waiting to be written (store/placement.py, store/loader.py)
-        self.staging = BlockPool(Tier.HOST, layout, staging_blocks, "cpu", pin_memory=pin_memory)
+        self.staging = BlockPool(Tier.HOST, layout, staging_blocks, "cpu", pin_memory=pin_memory, shared=True)
+        for pool in (self.staging, *shared_pools):
+            self._share(pool)
+        self._writer.start()
 
     @property
     def layout(self) -> BlockLayout:
@@ -229,13 +241,15 @@ class DiskTier:
         """Any thread: if LMDB says the file is damaged (pages it cannot read, records it cannot
         delete), move the tier aside once, on the I/O thread, and go on with an empty one: what
         it held is a miss from now on (each failed read drops its block's disk copy)."""
-        if not isinstance(e, _DAMAGED):
-            return
+        if isinstance(e, _DAMAGED):
+            self._damaged(f"LMDB reports it damaged while serving ({e})")
+
+    def _damaged(self, reason: str) -> None:
         with self._map_lock:
             if self._replacing:
                 return
             self._replacing = True
-        self._io.submit(self._take_out, f"LMDB reports it damaged while serving ({e})")
+        self._io.submit(self._take_out, reason)
 
     def _take_out(self, reason: str) -> None:
         """On the I/O thread: wait for the reads in progress, keep new ones out, replace the tier."""
@@ -259,6 +273,11 @@ class DiskTier:
         os.close(self._lock_fd)           # it locked the copy moved aside
         self._lock_fd = lock_tier(self.path)
         self._env = open_env(self.path, self._initial_map)
+        if self._writer.started:
+            try:
+                self._writer.call({"op": "reopen"})
+            except WriterDied as e:       # it starts again, on the new tier, at the next write
+                log.warning("disk tier %s: %s", self.path, e)
 
     # ---- writes (queued on the loop, applied on the I/O thread) -----------------------------
 
@@ -399,56 +418,63 @@ class DiskTier:
             self._write_failure = None
 
     def _apply(self, batch: list[tuple[bytes, Value | None]]) -> tuple[list[bytes], str | None]:
-        """Runs on the I/O thread: encode the batch's blocks and apply it in one transaction.
-        Returns the keys whose puts were lost and why. MapFullError grows the map and retries;
-        never escapes."""
+        """Runs on the I/O thread: the writer process encodes the batch's blocks and applies it
+        in one transaction. Returns the keys whose puts were lost and why; never raises."""
         if any(isinstance(v, BlockRecord) for _, v in batch):
             self.payload_ready()
-        encoded = [self._encoded(key, v) if v is not None else None for key, v in batch]
-        unencodable = [key for (key, v), e in zip(batch, encoded) if v is not None and e is None]
-        while True:
-            try:
-                with self._env.begin(write=True) as txn:
-                    for (key, value), data in zip(batch, encoded):
-                        if value is None:
-                            txn.delete(key)
-                        elif data is not None:
-                            txn.put(key, data)
-                self.counters.writes += sum(e is not None for e in encoded)
-                self.counters.deletes += sum(v is None for _, v in batch)
-                return unencodable, None
-            except lmdb.MapFullError:
-                size = self._env.info()["map_size"]
-                if size >= self._max_map:
-                    failure = f"LMDB map full at its limit of {size // _MIB} MiB"
-                    break
-                with self._map_lock:
-                    self._resizing = True
-                    self._map_lock.wait_for(lambda: self._reads_in_progress == 0)
-                try:
-                    self._env.set_mapsize(min(2 * size, self._max_map))
-                finally:
-                    with self._map_lock:
-                        self._resizing = False
-                        self._map_lock.notify_all()
-                self.counters.map_resizes += 1
-            except lmdb.Error as e:
-                failure = str(e)
-                self._if_damaged(e)
-                break
-        self._delete_now([k for k, v in batch if v is None])   # deletes free space: they may pass
-        return [k for k, v in batch if v is not None], failure
-
-    def _encoded(self, key: bytes, value: Value) -> bytes | bytearray | None:
-        """On the I/O thread: the record's bytes; None (logged) if it cannot be encoded."""
-        if not isinstance(value, BlockRecord):
-            return value
+        ops, lost = [], []
+        for key, value in batch:
+            op = [key] if value is None else self._op(key, value)
+            if op is None:
+                lost.append(key)
+            else:
+                ops.append(op)
         try:
-            return self.format.encode(value.parent, value.token_bytes, value.depth, value.priority,
-                                      value.payload, value.namespace)
+            reply = self._writer.call({"op": "write", "ops": ops})
+        except WriterDied as e:
+            return [k for k, v in batch if v is not None], str(e)
+        self.counters.writes += reply["writes"]
+        self.counters.deletes += reply["deletes"]
+        self.counters.map_resizes += reply["map_resizes"]
+        if reply["damaged"]:
+            self._damaged(f"LMDB reports it damaged while serving ({reply['failure']})")
+        return lost + reply["lost"], reply["failure"]
+
+    def _op(self, key: bytes, value: Value) -> list | None:
+        """The writer's operation for a put: a record to encode from shared memory, or the encoded
+        bytes (payloads outside the shared pools: tests). None (logged) if it cannot be encoded."""
+        if not isinstance(value, BlockRecord):
+            return [key, value]
+        try:
+            fields = self.format.fields(value.parent, value.token_bytes, value.depth, value.priority,
+                                        value.namespace)
+            where = self._shared_at(value.payload)
+            if where is None:
+                return [key, self.format.encode(value.parent, value.token_bytes, value.depth,
+                                                value.priority, value.payload, value.namespace)]
+            msgpack.packb(fields)                # what the writer could not encode fails here
+            return [key, fields, *where, self.layout.block_bytes]
         except (OverflowError, ValueError) as e:   # the store refuses such priorities first
             log.error("disk tier: block %s cannot be encoded (%s); not written", key.hex(), e)
             return None
+
+    def _share(self, pool: BlockPool) -> None:
+        """Let the writer process read blocks of `pool` (a shared one) where they are: records whose
+        payload is a row of `pool.bytes` are encoded there, not copied through the socket."""
+        if pool.fd is None:
+            return
+        self._shared.append((pool.bytes.ctypes.data, pool.bytes.nbytes))
+        self._writer.regions.append((pool.fd, pool.bytes.nbytes))
+
+    def _shared_at(self, payload) -> tuple[int, int] | None:
+        """(region, offset) of `payload` if it lies in a shared pool."""
+        if not isinstance(payload, np.ndarray):
+            return None
+        address = payload.ctypes.data
+        for region, (base, size) in enumerate(self._shared):
+            if base <= address and address + payload.nbytes <= base + size:
+                return region, address - base
+        return None
 
     # ---- reads ------------------------------------------------------------------------------
 
@@ -489,11 +515,8 @@ class DiskTier:
         """On a reader thread: items[first:end]."""
         ok, corrupt = [False] * (end - first), []
         self.payload_ready()      # copies queued into host memory (the sink's slots, too) have landed
-        with self._map_lock:
-            self._map_lock.wait_for(lambda: not self._resizing)
-            self._reads_in_progress += 1
         try:
-            with self._env.begin(buffers=True) as txn:
+            with self._read_txn() as txn:
                 for i in range(first, end):
                     (key, parent, tokens), queued = items[i], pending[i]
                     if isinstance(queued, BlockRecord):     # not written yet: straight from memory
@@ -514,11 +537,47 @@ class DiskTier:
         except lmdb.Error as e:  # the environment itself failed: what was not read is a miss
             log.error("disk tier: read failed: %s", e)
             self._if_damaged(e)
+        return ok, corrupt
+
+    @contextlib.contextmanager
+    def _read_txn(self) -> Iterator[lmdb.Transaction]:
+        """A read transaction, counted in `_reads_in_progress` while open. When the writer process
+        has grown the file past this process's map, LMDB refuses the transaction
+        (MapResizedError): the map is grown here too, once no read is in progress (growing
+        remaps the file under every open transaction of this process), and the read retries."""
+        while True:
+            with self._map_lock:
+                self._map_lock.wait_for(lambda: not self._resizing)
+                self._reads_in_progress += 1
+            try:
+                txn = self._env.begin(buffers=True)
+                break
+            except lmdb.MapResizedError:
+                with self._map_lock:
+                    self._reads_in_progress -= 1
+                    if self._resizing:            # another reader grows it: wait, then retry
+                        continue
+                    self._resizing = True
+                    self._map_lock.wait_for(lambda: self._reads_in_progress == 0)
+                try:
+                    self._env.set_mapsize(0)      # 0: adopt the size the writer set
+                    self.counters.map_adoptions += 1
+                finally:
+                    with self._map_lock:
+                        self._resizing = False
+                        self._map_lock.notify_all()
+            except BaseException:
+                with self._map_lock:
+                    self._reads_in_progress -= 1
+                    self._map_lock.notify_all()
+                raise
+        try:
+            with txn:
+                yield txn
         finally:
             with self._map_lock:
                 self._reads_in_progress -= 1
                 self._map_lock.notify_all()
-        return ok, corrupt
 
     # ---- lifecycle --------------------------------------------------------------------------
 
@@ -534,6 +593,7 @@ class DiskTier:
         self._io = None
 
     def _close_env(self) -> None:
+        self._writer.close()
         try:
             self._env.sync(True)
             clean = True

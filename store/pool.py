@@ -6,13 +6,19 @@ A pool tensor is page-major, `[num_blocks, num_layers, 2, block_size, num_kv_hea
 from __future__ import annotations
 
 import heapq
+import logging
 import math
+import mmap
+import os
+import weakref
 from dataclasses import dataclass
 from enum import IntEnum
 
 import torch
 
 from store.errors import OutOfBlocks
+
+log = logging.getLogger("kvgate.store")
 
 
 class Tier(IntEnum):
@@ -52,10 +58,13 @@ class BlockPool:
     contiguous and move between tiers in few large copies. With `scratch`, the tensor has one
     block more, `self.scratch` (= num_blocks), which is never allocated: writes that must land
     somewhere but belong to no sequence (the padding rows of a CUDA graph's step) go there.
+    With `shared`, a host pool lives in an anonymous shared-memory file (`self.fd`) that the
+    disk tier's writer process maps too (store/disk_writer.py).
     """
 
     def __init__(self, tier: Tier, layout: BlockLayout, num_blocks: int,
-                 device: torch.device | str, pin_memory: bool = False, scratch: bool = False) -> None:
+                 device: torch.device | str, pin_memory: bool = False, scratch: bool = False,
+                 shared: bool = False) -> None:
         if num_blocks < 0:
             raise ValueError(f"{tier.name.lower()} pool: num_blocks must be >= 0, got {num_blocks}")
         self.tier = tier
@@ -63,8 +72,17 @@ class BlockPool:
         self.num_blocks = num_blocks
         self.scratch = num_blocks if scratch else None
         # [num_blocks (+ 1 scratch), num_layers, 2, block_size, num_kv_heads, head_dim]
-        self.tensor = torch.empty((num_blocks + bool(scratch), *layout.block_shape), dtype=layout.dtype,
-                                  device=device, pin_memory=pin_memory)
+        shape = (num_blocks + bool(scratch), *layout.block_shape)
+        self.fd: int | None = None
+        if shared and num_blocks:
+            try:
+                self.fd, self.tensor = _shared_tensor(shape, layout.dtype, pin_memory)
+                weakref.finalize(self, os.close, self.fd)
+            except OSError as e:       # a file-size limit (ulimit -f) applies to shared memory too
+                log.warning("%s pool: no shared memory (%s); disk writes from it are encoded in this "
+                            "process, slower beside the engine loop", tier.name.lower(), e)
+        if self.fd is None:
+            self.tensor = torch.empty(shape, dtype=layout.dtype, device=device, pin_memory=pin_memory)
         # on the CPU: the same memory as bytes, [num_blocks (+ 1), block_bytes] — what the disk
         # tier's threads read and write, without a tensor op (each gives the interpreter lock up
         # and must wait to take it back while the event loop runs)
@@ -96,3 +114,23 @@ class BlockPool:
 
     def free_slots(self) -> set[int]:
         return set(self._free_heap)
+
+
+def _shared_tensor(shape: tuple[int, ...], dtype: torch.dtype, pin: bool) -> tuple[int, torch.Tensor]:
+    """A CPU tensor in a new anonymous shared-memory file (its descriptor, the tensor), page-locked
+    for asynchronous GPU copies when `pin` (registered with CUDA, as pinned memory is)."""
+    nbytes = math.prod(shape) * dtype.itemsize
+    fd = os.memfd_create("kvgate-blocks")
+    try:
+        os.ftruncate(fd, nbytes)
+        mapping = mmap.mmap(fd, nbytes)
+    except OSError:
+        os.close(fd)
+        raise
+    tensor = torch.frombuffer(mapping, dtype=torch.uint8).view(dtype).view(shape)
+    if pin:
+        from torch.cuda._pin_memory_utils import pin_memory, unpin_memory
+        pin_memory(tensor.data_ptr(), nbytes)
+        # unregistered before the mapping goes (the finalizer holds it until then)
+        weakref.finalize(tensor, lambda ptr, _mapping: unpin_memory(ptr), tensor.data_ptr(), mapping)
+    return fd, tensor

@@ -2,6 +2,8 @@
 
     u32 LE header length n | u64 LE xxh3_64 of the header | msgpack header (n bytes) | payload
 
+(laid out by `pack_value`, in store/disk_writer.py: the writer process imports nothing else)
+
     header = {"v": format version, "fp": model fingerprint, "parent": parent key,
               "ns"?: the namespace root mixed into the key (only the first block after a public
                      prefix: store/keys.py),
@@ -19,7 +21,6 @@ ns), tokens)). Anything else raises CorruptValue.
 """
 from __future__ import annotations
 
-import struct
 import time
 
 import msgpack
@@ -27,11 +28,12 @@ import numpy as np
 import torch
 import xxhash
 
+from store.disk_writer import PREFIX as _PREFIX
+from store.disk_writer import pack_value
 from store.keys import chain_key, private_key
 from store.pool import BlockLayout
 
 FORMAT_VERSION = 2
-_PREFIX = struct.Struct("<IQ")     # header length, header checksum
 
 
 class CorruptValue(Exception):
@@ -55,20 +57,18 @@ class RecordFormat:
         """One record's value; `payload` is the block's KV (a contiguous tensor of any dtype, or
         its bytes), `namespace` the one mixed into its key (Node.mixed). Raises OverflowError for
         a priority beyond 64 bits (the store refuses those first)."""
-        data = payload_bytes(payload)
+        return pack_value(self.fields(parent, token_bytes, depth, priority, namespace), payload_bytes(payload))
+
+    def fields(self, parent: bytes, token_bytes: bytes, depth: int, priority: int,
+               namespace: bytes = b"") -> dict:
+        """A record's header but its payload checksum (`pack_value` adds it, where it encodes)."""
         header = {
             "v": FORMAT_VERSION, "fp": self.fingerprint, "parent": parent, "tokens": token_bytes,
             "depth": depth, "prio": priority, "t": time.time(), "dtype": str(self.layout.dtype),
-            "shape": list(self.layout.block_shape), "sum": xxhash.xxh3_64_intdigest(data)}
+            "shape": list(self.layout.block_shape)}
         if namespace:
             header["ns"] = namespace
-        header = msgpack.packb(header)
-        start = _PREFIX.size + len(header)
-        value = bytearray(start + data.nbytes)
-        _PREFIX.pack_into(value, 0, len(header), xxhash.xxh3_64_intdigest(header))
-        value[_PREFIX.size:start] = header
-        np.frombuffer(value, np.uint8, offset=start)[:] = data    # numpy copies without the interpreter lock
-        return value
+        return header
 
     def header(self, key: bytes, value: memoryview | bytes) -> tuple[dict, int]:
         """The checked header and where the payload starts; raises CorruptValue."""

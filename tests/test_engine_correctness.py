@@ -59,6 +59,7 @@ async def test_disk_hit_and_restart_match_generate(llama, tmp_path):
     prompts = [prompt(i, 26) for i in range(4)]
     for p in prompts:
         await run(engine, p, greedy(6))                  # the first ones end up on disk
+        await engine.store.flush()                       # time passes: the writes land
     tokens, last = await run(engine, prompts[0] + [5], greedy(8))
     assert last.cached_tokens[Tier.DISK] > 0
     assert tokens == hf_greedy(llama, prompts[0] + [5], 8)
@@ -101,6 +102,7 @@ async def test_hits_are_recomputed_when_loading_is_slower(llama, tmp_path, disk_
     prompts = [prompt(i, 26) for i in range(4)]
     for p in prompts:
         await run(engine, p, greedy(6))                  # the first ones end up on disk, then host
+        await engine.store.flush()                       # time passes: the writes land
     engine.costs.prefill_tokens_per_s = 1.0              # tokens/s: a block recomputes in 4 s
     engine.costs.host_bytes_per_s = engine.store.layout.block_bytes / host_s      # a block in host_s
     engine.store.disk_read_rate = engine.store.layout.block_bytes / disk_s        # and in disk_s

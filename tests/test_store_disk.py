@@ -207,17 +207,18 @@ def test_stale_readers_of_a_killed_process_are_cleared(tmp_path):
 
 
 def test_full_disk_is_counted_and_the_store_keeps_serving(tmp_path):
-    """A file-size limit makes LMDB's writes fail as on a full disk (in a child process, so
-    the limit does not touch pytest's own files). The failure is logged once, not per write."""
+    """A file-size limit on the writer process makes LMDB's writes fail as on a full disk (in a
+    child process, so the limit does not touch pytest's own files). The failure is logged once,
+    not per write."""
     script = textwrap.dedent(f"""
         import asyncio, resource, signal, pathlib
         from tests.conftest import child_env, make_store, run_request
         from tests.test_store_disk import prompt
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)      # a write past the limit gets EFBIG
-        resource.setrlimit(resource.RLIMIT_FSIZE, (48 * 1024, 48 * 1024))
 
         async def main():
             store = make_store(pathlib.Path({str(tmp_path)!r}), gpu=2, host=2, disk_blocks=400)
+            resource.prlimit(store.disk._writer._proc.pid, resource.RLIMIT_FSIZE, (48 * 1024, 48 * 1024))
             for i in range(1, 40):
                 run_request(store, i, prompt(i, n_blocks=2))
                 await store.flush()
@@ -276,3 +277,48 @@ async def test_disk_read_rate_is_measured_at_startup_from_existing_records(tmp_p
     assert store.stats().disk.reads > 0 and store.stats().tiers[Tier.HOST].locked == 0
     store.check_integrity()
     store.close()
+
+
+async def test_blocks_are_encoded_by_the_writer_process_from_shared_memory(tmp_path, monkeypatch):
+    """The write path's rule: a block waiting in the host tier or the disk staging area is
+    encoded (checksum, copy) and written by the writer process, where it lies; this process
+    encodes nothing (a thread here would wait for the interpreter lock at every step)."""
+    from store import record
+
+    def here(*args, **kw):
+        raise AssertionError("a block was encoded in the engine's process")
+    monkeypatch.setattr(record, "pack_value", here)
+    store = make_store(tmp_path, gpu=3, host=3, disk_blocks=64)
+    assert store.host.fd is not None and store.disk.staging.fd is not None
+    for i in range(1, 5):
+        run_request(store, i, prompt(i))          # blocks leave the GPU through the host tier
+    assert store.stats().disk.writes >= 3 and store.stats().disk.write_errors == 0
+    store.close()
+    monkeypatch.undo()
+    again = make_store(tmp_path, gpu=3, host=3, disk_blocks=64)
+    assert again.match(again.root_key(), prompt(1)).tiers == (Tier.DISK,) * 3
+    run_request(again, "again", prompt(1))        # served from disk, checked against the KV written
+    again.close()
+
+
+async def test_a_writer_process_that_dies_costs_its_batch_and_is_started_again(tmp_path):
+    disk = DiskTier(str(tmp_path / "kv"), FINGERPRINT, LAYOUT, max_bytes=1 << 20, write_retry_s=0.0)
+    parent = b"\x00" * 16
+
+    def put(i):
+        tokens = b"%04d" % i * 4
+        return disk.put(chain_key(parent, tokens), disk.encode(parent, tokens, 0, 0, torch.ones(LAYOUT.block_shape)))
+    assert put(0)
+    await disk.flush()
+    disk._writer._proc.kill()                     # killed (out of memory, an operator)
+    assert put(1)
+    await disk.flush()
+    assert disk.counters.write_errors == 1 and chain_key(parent, b"0001" * 4) not in disk.sizes
+    assert put(2)                                 # the next write starts a new writer
+    await disk.flush()
+    assert disk.counters.writes == 2 and disk.counters.write_errors == 1
+    got = []
+    keys = [(chain_key(parent, b"%04d" % i * 4), parent, b"%04d" % i * 4) for i in (0, 2)]
+    assert await disk.load(keys, lambda i, p: got.append(i)) == [True, True]
+    disk.check_integrity()
+    disk.close()

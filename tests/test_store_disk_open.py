@@ -288,9 +288,11 @@ async def test_a_block_whose_record_cannot_be_encoded_is_skipped_and_the_rest_pe
     again.close()
 
 
-async def test_the_map_grows_only_while_no_read_is_in_progress(tmp_path):
-    """Growing LMDB's map remaps the file under open read transactions (reads on other threads
-    then fail or crash): a resize waits for the reads in progress, and reads wait for it."""
+async def test_readers_take_up_the_map_the_writer_grew_once_no_read_is_in_progress(tmp_path):
+    """The writer process grows LMDB's map as the tier fills (its own mapping, at once); this
+    process's next read transaction is then refused (MapResizedError) and the map grown here
+    too, which remaps the file under every open read transaction of this process: that waits
+    for the reads in progress, and new reads wait for it."""
     import asyncio
     import threading
     disk = DiskTier(str(tmp_path / "kv"), FINGERPRINT, LAYOUT, max_bytes=64 << 20, initial_map_bytes=1 << 20)
@@ -306,7 +308,7 @@ async def test_the_map_grows_only_while_no_read_is_in_progress(tmp_path):
     await asyncio.to_thread(in_sink.wait, 10)
     during = []
 
-    class Env:                                # the environment, noting each resize
+    class Env:                                # the environment, noting each resize here
         def __init__(self, env):
             self.env = env
 
@@ -321,13 +323,19 @@ async def test_the_map_grows_only_while_no_read_is_in_progress(tmp_path):
         tokens = b"%04d" % i * 4
         disk.put(chain_key(b"\x00" * 16, tokens), disk.encode(b"\x00" * 16, tokens, 0, 0,
                                                              torch.ones(LAYOUT.block_shape)))
-    flushing = asyncio.ensure_future(disk.flush())
+    await disk.flush()                        # the writer grew its map without waiting
+    assert disk.counters.map_resizes > 0 and not during
+    last = b"%04d" % 1499 * 4
+    got = []
+    second = asyncio.ensure_future(disk.load([(chain_key(b"\x00" * 16, last), b"\x00" * 16, last)],
+                                             lambda i, p: got.append(bytes(p))))
     await asyncio.sleep(0.05)
-    assert not during and not flushing.done()  # the resize waits for the read ...
+    assert not during and not second.done()   # growing the map here waits for the read ...
     release.set()
     assert await reading == [True]
-    await flushing                             # ... then grows the map
-    assert during and set(during) == {0} and disk.counters.map_resizes > 0
+    assert await second == [True]              # ... then grows it, and the read goes on
+    assert during == [0] and disk.counters.map_adoptions == 1
+    assert got == [torch.ones(LAYOUT.block_shape).numpy().tobytes()]
     disk.close()
 
 
