@@ -88,55 +88,18 @@ def bench_copies(layout: BlockLayout, n: int, device: str, repeat: int) -> list[
 
 
 def bench_lmdb(layout: BlockLayout, n: int, path: str) -> list[tuple[str, str]]:
+    """The store's disk path — blocks encoded and written by the disk process from the shared host
+    pool, then read back into a shared pool and verified — alone and beside a thread that runs
+    Python without pause: the engine loop's stand-in. Threads of the engine's process had to take
+    the interpreter lock back from it each time they gave it up (writes 21 blocks/s against 209
+    alone, reads 197 against 1,341: docs/store.md); the disk process has a lock of its own."""
     host = BlockPool(Tier.HOST, layout, n, "cpu", shared=True)
-    disk = DiskTier(path, "bench", layout, max_bytes=4 * n * layout.block_bytes, shared_pools=(host,))
-    host.tensor.copy_(torch.randn(host.tensor.shape).to(layout.dtype))
-    parent = b"\0" * 16
-    items = []
-
-    async def write() -> None:  # the store's way: queue records, the writer process writes behind
-        for i in range(n):
-            toks = token_bytes([i] * layout.block_size)
-            key = chain_key(parent, toks)
-            while not disk.put(key, BlockRecord(parent, toks, 0, 0, host.bytes[i])):
-                await disk.flush()  # write queue over its byte budget
-            items.append((key, parent, toks))
-            await asyncio.sleep(0)  # let the flusher run, as the engine's loop would
-        await disk.flush()
-    t = time.perf_counter()
-    asyncio.run(write())
-    write_s = time.perf_counter() - t
-    out = host.tensor.clone()
-
-    def sink(i: int, payload: memoryview) -> None:
-        out[i].view(torch.uint8).numpy().reshape(-1)[:] = payload
-
-    async def read() -> float:
-        t0 = time.perf_counter()
-        ok = await disk.load(items, sink)
-        assert all(ok)
-        return time.perf_counter() - t0
-    read_s = asyncio.run(read())
-    assert torch.equal(out, host.tensor), "LMDB returned different bytes"
-    disk.close()
-    mb = n * layout.block_bytes / 1e6
-    return [(f"LMDB write {n} blocks ({mb:.0f} MB, checksummed, write-behind)",
-             f"{mb / write_s:7.0f} MB/s, {n / write_s:7.0f} blocks/s"),
-            (f"LMDB read+verify {n} blocks into host memory (page cache warm)",
-             f"{mb / read_s:7.0f} MB/s, {n / read_s:7.0f} blocks/s")]
-
-
-def bench_lmdb_beside_a_busy_thread(layout: BlockLayout, n: int, path: str) -> list[tuple[str, str]]:
-    """The store's write path (records encoded by the writer process from the shared host pool),
-    alone and beside a thread that runs Python without pause: the engine loop's stand-in. A
-    writer thread had to take the interpreter lock back from it each time it gave it up (21
-    blocks/s against 209 alone, docs/store.md); the writer process has a lock of its own."""
-    host = BlockPool(Tier.HOST, layout, n, "cpu", shared=True)
+    out = BlockPool(Tier.HOST, layout, n, "cpu", shared=True)
     host.tensor.copy_(torch.randn(host.tensor.shape).to(layout.dtype))
     rows = []
     for busy in (False, True):
         disk = DiskTier(f"{path}/{busy}", "bench", layout, max_bytes=4 * n * layout.block_bytes,
-                        max_pending_bytes=2 * n * layout.block_bytes, shared_pools=(host,))
+                        max_pending_bytes=2 * n * layout.block_bytes, shared_pools=(host, out))
         stop = threading.Event()
 
         def spin() -> None:
@@ -145,20 +108,16 @@ def bench_lmdb_beside_a_busy_thread(layout: BlockLayout, n: int, path: str) -> l
         spinner = threading.Thread(target=spin)
         if busy:
             spinner.start()
-        t = time.perf_counter()
-        for i in range(n):
-            disk.put(chain_key(b"\0" * 16, token_bytes([i] * layout.block_size)),
-                     BlockRecord(b"\0" * 16, token_bytes([i] * layout.block_size), 0, 0, host.bytes[i]))
-        disk.flush_sync()
-        seconds = time.perf_counter() - t
         items = [(chain_key(b"\0" * 16, token_bytes([i] * layout.block_size)), b"\0" * 16,
                   token_bytes([i] * layout.block_size)) for i in range(n)]
-        out = BlockPool(Tier.HOST, layout, n, "cpu")
-
-        def sink(i: int, payload: memoryview) -> None:
-            out.bytes[i] = payload
         t = time.perf_counter()
-        assert all(asyncio.run(disk.load(items, sink)))
+        for i, (key, parent, tokens) in enumerate(items):
+            disk.put(key, BlockRecord(parent, tokens, 0, 0, host.bytes[i]))
+        disk.flush_sync()
+        write_s = time.perf_counter() - t
+        out.tensor.zero_()
+        t = time.perf_counter()
+        assert all(asyncio.run(disk.load(items, out, list(range(n)))))
         read_s = time.perf_counter() - t
         stop.set()
         if busy:
@@ -166,10 +125,11 @@ def bench_lmdb_beside_a_busy_thread(layout: BlockLayout, n: int, path: str) -> l
         assert torch.equal(out.tensor, host.tensor), "LMDB returned different bytes"
         disk.close()
         where = "beside a busy thread" if busy else "alone"
-        rows.append((f"LMDB write {n} blocks from host memory, {where}",
-                     f"{n * layout.block_bytes / 1e6 / seconds:7.0f} MB/s, {n / seconds:7.0f} blocks/s"))
+        mb = n * layout.block_bytes / 1e6
+        rows.append((f"LMDB write {n} blocks ({mb:.0f} MB) from host memory, {where}",
+                     f"{mb / write_s:7.0f} MB/s, {n / write_s:7.0f} blocks/s"))
         rows.append((f"LMDB read+verify {n} blocks (page cache warm), {where}",
-                     f"{n * layout.block_bytes / 1e6 / read_s:7.0f} MB/s, {n / read_s:7.0f} blocks/s"))
+                     f"{mb / read_s:7.0f} MB/s, {n / read_s:7.0f} blocks/s"))
     return rows
 
 
@@ -197,8 +157,7 @@ def main(argv: list[str] | None = None) -> None:
     rows = []
     for part in (lambda: bench_hashing(layout, a.tokens, a.repeat),
                  lambda: bench_copies(layout, a.copy_blocks, a.device, a.repeat),
-                 lambda: bench_lmdb(layout, a.disk_blocks, a.disk_dir or tmp),
-                 lambda: bench_lmdb_beside_a_busy_thread(layout, a.disk_blocks, a.disk_dir or tmp)):
+                 lambda: bench_lmdb(layout, a.disk_blocks, a.disk_dir or tmp)):
         with tempfile.TemporaryDirectory() as tmp:
             for name, value in part():
                 print(f"  {name:<62}  {value}", flush=True)

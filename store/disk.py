@@ -5,15 +5,17 @@ One LMDB record per block; key = the block key (16 bytes), value = a checksummed
 never served. The environment is opened defensively (store/lmdb_env.py): a directory that is not
 a healthy kvgate tier is moved aside and an empty tier started, so the server always starts.
 
-Writes leave through one thread (`self._io`), which hands each batch to the writer process
-(store/disk_writer.py) and waits for its answer: that process encodes the blocks (header,
-checksum, copy) from the shared pools they wait in — host memory their owner keeps unchanged
-until the write is done — and writes them in one transaction, growing LMDB's map as it needs.
-A thread of this process would wait for the interpreter lock at every step of every block
-beside the busy engine loop; the process does not. Reads run on a few threads here
-(`READ_THREADS`; LMDB readers never block each other or the writer), each verifying its share
-of a load; they take up a map the writer grew once no read is in progress (`_read_txn`). The
-event loop only queues work and keeps the byte accounting.
+While serving, every LMDB read and write happens in the disk process (store/disk_process.py),
+which has an interpreter of its own: a thread of this process would wait for the interpreter
+lock at every step of every block beside the busy engine loop. Writes leave through one thread
+(`self._io`), which hands each batch to that process and waits for its answer: it encodes the
+blocks (header, checksum, copy) from the shared pools they wait in — memory their owner keeps
+unchanged until the write is done — and writes them in one transaction. Reads leave through
+another (`self._reader`): the process copies each record's payload into the slot the caller
+named and returns its header and the checksum of the copy, which this process checks before
+anything is marked loaded. The event loop only queues work, keeps the byte accounting and checks
+headers. This process opens the environment too: to check it at start-up, scan it, move it
+aside when it is damaged, and mark it cleanly closed.
 
 The tier owns its staging area (`staging`, pinned host memory when CUDA is present): reads land
 there before they are copied to GPU blocks, and blocks that leave the GPU for disk without a
@@ -25,13 +27,11 @@ for `write_retry_s`, and the next successful write logs the recovery.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
-import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -40,18 +40,17 @@ import msgpack
 import numpy as np
 import torch
 
-from store.disk_writer import WriterDied, WriterProcess
+from store.disk_process import DiskProcess, DiskProcessDied
 from store.errors import DiskTierError
 from store.lmdb_env import MARK_KEY, lock_tier, mark_clean, open_env, quarantine, still_locked
 from store.pool import BlockLayout, BlockPool, Tier
-from store.record import CorruptValue, RecordFormat, check_payload, payload_bytes
+from store.record import CorruptValue, RecordFormat
 
 log = logging.getLogger("kvgate.store.disk")
 
 _MIB = 1 << 20
 # LMDB's errors for a damaged file (not a full disk or a full map): the tier is moved aside
 _DAMAGED = (lmdb.CorruptedError, lmdb.PageNotFoundError, lmdb.PanicError, lmdb.InvalidError)
-READ_THREADS = 4          # concurrent LMDB readers per load
 
 
 @dataclass(frozen=True, eq=False)
@@ -129,12 +128,7 @@ class DiskTier:
         self._writes_paused_until = 0.0    # monotonic time; puts are refused before it
         self._write_failure: str | None = None   # the failure being reported, until a write succeeds
         self._io = ThreadPoolExecutor(1, thread_name_prefix="kvgate-lmdb")
-        self._readers = ThreadPoolExecutor(READ_THREADS, thread_name_prefix="kvgate-lmdb-read")
-        # growing the map remaps it under every open read transaction: readers and the resize
-        # exclude each other (a count of reads in progress, and a flag the resize holds)
-        self._map_lock = threading.Condition()
-        self._reads_in_progress = 0
-        self._resizing = False
+        self._reader = ThreadPoolExecutor(1, thread_name_prefix="kvgate-disk-read")
         self._replacing = False            # a damaged tier is being moved aside
         self._initial_map = initial_map_bytes
         self._lock_fd: int | None = None
@@ -148,19 +142,19 @@ class DiskTier:
             self.stale_readers_cleared = self._env.reader_check()
         except (OSError, lmdb.Error) as e:
             self._io.shutdown()
-            self._readers.shutdown()
+            self._reader.shutdown()
             if self._lock_fd is not None:
                 os.close(self._lock_fd)
             raise DiskTierError(f"cannot open disk tier at {path!r}: {e}") from e
         self._max_map = max(initial_map_bytes, 2 * max_bytes + 64 * _MIB)
-        self._writer = WriterProcess(path, initial_map_bytes, self._max_map, [])
+        self._process = DiskProcess(path, initial_map_bytes, self._max_map, [])
         self._shared: list[tuple[int, int]] = []    # (address, bytes) of the pools it maps
         # [staging_blocks, num_layers, 2, block_size, num_kv_heads, head_dim]: slots of reads in
         # flight, and of GPU blocks waiting to be written (store/placement.py, store/loader.py)
         self.staging = BlockPool(Tier.HOST, layout, staging_blocks, "cpu", pin_memory=pin_memory, shared=True)
         for pool in (self.staging, *shared_pools):
             self._share(pool)
-        self._writer.start()
+        self._process.start()
 
     @property
     def layout(self) -> BlockLayout:
@@ -245,26 +239,20 @@ class DiskTier:
             self._damaged(f"LMDB reports it damaged while serving ({e})")
 
     def _damaged(self, reason: str) -> None:
-        with self._map_lock:
-            if self._replacing:
-                return
+        """On the loop or the I/O thread: replace the tier once, on the I/O thread (in order with
+        the writes; the disk process holds reads back while it reopens)."""
+        if not self._replacing:
             self._replacing = True
-        self._io.submit(self._take_out, reason)
+            self._io.submit(self._take_out, reason)
 
     def _take_out(self, reason: str) -> None:
-        """On the I/O thread: wait for the reads in progress, keep new ones out, replace the tier."""
-        with self._map_lock:
-            self._resizing = True
-            self._map_lock.wait_for(lambda: self._reads_in_progress == 0)
         try:
             self._replace(reason)
             self.counters.replaced += 1
         except (OSError, lmdb.Error) as e:
             log.error("disk tier %s: could not be replaced (%s); its reads and writes fail from now on", self.path, e)
         finally:
-            with self._map_lock:
-                self._resizing = self._replacing = False
-                self._map_lock.notify_all()
+            self._replacing = False
 
     def _replace(self, reason: str) -> None:
         """On the I/O thread: move this tier aside and open an empty one in its place."""
@@ -273,10 +261,10 @@ class DiskTier:
         os.close(self._lock_fd)           # it locked the copy moved aside
         self._lock_fd = lock_tier(self.path)
         self._env = open_env(self.path, self._initial_map)
-        if self._writer.started:
+        if self._process.started:
             try:
-                self._writer.call({"op": "reopen"})
-            except WriterDied as e:       # it starts again, on the new tier, at the next write
+                self._process.write({"op": "reopen"})
+            except DiskProcessDied as e:  # it starts again, on the new tier, at the next request
                 log.warning("disk tier %s: %s", self.path, e)
 
     # ---- writes (queued on the loop, applied on the I/O thread) -----------------------------
@@ -430,8 +418,8 @@ class DiskTier:
             else:
                 ops.append(op)
         try:
-            reply = self._writer.call({"op": "write", "ops": ops})
-        except WriterDied as e:
+            reply = self._process.write({"op": "write", "ops": ops})
+        except DiskProcessDied as e:
             return [k for k, v in batch if v is not None], str(e)
         self.counters.writes += reply["writes"]
         self.counters.deletes += reply["deletes"]
@@ -464,7 +452,7 @@ class DiskTier:
         if pool.fd is None:
             return
         self._shared.append((pool.bytes.ctypes.data, pool.bytes.nbytes))
-        self._writer.regions.append((pool.fd, pool.bytes.nbytes))
+        self._process.regions.append((pool.fd, pool.bytes.nbytes))
 
     def _shared_at(self, payload) -> tuple[int, int] | None:
         """(region, offset) of `payload` if it lies in a shared pool."""
@@ -478,24 +466,34 @@ class DiskTier:
 
     # ---- reads ------------------------------------------------------------------------------
 
-    async def load(self, items: list[tuple[bytes, bytes, bytes]],
-                   sink: Callable[[int, memoryview], None]) -> list[bool]:
-        """Read and verify records `(key, parent, token_bytes)`, split over the reader threads;
-        for each valid one, call `sink(i, payload)` on a reader thread (payload valid only
-        during the call). Returns which succeeded; failed records are deleted and counted."""
-        pending = [self._pending.get(k) for k, _, _ in items]
-        in_memory = [v for v in pending if isinstance(v, BlockRecord)]
-        for v in in_memory:
+    async def load(self, items: list[tuple[bytes, bytes, bytes]], pool: BlockPool | None = None,
+                   slots: list[int] | None = None) -> list[bool]:
+        """Read and verify records `(key, parent, token_bytes)`; record i's payload lands in slot
+        `slots[i]` of `pool` (a shared pool), or nowhere (no pool: read and verify only). Returns
+        which succeeded; failed records are deleted and counted. A slot whose record failed holds
+        garbage."""
+        block = self.layout.block_bytes
+        region = None if pool is None else self._shared_at(pool.bytes)[0]
+        reading, ops = [], []
+        for i, (key, _, _) in enumerate(items):
+            queued, src = self._pending.get(key), None
+            if isinstance(queued, BlockRecord):            # not written yet: from memory
+                where = self._shared_at(queued.payload)
+                if where is None:
+                    src = bytes(self.format.encode(queued.parent, queued.token_bytes, queued.depth,
+                                                   queued.priority, queued.payload, queued.namespace))
+                else:
+                    src = [*where, block]
+                    reading.append(queued)
+            elif queued is not None:
+                src = bytes(queued)
+            ops.append([key, None if pool is None else [region, slots[i] * block, block], src])
+        for v in reading:
             self._reading.setdefault(v, [0, None])[0] += 1
-        loop = asyncio.get_running_loop()
-        share = -(-len(items) // READ_THREADS) or 1
         try:
-            parts = await asyncio.gather(*(
-                loop.run_in_executor(self._readers, self._load, items, pending, sink, i,
-                                     min(i + share, len(items)))
-                for i in range(0, len(items), share)))
+            reply = await asyncio.get_running_loop().run_in_executor(self._reader, self._read, ops)
         finally:
-            for v in in_memory:
+            for v in reading:
                 entry = self._reading[v]
                 entry[0] -= 1
                 if entry[0] == 0:
@@ -503,81 +501,28 @@ class DiskTier:
                     if entry[1] is not None:     # written meanwhile: its memory may go now
                         v.done(entry[1])
         self.counters.reads += len(items)
-        ok = [x for part_ok, _ in parts for x in part_ok]
-        for _, corrupt in parts:
-            for k in corrupt:
+        if reply["failure"] is not None:
+            log.error("disk tier: read failed: %s", reply["failure"])
+        if reply["damaged"]:
+            self._damaged(f"LMDB reports it damaged while serving ({reply['failure']})")
+        ok = []
+        for (key, parent, tokens), result in zip(items, reply["results"]):
+            try:
+                ok.append(result is True or (result is not None and self.format.check(key, *result, parent, tokens)))
+            except CorruptValue as e:
+                log.warning("disk tier: record %s is not served: %s", key.hex(), e)
                 self.counters.corrupt_dropped += 1
-                self.delete(k)
+                self.delete(key)
+                ok.append(False)
         return ok
 
-    def _load(self, items: list[tuple[bytes, bytes, bytes]], pending: list[Value | None],
-              sink: Callable[[int, memoryview], None], first: int, end: int) -> tuple[list[bool], list[bytes]]:
-        """On a reader thread: items[first:end]."""
-        ok, corrupt = [False] * (end - first), []
-        self.payload_ready()      # copies queued into host memory (the sink's slots, too) have landed
+    def _read(self, ops: list[list]) -> dict:
+        """On the reader thread."""
+        self.payload_ready()      # copies queued into host memory (the read's slots, too) have landed
         try:
-            with self._read_txn() as txn:
-                for i in range(first, end):
-                    (key, parent, tokens), queued = items[i], pending[i]
-                    if isinstance(queued, BlockRecord):     # not written yet: straight from memory
-                        sink(i, payload_bytes(queued.payload))
-                        ok[i - first] = True
-                        continue
-                    value = memoryview(queued) if queued is not None else txn.get(key)
-                    if value is None:
-                        continue
-                    try:
-                        payload, checksum = self.format.unchecked_payload(key, value, parent, tokens)
-                        sink(i, payload)            # a copy: faults the pages in without the GIL
-                        check_payload(payload, checksum)   # until this passes, nothing is served
-                        ok[i - first] = True
-                    except CorruptValue as e:
-                        log.warning("disk tier: record %s is not served: %s", key.hex(), e)
-                        corrupt.append(key)
-        except lmdb.Error as e:  # the environment itself failed: what was not read is a miss
-            log.error("disk tier: read failed: %s", e)
-            self._if_damaged(e)
-        return ok, corrupt
-
-    @contextlib.contextmanager
-    def _read_txn(self) -> Iterator[lmdb.Transaction]:
-        """A read transaction, counted in `_reads_in_progress` while open. When the writer process
-        has grown the file past this process's map, LMDB refuses the transaction
-        (MapResizedError): the map is grown here too, once no read is in progress (growing
-        remaps the file under every open transaction of this process), and the read retries."""
-        while True:
-            with self._map_lock:
-                self._map_lock.wait_for(lambda: not self._resizing)
-                self._reads_in_progress += 1
-            try:
-                txn = self._env.begin(buffers=True)
-                break
-            except lmdb.MapResizedError:
-                with self._map_lock:
-                    self._reads_in_progress -= 1
-                    if self._resizing:            # another reader grows it: wait, then retry
-                        continue
-                    self._resizing = True
-                    self._map_lock.wait_for(lambda: self._reads_in_progress == 0)
-                try:
-                    self._env.set_mapsize(0)      # 0: adopt the size the writer set
-                    self.counters.map_adoptions += 1
-                finally:
-                    with self._map_lock:
-                        self._resizing = False
-                        self._map_lock.notify_all()
-            except BaseException:
-                with self._map_lock:
-                    self._reads_in_progress -= 1
-                    self._map_lock.notify_all()
-                raise
-        try:
-            with txn:
-                yield txn
-        finally:
-            with self._map_lock:
-                self._reads_in_progress -= 1
-                self._map_lock.notify_all()
+            return self._process.read(ops)
+        except DiskProcessDied as e:
+            return {"results": [None] * len(ops), "failure": str(e), "damaged": False}
 
     # ---- lifecycle --------------------------------------------------------------------------
 
@@ -587,13 +532,13 @@ class DiskTier:
         if self._io is None:
             return
         self.flush_sync()
-        self._readers.shutdown()
+        self._reader.shutdown()
         self._io.submit(self._close_env).result()
         self._io.shutdown()
         self._io = None
 
     def _close_env(self) -> None:
-        self._writer.close()
+        self._process.close()
         try:
             self._env.sync(True)
             clean = True

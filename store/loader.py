@@ -203,7 +203,7 @@ class DiskLoader:
                 nodes = load.nodes[lo - load.first:load.loaded_from - load.first]
                 start = time.perf_counter()
                 load.reading, load.reading_since = slots, time.monotonic()
-                ok = await self.disk.load(_records(nodes), self._sink(slots, self.staging))
+                ok = await self.disk.load(_records(nodes), self.staging, slots)
                 load.reading, load.reading_since = [], None
                 self._observe(sum(ok), time.perf_counter() - start)
                 for node, read in zip(nodes, ok):
@@ -226,13 +226,6 @@ class DiskLoader:
                 self._release(load)
             load.on_progress()
 
-    def _sink(self, slots: list[int], pool: BlockPool) -> Callable[[int, memoryview], None]:
-        """Where a read puts record i's payload: slot slots[i] of `pool` (called on a reader
-        thread, after `host_ready`)."""
-        def sink(i: int, payload: memoryview) -> None:
-            pool.bytes[slots[i]] = payload       # numpy copies without the interpreter lock
-        return sink
-
     def _observe(self, blocks: int, seconds: float) -> None:
         """Bytes/s read and checked, newest loads weighing most."""
         if blocks:
@@ -248,7 +241,7 @@ class DiskLoader:
         block_bytes = self.host.layout.block_bytes
         nodes = list(itertools.islice((n for n in self.index.nodes() if n.on_disk), max(1, max_bytes // block_bytes)))
         start = time.perf_counter()
-        ok = await self.disk.load(_records(nodes), lambda i, p: None)
+        ok = await self.disk.load(_records(nodes))
         if any(ok):
             self.read_rate = sum(ok) * block_bytes / max(time.perf_counter() - start, 1e-9)
         return self.read_rate
@@ -278,7 +271,7 @@ class DiskLoader:
         ok: list[bool] | None = None
         start = time.perf_counter()
         try:
-            ok = await self.disk.load(_records(load.nodes), self._sink(load.slots, self.host))
+            ok = await self.disk.load(_records(load.nodes), self.host, load.slots)
         finally:
             for n in load.nodes:
                 del self._loads[n]

@@ -6,7 +6,6 @@ A pool tensor is page-major, `[num_blocks, num_layers, 2, block_size, num_kv_hea
 from __future__ import annotations
 
 import heapq
-import logging
 import math
 import mmap
 import os
@@ -17,8 +16,6 @@ from enum import IntEnum
 import torch
 
 from store.errors import OutOfBlocks
-
-log = logging.getLogger("kvgate.store")
 
 
 class Tier(IntEnum):
@@ -59,7 +56,7 @@ class BlockPool:
     block more, `self.scratch` (= num_blocks), which is never allocated: writes that must land
     somewhere but belong to no sequence (the padding rows of a CUDA graph's step) go there.
     With `shared`, a host pool lives in an anonymous shared-memory file (`self.fd`) that the
-    disk tier's writer process maps too (store/disk_writer.py).
+    disk process maps too (store/disk_process.py).
     """
 
     def __init__(self, tier: Tier, layout: BlockLayout, num_blocks: int,
@@ -75,17 +72,13 @@ class BlockPool:
         shape = (num_blocks + bool(scratch), *layout.block_shape)
         self.fd: int | None = None
         if shared and num_blocks:
-            try:
-                self.fd, self.tensor = _shared_tensor(shape, layout.dtype, pin_memory)
-                weakref.finalize(self, os.close, self.fd)
-            except OSError as e:       # a file-size limit (ulimit -f) applies to shared memory too
-                log.warning("%s pool: no shared memory (%s); disk writes from it are encoded in this "
-                            "process, slower beside the engine loop", tier.name.lower(), e)
-        if self.fd is None:
+            self.fd, self.tensor = _shared_tensor(shape, layout.dtype, pin_memory)
+            weakref.finalize(self, os.close, self.fd)
+        else:
             self.tensor = torch.empty(shape, dtype=layout.dtype, device=device, pin_memory=pin_memory)
         # on the CPU: the same memory as bytes, [num_blocks (+ 1), block_bytes] — what the disk
-        # tier's threads read and write, without a tensor op (each gives the interpreter lock up
-        # and must wait to take it back while the event loop runs)
+        # tier reads and writes (a view without a tensor op, and the offsets the disk process
+        # finds blocks at)
         self.bytes = self.tensor.view(torch.uint8).reshape(self.tensor.shape[0], layout.block_bytes).numpy() \
             if self.tensor.device.type == "cpu" else None
         self._free_heap = list(range(num_blocks))  # already a valid min-heap

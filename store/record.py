@@ -2,7 +2,7 @@
 
     u32 LE header length n | u64 LE xxh3_64 of the header | msgpack header (n bytes) | payload
 
-(laid out by `pack_value`, in store/disk_writer.py: the writer process imports nothing else)
+(laid out by `pack_value`, in store/disk_process.py: the disk process imports nothing else)
 
     header = {"v": format version, "fp": model fingerprint, "parent": parent key,
               "ns"?: the namespace root mixed into the key (only the first block after a public
@@ -28,8 +28,8 @@ import numpy as np
 import torch
 import xxhash
 
-from store.disk_writer import PREFIX as _PREFIX
-from store.disk_writer import pack_value
+from store.disk_process import PREFIX as _PREFIX
+from store.disk_process import pack_value
 from store.keys import chain_key, private_key
 from store.pool import BlockLayout
 
@@ -70,13 +70,15 @@ class RecordFormat:
             header["ns"] = namespace
         return header
 
-    def header(self, key: bytes, value: memoryview | bytes) -> tuple[dict, int]:
-        """The checked header and where the payload starts; raises CorruptValue."""
+    def header(self, key: bytes, value: memoryview | bytes, length: int | None = None) -> tuple[dict, int]:
+        """The checked header and where the payload starts; raises CorruptValue. `value` is the
+        record, or its head (up to the payload) when `length` gives the record's length."""
+        length = len(value) if length is None else length
         if len(value) < _PREFIX.size:
             raise CorruptValue("truncated before the header")
         n, checksum = _PREFIX.unpack_from(value, 0)
         start = _PREFIX.size + n
-        if start > len(value):
+        if start > min(length, len(value)):
             raise CorruptValue("truncated header")
         raw = value[_PREFIX.size:start]
         if xxhash.xxh3_64_intdigest(raw) != checksum:
@@ -91,8 +93,8 @@ class RecordFormat:
             raise CorruptValue("written by another model (fingerprint differs)")
         if h.get("dtype") != str(self.layout.dtype) or h.get("shape") != list(self.layout.block_shape):
             raise CorruptValue("dtype or shape differs from this model's blocks")
-        if len(value) - start != self.layout.block_bytes:
-            raise CorruptValue(f"payload is {len(value) - start} bytes, expected {self.layout.block_bytes}")
+        if length - start != self.layout.block_bytes:
+            raise CorruptValue(f"payload is {length - start} bytes, expected {self.layout.block_bytes}")
         parent, tokens, ns = h.get("parent"), h.get("tokens"), h.setdefault("ns", b"")
         if not all(isinstance(f, bytes) for f in (parent, tokens, ns)) or \
                 chain_key(private_key(parent, ns) if ns else parent, tokens) != key:
@@ -101,21 +103,17 @@ class RecordFormat:
             raise CorruptValue("depth, priority or time is not a number")
         return h, start
 
-    def payload(self, key: bytes, value: memoryview, parent: bytes, token_bytes: bytes) -> memoryview:
-        """The checked payload of a record the index knows as (parent, token_bytes)."""
-        payload, checksum = self.unchecked_payload(key, value, parent, token_bytes)
-        check_payload(payload, checksum)
-        return payload
-
-    def unchecked_payload(self, key: bytes, value: memoryview, parent: bytes,
-                          token_bytes: bytes) -> tuple[memoryview, int]:
-        """The payload of a record whose header checks out, and the checksum it must have:
-        `check_payload` before serving it (a reader copies first, so that page faults happen
-        outside the interpreter lock, then checks the copy's source)."""
-        h, start = self.header(key, value)
+    def check(self, key: bytes, head: bytes, length: int, checksum: int | None, parent: bytes,
+              token_bytes: bytes) -> bool:
+        """True if a record read by the disk process (store/disk_process.py) may be served: its
+        head (the value up to the payload) checks out, names the index's parent and tokens, and
+        the payload copied has the checksum the header gives; else raises CorruptValue."""
+        h, _ = self.header(key, head, length)
         if h["parent"] != parent or h["tokens"] != token_bytes:
             raise CorruptValue("parent or tokens differ from the index's")
-        return value[start:], h["sum"]
+        if checksum != h["sum"]:
+            raise CorruptValue("payload checksum mismatch")
+        return True
 
 
 def payload_bytes(payload: torch.Tensor | np.ndarray) -> memoryview:
@@ -123,8 +121,3 @@ def payload_bytes(payload: torch.Tensor | np.ndarray) -> memoryview:
     if isinstance(payload, torch.Tensor):
         payload = payload.contiguous().view(torch.uint8).reshape(-1).numpy()
     return memoryview(payload).cast("B")
-
-
-def check_payload(payload: memoryview, checksum: int) -> None:
-    if xxhash.xxh3_64_intdigest(payload) != checksum:
-        raise CorruptValue("payload checksum mismatch")

@@ -36,9 +36,9 @@ async def restarted_with_a_gated_disk(llama, tmp_path, cached: list[int], mode: 
     gate = asyncio.Event()
     real = engine.store.disk.load
 
-    async def gated(items, sink):
+    async def gated(items, pool=None, slots=None):
         await gate.wait()
-        return await real(items, sink)
+        return await real(items, pool, slots)
     engine.store.disk.load = gated
     return engine, gate
 

@@ -417,15 +417,24 @@ def test_kill9_during_disk_writes_and_a_damaged_tier_never_serve_a_wrong_output(
     assert runs[1]["moved_aside_lines"] == 1 and runs[1]["disk_tokens_served"] == 0
 
 
-def _fill_limit():
-    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)       # a write past the limit gets EFBIG
-    resource.setrlimit(resource.RLIMIT_FSIZE, (256 * 1024, 256 * 1024))
+def _fill_limit(pid: int) -> int:
+    """Put a 256 KiB file-size limit on the disk processes under `pid`: their LMDB writes then
+    fail with EFBIG, as on a full disk (the process ignores SIGXFSZ). Returns how many."""
+    found = 0
+    for child in open(f"/proc/{pid}/task/{pid}/children").read().split():
+        with open(f"/proc/{child}/cmdline", "rb") as f:
+            if b"disk_process.py" in f.read():
+                resource.prlimit(int(child), resource.RLIMIT_FSIZE, (256 * 1024, 256 * 1024))
+                found += 1
+        found += _fill_limit(int(child))
+    return found
 
 
 def test_a_full_disk_stops_disk_writes_and_nothing_else(tmp_path):
     port = free_port()
-    proc = serve(tmp_path, port, *SMALL_TIERS, preexec_fn=_fill_limit)
+    proc = serve(tmp_path, port, *SMALL_TIERS)
     try:
+        assert _fill_limit(proc.pid) == 1
         answers = [ask(port, f"full disk {i} " * (1 + i % 5)) for i in range(30 if LONG else 16)]
         again = ask(port, "full disk 0 ")
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics") as r:

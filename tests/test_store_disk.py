@@ -218,7 +218,7 @@ def test_full_disk_is_counted_and_the_store_keeps_serving(tmp_path):
 
         async def main():
             store = make_store(pathlib.Path({str(tmp_path)!r}), gpu=2, host=2, disk_blocks=400)
-            resource.prlimit(store.disk._writer._proc.pid, resource.RLIMIT_FSIZE, (48 * 1024, 48 * 1024))
+            resource.prlimit(store.disk._process._proc.pid, resource.RLIMIT_FSIZE, (48 * 1024, 48 * 1024))
             for i in range(1, 40):
                 run_request(store, i, prompt(i, n_blocks=2))
                 await store.flush()
@@ -279,9 +279,9 @@ async def test_disk_read_rate_is_measured_at_startup_from_existing_records(tmp_p
     store.close()
 
 
-async def test_blocks_are_encoded_by_the_writer_process_from_shared_memory(tmp_path, monkeypatch):
+async def test_blocks_are_encoded_by_the_disk_process_from_shared_memory(tmp_path, monkeypatch):
     """The write path's rule: a block waiting in the host tier or the disk staging area is
-    encoded (checksum, copy) and written by the writer process, where it lies; this process
+    encoded (checksum, copy) and written by the disk process, where it lies; this process
     encodes nothing (a thread here would wait for the interpreter lock at every step)."""
     from store import record
 
@@ -301,7 +301,7 @@ async def test_blocks_are_encoded_by_the_writer_process_from_shared_memory(tmp_p
     again.close()
 
 
-async def test_a_writer_process_that_dies_costs_its_batch_and_is_started_again(tmp_path):
+async def test_a_disk_process_that_dies_costs_its_batch_and_is_started_again(tmp_path):
     disk = DiskTier(str(tmp_path / "kv"), FINGERPRINT, LAYOUT, max_bytes=1 << 20, write_retry_s=0.0)
     parent = b"\x00" * 16
 
@@ -310,15 +310,14 @@ async def test_a_writer_process_that_dies_costs_its_batch_and_is_started_again(t
         return disk.put(chain_key(parent, tokens), disk.encode(parent, tokens, 0, 0, torch.ones(LAYOUT.block_shape)))
     assert put(0)
     await disk.flush()
-    disk._writer._proc.kill()                     # killed (out of memory, an operator)
+    disk._process._proc.kill()                    # killed (out of memory, an operator)
     assert put(1)
     await disk.flush()
     assert disk.counters.write_errors == 1 and chain_key(parent, b"0001" * 4) not in disk.sizes
-    assert put(2)                                 # the next write starts a new writer
+    assert put(2)                                 # the next write starts a new process
     await disk.flush()
     assert disk.counters.writes == 2 and disk.counters.write_errors == 1
-    got = []
     keys = [(chain_key(parent, b"%04d" % i * 4), parent, b"%04d" % i * 4) for i in (0, 2)]
-    assert await disk.load(keys, lambda i, p: got.append(i)) == [True, True]
+    assert await disk.load(keys) == [True, True]
     disk.check_integrity()
     disk.close()

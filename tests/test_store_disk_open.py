@@ -288,54 +288,45 @@ async def test_a_block_whose_record_cannot_be_encoded_is_skipped_and_the_rest_pe
     again.close()
 
 
-async def test_readers_take_up_the_map_the_writer_grew_once_no_read_is_in_progress(tmp_path):
-    """The writer process grows LMDB's map as the tier fills (its own mapping, at once); this
-    process's next read transaction is then refused (MapResizedError) and the map grown here
-    too, which remaps the file under every open read transaction of this process: that waits
-    for the reads in progress, and new reads wait for it."""
-    import asyncio
+def test_the_map_grows_only_while_no_read_is_in_progress(tmp_path):
+    """Growing LMDB's map remaps the file under every read transaction open in the process that
+    grows it (the disk process: reads there would fail or crash): the resize waits for the reads
+    in progress, and new reads wait for it. Driven here on the disk process's own object."""
     import threading
-    disk = DiskTier(str(tmp_path / "kv"), FINGERPRINT, LAYOUT, max_bytes=64 << 20, initial_map_bytes=1 << 20)
-    key = chain_key(b"\x00" * 16, b"r" * 16)
-    disk.put(key, disk.encode(b"\x00" * 16, b"r" * 16, 0, 0, torch.zeros(LAYOUT.block_shape)))
-    await disk.flush()
-    in_sink, release = threading.Event(), threading.Event()
 
-    def sink(i, payload):                     # a reader, holding its read transaction open
-        in_sink.set()
+    from store.disk_process import Disk
+    from store.pool import BlockPool
+    path, fmt, root = str(tmp_path / "kv"), RecordFormat(FINGERPRINT, LAYOUT), b"\x00" * 16
+    DiskTier(path, FINGERPRINT, LAYOUT, max_bytes=64 << 20).close()     # a checked, marked tier
+    pool = BlockPool(Tier.HOST, LAYOUT, 1, "cpu", shared=True)
+    disk = Disk(path, 1 << 20, 64 << 20, [(pool.fd, pool.bytes.nbytes)])
+    key = chain_key(root, b"r" * 16)
+    assert disk.write([[key, bytes(fmt.encode(root, b"r" * 16, 0, 0, torch.zeros(LAYOUT.block_shape)))]])["writes"] == 1
+    in_copy, release, results, grew = threading.Event(), threading.Event(), [], []
+    copy = disk._copy
+
+    def held_copy(dst, payload):              # a reader, its read transaction open
+        in_copy.set()
         release.wait(10)
-    reading = asyncio.ensure_future(disk.load([(key, b"\x00" * 16, b"r" * 16)], sink))
-    await asyncio.to_thread(in_sink.wait, 10)
-    during = []
-
-    class Env:                                # the environment, noting each resize here
-        def __init__(self, env):
-            self.env = env
-
-        def __getattr__(self, name):
-            return getattr(self.env, name)
-
-        def set_mapsize(self, size):
-            during.append(disk._reads_in_progress)
-            self.env.set_mapsize(size)
-    disk._env = Env(disk._env)
-    for i in range(1500):                     # 1.5 MiB of records: more than the 1 MiB map holds
-        tokens = b"%04d" % i * 4
-        disk.put(chain_key(b"\x00" * 16, tokens), disk.encode(b"\x00" * 16, tokens, 0, 0,
-                                                             torch.ones(LAYOUT.block_shape)))
-    await disk.flush()                        # the writer grew its map without waiting
-    assert disk.counters.map_resizes > 0 and not during
-    last = b"%04d" % 1499 * 4
-    got = []
-    second = asyncio.ensure_future(disk.load([(chain_key(b"\x00" * 16, last), b"\x00" * 16, last)],
-                                             lambda i, p: got.append(bytes(p))))
-    await asyncio.sleep(0.05)
-    assert not during and not second.done()   # growing the map here waits for the read ...
+        return copy(dst, payload)
+    disk._copy = held_copy
+    reading = threading.Thread(target=lambda: results.append(disk.read([[key, [0, 0, LAYOUT.block_bytes], None]])))
+    reading.start()
+    assert in_copy.wait(10)
+    ops = [[chain_key(root, b"%04d" % i * 4), bytes(fmt.encode(root, b"%04d" % i * 4, 0, 0,
+                                                                  torch.ones(LAYOUT.block_shape)))]
+           for i in range(1500)]               # 1.5 MiB of records: more than the 1 MiB map holds
+    writing = threading.Thread(target=lambda: grew.append(disk.write(ops)))
+    writing.start()
+    writing.join(0.3)
+    assert writing.is_alive() and disk._remapping and not grew   # the resize waits for the read ...
     release.set()
-    assert await reading == [True]
-    assert await second == [True]              # ... then grows it, and the read goes on
-    assert during == [0] and disk.counters.map_adoptions == 1
-    assert got == [torch.ones(LAYOUT.block_shape).numpy().tobytes()]
+    reading.join(10)
+    writing.join(10)
+    assert grew[0]["map_resizes"] > 0 and grew[0]["writes"] == 1500   # ... then grows the map
+    head, length, checksum = results[0]["results"][0]
+    assert fmt.check(key, head, length, checksum, root, b"r" * 16)
+    assert pool.tensor.abs().sum() == 0           # the zeros written, copied into the shared pool
     disk.close()
 
 
@@ -349,49 +340,32 @@ def test_a_data_mdb_that_is_a_directory_is_moved_aside(tmp_path):
 
 
 async def test_a_tier_lmdb_finds_damaged_while_serving_is_moved_aside(tmp_path):
-    """MDB_CORRUPTED on a read (pages it cannot read, records it cannot delete): the tier is
-    replaced by an empty one, not kept in service failing every read."""
+    """MDB_CORRUPTED on a read in the disk process (pages it cannot read, records it cannot
+    delete): the tier is replaced by an empty one, which the disk process opens in its turn, not
+    kept in service failing every read."""
     import asyncio
-    disk = DiskTier(str(tmp_path / "kv"), FINGERPRINT, LAYOUT, max_bytes=64 << 20)
+
+    from store.pool import BlockPool
+    pool = BlockPool(Tier.HOST, LAYOUT, 1, "cpu", shared=True)
+    disk = DiskTier(str(tmp_path / "kv"), FINGERPRINT, LAYOUT, max_bytes=64 << 20, shared_pools=(pool,))
     keys = [chain_key(b"\x00" * 16, b"%04d" % i * 4) for i in range(4)]
     for i, key in enumerate(keys):
         disk.put(key, disk.encode(b"\x00" * 16, b"%04d" % i * 4, 0, 0, torch.full(LAYOUT.block_shape, float(i))))
     await disk.flush()
-
-    class Damaged:                     # the environment, its pages unreadable
-        def __init__(self, env):
-            self.env = env
-
-        def __getattr__(self, name):
-            return getattr(self.env, name)
-
-        def begin(self, **kw):
-            txn = self.env.begin(**kw)
-
-            class Txn:
-                def __enter__(self):
-                    return self
-
-                def __exit__(self, *exc):
-                    txn.abort()
-
-                def get(self, key):
-                    raise lmdb.CorruptedError("injected: MDB_CORRUPTED")
-
-                def delete(self, key):
-                    raise lmdb.CorruptedError("injected: MDB_CORRUPTED")
-            return Txn()
-    disk._env = Damaged(disk._env)
-    assert await disk.load([(keys[0], b"\x00" * 16, b"0000" * 4)], lambda i, p: None) == [False]
+    read = disk._process.read
+    disk._process.read = lambda items: {"results": [None] * len(items), "damaged": True,
+                                        "failure": "injected: MDB_CORRUPTED: Located page was wrong type"}
+    assert await disk.load([(keys[0], b"\x00" * 16, b"0000" * 4)]) == [False]
     for _ in range(200):
         if disk.counters.replaced:
             break
         await asyncio.sleep(0.01)
+    disk._process.read = read
     assert disk.counters.replaced == 1 and [e for e in os.listdir(tmp_path) if e.startswith("kv.bad-")]
     key = chain_key(b"\x00" * 16, b"next" * 4)         # the empty tier in its place serves
-    disk.put(key, disk.encode(b"\x00" * 16, b"next" * 4, 0, 0, torch.ones(LAYOUT.block_shape)))
+    disk.put(key, disk.encode(b"\x00" * 16, b"next" * 4, 0, 0, torch.full(LAYOUT.block_shape, 7.0)))
     await disk.flush()
-    got = []
-    assert await disk.load([(key, b"\x00" * 16, b"next" * 4)], lambda i, p: got.append(bytes(p))) == [True]
-    assert await disk.load([(keys[1], b"\x00" * 16, b"0001" * 4)], lambda i, p: None) == [False]
+    assert await disk.load([(key, b"\x00" * 16, b"next" * 4)], pool, [0]) == [True]
+    assert torch.equal(pool.tensor[0], torch.full(LAYOUT.block_shape, 7.0, dtype=LAYOUT.dtype))
+    assert await disk.load([(keys[1], b"\x00" * 16, b"0001" * 4)]) == [False]
     disk.close()
