@@ -121,9 +121,15 @@ def _shared_tensor(shape: tuple[int, ...], dtype: torch.dtype, pin: bool) -> tup
         os.close(fd)
         raise
     tensor = torch.frombuffer(mapping, dtype=torch.uint8).view(dtype).view(shape)
-    if pin:
-        from torch.cuda._pin_memory_utils import pin_memory, unpin_memory
-        pin_memory(tensor.data_ptr(), nbytes)
-        # unregistered before the mapping goes (the finalizer holds it until then)
-        weakref.finalize(tensor, lambda ptr, _mapping: unpin_memory(ptr), tensor.data_ptr(), mapping)
+    if pin:          # as torch pins shared tensors; 1 = cudaHostRegisterPortable
+        error = int(torch.cuda.cudart().cudaHostRegister(tensor.data_ptr(), nbytes, 1))
+        if error:
+            raise RuntimeError(f"cannot pin {nbytes >> 20} MiB of shared memory (cudaHostRegister: error {error})")
+        # unregistered before the mapping goes (the finalizer holds it until then); at exit the
+        # process goes with it
+        weakref.finalize(tensor, _unpin, tensor.data_ptr(), mapping).atexit = False
     return fd, tensor
+
+
+def _unpin(address: int, _mapping: mmap.mmap) -> None:
+    torch.cuda.cudart().cudaHostUnregister(address)

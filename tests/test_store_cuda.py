@@ -25,6 +25,24 @@ def test_host_pool_is_pinned_and_gpu_pool_on_cuda(store_factory):
     assert store.copier._side is not None and store.copier._side != torch.cuda.current_stream()
 
 
+def test_shared_pools_are_pinned_and_copy_asynchronously(tmp_path):
+    """With a disk tier the host pool and the disk staging area are shared memory, registered
+    with CUDA: pinned, so copies to and from them are queued without a wait."""
+    from store.pool import BlockPool
+    from tests.conftest import make_store
+    store = make_store(tmp_path, gpu=4, host=4, disk_blocks=16, layout=BIG)
+    assert store.host.fd is not None and store.host.tensor.is_pinned()
+    assert store.disk.staging.fd is not None and store.disk.staging.tensor.is_pinned()
+    pool = BlockPool(Tier.HOST, BIG, 64, "cpu", pin_memory=True, shared=True)
+    gpu = torch.randn(pool.tensor.shape, device="cuda").to(BIG.dtype)
+    busy()
+    pool.tensor.copy_(gpu, non_blocking=True)         # queued behind the busy stream, no wait
+    assert not torch.cuda.current_stream().query()
+    torch.cuda.synchronize()
+    assert torch.equal(pool.tensor, gpu.cpu())
+    store.close()
+
+
 @pytest.mark.parametrize("n_blocks", [1, 24])
 def test_demotion_copies_only_after_the_kernel_that_wrote_the_block(store_factory, n_blocks):
     store = store_factory(gpu=n_blocks, host=2 * n_blocks, layout=BIG)

@@ -301,6 +301,24 @@ async def test_blocks_are_encoded_by_the_disk_process_from_shared_memory(tmp_pat
     again.close()
 
 
+async def test_reads_while_serving_are_the_disk_process_s(tmp_path):
+    """The read path's rule: once the tier is scanned, this process opens no LMDB transaction;
+    the disk process copies each payload into its slot and this process checks its head."""
+    await fill_disk(tmp_path)
+    store = make_store(tmp_path, gpu=3, host=3, disk_blocks=64)
+
+    class NoTransactions:
+        def __getattr__(self, name):
+            raise AssertionError(f"LMDB used in the engine's process while serving: {name}")
+    env, store.disk._env = store.disk._env, NoTransactions()
+    m = store.match(store.root_key(), prompt(1))
+    assert await store.prefetch(m) == 3
+    seq = run_request(store, "again", prompt(1))  # asserts the KV is exactly prompt 1's
+    assert seq.cached_tokens[Tier.HOST] == 3 * BS and store.stats().disk.reads == 3
+    store.disk._env = env
+    store.close()
+
+
 async def test_a_disk_process_that_dies_costs_its_batch_and_is_started_again(tmp_path):
     disk = DiskTier(str(tmp_path / "kv"), FINGERPRINT, LAYOUT, max_bytes=1 << 20, write_retry_s=0.0)
     parent = b"\x00" * 16
