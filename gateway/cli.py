@@ -18,7 +18,7 @@ import sys
 
 import aiohttp
 
-from gateway import bench as bench_module
+from gateway.bench import client as bench_module
 from gateway import text_views
 from gateway.app import init_app
 from gateway.config import ConfigError, load_config

@@ -73,22 +73,18 @@ def describe_kv(kv: dict) -> str:
 
 
 def plan_tiers(config: KvgateConfig, model: LoadedModel) -> tuple[StoreConfig, list[TierReport]]:
-    """The store's configuration for this machine, and a report per tier. Raises ConfigError
-    naming the key when a configured size cannot be had."""
-    store, reports = _plan(config, model)
-    return store, _noting_staging(store, reports, model.block_layout(config.engine.block_size))
-
-
-def _plan(config: KvgateConfig, model: LoadedModel) -> tuple[StoreConfig, list[TierReport]]:
-    block_bytes = model.block_layout(config.engine.block_size).block_bytes
-    gpu = _gpu(config, model, block_bytes)
-    host = _host(config, block_bytes)
+    """The store's configuration for this machine, and a report per tier (the disk tier's says
+    how many blocks its own staging area holds). Raises ConfigError naming the key when a
+    configured size cannot be had."""
+    layout = model.block_layout(config.engine.block_size)
+    gpu = _gpu(config, model, layout.block_bytes)
+    host = _host(config, layout.block_bytes)
     disk = _disk(config, model)
     store = StoreConfig(block_size=config.engine.block_size, gpu_blocks=gpu.blocks, host_blocks=host.blocks,
                         disk_path=disk.path if disk.enabled else "", disk_max_bytes=disk.bytes,
                         write_policy=config.store.disk.write_policy,
                         disk_staging_bytes=config.store.disk.staging_bytes)
-    return store, [gpu, host, disk]
+    return store, _noting_staging(store, [gpu, host, disk], layout)
 
 
 def _noting_staging(store: StoreConfig, reports: list[TierReport], layout: BlockLayout) -> list[TierReport]:
@@ -170,7 +166,7 @@ def open_engine(config: KvgateConfig, model: LoadedModel, make_engine):
     """`make_engine(store_config)` on the planned tiers; a disk tier kvgate chose that cannot be
     opened (another kvgate holds it, ...) is turned off with a warning, a configured one is a
     ConfigError naming store.disk.path. Returns (engine, reports)."""
-    store, reports = _plan(config, model)
+    store, reports = plan_tiers(config, model)
     try:
         engine = make_engine(store)
     except DiskTierError as e:
@@ -180,7 +176,7 @@ def open_engine(config: KvgateConfig, model: LoadedModel, make_engine):
         reports[2] = TierReport("disk", False, path=store.disk_path, note=str(e))
         store = replace(store, disk_path="", disk_max_bytes=0)
         engine = make_engine(store)
-    return engine, _noting_staging(store, reports, model.block_layout(config.engine.block_size))
+    return engine, reports
 
 
 def user_cache_dir() -> str:

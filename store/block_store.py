@@ -104,8 +104,8 @@ class SeqBlocks:
 
     @property
     def cached_tokens(self) -> dict[Tier, int]:
-        """Prompt tokens found in each tier at admission (prefetched blocks count as host;
-        the caller's earlier match saw them on disk)."""
+        """Prompt tokens found in each tier at admission (blocks a sequence's load read from
+        disk are not among them: `advance_load` says how many it filled)."""
         return {t: self.block_size * sum(x is t for x in self.tiers) for t in TIERS}
 
     @property
@@ -233,11 +233,6 @@ class BlockStore:
                                  limit // self.block_size)
         return PrefixMatch(scope, tuple(nodes), tuple(n.fastest for n in nodes))
 
-    async def prefetch(self, match: PrefixMatch) -> int:
-        """Load the disk-only blocks of `match` into the host tier (see `DiskLoader.prefetch`):
-        `admit` then finds them there."""
-        return await self.loader.prefetch(match)
-
     # ---- compute and load at once (see store/loader.py) --------------------------------------
 
     def start_load(self, seq_id: Hashable, match: PrefixMatch, stop: int = 0,
@@ -303,7 +298,7 @@ class BlockStore:
               retention: tuple[int, int, int, float] | None = None) -> SeqBlocks:
         """Start a sequence: reuse its cached prefix (at most `max_cached_tokens`, up to its
         first block in a tier slower than `max_tier`; blocks still on disk only are never used:
-        `prefetch` first), promote host blocks, and allocate GPU slots for all of `token_ids`.
+        a sequence's load reads them, `start_load`), promote host blocks, and allocate GPU slots for all of `token_ids`.
         All or nothing: raises OutOfBlocks and changes nothing."""
         if seq_id in self._seqs:
             raise ValueError(f"sequence {seq_id!r} is already admitted")
@@ -435,7 +430,7 @@ class BlockStore:
             self.disk.close()
 
     def stats(self) -> StoreStats:
-        host_held = len(self.loader.reserved_slots()) + len(self.placement.writing_slots)
+        host_held = len(self.placement.writing_slots)
         owned = sum(len(s.owned) for s in self._seqs.values())
         disk = self.disk
         disk_capacity = disk.max_bytes // disk.value_bytes if disk else 0
@@ -462,10 +457,8 @@ class BlockStore:
             s = stats.tiers[t]
             assert s.free + s.cached + s.locked == s.capacity, f"{t.name}: {s}"
         expected_locks = collections.Counter(n for s in self._seqs.values() for n in s.path)
-        for path in self.loader.locked_paths():
-            expected_locks.update(path)
         self.placement.check_integrity([s for seq in self._seqs.values() for s in seq.owned],
-                                       self.loader.reserved_slots(), self.loader.staging_slots())
+                                       self.loader.staging_slots())
         for seq in self._seqs.values():
             for i, slot in enumerate(seq.slots):
                 assert slot in seq.owned or (i < len(seq.path) and seq.path[i].gpu_slot == slot), \

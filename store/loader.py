@@ -1,5 +1,5 @@
-"""Disk reads: a sequence's load (compute and load at once), prefetches into the host tier, and
-the measured disk read bandwidth.
+"""Disk reads: a sequence's load (compute and load at once), and the measured disk read
+bandwidth.
 
 - A sequence's load (`start`): the disk part of a prompt's cached prefix, or the part of it the
   engine expects to arrive before its computed front would reach it (`stop`), is read from its
@@ -10,22 +10,19 @@ the measured disk read bandwidth.
   indexed again by its commits. Neither waits for the other, so the first token comes no later
   than with the tier off, and sooner when the read covers anything (Cake, 2024). The blocks are
   matched by key, parent and tokens when read: what is read is what the prompt's blocks hold.
-- `prefetch(match)`: the disk-only blocks of a prefix join the host tier (an explicit promotion:
-  it takes host slots as the GPU's evictions do). Concurrent prefetches of the same blocks share
-  one load.
 """
 from __future__ import annotations
 
 import asyncio
 import itertools
 import time
-from collections.abc import Callable, Hashable, Iterator, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 
 from store.copier import BlockCopier
 from store.disk import DiskTier
 from store.placement import Placement
-from store.pool import BlockPool, Tier
+from store.pool import BlockPool
 from store.radix import Node, RadixIndex
 
 BACK_BATCH = 32          # blocks per read batch of a sequence's load (64 MiB at the 8B shape)
@@ -61,15 +58,6 @@ class SequenceLoad:
         return 0 if self.done else max(0, self.loaded_from - max(self.stop, self.front))   # stop >= first
 
 
-@dataclass(eq=False)
-class _Load:
-    """A disk -> host load in flight: its path stays locked and its host slots reserved."""
-    path: list[Node]               # the matched prefix up to the last block loaded
-    nodes: list[Node]              # the blocks being loaded, one per slot
-    slots: list[int]
-    task: asyncio.Task | None = field(default=None, repr=False)
-
-
 class DiskLoader:
     def __init__(self, index: RadixIndex, placement: Placement, gpu: BlockPool, host: BlockPool,
                  copier: BlockCopier, disk: DiskTier | None) -> None:
@@ -81,24 +69,11 @@ class DiskLoader:
         self.disk = disk
         self.staging = disk.staging if disk is not None else None
         self.read_rate: float | None = None            # bytes/s read and verified (moving average)
-        self._loads: dict[Node, _Load] = {}
         self._seq_loads: dict[Hashable, SequenceLoad] = {}   # by sequence id
         # loads their sequences dropped while a read was in flight: its slots stay reserved
         # until it ends (then `_release`)
         self._dropped: set[SequenceLoad] = set()
         self._room = asyncio.Event()     # staging slots were freed: loads waiting for room go on
-
-    @property
-    def loads(self) -> set[_Load]:
-        return set(self._loads.values())
-
-    def locked_paths(self) -> Iterator[list[Node]]:
-        """Every path this loader holds a lock on (for the store's integrity check)."""
-        yield from (ld.path for ld in self.loads)
-
-    def reserved_slots(self) -> list[int]:
-        """Host slots of prefetches in flight."""
-        return [s for ld in self.loads for s in ld.slots]
 
     def staging_slots(self) -> list[int]:
         """Staging slots of sequences' loads (read, or being read)."""
@@ -126,12 +101,6 @@ class DiskLoader:
                 if now - sl.reading_since > max(STALLED_S, 4 * expected):
                     return True
         return False
-
-    async def prefetch(self, match) -> int:
-        """Load the disk-only blocks of `match` (a PrefixMatch) into the host tier. Returns how
-        many blocks this call loaded. Cancelling the caller does not cancel the load (its slots
-        are written by other threads until it completes)."""
-        return await self._load(match)
 
     # ---- a sequence's load: compute and load at once ------------------------------------------
 
@@ -246,57 +215,7 @@ class DiskLoader:
             self.read_rate = sum(ok) * block_bytes / max(time.perf_counter() - start, 1e-9)
         return self.read_rate
 
-    async def _load(self, match) -> int:
-        while True:
-            path = live_prefix(match.nodes)
-            busy = {self._loads[n].task for n in path if n in self._loads}
-            if not busy:
-                break
-            await asyncio.wait(busy)
-        todo = [n for n in path if n.fastest is Tier.DISK]  # a suffix: parents are never slower
-        if not todo or self.disk is None:
-            return 0
-        self.placement.lock(path)  # before reserving host slots, which may evict host blocks
-        slots = self.placement.reserve_host(len(todo))
-        if not slots:
-            self.placement.unlock(path)
-            return 0
-        load = _Load(path, todo[:len(slots)], slots)
-        for n in load.nodes:
-            self._loads[n] = load
-        load.task = asyncio.get_running_loop().create_task(self._run(load))
-        return await asyncio.shield(load.task)
-
-    async def _run(self, load: _Load) -> int:
-        ok: list[bool] | None = None
-        start = time.perf_counter()
-        try:
-            ok = await self.disk.load(_records(load.nodes), self.host, load.slots)
-        finally:
-            for n in load.nodes:
-                del self._loads[n]
-            self.placement.loaded(load.nodes, load.slots, ok)
-            self.placement.unlock(load.path)
-        if ok is not None:
-            self._observe(len(ok), time.perf_counter() - start)
-        return sum(_is_live(n) and n.host_slot is not None for n in load.nodes)
-
 
 def _records(nodes: Sequence[Node]) -> list[tuple[bytes, bytes, bytes]]:
     """What a read checks each record against: (key, parent key, token bytes) of its node."""
     return [(n.key, n.parent.key, n.token_bytes) for n in nodes]
-
-
-def _is_live(node: Node) -> bool:
-    """Still indexed (not forgotten since a caller saw it) and holding a copy."""
-    return node.fastest is not None and node.parent.children.get(node.key) is node
-
-
-def live_prefix(nodes: Sequence[Node]) -> list[Node]:
-    """The leading nodes of a (possibly stale) match that are still live."""
-    live = []
-    for n in nodes:
-        if not _is_live(n):
-            break
-        live.append(n)
-    return live

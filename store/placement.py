@@ -28,7 +28,6 @@ import math
 import time
 from collections.abc import Callable
 
-import torch
 
 from store.copier import BlockCopier
 from store.disk import BlockRecord, DiskTier
@@ -112,18 +111,6 @@ class Placement:
         for n, slot in zip(nodes, gpu_slots):
             self.index.set_gpu(n, slot)
         self.counters[Tier.HOST].promotions += len(nodes)
-
-    def loaded(self, nodes: list[Node], host_slots: list[int], ok: list[bool] | None) -> None:
-        """Apply a disk -> host load: `ok[i]` says whether node i's record was valid and is now
-        in host_slots[i]; None means the load did not run (its slots are just freed)."""
-        for i, (n, slot) in enumerate(zip(nodes, host_slots)):
-            if ok is not None and ok[i]:
-                self.index.set_host(n, slot)
-                self.counters[Tier.DISK].promotions += 1
-            else:
-                self.host.free([slot])
-                if ok is not None and not ok[i]:  # missing or corrupt record (already deleted)
-                    self.lose_disk_copy(n, "its disk record was missing or corrupt")
 
     def allocate_gpu(self, n: int) -> list[int]:
         """`n` GPU slots, evicting cached blocks (leaf-first, by priority then LRU) if needed."""
@@ -384,14 +371,13 @@ class Placement:
             written += n.on_disk
         return written, 0
 
-    def check_integrity(self, owned_gpu: list[int], reserved_host: list[int], staging_reads: list[int]) -> None:
-        """Every slot is free, held by one node, or in `owned_gpu` / `reserved_host` /
-        `staging_reads` / a disk write in flight; the disk records are exactly the disk-resident
-        nodes' and within the cap."""
+    def check_integrity(self, owned_gpu: list[int], staging_reads: list[int]) -> None:
+        """Every slot is free, held by one node, or in `owned_gpu` / `staging_reads` / a disk
+        write in flight; the disk records are exactly the disk-resident nodes' and within the cap."""
         nodes = list(self.index.nodes())
         _check_slots(self.gpu, [n.gpu_slot for n in nodes if n.gpu_slot is not None], owned_gpu)
         _check_slots(self.host, [n.host_slot for n in nodes if n.host_slot is not None],
-                     reserved_host + self.writing_slots)
+                     self.writing_slots)
         assert all(n.host_slot == slot for slot, (n, _) in self._writing.items() if slot not in self._orphans), \
             "a host write reads a slot its node no longer holds"
         on_disk = {n.key for n in nodes if n.on_disk}

@@ -61,6 +61,37 @@ def assert_cached_kv(store: BlockStore, seq: SeqBlocks, tokens: list[int]) -> No
         assert torch.equal(got, block_content(keys[i], store.layout)), f"block {i} holds wrong KV"
 
 
+async def admit_from_disk(store: BlockStore, seq_id, tokens: list[int], namespace: str = "") -> tuple[SeqBlocks, int]:
+    """The engine's way with a prompt whose cached prefix is partly on disk: read the disk part
+    (`start_load`, awaited here), admit the rest of the prefix, copy what was read into the
+    sequence's GPU slots (`advance_load`). Returns the sequence and how many blocks after its
+    admitted prefix were filled from disk (`assert_loaded_kv` checks them)."""
+    scope = store.scope(namespace, tokens)
+    if store.start_load(seq_id, store.match(scope, tokens)):
+        await next(sl.task for sl in store.loader.sequence_loads() if sl.seq_id == seq_id)
+    seq = store.admit(seq_id, scope, tokens)
+    step = store.advance_load(seq_id, seq.num_cached_tokens)
+    store.drop_load(seq_id)
+    return seq, step.filled if step is not None else 0
+
+
+def assert_loaded_kv(store: BlockStore, seq: SeqBlocks, tokens: list[int], filled: int) -> None:
+    """The `filled` blocks after `seq`'s admitted prefix hold exactly their prefix's KV."""
+    keys = prefix_keys(store, seq, tokens)
+    first = seq.num_cached_tokens // store.block_size
+    for i in range(first, first + filled):
+        got = store.gpu.tensor[seq.slots[i]].cpu()
+        assert torch.equal(got, block_content(keys[i], store.layout)), f"block {i} read wrong"
+
+
+def finish_request(store: BlockStore, seq: SeqBlocks, tokens: list[int]) -> None:
+    """'Compute' what was not cached, commit, release (after `admit_from_disk`)."""
+    write_kv(store, seq, tokens)
+    store.commit(seq.seq_id, tokens)
+    store.release(seq.seq_id)
+    store.check_integrity()
+
+
 def make_store(tmp_path=None, gpu: int = 8, host: int = 0, disk_blocks: int = 0,
                layout: BlockLayout = LAYOUT, write_policy: str = "all", **kw) -> BlockStore:
     """A store; its disk tier (if any) writes every block leaving the host tier, unless a test

@@ -1,6 +1,6 @@
 """The in-process benchmark's tier workloads run end to end on the CPU (tiny shapes) and report
 what they claim: 8 chat rounds, three overflow configurations, and a restart served from disk."""
-from engine import bench
+from engine.bench import cli as bench
 
 
 async def test_tier_workloads_report_rounds_configs_and_disk_hits(tmp_path):
@@ -38,7 +38,7 @@ async def test_chat_think_runs_each_tier_configuration_and_a_load_mode(capsys):
 
 
 def test_profile_step_times_decode_and_mixed_steps(capsys):
-    from engine.bench import main
+    from engine.bench.cli import main
     main(["--profile-step", "--scale", "0.05", "--length", "0.1", "--profile-prefill", "24"])
     out = capsys.readouterr().out
     assert "decode steps of 2 sequences, median ms: schedule" in out

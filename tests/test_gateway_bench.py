@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from gateway import bench
+from gateway.bench import client as bench
 from gateway.app import init_app
 from gateway.config import build_config
 
@@ -39,9 +39,9 @@ async def test_bench_runs_every_workload_over_http(aiohttp_server, engine_proces
 
 
 async def test_bench_serving_runs_the_same_workload_in_process_and_over_a_served_process(tmp_path, capsys):
-    """`python -m gateway.bench_serving`: the workload code is kvgate bench's on both paths, so
+    """`python -m gateway.bench.serving`: the workload code is kvgate bench's on both paths, so
     both see the same requests; the served one is a real `kvgate serve` subprocess."""
-    from gateway import bench_serving
+    from gateway.bench import serving as bench_serving
     settings = ["store.gpu.num_blocks=256", "store.host.enabled=false", "store.disk.enabled=false"]
     args = argparse.Namespace(workloads="gsp", scale=0.125, length_scale=0.06, overrides=settings, port=0,
                               json=str(tmp_path / "serving.json"))
@@ -70,7 +70,7 @@ async def test_the_bench_client_holds_no_request_back(aiohttp_server):
     """gsp sends 128 requests at once; a client capped below that measures its own queue."""
     from aiohttp import web
 
-    from gateway.bench import session_for_workloads
+    from gateway.bench.client import session_for_workloads
     inside, peak, release = [0], [0], asyncio.Event()
 
     async def handler(request):
@@ -95,7 +95,7 @@ async def test_the_bench_client_holds_no_request_back(aiohttp_server):
 async def test_plots_without_matplotlib_are_refused_before_any_request(monkeypatch, capsys):
     import importlib.util
 
-    from gateway import bench
+    from gateway.bench import client as bench
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "matplotlib" else real(name, *a))
     args = argparse.Namespace(base_url="http://127.0.0.1:9/v1", model="", api_key=None, workloads="gsp", scale=1,
@@ -109,7 +109,7 @@ def test_plots_carry_the_run_details_and_start_at_0(tmp_path, monkeypatch):
     pytest.importorskip("matplotlib")
     from matplotlib.figure import Figure
 
-    from gateway import bench
+    from gateway.bench import client as bench
     seen, real_save = [], Figure.savefig
 
     def savefig(fig, path, *a, **kw):

@@ -323,7 +323,7 @@ async def test_kvgate_bench_honours_retry_after(unused_tcp_port):
     import aiohttp
     from aiohttp import web
 
-    from gateway.bench import Client, Progress
+    from gateway.bench.client import Client, Progress
     answers = iter([(429, "0"), (503, "0"), (200, None)])
 
     async def completions(request):

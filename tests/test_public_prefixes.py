@@ -7,7 +7,15 @@ import time
 
 from store import Tier
 from tests import faults
-from tests.conftest import BS, make_store, run_request
+from tests.conftest import (
+    BS,
+    admit_from_disk,
+    assert_cached_kv,
+    assert_loaded_kv,
+    finish_request,
+    make_store,
+    run_request,
+)
 from tests.engine_util import greedy, make_engine, prompt, run
 from tests.http_util import MODEL, chat
 from tests.models import hf_greedy
@@ -66,9 +74,12 @@ async def test_public_and_private_blocks_survive_a_restart(tmp_path):
     assert counts == {store.public_root: 3, store.root_key("a"): 2, store.root_key("b"): 2}
     matches = {ns: store.match(store.scope(ns, head + A_SUFFIX), head + A_SUFFIX) for ns in ("a", "b")}
     assert all(m.tiers == (Tier.DISK,) * 5 for m in matches.values())
-    for ns, match in matches.items():      # each tenant's suffix is found under its own scope, KV exact
-        await store.prefetch(match)
-        assert run_request(store, ns, head + A_SUFFIX, namespace=ns).num_cached_tokens == 5 * BS
+    for ns in matches:                     # each tenant's suffix is found under its own scope, KV exact
+        seq, filled = await admit_from_disk(store, ns, head + A_SUFFIX, namespace=ns)
+        assert seq.num_cached_tokens // BS + filled == 5   # the public part: on the GPU after the first
+        assert_cached_kv(store, seq, head + A_SUFFIX)
+        assert_loaded_kv(store, seq, head + A_SUFFIX, filled)
+        finish_request(store, seq, head + A_SUFFIX)
     assert len(store.match(store.scope("c", head + A_SUFFIX), head + A_SUFFIX).nodes) == 3   # the public part
     store.close()
 

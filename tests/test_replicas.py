@@ -99,11 +99,11 @@ async def test_two_replicas_route_by_prefix_spread_unique_prompts_and_survive_a_
 
 
 def test_a_trace_replay_keeps_one_replicas_hit_rate_with_prefix_routing_only():
-    """gateway/route_sim.py, small: 4 replicas behind kvgate's router cache what one replica of
+    """gateway/bench/route_sim.py, small: 4 replicas behind kvgate's router cache what one replica of
     all 4 pools caches; Ray's default router, much less."""
     import random
 
-    from gateway.route_sim import replay, traces
+    from gateway.bench.route_sim import replay, traces
     for workload in ("gsp", "chat"):
         bursts = traces(workload, 0.5, 0.125, random.Random(1))
         prefix, default = (replay(bursts, 4, 400, r, 16, random.Random(1)) for r in ("prefix", "default"))

@@ -2,7 +2,7 @@ import pytest
 
 from store import OutOfBlocks, Tier
 from store.keys import chain_key, token_bytes
-from tests.conftest import BS, assert_cached_kv, run_request, write_kv
+from tests.conftest import BS, admit_from_disk, assert_cached_kv, assert_loaded_kv, finish_request, run_request, write_kv
 
 
 def prompt(seed: int, n_blocks: int = 3, extra: int = 0) -> list[int]:
@@ -40,20 +40,20 @@ def test_gpu_eviction_demotes_to_host_and_promotes_back(store_factory):
     assert_idle(store)
 
 
-async def test_host_eviction_writes_to_disk_and_prefetch_loads_back(store_factory):
+async def test_host_eviction_writes_to_disk_and_a_sequence_load_reads_back(store_factory):
     store = store_factory(gpu=3, host=3, disk_blocks=16)
     for i in range(1, 4):
         run_request(store, i, prompt(i))
     m = store.match(store.root_key(), prompt(1))
     assert m.tiers == (Tier.DISK,) * 3
-    # without prefetch, disk-only blocks are not used (admit never waits on the disk)
+    # admit alone never uses disk-only blocks (it never waits on the disk) ...
     seq = store.admit("x", store.root_key(), prompt(1))
     assert seq.num_cached_tokens == 0
     store.release("x")
-    assert await store.prefetch(m) == 3
-    assert store.match(store.root_key(), prompt(1)).tiers == (Tier.HOST,) * 3
-    seq = run_request(store, "a2", prompt(1))
-    assert seq.cached_tokens[Tier.HOST] == 3 * BS
+    seq, filled = await admit_from_disk(store, "a2", prompt(1))   # ... a sequence's load reads them
+    assert seq.num_cached_tokens == 0 and filled == 3
+    assert_loaded_kv(store, seq, prompt(1), filled)
+    finish_request(store, seq, prompt(1))
     assert store.stats().tiers[Tier.DISK].promotions == 3
     await store.flush()
     assert_idle(store)

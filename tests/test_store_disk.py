@@ -19,8 +19,10 @@ from tests.conftest import (
     BS,
     FINGERPRINT,
     LAYOUT,
-    assert_cached_kv,
+    admit_from_disk,
+    assert_loaded_kv,
     child_env,
+    finish_request,
     make_store,
     run_request,
 )
@@ -62,9 +64,10 @@ async def test_restart_serves_blocks_written_by_the_previous_process(tmp_path):
     store = make_store(tmp_path, gpu=3, host=3, disk_blocks=64)
     m = store.match(store.root_key(), prompt(1))
     assert m.tiers == (Tier.DISK,) * 3
-    assert await store.prefetch(m) == 3
-    seq = run_request(store, "again", prompt(1))  # asserts the KV is exactly prompt 1's
-    assert seq.cached_tokens[Tier.HOST] == 3 * BS
+    seq, filled = await admit_from_disk(store, "again", prompt(1))
+    assert filled == 3
+    assert_loaded_kv(store, seq, prompt(1), filled)  # exactly prompt 1's KV
+    finish_request(store, seq, prompt(1))
     store.close()
 
 
@@ -81,14 +84,11 @@ async def test_corrupted_payload_is_a_counted_miss_and_deleted(tmp_path):
     store = make_store(tmp_path, gpu=3, host=3, disk_blocks=64)
     m = store.match(store.root_key(), prompt(1))
     assert m.tiers == (Tier.DISK,) * 3           # headers are fine: the scan keeps them
-    await store.prefetch(m)                      # the payload of block 1 is not
-    assert store.stats().disk.corrupt_dropped == 1
-    # block 0 is served; block 1 is gone, and block 2 with it (its prefix has a hole)
-    assert store.match(store.root_key(), prompt(1)).tiers == (Tier.HOST,)
-    seq = store.admit("x", store.root_key(), prompt(1))
-    assert seq.cached_tokens[Tier.HOST] == BS
-    assert_cached_kv(store, seq, prompt(1))
-    store.release("x")
+    seq, filled = await admit_from_disk(store, "x", prompt(1))   # the payload of block 1 is not
+    assert store.stats().disk.corrupt_dropped == 1 and filled == 0
+    # block 1 is gone, and block 2 with it (its prefix has a hole); block 0 stays on disk
+    assert store.match(store.root_key(), prompt(1)).tiers == (Tier.DISK,)
+    finish_request(store, seq, prompt(1))        # computed instead
     await store.flush()
     store.check_integrity()
     store.close()
@@ -311,10 +311,10 @@ async def test_reads_while_serving_are_the_disk_process_s(tmp_path):
         def __getattr__(self, name):
             raise AssertionError(f"LMDB used in the engine's process while serving: {name}")
     env, store.disk._env = store.disk._env, NoTransactions()
-    m = store.match(store.root_key(), prompt(1))
-    assert await store.prefetch(m) == 3
-    seq = run_request(store, "again", prompt(1))  # asserts the KV is exactly prompt 1's
-    assert seq.cached_tokens[Tier.HOST] == 3 * BS and store.stats().disk.reads == 3
+    seq, filled = await admit_from_disk(store, "again", prompt(1))
+    assert filled == 3 and store.stats().disk.reads == 3
+    assert_loaded_kv(store, seq, prompt(1), filled)  # exactly prompt 1's KV
+    finish_request(store, seq, prompt(1))
     store.disk._env = env
     store.close()
 

@@ -7,8 +7,7 @@ import subprocess
 import sys
 import textwrap
 
-from store import Tier
-from tests.conftest import BS, assert_cached_kv, child_env, make_store
+from tests.conftest import admit_from_disk, assert_loaded_kv, child_env, make_store
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -48,11 +47,9 @@ async def test_killed_writer_never_leaves_a_block_that_is_served_wrong(tmp_path)
         store = make_store(tmp_path, gpu=4, host=4, disk_blocks=100_000)
         served = 0
         for i in [p for r in range(round_ + 1) for p in range(r * 10_000, r * 10_000 + 20)]:
-            match = store.match(store.root_key(), prompt(i))
-            await store.prefetch(match)
-            seq = store.admit(i, store.root_key(), prompt(i))
-            assert_cached_kv(store, seq, prompt(i))   # exact KV, not just a valid checksum
-            served += seq.cached_tokens[Tier.HOST] // BS
+            seq, filled = await admit_from_disk(store, i, prompt(i))
+            assert_loaded_kv(store, seq, prompt(i), filled)   # exact KV, not just a valid checksum
+            served += filled
             store.release(i)
             store.check_integrity()
         stats = store.stats()

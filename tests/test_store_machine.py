@@ -1,5 +1,5 @@
 """A Hypothesis state machine over the whole store: random admissions (with shared prefixes),
-commits, decode steps, releases, prefetches, flushes, corrupted disk records and restarts.
+commits, decode steps, releases, sequences' disk loads, flushes, corrupted disk records and restarts.
 After every step `check_integrity()` holds, and every cached block a sequence is given holds
 exactly the KV computed for its prefix, whichever tiers it travelled through."""
 import asyncio
@@ -111,13 +111,6 @@ class StoreMachine(RuleBasedStateMachine):
             return
         self.store.commit(seq_id, self.tokens.pop(seq_id))
         self.store.release(seq_id)
-
-    @rule(tokens=prompts)
-    def prefetch(self, tokens):
-        match = self.store.match(self.store.root_key(), list(tokens))
-        before = sum(t is Tier.DISK for t in match.tiers)
-        loaded = self.loop.run_until_complete(self.store.prefetch(match))
-        assert 0 <= loaded <= before
 
     @rule(target=prompts, tokens=prompts, computed=st.integers(0, 3))
     def compute_and_load(self, tokens, computed):

@@ -36,8 +36,8 @@ from dataclasses import asdict, dataclass, field
 import aiohttp
 from tqdm import tqdm
 
-from engine.bench import percentile
-from engine.bench_tiers import THINK_SHAPES, ChatShape
+from engine.bench.common import percentile
+from engine.bench.tiers import THINK_SHAPES, ChatShape
 
 TIERS = ("gpu", "host", "disk")
 

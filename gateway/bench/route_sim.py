@@ -1,7 +1,7 @@
 """N replicas behind a router, by trace replay: the cached fraction of the prompts, where N
 devices are not available to measure it (docs/benchmarks.md, "Replicas").
 
-    python -m gateway.route_sim [--replicas 2] [--blocks 256] [--workloads gsp,chat]
+    python -m gateway.bench.route_sim [--replicas 2] [--blocks 256] [--workloads gsp,chat]
                                 [--scale 1] [--length-scale 0.25] [--imbalance 16]
 
 The prompts of `kvgate bench`'s gsp and chat (block keys of random tokens, the same shapes) are
@@ -119,7 +119,7 @@ def replay(bursts: list[list[tuple]], replicas: int, blocks: int, router: str, i
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m gateway.route_sim", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m gateway.bench.route_sim", description=__doc__.split("\n")[0])
     p.add_argument("--replicas", type=int, default=2)
     p.add_argument("--blocks", type=int, default=256, help="one replica's pool, in blocks of 16 tokens")
     p.add_argument("--workloads", default="gsp,chat")

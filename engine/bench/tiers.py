@@ -33,7 +33,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-from engine.bench import percentile, run_kvgate, summarize, timed_request
+from engine.bench.common import percentile, run_kvgate, summarize, timed_request
 from engine.engine import Engine
 from engine.sampling import SamplingParams
 from store import Tier
@@ -114,7 +114,7 @@ async def chat_overflow(factory: EngineFactory, vocab: int, users: int, block_si
             row = await chat(engine, vocab, users, length)
             stats = engine.store.stats()
             row.update(config=config, gpu_blocks=gpu, host_blocks=host, conversation_blocks=total,
-                       prefetched_blocks=stats.tiers[Tier.DISK].promotions,
+                       disk_loaded_blocks=stats.tiers[Tier.DISK].promotions,
                        disk_writes_dropped=stats.disk.pending_full if stats.disk else 0, **_counts(engine))
             await engine.stop(persist=False)
             del engine              # unreferenced, so that the factory frees its pools before the next

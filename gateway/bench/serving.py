@@ -1,6 +1,6 @@
 """HTTP ÷ in-process: what serving over HTTP costs, measured on the same workloads and settings.
 
-    python -m gateway.bench_serving [--workloads gsp,chat] [--scale 1] [--length-scale 1] \\
+    python -m gateway.bench.serving [--workloads gsp,chat] [--scale 1] [--length-scale 1] \\
         [--set section.key=value ...] [--json out.json]
 
 For each workload, twice, each time on a fresh engine with an empty cache built from the same
@@ -33,7 +33,7 @@ import aiohttp
 from engine.engine import Engine
 from engine.model import load_model
 from engine.sampling import SamplingParams
-from gateway import bench
+from gateway.bench import client as bench
 from gateway.config import load_config
 from gateway.tiers import open_engine
 
@@ -175,7 +175,7 @@ def print_table(rows: list[dict]) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m gateway.bench_serving", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m gateway.bench.serving", description=__doc__.split("\n")[0])
     p.add_argument("--workloads", default="gsp,chat")
     p.add_argument("--scale", type=float, default=1.0)
     p.add_argument("--length-scale", type=float, default=1.0)

@@ -1,7 +1,7 @@
 """Fair share between tenants, measured over HTTP: a light tenant's first tokens alone, and
 beside a heavy tenant's flood.
 
-    python -m gateway.bench_tenants [--flood 200] [--flood-tokens 128] [--light 6] [--gap 0.4] \\
+    python -m gateway.bench.tenants [--flood 200] [--flood-tokens 128] [--light 6] [--gap 0.4] \\
         [--heavy-kv-share 1.0] [--set section.key=value ...] [--json out.json]
 
 Three runs, each on a fresh `kvgate serve` with two tenants and an empty cache directory:
@@ -30,8 +30,8 @@ import time
 
 import aiohttp
 
-from gateway import bench
-from gateway.bench_serving import _wait_healthy
+from gateway.bench import client as bench
+from gateway.bench.serving import _wait_healthy
 
 TENANTS = """
 [server]
@@ -141,7 +141,7 @@ async def main_async(a: argparse.Namespace) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m gateway.bench_tenants", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m gateway.bench.tenants", description=__doc__.split("\n")[0])
     p.add_argument("--flood", type=int, default=200, help="the heavy tenant's requests, sent at once")
     p.add_argument("--flood-tokens", type=int, default=128, help="output tokens of each")
     p.add_argument("--light", type=int, default=6, help="the light tenant's requests")

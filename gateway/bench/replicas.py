@@ -2,7 +2,7 @@
 against N replicas routed by cached prefix, N replicas behind Ray Serve's default router, and
 one replica holding the cache of all N — out tok/s, TTFT and the cached fraction of the prompts.
 
-    python -m gateway.bench_replicas [--replicas 2] [--workloads gsp,chat] [--scale 0.5]
+    python -m gateway.bench.replicas [--replicas 2] [--workloads gsp,chat] [--scale 0.5]
         [--length-scale 0.25] [--set section.key=value ...] [--json out.json]
 
 Each run starts `kvgate serve --replicas` (a local Ray) with an empty cache, runs the
@@ -19,8 +19,8 @@ import subprocess
 import sys
 import tempfile
 
-from gateway import bench
-from gateway.bench_serving import _wait_healthy
+from gateway.bench import client as bench
+from gateway.bench.serving import _wait_healthy
 
 
 async def run(mode: str, replicas: int, a: argparse.Namespace) -> list[dict]:
@@ -75,7 +75,7 @@ async def main_async(a: argparse.Namespace) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m gateway.bench_replicas", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m gateway.bench.replicas", description=__doc__.split("\n")[0])
     p.add_argument("--replicas", type=int, default=2)
     p.add_argument("--workloads", default="gsp,chat")
     p.add_argument("--scale", type=float, default=1.0)

@@ -1,94 +1,22 @@
-"""In-process engine benchmark: the workloads of BENCHMARKS.md through kvgate's engine and
-through transformers on the same weights, in the same run.
-
-    python -m engine.bench                                   # tiny model on the CPU
-    python -m engine.bench --model dummy:llama3-8b --gpu-blocks 20000 --peer-script PATH/hf_peer.py
-    python -m engine.bench --model dummy:llama3-8b --workloads chat,chat-overflow,restart
-
-Workloads (token ids drawn from a seeded generator, greedy, output length forced):
-  gsp      G groups x 16 requests: a 2048-token group prefix + 128 unique tokens; 128 out
-  unique   64 prompts of 2176 random tokens; 128 out
-  decode1  one 2048-token prompt; 128 out
-  chat, chat-overflow, restart, chat-think, chat-think-long: see engine/bench_tiers.py
---scale multiplies the number of requests (G = max(1, round(8 * scale)) on GPU, 1 on CPU; chat
-users 16 x scale, chat-overflow users 32 x scale, chat-think users 64 x scale). kvgate runs each
-workload on a fresh engine (cold cache). The peer: transformers' continuous batching
-(`generate_batch`) for gsp and unique, and plain `generate` for decode1, in this process on the
-same weights, or with --peer-script the shared hf_peer.py in its own process before kvgate's
-runs (the side-by-side table of a device run).
-"""
+"""The command line of `python -m engine.bench` (the package's docstring says what it runs)."""
 from __future__ import annotations
 
 import argparse
 import asyncio
 import gc
 import json
-import statistics
 import subprocess
 import sys
 import time
 
 import torch
 
+from engine.bench import step_profile, tiers
+from engine.bench.common import run_kvgate, workload
 from engine.config import EngineConfig, ModelConfig
 from engine.engine import Engine
 from engine.model import load_model
-from engine.sampling import SamplingParams
-from store import StoreConfig, Tier
-
-
-def workload(name: str, vocab: int, scale: float, gpu: bool, length: float = 1.0,
-             seed: int = 0) -> tuple[list[list[int]], int]:
-    g = torch.Generator().manual_seed(seed)
-    n = lambda x: max(1, round(x * length))  # noqa: E731
-    rand = lambda k: torch.randint(0, vocab, (n(k),), generator=g).tolist()  # noqa: E731
-    if name == "gsp":
-        groups = max(1, round(8 * scale)) if gpu else 1
-        prompts = []
-        for _ in range(groups):
-            system = rand(2048)
-            prompts += [system + rand(128) for _ in range(max(1, round(16 * (scale if not gpu else 1))))]
-        return prompts, n(128)
-    if name == "unique":
-        return [rand(2176) for _ in range(max(1, round(64 * scale)))], n(128)
-    if name == "decode1":
-        return [rand(2048)], n(128)
-    raise ValueError(f"unknown workload {name!r}")
-
-
-async def run_kvgate(engine: Engine, prompts: list[list[int]], out_len: int) -> dict:
-    """All prompts at once; the summary of `summarize`."""
-    params = SamplingParams(max_tokens=out_len, temperature=0.0, ignore_eos=True)
-    start = time.perf_counter()
-    results = await asyncio.gather(*(timed_request(engine, p, params) for p in prompts))
-    return summarize(results, time.perf_counter() - start)
-
-
-async def timed_request(engine: Engine, prompt: list[int], params: SamplingParams) -> tuple:
-    """(TTFT, arrival time of each token, cached tokens per tier, prompt tokens, tokens, time
-    queued before admission)."""
-    start, stamps, tokens, last = time.perf_counter(), [], [], None
-    async for out in engine.generate(prompt, params):
-        stamps += [time.perf_counter()] * len(out.token_ids)
-        tokens += out.token_ids
-        last = out
-    return stamps[0] - start, stamps, last.cached_tokens, last.prompt_tokens, tokens, last.queued_s
-
-
-def summarize(results: list[tuple], wall: float) -> dict:
-    ttft = sorted(r[0] for r in results)
-    tpot = [(r[1][-1] - r[1][0]) / (len(r[1]) - 1) for r in results if len(r[1]) > 1]
-    out_tokens = sum(len(r[4]) for r in results)
-    prompt_tokens = sum(r[3] for r in results)
-    cached = {t.name.lower(): sum(r[2][t] for r in results) / prompt_tokens for t in Tier}
-    row = dict(requests=len(results), out_tokens=out_tokens, wall_s=round(wall, 3),
-               out_tok_s=round(out_tokens / wall, 1), ttft_p50_s=round(percentile(ttft, 50), 4),
-               ttft_p99_s=round(percentile(ttft, 99), 4),
-               cached_fraction={k: round(v, 3) for k, v in cached.items()})
-    if tpot:
-        row.update(tpot_p50_ms=round(statistics.median(tpot) * 1e3, 2),
-                   decode_tok_s=round(1 / statistics.median(tpot), 1))
-    return row
+from store import StoreConfig
 
 
 def run_peer(model, prompts: list[list[int]], out_len: int, name: str) -> dict:
@@ -126,13 +54,7 @@ def run_peer(model, prompts: list[list[int]], out_len: int, name: str) -> dict:
         model.set_attn_implementation(ATTN_IMPLEMENTATION)
 
 
-def percentile(sorted_values: list[float], p: float) -> float:
-    """The p-th percentile (nearest rank) of already sorted values."""
-    return sorted_values[min(len(sorted_values) - 1, int(round(p / 100 * (len(sorted_values) - 1))))]
-
-
 async def main_async(a: argparse.Namespace) -> list[dict]:
-    from engine import bench_tiers
     loaded = load_model(ModelConfig(path=a.model, device=a.device, fuse=a.fuse), block_size=a.block_size)
     gpu = loaded.device.type == "cuda"
     vocab = loaded.model.config.vocab_size
@@ -173,18 +95,18 @@ async def main_async(a: argparse.Namespace) -> list[dict]:
             torch.cuda.reset_peak_memory_stats()
         if name == "chat":
             engine = await fresh_engine()
-            record(name, await bench_tiers.chat(engine, vocab, max(1, round(16 * a.scale)), a.length))
+            record(name, await tiers.chat(engine, vocab, max(1, round(16 * a.scale)), a.length))
             await engine.stop(persist=False)
         elif name == "chat-overflow":
-            record(name, await bench_tiers.chat_overflow(fresh_engine, vocab, max(2, round(32 * a.scale)),
+            record(name, await tiers.chat_overflow(fresh_engine, vocab, max(2, round(32 * a.scale)),
                                                          a.block_size, a.length))
-        elif name in bench_tiers.THINK_SHAPES:
-            shape = bench_tiers.THINK_SHAPES[name]
-            record(name, await bench_tiers.chat_think(
+        elif name in tiers.THINK_SHAPES:
+            shape = tiers.THINK_SHAPES[name]
+            record(name, await tiers.chat_think(
                 fresh_engine, vocab, a.scale, a.block_size, a.length, shape.think_s if a.think_s is None else a.think_s,
                 configs=a.think_configs or shape.configs, shape=shape, repeat=a.repeat))
         elif name == "restart":
-            record(name, await bench_tiers.restart(fresh_engine, vocab, max(1, round(8 * a.scale)),
+            record(name, await tiers.restart(fresh_engine, vocab, max(1, round(8 * a.scale)),
                                                    a.gpu_blocks, a.length))
         else:
             prompts, out_len = workload(name, vocab, a.scale, gpu, a.length)
@@ -245,8 +167,7 @@ def print_table(rows: list[dict]) -> None:
 
 
 def print_think_table(rows: list[dict]) -> None:
-    from engine.bench_tiers import THINK_SHAPES     # here: bench_tiers imports this module
-    for workload in THINK_SHAPES:
+    for workload in tiers.THINK_SHAPES:
         _print_think_table(workload, [r for r in rows if r["workload"] == workload])
 
 
@@ -300,7 +221,9 @@ def _ms(s: float | None) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    import engine.bench
+    p = argparse.ArgumentParser(prog="python -m engine.bench", description=engine.bench.__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="dummy:tiny")
     p.add_argument("--device", default="")
     p.add_argument("--workloads", default="gsp,unique,decode1")
@@ -341,11 +264,10 @@ def main(argv: list[str] | None = None) -> None:
     if a.switch_interval is not None:
         sys.setswitchinterval(a.switch_interval)
     if a.kernel or a.profile_step:
-        from engine import bench_profile
         if a.kernel:
-            bench_profile.bench_kernel(a.device or "cuda")
+            step_profile.bench_kernel(a.device or "cuda")
         else:
-            asyncio.run(bench_profile.profile_step(a))
+            asyncio.run(step_profile.profile_step(a))
         return
     rows = asyncio.run(main_async(a))
     print_table(rows)

@@ -9,7 +9,7 @@ import time
 
 import torch
 
-from engine.bench import workload
+from engine.bench.common import workload
 from engine.config import EngineConfig, ModelConfig
 from engine.engine import Engine
 from engine.model import load_model

@@ -1,0 +1,3 @@
+from engine.bench.cli import main
+
+main()

@@ -1,0 +1,3 @@
+from store.bench.micro import main
+
+main()
