@@ -15,7 +15,6 @@ import dataclasses
 import itertools
 import logging
 import time
-import uuid
 from collections.abc import AsyncIterator, Callable
 from collections.abc import Sequence as Seq
 from concurrent.futures import ThreadPoolExecutor
@@ -31,9 +30,10 @@ from engine.errors import InvalidRequest
 from engine.fairness import TenantShare
 from engine.model import LoadedModel
 from engine.runner import Launched, ModelRunner
+from engine.request import Request
 from engine.sampling import SamplingParams
 from engine.scheduler import Chunk, Scheduler
-from engine.sequence import Logprob, RequestOutput, RequestStream, Retention, Sequence, Status
+from engine.sequence import Logprob, RequestOutput, RequestStream, Sequence, Status
 from store import BlockStore, StoreConfig, Tier
 
 log = logging.getLogger("kvgate.engine")
@@ -120,40 +120,40 @@ class Engine:
 
     # ---- requests ---------------------------------------------------------------------------
 
-    def submit(self, prompt_ids: Seq[int], params: SamplingParams, priority: int = 0,
-               namespace: str = "", request_id: str | None = None, cache_salt: str = "",
-               cache_report: bool = False, retention: Retention | None = None) -> RequestStream:
+    def submit(self, request: Request) -> RequestStream:
         """Validate and queue a request; raises InvalidRequest (and queues nothing). Its
         disk-resident prefix blocks start loading at once, from the last one back, while it
         waits and then while it computes the first ones (store/loader.py)."""
-        request_id = request_id or uuid.uuid4().hex
-        self._validate(request_id, prompt_ids, params, priority)
+        request_id, params, priority = request.request_id, request.params, request.priority
+        self._validate(request_id, request.prompt_ids, params, priority)
         if params.min_tokens:      # what min_tokens holds back: the stop tokens, and EOS unless ignored
             eos = () if params.ignore_eos else tuple(sorted(self.loaded.eos_token_ids))
             params = dataclasses.replace(params, end_ids=tuple(params.stop_token_ids) + eos)
-        prompt = list(prompt_ids)
-        # its cache: the namespace's (the tenant's), narrowed by a salt (vLLM's cache_salt),
-        # after the public prefix it starts with, if any
-        scope = self.store.scope(f"{namespace}\0{cache_salt}" if cache_salt else namespace, prompt)
+        prompt = list(request.prompt_ids)
+        # its cache: the namespace's (the tenant's, narrowed by its salt), after the public
+        # prefix it starts with, if any
+        scope = self.store.scope(request.cache_namespace, prompt)
         generator = None
         if not params.greedy:
             generator = torch.Generator(device=self.loaded.device)
             generator.manual_seed(params.seed if params.seed is not None else torch.seed())
         match = self.store.match(scope, prompt, max_tokens=len(prompt) - 1)
         detokenizer = Detokenizer(self.loaded.tokenizer if self.detokenize else None, params.stop)
+        retention = request.retention
         seq = Sequence(request_id, prompt, len(prompt), params, priority, next(self._arrivals), scope,
                        detokenizer, generator, found=match.tiers, max_tier=self.costs.slowest_tier_to_load(match.tiers),
-                       tenant=namespace, retention=retention.blocks(len(prompt), self.config.block_size)
+                       tenant=request.namespace, retention=retention.blocks(len(prompt), self.config.block_size)
                        if retention is not None else None)
-        seq.cache_report = self._cache_report(seq, match, cache_report)   # counted always, built if asked
+        seq.cache_report = self._cache_report(seq, match, request.cache_report)   # counted always, built if asked
         self._requests[request_id] = seq
         self.scheduler.add(seq, match)
         self._wakeup.set()
         return RequestStream(self, seq)
 
     async def generate(self, prompt_ids: Seq[int], params: SamplingParams,
-                       **kw) -> AsyncIterator[RequestOutput]:
-        async for out in self.submit(prompt_ids, params, **kw):
+                       **fields) -> AsyncIterator[RequestOutput]:
+        """The outputs of `Request(prompt_ids, params, **fields)`."""
+        async for out in self.submit(Request(prompt_ids, params, **fields)):
             yield out
 
     def abort_all(self) -> None:

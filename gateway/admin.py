@@ -22,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, StrictBool, StrictStr
 
 from engine import limits
 from engine.errors import InvalidRequest
+from engine.request import Request
 from engine.sampling import SamplingParams
 from gateway import intake
 from gateway.config import ConfigError
@@ -116,8 +117,8 @@ async def declare_public(app: web.Application, req: PublicRequest) -> dict:
 
 async def _warm(app: web.Application, prompt: list[int], tenant: str, r: RetentionRequest | None) -> dict:
     """Compute `prompt` into `tenant`'s cache (its public prefix into the public one)."""
-    stream = app[ENGINE].submit(prompt, WARM, priority=r.priority if r else 0, namespace=tenant,
-                                retention=None if r is None else r.to_engine())
+    stream = app[ENGINE].submit(Request(prompt, WARM, priority=r.priority if r else 0, namespace=tenant,
+                                        retention=None if r is None else r.to_engine()))
     last = None
     async for out in stream:
         last = out

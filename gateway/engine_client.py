@@ -23,7 +23,6 @@ import pickle
 import shutil
 import tempfile
 import time
-import uuid
 from collections.abc import AsyncIterator, Callable
 
 import zmq
@@ -31,8 +30,8 @@ import zmq.asyncio
 
 from engine import limits
 from engine.detokenizer import Detokenizer
-from engine.sampling import SamplingParams
-from engine.sequence import RequestOutput, Retention, coalesced
+from engine.request import Request
+from engine.sequence import RequestOutput, coalesced
 from gateway import engine_process
 from gateway import engine_wire as wire
 from gateway.config import ConfigError, KvgateConfig
@@ -214,20 +213,21 @@ class EngineClient:
         self.fingerprint: str = info["fingerprint"]
         self.kv: dict = info["kv"]            # gateway.tiers.kv_arithmetic
 
-    def submit(self, prompt_ids: list[int], params: SamplingParams, priority: int = 0,
-               namespace: str = "", cache_salt: str = "", cache_report: bool = False,
-               retention: Retention | None = None) -> RemoteStream:
+    def submit(self, request: Request) -> RemoteStream:
         """Check the request against the engine's bounds (InvalidRequest), then send it."""
         if self.dead:
             raise EngineDead(self.dead)
-        limits.check_request(self.bounds, prompt_ids, params, priority)
-        request_id = uuid.uuid4().hex
+        limits.check_request(self.bounds, request.prompt_ids, request.params, request.priority)
         queue: asyncio.Queue[RequestOutput] = asyncio.Queue()
-        self._streams[request_id] = queue
-        self.process.send("submit", request_id, list(prompt_ids), wire.params_to_wire(params), priority, namespace,
-                          cache_salt, cache_report, None if retention is None else dataclasses.astuple(retention))
+        self._streams[request.request_id] = queue
+        self.process.send("submit", request.to_wire())
+        return self.stream(request, queue)
+
+    def stream(self, request: Request, queue: asyncio.Queue[RequestOutput]) -> RemoteStream:
+        """The stream of `request`'s outputs as they arrive in `queue`, detokenized here."""
+        params = request.params
         detokenizer = Detokenizer(self.tokenizer, params.stop) if self.tokenizer is not None else None
-        return RemoteStream(self, request_id, queue, detokenizer, frozenset(params.stop_token_ids))
+        return RemoteStream(self, request.request_id, queue, detokenizer, frozenset(params.stop_token_ids))
 
     def abort(self, request_id: str) -> None:
         if self._streams.pop(request_id, None) is not None and not self.dead:

@@ -25,7 +25,7 @@ from engine import cache_admin
 from engine.engine import Engine
 from engine.errors import InvalidRequest
 from engine.model import LoadedModel, load_model
-from engine.sequence import Retention
+from engine.request import Request
 from gateway import engine_wire as wire
 from gateway.config import ConfigError, KvgateConfig
 from gateway.kv_events import KVEventPublisher, open_events
@@ -179,13 +179,10 @@ class EngineCore:
     def handle(self, msg: list) -> None:
         kind = msg[0]
         if kind == "submit":
-            _, request_id, prompt, params, priority, namespace, cache_salt, report, retention = msg
             try:
-                self.engine.submit(prompt, wire.params_from_wire(params), priority=priority, namespace=namespace,
-                                   request_id=request_id, cache_salt=cache_salt, cache_report=report,
-                                   retention=None if retention is None else Retention(*retention))   # outputs: `output`
+                self.engine.submit(Request.from_wire(msg[1]))        # its outputs: `output`
             except InvalidRequest as e:
-                self.push.send(wire.pack("rejected", request_id, str(e)))
+                self.push.send(wire.pack("rejected", msg[1].get("request_id"), str(e)))
         elif kind == "abort":
             for request_id in msg[1]:
                 self.engine.abort(request_id)

@@ -4,8 +4,7 @@ Two one-way ZMQ pipes (PUSH -> PULL over ipc sockets in a directory only this us
 one msgpack array per message, its first item the kind:
 
     API -> engine                                   engine -> API
-    ["submit", id, prompt, params, priority, ns,        ["ready", gen, info]    started
-     salt, cache_report, retention]
+    ["submit", request]                             ["ready", gen, info]    started
     ["abort", [id, ...]]                            ["out", [output, ...]]      one per engine loop turn
     ["stats", token]                                ["rejected", id, message]   refused at submit
     ["admin", token, op, args]                      (answered as "stats": gateway/admin.py)
@@ -14,7 +13,7 @@ one msgpack array per message, its first item the kind:
                                                     ["stopped"]
                                                     ["beat"]                    every HEARTBEAT_S
 
-`params` is SamplingParams as a dict; an output is RequestOutput as an array, cached tokens one
+`request` is engine.request.Request as a dict (`to_wire`); an output is RequestOutput as an array, cached tokens one
 count per Tier, logprobs as [logprob, [[token id, logprob], ...]] per token (or nil). "reopen"
 (tests: one process, many configurations, the model loaded once) carries the pickled
 KvgateConfig: only the API process that started the engine can write to the pipe. Everything
@@ -23,11 +22,8 @@ validates it again (`Engine.submit`).
 """
 from __future__ import annotations
 
-import dataclasses
-
 import msgpack
 
-from engine.sampling import SamplingParams
 from engine.sequence import RequestOutput
 
 HEARTBEAT_S = 0.5          # the engine process's heartbeat while its event loop turns
@@ -44,14 +40,6 @@ def pack(*message) -> bytes:
 
 def unpack(data: bytes) -> list:
     return msgpack.unpackb(data, raw=False, strict_map_key=False)
-
-
-def params_to_wire(params: SamplingParams) -> dict:
-    return {f.name: getattr(params, f.name) for f in dataclasses.fields(params) if f.init}
-
-
-def params_from_wire(values: dict) -> SamplingParams:
-    return SamplingParams(**values)          # validates again: raises InvalidRequest
 
 
 def output_to_wire(out: RequestOutput) -> list:

@@ -16,7 +16,8 @@ from engine import limits
 from engine.errors import InvalidRequest
 from engine.model import Prompts
 from engine.sampling import SamplingParams
-from engine.sequence import Logprob, RequestOutput, Retention
+from engine.request import Request
+from engine.sequence import Logprob, RequestOutput
 from gateway.engine_client import EngineClient, RemoteStream
 from gateway.protocol import ChatCompletionRequest, CompletionRequest
 
@@ -156,13 +157,12 @@ def check_response_size(req: ChatCompletionRequest | CompletionRequest, choices:
                          "response_too_large")
 
 
-def submit(engine: EngineClient, choices: list[Choice], priority: int, namespace: str, cache_salt: str = "",
-           cache_report: bool = False, retention: Retention | None = None) -> None:
-    """Submit every choice, or none: if one fails, those already submitted are aborted."""
+def submit(engine: EngineClient, choices: list[Choice], **fields) -> None:
+    """Submit every choice as a `Request(prompt, params, **fields)`, or none: if one fails,
+    those already submitted are aborted."""
     try:
         for c in choices:
-            c.stream = engine.submit(c.prompt, c.params, priority=priority, namespace=namespace,
-                                     cache_salt=cache_salt, cache_report=cache_report, retention=retention)
+            c.stream = engine.submit(Request(c.prompt, c.params, **fields))
     except BaseException:
         for c in choices:
             if c.stream is not None:

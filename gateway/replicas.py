@@ -14,7 +14,6 @@ import collections
 import dataclasses
 import logging
 import os
-import uuid
 
 import ray
 import torch
@@ -23,12 +22,11 @@ from ray import serve
 from ray.serve.config import AutoscalingConfig, RequestRouterConfig
 
 from engine import cache_admin, limits
-from engine.detokenizer import Detokenizer
 from engine.engine import Engine
 from engine.errors import InvalidRequest
 from engine.model import load_model, load_tokenizer
-from engine.sampling import SamplingParams
-from engine.sequence import RequestOutput, Retention
+from engine.request import Request
+from engine.sequence import RequestOutput
 from gateway import engine_wire as wire
 from gateway.config import KvEventsConfig, KvgateConfig
 from gateway.engine_client import ASK_TIMEOUT_S, EngineClient, RemoteStream
@@ -78,13 +76,8 @@ class EngineReplica:
         """A request's outputs as wire rows; the replica's id first. Cancelled (the caller went
         away, or aborted it): the request is aborted."""
         yield self.replica
-        retention = request["retention"]
         try:
-            stream = self.engine.submit(request["prompt"], wire.params_from_wire(request["params"]),
-                                        priority=request["priority"], namespace=request["namespace"],
-                                        request_id=request["request_id"], cache_salt=request["cache_salt"],
-                                        cache_report=request["cache_report"],
-                                        retention=None if retention is None else Retention(*retention))
+            stream = self.engine.submit(Request.from_wire(request))
         except InvalidRequest as e:
             yield ["rejected", str(e)]
             return
@@ -185,6 +178,7 @@ class ReplicaClient:
     """EngineClient's interface over the deployment: the gateway's view of the replicas."""
 
     adopt = EngineClient.adopt
+    stream = EngineClient.stream
 
     def __init__(self, handle, info: dict, tokenizer=None) -> None:
         self.handle = handle
@@ -201,20 +195,12 @@ class ReplicaClient:
         scope = self.public.scope(root_key(self.fingerprint, namespace), prompt, self.bounds.block_size)
         return scope.keys(token_bytes(prompt), self.bounds.block_size)
 
-    def submit(self, prompt_ids: list[int], params: SamplingParams, priority: int = 0,
-               namespace: str = "", cache_salt: str = "", cache_report: bool = False,
-               retention: Retention | None = None) -> RemoteStream:
-        limits.check_request(self.bounds, prompt_ids, params, priority)
-        request_id = uuid.uuid4().hex
-        scope = f"{namespace}\0{cache_salt}" if cache_salt else namespace
-        request = {"request_id": request_id, "prompt": list(prompt_ids), "params": wire.params_to_wire(params),
-                   "priority": priority, "namespace": namespace, "cache_salt": cache_salt,
-                   "cache_report": cache_report, "block_keys": self.block_keys(list(prompt_ids), scope),
-                   "retention": None if retention is None else dataclasses.astuple(retention)}
+    def submit(self, request: Request) -> RemoteStream:
+        limits.check_request(self.bounds, request.prompt_ids, request.params, request.priority)
+        sent = {**request.to_wire(), "block_keys": self.block_keys(list(request.prompt_ids), request.cache_namespace)}
         queue: asyncio.Queue[RequestOutput] = asyncio.Queue()
-        self._tasks[request_id] = asyncio.create_task(self._pump(request, queue))
-        detokenizer = Detokenizer(self.tokenizer, params.stop) if self.tokenizer is not None else None
-        return RemoteStream(self, request_id, queue, detokenizer, frozenset(params.stop_token_ids))
+        self._tasks[request.request_id] = asyncio.create_task(self._pump(sent, queue))
+        return self.stream(request, queue)
 
     async def _pump(self, request: dict, queue: asyncio.Queue) -> None:
         """Stream a request's outputs into `queue`. A replica that fails before its first

@@ -69,8 +69,9 @@ async def _generate(request: web.Request, schema, prompts_of: Callable, kind: st
             for c in choices:
                 c.echo = texts[c.index // req.n]
         tenant = request[TENANT]
-        submit(engine, choices, priority, tenant.name if tenant else "", req.cache_salt or "", req.cache_report,
-               _retention(req, tenant))
+        submit(engine, choices, priority=priority, namespace=tenant.name if tenant else "",
+               cache_salt=req.cache_salt or "", cache_report=req.cache_report, retention=_retention(req, tenant),
+               prompt_cache_key=req.prompt_cache_key or "")
         response_id = new_id("chatcmpl" if kind == "chat.completion" else "cmpl")
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)

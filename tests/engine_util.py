@@ -11,6 +11,7 @@ from engine.config import EngineConfig, ModelConfig
 from engine.engine import Engine
 from engine.fusion import fuse
 from engine.model import load_model
+from engine.request import Request
 from engine.sampling import SamplingParams
 from engine.sequence import RequestOutput
 from store import StoreConfig
@@ -57,4 +58,4 @@ async def collect(stream) -> tuple[list[int], RequestOutput]:
 
 async def run(engine: Engine, prompt: list[int], params: SamplingParams,
               **kw) -> tuple[list[int], RequestOutput]:
-    return await collect(engine.submit(prompt, params, **kw))
+    return await collect(engine.submit(Request(prompt, params, **kw)))

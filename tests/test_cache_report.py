@@ -4,13 +4,14 @@ load-or-recompute choice, and one computed by another request meanwhile; the rep
 (opt-in, on the last SSE chunk too) and its counters in /metrics."""
 import pytest
 
+from engine.request import Request
 from store import Tier
 from tests.engine_util import BS, collect, greedy, make_engine, prompt
 from tests.http_util import MODEL, metric
 
 
 async def report(engine, tokens, **kw):
-    return (await collect(engine.submit(tokens, greedy(2), cache_report=True, **kw)))[1].cache_report
+    return (await collect(engine.submit(Request(tokens, greedy(2), cache_report=True, **kw))))[1].cache_report
 
 
 async def test_never_computed_then_found_then_evicted_with_where_and_why(llama):
@@ -50,7 +51,7 @@ async def test_blocks_found_in_the_host_tier_but_recomputed_are_reported_with_th
 async def test_a_request_that_waited_for_another_to_compute_its_prefix_says_so(llama):
     engine = make_engine(llama, gpu=64, max_batched=64, max_seqs=8)
     shared = prompt(3, 6 * BS)
-    streams = [engine.submit(shared + [200 + i], greedy(2), cache_report=True) for i in range(2)]
+    streams = [engine.submit(Request(shared + [200 + i], greedy(2), cache_report=True)) for i in range(2)]
     while await engine.step():
         pass
     reports = [(await collect(s))[1].cache_report for s in streams]
@@ -84,7 +85,7 @@ async def test_the_report_counts_disk_blocks_as_they_came_back(llama, tmp_path, 
     from tests.test_engine_tiers import read_lands, restarted_with_a_gated_disk
     document = prompt(1, 24)
     engine, gate = await restarted_with_a_gated_disk(llama, tmp_path, document, mode)
-    stream = engine.submit(document + [7, 9], greedy(3), cache_report=True)
+    stream = engine.submit(Request(document + [7, 9], greedy(3), cache_report=True))
     await engine.step()
     await read_lands(engine, gate)
     await engine.start()

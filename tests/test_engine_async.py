@@ -5,6 +5,7 @@ import random
 
 import pytest
 
+from engine.request import Request
 from engine.sampling import SamplingParams
 from engine.sequence import Status
 from tests.engine_util import BS, collect, greedy, make_engine, prompt
@@ -34,7 +35,7 @@ async def test_a_sequence_is_not_scheduled_once_its_last_token_is_in_flight(llam
     engine = make_engine(llama, async_scheduling=async_scheduling)
     launches = record_launches(engine, monkeypatch)
     p = prompt(1, 9)
-    stream = engine.submit(p, greedy(4))
+    stream = engine.submit(Request(p, greedy(4)))
     reader = asyncio.create_task(collect(stream))
     await drive(engine)
     tokens, last = await reader
@@ -54,7 +55,7 @@ async def test_an_end_on_a_stop_token_costs_one_dropped_row(llama, async_schedul
     expected = hf_greedy(llama, p, 3)
     engine = make_engine(llama, async_scheduling=async_scheduling)
     launches = record_launches(engine, monkeypatch)
-    stream = engine.submit(p, greedy(20, stop_token_ids=(expected[1],)))
+    stream = engine.submit(Request(p, greedy(20, stop_token_ids=(expected[1],))))
     reader = asyncio.create_task(collect(stream))
     await drive(engine)
     tokens, last = await reader
@@ -71,7 +72,7 @@ async def test_a_step_with_logits_processors_is_read_back_before_the_next_is_sch
     for async_scheduling in (True, False):
         engine = make_engine(llama, async_scheduling=async_scheduling)
         launches = record_launches(engine, monkeypatch)
-        reader = asyncio.create_task(collect(engine.submit(p, params)))
+        reader = asyncio.create_task(collect(engine.submit(Request(p, params))))
         await drive(engine)
         outputs.append((await reader)[0])
         assert len(launches) == 6 and not any(previous for _, previous in launches)
@@ -85,7 +86,7 @@ async def test_a_sequence_preempted_in_flight_keeps_its_blocks_and_waits_for_its
     engine = make_engine(llama, gpu=32)
     launches = record_launches(engine, monkeypatch)
     p = prompt(4, 3 * BS + 1)
-    stream = engine.submit(p, greedy(3))
+    stream = engine.submit(Request(p, greedy(3)))
     reader = asyncio.create_task(collect(stream))
     seq = stream._seq
     assert await engine.step()                       # the prompt's step, left in flight
@@ -115,7 +116,7 @@ async def test_async_and_one_step_at_a_time_give_the_same_output_under_preemptio
     for async_scheduling in (True, False):
         engine = make_engine(llama, gpu=14, host=32, max_batched=16, max_seqs=6, async_scheduling=async_scheduling)
         await engine.start()
-        runs = await asyncio.gather(*(collect(engine.submit(p, q)) for p, q in zip(prompts, params)))
+        runs = await asyncio.gather(*(collect(engine.submit(Request(p, q))) for p, q in zip(prompts, params)))
         results.append([(tokens, last.finish_reason) for tokens, last in runs])
         preemptions.append(engine.scheduler.num_preemptions)
         assert_no_blocks_held(engine)

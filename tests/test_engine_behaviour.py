@@ -6,6 +6,7 @@ import random
 import pytest
 
 from engine.errors import InvalidRequest
+from engine.request import Request
 from engine.sampling import SamplingParams
 from store import Tier
 from tests.engine_util import BS, collect, greedy, make_engine, run
@@ -27,7 +28,7 @@ async def test_randomized_run_with_aborts_keeps_integrity_after_every_step(llama
         if rng.random() < 0.3:
             own = [rng.randrange(3, 256) for _ in range(rng.randrange(1, 25))]
             p = (shared if rng.random() < 0.5 else []) + own
-            streams.append(engine.submit(p, greedy(rng.randrange(1, 20))))
+            streams.append(engine.submit(Request(p, greedy(rng.randrange(1, 20)))))
         if streams and rng.random() < 0.1:
             engine.abort(rng.choice(streams).request_id)
         await engine.step()
@@ -42,7 +43,7 @@ async def test_randomized_run_with_aborts_keeps_integrity_after_every_step(llama
 
 async def test_leaving_the_stream_aborts_and_frees_blocks(llama):
     engine = make_engine(llama)
-    stream = engine.submit(list(range(3, 30)), greedy(200))
+    stream = engine.submit(Request(list(range(3, 30)), greedy(200)))
     async with stream:
         while (await engine.step()) and stream._seq.num_generated < 3:
             pass
@@ -55,7 +56,7 @@ async def test_leaving_the_stream_aborts_and_frees_blocks(llama):
 
 async def test_cancelling_the_reader_aborts_even_mid_step(llama):
     engine = make_engine(llama)
-    stream = engine.submit(list(range(3, 30)), greedy(200))
+    stream = engine.submit(Request(list(range(3, 30)), greedy(200)))
     reader = asyncio.create_task(collect(stream))   # a client that will disconnect
     for _ in range(4):
         await engine.step()
@@ -81,7 +82,7 @@ async def test_invalid_requests_are_rejected_and_the_engine_keeps_serving(llama,
     engine = make_engine(llama)
     await engine.start()
     with pytest.raises(InvalidRequest) as e:
-        engine.submit(prompt, params)
+        engine.submit(Request(prompt, params))
     assert e.value.param == param and e.value.code == code
     tokens, _ = await run(engine, [5, 6, 7], greedy(3))
     assert tokens == hf_greedy(llama, [5, 6, 7], 3)
@@ -92,7 +93,7 @@ async def test_invalid_requests_are_rejected_and_the_engine_keeps_serving(llama,
 async def test_a_request_larger_than_the_gpu_pool_is_rejected(llama):
     engine = make_engine(llama, gpu=8)          # 32 tokens of KV
     with pytest.raises(InvalidRequest, match="needs 10 KV blocks; the GPU pool has 8"):
-        engine.submit(list(range(3, 20)), greedy(20))   # 17 + 20 tokens
+        engine.submit(Request(list(range(3, 20)), greedy(20)))   # 17 + 20 tokens
 
 
 @pytest.mark.parametrize("kw,bad", [
@@ -126,17 +127,17 @@ async def test_stop_strings_stop_tokens_and_eos(llama):
     engine = make_engine(llama)
     await engine.start()
     prompt = [5, 6, 7]
-    full = [o async for o in engine.submit(prompt, greedy(24))]
+    full = [o async for o in engine.submit(Request(prompt, greedy(24)))]
     tokens = [t for o in full for t in o.token_ids]
     text = "".join(o.text for o in full)
     assert text == engine.loaded.tokenizer.decode(tokens, skip_special_tokens=True)
     stop = text[5:8]                                   # a piece of what it will say
-    outs = [o async for o in engine.submit(prompt, greedy(24, stop=(stop,)))]
+    outs = [o async for o in engine.submit(Request(prompt, greedy(24, stop=(stop,))))]
     assert "".join(o.text for o in outs) == text[:text.index(stop)]
     assert outs[-1].finish_reason == "stop"
     toks, last = await run(engine, prompt, greedy(24, stop_token_ids=(tokens[6],)))
     assert toks == tokens[:tokens.index(tokens[6]) + 1] and last.finish_reason == "stop"
-    outs = [o async for o in engine.submit(prompt, greedy(24, stop_token_ids=(tokens[6],)))]
+    outs = [o async for o in engine.submit(Request(prompt, greedy(24, stop_token_ids=(tokens[6],))))]
     end = tokens.index(tokens[6])             # the stop token's own text is not returned (vLLM's rule)
     assert "".join(o.text for o in outs) == engine.loaded.tokenizer.decode(tokens[:end], skip_special_tokens=True)
     engine.loaded.eos_token_ids = frozenset([tokens[4]])   # pretend that token is EOS
@@ -152,7 +153,7 @@ async def test_priority_orders_the_waiting_queue(llama):
     finished = []
 
     async def request(name, priority):
-        await collect(engine.submit([3, 4, 5], greedy(3), priority=priority))
+        await collect(engine.submit(Request([3, 4, 5], greedy(3), priority=priority)))
         finished.append(name)
     tasks = [asyncio.create_task(request(n, p)) for n, p in (("low1", 0), ("low2", 0), ("high", 5))]
     await asyncio.sleep(0)            # all three are queued before the engine starts
@@ -165,12 +166,12 @@ async def test_priority_orders_the_waiting_queue(llama):
 async def test_an_urgent_request_preempts_a_less_urgent_one(llama):
     engine = make_engine(llama, gpu=14, host=32, max_batched=64)
     low_prompt = [(7 * i) % 250 + 3 for i in range(40)]
-    low = engine.submit(low_prompt, greedy(12), priority=0)
+    low = engine.submit(Request(low_prompt, greedy(12), priority=0))
     low_out = asyncio.create_task(collect(low))
     while low._seq.num_generated < 2:
         await engine.step()
     assert engine.store.stats().tiers[Tier.GPU].locked == 11   # of 14: high needs 5
-    high = engine.submit(list(range(20, 40)), greedy(4), priority=10)
+    high = engine.submit(Request(list(range(20, 40)), greedy(4), priority=10))
     high_out = asyncio.create_task(collect(high))
     while not high_out.done():
         await engine.step()
@@ -206,7 +207,7 @@ async def test_a_failing_step_fails_its_requests_and_the_engine_goes_on(llama, m
 async def test_stop_ends_every_request_even_with_a_step_in_flight(llama):
     engine = make_engine(llama, gpu=128)
     await engine.start()
-    streams = [engine.submit(list(range(3, 40)), greedy(100)) for _ in range(3)]
+    streams = [engine.submit(Request(list(range(3, 40)), greedy(100))) for _ in range(3)]
     readers = [asyncio.create_task(collect(s)) for s in streams]
     while engine.num_running < 3 or not engine._in_flight:   # stop while a step runs
         await asyncio.sleep(0)
@@ -224,7 +225,7 @@ async def test_requests_behind_a_prefix_being_computed_wait_for_it(llama):
     shared = list(range(3, 3 + 6 * BS))
     other = list(range(100, 100 + 6 * BS))                  # another group, admitted meanwhile
     prompts = [shared + [200 + i] for i in range(3)] + [other + [7]]
-    streams = [engine.submit(p, greedy(3)) for p in prompts]
+    streams = [engine.submit(Request(p, greedy(3))) for p in prompts]
     assert await engine.step()
     first = {s.request_id for s in engine.scheduler.running}
     assert first == {streams[0].request_id, streams[3].request_id}   # the group's followers wait
@@ -243,13 +244,13 @@ async def test_requests_behind_a_prefix_being_computed_wait_for_it(llama):
 async def test_a_reader_that_falls_behind_gets_the_backlog_as_one_delta(llama):
     engine = make_engine(llama)
     prompt = list(range(3, 20))
-    stream = engine.submit(prompt, greedy(6))
+    stream = engine.submit(Request(prompt, greedy(6)))
     live, live_id = aiter(stream), stream.request_id
     deltas = []
     while await engine.step():                         # read as the tokens come: one per step
         if not engine._requests or engine._requests[live_id].outputs.qsize():
             deltas.append(await anext(live))
-    late = engine.submit(prompt, greedy(6))
+    late = engine.submit(Request(prompt, greedy(6)))
     while await engine.step():                         # nobody reads meanwhile
         pass
     backlog = [out async for out in late]

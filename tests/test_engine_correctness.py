@@ -6,6 +6,7 @@ import random
 
 import pytest
 
+from engine.request import Request
 from store import Tier
 from tests.engine_util import BS, collect, greedy, make_engine, prompt, run
 from tests.models import ARCHS, build_model_dir, hf_greedy
@@ -82,8 +83,8 @@ async def test_a_prefix_that_goes_to_disk_while_waiting_is_loaded_at_admission(l
     await run(engine, a, greedy(6))
     await run(engine, prompt(3, 26), greedy(6))          # A's blocks go to the host tier
     assert Tier.HOST in engine.store.match(engine.store.root_key(), a).tiers
-    first = engine.submit(b, greedy(4))                  # runs first and pushes A's blocks to disk
-    second = engine.submit(a + [5], greedy(8))           # waits (one sequence at a time)
+    first = engine.submit(Request(b, greedy(4)))                  # runs first and pushes A's blocks to disk
+    second = engine.submit(Request(a + [5], greedy(8)))           # waits (one sequence at a time)
     await collect(first)
     tokens, last = await collect(second)
     assert last.cached_tokens[Tier.DISK] > 0

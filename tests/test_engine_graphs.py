@@ -11,6 +11,7 @@ import torch
 from engine import kernels
 from engine.attention import DecodeBatch, PrefillBatch
 from engine.graphs import MAX_CHUNKS, MixedShape, StepGraphs, mixed_bucket, padded_mixed_inputs
+from engine.request import Request
 from engine.runner import StepInput
 from tests.engine_util import collect, greedy, make_engine, prompt
 from tests.models import hf_greedy
@@ -95,15 +96,15 @@ async def test_a_returning_user_joining_decodes_runs_in_a_mixed_graph_and_matche
     graphs.broken = not graphed
     idle = lambda: not engine.num_running and not engine.num_waiting  # noqa: E731
     history = prompt(1, 30)
-    stream = engine.submit(history, greedy(6))
+    stream = engine.submit(Request(history, greedy(6)))
     await steps_until(engine, idle)
     first, _ = await collect(stream)
-    running = [engine.submit(prompt(10 + i, 9 + i), greedy(24)) for i in range(4)]
+    running = [engine.submit(Request(prompt(10 + i, 9 + i), greedy(24))) for i in range(4)]
     seqs = [engine._requests[s.request_id] for s in running]
     await steps_until(engine, lambda: all(s.num_generated for s in seqs))
     before = Counter(engine.runner.steps)
     follow_up = history + first + prompt(2, 11)       # a prefix hit plus 15 new tokens
-    returning = engine.submit(follow_up, greedy(8))
+    returning = engine.submit(Request(follow_up, greedy(8)))
     await engine.step()                               # its new tokens beside four decode rows
     assert engine.runner.steps - before == (Counter(mixed=1) if graphed else Counter(eager=1))
     await steps_until(engine, idle)

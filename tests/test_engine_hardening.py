@@ -9,6 +9,7 @@ import torch
 
 from engine import limits
 from engine.errors import InvalidRequest
+from engine.request import Request
 from engine.sampling import SamplingParams, sample
 from store import Tier
 from tests.engine_util import collect, greedy, make_engine, run
@@ -57,7 +58,7 @@ async def test_a_priority_beyond_the_limits_is_refused_before_anything_is_queued
     engine = make_engine(llama)
     for priority in (limits.PRIORITY_MAX + 1, limits.PRIORITY_MIN - 1, 2**63):
         with pytest.raises(InvalidRequest) as e:
-            engine.submit([5, 6, 7], greedy(2), priority=priority)
+            engine.submit(Request([5, 6, 7], greedy(2), priority=priority))
         assert e.value.param == "priority"
     assert engine.num_waiting == 0
     with pytest.raises(ValueError, match="64 bits"):           # the store's own guard
@@ -77,7 +78,7 @@ async def test_a_failing_step_fails_only_the_request_at_fault(llama, monkeypatch
         return real(step)
     monkeypatch.setattr(engine.runner, "launch", launch)
     prompts = [[5, 6, 7, 8], [9, 10, 11], [POISON, 3, 4], [12, 13, 14, 15, 16]]
-    streams = [engine.submit(p, greedy(6)) for p in prompts]
+    streams = [engine.submit(Request(p, greedy(6))) for p in prompts]
     readers = [asyncio.create_task(collect(s)) for s in streams]
     while await engine.step():
         await asyncio.sleep(0)
@@ -103,21 +104,21 @@ async def assert_only_the_bad_one_fails(engine, llama, bad, good) -> None:
 async def test_an_admission_that_fails_fails_only_its_request(llama, monkeypatch):
     engine = make_engine(llama)
     real = engine.store.admit
-    bad = engine.submit([3, 4, 5], greedy(3))
+    bad = engine.submit(Request([3, 4, 5], greedy(3)))
 
     def admit(seq_id, *a, **kw):
         if seq_id == bad.request_id:
             raise RuntimeError("injected admission bug")
         return real(seq_id, *a, **kw)
     monkeypatch.setattr(engine.store, "admit", admit)
-    good = engine.submit([6, 7, 8], greedy(3))
+    good = engine.submit(Request([6, 7, 8], greedy(3)))
     await assert_only_the_bad_one_fails(engine, llama, bad, good)
 
 
 async def test_a_postprocessing_failure_fails_only_its_request(llama, monkeypatch):
     engine = make_engine(llama)
-    bad = engine.submit([3, 4, 5], greedy(3))
-    good = engine.submit([6, 7, 8], greedy(3))
+    bad = engine.submit(Request([3, 4, 5], greedy(3)))
+    good = engine.submit(Request([6, 7, 8], greedy(3)))
 
     def broken(token_ids, start):
         raise UnicodeError("injected: a tokenizer that cannot decode this output")

@@ -6,6 +6,7 @@ import torch
 from engine.config import EngineConfig, ModelConfig
 from engine.fusion import fuse
 from engine.model import load_model
+from engine.request import Request
 from tests.models import build_model_dir
 
 
@@ -112,7 +113,7 @@ async def test_the_demo_replies_in_printable_text(demo):
             ids = demo.encode_chat([{"role": "user", "content": question}])
             for params in (SamplingParams(max_tokens=48, temperature=0),
                            SamplingParams(max_tokens=48, temperature=1.0, seed=i)):
-                text = "".join([o.text async for o in engine.submit(ids, params)])
+                text = "".join([o.text async for o in engine.submit(Request(ids, params))])
                 assert all(c == "\n" or (c.isascii() and c.isprintable()) for c in text), repr(text)
     finally:
         await engine.stop(persist=False)

@@ -3,6 +3,7 @@ without HTTP: outputs across the boundary are token-exact, aborts and stop strin
 engine, a request outside the engine's bounds never leaves the API process, start-up failures are
 one line, SIGINT is ignored and SIGTERM stops the engine as "stop" does."""
 import asyncio
+import dataclasses
 import os
 import signal
 
@@ -12,7 +13,9 @@ import torch
 from engine.config import EngineConfig
 from engine.engine import Engine
 from engine.errors import InvalidRequest
+from engine.request import Request
 from engine.sampling import SamplingParams
+from engine.sequence import Retention
 from gateway import engine_wire as wire
 from gateway.config import ConfigError, build_config
 from gateway.engine_client import EngineClient, EngineProcess
@@ -39,11 +42,11 @@ async def test_outputs_across_the_pipe_match_the_engine_in_this_process(engine_p
     client = EngineClient(await engine_processes.get(config), demo.tokenizer)
     try:
         params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
-        remote = [await collect(client.submit(PROMPT, params)) for _ in range(2)]
+        remote = [await collect(client.submit(Request(PROMPT, params))) for _ in range(2)]
         local = Engine(demo, EngineConfig(), StoreConfig(block_size=16, gpu_blocks=64))
         await local.start()
         try:
-            expected = await collect(local.submit(PROMPT, params))
+            expected = await collect(local.submit(Request(PROMPT, params)))
         finally:
             await local.stop(persist=False)
         assert remote[0][:2] == expected[:2] and remote[1][:2] == expected[:2]
@@ -59,17 +62,17 @@ async def test_an_abort_and_a_stop_string_reach_the_engine(engine_processes, dem
     config = build_config(SECTIONS)
     client = EngineClient(await engine_processes.get(config), demo.tokenizer)
     try:
-        stream = client.submit(PROMPT, SamplingParams(max_tokens=900, temperature=0.0, ignore_eos=True))
+        stream = client.submit(Request(PROMPT, SamplingParams(max_tokens=900, temperature=0.0, ignore_eos=True)))
         async for out in stream:
             if out.token_ids:
                 break
         stream.close()                         # leaving the stream aborts the request
         stats = await engine_idle(client)
         assert stats["blocks"]["gpu"]["locked"] == 0
-        full = await collect(client.submit(PROMPT, SamplingParams(max_tokens=30, temperature=0.0, ignore_eos=True)))
+        greedy30 = SamplingParams(max_tokens=30, temperature=0.0, ignore_eos=True)
+        full = await collect(client.submit(Request(PROMPT, greedy30)))
         stop = full[1][10:13]
-        cut = await collect(client.submit(PROMPT, SamplingParams(max_tokens=30, temperature=0.0, ignore_eos=True,
-                                                                 stop=(stop,))))
+        cut = await collect(client.submit(Request(PROMPT, dataclasses.replace(greedy30, stop=(stop,)))))
         assert cut[1] == full[1][:full[1].index(stop)] and cut[2].finish_reason == "stop"
         assert cut[0] == full[0][:cut[2].completion_tokens]
         await engine_idle(client)                     # the stop string aborted the request in the engine
@@ -86,12 +89,12 @@ async def test_a_request_outside_the_engine_bounds_never_leaves_the_api_process(
     try:
         vocab = client.bounds.vocab_size
         with pytest.raises(InvalidRequest, match="prompt token ids") as e:
-            client.submit([1, vocab], SamplingParams(max_tokens=4))
+            client.submit(Request([1, vocab], SamplingParams(max_tokens=4)))
         assert e.value.param == "prompt"
         with pytest.raises(InvalidRequest, match="KV blocks") as e:   # 64 blocks of 16 tokens
-            client.submit([1] * 1000, SamplingParams(max_tokens=100))
+            client.submit(Request([1] * 1000, SamplingParams(max_tokens=100)))
         with pytest.raises(InvalidRequest, match="priority"):
-            client.submit([1], SamplingParams(max_tokens=4), priority=2**40)
+            client.submit(Request([1], SamplingParams(max_tokens=4), priority=2**40))
         assert sent == []
     finally:
         monkeypatch.undo()
@@ -118,17 +121,17 @@ async def test_sigint_is_ignored_and_sigterm_stops_the_engine_like_stop(tmp_path
     deaths, dead = [], asyncio.Event()
     client = EngineClient(process, on_death=lambda why: (deaths.append(why), dead.set()))
     try:
-        await collect(client.submit(PROMPT, SamplingParams(max_tokens=4, temperature=0.0)))
+        await collect(client.submit(Request(PROMPT, SamplingParams(max_tokens=4, temperature=0.0))))
         os.kill(process.pid, signal.SIGINT)     # a terminal's Ctrl-C: the API process decides
-        await collect(client.submit(PROMPT, SamplingParams(max_tokens=4, temperature=0.0)))
-        long = client.submit(PROMPT, SamplingParams(max_tokens=900, temperature=0.0, ignore_eos=True))
+        await collect(client.submit(Request(PROMPT, SamplingParams(max_tokens=4, temperature=0.0))))
+        long = client.submit(Request(PROMPT, SamplingParams(max_tokens=900, temperature=0.0, ignore_eos=True)))
         os.kill(process.pid, signal.SIGTERM)
         tokens, _, last = await collect(long)
         assert last.finish_reason == "abort"   # ended by the engine's stop, not by its death ("error")
         await asyncio.wait_for(dead.wait(), 60)
         assert process.exitcode == 0 and deaths == ["the engine process exited (code 0)"]
         with pytest.raises(Exception, match="engine process exited"):
-            client.submit(PROMPT, SamplingParams(max_tokens=4))
+            client.submit(Request(PROMPT, SamplingParams(max_tokens=4)))
     finally:
         await client.close(persist=False)
     layout = BlockLayout(num_layers=4, block_size=16, num_kv_heads=2, head_dim=32, dtype=torch.float32)
@@ -140,9 +143,15 @@ async def test_sigint_is_ignored_and_sigterm_stops_the_engine_like_stop(tmp_path
 def test_messages_round_trip():
     params = SamplingParams(max_tokens=7, temperature=0.5, top_p=0.9, top_k=3, seed=11, stop=("x",),
                             stop_token_ids=(4,), ignore_eos=True)
-    assert wire.params_from_wire(wire.unpack(wire.pack("p", wire.params_to_wire(params)))[1]) == params
+    request = Request([5, 6, 7], params, priority=3, namespace="t", cache_salt="s", cache_report=True,
+                      retention=Retention(2, 30.0, 0, 16), prompt_cache_key="k")
+    back = Request.from_wire(wire.unpack(wire.pack("submit", request.to_wire()))[1])
+    assert back == dataclasses.replace(request, prompt_ids=[5, 6, 7]) and back.cache_namespace == "t\0s"
     from engine.sequence import RequestOutput
     out = RequestOutput("r", [1, 2], "ab", None, 9, 2, {Tier.GPU: 16, Tier.HOST: 0, Tier.DISK: 32}, 0.25)
     assert wire.output_from_wire(wire.unpack(wire.pack(wire.output_to_wire(out)))[0]) == out
     with pytest.raises(InvalidRequest, match="temperature"):   # the engine validates what it receives
-        wire.params_from_wire({**wire.params_to_wire(params), "temperature": 7.0})
+        wire_request = request.to_wire()
+        Request.from_wire({**wire_request, "params": {**wire_request["params"], "temperature": 7.0}})
+    with pytest.raises(InvalidRequest, match="malformed request"):
+        Request.from_wire({"request_id": "r"})

@@ -12,6 +12,7 @@ from transformers import (
 )
 
 from engine.errors import InvalidRequest
+from engine.request import Request
 from engine.sampling import SamplingParams, process, sample
 
 V = 50
@@ -94,9 +95,9 @@ async def test_logprobs_are_the_models_distribution_at_each_output_token(llama, 
     engine = make_engine(llama, async_scheduling=async_scheduling)
     await engine.start()
     params = SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True, logprobs=3, presence_penalty=0.5)
-    stream = engine.submit(PROMPT * 3, params)
+    stream = engine.submit(Request(PROMPT * 3, params))
     deltas = [out async for out in stream]
-    plain = await collect(engine.submit(PROMPT * 3, SamplingParams(max_tokens=2, temperature=0.0)))
+    plain = await collect(engine.submit(Request(PROMPT * 3, SamplingParams(max_tokens=2, temperature=0.0))))
     await engine.stop(persist=False)
     tokens = [t for d in deltas for t in d.token_ids]
     logprobs = [lp for d in deltas for lp in d.logprobs]

@@ -9,6 +9,7 @@ import time
 import pytest
 
 import store.loader
+from engine.request import Request
 from engine.sequence import Status
 from store import Tier
 from tests.engine_util import BS, collect, greedy, make_engine, prompt, run
@@ -60,7 +61,7 @@ async def read_lands(engine, gate) -> None:
 async def steps_to_first_token(engine, tokens: list[int]) -> tuple[int, bool, list]:
     """Run `tokens` alone, step by step: the steps until it sampled, whether it read the disk,
     and its output."""
-    stream = engine.submit(tokens, greedy(4))
+    stream = engine.submit(Request(tokens, greedy(4)))
     seq = engine._requests[stream.request_id]
     read = stream.request_id in engine.store.load_ids()
     steps = 0
@@ -79,7 +80,7 @@ async def test_the_front_computes_to_the_meeting_point_then_skips_the_blocks_rea
     engine, gate = await restarted_with_a_gated_disk(llama, tmp_path, document, mode)
     follow_up = document + [7, 9]
     assert engine.store.match(engine.store.root_key(), follow_up).tiers == (Tier.DISK,) * 6
-    stream = engine.submit(follow_up, greedy(6))
+    stream = engine.submit(Request(follow_up, greedy(6)))
     seq = engine._requests[stream.request_id]
     await engine.step()                               # admitted; the front computes up to the meeting point
     assert seq.num_computed == first_step and seq.num_tokens == len(follow_up)
@@ -104,7 +105,7 @@ async def test_a_read_late_at_the_meeting_point_is_waited_for_until_due_then_com
     document = prompt(3, 24)
     engine, gate = await restarted_with_a_gated_disk(llama, tmp_path, document)
     follow_up = document + [7, 9]
-    stream = engine.submit(follow_up, greedy(4))
+    stream = engine.submit(Request(follow_up, greedy(4)))
     seq = engine._requests[stream.request_id]
     assert time.monotonic() < seq.read_due < time.monotonic() + 1.25 * 3 * 0.004 + 0.02
     await engine.step()
@@ -143,7 +144,7 @@ async def test_a_fast_disk_is_read_whole_and_the_front_computes_only_the_last_to
     document = prompt(5, 24)
     follow_up = document + [7, 9]
     engine, gate = await restarted_with_a_gated_disk(llama, tmp_path, document, read_blocks_per_s=1e6)
-    stream = engine.submit(follow_up, greedy(4))
+    stream = engine.submit(Request(follow_up, greedy(4)))
     seq = engine._requests[stream.request_id]
     await read_lands(engine, gate)
     await engine.step()                               # all 6 blocks read: only 2 tokens computed
@@ -163,7 +164,7 @@ async def test_a_second_returning_user_plans_behind_the_first_ones_read_and_comp
     a, b = prompt(7, 24), prompt(8, 24)
     engine, gate = await restarted_with_a_gated_disk(llama, tmp_path, a, also=(b,), read_blocks_per_s=125.0)
     engine.costs.prefill_tokens_per_s = 500.0
-    streams = [engine.submit(d + [7, 9], greedy(4)) for d in (a, b)]
+    streams = [engine.submit(Request(d + [7, 9], greedy(4))) for d in (a, b)]
     seqs = [engine._requests[s.request_id] for s in streams]
     assert [s.read_tokens for s in seqs] == [12, 12]
     await engine.step()
@@ -182,13 +183,13 @@ async def test_a_stalled_disk_is_not_waited_for_even_in_load_mode_nor_read_again
     document, other = prompt(9, 24), prompt(10, 24)
     engine, gate = await restarted_with_a_gated_disk(llama, tmp_path, document, "load", also=(other,),
                                                      read_blocks_per_s=1e9)
-    stream = engine.submit(document + [7, 9], greedy(4))
+    stream = engine.submit(Request(document + [7, 9], greedy(4)))
     seq = engine._requests[stream.request_id]
     await asyncio.sleep(0.01)                         # its read starts, and hangs
     assert engine.store.disk_read_queue()[1]
     await engine.step()
     assert seq.num_computed == len(document) + 2      # computed, not waited for
-    second = engine.submit(other + [7, 9], greedy(4))  # a stalled disk is not read at all
+    second = engine.submit(Request(other + [7, 9], greedy(4)))  # a stalled disk is not read at all
     assert second.request_id not in engine.store.load_ids()
     await read_lands(engine, gate)
     await engine.start()
@@ -201,7 +202,7 @@ async def test_a_stalled_disk_is_not_waited_for_even_in_load_mode_nor_read_again
 async def test_a_read_that_never_comes_is_computed_and_an_abort_frees_the_load(llama, tmp_path):
     document = prompt(2, 24)
     engine, gate = await restarted_with_a_gated_disk(llama, tmp_path, document, start=True)
-    waiting = engine.submit(document + [5], greedy(100))
+    waiting = engine.submit(Request(document + [5], greedy(100)))
     seq = engine._requests[waiting.request_id]
     await settle(engine, seq, lambda s: s.num_computed >= 12)
     waiting.close()                                   # aborted while its read is held

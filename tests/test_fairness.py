@@ -7,6 +7,7 @@ from collections import Counter
 import pytest
 
 from engine.fairness import OUTPUT_TOKEN_COST, FairQueue, TenantShare
+from engine.request import Request
 from engine.sequence import Sequence, Status
 from store import Tier
 from tests import faults
@@ -65,12 +66,12 @@ def test_a_full_batch_gives_a_slot_from_the_tenant_furthest_above_its_share():
 
 async def test_a_light_tenants_request_does_not_wait_for_a_heavy_tenants_flood(llama):
     engine = make_engine(llama, gpu=256, max_seqs=4, max_batched=64)
-    heavy = [engine.submit(prompt(i, 8), greedy(24), namespace="heavy") for i in range(12)]
+    heavy = [engine.submit(Request(prompt(i, 8), greedy(24), namespace="heavy")) for i in range(12)]
     readers = [asyncio.create_task(collect(s)) for s in heavy]
     for _ in range(3):
         await engine.step()
     assert engine.num_running == 4 and engine.num_waiting == 8
-    light = engine.submit(prompt(99, 8), greedy(4), namespace="light")
+    light = engine.submit(Request(prompt(99, 8), greedy(4), namespace="light"))
     await engine.step()                     # admitted at once: a heavy sequence gave up its slot
     assert light._seq.status is Status.RUNNING and engine.scheduler.num_preemptions == 1
     assert heavy[3]._seq.status is Status.WAITING           # the heavy tenant's least urgent running

@@ -9,6 +9,7 @@ import time
 import pytest
 
 from engine.fairness import TenantShare
+from engine.request import Request
 from tests.conftest import wait_idle
 from tests.engine_util import BS, collect, greedy, make_engine, prompt
 from tests.http_util import MODEL, chat
@@ -128,10 +129,10 @@ async def test_with_tenants_the_report_gives_no_eviction_time(llama):
         engine = make_engine(llama, gpu=12, tenants=tenants)
         await engine.start()
         doc = prompt(1, 4 * BS + 1)
-        await collect(engine.submit(doc, greedy(2), namespace="a"))
+        await collect(engine.submit(Request(doc, greedy(2), namespace="a")))
         for i in range(4):                        # another namespace's requests take the pool
-            await collect(engine.submit(prompt(10 + i, 4 * BS + 1), greedy(2), namespace="b"))
-        _, last = await collect(engine.submit(doc, greedy(2), namespace="a", cache_report=True))
+            await collect(engine.submit(Request(prompt(10 + i, 4 * BS + 1), greedy(2), namespace="b")))
+        _, last = await collect(engine.submit(Request(doc, greedy(2), namespace="a", cache_report=True)))
         miss = last.cache_report["first_miss"]
         assert miss["reason"] == "evicted" and miss["tier"] == "gpu"
         assert (miss["at"] is not None) == timed, miss
@@ -144,7 +145,7 @@ async def test_waiting_for_a_public_prefix_another_computes_is_not_reported(llam
     engine = make_engine(llama, gpu=64, max_batched=64, max_seqs=8)
     shared = prompt(3, 6 * BS)
     engine.store.declare_public(shared)
-    streams = [engine.submit(shared + prompt(40 + i, 2 * BS), greedy(2), cache_report=True, namespace=ns)
+    streams = [engine.submit(Request(shared + prompt(40 + i, 2 * BS), greedy(2), cache_report=True, namespace=ns))
                for i, ns in enumerate(("a", "b"))]
     while await engine.step():
         pass

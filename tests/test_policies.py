@@ -7,6 +7,7 @@ import threading
 
 import pytest
 
+from engine.request import Request
 from engine.sequence import Status
 from store import Tier
 from tests.conftest import make_store, run_request, write_kv
@@ -28,10 +29,10 @@ def record_chunks(engine, monkeypatch) -> list[list[tuple[str, int, int]]]:
 async def test_running_sequences_are_served_in_urgency_order_within_the_token_budget(llama, monkeypatch):
     engine = make_engine(llama, max_batched=4, max_seqs=8)
     steps, names = record_chunks(engine, monkeypatch)
-    names[engine.submit([3, 4], greedy(4), priority=0).request_id] = "low"
+    names[engine.submit(Request([3, 4], greedy(4), priority=0)).request_id] = "low"
     await engine.step()
     for name, priority in (("high", 5), ("mid", 2)):
-        names[engine.submit([10 + priority] * 7, greedy(2), priority=priority).request_id] = name
+        names[engine.submit(Request([10 + priority] * 7, greedy(2), priority=priority)).request_id] = name
     for _ in range(4):
         await engine.step()
     assert steps == [
@@ -47,8 +48,8 @@ async def test_running_sequences_are_served_in_urgency_order_within_the_token_bu
 async def test_admission_fills_the_budget_and_chunks_a_long_prompt(llama, monkeypatch):
     engine = make_engine(llama, max_batched=4, max_seqs=8)
     steps, names = record_chunks(engine, monkeypatch)
-    names[engine.submit(list(range(3, 13)), greedy(1)).request_id] = "long"
-    names[engine.submit([5, 6, 7], greedy(1)).request_id] = "short"
+    names[engine.submit(Request(list(range(3, 13)), greedy(1))).request_id] = "long"
+    names[engine.submit(Request([5, 6, 7], greedy(1))).request_id] = "short"
     while await engine.step():
         pass
     assert steps[:3] == [[("long", 0, 4)], [("long", 4, 4)], [("long", 8, 2), ("short", 0, 2)]]
@@ -65,7 +66,7 @@ async def test_decode_pressure_preempts_the_least_urgent_running_sequence(llama,
     steps, names = record_chunks(engine, monkeypatch)
     streams = {}
     for name, priority in zip("abc", priorities):
-        streams[name] = engine.submit([ord(name)] * 8, greedy(4), priority=priority)
+        streams[name] = engine.submit(Request([ord(name)] * 8, greedy(4), priority=priority))
         names[streams[name].request_id] = name
     readers = {n: asyncio.create_task(collect(s)) for n, s in streams.items()}
     while engine.scheduler.num_preemptions == 0:
@@ -93,8 +94,8 @@ async def test_a_request_that_finds_no_kv_room_waits_and_each_blocked_step_is_co
     become evictable (5 with async scheduling: the first's last token is read back a step
     after it is launched). It cannot preempt the first: it is less urgent (it came later)."""
     engine = make_engine(llama, gpu=3, max_batched=64, max_seqs=8, async_scheduling=async_scheduling)
-    engine.submit(prompt(1, 8), greedy(4))
-    second = engine._requests[engine.submit(prompt(2, 8), greedy(4)).request_id]
+    engine.submit(Request(prompt(1, 8), greedy(4)))
+    second = engine._requests[engine.submit(Request(prompt(2, 8), greedy(4))).request_id]
     steps = 0
     while second.status is Status.WAITING and steps < 10:
         await engine.step()
@@ -105,7 +106,7 @@ async def test_a_request_that_finds_no_kv_room_waits_and_each_blocked_step_is_co
 
 async def test_an_abort_while_preempted_leaves_its_blocks_cached_and_owned_by_none(llama):
     engine = make_engine(llama, gpu=7, host=32, max_batched=64, max_seqs=8)
-    streams = [engine.submit([n] * 8, greedy(20), priority=p) for n, p in ((3, 0), (4, 1), (5, 2))]
+    streams = [engine.submit(Request([n] * 8, greedy(20), priority=p)) for n, p in ((3, 0), (4, 1), (5, 2))]
     while engine.scheduler.num_preemptions == 0:
         await engine.step()
     preempted = streams[0]

@@ -9,6 +9,7 @@ import msgpack
 import pytest
 
 from engine.fairness import OUTPUT_TOKEN_COST, FairQueue, TenantShare
+from engine.request import Request
 from engine.sampling import SamplingParams, process
 from gateway.kv_events import EventLog, namespace_id
 from store import Tier
@@ -40,7 +41,7 @@ def test_the_least_served_tenant_goes_first_though_its_request_came_later():
 
 async def test_a_decode_row_costs_its_tenant_more_than_a_prompt_token(llama):
     engine = make_engine(llama, async_scheduling=False, tenants={"a": TenantShare(weight=2)})
-    engine.submit(prompt(1, 8), greedy(3), namespace="a")
+    engine.submit(Request(prompt(1, 8), greedy(3), namespace="a"))
     served = engine.scheduler._waiting.served
     await engine.step()                              # the prompt: 8 tokens, weight 2
     assert served["a"] == 8 / 2
@@ -203,8 +204,8 @@ async def test_min_tokens_holds_back_eos_unless_eos_is_ignored(llama):
     eos = tuple(sorted(engine.loaded.eos_token_ids))
     assert eos
     for ignore, expected in ((False, (9,) + eos), (True, (9,))):
-        stream = engine.submit(prompt(1, 5), SamplingParams(max_tokens=4, min_tokens=2, stop_token_ids=(9,),
-                                                            ignore_eos=ignore))
+        stream = engine.submit(Request(prompt(1, 5), SamplingParams(max_tokens=4, min_tokens=2, stop_token_ids=(9,),
+                                                            ignore_eos=ignore)))
         assert engine._requests[stream.request_id].params.end_ids == expected
         engine.abort(stream.request_id)
 
@@ -215,7 +216,7 @@ async def test_an_aborted_waiting_request_drops_its_disk_load_and_host_slots(lla
     document = prompt(2, 24)
     engine, gate = await restarted_with_a_gated_disk(llama, tmp_path, document)
     engine.costs.mode = "load"
-    waiting = engine.submit(document + [5], greedy(4))                  # not stepped: it waits
+    waiting = engine.submit(Request(document + [5], greedy(4)))                  # not stepped: it waits
     assert waiting.request_id in engine.store.load_ids()                 # its read started at submit
     engine.abort(waiting.request_id)
     assert waiting.request_id not in engine.store.load_ids()
@@ -237,12 +238,12 @@ async def test_a_slot_taken_from_a_tenant_at_its_cap_lowers_its_running_count_at
     from engine.sequence import Status
     shares = {"a": TenantShare(max_running=3)}
     engine = make_engine(llama, gpu=256, max_seqs=4, max_batched=256, async_scheduling=False, tenants=shares)
-    runs = [engine.submit(prompt(i, 4), greedy(50), namespace=ns) for i, ns in enumerate("aaax")]
+    runs = [engine.submit(Request(prompt(i, 4), greedy(50), namespace=ns)) for i, ns in enumerate("aaax")]
     await engine.step()
     assert all(s._seq.status is Status.RUNNING for s in runs)
-    b = engine.submit(prompt(10, 4), greedy(5), namespace="b")
-    urgent = engine.submit(prompt(11, 4), greedy(5), namespace="a", priority=5)
-    d = engine.submit(prompt(12, 4), greedy(5), namespace="d")
+    b = engine.submit(Request(prompt(10, 4), greedy(5), namespace="b"))
+    urgent = engine.submit(Request(prompt(11, 4), greedy(5), namespace="a", priority=5))
+    d = engine.submit(Request(prompt(12, 4), greedy(5), namespace="d"))
     await engine.step()
     assert b._seq.status is Status.RUNNING and engine.scheduler.num_preemptions == 1
     assert urgent._seq.status is Status.WAITING and d._seq.status is Status.WAITING

@@ -3,6 +3,7 @@ blocks are kept at a retention priority until a deadline, in every tier, then fa
 their own — pinned against the eviction order it changes; and its bounds over HTTP."""
 import pytest
 
+from engine.request import Request
 from engine.sequence import Retention
 from store import Tier
 from tests.conftest import make_store, run_request
@@ -38,7 +39,7 @@ async def test_the_engine_retains_what_a_request_asks_for(llama):
     engine = make_engine(llama, gpu=16)
     await engine.start()
     doc = prompt(1, 4 * BS + 1)
-    await collect(engine.submit(doc, greedy(2), retention=Retention(7, 60.0, start=0, end=2 * BS)))
+    await collect(engine.submit(Request(doc, greedy(2), retention=Retention(7, 60.0, start=0, end=2 * BS))))
     nodes = engine.store.match(engine.store.root_key(), doc).nodes
     assert [n.retain_priority for n in nodes] == [7, 7, 0, 0]
     assert all(n.retain_until > engine.store.index.clock() + 50 for n in nodes[:2])

@@ -13,6 +13,7 @@ from engine.bench.common import workload
 from engine.config import EngineConfig, ModelConfig
 from engine.engine import Engine
 from engine.model import load_model
+from engine.request import Request
 from engine.sampling import SamplingParams
 from store import StoreConfig
 
@@ -71,11 +72,11 @@ async def profile_step(a: argparse.Namespace) -> None:
     vocab = loaded.model.config.vocab_size
     prompts, _ = workload("unique", vocab, a.scale, cuda, a.length)
     context = prompts[-1][:1024]
-    engine.submit(context, SamplingParams(max_tokens=1, temperature=0.0))
+    engine.submit(Request(context, SamplingParams(max_tokens=1, temperature=0.0)))
     while engine.num_running or engine.num_waiting:                  # computed, cached, finished
         step()
     for p in prompts[:-1]:
-        engine.submit(p, SamplingParams(max_tokens=256, temperature=0.0, ignore_eos=True))
+        engine.submit(Request(p, SamplingParams(max_tokens=256, temperature=0.0, ignore_eos=True)))
     while not all(c.num_tokens == 1 for c in step()):                # prefill, then one decode step
         pass
     parts = ("schedule", "prepare", "execute", "postprocess")
@@ -97,8 +98,8 @@ async def profile_step(a: argparse.Namespace) -> None:
     print(f"\ndecode steps of {len(prompts) - 1} sequences, median ms: " + ", ".join(
         f"{k} {statistics.median(v) * 1e3:.2f}" for k, v in times.items()))
     decode = engine.scheduler.schedule().chunks
-    returning = engine.submit(context + torch.randint(0, vocab, (a.profile_prefill,)).tolist(),
-                              SamplingParams(max_tokens=1, temperature=0.0))
+    returning = engine.submit(Request(context + torch.randint(0, vocab, (a.profile_prefill,)).tolist(),
+                              SamplingParams(max_tokens=1, temperature=0.0)))
     mixed = engine.scheduler.schedule().chunks
     prefill = [c for c in mixed if c.num_tokens > 1]
     assert len(prefill) == 1 and len(mixed) == len(decode) + 1, "the returning user was not scheduled as one chunk"
