@@ -13,6 +13,7 @@ its supervisor to restart it).
 """
 from __future__ import annotations
 
+import abc
 import asyncio
 import dataclasses
 import itertools
@@ -185,15 +186,65 @@ class EngineProcess:
             shutil.rmtree(self._dir, ignore_errors=True)
 
 
-class EngineClient:
+class Engines(abc.ABC):
+    """The API process's view of its engine(s): one engine process (`EngineClient`) or replicas
+    on Ray Serve (`ReplicaClient`, gateway/replicas.py). The app uses this interface alone; the
+    code both share (what the engine said of itself, the detokenized streams) is here once."""
+
+    tokenizer = None                  # detokenizes every stream (None: token ids only)
+    dead: str | None = None           # why the engine is gone (never, for replicas: Ray replaces them)
+
+    def adopt(self, info: dict) -> None:
+        """What the engine said of itself when it started (engine_shell.engine_info)."""
+        self.name: str = info["name"]
+        self.bounds = limits.RequestBounds(*info["bounds"])
+        self.max_sequence_tokens: int = info["max_sequence_tokens"]
+        self.steps: dict = info["steps"]
+        self.tiers: list[dict] = info["tiers"]
+        self.fingerprint: str = info["fingerprint"]
+        self.kv: dict = info["kv"]            # gateway.tiers.kv_arithmetic
+
+    def stream(self, request: Request, queue: asyncio.Queue[RequestOutput]) -> RemoteStream:
+        """The stream of `request`'s outputs as they arrive in `queue`, detokenized here."""
+        params = request.params
+        detokenizer = Detokenizer(self.tokenizer, params.stop) if self.tokenizer is not None else None
+        return RemoteStream(self, request.request_id, queue, detokenizer, frozenset(params.stop_token_ids))
+
+    @abc.abstractmethod
+    def submit(self, request: Request) -> RemoteStream:
+        """Check the request against the engine's bounds (InvalidRequest), then send it."""
+
+    @abc.abstractmethod
+    def abort(self, request_id: str) -> None: ...
+
+    @abc.abstractmethod
+    def abort_all(self) -> None: ...
+
+    @abc.abstractmethod
+    async def stats(self) -> dict:
+        """The engine's snapshot (gateway/metrics.py `snapshot`; replicas': merged)."""
+
+    @abc.abstractmethod
+    async def ask(self, kind: str, *args):
+        """"stats", or ("admin", op, args): an operator's operation (gateway/admin.py)."""
+
+    @abc.abstractmethod
+    def silent_for(self) -> float:
+        """Seconds since the engine last showed its loop turning."""
+
+    @abc.abstractmethod
+    async def close(self, persist: bool = True, keep_process: bool = False, timeout_s: float = 0.0) -> None: ...
+
+
+class EngineClient(Engines):
     """Requests to one engine process: the API process's view of the engine."""
 
     def __init__(self, process: EngineProcess, tokenizer=None,
                  on_death: Callable[[str], None] | None = None) -> None:
         self.process = process
-        self.tokenizer = tokenizer            # detokenizes every stream (None: token ids only)
+        self.tokenizer = tokenizer
         self.adopt(process.info)
-        self.dead: str | None = None          # why the engine process is gone
+        self.dead = None
         self._on_death = on_death
         self._streams: dict[str, asyncio.Queue[RequestOutput]] = {}
         self._stats: dict[int, asyncio.Future] = {}
@@ -203,18 +254,7 @@ class EngineClient:
         self._reader = asyncio.create_task(self._read())
         self._watch = asyncio.create_task(self._watch_process())
 
-    def adopt(self, info: dict) -> None:
-        """What the engine said of itself when it started (engine_process.engine_info)."""
-        self.name: str = info["name"]
-        self.bounds = limits.RequestBounds(*info["bounds"])
-        self.max_sequence_tokens: int = info["max_sequence_tokens"]
-        self.steps: dict = info["steps"]
-        self.tiers: list[dict] = info["tiers"]
-        self.fingerprint: str = info["fingerprint"]
-        self.kv: dict = info["kv"]            # gateway.tiers.kv_arithmetic
-
     def submit(self, request: Request) -> RemoteStream:
-        """Check the request against the engine's bounds (InvalidRequest), then send it."""
         if self.dead:
             raise EngineDead(self.dead)
         limits.check_request(self.bounds, request.prompt_ids, request.params, request.priority)
@@ -222,12 +262,6 @@ class EngineClient:
         self._streams[request.request_id] = queue
         self.process.send("submit", request.to_wire())
         return self.stream(request, queue)
-
-    def stream(self, request: Request, queue: asyncio.Queue[RequestOutput]) -> RemoteStream:
-        """The stream of `request`'s outputs as they arrive in `queue`, detokenized here."""
-        params = request.params
-        detokenizer = Detokenizer(self.tokenizer, params.stop) if self.tokenizer is not None else None
-        return RemoteStream(self, request.request_id, queue, detokenizer, frozenset(params.stop_token_ids))
 
     def abort(self, request_id: str) -> None:
         if self._streams.pop(request_id, None) is not None and not self.dead:
@@ -346,7 +380,7 @@ class RemoteStream:
     "stop" and aborts the request in the engine; tokens it generated past the stop are dropped.
     Leaving the stream early aborts the request."""
 
-    def __init__(self, client: EngineClient, request_id: str, queue: asyncio.Queue[RequestOutput],
+    def __init__(self, client: Engines, request_id: str, queue: asyncio.Queue[RequestOutput],
                  detokenizer: Detokenizer | None, stop_token_ids: frozenset[int] = frozenset()) -> None:
         self._client = client
         self._stop_token_ids = stop_token_ids

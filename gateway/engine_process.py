@@ -21,16 +21,11 @@ import sys
 import zmq
 import zmq.asyncio
 
-from engine import cache_admin
-from engine.engine import Engine
 from engine.errors import InvalidRequest
 from engine.model import LoadedModel, load_model
-from engine.request import Request
 from gateway import engine_wire as wire
 from gateway.config import ConfigError, KvgateConfig
-from gateway.kv_events import KVEventPublisher, open_events
-from gateway.metrics import snapshot
-from gateway.tiers import describe_kv, kv_arithmetic, open_engine
+from gateway.engine_shell import EngineShell
 
 log = logging.getLogger("kvgate.engine")
 _PR_SET_PDEATHSIG = 1
@@ -127,27 +122,14 @@ async def _beat(push: zmq.Socket) -> None:
         await asyncio.sleep(wire.HEARTBEAT_S)
 
 
-def engine_info(engine: Engine, reports: list, kv: dict) -> dict:
-    """What the API side needs of a started engine (EngineClient.adopt): its "ready" message."""
-    model, b = engine.loaded, engine.bounds
-    return {"name": model.name, "device": str(model.device), "fingerprint": model.fingerprint,
-            "max_sequence_tokens": engine.max_sequence_tokens,
-            "bounds": [b.vocab_size, b.max_model_len, b.block_size, b.gpu_blocks, b.has_tokenizer],
-            "tiers": [{"tier": r.tier, **r.as_dict()} for r in reports], "kv": kv,
-            "steps": {"max_num_seqs": engine.config.max_num_seqs,
-                      "max_num_batched_tokens": engine.config.max_num_batched_tokens}}
-
-
 class EngineCore:
-    """One open engine and the requests it streams back: outputs are gathered over one turn of
-    the event loop (every sequence of a step makes its delta in the same turn) and sent as one
-    message."""
+    """The engine shell behind the pipe: outputs are gathered over one turn of the event loop
+    (every sequence of a step makes its delta in the same turn) and sent as one message."""
 
     def __init__(self, push: zmq.Socket) -> None:
-        self.engine: Engine | None = None          # set once it has started
+        self.shell: EngineShell | None = None      # set once it has started
         self.push = push
         self._pending: list[list] = []
-        self.events: KVEventPublisher | None = None   # with kv_events.enabled
 
     @classmethod
     async def open(cls, config: KvgateConfig, models: _Models, push: zmq.Socket, gen: int) -> EngineCore | None:
@@ -155,12 +137,7 @@ class EngineCore:
         the API process needs, or "failed" with one line (None then)."""
         core = cls(push)
         try:
-            model = await models.get(config)
-            engine, reports = open_engine(config, model, lambda store: Engine(
-                model, config.engine, store, detokenize=False, on_output=core.output,
-                tenants={t.name: t.share() for t in config.tenants}))
-            core.events = open_events(config.kv_events, engine.store)
-            await engine.start()
+            core.shell = await EngineShell.open(config, await models.get(config), on_output=core.output)
         except (ConfigError, ValueError) as e:    # a key of the configuration: the API process says it
             push.send(wire.pack("failed", str(e), True, gen))
             return None
@@ -168,29 +145,24 @@ class EngineCore:
             log.exception("engine start-up failed")
             push.send(wire.pack("failed", f"{type(e).__name__}: {e}", False, gen))
             return None
-        kv = kv_arithmetic(reports, engine.config.block_size, engine.store.layout.block_bytes)
-        log.info("serving %s on %s; KV tiers: %s; steps: %s", model.name, model.device,
-                 ", ".join(r.describe() for r in reports), engine.config.describe(engine.configured))
-        log.info("KV: %s", describe_kv(kv))
-        push.send(wire.pack("ready", gen, engine_info(engine, reports, kv)))
-        core.engine = engine
+        push.send(wire.pack("ready", gen, core.shell.info))
         return core
 
     def handle(self, msg: list) -> None:
         kind = msg[0]
         if kind == "submit":
             try:
-                self.engine.submit(Request.from_wire(msg[1]))        # its outputs: `output`
+                self.shell.submit(msg[1])                 # its outputs: `output`
             except InvalidRequest as e:
                 self.push.send(wire.pack("rejected", msg[1].get("request_id"), str(e)))
         elif kind == "abort":
             for request_id in msg[1]:
-                self.engine.abort(request_id)
+                self.shell.abort(request_id)
         elif kind == "stats":
-            self.push.send(wire.pack("stats", msg[1], snapshot(self.engine)))
+            self.push.send(wire.pack("stats", msg[1], self.shell.stats()))
         elif kind == "admin":                # an operator's request, checked in the API process
             _, token, op, args = msg
-            self.push.send(wire.pack("stats", token, cache_admin.run(self.engine.store, op, args)))
+            self.push.send(wire.pack("stats", token, self.shell.admin(op, args)))
         else:
             log.warning("unknown engine message %r; ignored", kind)
 
@@ -209,10 +181,7 @@ class EngineCore:
         """Abort what is left (its last outputs are sent), stop the loop, persist (choosing and
         copying blocks for at most `persist_s`), close."""
         try:
-            await self.engine.stop(persist=persist, persist_s=persist_s)
+            await self.shell.stop(persist, persist_s)
         except AssertionError:
             log.exception("the engine's invariants were broken")
-        finally:
-            if self.events is not None:
-                self.events.close()
         self._flush()

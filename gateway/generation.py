@@ -18,7 +18,7 @@ from engine.model import Prompts
 from engine.sampling import SamplingParams
 from engine.request import Request
 from engine.sequence import Logprob, RequestOutput
-from gateway.engine_client import EngineClient, RemoteStream
+from gateway.engine_client import Engines, RemoteStream
 from gateway.protocol import ChatCompletionRequest, CompletionRequest
 
 
@@ -157,7 +157,7 @@ def check_response_size(req: ChatCompletionRequest | CompletionRequest, choices:
                          "response_too_large")
 
 
-def submit(engine: EngineClient, choices: list[Choice], **fields) -> None:
+def submit(engine: Engines, choices: list[Choice], **fields) -> None:
     """Submit every choice as a `Request(prompt, params, **fields)`, or none: if one fails,
     those already submitted are aborted."""
     try:

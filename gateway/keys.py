@@ -9,7 +9,7 @@ from aiohttp import web
 
 from engine.model import Prompts
 from gateway.config import KvgateConfig
-from gateway.engine_client import EngineClient
+from gateway.engine_client import Engines
 from gateway.logprobs import TokenText
 from gateway.metrics import Metrics
 from gateway.tiers import TierReport
@@ -42,7 +42,7 @@ class ServerState:
 
 
 CONFIG = web.AppKey("config", KvgateConfig)
-ENGINE = web.AppKey("engine", EngineClient)
+ENGINE = web.AppKey("engine", Engines)   # one engine process, or replicas
 PROMPTS = web.AppKey("prompts", Prompts)         # tokenizer and chat template, in this process
 TOKEN_TEXT = web.AppKey("token_text", TokenText)  # token ids as logprobs show them
 TOOL_PARSER = web.AppKey("tool_parser", str)      # how replies carry tool calls ("": no tools)

@@ -3,8 +3,10 @@
 Each replica of the `EngineReplica` deployment is one kvgate engine (model, scheduler, every KV
 tier; its disk tier in a directory of its own) publishing its KV events. kvgate's gateway is the
 ingress: the same aiohttp app (OpenAI API, auth, tenants, SSE) with a `ReplicaClient` in place of
-the one engine process's `EngineClient`; each request goes through a deployment handle whose
-router, `KvPrefixRouter` (gateway/prefix_router.py), picks the replica holding its prefix.
+the one engine process's `EngineClient` (both implement `Engines`, gateway/engine_client.py);
+each request goes through a deployment handle whose router, `KvPrefixRouter`
+(gateway/prefix_router.py), picks the replica holding its prefix. Each replica serves its engine
+through the same `EngineShell` as the engine process (gateway/engine_shell.py).
 Ray is imported only here: kvgate without replicas does not need it.
 """
 from __future__ import annotations
@@ -21,20 +23,18 @@ import zmq
 from ray import serve
 from ray.serve.config import AutoscalingConfig, RequestRouterConfig
 
-from engine import cache_admin, limits
-from engine.engine import Engine
+from engine import limits
 from engine.errors import InvalidRequest
 from engine.model import load_model, load_tokenizer
 from engine.request import Request
 from engine.sequence import RequestOutput
 from gateway import engine_wire as wire
 from gateway.config import KvEventsConfig, KvgateConfig
-from gateway.engine_client import ASK_TIMEOUT_S, EngineClient, RemoteStream
+from gateway.engine_client import ASK_TIMEOUT_S, Engines, RemoteStream
+from gateway.engine_shell import EngineShell
 from gateway.errors import EngineUnresponsive
-from gateway.engine_process import engine_info
-from gateway.kv_events import open_events
-from gateway.metrics import add_up, merge_snapshots, snapshot
-from gateway.tiers import kv_arithmetic, open_engine, user_cache_dir
+from gateway.metrics import add_up, merge_snapshots
+from gateway.tiers import user_cache_dir
 from store import root_key, token_bytes
 from store.keys import PublicPrefixes
 
@@ -51,33 +51,28 @@ class EngineReplica:
         config = replica_config(config, context.rank.rank)
         self.persist_s = config.server.shutdown_timeout_s * wire.PERSIST_SHARE
         model = await asyncio.to_thread(load_model, config.model, config.engine.block_size)
-        self.engine, reports = open_engine(config, model, lambda store: Engine(
-            model, config.engine, store, detokenize=False, tenants={t.name: t.share() for t in config.tenants}))
+        host = ray.util.get_node_ip_address()     # reached from other nodes: CURVE, the router's key only
+        self.shell = await EngineShell.open(config, model, events=KvEventsConfig(
+            enabled=True, endpoint=f"tcp://{host}:*", replay_endpoint=f"tcp://{host}:*",
+            curve_secret_key=events.server_secret, curve_client_keys=events.router_public),
+            namespace_key=bytes.fromhex(events.namespace_key))
         for prefix in config.public_prefixes:    # as the gateway declares them: a replica autoscaling adds has them
             ids = model.encode_chat([{"role": "system", "content": prefix.system}]) if prefix.system \
                 else model.tokenizer.encode(prefix.text)
-            self.engine.store.declare_public(ids)
-        host = ray.util.get_node_ip_address()     # reached from other nodes: CURVE, the router's key only
-        self.events = open_events(KvEventsConfig(enabled=True, endpoint=f"tcp://{host}:*",
-                                                 replay_endpoint=f"tcp://{host}:*",
-                                                 curve_secret_key=events.server_secret,
-                                                 curve_client_keys=events.router_public),
-                                  self.engine.store, bytes.fromhex(events.namespace_key))
-        await self.engine.start()
-        kv = kv_arithmetic(reports, config.engine.block_size, self.engine.store.layout.block_bytes)
-        self.info = {**engine_info(self.engine, reports, kv), "replica": self.replica}
+            self.shell.engine.store.declare_public(ids)
+        self.info = {**self.shell.info, "replica": self.replica}
 
     def record_routing_stats(self) -> dict:
-        return {"kv_events": self.events.endpoint, "kv_events_replay": self.events.replay_endpoint,
-                "kv_events_key": self.events.public_key,
-                "running": self.engine.num_running, "waiting": self.engine.num_waiting}
+        events, engine = self.shell.events, self.shell.engine
+        return {"kv_events": events.endpoint, "kv_events_replay": events.replay_endpoint,
+                "kv_events_key": events.public_key, "running": engine.num_running, "waiting": engine.num_waiting}
 
     async def generate(self, request: dict):
         """A request's outputs as wire rows; the replica's id first. Cancelled (the caller went
         away, or aborted it): the request is aborted."""
         yield self.replica
         try:
-            stream = self.engine.submit(Request.from_wire(request))
+            stream = self.shell.submit(request)
         except InvalidRequest as e:
             yield ["rejected", str(e)]
             return
@@ -88,22 +83,21 @@ class EngineReplica:
                 yield wire.output_to_wire(out)
         finally:
             if not finished:
-                self.engine.abort(request["request_id"])
+                self.shell.abort(request["request_id"])
 
     async def ask(self, request: dict):
         """An operator's message ("stats", "info", or an admin operation), answered by this replica."""
         op, args = request["op"], request.get("args", [])
         if op == "stats":
-            return snapshot(self.engine)
+            return self.shell.stats()
         if op == "info":
             return self.info
-        return cache_admin.run(self.engine.store, op, args)
+        return self.shell.admin(op, args)
 
     async def __del__(self) -> None:
         """Serve stops the replica: abort what runs, write what fits of the cache to its disk
         tier within its graceful shutdown (server.shutdown_timeout_s)."""
-        await self.engine.stop(persist=True, persist_s=self.persist_s)
-        self.events.close()
+        await self.shell.stop(persist=True, persist_s=self.persist_s)
 
 
 def replica_config(config: KvgateConfig, rank: int) -> KvgateConfig:
@@ -174,17 +168,13 @@ def deploy(config: KvgateConfig):
     return serve.run(deployment.bind(config, keys), name=APP, route_prefix=None)
 
 
-class ReplicaClient:
-    """EngineClient's interface over the deployment: the gateway's view of the replicas."""
-
-    adopt = EngineClient.adopt
-    stream = EngineClient.stream
+class ReplicaClient(Engines):
+    """The engine interface over the deployment: the gateway's view of the replicas."""
 
     def __init__(self, handle, info: dict, tokenizer=None) -> None:
         self.handle = handle
         self.tokenizer = tokenizer
         self.adopt(info)
-        self.dead: str | None = None          # never set: a replica that dies is replaced
         self.public = PublicPrefixes(self.fingerprint)      # as the replicas have them: for routing keys
         self.replicas: set[str] = {info["replica"]}          # learned from answers (operator broadcasts)
         self.served: collections.Counter[str] = collections.Counter()   # requests each replica took
