@@ -247,18 +247,8 @@ class Engine:
                 self._executor, self.runner.launch, inputs)
         except Exception:
             log.exception("launching a step of %d chunks failed", len(chunks))
-        self._advance(chunks)
+        self.scheduler.advance(chunks)
         return step
-
-    @staticmethod
-    def _advance(chunks: list[Chunk]) -> None:
-        """Count launched chunks as computed, and the tokens they sample as pending."""
-        row = 0
-        for c in chunks:
-            c.seq.num_computed = c.start + c.num_tokens
-            if c.samples:
-                c.seq.pending += 1
-                c.seq.sample_row, row = row, row + 1
 
     async def _complete(self, step: _Step) -> None:
         """Read a launched step's tokens back (or, if its launch failed, run its chunks one by

@@ -294,6 +294,17 @@ class Scheduler:
                 ahead += max(0, s.prompt_len - done - s.read_tokens)
         return ahead
 
+    @staticmethod
+    def advance(chunks: list[Chunk]) -> None:
+        """Count a launched step's chunks as computed, and the tokens they sample as pending
+        (until `Engine._postprocess` reads them back)."""
+        row = 0
+        for c in chunks:
+            c.seq.num_computed = c.start + c.num_tokens
+            if c.samples:
+                c.seq.pending += 1
+                c.seq.sample_row, row = row, row + 1
+
     def preempt(self, seq: Sequence) -> None:
         """Take `seq` off the GPU: its full blocks stay cached (see the module's docstring),
         those a step in flight writes included (anything that reads them is queued behind it)."""

@@ -12,29 +12,16 @@ from engine.sequence import Status
 from store import Tier
 from tests.conftest import make_store, run_request, write_kv
 from tests.engine_util import collect, greedy, make_engine, prompt
+from tests.scheduling import SchedulerDriver
 
 
-def record_chunks(engine, monkeypatch) -> list[list[tuple[str, int, int]]]:
-    """Every step's chunks as (request name, start, tokens), in the order they run."""
-    steps, real = [], engine.runner.prepare
-    names = {}
-
-    def prepare(chunks, previous=None):
-        steps.append([(names.get(c.seq.request_id, c.seq.request_id), c.start, c.num_tokens) for c in chunks])
-        return real(chunks, previous)
-    monkeypatch.setattr(engine.runner, "prepare", prepare)
-    return steps, names
-
-
-async def test_running_sequences_are_served_in_urgency_order_within_the_token_budget(llama, monkeypatch):
-    engine = make_engine(llama, max_batched=4, max_seqs=8)
-    steps, names = record_chunks(engine, monkeypatch)
-    names[engine.submit(Request([3, 4], greedy(4), priority=0)).request_id] = "low"
-    await engine.step()
+def test_running_sequences_are_served_in_urgency_order_within_the_token_budget():
+    sched = SchedulerDriver(max_batched=4, max_seqs=8)           # no model: the plans themselves
+    sched.add("low", [3, 4], max_tokens=4, priority=0)
+    steps = [sched.step()]
     for name, priority in (("high", 5), ("mid", 2)):
-        names[engine.submit(Request([10 + priority] * 7, greedy(2), priority=priority)).request_id] = name
-    for _ in range(4):
-        await engine.step()
+        sched.add(name, [10 + priority] * 7, max_tokens=2, priority=priority)
+    steps += [sched.step() for _ in range(4)]
     assert steps == [
         [("low", 0, 2)],
         [("low", 2, 1), ("high", 0, 3)],      # running first; the most urgent waiting is chunked
@@ -45,46 +32,33 @@ async def test_running_sequences_are_served_in_urgency_order_within_the_token_bu
     assert all(sum(n for *_, n in s) <= 4 for s in steps)
 
 
-async def test_admission_fills_the_budget_and_chunks_a_long_prompt(llama, monkeypatch):
-    engine = make_engine(llama, max_batched=4, max_seqs=8)
-    steps, names = record_chunks(engine, monkeypatch)
-    names[engine.submit(Request(list(range(3, 13)), greedy(1))).request_id] = "long"
-    names[engine.submit(Request([5, 6, 7], greedy(1))).request_id] = "short"
-    while await engine.step():
-        pass
-    assert steps[:3] == [[("long", 0, 4)], [("long", 4, 4)], [("long", 8, 2), ("short", 0, 2)]]
-    assert steps[3] == [("short", 2, 1)]
+def test_admission_fills_the_budget_and_chunks_a_long_prompt():
+    sched = SchedulerDriver(max_batched=4, max_seqs=8)
+    sched.add("long", list(range(3, 13)), max_tokens=1)
+    sched.add("short", [5, 6, 7], max_tokens=1)
+    assert sched.run() == [[("long", 0, 4)], [("long", 4, 4)], [("long", 8, 2), ("short", 0, 2)], [("short", 2, 1)]]
 
 
 @pytest.mark.parametrize("priorities,victim", [((0, 5, 3), "a"), ((2, 2, 2), "c"), ((4, 1, 1), "c")])
-async def test_decode_pressure_preempts_the_least_urgent_running_sequence(llama, priorities, victim, monkeypatch):
+def test_decode_pressure_preempts_the_least_urgent_running_sequence(priorities, victim):
     """Three running sequences fill the GPU pool but one block; the first to need a new block
     gets it, the next forces a preemption: of the least urgent (lowest priority, then latest).
     The victim waits again with its full blocks cached, and comes back with them: it computes
     only its last, partial block again."""
-    engine = make_engine(llama, gpu=7, host=32, max_batched=64, max_seqs=8)
-    steps, names = record_chunks(engine, monkeypatch)
-    streams = {}
-    for name, priority in zip("abc", priorities):
-        streams[name] = engine.submit(Request([ord(name)] * 8, greedy(4), priority=priority))
-        names[streams[name].request_id] = name
-    readers = {n: asyncio.create_task(collect(s)) for n, s in streams.items()}
-    while engine.scheduler.num_preemptions == 0:
-        assert await engine.step()
-    status = {n: s._seq.status for n, s in streams.items()}
-    assert engine.scheduler.num_preemptions == 1        # the victim, directly
-    assert status[victim] is Status.WAITING
-    assert all(st is Status.RUNNING for n, st in status.items() if n != victim)
-    seq = streams[victim]._seq
+    sched = SchedulerDriver(gpu=7, host=32, max_batched=64, max_seqs=8)
+    seqs = {name: sched.add(name, [ord(name)] * 8, max_tokens=4, priority=priority)
+            for name, priority in zip("abc", priorities)}
+    while sched.scheduler.num_preemptions == 0:
+        assert sched.step()
+    assert sched.scheduler.num_preemptions == 1        # the victim, directly
+    assert seqs[victim].status is Status.WAITING
+    assert all(seq.status is Status.RUNNING for n, seq in seqs.items() if n != victim)
+    seq = seqs[victim]
     assert len(seq.token_ids) == 9                      # its prompt and the token it sampled
-    assert len(engine.store.match(seq.scope, seq.token_ids).nodes) == 2      # both full blocks cached
-    preempted_at = len(steps)
-    while await engine.step():
-        await asyncio.sleep(0)
-    resumed = [(start, n) for step in steps[preempted_at:] for name, start, n in step if name == victim]
+    assert len(sched.store.match(seq.scope, seq.token_ids).nodes) == 2      # both full blocks cached
+    resumed = [(start, n) for step in sched.run() for name, start, n in step if name == victim]
     assert resumed[0] == (8, 1)                         # from its cached blocks, not from token 0
-    for r in readers.values():
-        assert (await r)[1].finish_reason == "length"
+    assert all(s.status is Status.FINISHED and s.num_generated == 4 for s in seqs.values())
 
 
 @pytest.mark.parametrize("async_scheduling,waits", [(False, 4), (True, 5)])

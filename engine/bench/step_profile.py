@@ -66,7 +66,7 @@ async def profile_step(a: argparse.Namespace) -> None:
     def step() -> list:
         chunks = engine.scheduler.schedule().chunks
         tokens = engine.runner.execute(engine.runner.prepare(chunks))
-        engine._advance(chunks)
+        engine.scheduler.advance(chunks)
         engine._postprocess(chunks, tokens, set())
         return chunks
     vocab = loaded.model.config.vocab_size
@@ -90,7 +90,7 @@ async def profile_step(a: argparse.Namespace) -> None:
         tokens = engine.runner.execute(step_input)
         sync()
         stamps.append(time.perf_counter())
-        engine._advance(chunks)
+        engine.scheduler.advance(chunks)
         engine._postprocess(chunks, tokens, set())
         stamps.append(time.perf_counter())
         for k, t0, t1 in zip(parts, stamps, stamps[1:]):
