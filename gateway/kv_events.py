@@ -46,7 +46,7 @@ from zmq.auth.asyncio import AsyncioAuthenticator
 
 from gateway.config import ConfigError, KvEventsConfig, is_local_endpoint
 from store import BlockStore, Tier
-from store.radix import TIERS, Node
+from store.radix import TIERS, Changes, Node
 
 log = logging.getLogger("kvgate.kv_events")
 
@@ -63,47 +63,45 @@ class _Run:
 
 
 class EventLog:
-    """The store's placements, as they change (RadixIndex.listener), gathered into vLLM events.
-    Consecutive stores of one chain in one tier make one BlockStored; consecutive removals from
-    one tier one BlockRemoved."""
+    """The store's placements, as they change (the queue `BlockStore.record_changes` gives),
+    gathered into vLLM events. Consecutive stores of one chain in one tier make one BlockStored;
+    consecutive removals from one tier one BlockRemoved."""
 
     def __init__(self, store: BlockStore, namespace_key: bytes) -> None:
         self.store = store
         self.namespace_key = namespace_key     # keys `namespace_id`: secret, drawn at start-up
-        self._runs: list[_Run] = []
-        self._cleared = False               # AllBlocksCleared leads the next batch
-        self.on_change = lambda: None       # called on the first change after a `drain`
+        self.changes: Changes | None = None    # the store's queue, while attached
+        self._cleared = False                  # AllBlocksCleared leads the next batch
+        self._held: list[_Run] = []            # what the store held when attached
 
     def attach(self) -> None:
         """From now on, log the store's changes; starts with AllBlocksCleared and what the store
         holds already (what the disk scan restored)."""
-        self._runs = [_Run(True, t, [n]) for n in self._parents_first() for t in TIERS if n.has(t)]
+        self._held = [_Run(True, t, [n]) for n in self._parents_first() for t in TIERS if n.has(t)]
         self._cleared = True
-        self.store.index.listener = self._changed
-        self.on_change()
+        self.changes = self.store.record_changes()
+        self.changes.pending.set()
 
     def detach(self) -> None:
-        self.store.index.listener = None
+        self.store.stop_recording()
 
     def _parents_first(self) -> list[Node]:
         return sorted(self.store.index.nodes(), key=lambda n: n.depth)
 
-    def _changed(self, node: Node, tier: Tier, present: bool) -> None:
-        if not self._runs and not self._cleared:
-            self.on_change()
-        last = self._runs[-1] if self._runs else None
-        if last is not None and last.stored == present and last.tier is tier and \
-                (not present or last.nodes[-1] is node.parent):
-            last.nodes.append(node)
-        else:
-            self._runs.append(_Run(present, tier, [node]))
-
     def drain(self) -> list[list]:
         """The events logged since the last drain, encoded."""
+        runs, self._held = self._held, []
+        for node, tier, present in self.changes.take() if self.changes is not None else ():
+            last = runs[-1] if runs else None
+            if last is not None and last.stored == present and last.tier is tier and \
+                    (not present or last.nodes[-1] is node.parent):
+                last.nodes.append(node)
+            else:
+                runs.append(_Run(present, tier, [node]))
         events = [["AllBlocksCleared"]] if self._cleared else []
         events += [self._stored(r) if r.stored else ["BlockRemoved", [n.key for n in r.nodes], MEDIUM[r.tier]]
-                   for r in self._runs]
-        self._runs, self._cleared = [], False
+                   for r in runs]
+        self._cleared = False
         return events
 
     def _stored(self, run: _Run) -> list:
@@ -172,11 +170,16 @@ class KVEventPublisher:
         return sock
 
     def start(self) -> None:
-        loop = asyncio.get_running_loop()
-        self.log.on_change = lambda: loop.call_soon(self.flush)
         self.log.attach()
+        self._tasks.append(asyncio.create_task(self._publish()))
         if self._replay is not None:
             self._tasks.append(asyncio.create_task(self._serve_replays()))
+
+    async def _publish(self) -> None:
+        """One batch per loop turn that changed the store: woken by the first change queued."""
+        while True:
+            await self.log.changes.pending.wait()
+            self.flush()
 
     def flush(self) -> None:
         events = self.log.drain()

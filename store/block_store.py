@@ -30,7 +30,7 @@ from store.keys import PublicPrefixes, Scope, chain_key, root_key, token_bytes
 from store.loader import DiskLoader
 from store.placement import WRITE_POLICIES, Placement
 from store.pool import BlockLayout, BlockPool, Tier
-from store.radix import TIERS, Node, RadixIndex
+from store.radix import TIERS, Changes, Node, RadixIndex
 from store.stats import StoreStats, TierStats
 
 log = logging.getLogger("kvgate.store")
@@ -195,6 +195,15 @@ class BlockStore:
 
     def root_key(self, namespace: str = "") -> bytes:
         return root_key(self.fingerprint, namespace)
+
+    def record_changes(self) -> Changes:
+        """From now on, queue every copy that appears in a tier or leaves it (the KV events
+        drain the queue); the store owns it. `stop_recording` ends it."""
+        self.index.changes = Changes()
+        return self.index.changes
+
+    def stop_recording(self) -> None:
+        self.index.changes = None
 
     # ---- public prefixes ----------------------------------------------------------------------
 

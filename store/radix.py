@@ -18,10 +18,11 @@ copy. Order: (priority, last_access) ascending.
 """
 from __future__ import annotations
 
+import asyncio
 import heapq
 import itertools
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Iterator
 
 from store.keys import TOKEN_BYTES, Scope, chain_key
@@ -104,8 +105,8 @@ class RadixIndex:
         self.evictable: dict[Tier, set[Node]] = {t: set() for t in TIERS}
         self.gpu_blocks: Counter[bytes] = Counter()    # GPU copies per namespace (root key)
         self.clock: Callable[[], float] = time.monotonic   # retention deadlines (tests set their own)
-        # told of every copy that appears or goes: (node, tier, present) — the KV events
-        self.listener: Callable[[Node, Tier, bool], None] | None = None
+        # every copy that appears or goes, while someone drains them (the KV events)
+        self.changes: Changes | None = None
 
     # ---- lookup and insertion -------------------------------------------------------------
 
@@ -239,8 +240,8 @@ class RadixIndex:
         self._refresh(node)
         if node.parent is not None and not node.parent.is_root:
             self._refresh(node.parent)
-        if self.listener is not None and had != node.has(tier):
-            self.listener(node, tier, not had)
+        if self.changes is not None and had != node.has(tier):
+            self.changes.add(node, tier, not had)
 
     @staticmethod
     def is_pinned(node: Node, tier: Tier) -> bool:
@@ -325,3 +326,23 @@ class RadixIndex:
         assert locked == self.num_locked, f"locked copies {locked} != counted {self.num_locked}"
         on_gpu = Counter(n.namespace for n in self.nodes() if n.gpu_slot is not None)
         assert on_gpu == +self.gpu_blocks, f"GPU copies per namespace {on_gpu} != counted {self.gpu_blocks}"
+
+
+class Changes:
+    """The copies that appeared or went, in order, as (node, tier, present), for whoever drains
+    them (the KV events: gateway/kv_events.py); `pending` is set while any wait."""
+
+    def __init__(self) -> None:
+        self._items: deque[tuple[Node, Tier, bool]] = deque()
+        self.pending = asyncio.Event()
+
+    def add(self, node: Node, tier: Tier, present: bool) -> None:
+        self._items.append((node, tier, present))
+        self.pending.set()
+
+    def take(self) -> list[tuple[Node, Tier, bool]]:
+        """Every change since the last `take`, oldest first."""
+        items = list(self._items)
+        self._items.clear()
+        self.pending.clear()
+        return items

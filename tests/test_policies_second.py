@@ -140,6 +140,27 @@ def test_the_first_block_after_a_public_prefix_carries_the_tenants_namespace_id(
     store.close()
 
 
+def test_the_store_queues_every_copy_that_appears_or_goes_while_recording():
+    """The KV events read the store's own queue of placement changes, in order, one entry per
+    copy that appears in a tier or leaves it; nothing is queued before or after recording."""
+    store = make_store(gpu=2, host=4)
+    bs = store.block_size
+    run_request(store, "before", list(range(1, 1 + bs)))        # not recorded
+    changes = store.record_changes()
+    assert not changes.pending.is_set() and changes.take() == []
+    run_request(store, "a", list(range(100, 100 + 2 * bs)))     # two blocks on the GPU; "before" leaves it
+    taken = [(n.key, t, present) for n, t, present in changes.take()]
+    a = store.match(store.root_key(), list(range(100, 100 + 2 * bs))).nodes
+    before = store.match(store.root_key(), list(range(1, 1 + bs))).nodes
+    assert taken == [(before[0].key, Tier.HOST, True), (before[0].key, Tier.GPU, False),
+                     (a[0].key, Tier.GPU, True), (a[1].key, Tier.GPU, True)]
+    assert not changes.pending.is_set()
+    store.stop_recording()
+    run_request(store, "after", list(range(200, 200 + bs)))
+    assert changes.take() == []
+    store.close()
+
+
 async def test_a_routed_prefix_counts_as_its_replicas_before_any_event():
     pytest.importorskip("ray.serve")
     from gateway.prefix_router import KvPrefixRouter, PrefixIndex
