@@ -18,7 +18,7 @@ from engine.model import Prompts
 from engine.sampling import SamplingParams
 from engine.request import Request
 from engine.sequence import Logprob, RequestOutput
-from gateway.engine_client import Engines, RemoteStream
+from gateway.engines import Engines, RemoteStream
 from gateway.protocol import ChatCompletionRequest, CompletionRequest
 
 

@@ -9,7 +9,7 @@ from aiohttp import web
 
 from engine.model import Prompts
 from gateway.config import KvgateConfig
-from gateway.engine_client import Engines
+from gateway.engines import Engines
 from gateway.logprobs import TokenText
 from gateway.metrics import Metrics
 from gateway.tiers import TierReport

@@ -3,7 +3,7 @@
 Each replica of the `EngineReplica` deployment is one kvgate engine (model, scheduler, every KV
 tier; its disk tier in a directory of its own) publishing its KV events. kvgate's gateway is the
 ingress: the same aiohttp app (OpenAI API, auth, tenants, SSE) with a `ReplicaClient` in place of
-the one engine process's `EngineClient` (both implement `Engines`, gateway/engine_client.py);
+the one engine process's `EngineClient` (both implement `Engines`, gateway/engines.py);
 each request goes through a deployment handle whose router, `KvPrefixRouter`
 (gateway/prefix_router.py), picks the replica holding its prefix. Each replica serves its engine
 through the same `EngineShell` as the engine process (gateway/engine_shell.py).
@@ -30,7 +30,7 @@ from engine.request import Request
 from engine.sequence import RequestOutput
 from gateway import engine_wire as wire
 from gateway.config import KvEventsConfig, KvgateConfig
-from gateway.engine_client import ASK_TIMEOUT_S, Engines, RemoteStream
+from gateway.engines import ASK_TIMEOUT_S, Engines, RemoteStream
 from gateway.engine_shell import EngineShell
 from gateway.errors import EngineUnresponsive
 from gateway.metrics import add_up, merge_snapshots
