@@ -138,7 +138,7 @@ class BlockStore:
                                  staging_blocks=disk_staging_blocks(config, layout), pin_memory=pin,
                                  shared_pools=(self.host,))
         self.placement = Placement(self.index, self.gpu, self.host, self.copier, self.disk, config.write_policy)
-        self.loader = DiskLoader(self.index, self.placement, self.gpu, self.host, self.copier, self.disk)
+        self.loader = DiskLoader(self.index, self.placement, layout.block_bytes, self.disk)
         self.misses = 0                    # prompt blocks not found in any tier at admission
         self.public = PublicPrefixes(fingerprint)
         self._names: dict[bytes, str] = {}  # root key -> namespace, of the latest MAX_NAMES (KV events)

@@ -36,7 +36,6 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import lmdb
-import msgpack
 import numpy as np
 import torch
 
@@ -434,14 +433,12 @@ class DiskTier:
         if not isinstance(value, BlockRecord):
             return [key, value]
         try:
-            fields = self.format.fields(value.parent, value.token_bytes, value.depth, value.priority,
-                                        value.namespace)
             where = self._shared_at(value.payload)
             if where is None:
                 return [key, self.format.encode(value.parent, value.token_bytes, value.depth,
                                                 value.priority, value.payload, value.namespace)]
-            msgpack.packb(fields)                # what the writer could not encode fails here
-            return [key, fields, *where, self.layout.block_bytes]
+            return [key, self.format.fields(value.parent, value.token_bytes, value.depth, value.priority,
+                                            value.namespace), *where, self.layout.block_bytes]
         except (OverflowError, ValueError) as e:   # the store refuses such priorities first
             log.error("disk tier: block %s cannot be encoded (%s); not written", key.hex(), e)
             return None

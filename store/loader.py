@@ -19,10 +19,8 @@ import time
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 
-from store.copier import BlockCopier
 from store.disk import DiskTier
 from store.placement import Placement
-from store.pool import BlockPool
 from store.radix import Node, RadixIndex
 
 BACK_BATCH = 32          # blocks per read batch of a sequence's load (64 MiB at the 8B shape)
@@ -59,13 +57,10 @@ class SequenceLoad:
 
 
 class DiskLoader:
-    def __init__(self, index: RadixIndex, placement: Placement, gpu: BlockPool, host: BlockPool,
-                 copier: BlockCopier, disk: DiskTier | None) -> None:
+    def __init__(self, index: RadixIndex, placement: Placement, block_bytes: int, disk: DiskTier | None) -> None:
         self.index = index
         self.placement = placement
-        self.gpu = gpu
-        self.host = host
-        self.copier = copier
+        self.block_bytes = block_bytes
         self.disk = disk
         self.staging = disk.staging if disk is not None else None
         self.read_rate: float | None = None            # bytes/s read and verified (moving average)
@@ -89,14 +84,14 @@ class DiskLoader:
 
     def queued_bytes(self) -> int:
         """Bytes the sequences' loads still mean to read: what a new load waits behind."""
-        return sum(sl.to_read for sl in self._seq_loads.values()) * self.host.layout.block_bytes
+        return sum(sl.to_read for sl in self._seq_loads.values()) * self.block_bytes
 
     def stalled(self) -> bool:
         """Has a batch been read for far longer than the measured rate says it should take?"""
         now = time.monotonic()
         for sl in self.sequence_loads():
             if sl.reading_since is not None:
-                expected = (len(sl.reading) * self.host.layout.block_bytes / self.read_rate
+                expected = (len(sl.reading) * self.block_bytes / self.read_rate
                             if self.read_rate else 0.0)
                 if now - sl.reading_since > max(STALLED_S, 4 * expected):
                     return True
@@ -198,7 +193,7 @@ class DiskLoader:
     def _observe(self, blocks: int, seconds: float) -> None:
         """Bytes/s read and checked, newest loads weighing most."""
         if blocks:
-            rate = blocks * self.host.layout.block_bytes / max(seconds, 1e-9)
+            rate = blocks * self.block_bytes / max(seconds, 1e-9)
             self.read_rate = rate if self.read_rate is None else 0.8 * self.read_rate + 0.2 * rate
 
     async def measure(self, max_bytes: int = 256 << 20) -> float | None:
@@ -207,7 +202,7 @@ class DiskLoader:
         written may come from the page cache: then loads will be slower than measured.)"""
         if self.disk is None or not self.disk.sizes:
             return None
-        block_bytes = self.host.layout.block_bytes
+        block_bytes = self.block_bytes
         nodes = list(itertools.islice((n for n in self.index.nodes() if n.on_disk), max(1, max_bytes // block_bytes)))
         start = time.perf_counter()
         ok = await self.disk.load(_records(nodes))

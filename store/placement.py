@@ -28,7 +28,6 @@ import math
 import time
 from collections.abc import Callable
 
-
 from store.copier import BlockCopier
 from store.disk import BlockRecord, DiskTier
 from store.errors import OutOfBlocks
@@ -200,14 +199,22 @@ class Placement:
         if not worth:
             return
         self._make_disk_room(len(worth) * self.disk.value_bytes, keep)
-        slots = staging.allocate(len(worth))
-        self.copier.to_host([v.gpu_slot for v in worth], slots, staging)
-        for v, slot in zip(worth, slots):
+        self.overload["spilled"] += self._write_staged(worth)
+
+    def _write_staged(self, nodes: list[Node]) -> int:
+        """Copy GPU blocks `nodes` into free staging slots (the copier's side stream; no wait
+        here) and queue their writes from there. Returns how many were queued."""
+        staging = self.disk.staging
+        slots = staging.allocate(len(nodes))
+        self.copier.to_host([v.gpu_slot for v in nodes], slots, staging)
+        queued = 0
+        for v, slot in zip(nodes, slots):
             if self._write(v, staging.bytes[slot], lambda ok, slot=slot: self._staged_written(slot, ok)):
                 self._staged[slot] = v
-                self.overload["spilled"] += 1
+                queued += 1
             else:
                 staging.free([slot])
+        return queued
 
     def _staged_written(self, slot: int, ok: bool) -> None:
         self.disk.staging.free([slot])
@@ -363,9 +370,14 @@ class Placement:
             if self.disk.used_bytes + self.disk.value_bytes > self.disk.max_bytes:
                 break
             self.disk.make_queue_room(self.disk.value_bytes)   # shutdown may wait; it must not drop
-            if n.host_slot is not None and n.host_slot not in self._writing:
+            from_host = n.host_slot is not None and n.host_slot not in self._writing
+            if not from_host and not self.disk.staging.num_free:
+                self.disk.flush_sync()              # staged writes done free their slots
+            if from_host:
                 self._write_from_host(n)
-            else:                                   # a private copy (shutdown may wait for it)
+            elif self.disk.staging.num_free:        # a GPU block: through a staging slot, as a spill
+                self._write_staged([n])
+            else:                                   # every slot held by reads: a private copy
                 kv = self.gpu.tensor[n.gpu_slot].cpu()
                 self._write(n, kv, lambda ok, n=n: self._written(n, ok))
             written += n.on_disk

@@ -61,7 +61,10 @@ class RecordFormat:
 
     def fields(self, parent: bytes, token_bytes: bytes, depth: int, priority: int,
                namespace: bytes = b"") -> dict:
-        """A record's header but its payload checksum (`pack_value` adds it, where it encodes)."""
+        """A record's header but its payload checksum (`pack_value` adds it, where it encodes).
+        OverflowError for a priority msgpack cannot hold (past 64 bits)."""
+        if not -2**63 <= priority < 2**64:
+            raise OverflowError(f"priority {priority} does not fit in 64 bits")
         header = {
             "v": FORMAT_VERSION, "fp": self.fingerprint, "parent": parent, "tokens": token_bytes,
             "depth": depth, "prio": priority, "t": time.time(), "dtype": str(self.layout.dtype),
