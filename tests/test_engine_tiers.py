@@ -84,6 +84,7 @@ async def test_the_front_computes_to_the_meeting_point_then_skips_the_blocks_rea
     seq = engine._requests[stream.request_id]
     await engine.step()                               # admitted; the front computes up to the meeting point
     assert seq.num_computed == first_step and seq.num_tokens == len(follow_up)
+    seq.read_due = max(seq.read_due, time.monotonic() + 60)    # slow steps here must not make it late
     await engine.step()                               # the read is not due yet: it waits
     assert seq.num_computed == first_step and engine.scheduler.num_read_waits == 1
     await read_lands(engine, gate)                    # the back arrives ...
@@ -108,6 +109,7 @@ async def test_a_read_late_at_the_meeting_point_is_waited_for_until_due_then_com
     stream = engine.submit(Request(follow_up, greedy(4)))
     seq = engine._requests[stream.request_id]
     assert time.monotonic() < seq.read_due < time.monotonic() + 1.25 * 3 * 0.004 + 0.02
+    seq.read_due = time.monotonic() + 60              # not due yet, however slow the steps here
     await engine.step()
     await engine.step()
     assert seq.num_computed == 12                     # at the meeting point, waiting
