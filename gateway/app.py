@@ -11,8 +11,8 @@ from aiohttp import web
 
 from engine.model import Prompts, load_tokenizer
 from gateway import admin, text_views, tools, views
-from gateway.config import KvgateConfig
-from gateway.engine_client import EngineClient, EngineProcess
+from gateway.config import ConfigError, KvgateConfig
+from gateway.engine_client import EngineClient, EngineProcess, EngineStartError
 from gateway.errors import error_middleware, expect_continue
 from gateway.keys import CONFIG, ENGINE, METRICS, PROMPTS, STATE, TIERS, TOKEN_TEXT, TOOL_PARSER, ServerState
 from gateway.logprobs import TokenText
@@ -87,7 +87,11 @@ async def _open_engine(config: KvgateConfig, given: EngineProcess | None, log_le
     if given is None:
         try:
             await process.start()
-        except BaseException:       # a failure, or a signal while starting: it is not waited for long
+        except (ConfigError, EngineStartError):   # it answered "failed": it exits when asked (~1 s)
+            tokenizer.cancel()
+            await process.stop(persist=False, timeout_s=10.0)
+            raise
+        except BaseException:       # a signal while starting: it may not be listening, not waited for long
             tokenizer.cancel()
             await process.stop(persist=False, timeout_s=1.0)
             raise
