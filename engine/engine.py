@@ -46,7 +46,7 @@ class Engine:
         """`detokenize=False`: outputs carry token ids only, and stop strings are left to the
         reader. `on_output`: every output is handed to it, on the loop, as it is made, instead
         of to the request's stream (one call instead of a task wake-up per request and step).
-        The engine process uses both (gateway/engine_process.py). `tenants`: each tenant's
+        The engine process uses both (engine/serving/process.py). `tenants`: each tenant's
         share (weight, cap on running sequences), by namespace (engine/fairness.py)."""
         if store_config.block_size != config.block_size:
             raise ValueError(f"store.block_size {store_config.block_size} != "

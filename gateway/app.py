@@ -1,6 +1,6 @@
 """The aiohttp application: `init_app(config)` builds it. It is the API process: HTTP, auth,
-tokenization, chat templates and SSE. The engine runs in its own process (gateway/
-engine_process.py), started and stopped with the app."""
+tokenization, chat templates and SSE. The engine runs in its own process (engine/serving/
+process.py), started and stopped with the app."""
 from __future__ import annotations
 
 import asyncio
@@ -12,13 +12,13 @@ from aiohttp import web
 from engine.model import Prompts, load_tokenizer
 from gateway import admin, text_views, tools, views
 from gateway.config import ConfigError, KvgateConfig
-from gateway.engine_client import EngineClient, EngineProcess, EngineStartError
+from gateway.engines.pipe import EngineClient, EngineProcess, EngineStartError
 from gateway.errors import error_middleware, expect_continue
 from gateway.keys import CONFIG, ENGINE, METRICS, PROMPTS, STATE, TIERS, TOKEN_TEXT, TOOL_PARSER, ServerState
 from gateway.logprobs import TokenText
 from gateway.metrics import Metrics
 from gateway.middlewares import auth_middleware, status_middleware
-from gateway.tiers import TierReport
+from engine.serving.tiers import TierReport
 
 log = logging.getLogger("kvgate.gateway")
 
@@ -52,7 +52,7 @@ def _engine_ctx(given: EngineProcess | None, log_level: str):
     async def ctx(app: web.Application):
         config, state = app[CONFIG], app[STATE]
         if config.replicas.num_replicas:
-            from gateway.replicas import open_replicas  # Ray is needed only with replicas
+            from gateway.engines.replicas import open_replicas  # Ray is needed only with replicas
             engine = await open_replicas(config)
         else:
             engine = await _open_engine(config, given, log_level, on_death=lambda why: state.request_stop(1))

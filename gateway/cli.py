@@ -22,7 +22,7 @@ from gateway.bench import client as bench_module
 from gateway import text_views
 from gateway.app import init_app
 from gateway.config import ConfigError, load_config
-from gateway.engine_client import EngineStartError
+from gateway.engines.pipe import EngineStartError
 from gateway.server import run
 
 

@@ -10,14 +10,16 @@ from __future__ import annotations
 import dataclasses
 import os
 import tomllib
-from zmq.utils.z85 import decode as z85_decode
 from dataclasses import dataclass, field
 from typing import Any
 
 from engine import limits
 from engine.config import EngineConfig, ModelConfig
 from engine.fairness import TenantShare
-from store import WRITE_POLICIES
+from engine.serving.config import (ConfigError, DiskTierConfig, GpuTierConfig, HostTierConfig,  # noqa: F401
+                                   KvEventsConfig, PublicPrefixConfig, ServingConfig, StoreTiers,
+                                   check_env, require)
+from engine.serving.wire import PERSIST_SHARE
 
 
 # A waiting request's prompt as the two processes hold it (lists of Python ints, the request, the
@@ -25,10 +27,6 @@ from store import WRITE_POLICIES
 # QUEUED_PROMPT_BYTES
 BYTES_PER_QUEUED_TOKEN = 64
 QUEUED_PROMPT_BYTES = 1 << 30
-
-
-class ConfigError(ValueError):
-    """The configuration is invalid; the message names the key."""
 
 
 @dataclass(frozen=True)
@@ -50,20 +48,20 @@ class ServerConfig:
     admin_api_key_env: str = ""            # ... or the environment variable that holds it
 
     def __post_init__(self) -> None:
-        _require(0 < self.port < 65536, "server.port", "an int in 1..65535")
-        _require(self.max_concurrent_sequences >= 0, "server.max_concurrent_sequences", "an int >= 0 (0 = automatic)")
-        _require(self.max_sequences_per_request >= 0 and not (
+        require(0 < self.port < 65536, "server.port", "an int in 1..65535")
+        require(self.max_concurrent_sequences >= 0, "server.max_concurrent_sequences", "an int >= 0 (0 = automatic)")
+        require(self.max_sequences_per_request >= 0 and not (
                      self.max_concurrent_sequences and self.max_sequences_per_request > self.max_concurrent_sequences),
                  "server.max_sequences_per_request", "an int in 1..server.max_concurrent_sequences (0 = automatic)")
-        _require(self.max_body_bytes >= 1024, "server.max_body_bytes", "an int >= 1024")
-        _require(self.max_response_bytes >= 1 << 16, "server.max_response_bytes", "an int >= 65536")
-        _require(self.body_timeout_s > 0, "server.body_timeout_s", "a number of seconds > 0")
-        _require(self.write_timeout_s > 0, "server.write_timeout_s", "a number of seconds > 0")
-        _require(self.heartbeat_timeout_s >= 1, "server.heartbeat_timeout_s", "a number of seconds >= 1")
-        _require(self.shutdown_timeout_s >= 2, "server.shutdown_timeout_s", "a number of seconds >= 2")
-        _require(not (self.admin_api_key and self.admin_api_key_env), "server.admin_api_key",
+        require(self.max_body_bytes >= 1024, "server.max_body_bytes", "an int >= 1024")
+        require(self.max_response_bytes >= 1 << 16, "server.max_response_bytes", "an int >= 65536")
+        require(self.body_timeout_s > 0, "server.body_timeout_s", "a number of seconds > 0")
+        require(self.write_timeout_s > 0, "server.write_timeout_s", "a number of seconds > 0")
+        require(self.heartbeat_timeout_s >= 1, "server.heartbeat_timeout_s", "a number of seconds >= 1")
+        require(self.shutdown_timeout_s >= 2, "server.shutdown_timeout_s", "a number of seconds >= 2")
+        require(not (self.admin_api_key and self.admin_api_key_env), "server.admin_api_key",
                  "unset when server.admin_api_key_env is set (one of them)")
-        _check_env("server.admin_api_key_env", self.admin_api_key_env)
+        check_env("server.admin_api_key_env", self.admin_api_key_env)
 
     def admission_limits(self, max_model_len: int, max_num_seqs: int) -> tuple[int, int]:
         """(sequences taken at once, sequences of one request) once the engine is known. The
@@ -80,47 +78,6 @@ class ServerConfig:
 
 
 @dataclass(frozen=True)
-class GpuTierConfig:
-    num_blocks: int = 0            # 0 = from memory_fraction on CUDA, 2048 on the CPU
-    memory_fraction: float = 0.85  # of the GPU memory free after loading the model
-
-    def __post_init__(self) -> None:
-        _require(self.num_blocks >= 0, "store.gpu.num_blocks", "an int >= 0 (0 = automatic)")
-        _require(0.0 < self.memory_fraction <= 0.98, "store.gpu.memory_fraction", "a float in (0, 0.98]")
-
-
-@dataclass(frozen=True)
-class HostTierConfig:
-    enabled: bool = True           # false = no host tier
-    num_blocks: int = 0            # 0 = automatic: memory_fraction of the available memory
-    memory_fraction: float = 0.2   # of the memory available at start-up (automatic size only)
-
-    def __post_init__(self) -> None:
-        _require(self.num_blocks >= 0, "store.host.num_blocks", "an int >= 0 (0 = automatic)")
-        _require(0.0 < self.memory_fraction <= 0.9, "store.host.memory_fraction", "a float in (0, 0.9]")
-
-
-@dataclass(frozen=True)
-class DiskTierConfig:
-    enabled: bool = True           # false = no disk tier
-    path: str = ""                 # "" = the user cache directory, one tier per model fingerprint
-    max_bytes: int = 0             # 0 = automatic: free_space_fraction of the free space
-    free_space_fraction: float = 0.25   # of the free space at start-up (automatic size only)
-    write_policy: str = "auto"    # which blocks leaving the GPU are written (docs/store.md)
-    staging_bytes: int = 512 << 20   # pinned memory of the tier's own: reads in flight, spilled writes
-
-    def __post_init__(self) -> None:
-        _require(self.max_bytes >= 0, "store.disk.max_bytes", "an int >= 0 (0 = automatic)")
-        _require(0.0 < self.free_space_fraction <= 0.9, "store.disk.free_space_fraction",
-                 "a float in (0, 0.9]")
-        _require(self.staging_bytes > 0, "store.disk.staging_bytes", "an int > 0")
-        _require(self.write_policy in WRITE_POLICIES, "store.disk.write_policy",
-                 f"one of {', '.join(WRITE_POLICIES)}")
-        _require(self.enabled or not self.path, "store.disk.path",
-                 "unset when store.disk.enabled = false (or enable the tier)")
-
-
-@dataclass(frozen=True)
 class TenantConfig:
     name: str
     api_key: str = ""              # the key itself, or ...
@@ -133,23 +90,23 @@ class TenantConfig:
     max_retention_s: float = 3600.0  # the longest `retention` its requests may ask for (0: none)
 
     def __post_init__(self) -> None:
-        _require(bool(self.name) and "\0" not in self.name, "tenants.name", "a non-empty string without NUL")
-        _require(bool(self.api_key) != bool(self.api_key_env), f"tenants[{self.name}]",
+        require(bool(self.name) and "\0" not in self.name, "tenants.name", "a non-empty string without NUL")
+        require(bool(self.api_key) != bool(self.api_key_env), f"tenants[{self.name}]",
                  "exactly one of api_key and api_key_env")
-        _check_env(f"tenants[{self.name}].api_key_env", self.api_key_env)
+        check_env(f"tenants[{self.name}].api_key_env", self.api_key_env)
         if self.max_priority is None:
             object.__setattr__(self, "max_priority", self.priority)
         for key in ("priority", "max_priority"):
-            _require(limits.PRIORITY_MIN <= getattr(self, key) <= limits.PRIORITY_MAX,
+            require(limits.PRIORITY_MIN <= getattr(self, key) <= limits.PRIORITY_MAX,
                      f"tenants[{self.name}].{key}", f"an int in [{limits.PRIORITY_MIN}, {limits.PRIORITY_MAX}]")
-        _require(self.priority <= self.max_priority, f"tenants[{self.name}].max_priority",
+        require(self.priority <= self.max_priority, f"tenants[{self.name}].max_priority",
                  f">= its priority ({self.priority})")
-        _require(isinstance(self.weight, (int, float)) and 0 < self.weight <= 1e6, f"tenants[{self.name}].weight",
+        require(isinstance(self.weight, (int, float)) and 0 < self.weight <= 1e6, f"tenants[{self.name}].weight",
                  "a number in (0, 1e6]")
-        _require(self.max_running >= 0, f"tenants[{self.name}].max_running", ">= 0 (0 = no cap)")
-        _require(isinstance(self.max_kv_share, (int, float)) and 0 < self.max_kv_share <= 1,
+        require(self.max_running >= 0, f"tenants[{self.name}].max_running", ">= 0 (0 = no cap)")
+        require(isinstance(self.max_kv_share, (int, float)) and 0 < self.max_kv_share <= 1,
                  f"tenants[{self.name}].max_kv_share", "a number in (0, 1]")
-        _require(isinstance(self.max_retention_s, (int, float)) and 0 <= self.max_retention_s <= limits.RETENTION_MAX_S,
+        require(isinstance(self.max_retention_s, (int, float)) and 0 <= self.max_retention_s <= limits.RETENTION_MAX_S,
                  f"tenants[{self.name}].max_retention_s", f"a number in [0, {limits.RETENTION_MAX_S:g}]")
 
     def share(self) -> TenantShare:
@@ -161,78 +118,8 @@ class TenantConfig:
 
 
 @dataclass(frozen=True)
-class KvEventsConfig:
-    """KV events in vLLM's wire format for KV-aware routers (gateway/kv_events.py). They carry
-    every tenant's token ids: loopback by default; beyond it, CURVE-authenticated subscribers
-    only, unless `allow_unauthenticated` (docs/scale-out.md, "Security")."""
-    enabled: bool = False
-    endpoint: str = "tcp://127.0.0.1:5557"         # the PUB socket, bound
-    replay_endpoint: str = "tcp://127.0.0.1:5558"  # the ROUTER socket for replays, bound; "" = none
-    buffer_steps: int = 10_000            # batches kept for replay
-    hwm: int = 100_000                    # batches queued per subscriber before it loses some
-    topic: str = ""
-    curve_secret_key: str = ""            # this server's CURVE secret key (Z85, 40 characters), or ...
-    curve_secret_key_env: str = ""        # ... the environment variable that holds it
-    curve_client_keys: str = ""           # the subscribers' CURVE public keys (Z85), space-separated
-    allow_unauthenticated: bool = False   # bind beyond loopback with no authentication (a warning)
-
-    def __post_init__(self) -> None:
-        for key in ("endpoint", "replay_endpoint"):
-            value = getattr(self, key)
-            _require(not value or value.split("://")[0] in ("tcp", "ipc", "inproc"), f"kv_events.{key}",
-                     "a ZMQ endpoint (tcp://, ipc:// or inproc://)")
-        _require(bool(self.endpoint), "kv_events.endpoint", "a ZMQ endpoint")
-        _require(self.buffer_steps >= 1 and self.hwm >= 1, "kv_events.buffer_steps",
-                 ">= 1, and so must kv_events.hwm")
-        _require(not (self.curve_secret_key and self.curve_secret_key_env), "kv_events.curve_secret_key",
-                 "unset when kv_events.curve_secret_key_env is set (one of them)")
-        _check_env("kv_events.curve_secret_key_env", self.curve_secret_key_env)
-        secret = self.secret_key
-        _require(not secret or _is_z85_key(secret), "kv_events.curve_secret_key",
-                 "a Z85 CURVE key of 40 characters (`kvgate keygen` makes a pair)")
-        clients = self.client_keys
-        _require(all(_is_z85_key(k) for k in clients), "kv_events.curve_client_keys",
-                 "Z85 CURVE public keys of 40 characters, separated by spaces")
-        _require(bool(clients) == bool(secret), "kv_events.curve_client_keys",
-                 "set together with kv_events.curve_secret_key: the subscribers allowed to connect")
-        if not self.enabled or secret or self.allow_unauthenticated:
-            return
-        for key in ("endpoint", "replay_endpoint"):
-            _require(is_local_endpoint(getattr(self, key)), f"kv_events.{key}",
-                     "a loopback, ipc:// or inproc:// endpoint: the events carry every tenant's token ids. "
-                     "To publish beyond this machine, set kv_events.curve_secret_key and curve_client_keys "
-                     "(or, on a network you trust, kv_events.allow_unauthenticated = true)")
-
-    @property
-    def secret_key(self) -> str:
-        """The CURVE secret key, "" for none."""
-        return self.curve_secret_key or (os.environ[self.curve_secret_key_env] if self.curve_secret_key_env else "")
-
-    @property
-    def client_keys(self) -> list[str]:
-        return self.curve_client_keys.replace(",", " ").split()
-
-
-def is_local_endpoint(endpoint: str) -> bool:
-    """Does binding `endpoint` keep it on this machine? ipc:// and inproc:// do, and tcp:// on a
-    loopback address; "" (no endpoint) does. `*`, 0.0.0.0, an interface or another address do not."""
-    scheme, _, rest = endpoint.partition("://")
-    if not endpoint or scheme in ("ipc", "inproc"):
-        return True
-    host = rest.rsplit(":", 1)[0].strip("[]")
-    return host == "localhost" or host == "::1" or host.startswith("127.")
-
-
-def _is_z85_key(key: str) -> bool:
-    try:
-        return len(key) == 40 and len(z85_decode(key)) == 32
-    except (ValueError, KeyError):          # a character outside Z85's alphabet
-        return False
-
-
-@dataclass(frozen=True)
 class ReplicasConfig:
-    """kvgate replicas on Ray Serve (gateway/replicas.py; docs/scale-out.md)."""
+    """kvgate replicas on Ray Serve (gateway/engines/replicas.py; docs/scale-out.md)."""
     num_replicas: int = 0                 # 0: one engine process, no Ray; N: N replicas on Ray Serve
     max_replicas: int = 0                 # above num_replicas: autoscale between the two
     target_ongoing_requests: float = 64.0  # autoscaling's target of requests per replica
@@ -244,32 +131,15 @@ class ReplicasConfig:
     ray_address: str = ""                 # a Ray cluster to join; "" = RAY_ADDRESS or a local one
 
     def __post_init__(self) -> None:
-        _require(self.num_replicas >= 0, "replicas.num_replicas", ">= 0 (0 = no Ray)")
-        _require(self.max_replicas == 0 or self.max_replicas >= self.num_replicas >= 1, "replicas.max_replicas",
+        require(self.num_replicas >= 0, "replicas.num_replicas", ">= 0 (0 = no Ray)")
+        require(self.max_replicas == 0 or self.max_replicas >= self.num_replicas >= 1, "replicas.max_replicas",
                  "0 (no autoscaling) or >= replicas.num_replicas >= 1")
-        _require(self.target_ongoing_requests > 0 and self.max_ongoing_requests >= 1,
+        require(self.target_ongoing_requests > 0 and self.max_ongoing_requests >= 1,
                  "replicas.target_ongoing_requests", "> 0, and replicas.max_ongoing_requests >= 1")
-        _require(self.num_gpus == -1 or self.num_gpus >= 0, "replicas.num_gpus", "-1 (automatic) or >= 0")
-        _require(self.num_cpus >= 0, "replicas.num_cpus", ">= 0")
-        _require(self.router in ("prefix", "default"), "replicas.router", "one of prefix, default")
-        _require(self.imbalance >= 0, "replicas.imbalance", ">= 0")
-
-
-@dataclass(frozen=True)
-class PublicPrefixConfig:
-    """A prefix every tenant's requests share the cache of (docs/configuration.md)."""
-    text: str = ""                 # a text, tokenized as a completions prompt is, or ...
-    system: str = ""               # ... a chat's system message, rendered by the chat template
-
-    def __post_init__(self) -> None:
-        _require(bool(self.text) != bool(self.system), "public_prefixes", "tables with exactly one of text and system")
-
-
-@dataclass(frozen=True)
-class StoreTiers:
-    gpu: GpuTierConfig = field(default_factory=GpuTierConfig)
-    host: HostTierConfig = field(default_factory=HostTierConfig)
-    disk: DiskTierConfig = field(default_factory=DiskTierConfig)
+        require(self.num_gpus == -1 or self.num_gpus >= 0, "replicas.num_gpus", "-1 (automatic) or >= 0")
+        require(self.num_cpus >= 0, "replicas.num_cpus", ">= 0")
+        require(self.router in ("prefix", "default"), "replicas.router", "one of prefix, default")
+        require(self.imbalance >= 0, "replicas.imbalance", ">= 0")
 
 
 @dataclass(frozen=True)
@@ -285,11 +155,18 @@ class KvgateConfig:
 
     def __post_init__(self) -> None:
         names = [t.name for t in self.tenants]
-        _require(len(set(names)) == len(names), "tenants", "tenants with distinct names")
+        require(len(set(names)) == len(names), "tenants", "tenants with distinct names")
         keys = [t.key for t in self.tenants]
-        _require(len(set(keys)) == len(keys), "tenants", "tenants with distinct api keys")
-        _require(not self.server.admin_key or self.server.admin_key not in keys, "server.admin_api_key",
+        require(len(set(keys)) == len(keys), "tenants", "tenants with distinct api keys")
+        require(not self.server.admin_key or self.server.admin_key not in keys, "server.admin_api_key",
                  "a key no tenant has")
+
+    def serving(self) -> ServingConfig:
+        """What the engine side opens: sent to the engine process, or to each Ray replica."""
+        return ServingConfig(model=self.model, engine=self.engine, store=self.store, kv_events=self.kv_events,
+                             tenants=tuple((t.name, t.share()) for t in self.tenants),
+                             public_prefixes=self.public_prefixes,
+                             persist_s=self.server.shutdown_timeout_s * PERSIST_SHARE)
 
 
 ARRAYS = {"tenants": TenantConfig, "public_prefixes": PublicPrefixConfig}   # [[name]] arrays of tables
@@ -388,11 +265,3 @@ def _apply_override(doc: dict[str, Any], item: str) -> None:
     table[parts[-1]] = value
 
 
-def _check_env(key: str, variable: str) -> None:
-    if variable and not os.environ.get(variable):
-        raise ConfigError(f"{key}: environment variable {variable!r} is not set or empty")
-
-
-def _require(ok: bool, key: str, what: str) -> None:
-    if not ok:
-        raise ConfigError(f"{key} must be {what}")

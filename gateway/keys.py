@@ -12,7 +12,7 @@ from gateway.config import KvgateConfig
 from gateway.engines import Engines
 from gateway.logprobs import TokenText
 from gateway.metrics import Metrics
-from gateway.tiers import TierReport
+from engine.serving.tiers import TierReport
 
 
 @dataclass

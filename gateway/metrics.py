@@ -2,19 +2,17 @@
 
 Counters and histograms are updated as requests finish, in the API process. Block and request
 gauges and the engine's running totals are read from the engine process when /metrics is
-scraped (`snapshot`, computed there and sent over the pipe), so they are never stale.
+scraped (engine/serving/shell.py `snapshot`, computed there and sent over the pipe), so they are never stale.
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-from engine.engine import Engine
 from engine.sequence import RequestOutput
-from gateway.tiers import TierReport
+from engine.serving.tiers import TierReport
 
 MODEL = "model_name"          # the label on every series
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
@@ -76,31 +74,6 @@ class Metrics:
         """The exposition text, with the engine's part from `engine_snapshot` (`snapshot`)."""
         self._engine.latest = engine_snapshot
         return generate_latest(self.registry)
-
-
-def snapshot(engine: Engine) -> dict:
-    """The engine's and the store's state and running totals, as plain values (msgpack can
-    carry them): what /metrics and /health read, computed in the engine process."""
-    stats = engine.store.stats()
-    name = lambda tier: tier.name.lower()  # noqa: E731
-    disk = stats.disk
-    return {
-        "blocks": {name(t): {k: getattr(s, k) for k in ("free", "cached", "locked")} for t, s in stats.tiers.items()},
-        "requests": {"running": engine.num_running, "waiting": engine.num_waiting},
-        "evictions": {name(t): s.evictions for t, s in stats.tiers.items()},
-        "recomputed": {"gpu": 0, "host": 0, "disk": 0, **engine.recomputed_blocks},
-        "disk": None if disk is None else {
-            "skipped": {"policy": 0, "no_room": 0, "disk_busy": 0, **stats.writes_skipped,
-                        "queue_full": disk.pending_full, "paused": disk.writes_paused},
-            "spilled": stats.overload.get("spilled", 0),
-            "operations": dataclasses.asdict(disk)},
-        "preemptions": engine.scheduler.num_preemptions,
-        "misses": {"evicted": 0, "never_computed": 0, "recomputed": 0, "being_computed": 0, **engine.miss_reasons},
-        "admissions_blocked": engine.scheduler.num_blocked_admissions,
-        "steps": {"decode": 0, "mixed": 0, "eager": 0, **engine.runner.steps},
-        "rates": {what: v for what, v in engine.costs.rates().items() if v is not None},
-        "integrity_error": None if engine.integrity_error is None else str(engine.integrity_error),
-    }
 
 
 def add_up(values: list):

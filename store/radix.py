@@ -330,7 +330,7 @@ class RadixIndex:
 
 class Changes:
     """The copies that appeared or went, in order, as (node, tier, present), for whoever drains
-    them (the KV events: gateway/kv_events.py); `pending` is set while any wait."""
+    them (the KV events: engine/serving/kv_events.py); `pending` is set while any wait."""
 
     def __init__(self) -> None:
         self._items: deque[tuple[Node, Tier, bool]] = deque()

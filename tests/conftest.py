@@ -174,8 +174,8 @@ class EngineProcesses:
         self._held: set = set()         # processes an app (or a test) holds now
 
     async def get(self, config, entry=None):
-        from gateway import engine_process
-        from gateway.engine_client import EngineProcess
+        from engine.serving import process as engine_process
+        from gateway.engines.pipe import EngineProcess
         entry = entry or engine_process.main
         key = (config.model, config.engine.block_size, entry)
         for process in self._started:

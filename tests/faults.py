@@ -1,6 +1,6 @@
 """Engine-process entry points that inject a fault inside the engine process (the HTTP tests
 reach the engine only through the process boundary): pass one as `make_client(entry=...)`."""
-from gateway import engine_process
+from engine.serving import process as engine_process
 
 POISON_TOKEN = 255
 

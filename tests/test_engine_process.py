@@ -1,4 +1,4 @@
-"""The engine process and its pipe (gateway/engine_process.py, engine_client.py, engine_wire.py),
+"""The engine process and its pipe (engine/serving/process.py, gateway/engines/pipe.py, engine/serving/wire.py),
 without HTTP: outputs across the boundary are token-exact, aborts and stop strings reach the
 engine, a request outside the engine's bounds never leaves the API process, start-up failures are
 one line, SIGINT is ignored and SIGTERM stops the engine as "stop" does."""
@@ -16,9 +16,9 @@ from engine.errors import InvalidRequest
 from engine.request import Request
 from engine.sampling import SamplingParams
 from engine.sequence import Retention
-from gateway import engine_wire as wire
+from engine.serving import wire
 from gateway.config import ConfigError, build_config
-from gateway.engine_client import EngineClient, EngineProcess
+from gateway.engines.pipe import EngineClient, EngineProcess
 from store import BlockLayout, StoreConfig, Tier
 from store.disk import DiskTier
 from tests.conftest import engine_idle

@@ -311,7 +311,7 @@ async def test_the_kv_arithmetic_at_start_up_and_on_v1_cache(make_client, tmp_pa
     assert gpu["now"] == {"free": 256, "cached": 0, "locked": 0}
     await client.post("/v1/completions", json={"model": MODEL, "prompt": "y" * 40, "max_tokens": 1})
     assert (await (await client.get("/v1/cache")).json())["tiers"]["gpu"]["now"]["cached"] == 2
-    from gateway.tiers import TierReport, describe_kv, kv_arithmetic
+    from engine.serving.tiers import TierReport, describe_kv, kv_arithmetic
     line = describe_kv(kv_arithmetic([TierReport("gpu", True, 50_000, 0), TierReport("disk", False)], 16, 2 << 20))
     assert line == ("131,072 bytes of KV per token; gpu 800,000 tokens (~390 conversations), "
                     "counting a conversation as 2,048 tokens")          # Llama-3-8B in bf16

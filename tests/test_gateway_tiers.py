@@ -1,13 +1,13 @@
 """What a server gets without configuring anything: every tier on, sized from the machine; and
 what an operator's sizes are checked against. The machine's memory and free space are set by
-the tests (gateway.tiers reads them through two functions)."""
+the tests (engine.serving.tiers reads them through two functions)."""
 import os
 
 import pytest
 
-from gateway import tiers
+from engine.serving import tiers
 from gateway.config import ConfigError, build_config
-from gateway.tiers import open_engine, plan_tiers
+from engine.serving.tiers import open_engine, plan_tiers
 from store import BlockStore
 from store.disk import DiskTier
 from tests.http_util import parse_metric

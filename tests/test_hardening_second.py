@@ -100,7 +100,7 @@ async def test_a_frozen_engine_process_shows_in_health_and_nothing_hangs(make_cl
 
 async def test_an_unanswered_question_to_the_engine_times_out():
     """EngineClient.ask gives up (EngineUnresponsive) instead of waiting forever."""
-    from gateway.engine_client import EngineClient
+    from gateway.engines.pipe import EngineClient
     from gateway.errors import EngineUnresponsive
 
     class Silent:                                    # an engine process that never answers

@@ -1,4 +1,4 @@
-"""KV events (gateway/kv_events.py): a subscriber written from the published schema (vLLM's
+"""KV events (engine/serving/kv_events.py): a subscriber written from the published schema (vLLM's
 array-encoded EventBatch, BlockStored / BlockRemoved / AllBlocksCleared with `medium`) rebuilds,
 from the stream alone, exactly the store's view of which block is in which tier — after a random
 workload that fills, demotes, evicts and restores across GPU, host and disk — and the replay
@@ -12,7 +12,7 @@ import zmq
 import zmq.asyncio
 
 from gateway.config import ConfigError, KvEventsConfig, build_config
-from gateway.kv_events import KVEventPublisher, namespace_id
+from engine.serving.kv_events import KVEventPublisher, namespace_id
 from store import Tier, chain_key, token_bytes
 from tests.engine_util import greedy, make_engine, prompt, run
 from tests.http_util import MODEL
@@ -164,7 +164,7 @@ async def test_the_engine_process_publishes_no_tenant_name_or_salt(make_client, 
 
 def test_kv_events_stay_on_this_machine_unless_authenticated_or_allowed():
     """Loopback by default; a bind beyond it needs CURVE keys or an explicit allow_unauthenticated."""
-    from gateway.config import is_local_endpoint
+    from engine.serving.config import is_local_endpoint
     default = KvEventsConfig(enabled=True)
     assert is_local_endpoint(default.endpoint) and is_local_endpoint(default.replay_endpoint)
     for endpoint in ("tcp://*:5557", "tcp://0.0.0.0:5557", "tcp://10.1.2.3:5557", "tcp://eth0:5557"):

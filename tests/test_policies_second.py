@@ -11,7 +11,7 @@ import pytest
 from engine.fairness import OUTPUT_TOKEN_COST, FairQueue, TenantShare
 from engine.request import Request
 from engine.sampling import SamplingParams, process
-from gateway.kv_events import EventLog, namespace_id
+from engine.serving.kv_events import EventLog, namespace_id
 from store import Tier
 from tests.conftest import make_store, run_request
 from tests.engine_util import greedy, make_engine, prompt
@@ -163,7 +163,7 @@ def test_the_store_queues_every_copy_that_appears_or_goes_while_recording():
 
 async def test_a_routed_prefix_counts_as_its_replicas_before_any_event():
     pytest.importorskip("ray.serve")
-    from gateway.prefix_router import KvPrefixRouter, PrefixIndex
+    from gateway.engines.router import KvPrefixRouter, PrefixIndex
     replica_id = collections.namedtuple("ReplicaId", "unique_id")
 
     class Replica:

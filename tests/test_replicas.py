@@ -1,4 +1,4 @@
-"""kvgate replicas on Ray Serve (gateway/replicas.py, gateway/prefix_router.py): the router's
+"""kvgate replicas on Ray Serve (gateway/engines/replicas.py, gateway/engines/router.py): the router's
 policy, pinned without Ray; then two replicas of the demo model on a local Ray, through kvgate's
 gateway: requests sharing a prefix land on one replica and hit its cache, unique prompts spread
 evenly, and a replica killed mid-run loses no request that had not started streaming."""
@@ -10,7 +10,7 @@ import pytest
 
 serve = pytest.importorskip("ray.serve")
 
-from gateway.prefix_router import KvPrefixRouter, PrefixIndex  # noqa: E402
+from gateway.engines.router import KvPrefixRouter, PrefixIndex  # noqa: E402
 from tests.http_util import MODEL  # noqa: E402
 
 ReplicaId = collections.namedtuple("ReplicaId", "unique_id")

@@ -20,7 +20,7 @@ import argparse
 import collections
 import random
 
-from gateway.prefix_router import KvPrefixRouter
+from gateway.engines.router import KvPrefixRouter
 from store import block_keys, token_bytes
 
 BLOCK = 16

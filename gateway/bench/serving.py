@@ -35,7 +35,7 @@ from engine.model import load_model
 from engine.sampling import SamplingParams
 from gateway.bench import client as bench
 from gateway.config import load_config
-from gateway.tiers import open_engine
+from engine.serving.tiers import open_engine
 
 
 class InProcessClient:

@@ -1,7 +1,7 @@
 """What the API process's engine clients share: the interface the app uses (`Engines`), what
 the engine said of itself, and the detokenized stream of one request's outputs. Two clients
-implement it: one engine process over its pipe (gateway/engine_client.py) and replicas on Ray
-Serve (gateway/replicas.py)."""
+implement it: one engine process over its pipe (gateway/engines/pipe.py) and replicas on Ray
+Serve (gateway/engines/replicas.py)."""
 from __future__ import annotations
 
 import abc
@@ -19,21 +19,21 @@ ASK_TIMEOUT_S = 10.0        # a "stats" or "admin" message unanswered this long:
 
 class Engines(abc.ABC):
     """The API process's view of its engine(s): one engine process (`EngineClient`) or replicas
-    on Ray Serve (`ReplicaClient`, gateway/replicas.py). The app uses this interface alone; the
-    code both share (what the engine said of itself, the detokenized streams) is here once."""
+    on Ray Serve (`ReplicaClient`, replicas.py). The app uses this interface alone; the code
+    both share (what the engine said of itself, the detokenized streams) is here once."""
 
     tokenizer = None                  # detokenizes every stream (None: token ids only)
     dead: str | None = None           # why the engine is gone (never, for replicas: Ray replaces them)
 
     def adopt(self, info: dict) -> None:
-        """What the engine said of itself when it started (engine_shell.engine_info)."""
+        """What the engine said of itself when it started (engine/serving/shell.py engine_info)."""
         self.name: str = info["name"]
         self.bounds = limits.RequestBounds(*info["bounds"])
         self.max_sequence_tokens: int = info["max_sequence_tokens"]
         self.steps: dict = info["steps"]
         self.tiers: list[dict] = info["tiers"]
         self.fingerprint: str = info["fingerprint"]
-        self.kv: dict = info["kv"]            # gateway.tiers.kv_arithmetic
+        self.kv: dict = info["kv"]            # engine/serving/tiers.py kv_arithmetic
 
     def stream(self, request: Request, queue: asyncio.Queue[RequestOutput]) -> RemoteStream:
         """The stream of `request`'s outputs as they arrive in `queue`, detokenized here."""
@@ -53,7 +53,7 @@ class Engines(abc.ABC):
 
     @abc.abstractmethod
     async def stats(self) -> dict:
-        """The engine's snapshot (gateway/metrics.py `snapshot`; replicas': merged)."""
+        """The engine's snapshot (engine/serving/shell.py `snapshot`; replicas': merged)."""
 
     @abc.abstractmethod
     async def ask(self, kind: str, *args):

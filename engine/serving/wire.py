@@ -1,4 +1,4 @@
-"""The messages between the API process and the engine process (gateway/engine_process.py).
+"""The messages between the API process and the engine process (engine/serving/process.py).
 
 Two one-way ZMQ pipes (PUSH -> PULL over ipc sockets in a directory only this user can enter),
 one msgpack array per message, its first item the kind:
@@ -8,7 +8,7 @@ one msgpack array per message, its first item the kind:
     ["abort", [id, ...]]                            ["out", [output, ...]]      one per engine loop turn
     ["stats", token]                                ["rejected", id, message]   refused at submit
     ["admin", token, op, args]                      (answered as "stats": gateway/admin.py)
-    ["stop", persist, keep_process, persist_s]      ["stats", token, snapshot]  gateway/metrics.py
+    ["stop", persist, keep_process, persist_s]      ["stats", token, snapshot]  shell.py `snapshot`
     ["reopen", gen, config]                         ["failed", message, is_config_error, gen]
                                                     ["stopped"]
                                                     ["beat"]                    every HEARTBEAT_S
@@ -16,7 +16,7 @@ one msgpack array per message, its first item the kind:
 `request` is engine.request.Request as a dict (`to_wire`); an output is RequestOutput as an array, cached tokens one
 count per Tier, logprobs as [logprob, [[token id, logprob], ...]] per token (or nil). "reopen"
 (tests: one process, many configurations, the model loaded once) carries the pickled
-KvgateConfig: only the API process that started the engine can write to the pipe. Everything
+ServingConfig: only the API process that started the engine can write to the pipe. Everything
 a client sends was validated in the API process before it is put on the pipe; the engine
 validates it again (`Engine.submit`).
 """
@@ -25,11 +25,11 @@ from __future__ import annotations
 import msgpack
 
 from engine.sequence import RequestOutput
+from store import Tier
 
 HEARTBEAT_S = 0.5          # the engine process's heartbeat while its event loop turns
 PERSIST_SHARE = 0.7        # of a stop's time, what the engine may spend choosing and copying blocks
                            # to persist ("stop"'s persist_s); the rest writes what it queued, syncs, exits
-from store import Tier
 
 TIERS = tuple(Tier)
 

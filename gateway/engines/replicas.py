@@ -1,115 +1,39 @@
-"""kvgate replicas on Ray Serve: `kvgate serve --replicas N` (docs/scale-out.md, "Ray Serve").
+"""kvgate replicas on Ray Serve, the API process's side: `kvgate serve --replicas N`
+(docs/scale-out.md, "Ray Serve").
 
-Each replica of the `EngineReplica` deployment is one kvgate engine (model, scheduler, every KV
-tier; its disk tier in a directory of its own) publishing its KV events. kvgate's gateway is the
-ingress: the same aiohttp app (OpenAI API, auth, tenants, SSE) with a `ReplicaClient` in place of
-the one engine process's `EngineClient` (both implement `Engines`, gateway/engines.py);
-each request goes through a deployment handle whose router, `KvPrefixRouter`
-(gateway/prefix_router.py), picks the replica holding its prefix. Each replica serves its engine
-through the same `EngineShell` as the engine process (gateway/engine_shell.py).
-Ray is imported only here: kvgate without replicas does not need it.
+Each replica of the `EngineReplica` deployment (engine/serving/replica.py) is one kvgate engine.
+kvgate's gateway is the ingress: the same aiohttp app (OpenAI API, auth, tenants, SSE) with a
+`ReplicaClient` in place of the one engine process's `EngineClient` (both implement `Engines`,
+gateway/engines/__init__.py); each request goes through a deployment handle whose router,
+`KvPrefixRouter` (gateway/engines/router.py), picks the replica holding its prefix.
+Ray is imported only here and on the replicas: kvgate without replicas does not need it.
 """
 from __future__ import annotations
 
 import asyncio
 import collections
-import dataclasses
 import logging
-import os
 
 import ray
 import torch
-import zmq
 from ray import serve
 from ray.serve.config import AutoscalingConfig, RequestRouterConfig
 
 from engine import limits
-from engine.errors import InvalidRequest
-from engine.model import load_model, load_tokenizer
+from engine.model import load_tokenizer
 from engine.request import Request
 from engine.sequence import RequestOutput
-from gateway import engine_wire as wire
-from gateway.config import KvEventsConfig, KvgateConfig
+from engine.serving import wire
+from engine.serving.replica import EngineReplica, EventKeys
+from gateway.config import KvgateConfig
 from gateway.engines import ASK_TIMEOUT_S, Engines, RemoteStream
-from gateway.engine_shell import EngineShell
 from gateway.errors import EngineUnresponsive
 from gateway.metrics import add_up, merge_snapshots
-from gateway.tiers import user_cache_dir
 from store import root_key, token_bytes
 from store.keys import PublicPrefixes
 
 log = logging.getLogger("kvgate.replicas")
 APP = "kvgate"
-
-
-class EngineReplica:
-    """One engine, as a Ray Serve replica (the class `deployment` wraps)."""
-
-    async def __init__(self, config: KvgateConfig, events: EventKeys) -> None:
-        context = serve.get_replica_context()
-        self.replica = context.replica_id.unique_id
-        config = replica_config(config, context.rank.rank)
-        self.persist_s = config.server.shutdown_timeout_s * wire.PERSIST_SHARE
-        model = await asyncio.to_thread(load_model, config.model, config.engine.block_size)
-        host = ray.util.get_node_ip_address()     # reached from other nodes: CURVE, the router's key only
-        self.shell = await EngineShell.open(config, model, events=KvEventsConfig(
-            enabled=True, endpoint=f"tcp://{host}:*", replay_endpoint=f"tcp://{host}:*",
-            curve_secret_key=events.server_secret, curve_client_keys=events.router_public),
-            namespace_key=bytes.fromhex(events.namespace_key))
-        for prefix in config.public_prefixes:    # as the gateway declares them: a replica autoscaling adds has them
-            ids = model.encode_chat([{"role": "system", "content": prefix.system}]) if prefix.system \
-                else model.tokenizer.encode(prefix.text)
-            self.shell.engine.store.declare_public(ids)
-        self.info = {**self.shell.info, "replica": self.replica}
-
-    def record_routing_stats(self) -> dict:
-        events, engine = self.shell.events, self.shell.engine
-        return {"kv_events": events.endpoint, "kv_events_replay": events.replay_endpoint,
-                "kv_events_key": events.public_key, "running": engine.num_running, "waiting": engine.num_waiting}
-
-    async def generate(self, request: dict):
-        """A request's outputs as wire rows; the replica's id first. Cancelled (the caller went
-        away, or aborted it): the request is aborted."""
-        yield self.replica
-        try:
-            stream = self.shell.submit(request)
-        except InvalidRequest as e:
-            yield ["rejected", str(e)]
-            return
-        finished = False
-        try:
-            async for out in stream:
-                finished = out.finish_reason is not None
-                yield wire.output_to_wire(out)
-        finally:
-            if not finished:
-                self.shell.abort(request["request_id"])
-
-    async def ask(self, request: dict):
-        """An operator's message ("stats", "info", or an admin operation), answered by this replica."""
-        op, args = request["op"], request.get("args", [])
-        if op == "stats":
-            return self.shell.stats()
-        if op == "info":
-            return self.info
-        return self.shell.admin(op, args)
-
-    async def __del__(self) -> None:
-        """Serve stops the replica: abort what runs, write what fits of the cache to its disk
-        tier within its graceful shutdown (server.shutdown_timeout_s)."""
-        await self.shell.stop(persist=True, persist_s=self.persist_s)
-
-
-def replica_config(config: KvgateConfig, rank: int) -> KvgateConfig:
-    """`config` for replica `rank`: its disk tier in a directory of its own."""
-    disk = config.store.disk
-    if not disk.enabled:
-        return config
-    base = disk.path or os.path.join(user_cache_dir(), "kvgate", "kv")
-    os.makedirs(base, exist_ok=True)
-    disk = dataclasses.replace(disk, path=os.path.join(base, f"replica-{rank}"))
-    store = dataclasses.replace(config.store, disk=disk)
-    return dataclasses.replace(config, store=store)
 
 
 async def open_replicas(config: KvgateConfig) -> ReplicaClient:
@@ -126,23 +50,6 @@ async def open_replicas(config: KvgateConfig) -> ReplicaClient:
     return client
 
 
-@dataclasses.dataclass(frozen=True)
-class EventKeys:
-    """The CURVE keys (Z85) of one deployment's KV events: the replicas publish with the server
-    secret and let in only the router's public key; the namespace key hashes the namespaces in
-    them. Made anew by each `deploy`, handed to the replicas and the router through Ray."""
-    server_secret: str
-    router_public: str
-    router_secret: str
-    namespace_key: str
-
-    @classmethod
-    def new(cls) -> EventKeys:
-        _, server_secret = zmq.curve_keypair()
-        router_public, router_secret = zmq.curve_keypair()
-        return cls(server_secret.decode(), router_public.decode(), router_secret.decode(), os.urandom(32).hex())
-
-
 def deploy(config: KvgateConfig):
     """Run the `EngineReplica` deployment as `config.replicas` says; returns its handle."""
     r = config.replicas
@@ -155,7 +62,7 @@ def deploy(config: KvgateConfig):
                                         target_ongoing_requests=r.target_ongoing_requests)
     routing = RequestRouterConfig(request_routing_stats_period_s=1.0)
     if r.router == "prefix":
-        routing = RequestRouterConfig(request_router_class="gateway.prefix_router:KvPrefixRouter",
+        routing = RequestRouterConfig(request_router_class="gateway.engines.router:KvPrefixRouter",
                                       request_router_kwargs={"imbalance": r.imbalance,
                                                              "curve_public": keys.router_public,
                                                              "curve_secret": keys.router_secret},
@@ -165,7 +72,7 @@ def deploy(config: KvgateConfig):
                                   autoscaling_config=autoscaling, max_ongoing_requests=r.max_ongoing_requests,
                                   request_router_config=routing,
                                   graceful_shutdown_timeout_s=config.server.shutdown_timeout_s)
-    return serve.run(deployment.bind(config, keys), name=APP, route_prefix=None)
+    return serve.run(deployment.bind(config.serving(), keys), name=APP, route_prefix=None)
 
 
 class ReplicaClient(Engines):

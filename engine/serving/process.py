@@ -1,5 +1,5 @@
 """The engine process: it loads the model, owns the engine loop and the KV store, and talks to
-the API process over the pipes of gateway/engine_wire.py. Nothing else runs on its event loop,
+the API process over the pipes of engine/serving/wire.py. Nothing else runs on its event loop,
 so HTTP parsing, tokenization and SSE writing in the API process never delay a step.
 
 It ignores SIGINT (a terminal's Ctrl-C reaches the whole process group; the API process then
@@ -23,15 +23,15 @@ import zmq.asyncio
 
 from engine.errors import InvalidRequest
 from engine.model import LoadedModel, load_model
-from gateway import engine_wire as wire
-from gateway.config import ConfigError, KvgateConfig
-from gateway.engine_shell import EngineShell
+from engine.serving import wire
+from engine.serving.config import ConfigError, ServingConfig
+from engine.serving.shell import EngineShell
 
 log = logging.getLogger("kvgate.engine")
 _PR_SET_PDEATHSIG = 1
 
 
-def main(config: KvgateConfig, inbox: str, outbox: str, log_level: str, parent_pid: int) -> None:
+def main(config: ServingConfig, inbox: str, outbox: str, log_level: str, parent_pid: int) -> None:
     """The process's entry point (multiprocessing, spawned): serve until told to stop."""
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -49,14 +49,14 @@ class _Models:
     def __init__(self) -> None:
         self._loaded: dict[tuple, LoadedModel] = {}
 
-    async def get(self, config: KvgateConfig) -> LoadedModel:
+    async def get(self, config: ServingConfig) -> LoadedModel:
         key = (config.model, config.engine.block_size)
         if key not in self._loaded:
             self._loaded = {key: await asyncio.to_thread(load_model, config.model, config.engine.block_size)}
         return self._loaded[key]
 
 
-async def _serve(config: KvgateConfig, inbox: str, outbox: str) -> None:
+async def _serve(config: ServingConfig, inbox: str, outbox: str) -> None:
     ctx = zmq.asyncio.Context()
     pull = ctx.socket(zmq.PULL)
     pull.connect(inbox)
@@ -78,7 +78,7 @@ async def _serve(config: KvgateConfig, inbox: str, outbox: str) -> None:
             if term.done():
                 log.info("SIGTERM: stopping the engine and writing the cache to the disk tier")
                 if core is not None:
-                    await core.stop(True, config.server.shutdown_timeout_s * wire.PERSIST_SHARE)
+                    await core.stop(True, config.persist_s)
                 push.send(wire.pack("stopped"))
                 return
             batch = [receive.result()]            # a burst (128 submits) is taken in one turn
@@ -132,7 +132,7 @@ class EngineCore:
         self._pending: list[list] = []
 
     @classmethod
-    async def open(cls, config: KvgateConfig, models: _Models, push: zmq.Socket, gen: int) -> EngineCore | None:
+    async def open(cls, config: ServingConfig, models: _Models, push: zmq.Socket, gen: int) -> EngineCore | None:
         """Load (or reuse) the model, open the store, start the engine; says "ready" with what
         the API process needs, or "failed" with one line (None then)."""
         core = cls(push)

@@ -4,13 +4,13 @@
 the longest cached prefix of it — unless that replica has more requests in flight than the
 least busy one by more than `imbalance` (SGLang's cache-aware router and Ray's
 `PrefixCacheAffinityRouter` balance the same way); without a match, to the least busy replica.
-What each replica holds comes from its KV events (gateway/kv_events.py): each replica reports
+What each replica holds comes from its KV events (engine/serving/kv_events.py): each replica reports
 its PUB endpoint in its routing stats, the router subscribes (`EventFeed`). A request's prefix is
 counted as held by the replica it was sent to from that moment (`expect`), until its own events
 arrive or `EXPECT_S` pass, so a burst of requests behind one new prefix goes to one replica.
 
 The request (the first argument) is a dict with "block_keys": the kvgate keys of its prompt's
-full blocks (gateway/replicas.py computes them), or "replica": a replica to send it to (an
+full blocks (gateway/engines/replicas.py computes them), or "replica": a replica to send it to (an
 operator's message for every replica).
 """
 from __future__ import annotations

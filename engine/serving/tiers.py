@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, replace
 import torch
 
 from engine.model import LoadedModel
-from gateway.config import ConfigError, KvgateConfig
+from engine.serving.config import ConfigError, ServingConfig
 from store import BlockLayout, DiskTierError, StoreConfig
 from store.block_store import disk_staging_blocks
 from store.record import RecordFormat
@@ -72,7 +72,7 @@ def describe_kv(kv: dict) -> str:
             f"{kv['conversation_tokens']:,} tokens")
 
 
-def plan_tiers(config: KvgateConfig, model: LoadedModel) -> tuple[StoreConfig, list[TierReport]]:
+def plan_tiers(config: ServingConfig, model: LoadedModel) -> tuple[StoreConfig, list[TierReport]]:
     """The store's configuration for this machine, and a report per tier (the disk tier's says
     how many blocks its own staging area holds). Raises ConfigError naming the key when a
     configured size cannot be had."""
@@ -96,7 +96,7 @@ def _noting_staging(store: StoreConfig, reports: list[TierReport], layout: Block
     return [gpu, host, disk]
 
 
-def _gpu(config: KvgateConfig, model: LoadedModel, block_bytes: int) -> TierReport:
+def _gpu(config: ServingConfig, model: LoadedModel, block_bytes: int) -> TierReport:
     tier = config.store.gpu
     if tier.num_blocks:
         return TierReport("gpu", True, tier.num_blocks, tier.num_blocks * block_bytes, "configured")
@@ -108,7 +108,7 @@ def _gpu(config: KvgateConfig, model: LoadedModel, block_bytes: int) -> TierRepo
     return TierReport("gpu", True, blocks, blocks * block_bytes, "auto")
 
 
-def _host(config: KvgateConfig, block_bytes: int) -> TierReport:
+def _host(config: ServingConfig, block_bytes: int) -> TierReport:
     tier = config.store.host
     if not tier.enabled:
         return TierReport("host", False, note="store.host.enabled = false")
@@ -127,7 +127,7 @@ def _host(config: KvgateConfig, block_bytes: int) -> TierReport:
     return TierReport("host", True, blocks, blocks * block_bytes, "auto")
 
 
-def _disk(config: KvgateConfig, model: LoadedModel) -> TierReport:
+def _disk(config: ServingConfig, model: LoadedModel) -> TierReport:
     tier = config.store.disk
     if not tier.enabled:
         return TierReport("disk", False, note="store.disk.enabled = false")
@@ -162,7 +162,7 @@ def _disk(config: KvgateConfig, model: LoadedModel) -> TierReport:
     return TierReport("disk", True, nbytes // record_bytes, nbytes, "auto", path)
 
 
-def open_engine(config: KvgateConfig, model: LoadedModel, make_engine):
+def open_engine(config: ServingConfig, model: LoadedModel, make_engine):
     """`make_engine(store_config)` on the planned tiers; a disk tier kvgate chose that cannot be
     opened (another kvgate holds it, ...) is turned off with a warning, a configured one is a
     ConfigError naming store.disk.path. Returns (engine, reports)."""

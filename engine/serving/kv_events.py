@@ -44,7 +44,7 @@ import zmq
 import zmq.asyncio
 from zmq.auth.asyncio import AsyncioAuthenticator
 
-from gateway.config import ConfigError, KvEventsConfig, is_local_endpoint
+from engine.serving.config import ConfigError, KvEventsConfig, is_local_endpoint
 from store import BlockStore, Tier
 from store.radix import TIERS, Changes, Node
 

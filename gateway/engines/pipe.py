@@ -30,8 +30,8 @@ import zmq.asyncio
 from engine import limits
 from engine.request import Request
 from engine.sequence import RequestOutput
-from gateway import engine_process
-from gateway import engine_wire as wire
+from engine.serving import process as engine_process
+from engine.serving import wire
 from gateway.config import ConfigError, KvgateConfig
 from gateway.engines import ASK_TIMEOUT_S, Engines, RemoteStream
 from gateway.errors import EngineDead, EngineUnresponsive
@@ -73,7 +73,7 @@ class EngineProcess:
         self.from_engine.bind(outbox)
         spawn = multiprocessing.get_context("spawn")
         self._process = spawn.Process(target=self.entry, name="kvgate-engine", daemon=False,
-                                      args=(self.config, inbox, outbox, self.log_level, os.getpid()))
+                                      args=(self.config.serving(), inbox, outbox, self.log_level, os.getpid()))
         self._process.start()
         next(self._gen)
         await self._await_ready(0)
@@ -85,7 +85,7 @@ class EngineProcess:
         await self._receive("stopped")
         gen = next(self._gen)
         self.config = config
-        self.send("reopen", gen, pickle.dumps(config))
+        self.send("reopen", gen, pickle.dumps(config.serving()))
         await self._await_ready(gen)
 
     async def _await_ready(self, gen: int) -> None:
@@ -221,7 +221,7 @@ class EngineClient(Engines):
             self.process.send("abort", ids)
 
     async def stats(self) -> dict:
-        """The engine's snapshot (gateway/metrics.py `snapshot`); EngineDead if it is gone."""
+        """The engine's snapshot (engine/serving/shell.py `snapshot`); EngineDead if it is gone."""
         return await self.ask("stats")
 
     def silent_for(self) -> float:
