@@ -132,15 +132,15 @@ class Engine:
         prompt = list(request.prompt_ids)
         # its cache: the namespace's (the tenant's, narrowed by its salt), after the public
         # prefix it starts with, if any
-        scope = self.store.scope(request.cache_namespace, prompt)
+        keys = self.store.keys(request.cache_namespace, prompt)     # computed once, carried by the sequence
         generator = None
         if not params.greedy:
             generator = torch.Generator(device=self.loaded.device)
             generator.manual_seed(params.seed if params.seed is not None else torch.seed())
-        match = self.store.match(scope, prompt, max_tokens=len(prompt) - 1)
+        match = self.store.match(keys, prompt, max_tokens=len(prompt) - 1)
         detokenizer = Detokenizer(self.loaded.tokenizer if self.detokenize else None, params.stop)
         retention = request.retention
-        seq = Sequence(request_id, prompt, len(prompt), params, priority, next(self._arrivals), scope,
+        seq = Sequence(request_id, prompt, len(prompt), params, priority, next(self._arrivals), keys,
                        detokenizer, generator, found=match.tiers, max_tier=self.costs.slowest_tier_to_load(match.tiers),
                        tenant=request.namespace, retention=retention.blocks(len(prompt), self.config.block_size)
                        if retention is not None else None)

@@ -39,7 +39,7 @@ from engine.config import EngineConfig
 from engine.costs import LoadOrRecompute
 from engine.fairness import FairQueue, TenantShare
 from engine.sequence import Sequence, Status
-from store import BlockStore, OutOfBlocks, PrefixMatch, Tier, token_bytes
+from store import BlockStore, OutOfBlocks, PrefixMatch, Tier
 from store.loader import STALLED_S
 
 log = logging.getLogger("kvgate.engine")
@@ -150,7 +150,7 @@ class Scheduler:
             if seq.status is Status.WAITING and computing and not computing.isdisjoint(keys := self._prompt_keys(seq)):
                 # reported only for its own namespace's blocks: that another tenant is sending a
                 # public prefix right now is not this request's to know
-                seq.waited_for_prefix |= not computing.isdisjoint(keys[seq.scope.shared:])
+                seq.waited_for_prefix |= not computing.isdisjoint(keys[seq.keys.scope.shared:])
                 skipped.append(seq)
                 continue
             if len(self.running) >= self.config.max_num_seqs:     # full: a slot from a tenant above its share
@@ -238,9 +238,8 @@ class Scheduler:
         return keys
 
     def _prompt_keys(self, seq: Sequence) -> list[bytes]:
-        if seq.prompt_keys is None:
-            seq.prompt_keys = seq.scope.keys(token_bytes(seq.token_ids[:seq.prompt_len]), self.store.block_size)
-        return seq.prompt_keys
+        """Keys of the prompt's full blocks."""
+        return seq.keys.upto(seq.token_ids, seq.prompt_len // self.store.block_size)
 
     def _admit(self, seq: Sequence, chunks: list[Chunk]) -> bool:
         """Give `seq` its blocks, with its cached prefix, preempting a less urgent running
@@ -248,12 +247,12 @@ class Scheduler:
         while True:
             try:
                 last = len(seq.token_ids) - 1         # computed again to sample the next token
-                blocks = self.store.admit(seq.request_id, seq.scope, seq.token_ids, seq.priority,
+                blocks = self.store.admit(seq.request_id, seq.keys, seq.token_ids, seq.priority,
                                           max_cached_tokens=last, max_tier=seq.max_tier, retention=seq.retention)
                 seq.num_computed = blocks.num_cached_tokens
                 # part of its prefix went to disk while it waited (or while it was preempted)
                 if len(blocks.tiers) < len(seq.found) or seq.num_generated:
-                    self._start_load(seq, self.store.match(seq.scope, seq.token_ids, last))
+                    self._start_load(seq, self.store.match(seq.keys, seq.token_ids, last))
                 if seq.cached_tokens is None:
                     seq.cached_tokens = _cached_by_tier(seq.found, blocks.tiers, self.store.block_size)
                     seq.queued_s = time.monotonic() - seq.submitted_at

@@ -12,7 +12,7 @@ import torch
 
 from engine.detokenizer import Detokenizer
 from engine.sampling import SamplingParams
-from store import Scope, Tier
+from store import BlockKeys, Tier
 
 
 class Status(enum.Enum):
@@ -53,7 +53,8 @@ class Sequence:
     params: SamplingParams
     priority: int                     # higher = more urgent
     arrival: int                      # admission order among equal priorities
-    scope: Scope                      # whose cache its blocks are in (its tenant's; public prefixes shared)
+    keys: BlockKeys                   # its blocks' keys, in its scope: whose cache they are in (its
+                                      # tenant's; public prefixes shared); computed once, as needed
     detokenizer: Detokenizer
     generator: torch.Generator | None
     found: tuple[Tier, ...] = ()      # where each prefix block was when the request arrived
@@ -68,7 +69,6 @@ class Sequence:
     cached_tokens: dict[Tier, int] | None = None   # set at first admission
     submitted_at: float = field(default_factory=time.monotonic)
     queued_s: float | None = None                  # submission to first admission
-    prompt_keys: list[bytes] | None = None         # keys of the prompt's full blocks (the scheduler's)
     finish_reason: str | None = None
     outputs: asyncio.Queue[RequestOutput] = field(default_factory=asyncio.Queue)
     tenant: str = ""                  # whose request (fair share between tenants: engine/fairness.py)

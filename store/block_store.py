@@ -26,7 +26,7 @@ import torch
 from store.copier import BlockCopier
 from store.disk import DiskTier
 from store.errors import OutOfBlocks
-from store.keys import PublicPrefixes, Scope, chain_key, root_key, token_bytes
+from store.keys import BlockKeys, PublicPrefixes, Scope, root_key, token_bytes
 from store.loader import DiskLoader
 from store.placement import WRITE_POLICIES, Placement
 from store.pool import BlockLayout, BlockPool, Tier
@@ -73,7 +73,7 @@ def disk_staging_blocks(config: StoreConfig, layout: BlockLayout) -> int:
 @dataclass(frozen=True)
 class PrefixMatch:
     """The longest cached prefix of a token list, and the tier of each block's fastest copy."""
-    scope: Scope
+    keys: BlockKeys                # the token list's keys (in its scope)
     nodes: tuple[Node, ...]
     tiers: tuple[Tier, ...]
 
@@ -92,7 +92,7 @@ class LoadStep:
 class SeqBlocks:
     """One running sequence's blocks. Owned by the store; the engine reads `slots`."""
     seq_id: Hashable
-    scope: Scope
+    keys: BlockKeys                # its token list's block keys, in its scope
     priority: int
     slots: list[int]               # block table: GPU slot of block i, i = 0 .. len-1
     path: list[Node]               # locked index nodes of blocks 0 .. len(path)-1
@@ -155,24 +155,22 @@ class BlockStore:
         i = len(match.nodes)
         if i >= max_blocks:
             return None
-        parent = match.nodes[-1].key if match.nodes else match.scope.first     # a root node's key is the root key
-        key = chain_key(match.scope.parent_key(i, parent),
-                        token_bytes(token_ids[i * self.block_size:(i + 1) * self.block_size]))
+        key = match.keys.upto(token_ids, i + 1)[i]
         dropped = self.placement.dropped_keys.get(key)
         if dropped is None:
             return {"block": i, "reason": "never_computed"}
         tier, at, why = dropped
         return {"block": i, "reason": "evicted", "tier": tier, "at": round(at, 3), "policy": why}
 
-    def evict_prefix(self, scope: Scope | bytes, token_ids: Sequence[int]) -> int:
+    def evict_prefix(self, scope: BlockKeys | Scope | bytes, token_ids: Sequence[int]) -> int:
         """Drop the cached blocks of `token_ids` (and every block that follows them) from every
         tier, from the first of the scope's own namespace (never a public prefix's blocks but
         through the public root's scope) whose blocks no running sequence holds; returns how
         many went."""
-        scope = _scope(scope)
-        for node in self.match(scope, token_ids).nodes:
+        keys = self._keys(scope)
+        for node in self.match(keys, token_ids).nodes:
             subtree = self.index.subtree(node)
-            if node.namespace == scope.root and not any(n.lock_count for n in subtree):
+            if node.namespace == keys.scope.root and not any(n.lock_count for n in subtree):
                 held = [t for t in TIERS if node.has(t)]   # its copies all go now: name the slowest
                 self.placement.forget(node, held[-1] if held else None, "evicted through the admin API")
                 return len(subtree)
@@ -219,28 +217,40 @@ class BlockStore:
         return self.public.declare(token_bytes(token_ids), self.block_size,
                                    max(1, int(PUBLIC_MAX_SHARE * self.gpu.num_blocks)))
 
-    def scope(self, namespace: str, token_ids: Sequence[int]) -> Scope:
-        """Where the blocks of a prompt of `namespace` are cached: its leading blocks that a
-        declared public prefix has are shared, the rest are the namespace's."""
+    def keys(self, namespace: str, token_ids: Sequence[int]) -> BlockKeys:
+        """The block keys of a prompt of `namespace` (a request computes them once and carries
+        them): its leading blocks that a declared public prefix has are shared, the rest are the
+        namespace's."""
         root = self.root_key(namespace)
         if namespace and root not in self._names:
             if len(self._names) >= MAX_NAMES:        # clients may name many (cache_salt)
                 del self._names[next(iter(self._names))]
             self._names[root] = namespace
-        return self.public.scope(root, token_ids, self.block_size)
+        return self.public.keys(root, token_ids, self.block_size)
+
+    def scope(self, namespace: str, token_ids: Sequence[int]) -> Scope:
+        """Where the blocks of a prompt of `namespace` are cached (`keys`' scope)."""
+        return self.keys(namespace, token_ids).scope
 
     def namespace_name(self, root: bytes) -> str:
         """The namespace whose root key is `root`, if a request of it came lately ("" if not)."""
         return self._names.get(root, "")
 
-    def match(self, scope: Scope | bytes, token_ids: Sequence[int], max_tokens: int | None = None) -> PrefixMatch:
-        """Longest cached prefix of `token_ids` (at most `max_tokens`), in any tier. `scope`:
-        a namespace's root key, or a `scope`'s answer."""
-        scope = _scope(scope)
+    def match(self, keys: BlockKeys | Scope | bytes, token_ids: Sequence[int],
+              max_tokens: int | None = None) -> PrefixMatch:
+        """Longest cached prefix of `token_ids` (at most `max_tokens`), in any tier. `keys`: the
+        token list's (`keys`), or a scope (`scope`; a namespace's root key stands for its scope
+        without public prefixes), whose keys are then computed for this match alone."""
+        keys = self._keys(keys)
         limit = len(token_ids) if max_tokens is None else min(max_tokens, len(token_ids))
-        nodes = self.index.match(scope, token_bytes(token_ids[:limit]), self.block_size,
-                                 limit // self.block_size)
-        return PrefixMatch(scope, tuple(nodes), tuple(n.fastest for n in nodes))
+        nodes = self.index.match(keys.scope.first, keys.upto(token_ids, limit // self.block_size),
+                                 token_bytes(token_ids[:limit]), self.block_size)
+        return PrefixMatch(keys, tuple(nodes), tuple(n.fastest for n in nodes))
+
+    def _keys(self, keys: BlockKeys | Scope | bytes) -> BlockKeys:
+        if isinstance(keys, BlockKeys):
+            return keys
+        return BlockKeys(keys if isinstance(keys, Scope) else Scope(keys), self.block_size)
 
     # ---- compute and load at once (see store/loader.py) --------------------------------------
 
@@ -302,7 +312,7 @@ class BlockStore:
 
     # ---- sequences --------------------------------------------------------------------------
 
-    def admit(self, seq_id: Hashable, scope: Scope | bytes, token_ids: Sequence[int], priority: int = 0,
+    def admit(self, seq_id: Hashable, keys: BlockKeys | Scope | bytes, token_ids: Sequence[int], priority: int = 0,
               max_cached_tokens: int | None = None, max_tier: Tier = Tier.HOST,
               retention: tuple[int, int, int, float] | None = None) -> SeqBlocks:
         """Start a sequence: reuse its cached prefix (at most `max_cached_tokens`, up to its
@@ -315,7 +325,7 @@ class BlockStore:
             raise ValueError("a sequence needs at least one token")
         if not -2**63 <= priority < 2**63:     # the disk tier's records store it in 64 bits
             raise ValueError(f"priority {priority} does not fit in 64 bits")
-        match = self.match(scope, token_ids, max_cached_tokens)
+        match = self.match(keys, token_ids, max_cached_tokens)
         # a prefix of the match: a parent is never in a slower tier than its child
         nodes = [n for n in match.nodes if n.fastest <= min(max_tier, Tier.HOST)]
         tiers = match.tiers[:len(nodes)]
@@ -332,7 +342,7 @@ class BlockStore:
         self.placement.count_hits(tiers)
         self.misses += len(token_ids) // self.block_size - len(nodes)
         owned = slots[len(promote):]
-        seq = SeqBlocks(seq_id, match.scope, priority, [n.gpu_slot for n in nodes] + owned, nodes, set(owned),
+        seq = SeqBlocks(seq_id, match.keys, priority, [n.gpu_slot for n in nodes] + owned, nodes, set(owned),
                         tiers, self.block_size, retention=retention)
         self._retain(seq, 0, nodes)
         self._seqs[seq_id] = seq
@@ -357,15 +367,18 @@ class BlockStore:
         n = len(token_ids) if num_computed_tokens is None else num_computed_tokens
         full = min(n // self.block_size, len(seq.slots))
         before = len(seq.path)
+        if not seq.cacheable or before >= full:
+            return 0
+        keys = seq.keys.upto(token_ids, full)
         while seq.cacheable and len(seq.path) < full:
-            parent = seq.path[-1] if seq.path else self.index.root(seq.scope.first)
+            parent = seq.path[-1] if seq.path else self.index.root(seq.keys.scope.first)
             i = len(seq.path)
             block = token_bytes(token_ids[i * self.block_size:(i + 1) * self.block_size])
-            key = chain_key(seq.scope.parent_key(i, parent.key), block)
+            key = keys[i]
             node = parent.children.get(key)
             slot = seq.slots[i]
             if node is None:
-                node = self.index.insert(parent, key, block, seq.priority, namespace=seq.scope.namespace(i))
+                node = self.index.insert(parent, key, block, seq.priority, namespace=seq.keys.scope.namespace(i))
                 self.index.set_gpu(node, slot)
                 seq.owned.discard(slot)
             elif node.token_bytes != block:
@@ -477,7 +490,3 @@ class BlockStore:
         for n in self.index.nodes():
             assert n.lock_count == expected_locks[n], f"{n}: {expected_locks[n]} holders"
 
-
-def _scope(scope: Scope | bytes) -> Scope:
-    """A namespace's root key stands for its scope without public prefixes."""
-    return scope if isinstance(scope, Scope) else Scope(scope)

@@ -9,6 +9,10 @@ namespace; the block after it chains from xxh3_128("kvgate-private" || key of th
 block || the namespace's root), so what follows a public prefix is still the namespace's own
 (`Scope`).
 
+A request's keys are computed once, as its token list's blocks are needed, and carried with it
+(`BlockKeys`): matching, indexing a filled block, the first miss and the blocks being computed
+all read them there.
+
 A key therefore names a whole prefix, not one block: equal keys mean equal prefixes (up to a
 hash collision, which the radix index catches by comparing token ids). Token ids are hashed as
 little-endian uint32, so keys written to disk on one machine are valid on another.
@@ -66,15 +70,32 @@ class Scope:
         """The root key of the namespace block `i` belongs to."""
         return self.public if i < self.shared else self.root
 
-    def keys(self, tokens: bytes, block_size: int) -> list[bytes]:
-        """Keys of every full block of `tokens` (as `token_bytes`)."""
-        if not self.shared:
-            return block_keys(self.root, tokens, block_size)
-        cut = self.shared * block_size * TOKEN_BYTES
-        public = block_keys(self.public, tokens[:cut], block_size)
-        if len(public) < self.shared:
-            return public
-        return public + block_keys(private_key(public[-1], self.root), tokens[cut:], block_size)
+
+class BlockKeys:
+    """The keys of a token list's full blocks in its scope, each computed once, when first
+    needed, and kept. A sequence carries its own: its tokens are only ever appended, so the key
+    of a full block never changes. Every user of the keys also has the token ids and compares
+    them (the radix index, a record read from disk): keys computed from other tokens than the
+    ones passed can cost a hit, never serve a wrong block."""
+    __slots__ = ("scope", "block_size", "_keys")
+
+    def __init__(self, scope: Scope, block_size: int, known: Sequence[bytes] = ()) -> None:
+        self.scope = scope
+        self.block_size = block_size
+        self._keys = list(known)          # key of block i, i = 0 .. len - 1
+
+    def upto(self, token_ids: Sequence[int], num_blocks: int) -> list[bytes]:
+        """Keys of the first `num_blocks` blocks of `token_ids` (each full), computing those not
+        computed yet."""
+        keys, bs = self._keys, self.block_size
+        for i in range(len(keys), num_blocks):
+            block = token_bytes(token_ids[i * bs:(i + 1) * bs])
+            keys.append(chain_key(self.scope.parent_key(i, keys[-1] if keys else self.scope.first), block))
+        return keys[:num_blocks]
+
+    def all(self, token_ids: Sequence[int]) -> list[bytes]:
+        """Keys of every full block of `token_ids`."""
+        return self.upto(token_ids, len(token_ids) // self.block_size)
 
 
 class PublicPrefixes:
@@ -83,7 +104,7 @@ class PublicPrefixes:
 
     def __init__(self, model_fingerprint: str) -> None:
         self.root = public_root_key(model_fingerprint)
-        self.keys: set[bytes] = set()
+        self.declared: set[bytes] = set()   # the key of each public block
         self._last: set[bytes] = set()   # the last block's key of each prefix declared
 
     @property
@@ -96,25 +117,28 @@ class PublicPrefixes:
         PublicPrefixesFull (declaring nothing) if the public blocks would then be more than
         `max_blocks`."""
         keys = block_keys(self.root, tokens, block_size)
-        total = len(self.keys.union(keys))
+        total = len(self.declared.union(keys))
         if max_blocks is not None and total > max_blocks:
             raise PublicPrefixesFull(f"public prefixes would hold {total} blocks; at most {max_blocks} may be "
                                      "public: every tenant's own cache needs the rest")
-        self.keys.update(keys)
+        self.declared.update(keys)
         self._last.update(keys[-1:])
         return len(keys)
 
-    def scope(self, root: bytes, token_ids: Sequence[int], block_size: int) -> Scope:
-        """The scope of a prompt of the namespace whose root is `root`: one hash for a prompt
-        that starts with no public prefix, none while none is declared."""
-        shared, parent = 0, self.root
-        if self.keys:
+    def keys(self, root: bytes, token_ids: Sequence[int], block_size: int) -> BlockKeys:
+        """The block keys of a prompt of the namespace whose root is `root`, in its scope: the
+        leading blocks found among the public prefixes' are shared (their keys, computed to find
+        them, are kept); one hash for a prompt that starts with no public prefix, none while none
+        is declared."""
+        found: list[bytes] = []
+        if self.declared:
+            parent = self.root
             for i in range(len(token_ids) // block_size):
                 parent = chain_key(parent, token_bytes(token_ids[i * block_size:(i + 1) * block_size]))
-                if parent not in self.keys:
+                if parent not in self.declared:
                     break
-                shared = i + 1
-        return Scope(root, self.root, shared)
+                found.append(parent)
+        return BlockKeys(Scope(root, self.root, len(found)), block_size, found)
 
 
 def token_bytes(token_ids: Sequence[int]) -> bytes:

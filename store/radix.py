@@ -23,9 +23,9 @@ import heapq
 import itertools
 import time
 from collections import Counter, deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 
-from store.keys import TOKEN_BYTES, Scope, chain_key
+from store.keys import TOKEN_BYTES
 from store.pool import Tier
 
 TIERS = (Tier.GPU, Tier.HOST, Tier.DISK)
@@ -114,21 +114,19 @@ class RadixIndex:
         self._tick += 1
         return self._tick
 
-    def match(self, scope: Scope, tokens: bytes, block_size: int, max_blocks: int) -> list[Node]:
-        """The longest chain of nodes with a copy whose keys and token ids match `tokens`.
-
-        `tokens` are `token_bytes`; keys are computed while walking, so a miss costs one hash.
-        Touches every matched node (LRU)."""
-        node = self.roots.get(scope.first)
-        if node is None:
+    def match(self, root: bytes, keys: Sequence[bytes], tokens: bytes, block_size: int) -> list[Node]:
+        """The longest chain of nodes with a copy under root `root` whose keys are `keys` (a
+        prefix of them) and whose token ids are those of `tokens` (`token_bytes`, a block of
+        `block_size` tokens per key). Touches every matched node (LRU)."""
+        node = self.roots.get(root)
+        if node is None or not keys:
             return []
         step = block_size * TOKEN_BYTES
         now = self.tick()
         path = []
-        for i in range(min(max_blocks, len(tokens) // step)):
-            block = tokens[i * step:(i + 1) * step]
-            child = node.children.get(chain_key(scope.parent_key(i, node.key), block))
-            if child is None or child.token_bytes != block or child.fastest is None:
+        for i, key in enumerate(keys):
+            child = node.children.get(key)
+            if child is None or child.token_bytes != tokens[i * step:(i + 1) * step] or child.fastest is None:
                 break
             child.last_access = now
             path.append(child)

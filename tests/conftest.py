@@ -13,13 +13,7 @@ import pytest
 import torch
 import transformers
 
-from store import (
-    BlockLayout,
-    BlockStore,
-    SeqBlocks,
-    StoreConfig,
-    token_bytes,
-)
+from store import BlockLayout, BlockStore, SeqBlocks, StoreConfig
 
 # The tests (and the servers they start) never touch the user's cache directory, where the
 # default disk tier and the weight-fingerprint cache live.
@@ -41,7 +35,7 @@ def block_content(key: bytes, layout: BlockLayout = LAYOUT) -> torch.Tensor:
 
 
 def prefix_keys(store: BlockStore, seq: SeqBlocks, tokens: list[int]) -> list[bytes]:
-    return seq.scope.keys(token_bytes(tokens), store.block_size)
+    return seq.keys.all(tokens)
 
 
 def write_kv(store: BlockStore, seq: SeqBlocks, tokens: list[int]) -> None:

@@ -28,10 +28,10 @@ class SchedulerDriver:
 
     def add(self, name: str, prompt: list[int], max_tokens: int, priority: int = 0) -> Sequence:
         """Queue request `name` (its id) as the engine does."""
-        scope = self.store.scope("", prompt)
-        match = self.store.match(scope, prompt, max_tokens=len(prompt) - 1)
+        keys = self.store.keys("", prompt)
+        match = self.store.match(keys, prompt, max_tokens=len(prompt) - 1)
         seq = Sequence(name, list(prompt), len(prompt), SamplingParams(max_tokens=max_tokens, ignore_eos=True),
-                       priority, next(self._arrivals), scope, Detokenizer(None, ()), None, found=match.tiers)
+                       priority, next(self._arrivals), keys, Detokenizer(None, ()), None, found=match.tiers)
         self.scheduler.add(seq, match)
         return seq
 
@@ -52,9 +52,15 @@ class SchedulerDriver:
         self.store.check_integrity()
         return [(c.seq.request_id, c.start, c.num_tokens) for c in plan.chunks]
 
+    def abort(self, seq: Sequence) -> None:
+        """End `seq` as `Engine.abort` does, wherever it is (running, waiting, preempted)."""
+        self.scheduler.remove(seq)
+        self.store.check_integrity()
+
     def run(self) -> list[list[tuple[str, int, int]]]:
-        """Steps until nothing is left to schedule."""
+        """Steps until nothing is left to schedule (at most 1,000)."""
         steps = []
         while step := self.step():
             steps.append(step)
+            assert len(steps) < 1000, "the scheduler does not finish"
         return steps

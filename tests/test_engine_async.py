@@ -92,7 +92,7 @@ async def test_a_sequence_preempted_in_flight_keeps_its_blocks_and_waits_for_its
     assert await engine.step()                       # the prompt's step, left in flight
     assert seq.pending == 1 and not seq.num_generated
     engine.scheduler.preempt(seq)                    # as decode pressure would, while it is in flight
-    assert len(engine.store.match(seq.scope, p).nodes) == 3      # its full blocks, indexed
+    assert len(engine.store.match(seq.keys, p).nodes) == 3      # its full blocks, indexed
     assert await engine.step()                       # its token comes back; it stays out
     assert len(launches) == 1 and seq.status is Status.WAITING and seq.num_generated == 1
     await drive(engine)

@@ -375,7 +375,7 @@ def test_a_declaration_past_the_public_bound_declares_nothing():
     with pytest.raises(PublicPrefixesFull, match="at most 16"):
         public.declare(bytes(range(4)) * 4, 4, max_blocks=16)      # a 17th block
     assert public.declare(bytes(4 * 16 * 4), 4, max_blocks=16) == 16   # declared again: no new block
-    assert len(public.keys) == 16
+    assert len(public.declared) == 16
 
 
 async def test_a_body_shorter_than_its_length_is_answered_and_closed_at_the_deadline(make_client):

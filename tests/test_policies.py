@@ -55,45 +55,53 @@ def test_decode_pressure_preempts_the_least_urgent_running_sequence(priorities, 
     assert all(seq.status is Status.RUNNING for n, seq in seqs.items() if n != victim)
     seq = seqs[victim]
     assert len(seq.token_ids) == 9                      # its prompt and the token it sampled
-    assert len(sched.store.match(seq.scope, seq.token_ids).nodes) == 2      # both full blocks cached
+    assert len(sched.store.match(seq.keys, seq.token_ids).nodes) == 2      # both full blocks cached
     resumed = [(start, n) for step in sched.run() for name, start, n in step if name == victim]
     assert resumed[0] == (8, 1)                         # from its cached blocks, not from token 0
     assert all(s.status is Status.FINISHED and s.num_generated == 4 for s in seqs.values())
 
 
-@pytest.mark.parametrize("async_scheduling,waits", [(False, 4), (True, 5)])
-async def test_a_request_that_finds_no_kv_room_waits_and_each_blocked_step_is_counted(llama, async_scheduling, waits):
+def test_a_request_that_finds_no_kv_room_waits_and_each_blocked_step_is_counted():
     """A 3-block GPU pool: the first request takes 2 blocks for its prompt and a third as it
     decodes; the second, needing 2, waits 4 steps, until the first finishes and its blocks
-    become evictable (5 with async scheduling: the first's last token is read back a step
-    after it is launched). It cannot preempt the first: it is less urgent (it came later)."""
-    engine = make_engine(llama, gpu=3, max_batched=64, max_seqs=8, async_scheduling=async_scheduling)
+    become evictable. It cannot preempt the first: it is less urgent (it came later)."""
+    driver = SchedulerDriver(gpu=3, max_batched=64, max_seqs=8)
+    driver.add("first", prompt(1, 8), 4)
+    second = driver.add("second", prompt(2, 8), 4)
+    steps = [driver.step() for _ in range(5)]
+    assert [s for s in steps if any(r == "second" for r, _, _ in s)] == [steps[4]]   # admitted at step 5
+    assert second.status is Status.RUNNING and driver.scheduler.num_blocked_admissions == 4
+    assert driver.scheduler.num_preemptions == 0
+
+
+async def test_with_async_scheduling_a_blocked_request_waits_one_step_more(llama):
+    """The same pool through the engine with async scheduling: the first request's last token is
+    read back a step after it is launched, so its blocks become evictable a step later (5)."""
+    engine = make_engine(llama, gpu=3, max_batched=64, max_seqs=8, async_scheduling=True)
     engine.submit(Request(prompt(1, 8), greedy(4)))
     second = engine._requests[engine.submit(Request(prompt(2, 8), greedy(4))).request_id]
     steps = 0
     while second.status is Status.WAITING and steps < 10:
         await engine.step()
         steps += 1
-    assert steps == waits + 1 and engine.scheduler.num_blocked_admissions == waits
+    assert steps == 6 and engine.scheduler.num_blocked_admissions == 5
     assert engine.scheduler.num_preemptions == 0
 
 
-async def test_an_abort_while_preempted_leaves_its_blocks_cached_and_owned_by_none(llama):
-    engine = make_engine(llama, gpu=7, host=32, max_batched=64, max_seqs=8)
-    streams = [engine.submit(Request([n] * 8, greedy(20), priority=p)) for n, p in ((3, 0), (4, 1), (5, 2))]
-    while engine.scheduler.num_preemptions == 0:
-        await engine.step()
-    preempted = streams[0]
-    assert preempted._seq.status is Status.WAITING
-    assert preempted.request_id not in engine.store.sequence_ids()     # it holds no slot
-    engine.abort(preempted.request_id)
-    engine.check_integrity()
-    _, last = await collect(preempted)
-    assert last.finish_reason == "abort"
-    assert len(engine.store.match(preempted._seq.scope, [3] * 8).nodes) == 2       # still cached
-    while await engine.step():
-        pass
-    stats = engine.store.stats().tiers
+def test_an_abort_while_preempted_leaves_its_blocks_cached_and_owned_by_none():
+    driver = SchedulerDriver(gpu=7, host=32, max_batched=64, max_seqs=8)
+    seqs = [driver.add(f"r{n}", [n] * 8, 20, priority=p) for n, p in ((3, 0), (4, 1), (5, 2))]
+    for _ in range(20):
+        if driver.scheduler.num_preemptions:
+            break
+        driver.step()
+    preempted = seqs[0]
+    assert preempted.status is Status.WAITING
+    assert preempted.request_id not in driver.store.sequence_ids()     # it holds no slot
+    driver.abort(preempted)
+    assert len(driver.store.match(preempted.keys, [3] * 8).nodes) == 2       # still cached
+    assert not any(r == "r3" for step in driver.run() for r, _, _ in step)   # never scheduled again
+    stats = driver.store.stats().tiers
     assert stats[Tier.HOST].locked == 0 and stats[Tier.GPU].locked == 0
 
 

@@ -2,10 +2,8 @@
 the one line that makes the policy fails its test here. docs/reliability.md lists them."""
 import asyncio
 import collections
-import time
 from collections import Counter
 
-import msgpack
 import pytest
 
 from engine.fairness import OUTPUT_TOKEN_COST, FairQueue, TenantShare

@@ -16,7 +16,7 @@ from hypothesis.stateful import (
     rule,
 )
 
-from store import OutOfBlocks, Tier, token_bytes
+from store import OutOfBlocks, Tier
 from tests.conftest import BS, assert_cached_kv, block_content, make_store, write_kv
 
 # A few shared "system prompts" of different lengths, so requests hit each other's prefixes.
@@ -132,7 +132,7 @@ class StoreMachine(RuleBasedStateMachine):
             self.store.gpu.tensor[slot].zero_()
         step = self.store.advance_load(seq_id, front * BS)
         if step is not None and step.filled:             # what was read fills in after the front
-            keys = seq.scope.keys(token_bytes(tokens), BS)
+            keys = seq.keys.all(tokens)
             for i in range(front, front + step.filled):
                 got = self.store.gpu.tensor[seq.slots[i]].cpu()
                 assert torch.equal(got, block_content(keys[i])), f"block {i} read wrong"

@@ -1,4 +1,4 @@
-from store import Scope, Tier, root_key, token_bytes
+from store import Tier, root_key, token_bytes
 from store.keys import block_keys, chain_key
 from store.radix import RadixIndex
 
@@ -20,13 +20,19 @@ def chain(index: RadixIndex, tokens: list[int], tier: Tier = Tier.GPU, priority:
     return nodes
 
 
+def match(index: RadixIndex, tokens: list[int], max_blocks: int = 99, root=ROOT):
+    """The index's match of `tokens`, with their keys computed as a request's are."""
+    tb = token_bytes(tokens)
+    return index.match(root, block_keys(root, tb, BS)[:max_blocks], tb, BS)
+
+
 def test_match_returns_longest_cached_prefix():
     idx = RadixIndex()
     nodes = chain(idx, [1, 2, 3, 4, 5, 6])
-    assert idx.match(Scope(ROOT), token_bytes([1, 2, 3, 4, 9, 9, 7]), BS, 99) == nodes[:2]
-    assert idx.match(Scope(ROOT), token_bytes([1, 2, 3, 4, 5, 6]), BS, 2) == nodes[:2]  # max_blocks
-    assert idx.match(Scope(ROOT), token_bytes([2, 2]), BS, 99) == []
-    assert idx.match(Scope(root_key("other model")), token_bytes([1, 2]), BS, 99) == []
+    assert match(idx, [1, 2, 3, 4, 9, 9, 7]) == nodes[:2]
+    assert match(idx, [1, 2, 3, 4, 5, 6], 2) == nodes[:2]  # max_blocks
+    assert match(idx, [2, 2]) == []
+    assert match(idx, [1, 2], root=root_key("other model")) == []
     idx.check_integrity()
 
 
@@ -36,7 +42,7 @@ def test_forced_hash_collision_never_serves_foreign_kv():
     # A block whose key is what tokens [7, 8] hash to, but which holds tokens [1, 2]:
     colliding = idx.insert(root, chain_key(ROOT, token_bytes([7, 8])), token_bytes([1, 2]), 0)
     idx.set_gpu(colliding, 0)
-    assert idx.match(Scope(ROOT), token_bytes([7, 8]), BS, 99) == []
+    assert match(idx, [7, 8]) == []
     idx.check_integrity()
 
 
@@ -45,7 +51,7 @@ def test_match_touches_the_path_for_lru():
     a = chain(idx, [1, 1, 2, 2])
     b = chain(idx, [3, 3])
     assert idx.select_victims(Tier.GPU, 1) == [a[1]]  # oldest leaf
-    idx.match(Scope(ROOT), token_bytes([1, 1, 2, 2]), BS, 99)
+    match(idx, [1, 1, 2, 2])
     assert idx.select_victims(Tier.GPU, 1) == [b[0]]
 
 

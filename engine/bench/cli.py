@@ -167,8 +167,8 @@ def print_table(rows: list[dict]) -> None:
 
 
 def print_think_table(rows: list[dict]) -> None:
-    for workload in tiers.THINK_SHAPES:
-        _print_think_table(workload, [r for r in rows if r["workload"] == workload])
+    for shape in tiers.THINK_SHAPES:
+        _print_think_table(shape, [r for r in rows if r["workload"] == shape])
 
 
 def _print_think_table(workload: str, rows: list[dict]) -> None:

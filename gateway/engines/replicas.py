@@ -89,8 +89,7 @@ class ReplicaClient(Engines):
 
     def block_keys(self, prompt: list[int], namespace: str) -> list[bytes]:
         """The keys the replicas cache `prompt`'s full blocks under (what the router matches)."""
-        scope = self.public.scope(root_key(self.fingerprint, namespace), prompt, self.bounds.block_size)
-        return scope.keys(token_bytes(prompt), self.bounds.block_size)
+        return self.public.keys(root_key(self.fingerprint, namespace), prompt, self.bounds.block_size).all(prompt)
 
     def submit(self, request: Request) -> RemoteStream:
         limits.check_request(self.bounds, request.prompt_ids, request.params, request.priority)
