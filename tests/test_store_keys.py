@@ -42,3 +42,23 @@ def test_key_format_is_stable():
     assert root_key("fp", "ns").hex() == xxhash.xxh3_128_hexdigest(b"kvgate-root\0fp\0ns")
     assert block_keys(b"\0" * 16, token_bytes([1, 2]), 2)[0].hex() == \
         xxhash.xxh3_128_hexdigest(b"\0" * 16 + b"\x01\0\0\0\x02\0\0\0")
+
+
+def test_a_requests_block_keys_are_each_computed_once(monkeypatch):
+    """A request's keys are hashed once and carried (BlockKeys): matching it on every step it
+    waits, admitting it, indexing its blocks as they fill and checking whose prefix is being
+    computed all read them. Two requests, the second waiting behind the first for blocks: each
+    full block each computed is hashed once (the first: 31 computed tokens, 7 blocks; the
+    second: 27, 6), however many steps the second waited."""
+    from store import keys as store_keys
+    from tests.scheduling import SchedulerDriver
+    calls = []
+    real = store_keys.chain_key
+    monkeypatch.setattr(store_keys, "chain_key", lambda parent, block: calls.append(parent + block) or real(parent, block))
+    driver = SchedulerDriver(gpu=8, max_batched=8, max_seqs=4)
+    driver.add("first", [7] * 24, 8)
+    second = driver.add("second", list(range(20)), 8)
+    driver.run()
+    assert driver.scheduler.num_blocked_admissions > 0         # it waited, matched again each step
+    assert second.num_generated == 8
+    assert len(calls) == len(set(calls)) == 7 + 6
