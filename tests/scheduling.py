@@ -10,6 +10,7 @@ import itertools
 from engine.config import EngineConfig
 from engine.costs import LoadOrRecompute
 from engine.detokenizer import Detokenizer
+from engine.fairness import TenantShare
 from engine.sampling import SamplingParams
 from engine.scheduler import Scheduler
 from engine.sequence import Sequence, Status
@@ -19,19 +20,21 @@ TOKEN = 1          # what every step samples
 
 
 class SchedulerDriver:
-    def __init__(self, gpu: int = 64, host: int = 0, max_batched: int = 32, max_seqs: int = 16) -> None:
+    def __init__(self, gpu: int = 64, host: int = 0, max_batched: int = 32, max_seqs: int = 16,
+                 tenants: dict[str, TenantShare] | None = None) -> None:
         self.store = make_store(gpu=gpu, host=host)
         config = EngineConfig(max_num_seqs=max_seqs, max_num_batched_tokens=max_batched, block_size=BS,
                               async_scheduling=False)
-        self.scheduler = Scheduler(config, self.store, LoadOrRecompute(self.store))
+        self.scheduler = Scheduler(config, self.store, LoadOrRecompute(self.store), tenants=tenants)
         self._arrivals = itertools.count()
 
-    def add(self, name: str, prompt: list[int], max_tokens: int, priority: int = 0) -> Sequence:
-        """Queue request `name` (its id) as the engine does."""
-        keys = self.store.keys("", prompt)
+    def add(self, name: str, prompt: list[int], max_tokens: int, priority: int = 0, tenant: str = "") -> Sequence:
+        """Queue request `name` (its id) of `tenant` as the engine does."""
+        keys = self.store.keys(tenant, prompt)
         match = self.store.match(keys, prompt, max_tokens=len(prompt) - 1)
         seq = Sequence(name, list(prompt), len(prompt), SamplingParams(max_tokens=max_tokens, ignore_eos=True),
-                       priority, next(self._arrivals), keys, Detokenizer(None, ()), None, found=match.tiers)
+                       priority, next(self._arrivals), keys, Detokenizer(None, ()), None, found=match.tiers,
+                       tenant=tenant)
         self.scheduler.add(seq, match)
         return seq
 

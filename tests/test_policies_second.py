@@ -9,11 +9,13 @@ import pytest
 from engine.fairness import OUTPUT_TOKEN_COST, FairQueue, TenantShare
 from engine.request import Request
 from engine.sampling import SamplingParams, process
+from engine.sequence import Status
 from engine.serving.kv_events import EventLog, namespace_id
 from store import Tier
 from tests.conftest import make_store, run_request
 from tests.engine_util import greedy, make_engine, prompt
 from tests.test_engine_tiers import restarted_with_a_gated_disk
+from tests.scheduling import SchedulerDriver
 from tests.test_fairness import seq
 
 
@@ -250,25 +252,20 @@ async def test_an_aborted_waiting_request_drops_its_disk_load_and_host_slots(lla
     await engine.stop()
 
 
-async def test_a_slot_taken_from_a_tenant_at_its_cap_lowers_its_running_count_at_once(llama):
+def test_a_slot_taken_from_a_tenant_at_its_cap_lowers_its_running_count_at_once():
     """A full batch of 4: tenant a at its cap of 3, x with 1. b's request takes a slot from a
     (a now runs 2, below its cap): a's urgent waiting request is next in line, before d's —
     it is refused a slot (a is above its share), and admission stops there this step."""
-    from engine.sequence import Status
-    shares = {"a": TenantShare(max_running=3)}
-    engine = make_engine(llama, gpu=256, max_seqs=4, max_batched=256, async_scheduling=False, tenants=shares)
-    runs = [engine.submit(Request(prompt(i, 4), greedy(50), namespace=ns)) for i, ns in enumerate("aaax")]
-    await engine.step()
-    assert all(s._seq.status is Status.RUNNING for s in runs)
-    b = engine.submit(Request(prompt(10, 4), greedy(5), namespace="b"))
-    urgent = engine.submit(Request(prompt(11, 4), greedy(5), namespace="a", priority=5))
-    d = engine.submit(Request(prompt(12, 4), greedy(5), namespace="d"))
-    await engine.step()
-    assert b._seq.status is Status.RUNNING and engine.scheduler.num_preemptions == 1
-    assert urgent._seq.status is Status.WAITING and d._seq.status is Status.WAITING
-    engine.abort_all()
-    while await engine.step():
-        pass
+    driver = SchedulerDriver(gpu=256, max_seqs=4, max_batched=256, tenants={"a": TenantShare(max_running=3)})
+    runs = [driver.add(f"r{i}", prompt(i, 4), 50, tenant=ns) for i, ns in enumerate("aaax")]
+    driver.step()
+    assert all(s.status is Status.RUNNING for s in runs)
+    b = driver.add("b", prompt(10, 4), 5, tenant="b")
+    urgent = driver.add("urgent", prompt(11, 4), 5, priority=5, tenant="a")
+    d = driver.add("d", prompt(12, 4), 5, tenant="d")
+    assert ("b", 0, 4) in driver.step()
+    assert b.status is Status.RUNNING and driver.scheduler.num_preemptions == 1
+    assert urgent.status is Status.WAITING and d.status is Status.WAITING
 
 
 # ---- issue 25: a disk write never costs the host tier more than the room asked for --------------
