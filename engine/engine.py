@@ -84,8 +84,12 @@ class Engine:
         """Warm up (CUDA: compile kernels, capture graphs) and start the loop."""
         if self._loop_task is None:
             loop = asyncio.get_running_loop()
+            started = time.monotonic()
+            log.info("warming up%s", " (compiling kernels, capturing CUDA graphs)" if self.loaded.device.type == "cuda"
+                     else "")
             await loop.run_in_executor(self._executor, self.runner.warmup, self.costs,
                                        self.config.max_num_batched_tokens)
+            log.info("warmed up in %.1f s", time.monotonic() - started)
             if await self.store.measure_disk_read() is not None:
                 log.info("measured: disk -> host %.2f GB/s", self.store.disk_read_rate / 1e9)
             self._loop_task = loop.create_task(self._run())
@@ -111,7 +115,10 @@ class Engine:
                              time.monotonic() - started,
                              f"; {left} left unwritten (the shutdown's time ran out: server.shutdown_timeout_s)"
                              if left else "")
+            flushed = time.monotonic()
             await self.store.flush()
+            if persist and written:
+                log.info("shutdown: written to the disk tier in %.1f s", time.monotonic() - flushed)
         finally:        # whatever failed above, what reached the disk tier is kept
             self.store.close()
             self._executor.shutdown()

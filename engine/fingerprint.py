@@ -58,7 +58,7 @@ def weights_identity(path: str) -> str:
     if todo:
         start = time.perf_counter()
         with ThreadPoolExecutor(min(4, len(todo))) as pool:   # xxhash releases the GIL
-            for (f, name, identity), digest in zip(todo, pool.map(lambda t: _hash_file(t[0]), todo)):
+            for (f, name, identity), digest in zip(todo, pool.map(lambda t: hash_file(t[0]), todo)):
                 digests[name] = digest
                 cache[name] = {"identity": identity, "xxh3_128": digest}
         size = sum(i[0] for _, _, i in todo)
@@ -76,7 +76,7 @@ def _identity(f: str) -> list[int]:
     return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev]
 
 
-def _hash_file(f: str) -> str:
+def hash_file(f: str) -> str:
     h = xxhash.xxh3_128()
     buf = bytearray(_CHUNK)
     view = memoryview(buf)

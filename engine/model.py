@@ -1,5 +1,6 @@
-"""Loading models: a local directory, random weights from a config ("dummy"), or the built-in
-tiny demo model, which needs no download. Every load computes the model fingerprint that keys
+"""Loading models: a local directory, a GGUF file (converted once: engine/gguf.py), a packaged
+model (engine/config.py PACKAGED), random weights from a config ("dummy"), or the built-in tiny
+demo model, which needs no download. Every load computes the model fingerprint that keys
 the KV cache (engine/fingerprint.py): architecture config, every weight byte, dtype, block size
 and KV layout version.
 """
@@ -19,7 +20,8 @@ from transformers import (
 
 from engine.attention import ATTN_IMPLEMENTATION
 from engine.chat import ChatEncoder
-from engine.config import ModelConfig
+from engine import gguf
+from engine.config import PACKAGED, ModelConfig, locate
 from engine.errors import InvalidRequest
 from engine.fingerprint import fingerprint, weights_identity
 from engine.fusion import fuse
@@ -97,15 +99,17 @@ class LoadedModel(Prompts):
 
 def load_model(cfg: ModelConfig, block_size: int) -> LoadedModel:
     """Load the model `cfg` names. Raises ValueError with a clear message for what is wrong."""
+    cfg = cfg.resolved()
     device = torch.device(cfg.device)
     dtype = DTYPES[cfg.dtype]
-    if cfg.path.startswith("builtin:"):
+    kind, where = locate(cfg.path)
+    if kind == "builtin":
         from engine.demo import build_demo
         model, tokenizer, identity = build_demo(cfg.path, cfg.seed)
     elif cfg.load_format == "dummy":
         model, tokenizer, identity = _dummy(cfg, dtype, device)
     else:
-        model, tokenizer, identity = _from_directory(cfg, dtype)
+        model, tokenizer, identity = _from_directory(gguf.convert(where) if kind == "gguf" else where, dtype)
     if model.config.model_type not in SUPPORTED:
         raise ValueError(f"model.path: model type {model.config.model_type!r} is not supported; one of {SUPPORTED}")
     model = model.to(device=device, dtype=dtype).eval()
@@ -126,11 +130,13 @@ def load_model(cfg: ModelConfig, block_size: int) -> LoadedModel:
 
 
 def model_name(cfg: ModelConfig) -> str:
-    """The served model name: `model.name`, else the path's last part (or the whole
-    builtin:/dummy: name)."""
+    """The served model name: `model.name`, else the path's last part without ".gguf" (or the
+    whole builtin:/dummy: or packaged name)."""
     if cfg.name:
         return cfg.name
-    return cfg.path if cfg.path.startswith(("builtin:", "dummy:")) else os.path.basename(os.path.normpath(cfg.path))
+    if cfg.path in PACKAGED or locate(cfg.path)[0] in ("builtin", "dummy"):
+        return cfg.path
+    return os.path.basename(os.path.normpath(cfg.path)).removesuffix(".gguf")
 
 
 def load_tokenizer(cfg: ModelConfig):
@@ -141,24 +147,30 @@ def load_tokenizer(cfg: ModelConfig):
         if cfg.path not in DEMOS:
             raise ValueError(f"unknown built-in model {cfg.path!r}; one of {sorted(DEMOS)}")
         return build_tokenizer()
-    if cfg.path.startswith("dummy:") or not _has_tokenizer(cfg.path):
+    kind, where = locate(cfg.path)
+    if kind == "gguf":          # from the converted directory once there is one, else the file
+        converted = gguf.converted_dir(where)
+        if gguf.is_converted(converted):
+            return AutoTokenizer.from_pretrained(converted)
+        try:
+            return AutoTokenizer.from_pretrained(os.path.dirname(where), gguf_file=os.path.basename(where))
+        except Exception as e:      # the engine process says what is wrong with the file
+            raise ValueError(f"model.path: cannot read the tokenizer of GGUF file {where!r}: {e}") from None
+    if kind == "dummy" or not _has_tokenizer(where):
         return None
     try:
-        return AutoTokenizer.from_pretrained(cfg.path)
+        return AutoTokenizer.from_pretrained(where)
     except (OSError, ValueError) as e:
-        raise ValueError(f"cannot load the tokenizer in {cfg.path!r}: {e}") from e
+        raise ValueError(f"cannot load the tokenizer in {where!r}: {e}") from e
 
 
-def _from_directory(cfg: ModelConfig, dtype: torch.dtype):
-    if not os.path.isdir(cfg.path):
-        raise ValueError(f"model.path {cfg.path!r} is not a directory (or use 'builtin:tiny')")
+def _from_directory(path: str, dtype: torch.dtype):
     try:
-        model = AutoModelForCausalLM.from_pretrained(cfg.path, dtype=dtype,
-                                                     attn_implementation=ATTN_IMPLEMENTATION)
-        tokenizer = AutoTokenizer.from_pretrained(cfg.path)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=ATTN_IMPLEMENTATION)
+        tokenizer = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as e:
-        raise ValueError(f"cannot load the model in {cfg.path!r}: {e}") from e
-    return model, tokenizer, weights_identity(cfg.path)
+        raise ValueError(f"cannot load the model in {path!r}: {e}") from e
+    return model, tokenizer, weights_identity(path)
 
 
 def _dummy(cfg: ModelConfig, dtype: torch.dtype, device: torch.device):

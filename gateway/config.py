@@ -8,6 +8,7 @@ and a value that is not valid TOML is taken as a string (`--set model.path=/mode
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import os
 import tomllib
 from dataclasses import dataclass, field
@@ -16,10 +17,9 @@ from typing import Any
 from engine import limits
 from engine.config import EngineConfig, ModelConfig
 from engine.fairness import TenantShare
-from engine.serving.config import (ConfigError, DiskTierConfig, GpuTierConfig, HostTierConfig,  # noqa: F401
-                                   KvEventsConfig, PublicPrefixConfig, ServingConfig, StoreTiers,
-                                   check_env, require)
-from engine.serving.wire import PERSIST_SHARE
+from engine.serving.config import (PERSIST_SHARE, ConfigError, DiskTierConfig, GpuTierConfig,  # noqa: F401
+                                   HostTierConfig, KvEventsConfig, PublicPrefixConfig, ServingConfig,
+                                   StoreTiers, check_env, require)
 
 
 # A waiting request's prompt as the two processes hold it (lists of Python ints, the request, the
@@ -200,7 +200,7 @@ def build_config(doc: dict[str, Any]) -> KvgateConfig:
         raise ConfigError("store: must be a table with gpu, host and disk sub-tables")
     for name in list(doc) + [f"store.{k}" for k in store]:
         if name not in SECTIONS:
-            raise ConfigError(f"unknown section [{name}]; sections are "
+            raise ConfigError(f"unknown section [{name}]{_did_you_mean(name, [*SECTIONS, *ARRAYS, 'store'])}; sections are "
                               f"{', '.join(sorted(SECTIONS))}, [[tenants]] and [[public_prefixes]]")
     for name, items in tables.items():
         if not isinstance(items, list):
@@ -227,12 +227,19 @@ def _section(name: str, values: Any, cls: type | None = None) -> Any:
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     for key, value in values.items():
         if key not in fields:
-            raise ConfigError(f"unknown key {name}.{key}; allowed: {', '.join(sorted(fields))}")
+            raise ConfigError(f"unknown key {name}.{key}{_did_you_mean(key, fields, f'{name}.')}; "
+                              f"allowed: {', '.join(sorted(fields))}")
         expected = _python_type(fields[key])
         if not _has_type(value, expected):
             raise ConfigError(f"{name}.{key} must be {expected.__name__}, got {type(value).__name__} "
                               f"{value!r}")
     return cls(**values)
+
+
+def _did_you_mean(name: str, known, prefix: str = "") -> str:
+    """" (did you mean X?)" for the known name closest to a misspelt or renamed one, if one is close."""
+    close = difflib.get_close_matches(name, list(known), n=1, cutoff=0.6)
+    return f" (did you mean {prefix}{close[0]}?)" if close else ""
 
 
 def _python_type(f: dataclasses.Field) -> type:

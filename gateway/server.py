@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import socket
 from http import HTTPStatus
 
 from aiohttp import web
@@ -83,12 +84,13 @@ def make_runner(app: web.Application, **kwargs) -> web.AppRunner:
     return _Runner(app, **{"handler_cancellation": True, "lingering_time": LINGERING_S, **kwargs})
 
 
-async def serve(app: web.Application, host: str, port: int, banner: str = "") -> int:
+async def serve(app: web.Application, sock: socket.socket, banner: str = "") -> int:
     """Serve `app` until SIGINT or SIGTERM (or the app asks to stop: its engine process died),
     then shut down gracefully within server.shutdown_timeout_s (the app's shutdown and cleanup:
     streams end, the engine writes what fits of its cache to the disk tier) while the port
-    answers 503, then close it. A signal while the engine starts stops the start. `banner` is
-    printed once the engine has started and the port is open. Returns the exit code."""
+    answers 503, then close it. A signal while the engine starts stops the start. `sock` is
+    bound to the server's address (not listening: connections are refused until the engine has
+    started); `banner` is printed once it listens. Returns the exit code."""
     state = app[STATE]
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -105,15 +107,17 @@ async def serve(app: web.Application, host: str, port: int, banner: str = "") ->
     stopped.cancel()
     setup.result()                  # a start-up failure: ConfigError, EngineStartError
     try:
-        await web.TCPSite(runner, host, port).start()
+        await web.SockSite(runner, sock).start()
         if banner:
             print(banner, flush=True)
         await state.stop_requested.wait()
+        if banner:
+            print("kvgate: stopping: requests in flight end, the cache is written to the disk tier", flush=True)
         await runner.wind_down()
     finally:
         await runner.cleanup()
     return app[STATE].exit_code
 
 
-def run(app: web.Application, host: str, port: int, banner: str = "") -> int:
-    return asyncio.run(serve(app, host, port, banner))
+def run(app: web.Application, sock: socket.socket, banner: str = "") -> int:
+    return asyncio.run(serve(app, sock, banner))

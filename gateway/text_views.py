@@ -2,22 +2,13 @@
 engine is not asked): /tokenize and /detokenize (vLLM's shapes), /version, /v1/models/{id}."""
 from __future__ import annotations
 
-import importlib.metadata
-
 from aiohttp import web
 
 from engine.errors import InvalidRequest
-from gateway import intake
+from gateway import intake, version
 from gateway.generation import chat_messages
 from gateway.keys import CONFIG, ENGINE, PROMPTS, STATE
 from gateway.protocol import DetokenizeRequest, TokenizeRequest
-
-
-def version() -> str:
-    try:
-        return importlib.metadata.version("kvgate")
-    except importlib.metadata.PackageNotFoundError:      # run from a checkout, not installed
-        return "0+unknown"
 
 
 async def tokenize(request: web.Request) -> web.Response:

@@ -23,12 +23,13 @@ from dataclasses import dataclass
 
 import torch
 
+from store.config import StoreConfig, disk_staging_blocks
 from store.copier import BlockCopier
 from store.disk import DiskTier
 from store.errors import OutOfBlocks
 from store.keys import BlockKeys, PublicPrefixes, Scope, root_key, token_bytes
 from store.loader import DiskLoader
-from store.placement import WRITE_POLICIES, Placement
+from store.placement import Placement
 from store.pool import BlockLayout, BlockPool, Tier
 from store.radix import TIERS, Changes, Node, RadixIndex
 from store.stats import StoreStats, TierStats
@@ -37,37 +38,7 @@ log = logging.getLogger("kvgate.store")
 PUBLIC_MAX_SHARE = 0.25      # of the GPU pool: the most blocks all public prefixes together may have
 
 
-@dataclass(frozen=True)
-class StoreConfig:
-    """Sizes of the tiers. `disk_path` empty = no disk tier."""
-    block_size: int = 16
-    gpu_blocks: int = 256
-    host_blocks: int = 0
-    disk_path: str = ""
-    disk_max_bytes: int = 0
-    write_policy: str = "auto"   # which blocks leaving the GPU are written to disk (Placement)
-    staging_bytes: int = 64 << 20  # GPU staging buffer for copies to/from scattered GPU slots
-    disk_staging_bytes: int = 512 << 20   # the disk tier's own pinned staging area
-
-    def __post_init__(self) -> None:
-        for name in ("block_size", "gpu_blocks", "staging_bytes", "disk_staging_bytes"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"store.{name} must be >= 1, got {getattr(self, name)}")
-        if self.host_blocks < 0:
-            raise ValueError(f"store.host_blocks must be >= 0, got {self.host_blocks}")
-        if self.disk_path and self.disk_max_bytes <= 0:
-            raise ValueError("store.disk_max_bytes must be > 0 when store.disk_path is set")
-        if self.write_policy not in WRITE_POLICIES:
-            raise ValueError(f"store.write_policy must be one of {', '.join(WRITE_POLICIES)}")
-
-
 MAX_NAMES = 65_536
-
-
-def disk_staging_blocks(config: StoreConfig, layout: BlockLayout) -> int:
-    """Blocks of the disk tier's staging area: `disk_staging_bytes`, at least 16 blocks (two
-    reads in flight), at most 1024."""
-    return max(16, min(1024, config.disk_staging_bytes // layout.block_bytes)) if config.disk_path else 0
 
 
 @dataclass(frozen=True)

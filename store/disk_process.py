@@ -325,7 +325,11 @@ def _serve_reads(conn: Connection, disk: Disk) -> None:
 
 
 def main(argv: list[str]) -> None:
+    # A terminal's Ctrl-C and a supervisor's SIGTERM reach the whole process group (systemd,
+    # `timeout`): this process goes on writing what the engine process sends while it persists,
+    # and ends when that one closes its end of the sockets (or dies).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)     # past a file-size limit: an error, not death
     writes, reads = Connection(int(argv[0])), Connection(int(argv[1]))
     regions = [tuple(int(x) for x in r.split(":")) for r in argv[5:]]

@@ -28,6 +28,7 @@ import math
 import time
 from collections.abc import Callable
 
+from store.config import WRITE_POLICIES
 from store.copier import BlockCopier
 from store.disk import BlockRecord, DiskTier
 from store.errors import OutOfBlocks
@@ -36,10 +37,6 @@ from store.radix import TIERS, Node, RadixIndex
 from store.stats import TierCounters
 
 log = logging.getLogger("kvgate.store")
-
-WRITE_POLICIES = ("auto", "all", "second-use", "shutdown")
-
-
 DROPPED_KEYS_KEPT = 65536   # ~10 MB: enough to explain the misses of recent traffic
 
 

@@ -154,7 +154,7 @@ def demo():
     """The built-in demo model, loaded once for the tests that drive an engine in-process."""
     from engine.config import ModelConfig
     from engine.model import load_model
-    return load_model(ModelConfig(device="cpu"), block_size=16)
+    return load_model(ModelConfig(path="builtin:tiny", device="cpu"), block_size=16)
 
 
 class EngineProcesses:
@@ -220,7 +220,7 @@ def make_client(aiohttp_client, engine_processes):
         store = {"gpu": {"num_blocks": 256}, "host": {"enabled": False}, "disk": {"enabled": False}}
         store.update(sections.pop("store", {}))
         engine = {"check_integrity": True, **sections.pop("engine", {})}
-        model = {"device": "cpu", **sections.pop("model", {})}
+        model = {"path": "builtin:tiny", "device": "cpu", **sections.pop("model", {})}
         config = build_config({"store": store, "engine": engine, "model": model, **sections})
         process = await engine_processes.get(config, entry)
         app = init_app(config, engine_process=process)

@@ -71,8 +71,8 @@ async def test_models_differing_in_a_middle_layer_never_share_kv(tmp_path):
 def test_the_digest_is_cached_by_file_identity(tmp_path, monkeypatch):
     first, _ = save_pair(str(tmp_path))
     hashed = []
-    real = fp_module._hash_file
-    monkeypatch.setattr(fp_module, "_hash_file", lambda f: hashed.append(f) or real(f))
+    real = fp_module.hash_file
+    monkeypatch.setattr(fp_module, "hash_file", lambda f: hashed.append(f) or real(f))
     base = load_model(cpu(first), 4).fingerprint
     assert len(hashed) == 1 and os.path.exists(os.path.join(first, fp_module.CACHE_NAME))
     assert load_model(cpu(first), 4).fingerprint == base and len(hashed) == 1   # from the cache
@@ -93,5 +93,5 @@ def test_the_cache_falls_back_to_the_user_cache_directory(tmp_path, monkeypatch)
     base = load_model(cpu(first), 4).fingerprint
     cached = os.listdir(tmp_path / "xdg" / "kvgate")
     assert len(cached) == 1 and cached[0].startswith("weights-")
-    monkeypatch.setattr(fp_module, "_hash_file", lambda f: pytest.fail("hashed again"))
+    monkeypatch.setattr(fp_module, "hash_file", lambda f: pytest.fail("hashed again"))
     assert load_model(cpu(first), 4).fingerprint == base

@@ -1,9 +1,12 @@
-"""Model loading: a saved directory, dummy weights, the built-in demo; the fingerprint.
+"""Model loading: a saved directory, a GGUF file, dummy weights, the built-in demo; the fingerprint.
 Pinned to the CPU: the defaults (device, dtype) differ on a GPU machine."""
+import os
+
 import pytest
 import torch
 
-from engine.config import EngineConfig, ModelConfig
+from engine import gguf as gguf_module
+from engine.config import EngineConfig, ModelConfig, locate
 from engine.fusion import fuse
 from engine.model import load_model
 from engine.request import Request
@@ -11,7 +14,7 @@ from tests.models import build_model_dir
 
 
 def cpu(**kw) -> ModelConfig:
-    return ModelConfig(device="cpu", **kw)
+    return ModelConfig(**{"path": "builtin:tiny", "device": "cpu", **kw})
 
 
 def test_builtin_demo_is_deterministic_and_chats(tmp_path):
@@ -63,7 +66,47 @@ def test_load_errors_are_clear(kw, message):
 ])
 def test_model_config_errors_name_the_key(kw, key):
     with pytest.raises(ValueError, match=key):
-        ModelConfig(**kw)
+        cpu(**kw)
+
+
+def _gguf(path, architecture: str = "llama") -> str:
+    """A small GGUF file of `architecture` with one tensor: readable, but no model transformers knows."""
+    import gguf
+    import numpy as np
+    writer = gguf.GGUFWriter(str(path), architecture)
+    writer.add_tensor("token_embd.weight", np.zeros((8, 4), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return str(path)
+
+
+def test_a_gguf_path_is_checked_before_anything_loads(tmp_path):
+    """A directory with several GGUF files, a file that is not GGUF, a packaged model whose
+    package is missing: refused by the configuration, naming model.path."""
+    (tmp_path / "two").mkdir()
+    for name in ("a.gguf", "b.gguf"):
+        (tmp_path / "two" / name).write_bytes(b"GGUF")
+    with pytest.raises(ValueError, match=r"model.path .* holds 2 GGUF files \(a.gguf, b.gguf\): name one"):
+        ModelConfig(path=str(tmp_path / "two"))
+    (tmp_path / "weights.bin").write_bytes(b"x")
+    with pytest.raises(ValueError, match="model.path .* is a file but not a .gguf file"):
+        ModelConfig(path=str(tmp_path / "weights.bin"))
+    (tmp_path / "one").mkdir()
+    assert locate(_gguf(tmp_path / "one" / "m.gguf")) == ("gguf", str(tmp_path / "one" / "m.gguf"))
+    assert locate(str(tmp_path / "one")) == ("gguf", str(tmp_path / "one" / "m.gguf"))   # the one it holds
+
+
+@pytest.mark.parametrize("make,reason", [
+    (lambda p: p.write_bytes(b"GGUF\x03\x00\x00\x00" + b"\x00" * 5), "cannot read GGUF file"),   # truncated
+    (lambda p: _gguf(p, "mamba-of-the-future"), "cannot read GGUF file .* is not supported"),   # an architecture
+])
+def test_a_gguf_file_transformers_cannot_read_is_a_value_error_naming_model_path(tmp_path, make, reason):
+    make(tmp_path / "m.gguf")
+    with pytest.raises(ValueError, match=f"model.path: {reason}"):
+        load_model(cpu(path=str(tmp_path / "m.gguf")), block_size=16)
+    assert not [p for p in os.listdir(gguf_module.cache_root()) if p.startswith(".converting")]   # cleaned up
 
 
 def test_engine_config_errors_name_the_key():

@@ -10,6 +10,7 @@ import torch
 
 from gateway.cli import main
 from gateway.config import ARRAYS, SECTIONS, ConfigError, KvgateConfig, build_config, load_config
+from tests.test_gateway_server import free_port
 
 CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 
@@ -42,21 +43,23 @@ def test_default_toml_documents_every_key_with_its_default():
 
 
 def test_set_overrides_take_toml_values_or_bare_strings(tmp_path):
-    cfg = load_config(None, ["server.port=9001", "model.path=/models/x", 'model.name="my model"',
+    (tmp_path / "x").mkdir()
+    (tmp_path / "x" / "config.json").write_text("{}")
+    cfg = load_config(None, ["server.port=9001", f"model.path={tmp_path / 'x'}", 'model.name="my model"',
                              "store.host.num_blocks=64", "store.gpu.memory_fraction=0.5"])
-    assert cfg.server.port == 9001 and cfg.model.path == "/models/x" and cfg.model.name == "my model"
+    assert cfg.server.port == 9001 and cfg.model.path == str(tmp_path / "x") and cfg.model.name == "my model"
     assert cfg.store.host.num_blocks == 64 and cfg.store.gpu.memory_fraction == 0.5
 
 
 @pytest.mark.parametrize("doc,message", [
     ({"sever": {}}, r"unknown section \[sever\]"),
     ({"server": {"prot": 1}},
-     "unknown key server.prot; allowed: admin_api_key, admin_api_key_env, body_timeout_s, heartbeat_timeout_s, "
+     r"unknown key server.prot \(did you mean server.port\?\); allowed: admin_api_key, admin_api_key_env, body_timeout_s, heartbeat_timeout_s, "
      "host, max_body_bytes, max_concurrent_sequences, max_response_bytes, max_sequences_per_request, port, "
      "shutdown_timeout_s, write_timeout_s"),
     ({"server": {"port": "8000"}}, "server.port must be int, got str"),
     ({"server": {"port": 70000}}, "server.port must be an int in 1..65535"),
-    ({"model": {"dtype": "float64"}}, "model.dtype must be one of float32, bfloat16, float16"),
+    ({"model": {"dtype": "float64"}}, "model.dtype must be one of auto, float32, bfloat16, float16"),
     ({"store": {"disk": {"write_policy": "lru"}}}, "store.disk.write_policy must be one of auto, all, second-use"),
     ({"store": {"disk": {"enabled": False, "path": "/x"}}}, "store.disk.path must be unset when store.disk.en"),
     ({"store": {"host": {"memory_fraction": 0}}}, r"store.host.memory_fraction must be a float in \(0, 0.9\]"),
@@ -112,7 +115,8 @@ def test_cli_reports_config_errors_and_exits_2(tmp_path, capsys):
 
 def test_a_disk_tier_that_cannot_be_made_is_one_line_and_exit_2(tmp_path, capsys):
     (tmp_path / "a-file").write_text("not a directory")
-    code = main(["serve", "--port", "8", "--set", 'model.device="cpu"', "--set", "store.host.num_blocks=8",
+    code = main(["serve", "--port", str(free_port()), "--set", 'model.device="cpu"', "--set", 'model.path="builtin:tiny"',
+                 "--set", "store.host.num_blocks=8",
                  "--set", f"store.disk.path={tmp_path / 'a-file' / 'kv'}", "--set", "store.disk.max_bytes=1000000"])
     out = capsys.readouterr()
     assert code == 2 and "serving" not in out.out
@@ -123,9 +127,9 @@ def test_a_disk_tier_that_cannot_be_made_is_one_line_and_exit_2(tmp_path, capsys
 
 def test_a_public_prefix_shorter_than_a_block_is_one_line_and_exit_2(tmp_path, capfd):
     """Found once the prefix is tokenized, at start-up: it would share nothing."""
-    (tmp_path / "c.toml").write_text('[model]\ndevice = "cpu"\n[store.disk]\nenabled = false\n'
+    (tmp_path / "c.toml").write_text('[model]\ndevice = "cpu"\npath = "builtin:tiny"\n[store.disk]\nenabled = false\n'
                                      '[[public_prefixes]]\ntext = "hi"\n')
-    code = main(["serve", "--port", "8", "--log-level", "warning", "--config", str(tmp_path / "c.toml")])
+    code = main(["serve", "--port", str(free_port()), "--log-level", "warning", "--config", str(tmp_path / "c.toml")])
     out = capfd.readouterr()
     assert code == 2 and "serving" not in out.out and "Traceback" not in out.err
     lines = out.err.strip().splitlines()
@@ -134,13 +138,13 @@ def test_a_public_prefix_shorter_than_a_block_is_one_line_and_exit_2(tmp_path, c
 
 
 @pytest.mark.parametrize("setting,message", [
-    ("model.path=/no/such/model", "model.path '/no/such/model' is not a directory"),
     ('model.path="dummy:no-such-shape"', "model.path: unknown dummy shape 'no-such-shape'"),
     ("model.max_model_len=100000", "model.max_model_len 100000 exceeds the model's context of 4096")])
 def test_a_model_the_engine_process_cannot_load_is_one_line_and_exit_2(setting, message, capfd):
     """Found by the engine process while loading the model: the server prints one line naming
     the key (no traceback from either process) and exits 2."""
-    code = main(["serve", "--port", "8", "--log-level", "warning", "--set", 'model.device="cpu"', "--set", setting])
+    code = main(["serve", "--port", str(free_port()), "--log-level", "warning", "--set", 'model.device="cpu"',
+                 "--set", 'model.path="builtin:tiny"', "--set", setting])
     out = capfd.readouterr()
     assert code == 2 and "serving" not in out.out and "Traceback" not in out.err
     lines = out.err.strip().splitlines()
@@ -167,3 +171,46 @@ def test_the_largest_automatic_batch_is_the_largest_decode_graph():
     from engine.config import AUTO_MAX_NUM_SEQS
     from engine.graphs import BUCKETS
     assert AUTO_MAX_NUM_SEQS == BUCKETS[-1]
+
+
+# ---- the CLI answers before anything heavy loads (issue 27) -------------------------------------
+
+def _cli(*argv: str) -> tuple[int, str, bool]:
+    """`kvgate argv` in a fresh interpreter: (exit code, stderr, whether torch was imported)."""
+    import subprocess
+    import sys
+    code = ("import sys\nfrom gateway.cli import main\n"
+            f"try:\n    code = main({list(argv)!r})\nexcept SystemExit as e:\n    code = e.code\n"
+            "print(code, 'torch' in sys.modules)\n")
+    root = os.path.dirname(CONFIGS)
+    out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120)
+    exit_code, torch_loaded = out.stdout.split()[-2:]
+    return int(exit_code), out.stderr, torch_loaded == "True"
+
+
+@pytest.mark.parametrize("argv", [("--version",), ("--help",), ("serve", "--help"),
+                                  ("serve", "--set", "server.prot=9000"), ("serve", "--set", "model.path=/no/model")])
+def test_help_version_and_configuration_errors_load_no_torch(argv):
+    code, err, torch_loaded = _cli(*argv)
+    assert code in (0, 2) and not torch_loaded, err
+
+
+def test_a_renamed_or_misspelt_key_names_the_closest_one():
+    with pytest.raises(ConfigError, match=r"unknown key server.max_concurrent_requests \(did you mean "
+                                          r"server.max_concurrent_sequences\?\); allowed: "):
+        build_config({"server": {"max_concurrent_requests": 3}})
+    with pytest.raises(ConfigError, match=r"unknown section \[stor\] \(did you mean store\?\)"):
+        build_config({"stor": {}})
+    with pytest.raises(ConfigError, match=r"unknown key server.zzz; allowed"):      # nothing close: no guess
+        build_config({"server": {"zzz": 3}})
+
+
+def test_a_port_in_use_is_one_line_naming_server_port_before_anything_loads():
+    import socket
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        code, err, torch_loaded = _cli("serve", "--port", str(held.getsockname()[1]))
+    assert code == 2 and not torch_loaded
+    assert err.count("\n") == 1 and err.startswith("kvgate: configuration error: server.port: 127.0.0.1:") \
+        and "is in use" in err, err

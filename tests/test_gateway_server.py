@@ -1,6 +1,7 @@
 """`kvgate serve` as a real process, driven by the official `openai` client: streaming chat,
 completions, cached tokens on a repeated prefix, errors; then a graceful shutdown (SIGTERM)
 and a second process on the same disk directory that serves the prefix from the disk tier."""
+import os
 import signal
 import socket
 import subprocess
@@ -26,7 +27,7 @@ def serve(tmp_path, port: int, *settings: str, **popen) -> subprocess.Popen:
     """`kvgate serve` on the demo model with a disk tier under tmp_path; `settings` are more
     `--set` overrides (the last one of a key wins)."""
     cmd = [sys.executable, "-m", "gateway", "serve", "--port", str(port), "--log-level", "warning",
-           "--set", 'model.device="cpu"', "--set", "store.gpu.num_blocks=256",
+           "--set", 'model.device="cpu"', "--set", 'model.path="builtin:tiny"', "--set", "store.gpu.num_blocks=256",
            "--set", "store.host.num_blocks=64",
            "--set", f"store.disk.path={tmp_path / 'kv'}", "--set", "store.disk.max_bytes=100000000"]
     for s in settings:
@@ -47,8 +48,13 @@ def serve(tmp_path, port: int, *settings: str, **popen) -> subprocess.Popen:
     pytest.fail("kvgate serve did not become healthy")
 
 
-def stop(proc: subprocess.Popen) -> None:
-    proc.send_signal(signal.SIGTERM)
+def stop(proc: subprocess.Popen, group: bool = False) -> None:
+    """SIGTERM to the server, or to its whole process group (`group`: as systemd and `timeout`
+    stop a service; the server must have been started with start_new_session=True)."""
+    if group:
+        os.killpg(proc.pid, signal.SIGTERM)
+    else:
+        proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=60) == 0, proc.stdout.read()
 
 
@@ -59,7 +65,7 @@ def ask(client, question: str):
 
 def test_openai_client_against_kvgate_serve_and_a_restart(tmp_path):
     port = free_port()
-    proc = serve(tmp_path, port)
+    proc = serve(tmp_path, port, start_new_session=True)
     try:
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0)
         assert [m.id for m in client.models.list()] == ["builtin:tiny"]
@@ -94,8 +100,8 @@ def test_openai_client_against_kvgate_serve_and_a_restart(tmp_path):
             client.chat.completions.create(model="builtin:tiny", messages=[{"role": "user", "content": "x"}],
                                            temperature=5)
         assert e.value.body["param"] == "temperature"
-    finally:
-        stop(proc)                               # graceful: cached blocks go to the disk tier
+    finally:     # graceful, even with every process of the group signalled: cached blocks go to disk
+        stop(proc, group=True)
 
     proc = serve(tmp_path, port)                 # a new process on the same disk directory
     try:

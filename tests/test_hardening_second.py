@@ -236,7 +236,9 @@ def test_sigterm_while_the_engine_starts_stops_the_start(tmp_path):
     import sys
 
     from tests.conftest import child_env
-    cmd = [sys.executable, "-m", "gateway", "serve", "--port", "9", "--set", 'model.device="cpu"',
+    from tests.test_gateway_server import free_port
+    cmd = [sys.executable, "-m", "gateway", "serve", "--port", str(free_port()), "--set", 'model.device="cpu"',
+           "--set", 'model.path="builtin:tiny"',
            "--set", "store.disk.enabled=false", "--set", "store.host.enabled=false"]
     proc = subprocess.Popen(cmd, cwd=tmp_path, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True)

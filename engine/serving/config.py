@@ -13,7 +13,10 @@ from zmq.utils.z85 import decode as z85_decode
 
 from engine.config import EngineConfig, ModelConfig
 from engine.fairness import TenantShare
-from store import WRITE_POLICIES
+from store.config import WRITE_POLICIES
+
+PERSIST_SHARE = 0.7        # of a stop's time, what the engine may spend choosing and copying blocks
+                           # to persist (a stop's persist_s); the rest writes what it queued, syncs, exits
 
 
 class ConfigError(ValueError):

@@ -17,6 +17,7 @@ import os
 import pickle
 import signal
 import sys
+import time
 
 import zmq
 import zmq.asyncio
@@ -52,7 +53,10 @@ class _Models:
     async def get(self, config: ServingConfig) -> LoadedModel:
         key = (config.model, config.engine.block_size)
         if key not in self._loaded:
+            log.info("loading %s", config.model.path)
+            started = time.monotonic()
             self._loaded = {key: await asyncio.to_thread(load_model, config.model, config.engine.block_size)}
+            log.info("loaded %s in %.1f s", config.model.path, time.monotonic() - started)
         return self._loaded[key]
 
 

@@ -19,7 +19,7 @@ import torch
 from engine.model import LoadedModel
 from engine.serving.config import ConfigError, ServingConfig
 from store import BlockLayout, DiskTierError, StoreConfig
-from store.block_store import disk_staging_blocks
+from store.config import disk_staging_blocks
 from store.record import RecordFormat
 
 log = logging.getLogger("kvgate.gateway")

@@ -28,8 +28,6 @@ from engine.sequence import RequestOutput
 from store import Tier
 
 HEARTBEAT_S = 0.5          # the engine process's heartbeat while its event loop turns
-PERSIST_SHARE = 0.7        # of a stop's time, what the engine may spend choosing and copying blocks
-                           # to persist ("stop"'s persist_s); the rest writes what it queued, syncs, exits
 
 TIERS = tuple(Tier)
 

@@ -32,6 +32,7 @@ from engine.request import Request
 from engine.sequence import RequestOutput
 from engine.serving import process as engine_process
 from engine.serving import wire
+from engine.serving.config import PERSIST_SHARE
 from gateway.config import ConfigError, KvgateConfig
 from gateway.engines import ASK_TIMEOUT_S, Engines, RemoteStream
 from gateway.errors import EngineDead, EngineUnresponsive
@@ -167,7 +168,7 @@ class EngineProcess:
         try:
             if self._process.is_alive():
                 if ask:
-                    self.send("stop", persist, False, timeout_s * wire.PERSIST_SHARE)
+                    self.send("stop", persist, False, timeout_s * PERSIST_SHARE)
                 try:
                     async with asyncio.timeout(timeout_s):
                         await self.wait_exit()
@@ -253,7 +254,7 @@ class EngineClient(Engines):
         deadline = time.monotonic() + timeout_s
         self._watch.cancel()
         if not self.dead and self.process.alive:
-            self.process.send("stop", persist, keep_process, timeout_s * wire.PERSIST_SHARE)
+            self.process.send("stop", persist, keep_process, timeout_s * PERSIST_SHARE)
             waits = [asyncio.ensure_future(self._stopped.wait()), asyncio.ensure_future(self.process.wait_exit())]
             done, _ = await asyncio.wait(waits, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
             if not done:
