@@ -23,7 +23,7 @@ from store import BlockLayout, StoreConfig, Tier
 from store.disk import DiskTier
 from tests.conftest import engine_idle
 
-SECTIONS = {"model": {"device": "cpu"}, "engine": {"check_integrity": True},
+SECTIONS = {"model": {"path": "builtin:tiny", "device": "cpu"}, "engine": {"check_integrity": True},
             "store": {"gpu": {"num_blocks": 64}, "host": {"enabled": False}, "disk": {"enabled": False}}}
 PROMPT = [5 + (7 * i) % 200 for i in range(40)]
 

@@ -11,7 +11,7 @@ from gateway.config import build_config
 
 
 async def test_bench_runs_every_workload_over_http(aiohttp_server, engine_processes, tmp_path, capsys):
-    config = build_config({"model": {"device": "cpu"}, "store": {"gpu": {"num_blocks": 512},
+    config = build_config({"model": {"path": "builtin:tiny", "device": "cpu"}, "store": {"gpu": {"num_blocks": 512},
                            "host": {"num_blocks": 256}, "disk": {"enabled": False}}})
     server = await aiohttp_server(init_app(config, engine_process=await engine_processes.get(config)))
     args = argparse.Namespace(base_url=f"http://127.0.0.1:{server.port}/v1", model="", api_key=None,

@@ -11,7 +11,7 @@ from engine.request import Request
 from engine.sequence import Status
 from store import Tier
 from tests.conftest import make_store, run_request, write_kv
-from tests.engine_util import collect, greedy, make_engine, prompt
+from tests.engine_util import greedy, make_engine, prompt
 from tests.scheduling import SchedulerDriver
 
 

@@ -55,7 +55,7 @@ async def test_two_replicas_route_by_prefix_spread_unique_prompts_and_survive_a_
     from gateway.app import init_app
     from gateway.config import build_config
     from gateway.keys import ENGINE
-    config = build_config({"model": {"device": "cpu"}, "engine": {"max_num_seqs": 8},
+    config = build_config({"model": {"path": "builtin:tiny", "device": "cpu"}, "engine": {"max_num_seqs": 8},
                            "store": {"gpu": {"num_blocks": 256}, "host": {"enabled": False},
                                      "disk": {"enabled": False}},
                            "replicas": {"num_replicas": 2, "num_cpus": 0.5},

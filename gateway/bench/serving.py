@@ -33,9 +33,10 @@ import aiohttp
 from engine.engine import Engine
 from engine.model import load_model
 from engine.sampling import SamplingParams
+from engine.serving.tiers import open_engine
+from gateway.bench import BENCH_MODEL
 from gateway.bench import client as bench
 from gateway.config import load_config
-from engine.serving.tiers import open_engine
 
 
 class InProcessClient:
@@ -150,9 +151,9 @@ async def main_async(a: argparse.Namespace) -> list[dict]:
             with tempfile.TemporaryDirectory(prefix="kvgate-bench-") as cache:
                 os.environ["XDG_CACHE_HOME"] = cache         # an empty cache directory each time
                 if path == "in_process":
-                    row[path] = await in_process(a.overrides, name, a)
+                    row[path] = await in_process([BENCH_MODEL, *a.overrides], name, a)
                 else:
-                    row[path] = await over_http(a.overrides, name, a, a.port)
+                    row[path] = await over_http([BENCH_MODEL, *a.overrides], name, a, a.port)
         rows.append(row)
     print_table(rows)
     if a.json:

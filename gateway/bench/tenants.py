@@ -30,6 +30,7 @@ import time
 
 import aiohttp
 
+from gateway.bench import BENCH_MODEL
 from gateway.bench import client as bench
 from gateway.bench.serving import _wait_healthy
 
@@ -79,7 +80,7 @@ async def light_requests(session, base: str, model: str, key: str, n: int, gap: 
 
 
 async def run(mode: str, a: argparse.Namespace, config: str) -> dict:
-    sets = [arg for o in a.overrides for arg in ("--set", o)]
+    sets = [arg for o in (BENCH_MODEL, *a.overrides) for arg in ("--set", o)]
     server = subprocess.Popen([sys.executable, "-m", "gateway", "serve", "--config", config, "--port", str(a.port),
                                *sets, "--log-level", "warning"])
     base = f"http://127.0.0.1:{a.port}/v1"
