@@ -151,7 +151,8 @@ class Engine:
                        detokenizer, generator, found=match.tiers, max_tier=self.costs.slowest_tier_to_load(match.tiers),
                        tenant=request.namespace, retention=retention.blocks(len(prompt), self.config.block_size)
                        if retention is not None else None)
-        seq.cache_report = self._cache_report(seq, match, request.cache_report)   # counted always, built if asked
+        seq.cache_report = self._cache_report(seq, match, request.cache_report,   # counted always, built if asked
+                                              request.prompt_cache_key)
         self._requests[request_id] = seq
         self.scheduler.add(seq, match)
         self._wakeup.set()
@@ -373,10 +374,11 @@ class Engine:
             text += seq.detokenizer.flush()
         self._deliver(seq, self._output(seq, tokens or [], text, reason, logprobs or [], report))
 
-    def _cache_report(self, seq: Sequence, match, asked: bool) -> dict | None:
+    def _cache_report(self, seq: Sequence, match, asked: bool, prompt_cache_key: str = "") -> dict | None:
         """At arrival: count why `seq`'s prompt missed the cache in `miss_reasons` (/metrics);
-        if `asked`, the report's first part: blocks found per tier, and the first block missed
-        and why. What came of the blocks found is added at the end (`_served`)."""
+        if `asked`, the report's first part: blocks found per tier, the first block missed and
+        why, and the request's `prompt_cache_key` (recorded: one engine matches by tokens). What
+        came of the blocks found is added at the end (`_served`)."""
         bs = self.config.block_size
         miss = self.store.first_miss(seq.token_ids, match, (seq.prompt_len - 1) // bs)
         if miss is not None:
@@ -389,7 +391,7 @@ class Engine:
         return {"prompt_blocks": (seq.prompt_len - 1) // bs, "found_blocks": found,
                 "first_miss": miss, "load_or_recompute": {"mode": self.costs.mode, "rates": self.costs.rates(),
                                                           "loads_up_to": seq.max_tier.name.lower()},
-                "model_fingerprint": self.loaded.fingerprint}
+                "model_fingerprint": self.loaded.fingerprint, "prompt_cache_key": prompt_cache_key or None}
 
     def _served(self, seq: Sequence) -> tuple[dict[str, int], dict[str, int]]:
         """What came of the blocks `seq` found at arrival, as it happened: the blocks served from

@@ -128,8 +128,12 @@ class _Common(_Refusing):
     cache_salt: Annotated[StrictStr, Field(min_length=1, max_length=256)] | None = None
     cache_report: StrictBool = False         # add why the prompt hit or missed the cache (docs/api.md)
     retention: RetentionRequest | None = None    # keep the prompt's blocks warm for a while
-    # OpenAI's routing hint for requests that share a prefix: carried to the engine, unused there
+    # OpenAI's hint for requests that share a prefix: a routing affinity between replicas,
+    # recorded in the cache report on one engine
     prompt_cache_key: Annotated[StrictStr, Field(max_length=256)] | None = None
+    # OpenAI's: "in_memory" (the default) or "24h" (a `retention` of the whole prompt for a day:
+    # gateway/views.py `_retention`)
+    prompt_cache_retention: Literal["in_memory", "24h"] | None = None
 
     def logit_biases(self) -> tuple[tuple[int, float], ...]:
         """OpenAI's {"token id": bias} as (id, bias) pairs; a key that is not a token id: 400."""

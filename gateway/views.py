@@ -26,7 +26,7 @@ from gateway.generation import (
     submit,
 )
 from gateway.keys import CONFIG, ENGINE, METRICS, PROMPTS, STATE, TENANT, TIERS, TOKEN_TEXT, TOOL_PARSER
-from gateway.protocol import ChatCompletionRequest, CompletionRequest, error_body, new_id, now, usage
+from gateway.protocol import ChatCompletionRequest, CompletionRequest, RetentionRequest, error_body, new_id, now, usage
 
 log = logging.getLogger("kvgate.gateway")
 
@@ -70,7 +70,8 @@ async def _generate(request: web.Request, schema, prompts_of: Callable, kind: st
                 c.echo = texts[c.index // req.n]
         tenant = request[TENANT]
         submit(engine, choices, priority=priority, namespace=tenant.name if tenant else "",
-               cache_salt=req.cache_salt or "", cache_report=req.cache_report, retention=_retention(req, tenant),
+               cache_salt=req.cache_salt or "", cache_report=req.cache_report,
+               retention=_retention(req, tenant, _disk_tier_on(app)),
                prompt_cache_key=req.prompt_cache_key or "")
         response_id = new_id("chatcmpl" if kind == "chat.completion" else "cmpl")
         if req.stream:
@@ -128,19 +129,38 @@ def _finish_reason(reason: str | None, calls: list) -> str | None:
     return "tool_calls" if calls and reason == "stop" else reason
 
 
-def _retention(req, tenant) -> Retention | None:
-    """The request's `retention`, within its tenant's bounds: its `max_priority` and
-    `max_retention_s` (400 naming the field beyond them)."""
+# OpenAI's prompt_cache_retention = "24h": the whole prompt kept for a day, above the default priority
+EXTENDED_RETENTION = RetentionRequest(priority=1, duration_s=86_400)
+
+
+def _retention(req, tenant, disk_on: bool) -> Retention | None:
+    """The request's `retention` — or, for `prompt_cache_retention: "24h"`, a day's retention of
+    the whole prompt (it needs the disk tier: a day of prompts outgrows memory) — within its
+    tenant's bounds: its `max_priority` and `max_retention_s` (400 naming the field beyond them)."""
     r = req.retention
+    if req.prompt_cache_retention == "24h":
+        if r is not None:
+            raise APIError(400, "set one of retention and prompt_cache_retention", "invalid_request_error",
+                           "prompt_cache_retention")
+        if not disk_on:
+            raise APIError(400, 'prompt_cache_retention "24h" needs the disk tier, which is off on this server '
+                           "(store.disk.enabled)", "invalid_request_error", "prompt_cache_retention")
+        r = EXTENDED_RETENTION
     if r is None:
         return None
+    named = "prompt_cache_retention" if r is EXTENDED_RETENTION else None
     if tenant is not None and r.priority > tenant.max_priority:
         raise APIError(400, f"a retention priority of {r.priority} is above this API key's maximum of "
-                       f"{tenant.max_priority}", "invalid_request_error", "retention.priority")
+                       f"{tenant.max_priority}", "invalid_request_error", named or "retention.priority")
     if tenant is not None and r.duration_s > tenant.max_retention_s:
         raise APIError(400, f"a retention of {r.duration_s:g} s is longer than this API key's maximum of "
-                       f"{tenant.max_retention_s:g} s", "invalid_request_error", "retention.duration_s")
+                       f"{tenant.max_retention_s:g} s (tenants.max_retention_s)", "invalid_request_error",
+                       named or "retention.duration_s")
     return r.to_engine()
+
+
+def _disk_tier_on(app: web.Application) -> bool:
+    return any(t.tier == "disk" and t.enabled for t in app[TIERS])
 
 
 def _priority(req, tenant) -> int:

@@ -65,8 +65,10 @@ async def test_the_report_over_http_is_opt_in_and_on_the_last_chunk(make_client)
     body = {"model": MODEL, "prompt": "explain the cache " * 4, "max_tokens": 3, "temperature": 0}
     plain = await (await client.post("/v1/completions", json=body)).json()
     assert "cache_report" not in plain["choices"][0]
-    full = await (await client.post("/v1/completions", json={**body, "cache_report": True})).json()
+    full = await (await client.post("/v1/completions", json={**body, "cache_report": True,
+                                                               "prompt_cache_key": "docs-bot"})).json()
     assert full["choices"][0]["cache_report"]["first_miss"] is None       # the first request cached it
+    assert full["choices"][0]["cache_report"]["prompt_cache_key"] == "docs-bot"   # recorded
     events = (await (await client.post("/v1/completions", json={**body, "prompt": "a new prompt " * 4,
                                                                   "cache_report": True, "stream": True})).text())
     chunks = [line for line in events.splitlines() if '"cache_report"' in line]

@@ -26,6 +26,7 @@ def router_of(imbalance: int, held: dict[str, list[bytes]], loads: dict[str, int
     router = KvPrefixRouter.__new__(KvPrefixRouter)     # its policy, without a Ray handle
     router.imbalance = imbalance
     router.index = PrefixIndex()
+    router.affinity = collections.OrderedDict()
     for name, keys in held.items():
         router.index.apply(name, msgpack.packb([0.0, [["BlockStored", keys, None, [1] * 16 * len(keys), 16,
                                                        None, "GPU", None]]]))
@@ -47,6 +48,22 @@ def test_the_longest_match_wins_unless_it_is_busier_by_more_than_the_imbalance()
     assert router.index.matched("b", keys) == 1 and router.choose(list(r.values()), keys) is r["b"]  # tie: less busy
     router.index.expect("c", keys)                   # routed there just now: counts as c's
     assert router.index.matched("c", keys) == 3 and router.choose(list(r.values()), keys) is r["c"]
+
+
+def test_a_prompt_cache_key_goes_where_its_last_request_went_among_equal_matches():
+    """No replica holds the prompt yet: the key's replica wins over a less busy one (within the
+    imbalance); a longer match elsewhere still wins; the same key of another tenant has no pull."""
+    router, r = router_of(4, {"c": [b"k1"]}, {"a": 0, "b": 0, "c": 0})
+    key = ("tenant-1", None, "support-bot")
+    first = router.choose([r["a"], r["b"]], [b"x1"], key)
+    other = r["b"] if first is r["a"] else r["a"]
+    router.in_flight[first.replica_id] = 3                               # busier, within 4
+    assert all(router.choose([r["a"], r["b"]], [b"x2"], key) is first for _ in range(20))
+    assert {router.choose([r["a"], r["b"]], [b"x3"], ("tenant-2", None, "support-bot")).replica_id
+            for _ in range(20)} == {other.replica_id}                   # not its key: the least busy
+    router.in_flight[first.replica_id] = 5                               # too busy: the least busy
+    assert router.choose([r["a"], r["b"]], [b"x4"], key) is other
+    assert router.choose(list(r.values()), [b"k1"], key) is r["c"]      # a match beats the key
 
 
 async def test_two_replicas_route_by_prefix_spread_unique_prompts_and_survive_a_kill(aiohttp_client):

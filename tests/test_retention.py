@@ -59,3 +59,42 @@ async def test_retention_over_http_is_bounded_by_the_tenant(make_client):
                              ({"priority": 1, "duration_s": 0}, "retention.duration_s")):
         resp = await client.post("/v1/completions", headers=auth, json={**body, "retention": retention})
         assert resp.status == 400 and (await resp.json())["error"]["param"] == param
+
+
+def test_prompt_cache_retention_24h_is_a_days_retention_of_the_whole_prompt():
+    """OpenAI's "24h" maps onto kvgate's retention: the whole prompt, a day, priority 1 (above
+    the default); "in_memory" is the default (none)."""
+    from gateway.protocol import CompletionRequest
+    from gateway.views import _retention
+    ask = lambda **kw: CompletionRequest(model=MODEL, prompt="x", **kw)  # noqa: E731
+    assert _retention(ask(prompt_cache_retention="24h"), None, disk_on=True) == Retention(1, 86_400.0, 0, None)
+    assert _retention(ask(prompt_cache_retention="in_memory"), None, disk_on=True) is None
+
+
+async def test_prompt_cache_retention_over_http_needs_the_disk_tier_and_the_tenants_bound(make_client, tmp_path):
+    disk = {"disk": {"enabled": True, "path": str(tmp_path / "kv"), "max_bytes": 100_000_000}}
+    tenants = [{"name": "day", "api_key": "sk-day", "max_retention_s": 86_400, "max_priority": 1},
+               {"name": "hour", "api_key": "sk-hour", "max_retention_s": 3600, "max_priority": 1}]
+    client = await make_client(tenants=tenants, store=disk)
+    body = {"model": MODEL, "prompt": "keep this prompt for a day " * 4, "max_tokens": 2,
+            "prompt_cache_retention": "24h"}
+
+    async def post(key: str, **extra):
+        return await client.post("/v1/completions", headers={"Authorization": f"Bearer {key}"}, json={**body, **extra})
+    assert (await post("sk-day")).status == 200
+    refused = await post("sk-hour")
+    error = (await refused.json())["error"]
+    assert refused.status == 400 and error["param"] == "prompt_cache_retention" and "3600 s" in error["message"]
+    both = await post("sk-day", retention={"priority": 1, "duration_s": 60})
+    assert both.status == 400 and (await both.json())["error"]["param"] == "prompt_cache_retention"
+    bad = await post("sk-day", prompt_cache_retention="forever")
+    assert bad.status == 400 and (await bad.json())["error"]["param"] == "prompt_cache_retention"
+
+
+async def test_prompt_cache_retention_24h_without_a_disk_tier_is_a_400_that_says_so(make_client):
+    client = await make_client()                    # the test servers' default: no disk tier
+    resp = await client.post("/v1/chat/completions", json={
+        "model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2,
+        "prompt_cache_retention": "24h"})
+    error = (await resp.json())["error"]
+    assert resp.status == 400 and error["param"] == "prompt_cache_retention" and "disk tier" in error["message"]

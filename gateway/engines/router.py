@@ -9,6 +9,12 @@ its PUB endpoint in its routing stats, the router subscribes (`EventFeed`). A re
 counted as held by the replica it was sent to from that moment (`expect`), until its own events
 arrive or `EXPECT_S` pass, so a burst of requests behind one new prefix goes to one replica.
 
+A request's `prompt_cache_key` (OpenAI's hint that requests sharing a key share a prefix) is an
+affinity: among replicas that match its prompt equally (none yet, often: the first requests of
+a burst, events in flight), the one the key's last request went to wins, within the same
+imbalance bound. The affinity is per namespace (tenant and salt) and kept for the last
+AFFINITY_KEYS keys.
+
 The request (the first argument) is a dict with "block_keys": the kvgate keys of its prompt's
 full blocks (gateway/engines/replicas.py computes them), or "replica": a replica to send it to (an
 operator's message for every replica).
@@ -29,6 +35,7 @@ from ray.serve.request_router import PendingRequest, ReplicaID, RequestRouter, R
 log = logging.getLogger("kvgate.router")
 
 EXPECT_S = 30.0      # a routed prefix counts as the replica's this long without its events
+AFFINITY_KEYS = 65_536   # prompt_cache_keys whose replica is remembered (the least recent go)
 
 
 class PrefixIndex:
@@ -172,6 +179,7 @@ class KvPrefixRouter(RequestRouter):
         self.feed = EventFeed(self.index, curve_public, curve_secret)
         self.in_flight: collections.Counter[ReplicaID] = collections.Counter()
         self._routed: dict[str, ReplicaID] = {}      # internal request id -> replica
+        self.affinity: collections.OrderedDict[tuple, str] = collections.OrderedDict()  # key -> replica
 
     async def choose_replicas(self, candidate_replicas: list[RunningReplica],
                               pending_request: PendingRequest | None = None) -> list[list[RunningReplica]]:
@@ -187,7 +195,9 @@ class KvPrefixRouter(RequestRouter):
             pinned = [r for r in candidate_replicas if r.replica_id.unique_id == request["replica"]]
             return [pinned or candidate_replicas]
         keys = request.get("block_keys") or []
-        chosen = self.choose(candidate_replicas, keys)
+        hint = (request.get("namespace"), request.get("cache_salt"), request["prompt_cache_key"]) \
+            if request.get("prompt_cache_key") else None
+        chosen = self.choose(candidate_replicas, keys, hint)
         self.index.expect(chosen.replica_id.unique_id, keys)
         self._count(pending_request.metadata.internal_request_id, chosen.replica_id)
         return [[chosen], [r for r in candidate_replicas if r is not chosen]]
@@ -202,18 +212,27 @@ class KvPrefixRouter(RequestRouter):
             self._routed[request_id] = replica_id
             self.in_flight[replica_id] += 1
 
-    def choose(self, replicas: list[RunningReplica], keys: list[bytes]) -> RunningReplica:
-        """The replica with the longest match, if not busier than the least busy by more than
-        `imbalance`; else (and without a match) the least busy, ties at random."""
+    def choose(self, replicas: list[RunningReplica], keys: list[bytes], hint: tuple | None = None) -> RunningReplica:
+        """The replica with the longest match — among equal matches the one `hint` (a
+        prompt_cache_key) last went to — if not busier than the least busy by more than
+        `imbalance`; else (and with neither a match nor a hint) the least busy, ties at random."""
         load = {r: self.in_flight[r.replica_id] for r in replicas}
         matched = {r: self.index.matched(r.replica_id.unique_id, keys) for r in replicas}
+        affine = self.affinity.get(hint) if hint is not None else None
         least = min(load.values())
         order = list(replicas)
         random.shuffle(order)
-        best = max(order, key=lambda r: (matched[r], -load[r]))
-        if matched[best] and load[best] - least <= self.imbalance:
-            return best
-        return min(order, key=lambda r: load[r])
+        best = max(order, key=lambda r: (matched[r], r.replica_id.unique_id == affine, -load[r]))
+        if (matched[best] or best.replica_id.unique_id == affine) and load[best] - least <= self.imbalance:
+            chosen = best
+        else:
+            chosen = min(order, key=lambda r: load[r])
+        if hint is not None:
+            self.affinity[hint] = chosen.replica_id.unique_id
+            self.affinity.move_to_end(hint)
+            if len(self.affinity) > AFFINITY_KEYS:
+                self.affinity.popitem(last=False)
+        return chosen
 
     def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID, result) -> None:
         self._count(pending_request.metadata.internal_request_id, replica_id)     # where it went after all
