@@ -5,16 +5,19 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sqlite3
 import time
 
 from aiohttp import web
 
 from engine.model import Prompts, load_tokenizer
-from gateway import admin, text_views, tools, views
+from gateway import admin, responses, text_views, tools, views
 from gateway.config import ConfigError, KvgateConfig
 from gateway.engines.pipe import EngineClient, EngineProcess, EngineStartError
 from gateway.errors import error_middleware, expect_continue
-from gateway.keys import CONFIG, ENGINE, METRICS, PROMPTS, STATE, TIERS, TOKEN_TEXT, TOOL_PARSER, ServerState
+from gateway.keys import (CONFIG, ENGINE, METRICS, PROMPTS, RESPONSES, STATE, TIERS, TOKEN_TEXT, TOOL_PARSER,
+                          ServerState)
+from gateway.response_store import ResponseStore
 from gateway.logprobs import TokenText
 from gateway.metrics import Metrics
 from gateway.middlewares import auth_middleware, status_middleware
@@ -34,6 +37,9 @@ def init_app(config: KvgateConfig, engine_process: EngineProcess | None = None,
     app[STATE] = ServerState(started=int(time.time()))
     app.router.add_post("/v1/chat/completions", views.chat_completions, expect_handler=expect_continue)
     app.router.add_post("/v1/completions", views.completions, expect_handler=expect_continue)
+    app.router.add_post("/v1/responses", responses.create_response, expect_handler=expect_continue)
+    app.router.add_get("/v1/responses/{id}", responses.get_response)
+    app.router.add_delete("/v1/responses/{id}", responses.delete_response)
     app.router.add_get("/v1/models", views.models)
     app.router.add_get("/v1/models/{model}", text_views.model)
     app.router.add_post("/tokenize", text_views.tokenize)
@@ -43,9 +49,21 @@ def init_app(config: KvgateConfig, engine_process: EngineProcess | None = None,
     app.router.add_get("/metrics", views.metrics)
     app.router.add_get("/v1/cache", views.cache)
     admin.add_routes(app)
+    app.cleanup_ctx.append(_responses_ctx)
     app.cleanup_ctx.append(_engine_ctx(engine_process, log_level))
     app.on_shutdown.append(_on_shutdown)
     return app
+
+
+async def _responses_ctx(app: web.Application):
+    """The stored responses' file, open while the app runs (a path it cannot open: ConfigError)."""
+    path = app[CONFIG].responses.store_path()
+    try:
+        app[RESPONSES] = ResponseStore(path, app[CONFIG].responses.max_per_tenant)
+    except (OSError, sqlite3.Error) as e:
+        raise ConfigError(f"responses.path: cannot open {path!r}: {e}") from None
+    yield
+    app[RESPONSES].close()
 
 
 def _engine_ctx(given: EngineProcess | None, log_level: str):

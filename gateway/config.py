@@ -143,6 +143,24 @@ class ReplicasConfig:
 
 
 @dataclass(frozen=True)
+class ResponsesConfig:
+    """Stored responses of /v1/responses (gateway/responses.py)."""
+    path: str = ""                 # the SQLite file; "" = responses.sqlite3 in the user cache directory
+    max_per_tenant: int = 10_000   # stored responses kept per tenant; past it the oldest go
+    retention_s: float = 3600.0    # a stored conversation's prompt blocks kept warm this long (0: not);
+                                   # at most the tenant's max_retention_s
+
+    def __post_init__(self) -> None:
+        require(self.max_per_tenant >= 1, "responses.max_per_tenant", "an int >= 1")
+        require(0 <= self.retention_s <= limits.RETENTION_MAX_S, "responses.retention_s",
+                f"a number of seconds in [0, {limits.RETENTION_MAX_S:g}]")
+
+    def store_path(self) -> str:
+        return self.path or os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.join(
+            os.path.expanduser("~"), ".cache"), "kvgate", "responses.sqlite3")
+
+
+@dataclass(frozen=True)
 class KvgateConfig:
     server: ServerConfig = field(default_factory=ServerConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -150,6 +168,7 @@ class KvgateConfig:
     store: StoreTiers = field(default_factory=StoreTiers)
     kv_events: KvEventsConfig = field(default_factory=KvEventsConfig)
     replicas: ReplicasConfig = field(default_factory=ReplicasConfig)
+    responses: ResponsesConfig = field(default_factory=ResponsesConfig)
     tenants: tuple[TenantConfig, ...] = ()
     public_prefixes: tuple[PublicPrefixConfig, ...] = ()
 
@@ -171,8 +190,8 @@ class KvgateConfig:
 
 ARRAYS = {"tenants": TenantConfig, "public_prefixes": PublicPrefixConfig}   # [[name]] arrays of tables
 SECTIONS = {"server": ServerConfig, "model": ModelConfig, "engine": EngineConfig, "kv_events": KvEventsConfig,
-            "replicas": ReplicasConfig, "store.gpu": GpuTierConfig, "store.host": HostTierConfig,
-            "store.disk": DiskTierConfig}
+            "replicas": ReplicasConfig, "responses": ResponsesConfig, "store.gpu": GpuTierConfig,
+            "store.host": HostTierConfig, "store.disk": DiskTierConfig}
 
 
 def load_config(path: str | None = None, overrides: list[str] = ()) -> KvgateConfig:
@@ -212,6 +231,7 @@ def build_config(doc: dict[str, Any]) -> KvgateConfig:
             engine=_section("engine", doc.get("engine", {})),
             kv_events=_section("kv_events", doc.get("kv_events", {})),
             replicas=_section("replicas", doc.get("replicas", {})),
+            responses=_section("responses", doc.get("responses", {})),
             store=StoreTiers(*(_section(f"store.{t}", store.get(t, {})) for t in ("gpu", "host", "disk"))),
             **{name: tuple(_section(name, t, cls) for t in tables[name]) for name, cls in ARRAYS.items()})
     except ConfigError:

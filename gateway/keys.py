@@ -12,6 +12,7 @@ from gateway.config import KvgateConfig
 from gateway.engines import Engines
 from gateway.logprobs import TokenText
 from gateway.metrics import Metrics
+from gateway.response_store import ResponseStore
 from engine.serving.tiers import TierReport
 
 
@@ -49,5 +50,6 @@ TOOL_PARSER = web.AppKey("tool_parser", str)      # how replies carry tool calls
 METRICS = web.AppKey("metrics", Metrics)
 STATE = web.AppKey("state", ServerState)
 TIERS = web.AppKey("tiers", list[TierReport])   # what each KV tier got at start-up
+RESPONSES = web.AppKey("responses", ResponseStore)   # stored responses of /v1/responses
 # request key: the TenantConfig, or None without tenants (aiohttp < 3.14 has no RequestKey)
 TENANT = web.RequestKey("tenant", object) if hasattr(web, "RequestKey") else "kvgate.tenant"

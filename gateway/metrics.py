@@ -46,6 +46,10 @@ class Metrics:
                               "to admission (its KV blocks granted)", buckets=_LATENCY_BUCKETS)
         self.tpot = one(Histogram, "kvgate_time_per_output_token_seconds", "Mean time per output token after "
                         "the first, per request", buckets=_TPOT_BUCKETS)
+        self.stored_responses = one(Gauge, "kvgate_responses_stored", "Responses stored for /v1/responses' "
+                                    "previous_response_id (every tenant's)")
+        self.dropped_responses = one(Gauge, "kvgate_responses_dropped", "Stored responses dropped since start-up "
+                                     "because their tenant had responses.max_per_tenant (the oldest go)")
         self._engine = _EngineCollector({t.tier for t in tiers if t.enabled}, model)
         r.register(self._engine)
         enabled = by(Gauge, "kvgate_tier_enabled", "1 if the KV tier is on, 0 if off (an off tier is not an "
@@ -69,6 +73,10 @@ class Metrics:
             self.queue_time.observe(last.queued_s)
         if last.completion_tokens > 1:
             self.tpot.observe(decode_seconds / (last.completion_tokens - 1))
+
+    def responses(self, stored: int, dropped: int) -> None:
+        self.stored_responses.set(stored)
+        self.dropped_responses.set(dropped)
 
     def render(self, engine_snapshot: dict) -> bytes:
         """The exposition text, with the engine's part from `engine_snapshot` (`snapshot`)."""

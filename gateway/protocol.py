@@ -42,7 +42,7 @@ DEFAULT_COMPLETION_TOKENS = 16      # OpenAI's default for /v1/completions
 
 def _no_op(value: Any) -> bool:
     """The value a client sends for a field it does not use."""
-    return value in (None, False, 0, "", [], {}, {"type": "text"}, "none", "auto")
+    return value in (None, False, 0, "", [], {}, {"type": "text"}, {"format": {"type": "text"}}, "none", "auto")
 
 
 class _Refusing(BaseModel):
@@ -263,6 +263,68 @@ class CompletionRequest(_Common):
     def num_sequences(self) -> int:
         batch = isinstance(self.prompt, list) and isinstance(self.prompt[0], (str, list))
         return (len(self.prompt) if batch else 1) * self.n
+
+
+class InputContent(BaseModel):
+    """A text part of a Responses input message (an assistant turn of the history sends output_text)."""
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["input_text", "output_text"]
+    text: StrictStr
+    annotations: list | None = None
+
+
+class InputMessage(BaseModel):
+    """One message of a Responses `input` list: text only (images, files and tool outputs: 400)."""
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["message"] = "message"
+    role: Literal["user", "system", "developer", "assistant"]
+    content: StrictStr | list[InputContent]
+    id: StrictStr | None = None
+    status: StrictStr | None = None
+
+    def text(self) -> str:
+        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+
+
+class ResponsesRequest(_Refusing):
+    """OpenAI's POST /v1/responses, for text (gateway/responses.py)."""
+    REFUSED = ("background", "include", "reasoning", "tools", "tool_choice", "conversation", "prompt",
+               "top_logprobs", "max_tool_calls", "text")
+    model: StrictStr
+    input: StrictStr | Annotated[list[InputMessage], Field(min_length=1)]
+    instructions: StrictStr | None = None
+    previous_response_id: Annotated[StrictStr, Field(max_length=128)] | None = None
+    store: StrictBool = True
+    stream: StrictBool = False
+    max_output_tokens: MaxTokens | None = None       # None: all the room the conversation leaves
+    temperature: Annotated[Number, Field(ge=0, le=limits.TEMPERATURE_MAX)] = 1.0
+    top_p: Annotated[Number, Field(gt=0, le=1)] = 1.0
+    truncation: Literal["disabled"] = "disabled"       # "auto" (dropping old turns): not implemented
+    prompt_cache_key: Annotated[StrictStr, Field(max_length=256)] | None = None
+    prompt_cache_retention: Literal["in_memory", "24h"] | None = None
+    # no effect on the output: accepted
+    user: StrictStr | None = None
+    safety_identifier: StrictStr | None = None
+    metadata: dict[str, StrictStr] | None = None
+    service_tier: StrictStr | None = None
+    parallel_tool_calls: StrictBool | None = None
+    # not implemented: accepted at their no-op value only (REFUSED)
+    background: Any = None
+    include: Any = None
+    reasoning: Any = None
+    tools: Any = None
+    tool_choice: Any = None
+    conversation: Any = None
+    prompt: Any = None
+    top_logprobs: Any = None
+    max_tool_calls: Any = None
+    text: Any = None
+
+    def messages(self) -> list[dict]:
+        """The new turn as chat-template messages."""
+        if isinstance(self.input, str):
+            return [{"role": "user", "content": self.input}]
+        return [{"role": m.role, "content": m.text()} for m in self.input]
 
 
 def usage(prompt_tokens: int, completion_tokens: int, cached: dict[Tier, int]) -> dict:

@@ -25,7 +25,7 @@ from gateway.generation import (
     plan,
     submit,
 )
-from gateway.keys import CONFIG, ENGINE, METRICS, PROMPTS, STATE, TENANT, TIERS, TOKEN_TEXT, TOOL_PARSER
+from gateway.keys import CONFIG, ENGINE, METRICS, PROMPTS, RESPONSES, STATE, TENANT, TIERS, TOKEN_TEXT, TOOL_PARSER
 from gateway.protocol import ChatCompletionRequest, CompletionRequest, RetentionRequest, error_body, new_id, now, usage
 
 log = logging.getLogger("kvgate.gateway")
@@ -43,10 +43,10 @@ async def _generate(request: web.Request, schema, prompts_of: Callable, kind: st
     """Read and check the request, hold its sequences' concurrency slots, generate, answer.
     Every check that needs no tokenization comes before it."""
     app, server = request.app, request.app[CONFIG].server
-    state, engine, prompts = app[STATE], _ready(app), app[PROMPTS]
+    state, engine, prompts = app[STATE], ready(app), app[PROMPTS]
     req = await intake.read_request(request, schema, prompts.name, server.body_timeout_s)
     offered = _tools_offered(req, app[TOOL_PARSER])
-    priority = _priority(req, request[TENANT])
+    priority = priority_of(req, request[TENANT])
     need = req.num_sequences()
     if need > state.max_per_request:
         raise APIError(400, f"this request asks for {need} sequences (prompts x n); the limit is "
@@ -71,7 +71,7 @@ async def _generate(request: web.Request, schema, prompts_of: Callable, kind: st
         tenant = request[TENANT]
         submit(engine, choices, priority=priority, namespace=tenant.name if tenant else "",
                cache_salt=req.cache_salt or "", cache_report=req.cache_report,
-               retention=_retention(req, tenant, _disk_tier_on(app)),
+               retention=retention_of(req, tenant, disk_tier_on(app)),
                prompt_cache_key=req.prompt_cache_key or "")
         response_id = new_id("chatcmpl" if kind == "chat.completion" else "cmpl")
         if req.stream:
@@ -80,7 +80,7 @@ async def _generate(request: web.Request, schema, prompts_of: Callable, kind: st
         async with contextlib.aclosing(merged(choices)) as outputs:
             async for _ in outputs:
                 pass
-        return await _send(request, web.json_response(_full_response(
+        return await write_response(request, web.json_response(_full_response(
             choices, kind, response_id, prompts.name, req.return_token_ids, request.app[TOKEN_TEXT], offered)))
     finally:   # every choice is ended and accounted, also when the client went away mid-way
         state.in_flight -= need
@@ -133,11 +133,11 @@ def _finish_reason(reason: str | None, calls: list) -> str | None:
 EXTENDED_RETENTION = RetentionRequest(priority=1, duration_s=86_400)
 
 
-def _retention(req, tenant, disk_on: bool) -> Retention | None:
+def retention_of(req, tenant, disk_on: bool) -> Retention | None:
     """The request's `retention` — or, for `prompt_cache_retention: "24h"`, a day's retention of
     the whole prompt (it needs the disk tier: a day of prompts outgrows memory) — within its
     tenant's bounds: its `max_priority` and `max_retention_s` (400 naming the field beyond them)."""
-    r = req.retention
+    r = getattr(req, "retention", None)          # kvgate's own field (not on /v1/responses)
     if req.prompt_cache_retention == "24h":
         if r is not None:
             raise APIError(400, "set one of retention and prompt_cache_retention", "invalid_request_error",
@@ -159,20 +159,22 @@ def _retention(req, tenant, disk_on: bool) -> Retention | None:
     return r.to_engine()
 
 
-def _disk_tier_on(app: web.Application) -> bool:
+def disk_tier_on(app: web.Application) -> bool:
     return any(t.tier == "disk" and t.enabled for t in app[TIERS])
 
 
-def _priority(req, tenant) -> int:
-    """The request's priority: its own, within its tenant's `max_priority`, or the tenant's."""
+def priority_of(req, tenant) -> int:
+    """The request's priority (kvgate's field; not on /v1/responses): its own, within its
+    tenant's `max_priority`, or the tenant's."""
+    asked = getattr(req, "priority", None)
     if tenant is None:
-        return req.priority if req.priority is not None else 0
-    if req.priority is None:
+        return asked if asked is not None else 0
+    if asked is None:
         return tenant.priority
-    if req.priority > tenant.max_priority:
-        raise APIError(400, f"priority {req.priority} is above this API key's maximum of {tenant.max_priority}",
+    if asked > tenant.max_priority:
+        raise APIError(400, f"priority {asked} is above this API key's maximum of {tenant.max_priority}",
                        "invalid_request_error", "priority")
-    return req.priority
+    return asked
 
 
 def _full_response(choices: list[Choice], kind: str, response_id: str, model: str, token_ids: bool,
@@ -206,7 +208,8 @@ def _full_response(choices: list[Choice], kind: str, response_id: str, model: st
     return out
 
 
-async def _send(request: web.Request, resp: web.StreamResponse, data: bytes | None = None) -> web.StreamResponse:
+async def write_response(request: web.Request, resp: web.StreamResponse,
+                         data: bytes | None = None) -> web.StreamResponse:
     """Write (the headers on first use, then `data`, or the whole body of a prepared-less
     response) within the write timeout; a client that takes nothing for that long is gone."""
     timeout = request.app[CONFIG].server.write_timeout_s
@@ -239,7 +242,7 @@ async def _stream(request: web.Request, choices: list[Choice], kind: str, respon
     replies = {c.index: tools.StreamedReply(offered.parser) for c in choices} if offered else {}
 
     async def event(obj: dict) -> None:
-        await _send(request, resp, b"data: " + json.dumps(obj).encode() + b"\n\n")
+        await write_response(request, resp, b"data: " + json.dumps(obj).encode() + b"\n\n")
 
     async def send(choices_part: list[dict]) -> None:
         await event({**base, "choices": choices_part, **extra})
@@ -276,7 +279,7 @@ async def _stream(request: web.Request, choices: list[Choice], kind: str, respon
                     await event(error_body("the engine failed while generating this response", "server_error"))
         if include_usage:
             await event({**base, "choices": [], "usage": _usage(choices)})
-        await _send(request, resp, b"data: [DONE]\n\n")
+        await write_response(request, resp, b"data: [DONE]\n\n")
         await resp.write_eof()
     except (ClientGone, ConnectionError) as e:     # `_generate` aborts its requests
         log.info("client %s went away mid-stream (%s); its requests are aborted", request.remote, e)
@@ -315,7 +318,7 @@ async def models(request: web.Request) -> web.Response:
     return web.json_response({"object": "list", "data": [text_views.model_card(request)]})
 
 
-def _ready(app: web.Application):
+def ready(app: web.Application):
     """The engine, if it can take work now: EngineDead once it has exited, a 503 while the server
     stops, EngineUnresponsive while it sends no heartbeat (a frozen engine takes nothing new)."""
     engine, timeout_s = app[ENGINE], app[CONFIG].server.heartbeat_timeout_s
@@ -332,7 +335,7 @@ def _ready(app: web.Application):
 
 async def health(request: web.Request) -> web.Response:
     try:
-        engine = _ready(request.app)
+        engine = ready(request.app)
     except EngineDead as e:
         return web.json_response({"status": "engine_dead", "reason": str(e)}, status=503)
     except EngineUnresponsive as e:
@@ -345,7 +348,7 @@ async def health(request: web.Request) -> web.Response:
 
 async def cache(request: web.Request) -> web.Response:
     """The KV arithmetic of this deployment and what each tier holds now (no token contents)."""
-    engine = _ready(request.app)
+    engine = ready(request.app)
     blocks = (await engine.stats())["blocks"]
     tiers = {name: {**t, "now": blocks.get(name)} for name, t in engine.kv["tiers"].items()}
     return web.json_response({**engine.kv, "tiers": tiers})
@@ -353,6 +356,8 @@ async def cache(request: web.Request) -> web.Response:
 
 async def metrics(request: web.Request) -> web.Response:
     """Prometheus' scrape: a 503 at once for a frozen engine, within ASK_TIMEOUT_S for a slow one."""
-    snapshot = await _ready(request.app).stats()
+    snapshot = await ready(request.app).stats()
+    stored = request.app[RESPONSES]
+    request.app[METRICS].responses(stored.count(), stored.dropped)
     return web.Response(body=request.app[METRICS].render(snapshot),
                         headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})

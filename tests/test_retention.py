@@ -65,10 +65,10 @@ def test_prompt_cache_retention_24h_is_a_days_retention_of_the_whole_prompt():
     """OpenAI's "24h" maps onto kvgate's retention: the whole prompt, a day, priority 1 (above
     the default); "in_memory" is the default (none)."""
     from gateway.protocol import CompletionRequest
-    from gateway.views import _retention
+    from gateway.views import retention_of
     ask = lambda **kw: CompletionRequest(model=MODEL, prompt="x", **kw)  # noqa: E731
-    assert _retention(ask(prompt_cache_retention="24h"), None, disk_on=True) == Retention(1, 86_400.0, 0, None)
-    assert _retention(ask(prompt_cache_retention="in_memory"), None, disk_on=True) is None
+    assert retention_of(ask(prompt_cache_retention="24h"), None, disk_on=True) == Retention(1, 86_400.0, 0, None)
+    assert retention_of(ask(prompt_cache_retention="in_memory"), None, disk_on=True) is None
 
 
 async def test_prompt_cache_retention_over_http_needs_the_disk_tier_and_the_tenants_bound(make_client, tmp_path):

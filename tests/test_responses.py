@@ -1,0 +1,111 @@
+"""OpenAI's Responses API (gateway/responses.py) through the official client: a stored response
+is continued with previous_response_id and hits the cache, streamed events come in OpenAI's
+order, GET and DELETE; a stored conversation is its tenant's alone; unsupported fields and a
+conversation past the context are 400s naming them; the store is bounded and survives a restart."""
+import openai
+import pytest
+
+from gateway.response_store import ResponseStore
+from tests.http_util import MODEL
+
+TENANTS = [{"name": "a", "api_key": "sk-a"}, {"name": "b", "api_key": "sk-b"}]
+
+
+def official(client, key: str = "sk-a") -> openai.AsyncOpenAI:
+    return openai.AsyncOpenAI(base_url=str(client.make_url("/v1")), api_key=key, max_retries=0)
+
+
+async def test_a_stored_response_is_continued_from_the_cache_then_fetched_and_deleted(make_client):
+    client = await make_client(tenants=TENANTS)
+    api = official(client)
+    first = await api.responses.create(model=MODEL, input="Tell me about blocks. " * 8, instructions="Be brief.",
+                                       max_output_tokens=8, temperature=0)
+    assert first.status == "incomplete" and first.incomplete_details.reason == "max_output_tokens"
+    assert first.output[0].content[0].text == first.output_text and first.usage.output_tokens == 8
+    assert first.usage.input_tokens_details.cached_tokens == 0
+    second = await api.responses.create(model=MODEL, input="And tiers?", previous_response_id=first.id,
+                                        instructions="Be brief.", max_output_tokens=4, temperature=0)
+    # its prompt is the first one's prompt and answer, then the new turn: the first's blocks hit
+    # (instructions are not carried over, as OpenAI has it: the client sends them again)
+    assert second.usage.input_tokens > first.usage.input_tokens + 8
+    assert second.usage.input_tokens_details.cached_tokens >= (first.usage.input_tokens // 16) * 16 - 16 > 0
+    assert second.previous_response_id == first.id
+    fetched = await api.responses.retrieve(first.id)
+    assert fetched.id == first.id and fetched.output_text == first.output_text
+    await api.responses.delete(first.id)
+    with pytest.raises(openai.NotFoundError):
+        await api.responses.retrieve(first.id)
+    with pytest.raises(openai.NotFoundError) as gone:              # a deleted one cannot be continued
+        await api.responses.create(model=MODEL, input="more", previous_response_id=first.id)
+    assert gone.value.body["param"] == "previous_response_id"
+    unstored = await api.responses.create(model=MODEL, input="hi", store=False, max_output_tokens=2)
+    with pytest.raises(openai.NotFoundError):
+        await api.responses.retrieve(unstored.id)
+
+
+async def test_streamed_events_come_in_openais_order_and_add_up_to_the_text(make_client):
+    client = await make_client()
+    api = official(client)
+    stream = await api.responses.create(model=MODEL, input="Stream, please.", max_output_tokens=12,
+                                        temperature=0, stream=True)
+    events = [e async for e in stream]
+    kinds = [e.type for e in events]
+    assert kinds[:4] == ["response.created", "response.in_progress", "response.output_item.added",
+                         "response.content_part.added"]
+    assert kinds[-4:] == ["response.output_text.done", "response.content_part.done", "response.output_item.done",
+                          "response.incomplete"]
+    assert set(kinds[4:-4]) == {"response.output_text.delta"}
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    text = "".join(e.delta for e in events if e.type == "response.output_text.delta")
+    assert text == events[-4].text == events[-1].response.output_text
+    again = await api.responses.create(model=MODEL, input="Stream, please.", max_output_tokens=12, temperature=0)
+    assert again.output_text == text                                # the same, not streamed
+    assert (await api.responses.retrieve(events[-1].response.id)).output_text == text   # stored at the end
+
+
+async def test_another_tenants_response_is_not_found(make_client):
+    client = await make_client(tenants=TENANTS)
+    mine = await official(client, "sk-a").responses.create(model=MODEL, input="secret plans", max_output_tokens=2)
+    theirs = official(client, "sk-b")
+    with pytest.raises(openai.NotFoundError):
+        await theirs.responses.retrieve(mine.id)
+    with pytest.raises(openai.NotFoundError):
+        await theirs.responses.create(model=MODEL, input="go on", previous_response_id=mine.id)
+    with pytest.raises(openai.NotFoundError):
+        await theirs.responses.delete(mine.id)
+    assert (await official(client, "sk-a").responses.retrieve(mine.id)).id == mine.id   # still there
+
+
+@pytest.mark.parametrize("extra,param", [
+    ({"background": True}, "background"),
+    ({"tools": [{"type": "web_search"}]}, "tools"),
+    ({"include": ["reasoning.encrypted_content"]}, "include"),
+    ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "http://x"}]}]}, "input"),
+    ({"truncation": "auto"}, "truncation"),
+    ({"prompt_cache_retention": "24h"}, "prompt_cache_retention"),    # the test servers have no disk tier
+])
+async def test_unsupported_fields_are_400s_naming_them(make_client, extra, param):
+    client = await make_client()
+    resp = await client.post("/v1/responses", json={"model": MODEL, "input": "hi", **extra})
+    error = (await resp.json())["error"]
+    assert resp.status == 400 and error["param"].split(".")[0].split("[")[0] == param, error
+
+
+async def test_a_conversation_past_the_context_is_a_400_naming_input(make_client):
+    client = await make_client(model={"max_model_len": 64})
+    resp = await client.post("/v1/responses", json={"model": MODEL, "input": "words " * 80})
+    error = (await resp.json())["error"]
+    assert resp.status == 400 and error["param"] == "input" and error["code"] == "context_length_exceeded"
+
+
+def test_the_store_keeps_each_tenants_newest_and_survives_a_reopen(tmp_path):
+    store = ResponseStore(str(tmp_path / "r.sqlite3"), max_per_tenant=2)
+    for i in range(3):
+        store.put("a", f"resp_{i}", {"response": {"id": f"resp_{i}"}, "conversation": []})
+    store.put("b", "resp_b", {"response": {"id": "resp_b"}, "conversation": []})
+    assert store.get("a", "resp_0") is None and store.dropped == 1          # the oldest went
+    assert store.get("b", "resp_1") is None                                # not b's
+    store.close()
+    reopened = ResponseStore(str(tmp_path / "r.sqlite3"), max_per_tenant=2)   # a restart
+    assert reopened.get("a", "resp_2") == {"response": {"id": "resp_2"}, "conversation": []}
+    assert reopened.count() == 3 and reopened.delete("a", "resp_1") and not reopened.delete("a", "resp_1")
