@@ -90,6 +90,8 @@ def test_openai_client_against_kvgate_serve_and_a_restart(tmp_path):
 
         first = ask(client, "What is a block?")
         second = ask(client, "What is a tier?")
+        stored = client.responses.create(model="builtin:tiny", instructions=SYSTEM["content"], temperature=0,
+                                         input="Remember this conversation.", max_output_tokens=8)
         assert first.usage.prompt_tokens_details.cached_tokens == 0
         assert second.usage.prompt_tokens_details.cached_tokens >= 16 * 12   # the system prompt
         assert second.usage.prompt_tokens_details.cached_tokens_by_tier["gpu"] > 0
@@ -109,6 +111,13 @@ def test_openai_client_against_kvgate_serve_and_a_restart(tmp_path):
         again = ask(client, "What is a block?")
         assert again.usage.prompt_tokens_details.cached_tokens_by_tier["disk"] >= 16 * 12
         assert again.choices[0].message.content == first.choices[0].message.content
+        # a stored response continued after the restart: its conversation from the store, its blocks from disk
+        continued = client.responses.create(model="builtin:tiny", instructions=SYSTEM["content"], temperature=0,
+                                            previous_response_id=stored.id, input="Go on.", max_output_tokens=4)
+        assert continued.usage.input_tokens > stored.usage.input_tokens + 8
+        details = continued.usage.input_tokens_details          # the system prompt is on the GPU again (`again`)
+        assert details.cached_tokens >= stored.usage.input_tokens // 16 * 16 - 16
+        assert details.cached_tokens_by_tier["disk"] > 0
     finally:
         stop(proc)
 
