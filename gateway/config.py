@@ -219,7 +219,8 @@ def build_config(doc: dict[str, Any]) -> KvgateConfig:
         raise ConfigError("store: must be a table with gpu, host and disk sub-tables")
     for name in list(doc) + [f"store.{k}" for k in store]:
         if name not in SECTIONS:
-            raise ConfigError(f"unknown section [{name}]{_did_you_mean(name, [*SECTIONS, *ARRAYS, 'store'])}; sections are "
+            guess = _did_you_mean(name, [*SECTIONS, *ARRAYS, "store"])
+            raise ConfigError(f"unknown section [{name}]{guess}; sections are "
                               f"{', '.join(sorted(SECTIONS))}, [[tenants]] and [[public_prefixes]]")
     for name, items in tables.items():
         if not isinstance(items, list):
