@@ -149,19 +149,21 @@ class _Reply:
             output = [self.message(choice, "completed" if status == "completed" else "incomplete")]
             cached = sum(last.cached_tokens.values())
             usage = {"input_tokens": last.prompt_tokens,
+                     # cache_write_tokens: the prompt tokens computed (their full blocks are cached now)
                      "input_tokens_details": {"cached_tokens": cached,
+                                              "cache_write_tokens": last.prompt_tokens - cached,
                                               "cached_tokens_by_tier": {t.name.lower(): n for t, n in
                                                                         last.cached_tokens.items()}},
                      "output_tokens": last.completion_tokens, "output_tokens_details": {"reasoning_tokens": 0},
                      "total_tokens": last.prompt_tokens + last.completion_tokens}
         return {"id": self.id, "object": "response", "created_at": self.created_at, "status": status,
-                "model": self.model, "output": output, "usage": usage, "error": error,
+                "model": self.model, "output": output, **({"usage": usage} if usage else {}), "error": error,
                 "incomplete_details": incomplete, "instructions": req.instructions,
                 "previous_response_id": req.previous_response_id, "max_output_tokens": req.max_output_tokens,
                 "temperature": req.temperature, "top_p": req.top_p, "store": req.store,
                 "parallel_tool_calls": req.parallel_tool_calls is not False, "tool_choice": "auto", "tools": [],
                 "text": {"format": {"type": "text"}}, "truncation": req.truncation, "metadata": req.metadata or {},
-                "user": req.user, "background": False, "reasoning": {"effort": None, "summary": None},
+                **({"user": req.user} if req.user is not None else {}), "background": False, "reasoning": {"effort": None, "summary": None},
                 "service_tier": "default", "prompt_cache_key": req.prompt_cache_key}
 
     def message(self, choice: Choice, status: str) -> dict:

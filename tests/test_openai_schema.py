@@ -109,3 +109,32 @@ def test_the_schemas_are_strict_enough_to_fail():
                            "choices": [{"index": 0, "text": "", "logprobs": None}]})
     with pytest.raises(AssertionError, match="object"):
         check(CHAT, {"id": "x", "object": "chat.completions", "created": 1, "model": MODEL, "choices": []})
+
+
+# the event types of a streamed text response, and their schemas
+RESPONSE_EVENTS = {"response.created": "ResponseCreatedEvent", "response.in_progress": "ResponseInProgressEvent",
+                   "response.output_item.added": "ResponseOutputItemAddedEvent",
+                   "response.content_part.added": "ResponseContentPartAddedEvent",
+                   "response.output_text.delta": "ResponseTextDeltaEvent",
+                   "response.output_text.done": "ResponseTextDoneEvent",
+                   "response.content_part.done": "ResponseContentPartDoneEvent",
+                   "response.output_item.done": "ResponseOutputItemDoneEvent",
+                   "response.completed": "ResponseCompletedEvent", "response.incomplete": "ResponseIncompleteEvent",
+                   "response.failed": "ResponseFailedEvent"}
+
+
+async def test_responses_and_their_events_match_openais_schemas(make_client):
+    """POST /v1/responses (and GET of the stored one), and every event of the same streamed."""
+    client = await make_client()
+    body = {"model": MODEL, "input": "Schemas, please.", "instructions": "Be brief.", "temperature": 0,
+            "metadata": {"run": "schema"}, "max_output_tokens": 4}
+    whole = await (await client.post("/v1/responses", json=body)).json()
+    check(validator("Response"), whole)
+    check(validator("Response"), await (await client.get(f"/v1/responses/{whole['id']}")).json())
+    resp = await client.post("/v1/responses", json={**body, "stream": True})
+    text = await resp.text()
+    events = [json.loads(line[len("data: "):]) for line in text.splitlines() if line.startswith("data: ")]
+    names = [line[len("event: "):] for line in text.splitlines() if line.startswith("event: ")]
+    assert names == [e["type"] for e in events] and events[-1]["type"] in ("response.completed", "response.incomplete")
+    for event in events:
+        check(validator(RESPONSE_EVENTS[event["type"]]), event)

@@ -3,12 +3,17 @@ description (github.com/openai/openai-openapi, openapi.json, MIT licence):
 
     python tests/openai/extract.py path/to/openapi.json COMMIT > tests/openai/schemas.json
 
-Keeps the chat and completions response objects (streamed and not) and every schema they
-refer to, without descriptions and examples."""
+Keeps the chat, completions and Responses response objects (streamed and not) and every
+schema they refer to, without descriptions and examples."""
 import json
 import sys
 
-ROOTS = ["CreateChatCompletionResponse", "CreateChatCompletionStreamResponse", "CreateCompletionResponse"]
+ROOTS = ["CreateChatCompletionResponse", "CreateChatCompletionStreamResponse", "CreateCompletionResponse",
+         # the Responses API: the response object and the events of a streamed text response
+         "Response", "ResponseCreatedEvent", "ResponseInProgressEvent", "ResponseOutputItemAddedEvent",
+         "ResponseContentPartAddedEvent", "ResponseTextDeltaEvent", "ResponseTextDoneEvent",
+         "ResponseContentPartDoneEvent", "ResponseOutputItemDoneEvent", "ResponseCompletedEvent",
+         "ResponseIncompleteEvent", "ResponseFailedEvent"]
 DROP = {"description", "example", "examples", "x-oaiMeta", "x-stainless-const", "title", "deprecated"}
 
 
