@@ -163,8 +163,9 @@ class _Reply:
                 "temperature": req.temperature, "top_p": req.top_p, "store": req.store,
                 "parallel_tool_calls": req.parallel_tool_calls is not False, "tool_choice": "auto", "tools": [],
                 "text": {"format": {"type": "text"}}, "truncation": req.truncation, "metadata": req.metadata or {},
-                **({"user": req.user} if req.user is not None else {}), "background": False, "reasoning": {"effort": None, "summary": None},
-                "service_tier": "default", "prompt_cache_key": req.prompt_cache_key}
+                **({"user": req.user} if req.user is not None else {}), "background": False,
+                "reasoning": {"effort": None, "summary": None}, "service_tier": "default",
+                "prompt_cache_key": req.prompt_cache_key}
 
     def message(self, choice: Choice, status: str) -> dict:
         return {"type": "message", "id": self.message_id, "status": status, "role": "assistant",
