@@ -14,6 +14,7 @@ kvgate's extensions: `priority` (int, higher = more urgent), `ignore_eos`, `top_
 """
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from typing import Annotated, Any, ClassVar, Literal
@@ -286,12 +287,50 @@ class InputMessage(BaseModel):
         return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
 
 
+class ResponseTool(BaseModel):
+    """A function the model may call, in the Responses API's flat shape (built-in tools: 400)."""
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["function"]
+    name: Annotated[StrictStr, Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
+    description: StrictStr | None = None
+    parameters: dict | None = None
+    strict: StrictBool | None = None
+
+    def for_template(self) -> dict:
+        """As chat's `tools` give it to the chat template."""
+        function = {"name": self.name, "parameters": self.parameters or {"type": "object", "properties": {}}}
+        return {"type": "function", "function": {**function, **({"description": self.description}
+                                                                 if self.description else {})}}
+
+
+class FunctionCallItem(BaseModel):
+    """A call the model made, sent back in a later request's `input` (without store)."""
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["function_call"]
+    call_id: StrictStr
+    name: StrictStr
+    arguments: StrictStr
+    id: StrictStr | None = None
+    status: StrictStr | None = None
+
+
+class FunctionCallOutputItem(BaseModel):
+    """What a call returned: a `tool` turn of the conversation."""
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["function_call_output"]
+    call_id: StrictStr
+    output: StrictStr
+    id: StrictStr | None = None
+    status: StrictStr | None = None
+
+
 class ResponsesRequest(_Refusing):
-    """OpenAI's POST /v1/responses, for text (gateway/responses.py)."""
-    REFUSED = ("background", "include", "reasoning", "tools", "tool_choice", "conversation", "prompt",
+    """OpenAI's POST /v1/responses, for text and function calls (gateway/responses.py)."""
+    REFUSED = ("background", "include", "reasoning", "tool_choice", "conversation", "prompt",
                "top_logprobs", "max_tool_calls", "text")
     model: StrictStr
-    input: StrictStr | Annotated[list[InputMessage], Field(min_length=1)]
+    input: StrictStr | Annotated[list[InputMessage | FunctionCallItem | FunctionCallOutputItem], Field(min_length=1)]
+    tools: Annotated[list[ResponseTool], Field(max_length=limits.TOOLS_MAX)] | None = None
     instructions: StrictStr | None = None
     previous_response_id: Annotated[StrictStr, Field(max_length=128)] | None = None
     store: StrictBool = True
@@ -312,19 +351,47 @@ class ResponsesRequest(_Refusing):
     background: Any = None
     include: Any = None
     reasoning: Any = None
-    tools: Any = None
-    tool_choice: Any = None
+    tool_choice: Any = None                  # "auto" and "none" only
     conversation: Any = None
     prompt: Any = None
     top_logprobs: Any = None
     max_tool_calls: Any = None
     text: Any = None
 
+    def offers_tools(self) -> bool:
+        return bool(self.tools) and self.tool_choice != "none"
+
     def messages(self) -> list[dict]:
-        """The new turn as chat-template messages."""
+        """The new turn as chat-template messages: a call the model made is an assistant turn's
+        tool call (consecutive calls in one turn), its output a `tool` turn."""
         if isinstance(self.input, str):
             return [{"role": "user", "content": self.input}]
-        return [{"role": m.role, "content": m.text()} for m in self.input]
+        out: list[dict] = []
+        for i, item in enumerate(self.input):
+            if isinstance(item, InputMessage):
+                out.append({"role": item.role, "content": item.text()})
+            elif isinstance(item, FunctionCallOutputItem):
+                out.append({"role": "tool", "content": item.output, "tool_call_id": item.call_id})
+            elif (turn := assistant_call(item.call_id, item.name, item.arguments, f"input[{i}].arguments", out)):
+                out.append(turn)
+        return out
+
+
+def assistant_call(call_id: str, name: str, arguments: str, param: str, turns: list[dict]) -> dict | None:
+    """A tool call as the chat template takes it, added to the assistant turn that ends `turns`
+    if it is one of calls (None then), else a new assistant turn. InvalidRequest naming `param`
+    for arguments that are not a JSON object."""
+    try:
+        parsed = json.loads(arguments)
+    except ValueError:
+        parsed = None
+    if not isinstance(parsed, dict):
+        raise InvalidRequest("function call arguments must be a JSON object", param)
+    call = {"id": call_id, "type": "function", "function": {"name": name, "arguments": parsed}}
+    if turns and turns[-1]["role"] == "assistant" and "tool_calls" in turns[-1]:
+        turns[-1]["tool_calls"].append(call)
+        return None
+    return {"role": "assistant", "content": "", "tool_calls": [call]}
 
 
 def usage(prompt_tokens: int, completion_tokens: int, cached: dict[Tier, int]) -> dict:

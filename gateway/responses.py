@@ -26,10 +26,11 @@ from engine.sequence import Retention
 from gateway import intake
 from gateway.errors import APIError
 from gateway.generation import Choice, merged, submit
-from gateway.keys import CONFIG, METRICS, PROMPTS, RESPONSES, STATE, TENANT
-from gateway.protocol import ResponsesRequest
+from gateway.keys import CONFIG, METRICS, PROMPTS, RESPONSES, STATE, TENANT, TOOL_PARSER
+from gateway.protocol import ResponsesRequest, assistant_call
 from gateway.response_store import ResponseStore
-from gateway.views import disk_tier_on, priority_of, ready, retention_of, write_response
+from gateway import tools
+from gateway.views import disk_tier_on, priority_of, ready, retention_of, tools_offered, write_response
 
 STORED_PRIORITY = 1      # a stored conversation's retention: above the default priority
 
@@ -65,6 +66,7 @@ async def create_response(request: web.Request) -> web.StreamResponse:
     req: ResponsesRequest = await intake.read_request(request, ResponsesRequest, prompts.name,
                                                       config.server.body_timeout_s)
     tenant = request[TENANT]
+    offered = tools_offered(req, app[TOOL_PARSER])
     history: list[dict] = []
     if req.previous_response_id is not None:
         previous = store.get(_tenant_name(request), req.previous_response_id)
@@ -74,8 +76,9 @@ async def create_response(request: web.Request) -> web.StreamResponse:
     conversation = history + req.messages()       # what a continuation of this response starts from
     messages = ([{"role": "system", "content": req.instructions}] if req.instructions else []) + conversation
     prompts.check_text_length(sum(len(m["content"]) for m in messages), "input")
+    functions = [t.for_template() for t in req.tools] if offered else None
     prompt = await intake.off_loop_if_large(sum(len(m["content"]) for m in messages),
-                                            prompts.encode_chat, messages)
+                                            prompts.encode_chat, messages, functions)
     room = engine.max_sequence_tokens - len(prompt)
     if room < 1:
         raise APIError(400, f"the conversation is {len(prompt)} tokens; this model's context holds "
@@ -97,7 +100,7 @@ async def create_response(request: web.Request) -> web.StreamResponse:
     try:
         submit(engine, [choice], priority=priority_of(req, tenant), namespace=_tenant_name(request),
                retention=retention, prompt_cache_key=req.prompt_cache_key or "")
-        reply = _Reply(req, f"resp_{uuid.uuid4().hex}", prompts.name)
+        reply = _Reply(req, f"resp_{uuid.uuid4().hex}", prompts.name, offered)
         if req.stream:
             return await _stream(request, choice, reply, conversation)
         async with contextlib.aclosing(merged([choice])) as outputs:
@@ -118,22 +121,33 @@ async def create_response(request: web.Request) -> web.StreamResponse:
 
 def _keep(store: ResponseStore, request: web.Request, req: ResponsesRequest, body: dict, conversation: list[dict],
           choice: Choice) -> None:
-    """Store a completed response with its conversation, the answer included (`store`)."""
+    """Store a completed response with its conversation, the answer included (`store`): its
+    text, and its calls as an assistant turn's tool calls."""
     if req.store and body["status"] in ("completed", "incomplete"):
-        answer = {"role": "assistant", "content": "".join(choice.text)}
+        text = next((i["content"][0]["text"] for i in body["output"] if i["type"] == "message"), "")
+        answer = {"role": "assistant", "content": text}
+        calls = [i for i in body["output"] if i["type"] == "function_call"]
+        if calls:              # one assistant turn: its text, then its calls
+            answer["tool_calls"] = [assistant_call(c["call_id"], c["name"], c["arguments"], "output", [])
+                                    ["tool_calls"][0] for c in calls]
         store.put(_tenant_name(request), body["id"], {"response": body, "conversation": conversation + [answer]})
 
 
 class _Reply:
     """The response object of one generation, in OpenAI's shape, and its streamed events."""
 
-    def __init__(self, req: ResponsesRequest, response_id: str, model: str) -> None:
+    def __init__(self, req: ResponsesRequest, response_id: str, model: str, offered) -> None:
         self.req = req
+        self.offered = offered             # views.tools_offered: how replies carry calls (None: no tools)
+        self.calls: list[tools.ToolCall] | None = None   # the reply's calls, once parsed
+        self.call_ids: list[str] = []
         self.id = response_id
         self.message_id = f"msg_{uuid.uuid4().hex}"
         self.model = model
         self.created_at = int(time.time())
         self.sequence = 0
+        self.streamed = False              # a stream showed the message item: it stays in the output
+        self.text = ""
 
     def response(self, choice: Choice | None, status: str | None = None) -> dict:
         """The response object: in progress (`choice` None), or as `choice` ended."""
@@ -146,7 +160,17 @@ class _Reply:
                 incomplete = {"reason": "max_output_tokens"}
             if status == "failed":
                 error = {"code": "server_error", "message": "the engine failed this request"}
-            output = [self.message(choice, "completed" if status == "completed" else "incomplete")]
+            text = "".join(choice.text)
+            if self.calls is None:                  # parsed once (a stream parses as it ends)
+                text, self.calls = self.offered.calls(text) if self.offered else (text, [])
+                text = text or ""
+                self.call_ids = [f"call_{uuid.uuid4().hex[:24]}" for _ in self.calls]
+            else:
+                text = self.text
+            self.text = text
+            item_status = "completed" if status == "completed" else "incomplete"
+            output = ([self.message(text, item_status)] if text or not self.calls or self.streamed else []) + \
+                [self.call(i, item_status) for i in range(len(self.calls))]
             cached = sum(last.cached_tokens.values())
             usage = {"input_tokens": last.prompt_tokens,
                      # cache_write_tokens: the prompt tokens computed (their full blocks are cached now)
@@ -167,9 +191,15 @@ class _Reply:
                 "reasoning": {"effort": None, "summary": None}, "service_tier": "default",
                 "prompt_cache_key": req.prompt_cache_key}
 
-    def message(self, choice: Choice, status: str) -> dict:
+    def message(self, text: str, status: str) -> dict:
         return {"type": "message", "id": self.message_id, "status": status, "role": "assistant",
-                "content": [self.part("".join(choice.text))]}
+                "content": [self.part(text)]}
+
+    def call(self, i: int, status: str, arguments: str | None = None) -> dict:
+        c = self.calls[i]
+        return {"type": "function_call", "id": f"fc_{self.call_ids[i].removeprefix('call_')}",
+                "call_id": self.call_ids[i], "name": c.name,
+                "arguments": c.arguments if arguments is None else arguments, "status": status}
 
     @staticmethod
     def part(text: str) -> dict:
@@ -184,28 +214,49 @@ class _Reply:
 
 async def _stream(request: web.Request, choice: Choice, reply: _Reply, conversation: list[dict]) -> web.StreamResponse:
     """The Responses event stream: created, in progress, the message and its text part added,
-    a delta per output, the text, part and message done, then completed (or incomplete,
-    failed). The client going away aborts the request (the caller's `finally`)."""
+    a delta per output, the text, part and message done; each function call (with tools:
+    text that may be a call is held back and parsed at the end) added, its arguments, done;
+    then completed (or incomplete, failed). The client going away aborts the request (the
+    caller's `finally`)."""
     resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
     await resp.prepare(request)
+    reply.streamed = True
     item = {"item_id": reply.message_id, "output_index": 0}
+    held = tools.StreamedReply(reply.offered.parser) if reply.offered else None
     send = lambda data: write_response(request, resp, data)  # noqa: E731
     await send(reply.event("response.created", response=reply.response(None, "in_progress")))
     await send(reply.event("response.in_progress", response=reply.response(None, "in_progress")))
     await send(reply.event("response.output_item.added", output_index=0, item={
         "type": "message", "id": reply.message_id, "status": "in_progress", "role": "assistant", "content": []}))
     await send(reply.event("response.content_part.added", **item, content_index=0, part=reply.part("")))
+    shown: list[str] = []                  # the text streamed: the message's content
     async with contextlib.aclosing(merged([choice])) as outputs:
         async for _, out in outputs:
-            if out.text:
-                await send(reply.event("response.output_text.delta", **item, content_index=0, delta=out.text,
+            text = out.text if held is None else held.feed(out.text)
+            if held is not None and out.finish_reason is not None:
+                tail, calls = held.finish()
+                text += tail
+                reply.calls = reply.offered.limit(calls)
+                reply.call_ids = [f"call_{uuid.uuid4().hex[:24]}" for _ in reply.calls]
+                reply.text = "".join(shown) + text
+            shown.append(text)
+            if text:
+                await send(reply.event("response.output_text.delta", **item, content_index=0, delta=text,
                                        logprobs=[]))
     body = reply.response(choice)
-    text = "".join(choice.text)
+    text = body["output"][0]["content"][0]["text"] if body["output"] else ""
     await send(reply.event("response.output_text.done", **item, content_index=0, text=text, logprobs=[]))
     await send(reply.event("response.content_part.done", **item, content_index=0, part=reply.part(text)))
     if body["output"]:
         await send(reply.event("response.output_item.done", output_index=0, item=body["output"][0]))
+    for i, call in enumerate(body["output"][1:], 1):
+        await send(reply.event("response.output_item.added", output_index=i,
+                               item={**call, "arguments": "", "status": "in_progress"}))
+        await send(reply.event("response.function_call_arguments.delta", item_id=call["id"], output_index=i,
+                               delta=call["arguments"]))
+        await send(reply.event("response.function_call_arguments.done", item_id=call["id"], output_index=i,
+                               name=call["name"], arguments=call["arguments"]))
+        await send(reply.event("response.output_item.done", output_index=i, item=call))
     _keep(request.app[RESPONSES], request, reply.req, body, conversation, choice)
     final = {"completed": "response.completed", "incomplete": "response.incomplete"}.get(body["status"],
                                                                                        "response.failed")

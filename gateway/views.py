@@ -45,7 +45,7 @@ async def _generate(request: web.Request, schema, prompts_of: Callable, kind: st
     app, server = request.app, request.app[CONFIG].server
     state, engine, prompts = app[STATE], ready(app), app[PROMPTS]
     req = await intake.read_request(request, schema, prompts.name, server.body_timeout_s)
-    offered = _tools_offered(req, app[TOOL_PARSER])
+    offered = tools_offered(req, app[TOOL_PARSER])
     priority = priority_of(req, request[TENANT])
     need = req.num_sequences()
     if need > state.max_per_request:
@@ -113,7 +113,7 @@ class _Tools:
         return calls if self.parallel else calls[:1]
 
 
-def _tools_offered(req, parser: str) -> _Tools | None:
+def tools_offered(req, parser: str) -> _Tools | None:
     """None if the request offers the model no tools; tools for a model whose chat template
     takes none: 400."""
     if not getattr(req, "offers_tools", lambda: False)():

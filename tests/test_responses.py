@@ -109,3 +109,60 @@ def test_the_store_keeps_each_tenants_newest_and_survives_a_reopen(tmp_path):
     reopened = ResponseStore(str(tmp_path / "r.sqlite3"), max_per_tenant=2)   # a restart
     assert reopened.get("a", "resp_2") == {"response": {"id": "resp_2"}, "conversation": []}
     assert reopened.count() == 3 and reopened.delete("a", "resp_1") and not reopened.delete("a", "resp_1")
+
+
+async def test_function_tools_and_call_items_reach_the_template_as_chat_renders_them(make_client, tmp_path):
+    """Tools in the Responses shape, a call the model made and its output, sent back as input
+    items: the prompt is the one /tokenize renders for the same chat messages and tools."""
+    from tests.test_gateway_tools import CITY, HERMES_TEMPLATE, WEATHER
+    template = tmp_path / "hermes.jinja"
+    template.write_text(HERMES_TEMPLATE)
+    client = await make_client(model={"chat_template": str(template)})
+    api = official(client)
+    items = [{"role": "user", "content": "Weather in Oslo?"},
+             {"type": "function_call", "call_id": "call_1", "name": "get_weather", "arguments": '{"city": "Oslo"}'},
+             {"type": "function_call_output", "call_id": "call_1", "output": "12 C, rain"}]
+    tool = {"type": "function", "name": "get_weather", "description": "The weather in a city", "parameters": CITY}
+    reply = await api.responses.create(model=MODEL, input=items, tools=[tool], max_output_tokens=4, temperature=0)
+    messages = [items[0], {"role": "assistant", "content": "", "tool_calls": [
+        {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Oslo"}'}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "12 C, rain"}]
+    shown = await (await client.post("/tokenize", json={"model": MODEL, "messages": messages,
+                                                        "tools": [WEATHER]})).json()
+    assert reply.usage.input_tokens == shown["count"]
+    bad = await client.post("/v1/responses", json={"model": MODEL, "input": [
+        {"type": "function_call", "call_id": "c", "name": "f", "arguments": "not json"}]})
+    assert bad.status == 400 and (await bad.json())["error"]["param"] == "input[0].arguments"
+    refused = await make_client()                       # the demo's own template takes no tools
+    resp = await refused.post("/v1/responses", json={"model": MODEL, "input": "x", "tools": [tool]})
+    assert resp.status == 400 and (await resp.json())["error"]["param"] == "tools"
+
+
+def test_a_reply_with_calls_is_function_call_items_and_stored_as_the_assistants_calls(tmp_path):
+    from engine.sampling import SamplingParams
+    from engine.sequence import RequestOutput
+    from gateway.generation import Choice
+    from gateway.protocol import ResponsesRequest
+    from gateway.responses import _Reply
+    from gateway.views import _Tools
+    from store import Tier
+    from tests.test_openai_schema import check, validator
+    text = 'Checking.<tool_call>{"name": "get_weather", "arguments": {"city": "Oslo"}}</tool_call>'
+    req = ResponsesRequest(model=MODEL, input="Weather in Oslo?",
+                           tools=[{"type": "function", "name": "get_weather"}])
+    choice = Choice(0, [1, 2], SamplingParams(), text=[text],
+                    last=RequestOutput("r", [], "", "stop", 10, 30, {t: 0 for t in Tier}))
+    body = _Reply(req, "resp_1", MODEL, _Tools("hermes", True)).response(choice)
+    check(validator("Response"), body)
+    message, call = body["output"]
+    assert message["content"][0]["text"] == "Checking." and body["status"] == "completed"
+    assert (call["type"], call["name"], call["arguments"]) == ("function_call", "get_weather", '{"city": "Oslo"}')
+    assert call["call_id"].startswith("call_") and call["id"].startswith("fc_")
+    from gateway.keys import TENANT
+    from gateway.responses import _keep
+    store = ResponseStore(str(tmp_path / "r.sqlite3"), max_per_tenant=4)
+    _keep(store, {TENANT: None}, req, body, [{"role": "user", "content": "Weather in Oslo?"}], choice)
+    assert store.get("", "resp_1")["conversation"][1:] == [      # one assistant turn, as the template takes it
+        {"role": "assistant", "content": "Checking.", "tool_calls": [{"id": call["call_id"], "type": "function",
+                                                                      "function": {"name": "get_weather",
+                                                                                   "arguments": {"city": "Oslo"}}}]}]

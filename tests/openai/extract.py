@@ -13,7 +13,8 @@ ROOTS = ["CreateChatCompletionResponse", "CreateChatCompletionStreamResponse", "
          "Response", "ResponseCreatedEvent", "ResponseInProgressEvent", "ResponseOutputItemAddedEvent",
          "ResponseContentPartAddedEvent", "ResponseTextDeltaEvent", "ResponseTextDoneEvent",
          "ResponseContentPartDoneEvent", "ResponseOutputItemDoneEvent", "ResponseCompletedEvent",
-         "ResponseIncompleteEvent", "ResponseFailedEvent"]
+         "ResponseIncompleteEvent", "ResponseFailedEvent", "ResponseFunctionCallArgumentsDeltaEvent",
+         "ResponseFunctionCallArgumentsDoneEvent"]
 DROP = {"description", "example", "examples", "x-oaiMeta", "x-stainless-const", "title", "deprecated"}
 
 
