@@ -166,3 +166,13 @@ def test_a_reply_with_calls_is_function_call_items_and_stored_as_the_assistants_
         {"role": "assistant", "content": "Checking.", "tool_calls": [{"id": call["call_id"], "type": "function",
                                                                       "function": {"name": "get_weather",
                                                                                    "arguments": {"city": "Oslo"}}}]}]
+
+
+async def test_stored_responses_are_counted_in_metrics(make_client):
+    from tests.http_util import metric
+    client = await make_client(responses={"max_per_tenant": 1})
+    before = await metric(client, "kvgate_responses_stored", default=0.0)
+    for text in ("one", "two"):
+        await client.post("/v1/responses", json={"model": MODEL, "input": text, "max_output_tokens": 1})
+    assert await metric(client, "kvgate_responses_dropped") >= 1            # the bound of 1 dropped the first
+    assert await metric(client, "kvgate_responses_stored") <= before + 1
