@@ -48,6 +48,12 @@ def locate(path: str) -> tuple[str, str]:
     return "gguf", ggufs[0]
 
 
+def user_cache_dir() -> str:
+    """$XDG_CACHE_HOME, else ~/.cache: where kvgate keeps its disk tier, converted models,
+    weight digests and stored responses (each under kvgate/)."""
+    return os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+
+
 def _cuda_available() -> bool:
     import torch
     return torch.cuda.is_available()

@@ -23,6 +23,8 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 import xxhash
 
+from engine.config import user_cache_dir
+
 log = logging.getLogger("kvgate.engine")
 
 KV_LAYOUT_VERSION = 1     # bump when the meaning of a stored block's bytes changes
@@ -89,7 +91,7 @@ def hash_file(f: str) -> str:
 def _cache_paths(path: str) -> list[str]:
     """Beside the weights first, then in the user cache directory."""
     real = os.path.realpath(path)
-    user = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    user = user_cache_dir()
     key = hashlib.sha256(real.encode()).hexdigest()[:16]
     return [os.path.join(real, CACHE_NAME), os.path.join(user, "kvgate", f"weights-{key}.json")]
 

@@ -15,13 +15,14 @@ import shutil
 import tempfile
 import time
 
+from engine.config import user_cache_dir
+
 log = logging.getLogger("kvgate.engine")
 DONE = "kvgate-converted"       # written last: a directory without it is an interrupted conversion
 
 
 def cache_root() -> str:
-    return os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"),
-                        "kvgate", "models")
+    return os.path.join(user_cache_dir(), "kvgate", "models")
 
 
 def converted_dir(gguf: str) -> str:

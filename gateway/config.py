@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from engine import limits
-from engine.config import EngineConfig, ModelConfig
+from engine.config import EngineConfig, ModelConfig, user_cache_dir
 from engine.fairness import TenantShare
 from engine.serving.config import (PERSIST_SHARE, ConfigError, DiskTierConfig, GpuTierConfig,  # noqa: F401
                                    HostTierConfig, KvEventsConfig, PublicPrefixConfig, ServingConfig,
@@ -156,8 +156,7 @@ class ResponsesConfig:
                 f"a number of seconds in [0, {limits.RETENTION_MAX_S:g}]")
 
     def store_path(self) -> str:
-        return self.path or os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.join(
-            os.path.expanduser("~"), ".cache"), "kvgate", "responses.sqlite3")
+        return self.path or os.path.join(user_cache_dir(), "kvgate", "responses.sqlite3")
 
 
 @dataclass(frozen=True)

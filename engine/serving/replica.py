@@ -13,12 +13,12 @@ import ray
 import zmq
 from ray import serve
 
+from engine.config import user_cache_dir
 from engine.errors import InvalidRequest
 from engine.model import load_model
 from engine.serving import wire
 from engine.serving.config import KvEventsConfig, ServingConfig
 from engine.serving.shell import EngineShell
-from engine.serving.tiers import user_cache_dir
 
 
 class EngineReplica:

@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, replace
 
 import torch
 
+from engine.config import user_cache_dir
 from engine.model import LoadedModel
 from engine.serving.config import ConfigError, ServingConfig
 from store import BlockLayout, DiskTierError, StoreConfig
@@ -177,10 +178,6 @@ def open_engine(config: ServingConfig, model: LoadedModel, make_engine):
         store = replace(store, disk_path="", disk_max_bytes=0)
         engine = make_engine(store)
     return engine, reports
-
-
-def user_cache_dir() -> str:
-    return os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
 
 
 def available_memory() -> int:
