@@ -30,7 +30,8 @@ from gateway.keys import CONFIG, METRICS, PROMPTS, RESPONSES, STATE, TENANT, TOO
 from gateway.protocol import ResponsesRequest, assistant_call
 from gateway.response_store import ResponseStore
 from gateway import tools
-from gateway.views import disk_tier_on, priority_of, ready, retention_of, tools_offered, write_response
+from gateway.views import (disk_tier_on, end_choices, hold_slots, priority_of, ready, retention_of, tools_offered,
+                           write_response)
 
 STORED_PRIORITY = 1      # a stored conversation's retention: above the default priority
 
@@ -90,11 +91,7 @@ async def create_response(request: web.Request) -> web.StreamResponse:
         priority = STORED_PRIORITY if tenant is None else min(STORED_PRIORITY, tenant.max_priority)
         retention = Retention(priority, float(seconds)) if seconds > 0 else None
     params = SamplingParams(max_tokens=req.max_output_tokens or room, temperature=req.temperature, top_p=req.top_p)
-    if state.in_flight + 1 > state.max_in_flight:
-        raise APIError(429, f"the server is at its limit of {state.max_in_flight} sequences "
-                       "(server.max_concurrent_sequences); retry later", "rate_limit_error",
-                       headers={"Retry-After": "1"})
-    state.in_flight += 1
+    hold_slots(state, 1)
     choice = Choice(0, prompt, params)
     started = time.perf_counter()
     try:
@@ -109,14 +106,9 @@ async def create_response(request: web.Request) -> web.StreamResponse:
         body = reply.response(choice)
         _keep(store, request, req, body, conversation, choice)
         return await write_response(request, web.json_response(body))
-    finally:
+    finally:   # ended and accounted, also when the client went away mid-way
         state.in_flight -= 1
-        if choice.stream is not None:
-            choice.stream.close()                           # aborts it unless it has ended
-        if choice.last is not None:
-            ttft = choice.first_token_at - started if choice.first_token_at else None
-            decode = (choice.last_token_at - choice.first_token_at) if choice.first_token_at else 0.0
-            app[METRICS].finished(choice.last, ttft, decode, time.perf_counter() - started)
+        end_choices(app[METRICS], [choice], started)
 
 
 def _keep(store: ResponseStore, request: web.Request, req: ResponsesRequest, body: dict, conversation: list[dict],

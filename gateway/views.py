@@ -51,12 +51,7 @@ async def _generate(request: web.Request, schema, prompts_of: Callable, kind: st
     if need > state.max_per_request:
         raise APIError(400, f"this request asks for {need} sequences (prompts x n); the limit is "
                        f"{state.max_per_request} (server.max_sequences_per_request)", "invalid_request_error", "n")
-    if state.in_flight + need > state.max_in_flight:     # below it, a burst waits in the engine's queue
-        # says nothing of how many sequences others hold: no tenant learns another's traffic
-        raise APIError(429, f"the server is at its limit of {state.max_in_flight} sequences "
-                       "(server.max_concurrent_sequences); retry later", "rate_limit_error",
-                       headers={"Retry-After": "1"})
-    state.in_flight += need
+    hold_slots(state, need)
     choices: list[Choice] = []
     started = time.perf_counter()
     try:
@@ -84,18 +79,33 @@ async def _generate(request: web.Request, schema, prompts_of: Callable, kind: st
             choices, kind, response_id, prompts.name, req.return_token_ids, request.app[TOKEN_TEXT], offered)))
     finally:   # every choice is ended and accounted, also when the client went away mid-way
         state.in_flight -= need
-        metrics = app[METRICS]
-        for c in choices:
-            if c.stream is None:
-                continue
-            c.stream.close()          # aborts it unless it has ended
-            if c.last is None:
-                metrics.requests_total.labels("abort").inc()
-                continue
-            last = c.last if c.last.finish_reason else dataclasses.replace(c.last, finish_reason="abort")
-            ttft = c.first_token_at - started if c.first_token_at else None
-            decode = (c.last_token_at - c.first_token_at) if c.first_token_at else 0.0
-            metrics.finished(last, ttft, decode, (c.last_token_at or time.perf_counter()) - started)
+        end_choices(app[METRICS], choices, started)
+
+
+def hold_slots(state, need: int) -> None:
+    """Take `need` of the server's concurrent sequences, or answer 429 (the caller gives them
+    back: `state.in_flight -= need`). Below the limit, a burst waits in the engine's queue."""
+    if state.in_flight + need > state.max_in_flight:
+        # says nothing of how many sequences others hold: no tenant learns another's traffic
+        raise APIError(429, f"the server is at its limit of {state.max_in_flight} sequences "
+                       "(server.max_concurrent_sequences); retry later", "rate_limit_error",
+                       headers={"Retry-After": "1"})
+    state.in_flight += need
+
+
+def end_choices(metrics, choices: list[Choice], started: float) -> None:
+    """End every submitted choice (aborting the unfinished) and account it in /metrics."""
+    for c in choices:
+        if c.stream is None:
+            continue
+        c.stream.close()          # aborts it unless it has ended
+        if c.last is None:
+            metrics.requests_total.labels("abort").inc()
+            continue
+        last = c.last if c.last.finish_reason else dataclasses.replace(c.last, finish_reason="abort")
+        ttft = c.first_token_at - started if c.first_token_at else None
+        decode = (c.last_token_at - c.first_token_at) if c.first_token_at else 0.0
+        metrics.finished(last, ttft, decode, (c.last_token_at or time.perf_counter()) - started)
 
 
 @dataclass(frozen=True)
